@@ -1,0 +1,164 @@
+//! Change events and the adapter contract.
+//!
+//! An adapter turns what changed on a resource into [`ChangeEvent`]s, strictly after the
+//! last committed [`Checkpoint`]. It never commits that checkpoint itself: the engine stores
+//! the batch's new checkpoint in the same repository transaction as the batch's effects, so a
+//! crash leaves either all of a batch or none of it, and the adapter can always rewind.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::attrs::AttrMap;
+
+/// What happened to an account on the resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    /// The account is new.
+    Create,
+    /// The account changed.
+    Update,
+    /// The account is gone.
+    Delete,
+    /// Created or updated; the resource cannot tell which.
+    Upsert,
+}
+
+impl Op {
+    /// The lowercase name used in rules and records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Upsert => "upsert",
+        }
+    }
+
+    /// Parses the lowercase name.
+    pub fn parse(s: &str) -> Option<Op> {
+        Some(match s {
+            "create" => Op::Create,
+            "update" => Op::Update,
+            "delete" => Op::Delete,
+            "upsert" => Op::Upsert,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One change on one account of one resource.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeEvent {
+    /// The configured resource name.
+    pub resource: String,
+    /// The account's native key on the resource (CSV key, entryUUID, ...).
+    pub key: String,
+    /// What happened.
+    pub op: Op,
+    /// The account's attributes now (for a delete: the last known ones, possibly empty).
+    pub attrs: AttrMap,
+    /// The attributes before the change, when the resource or its snapshot knows them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<AttrMap>,
+    /// Where the change came from, for messages (e.g. `hr.csv:12`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+}
+
+/// An adapter's position on a resource, opaque to everything but that adapter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint(pub String);
+
+/// Input the adapter could not turn into an event (e.g. a malformed CSV row).
+/// It becomes a failed-event row; the rest of the batch proceeds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reject {
+    /// The account key, when it could be read; its stored state is then kept as it was.
+    pub key: Option<String>,
+    /// Where (e.g. `hr.csv:12`).
+    pub origin: String,
+    /// Why, in words a user can act on.
+    pub reason: String,
+}
+
+/// What one fetch found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangeBatch {
+    /// Changes in order.
+    pub events: Vec<ChangeEvent>,
+    /// Input that could not become events.
+    pub rejects: Vec<Reject>,
+    /// Keys whose stored state must be kept although they are absent from `events`
+    /// (rejected or ambiguous input); informational for the engine and records.
+    pub held_keys: Vec<String>,
+    /// The position after this batch, committed with it.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// The result of asking an adapter for changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fetch {
+    /// Changes to apply, with the checkpoint to commit with them.
+    Batch(ChangeBatch),
+    /// Nothing new after the checkpoint.
+    Idle,
+}
+
+/// Read access to the accounts the repository last saw on a resource (the shadows),
+/// so adapters that diff (flat files, full passes) can tell creates, updates and deletes.
+pub trait KnownAccounts {
+    /// Every known key of `resource` with the content hash of its last seen attributes.
+    fn known_hashes(&self, resource: &str) -> Result<HashMap<String, u64>, String>;
+    /// The last seen attributes of one account.
+    fn known_attrs(&self, resource: &str, key: &str) -> Result<Option<AttrMap>, String>;
+}
+
+/// Why an adapter could not fetch.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// May work later without a config change (server down, file being written).
+    #[error("resource {resource}: {message}")]
+    Transient {
+        /// Resource name.
+        resource: String,
+        /// What happened.
+        message: String,
+    },
+    /// Needs an operator (bad config, missing key column, changed header).
+    #[error("resource {resource}: {message}")]
+    Permanent {
+        /// Resource name.
+        resource: String,
+        /// What happened.
+        message: String,
+    },
+}
+
+impl AdapterError {
+    /// Whether retrying later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, AdapterError::Transient { .. })
+    }
+}
+
+/// A source of change events for one resource.
+pub trait Adapter: Send {
+    /// The resource name from the config.
+    fn resource(&self) -> &str;
+    /// Changes strictly after `after`, the last committed checkpoint (`None`: never synced).
+    /// Must not commit anything.
+    fn next_batch(
+        &mut self,
+        after: Option<&Checkpoint>,
+        known: &dyn KnownAccounts,
+    ) -> Result<Fetch, AdapterError>;
+}

@@ -1,0 +1,18 @@
+//! idsync's data model, shared by every other crate.
+//!
+//! Key design choice: this crate does no IO. It defines attribute maps with
+//! case-insensitive names, change events, identities, decision records and the
+//! [`Adapter`] contract (read after a checkpoint, never commit it), so that adapters,
+//! the rule engine and the repository can be written and tested apart.
+
+pub mod attrs;
+pub mod decision;
+pub mod event;
+pub mod identity;
+
+pub use attrs::{Attr, AttrChange, AttrMap, Value};
+pub use decision::{Action, Decision, RuleOutcome, Situation};
+pub use event::{
+    Adapter, AdapterError, ChangeBatch, ChangeEvent, Checkpoint, Fetch, KnownAccounts, Op, Reject,
+};
+pub use identity::{Conditions, Identity, LinkedAccount};
