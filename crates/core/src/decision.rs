@@ -9,7 +9,7 @@ use crate::attrs::AttrChange;
 use crate::event::Op;
 
 /// What the engine found for an event (midPoint's situation names, plus our own).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Situation {
     /// The filter rule returned false: nothing else ran.
@@ -66,7 +66,7 @@ impl fmt::Display for Situation {
 }
 
 /// What the engine did about it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// Nothing (filtered, or a delete with no owner).

@@ -1,1 +1,295 @@
-//! placeholder
+//! The sync engine: decides each change event with the user's rules and commits a batch
+//! atomically.
+//!
+//! Key design choice: one repository transaction per batch holds every effect (identity
+//! changes and links), one decision record per event, the failed-event rows, the shadows
+//! (the accounts as last seen) and the resource's new checkpoint, written compare-and-swap
+//! from the checkpoint the batch was read after. Each event runs in a savepoint, so a rule
+//! error undoes only that event, which becomes a failed-event row; a crash loses the batch
+//! as a whole and the adapter reads it again.
+
+mod host;
+mod pipeline;
+mod policy;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use idsync_core::{Action, ChangeBatch, ChangeEvent, Checkpoint, Decision, Op, Situation};
+use idsync_repo::{FailedEvent, NewFailure, Repo, RepoError};
+use idsync_rules::{Limits, RuleEngine};
+
+pub use pipeline::{DISABLED_CHANGE, EventError};
+pub use policy::{DeleteAction, Mapping, MappingSource, OnError, Policy};
+
+use pipeline::{Decider, blank_decision};
+
+/// Why a batch could not be applied. Nothing of it was committed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The repository failed (IO, a checkpoint conflict).
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    /// `on_error: halt` and an event failed: the whole batch was rolled back.
+    #[error("resource {resource} halted (on_error: halt) at account {key}: {error}")]
+    Halted {
+        /// Resource.
+        resource: String,
+        /// The failing account key (or origin for unreadable input).
+        key: String,
+        /// Why it failed.
+        error: String,
+    },
+    /// A failed event that cannot be re-run (its input was unreadable).
+    #[error("failed event {id} cannot be re-run: {reason}")]
+    NotRetriable {
+        /// Failed-event id.
+        id: i64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What one batch did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Resource name.
+    pub resource: String,
+    /// Events decided, by situation (failed events count under the situation reached).
+    pub situations: BTreeMap<Situation, u64>,
+    /// Events decided, by action.
+    pub actions: BTreeMap<Action, u64>,
+    /// Events that failed (rule error, unresolved situation).
+    pub failed: u64,
+    /// Input the adapter could not read (malformed rows).
+    pub rejected: u64,
+}
+
+impl BatchReport {
+    /// Adds another report's counts.
+    pub fn merge(&mut self, other: &BatchReport) {
+        for (k, v) in &other.situations {
+            *self.situations.entry(*k).or_default() += v;
+        }
+        for (k, v) in &other.actions {
+            *self.actions.entry(*k).or_default() += v;
+        }
+        self.failed += other.failed;
+        self.rejected += other.rejected;
+    }
+
+    /// Total events decided.
+    pub fn events(&self) -> u64 {
+        self.actions.values().sum()
+    }
+
+    fn count(&mut self, d: &Decision) {
+        if let Some(s) = d.situation {
+            *self.situations.entry(s).or_default() += 1;
+        }
+        *self.actions.entry(d.action).or_default() += 1;
+        if d.action == Action::Failed {
+            self.failed += 1;
+        }
+    }
+}
+
+/// The engine: a sandboxed rule engine and the repository. Not `Send` (the rule engine
+/// is per thread).
+pub struct Engine {
+    rules: RuleEngine,
+    repo: Arc<Repo>,
+}
+
+impl Engine {
+    /// An engine over `repo` whose scripts run with `limits`.
+    pub fn new(repo: Arc<Repo>, limits: &Limits) -> Engine {
+        Engine {
+            rules: RuleEngine::new(limits),
+            repo,
+        }
+    }
+
+    /// The rule engine, to compile the scripts of a [`Policy`].
+    pub fn rules(&self) -> &RuleEngine {
+        &self.rules
+    }
+
+    /// The repository.
+    pub fn repo(&self) -> &Arc<Repo> {
+        &self.repo
+    }
+
+    /// Applies a batch in one transaction and commits it with its checkpoint, provided the
+    /// stored checkpoint is still `expected`.
+    pub fn apply_batch(
+        &self,
+        policy: &Policy,
+        expected: Option<&Checkpoint>,
+        batch: &ChangeBatch,
+    ) -> Result<BatchReport, EngineError> {
+        self.repo.begin()?;
+        match self.apply_in_tx(policy, batch) {
+            Ok(report) => {
+                self.repo
+                    .commit_batch(&policy.resource, expected, batch.checkpoint.as_ref())?;
+                Ok(report)
+            }
+            Err(e) => {
+                if let Err(rb) = self.repo.rollback() {
+                    tracing::error!(resource = %policy.resource, "rollback failed: {rb}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn apply_in_tx(
+        &self,
+        policy: &Policy,
+        batch: &ChangeBatch,
+    ) -> Result<BatchReport, EngineError> {
+        let mut report = BatchReport {
+            resource: policy.resource.clone(),
+            ..BatchReport::default()
+        };
+        for reject in &batch.rejects {
+            tracing::warn!(resource = %policy.resource, origin = %reject.origin, "rejected input: {}", reject.reason);
+            if policy.on_error == OnError::Halt {
+                return Err(EngineError::Halted {
+                    resource: policy.resource.clone(),
+                    key: reject.key.clone().unwrap_or_else(|| reject.origin.clone()),
+                    error: format!("{}: {}", reject.origin, reject.reason),
+                });
+            }
+            self.repo.record_failure(&NewFailure {
+                resource: &policy.resource,
+                key: reject.key.as_deref(),
+                origin: Some(&reject.origin),
+                error: &format!("{}: {}", reject.origin, reject.reason),
+                event: None,
+                decision_id: None,
+            })?;
+            report.rejected += 1;
+        }
+        for event in &batch.events {
+            let d = self.decide_in_savepoint(policy, event)?;
+            let id = self.repo.record_decision(&d)?;
+            if let Some(error) = &d.error {
+                tracing::warn!(resource = %event.resource, key = %event.key, "event failed: {error}");
+                if policy.on_error == OnError::Halt {
+                    return Err(EngineError::Halted {
+                        resource: policy.resource.clone(),
+                        key: event.key.clone(),
+                        error: error.clone(),
+                    });
+                }
+                self.repo.record_failure(&NewFailure {
+                    resource: &event.resource,
+                    key: Some(&event.key),
+                    origin: event.origin.as_deref(),
+                    error,
+                    event: Some(event),
+                    decision_id: Some(id),
+                })?;
+            } else {
+                // A newer change of this account succeeded: older failed events of it
+                // would apply stale data if re-run.
+                self.repo.supersede_failures(&event.resource, &event.key)?;
+            }
+            if event.op == Op::Delete {
+                self.repo.delete_shadow(&event.resource, &event.key)?;
+            } else {
+                self.repo
+                    .put_shadow(&event.resource, &event.key, &event.attrs)?;
+            }
+            report.count(&d);
+        }
+        Ok(report)
+    }
+
+    /// Decides one event inside a savepoint: its effects stay only if it succeeds.
+    /// Repository failures other than refusals (IO, SQL) abort the batch.
+    fn decide_in_savepoint(
+        &self,
+        policy: &Policy,
+        event: &ChangeEvent,
+    ) -> Result<Decision, EngineError> {
+        self.repo.savepoint()?;
+        let mut d = blank_decision(event);
+        let mut decider = Decider::new(&self.rules, &self.repo, policy, event);
+        match decider.decide(&mut d) {
+            Ok(()) => {
+                self.repo.release()?;
+            }
+            Err(EventError::Repo(e)) if is_infrastructure(&e) => {
+                self.repo.rollback_savepoint()?;
+                return Err(EngineError::Repo(e));
+            }
+            Err(e) => {
+                self.repo.rollback_savepoint()?;
+                d.action = Action::Failed;
+                d.error = Some(e.to_string());
+                d.changes.clear();
+            }
+        }
+        Ok(d)
+    }
+
+    /// Re-runs a failed event in its own transaction. On success the failed row is
+    /// removed; otherwise its attempt count and error are updated. Either way a decision
+    /// is recorded.
+    pub fn retry(&self, policy: &Policy, failure: &FailedEvent) -> Result<Decision, EngineError> {
+        let Some(event) = &failure.event else {
+            return Err(EngineError::NotRetriable {
+                id: failure.id,
+                reason: format!(
+                    "the input could not be read ({}); fix the source and the next pass reads it again",
+                    failure.error
+                ),
+            });
+        };
+        self.repo.begin()?;
+        let result = (|| {
+            let d = self.decide_in_savepoint(policy, event)?;
+            self.repo.record_decision(&d)?;
+            match &d.error {
+                None => {
+                    self.repo.remove_failure(failure.id)?;
+                }
+                Some(e) => self.repo.note_retry_failure(failure.id, e)?,
+            }
+            Ok::<_, EngineError>(d)
+        })();
+        match result {
+            Ok(d) => {
+                self.repo.commit()?;
+                Ok(d)
+            }
+            Err(e) => {
+                if let Err(rb) = self.repo.rollback() {
+                    tracing::error!("rollback failed: {rb}");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Repository errors that are not about this event (IO, locking, damaged data): they
+/// abort the batch instead of failing one event.
+fn is_infrastructure(e: &RepoError) -> bool {
+    !matches!(
+        e,
+        RepoError::VersionConflict { .. }
+            | RepoError::NameTaken { .. }
+            | RepoError::NoSuchIdentity { .. }
+            | RepoError::AlreadyLinked { .. }
+            | RepoError::EmptyQuery
+            | RepoError::BinaryCondition { .. }
+            | RepoError::EmptyName
+    )
+}
+
+#[cfg(test)]
+mod tests;

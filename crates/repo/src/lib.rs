@@ -1,1 +1,296 @@
-//! placeholder
+//! idsync's identity repository: identities and their attributes, account links, account
+//! shadows, resource checkpoints, decision records and failed events, in one SQLite file.
+//!
+//! # Key design choice: one connection, transactions bracketed by the caller
+//!
+//! A [`Repo`] owns a single SQLite connection behind a mutex, and every method takes
+//! `&self`, so the engine can share it as `Arc<Repo>`. Instead of handing out a
+//! transaction object (which would borrow the connection), the caller brackets a batch with
+//! plain calls: [`Repo::begin`] (`BEGIN IMMEDIATE`), then per event [`Repo::savepoint`] and
+//! [`Repo::release`] or [`Repo::rollback_savepoint`], and finally [`Repo::commit_batch`],
+//! which stores the resource's new checkpoint as a compare-and-swap against the checkpoint
+//! the batch was read after, in the same transaction as the batch's effects. A crash at any
+//! point therefore leaves all of a batch or none of it (DESIGN.md, "Durability").
+//!
+//! Because the connection is shared, an open batch transaction belongs to the whole `Repo`:
+//! [`Repo::begin`] waits (up to [`Repo::with_batch_wait`], two minutes by default) until the
+//! batch in progress commits or rolls back, so resource loops sharing one `Repo` take turns
+//! just as separate connections would. Calls from other threads while a batch is open see
+//! (and would join) that batch: everything that writes must go through `begin`/`commit`.
+//!
+//! Other choices:
+//! - Identity attributes are stored as the JSON of an [`AttrMap`](idsync_core::AttrMap); their text values are
+//!   also kept in `identity_values(attr lowercased, value)`, whose primary key is the index
+//!   that answers correlation queries ([`Repo::find`]) without scanning identities.
+//! - Shadows (the last seen attributes of each account) store the JSON and
+//!   [`content_hash`](idsync_core::AttrMap::content_hash), so diffing adapters can compare a million rows by hash.
+//! - The file runs in WAL mode with `synchronous=FULL`: a committed batch survives a power
+//!   loss. The schema is versioned with `PRAGMA user_version` (see the `schema` module).
+
+mod error;
+mod identities;
+mod records;
+mod schema;
+mod shadows;
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use rusqlite::Connection;
+
+pub use error::RepoError;
+pub use records::{DecisionFilter, FailedEvent, NewFailure, StoredDecision};
+pub use schema::SCHEMA_VERSION;
+
+use error::Context;
+
+/// How long SQLite waits for a lock held by another connection (another process).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default for how long [`Repo::begin`] waits for another batch of the same `Repo`.
+const DEFAULT_BATCH_WAIT: Duration = Duration::from_secs(120);
+
+/// Name of the per-event savepoint.
+const EVENT_SAVEPOINT: &str = "event";
+
+/// The identity repository. `Send + Sync`; share it as `Arc<Repo>`.
+pub struct Repo {
+    conn: Mutex<Connection>,
+    /// Signalled whenever a transaction ends, for [`Repo::begin`] waiting its turn.
+    idle: Condvar,
+    batch_wait: Duration,
+}
+
+impl std::fmt::Debug for Repo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repo")
+            .field("batch_wait", &self.batch_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Repo {
+    /// Opens (creating if needed) the repository file at `path` and brings its schema up to
+    /// date. WAL journal, `synchronous=FULL`, foreign keys on, 5 s busy timeout.
+    pub fn open(path: &Path) -> Result<Repo, RepoError> {
+        let conn = Connection::open(path)
+            .with_ctx(|| format!("opening repository file {}", path.display()))?;
+        Self::setup(conn, true)
+    }
+
+    /// A private in-memory repository with the same schema, for tests.
+    pub fn open_in_memory() -> Result<Repo, RepoError> {
+        let conn = Connection::open_in_memory().ctx("opening an in-memory repository")?;
+        Self::setup(conn, false)
+    }
+
+    fn setup(mut conn: Connection, file: bool) -> Result<Repo, RepoError> {
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .ctx("setting the busy timeout")?;
+        if file {
+            // Returns the mode in force; a file system without shared memory keeps the
+            // rollback journal, which is as durable, only less concurrent.
+            let _mode: String = conn
+                .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+                .ctx("switching to WAL mode")?;
+        }
+        conn.pragma_update(None, "synchronous", "FULL")
+            .ctx("setting synchronous=FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .ctx("enabling foreign keys")?;
+        schema::migrate(&mut conn)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(Repo {
+            conn: Mutex::new(conn),
+            idle: Condvar::new(),
+            batch_wait: DEFAULT_BATCH_WAIT,
+        })
+    }
+
+    /// Sets how long [`Repo::begin`] waits for a batch of another thread to finish before
+    /// failing with [`RepoError::Busy`].
+    pub fn with_batch_wait(mut self, wait: Duration) -> Repo {
+        self.batch_wait = wait;
+        self
+    }
+
+    /// Locks the connection; a poisoned lock becomes [`RepoError::Poisoned`].
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Connection>, RepoError> {
+        self.conn.lock().map_err(|_| RepoError::Poisoned)
+    }
+
+    // --- batch transaction -------------------------------------------------------------
+
+    /// Starts the batch transaction (`BEGIN IMMEDIATE`: the write lock is taken now, so the
+    /// batch cannot fail later for lack of it). Waits for a batch of another thread on this
+    /// `Repo` to finish first.
+    pub fn begin(&self) -> Result<(), RepoError> {
+        let mut conn = self.lock()?;
+        let start = Instant::now();
+        while !conn.is_autocommit() {
+            let waited = start.elapsed();
+            if waited >= self.batch_wait {
+                return Err(RepoError::Busy { waited });
+            }
+            conn = self
+                .idle
+                .wait_timeout(conn, self.batch_wait - waited)
+                .map_err(|_| RepoError::Poisoned)?
+                .0;
+        }
+        exec(&conn, "BEGIN IMMEDIATE", "starting a transaction")
+    }
+
+    /// Marks the start of one event's effects (`SAVEPOINT event`).
+    pub fn savepoint(&self) -> Result<(), RepoError> {
+        let conn = self.lock()?;
+        require_tx(&conn, "savepoint")?;
+        exec(
+            &conn,
+            &format!("SAVEPOINT {EVENT_SAVEPOINT}"),
+            "starting an event savepoint",
+        )
+    }
+
+    /// Keeps the event's effects (`RELEASE event`).
+    pub fn release(&self) -> Result<(), RepoError> {
+        let conn = self.lock()?;
+        require_tx(&conn, "release")?;
+        exec(
+            &conn,
+            &format!("RELEASE {EVENT_SAVEPOINT}"),
+            "releasing an event savepoint",
+        )
+    }
+
+    /// Undoes the event's effects and ends its savepoint; the batch goes on.
+    pub fn rollback_savepoint(&self) -> Result<(), RepoError> {
+        let conn = self.lock()?;
+        require_tx(&conn, "rollback_savepoint")?;
+        exec(
+            &conn,
+            &format!("ROLLBACK TO {EVENT_SAVEPOINT}"),
+            "rolling back an event savepoint",
+        )?;
+        exec(
+            &conn,
+            &format!("RELEASE {EVENT_SAVEPOINT}"),
+            "ending a rolled back event savepoint",
+        )
+    }
+
+    /// Commits the batch together with the new checkpoint of `resource`, as a
+    /// compare-and-swap: if the stored checkpoint is not `expected`, the whole transaction is
+    /// rolled back and [`RepoError::CheckpointConflict`] returned. `new = None` leaves the
+    /// stored checkpoint as it is. On any error, no transaction is left open.
+    pub fn commit_batch(
+        &self,
+        resource: &str,
+        expected: Option<&idsync_core::Checkpoint>,
+        new: Option<&idsync_core::Checkpoint>,
+    ) -> Result<(), RepoError> {
+        let conn = self.lock()?;
+        require_tx(&conn, "commit_batch")?;
+        let result = (|| {
+            let found = shadows::read_checkpoint(&conn, resource)?;
+            if found.as_ref() != expected {
+                return Err(RepoError::CheckpointConflict {
+                    resource: resource.to_owned(),
+                    expected: expected.cloned(),
+                    found,
+                });
+            }
+            if let Some(new) = new {
+                shadows::write_checkpoint(&conn, resource, new)?;
+            }
+            exec(&conn, "COMMIT", "committing the batch")
+        })();
+        self.end_tx(conn, result)
+    }
+
+    /// Commits without touching any checkpoint (the CLI re-running failed events).
+    /// On error, no transaction is left open.
+    pub fn commit(&self) -> Result<(), RepoError> {
+        let conn = self.lock()?;
+        require_tx(&conn, "commit")?;
+        let result = exec(&conn, "COMMIT", "committing");
+        self.end_tx(conn, result)
+    }
+
+    /// Rolls back the open transaction, if any.
+    pub fn rollback(&self) -> Result<(), RepoError> {
+        let conn = self.lock()?;
+        if conn.is_autocommit() {
+            return Ok(());
+        }
+        let result = exec(&conn, "ROLLBACK", "rolling back");
+        self.end_tx(conn, result)
+    }
+
+    /// Whether a transaction is open on this `Repo`.
+    pub fn in_transaction(&self) -> Result<bool, RepoError> {
+        Ok(!self.lock()?.is_autocommit())
+    }
+
+    /// After COMMIT or ROLLBACK: on error, rolls back whatever is still open; then wakes
+    /// anyone waiting in [`Repo::begin`].
+    fn end_tx(
+        &self,
+        conn: MutexGuard<'_, Connection>,
+        result: Result<(), RepoError>,
+    ) -> Result<(), RepoError> {
+        if result.is_err() && !conn.is_autocommit() {
+            // The first error is the one to report; this one would only hide it.
+            let _ = exec(&conn, "ROLLBACK", "rolling back after an error");
+        }
+        drop(conn);
+        self.idle.notify_all();
+        result
+    }
+}
+
+/// Runs one statement without parameters through the statement cache.
+fn exec(conn: &Connection, sql: &str, context: &str) -> Result<(), RepoError> {
+    conn.prepare_cached(sql)
+        .and_then(|mut st| st.execute([]))
+        .ctx(context)?;
+    Ok(())
+}
+
+fn require_tx(conn: &Connection, op: &'static str) -> Result<(), RepoError> {
+    if conn.is_autocommit() {
+        Err(RepoError::NoTransaction { op })
+    } else {
+        Ok(())
+    }
+}
+
+/// Runs `f` atomically: inside its own savepoint, undone if `f` fails. Used by writes made
+/// of several statements, so each is all-or-nothing inside or outside a batch.
+fn atomic<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, RepoError>,
+) -> Result<T, RepoError> {
+    exec(conn, "SAVEPOINT idsync_op", "starting a savepoint")?;
+    match f(conn) {
+        Ok(v) => {
+            exec(conn, "RELEASE idsync_op", "releasing a savepoint")?;
+            Ok(v)
+        }
+        Err(e) => {
+            // Report the first error; a failure here would leave the outer transaction to
+            // the caller's rollback anyway.
+            let _ = exec(conn, "ROLLBACK TO idsync_op", "rolling back a savepoint");
+            let _ = exec(conn, "RELEASE idsync_op", "ending a savepoint");
+            Err(e)
+        }
+    }
+}
+
+/// The current time as stored in the repository (RFC 3339, UTC, milliseconds).
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}

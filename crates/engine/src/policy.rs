@@ -1,0 +1,95 @@
+//! A resource's compiled sync policy: which rules run, and what the engine does by default.
+
+use idsync_rules::Script;
+
+/// What the engine does to the owner when its account is deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeleteAction {
+    /// Remove the link; the identity stays as it is.
+    #[default]
+    Unlink,
+    /// Remove the link and disable the identity.
+    Disable,
+    /// Delete the identity (and all its links).
+    Delete,
+}
+
+/// What a failed event does to its batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnError {
+    /// Record the event as failed; the rest of the batch proceeds.
+    #[default]
+    Continue,
+    /// Roll the whole batch back and stop the resource.
+    Halt,
+}
+
+/// Where a mapped identity attribute gets its value.
+#[derive(Clone, Debug)]
+pub enum MappingSource {
+    /// An account attribute, copied as is (absent removes the identity attribute).
+    Attribute(String),
+    /// A Rhai expression over `account`, `previous`, `identity`, `global`.
+    Expr(Script),
+}
+
+/// One attribute mapping of the input form.
+#[derive(Clone, Debug)]
+pub struct Mapping {
+    /// The identity attribute to fill.
+    pub attribute: String,
+    /// Its source.
+    pub source: MappingSource,
+}
+
+/// Everything the engine needs to decide the events of one resource.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// Resource name.
+    pub resource: String,
+    /// Filter rule: false-like ignores the event.
+    pub filter: Option<Script>,
+    /// Process rule: when set, it handles every event and nothing else runs.
+    pub process: Option<Script>,
+    /// Delete rule: true-like turns the event into a delete.
+    pub delete: Option<Script>,
+    /// Correlation rule: candidates for an account without owner.
+    pub correlation: Option<Script>,
+    /// Confirmation rule: keeps the candidates for which it is true-like.
+    pub confirmation: Option<Script>,
+    /// Resolve rule: handles unmatched (without create) and disputed events.
+    pub resolve: Option<Script>,
+    /// Naming expression for new identities (default: the account key).
+    pub naming: Option<Script>,
+    /// Create an identity when nothing matches (default true).
+    pub create_unmatched: bool,
+    /// Copy every account attribute into the identity and give rules `global`.
+    pub populate_global: bool,
+    /// The delete action.
+    pub delete_action: DeleteAction,
+    /// What a failed event does.
+    pub on_error: OnError,
+    /// The input form.
+    pub mappings: Vec<Mapping>,
+}
+
+impl Policy {
+    /// A policy with no rules: every account creates or updates an identity named by its key.
+    pub fn new(resource: &str) -> Policy {
+        Policy {
+            resource: resource.to_owned(),
+            filter: None,
+            process: None,
+            delete: None,
+            correlation: None,
+            confirmation: None,
+            resolve: None,
+            naming: None,
+            create_unmatched: true,
+            populate_global: false,
+            delete_action: DeleteAction::Unlink,
+            on_error: OnError::Continue,
+            mappings: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,613 @@
+//! Table-driven tests for every branch of the decision order, on an in-memory SQLite
+//! repository (the real one, not a fake).
+
+use std::sync::Arc;
+
+use idsync_core::{Action, AttrMap, ChangeBatch, ChangeEvent, Checkpoint, Op, Situation};
+use idsync_repo::{DecisionFilter, Repo};
+use idsync_rules::Limits;
+
+use crate::*;
+
+struct World {
+    engine: Engine,
+}
+
+fn attrs(pairs: &[(&str, &str)]) -> AttrMap {
+    pairs.iter().copied().collect()
+}
+
+impl World {
+    fn new() -> World {
+        let repo = Arc::new(Repo::open_in_memory().unwrap());
+        World {
+            engine: Engine::new(repo, &Limits::default()),
+        }
+    }
+
+    fn identity(self, name: &str, a: &[(&str, &str)]) -> World {
+        let r = self.engine.repo();
+        r.begin().unwrap();
+        r.create_identity(name, &attrs(a)).unwrap();
+        r.commit().unwrap();
+        self
+    }
+
+    fn linked(self, name: &str, key: &str) -> World {
+        let r = self.engine.repo();
+        r.begin().unwrap();
+        r.link(name, "hr", key).unwrap();
+        r.commit().unwrap();
+        self
+    }
+
+    fn policy(&self, rules: &[(&str, &str)]) -> Policy {
+        let mut p = Policy::new("hr");
+        let c = |label: &str, src: &str| self.engine.rules().compile(label, src).unwrap();
+        for (role, src) in rules {
+            let label = format!("{role}.rhai");
+            match *role {
+                "filter" => p.filter = Some(c(&label, src)),
+                "process" => p.process = Some(c(&label, src)),
+                "delete" => p.delete = Some(c(&label, src)),
+                "correlation" => p.correlation = Some(c(&label, src)),
+                "confirmation" => p.confirmation = Some(c(&label, src)),
+                "resolve" => p.resolve = Some(c(&label, src)),
+                "naming" => p.naming = Some(c(&label, src)),
+                "create_unmatched" => p.create_unmatched = *src == "true",
+                "populate_global" => p.populate_global = *src == "true",
+                "delete_action" => {
+                    p.delete_action = match *src {
+                        "disable" => DeleteAction::Disable,
+                        "delete" => DeleteAction::Delete,
+                        _ => DeleteAction::Unlink,
+                    }
+                }
+                "halt" => p.on_error = OnError::Halt,
+                m if m.starts_with("map:") => p.mappings.push(Mapping {
+                    attribute: m[4..].to_owned(),
+                    source: MappingSource::Attribute((*src).to_owned()),
+                }),
+                m if m.starts_with("expr:") => p.mappings.push(Mapping {
+                    attribute: m[5..].to_owned(),
+                    source: MappingSource::Expr(c(&format!("mapping.{}", &m[5..]), src)),
+                }),
+                other => panic!("unknown role {other}"),
+            }
+        }
+        p
+    }
+
+    fn apply(&self, policy: &Policy, events: Vec<ChangeEvent>) -> Result<BatchReport, EngineError> {
+        let expected = self.engine.repo().checkpoint("hr").unwrap();
+        let n = expected.as_ref().map(|c| c.0.len()).unwrap_or(0);
+        let batch = ChangeBatch {
+            events,
+            checkpoint: Some(Checkpoint(format!("cp{}", n + 1))),
+            ..ChangeBatch::default()
+        };
+        self.engine.apply_batch(policy, expected.as_ref(), &batch)
+    }
+
+    fn last(&self) -> idsync_core::Decision {
+        self.engine
+            .repo()
+            .decisions(&DecisionFilter::default())
+            .unwrap()
+            .pop()
+            .unwrap()
+            .decision
+    }
+
+    fn owner(&self, key: &str) -> Option<String> {
+        self.engine.repo().owner_of("hr", key).unwrap()
+    }
+
+    fn attr(&self, name: &str, attr: &str) -> Option<String> {
+        self.engine
+            .repo()
+            .identity(name)
+            .unwrap()
+            .and_then(|i| i.attrs.first_text(attr).map(str::to_owned))
+    }
+}
+
+fn ev(op: Op, key: &str, a: &[(&str, &str)]) -> ChangeEvent {
+    ChangeEvent {
+        resource: "hr".into(),
+        key: key.into(),
+        op,
+        attrs: attrs(a),
+        previous: None,
+        origin: Some(format!("hr.csv:{key}")),
+    }
+}
+
+/// One row of the decision table: the world, the rules, the event, and what must follow.
+struct Case {
+    name: &'static str,
+    world: fn() -> World,
+    rules: &'static [(&'static str, &'static str)],
+    event: (Op, &'static str, &'static [(&'static str, &'static str)]),
+    situation: Option<Situation>,
+    action: Action,
+    identity: Option<&'static str>,
+    owner_after: Option<&'static str>,
+    error_contains: Option<&'static str>,
+}
+
+fn people() -> World {
+    World::new()
+        .identity(
+            "ann",
+            &[("empno", "1"), ("mail", "ann@x"), ("born", "1990-01-01")],
+        )
+        .identity(
+            "bob",
+            &[("empno", "2"), ("mail", "shared@x"), ("born", "1980-02-02")],
+        )
+        .identity(
+            "bea",
+            &[("empno", "3"), ("mail", "shared@x"), ("born", "1985-03-03")],
+        )
+}
+
+fn people_linked() -> World {
+    people().linked("ann", "E1")
+}
+
+const CORR_EMPNO: &str = "#{ empno: account.empno }";
+
+#[test]
+fn decision_table() {
+    let cases = [
+        Case {
+            name: "filter false ignores",
+            world: people,
+            rules: &[
+                ("filter", "account.type != \"contractor\""),
+                ("correlation", CORR_EMPNO),
+            ],
+            event: (Op::Create, "E9", &[("empno", "1"), ("type", "contractor")]),
+            situation: Some(Situation::Filtered),
+            action: Action::Ignored,
+            identity: None,
+            owner_after: None,
+            error_contains: None,
+        },
+        Case {
+            name: "process rule overrides everything",
+            world: people,
+            rules: &[
+                (
+                    "process",
+                    "let v = ctx.create(\"p-\" + key, #{ src: \"process\" }); ctx.link(v.name);",
+                ),
+                ("correlation", CORR_EMPNO),
+                ("create_unmatched", "false"),
+            ],
+            event: (Op::Update, "E1", &[("empno", "1")]),
+            situation: Some(Situation::Processed),
+            action: Action::Processed,
+            identity: Some("p-E1"),
+            owner_after: Some("p-E1"),
+            error_contains: None,
+        },
+        Case {
+            name: "process rule error undoes its writes",
+            world: people_linked,
+            rules: &[(
+                "process",
+                "let v = ctx.create(\"p-\" + key, #{}); ctx.link(v.name);",
+            )],
+            event: (Op::Update, "E1", &[("empno", "1")]),
+            situation: Some(Situation::Processed),
+            action: Action::Failed,
+            identity: None,
+            owner_after: None,
+            error_contains: Some("process.rhai:1:"),
+        },
+        Case {
+            name: "owner by link updates",
+            world: people_linked,
+            rules: &[("map:mail", "email")],
+            event: (Op::Update, "E1", &[("empno", "1"), ("email", "ann@new")]),
+            situation: Some(Situation::Linked),
+            action: Action::Updated,
+            identity: Some("ann"),
+            owner_after: Some("ann"),
+            error_contains: None,
+        },
+        Case {
+            name: "delete by op unlinks owner",
+            world: people_linked,
+            rules: &[],
+            event: (Op::Delete, "E1", &[]),
+            situation: Some(Situation::Deleted),
+            action: Action::Unlinked,
+            identity: Some("ann"),
+            owner_after: None,
+            error_contains: None,
+        },
+        Case {
+            name: "delete with no owner is ignored",
+            world: people,
+            rules: &[],
+            event: (Op::Delete, "E7", &[]),
+            situation: Some(Situation::Deleted),
+            action: Action::Ignored,
+            identity: None,
+            owner_after: None,
+            error_contains: None,
+        },
+        Case {
+            name: "delete by rule disables",
+            world: people_linked,
+            rules: &[
+                ("delete", "account.status == \"TERMINATED\""),
+                ("delete_action", "disable"),
+            ],
+            event: (Op::Update, "E1", &[("status", "TERMINATED")]),
+            situation: Some(Situation::Deleted),
+            action: Action::Disabled,
+            identity: Some("ann"),
+            owner_after: None,
+            error_contains: None,
+        },
+        Case {
+            name: "delete action delete removes identity",
+            world: people_linked,
+            rules: &[("delete_action", "delete")],
+            event: (Op::Delete, "E1", &[]),
+            situation: Some(Situation::Deleted),
+            action: Action::DeletedIdentity,
+            identity: Some("ann"),
+            owner_after: None,
+            error_contains: None,
+        },
+        Case {
+            name: "correlation by name links",
+            world: people,
+            rules: &[("correlation", "\"bob\"")],
+            event: (Op::Create, "E2", &[("empno", "2")]),
+            situation: Some(Situation::Unlinked),
+            action: Action::Linked,
+            identity: Some("bob"),
+            owner_after: Some("bob"),
+            error_contains: None,
+        },
+        Case {
+            name: "correlation list of names keeps existing ones",
+            world: people,
+            rules: &[("correlation", "[\"nobody\", \"bob\"]")],
+            event: (Op::Create, "E2", &[]),
+            situation: Some(Situation::Unlinked),
+            action: Action::Linked,
+            identity: Some("bob"),
+            owner_after: Some("bob"),
+            error_contains: None,
+        },
+        Case {
+            name: "correlation map of conditions",
+            world: people,
+            rules: &[(
+                "correlation",
+                "#{ empno: account.empno, mail: account.mail }",
+            )],
+            event: (Op::Create, "E3", &[("empno", "3"), ("mail", "shared@x")]),
+            situation: Some(Situation::Unlinked),
+            action: Action::Linked,
+            identity: Some("bea"),
+            owner_after: Some("bea"),
+            error_contains: None,
+        },
+        Case {
+            name: "disputed without resolve fails naming every candidate",
+            world: people,
+            rules: &[(
+                "correlation",
+                "[#{ empno: account.empno }, #{ mail: account.mail }]",
+            )],
+            event: (Op::Create, "E9", &[("empno", "99"), ("mail", "shared@x")]),
+            situation: Some(Situation::Disputed),
+            action: Action::Failed,
+            identity: None,
+            owner_after: None,
+            error_contains: Some("matches 2 identities: bea, bob"),
+        },
+        Case {
+            name: "confirmation narrows to one",
+            world: people,
+            rules: &[
+                ("correlation", "#{ mail: account.mail }"),
+                ("confirmation", "identity.attrs.born == account.born"),
+            ],
+            event: (
+                Op::Create,
+                "E9",
+                &[("mail", "shared@x"), ("born", "1985-03-03")],
+            ),
+            situation: Some(Situation::Unlinked),
+            action: Action::Linked,
+            identity: Some("bea"),
+            owner_after: Some("bea"),
+            error_contains: None,
+        },
+        Case {
+            name: "confirmation rejects all: unmatched creates",
+            world: people,
+            rules: &[
+                ("correlation", "#{ mail: account.mail }"),
+                ("confirmation", "identity.attrs.born == account.born"),
+                ("naming", "\"new-\" + key"),
+            ],
+            event: (
+                Op::Create,
+                "E9",
+                &[("mail", "shared@x"), ("born", "2000-01-01")],
+            ),
+            situation: Some(Situation::Unmatched),
+            action: Action::Created,
+            identity: Some("new-E9"),
+            owner_after: Some("new-E9"),
+            error_contains: None,
+        },
+        Case {
+            name: "unmatched with create off and resolve",
+            world: people,
+            rules: &[
+                ("correlation", CORR_EMPNO),
+                ("create_unmatched", "false"),
+                (
+                    "resolve",
+                    "ctx.work_item(`no match for ${key} (${situation})`)",
+                ),
+            ],
+            event: (Op::Create, "E9", &[("empno", "99")]),
+            situation: Some(Situation::Unmatched),
+            action: Action::Resolved,
+            identity: None,
+            owner_after: None,
+            error_contains: None,
+        },
+        Case {
+            name: "unmatched with create off and no resolve fails",
+            world: people,
+            rules: &[("correlation", CORR_EMPNO), ("create_unmatched", "false")],
+            event: (Op::Create, "E9", &[("empno", "99")]),
+            situation: Some(Situation::Unmatched),
+            action: Action::Failed,
+            identity: None,
+            owner_after: None,
+            error_contains: Some("create_unmatched is off"),
+        },
+        Case {
+            name: "disputed with resolve links the first candidate",
+            world: people,
+            rules: &[
+                ("correlation", "#{ mail: account.mail }"),
+                ("resolve", "ctx.link(candidates[0]);"),
+            ],
+            event: (Op::Create, "E9", &[("mail", "shared@x")]),
+            situation: Some(Situation::Disputed),
+            action: Action::Resolved,
+            identity: Some("bea"),
+            owner_after: Some("bea"),
+            error_contains: None,
+        },
+        Case {
+            name: "rule runtime error fails the event with position",
+            world: people,
+            rules: &[("correlation", "let x = 1;\nx.nosuch()")],
+            event: (Op::Create, "E9", &[]),
+            situation: None,
+            action: Action::Failed,
+            identity: None,
+            owner_after: None,
+            error_contains: Some("correlation.rhai:2:"),
+        },
+        Case {
+            name: "non true-like filter value is an error naming the value",
+            world: people,
+            rules: &[("filter", "\n\"maybe\"")],
+            event: (Op::Create, "E9", &[]),
+            situation: None,
+            action: Action::Failed,
+            identity: None,
+            owner_after: None,
+            error_contains: Some("filter.rhai:2:1: filter rule returned \"maybe\""),
+        },
+        Case {
+            name: "runaway rule fails its event only",
+            world: people,
+            rules: &[("correlation", "loop {}")],
+            event: (Op::Create, "E9", &[]),
+            situation: None,
+            action: Action::Failed,
+            identity: None,
+            owner_after: None,
+            error_contains: Some("too many operations"),
+        },
+    ];
+    for case in cases {
+        let w = (case.world)();
+        let p = w.policy(case.rules);
+        let (op, key, a) = case.event;
+        w.apply(&p, vec![ev(op, key, a)]).unwrap();
+        let d = w.last();
+        assert_eq!(d.situation, case.situation, "{}: {d:?}", case.name);
+        assert_eq!(d.action, case.action, "{}: {d:?}", case.name);
+        if case.action != Action::Failed {
+            assert_eq!(d.identity.as_deref(), case.identity, "{}: {d:?}", case.name);
+        }
+        match case.error_contains {
+            Some(text) => assert!(
+                d.error.as_deref().unwrap_or("").contains(text),
+                "{}: error {:?} lacks {text:?}",
+                case.name,
+                d.error
+            ),
+            None => assert_eq!(d.error, None, "{}", case.name),
+        }
+        if case.error_contains.is_none() {
+            assert_eq!(w.owner(key).as_deref(), case.owner_after, "{}", case.name);
+        }
+        // Exactly one decision per event, and a failed event is re-runnable.
+        let repo = w.engine.repo();
+        assert_eq!(repo.decisions(&DecisionFilter::default()).unwrap().len(), 1);
+        let failures = repo.failures(Some("hr")).unwrap();
+        assert_eq!(
+            failures.len(),
+            usize::from(d.action == Action::Failed),
+            "{}",
+            case.name
+        );
+        assert_eq!(
+            repo.checkpoint("hr").unwrap(),
+            Some(Checkpoint("cp1".into()))
+        );
+    }
+}
+
+#[test]
+fn failed_event_effects_are_undone_and_batch_goes_on() {
+    let w = people();
+    let p = w.policy(&[(
+        "process",
+        "ctx.create(key, #{}); if key == \"E2\" { throw \"boom\" }",
+    )]);
+    let report = w
+        .apply(
+            &p,
+            vec![
+                ev(Op::Create, "E1", &[]),
+                ev(Op::Create, "E2", &[]),
+                ev(Op::Create, "E3", &[]),
+            ],
+        )
+        .unwrap();
+    assert_eq!(report.failed, 1);
+    let names = w.engine.repo().identity_names().unwrap();
+    assert!(names.contains(&"E1".to_string()) && names.contains(&"E3".to_string()));
+    assert!(
+        !names.contains(&"E2".to_string()),
+        "the failed event's create was undone"
+    );
+}
+
+#[test]
+fn halt_rolls_back_the_whole_batch_and_keeps_the_checkpoint() {
+    let w = people();
+    let p = w.policy(&[
+        ("halt", ""),
+        ("correlation", "if key == \"E2\" { throw \"boom\" }"),
+    ]);
+    let err = w
+        .apply(
+            &p,
+            vec![ev(Op::Create, "E1", &[]), ev(Op::Create, "E2", &[])],
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("halted"), "{err}");
+    let repo = w.engine.repo();
+    assert_eq!(repo.checkpoint("hr").unwrap(), None);
+    assert!(repo.identity("E1").unwrap().is_none());
+    assert!(
+        repo.decisions(&DecisionFilter::default())
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn stale_checkpoint_is_rejected_and_nothing_applies() {
+    let w = people();
+    let p = w.policy(&[]);
+    w.apply(&p, vec![ev(Op::Create, "E1", &[])]).unwrap();
+    let batch = ChangeBatch {
+        events: vec![ev(Op::Create, "E5", &[])],
+        checkpoint: Some(Checkpoint("other".into())),
+        ..ChangeBatch::default()
+    };
+    let err = w.engine.apply_batch(&p, None, &batch).unwrap_err();
+    assert!(err.to_string().contains("checkpoint"), "{err}");
+    assert!(w.engine.repo().identity("E5").unwrap().is_none());
+}
+
+#[test]
+fn populate_global_copies_account_and_mappings_apply_on_top() {
+    let w = World::new();
+    let p = w.policy(&[
+        ("populate_global", "true"),
+        ("expr:mail", "global.first.to_lower() + \"@example.com\""),
+    ]);
+    w.apply(
+        &p,
+        vec![ev(Op::Create, "E1", &[("first", "Ann"), ("dept", "R&D")])],
+    )
+    .unwrap();
+    assert_eq!(w.attr("E1", "dept").as_deref(), Some("R&D"));
+    assert_eq!(w.attr("E1", "mail").as_deref(), Some("ann@example.com"));
+}
+
+#[test]
+fn rehire_relinks_and_reenables() {
+    let w = people_linked();
+    let p = w.policy(&[
+        ("delete", "account.status == \"TERMINATED\""),
+        ("delete_action", "disable"),
+        ("correlation", CORR_EMPNO),
+    ]);
+    w.apply(
+        &p,
+        vec![ev(
+            Op::Update,
+            "E1",
+            &[("empno", "1"), ("status", "TERMINATED")],
+        )],
+    )
+    .unwrap();
+    assert!(w.engine.repo().identity("ann").unwrap().unwrap().disabled);
+    w.apply(
+        &p,
+        vec![ev(
+            Op::Update,
+            "E1",
+            &[("empno", "1"), ("status", "ACTIVE")],
+        )],
+    )
+    .unwrap();
+    let ann = w.engine.repo().identity("ann").unwrap().unwrap();
+    assert!(!ann.disabled);
+    assert_eq!(w.owner("E1").as_deref(), Some("ann"));
+    assert_eq!(w.last().situation, Some(Situation::Unlinked));
+}
+
+#[test]
+fn retry_reruns_a_failed_event_and_removes_it() {
+    let w = people();
+    let broken = w.policy(&[("correlation", "throw \"broken\"")]);
+    w.apply(&broken, vec![ev(Op::Create, "E2", &[("empno", "2")])])
+        .unwrap();
+    let failure = w.engine.repo().failures(None).unwrap().remove(0);
+    let fixed = w.policy(&[("correlation", CORR_EMPNO)]);
+    let d = w.engine.retry(&fixed, &failure).unwrap();
+    assert_eq!(d.action, Action::Linked);
+    assert!(w.engine.repo().failures(None).unwrap().is_empty());
+    assert_eq!(w.owner("E2").as_deref(), Some("bob"));
+}
+
+#[test]
+fn shadows_follow_events_and_a_newer_success_supersedes_failures() {
+    let w = World::new();
+    let broken = w.policy(&[("correlation", "throw \"broken\"")]);
+    w.apply(&broken, vec![ev(Op::Create, "E1", &[("a", "1")])])
+        .unwrap();
+    assert_eq!(w.engine.repo().failures(None).unwrap().len(), 1);
+    let ok = w.policy(&[]);
+    w.apply(&ok, vec![ev(Op::Update, "E1", &[("a", "2")])])
+        .unwrap();
+    assert!(w.engine.repo().failures(None).unwrap().is_empty());
+    w.apply(&ok, vec![ev(Op::Delete, "E1", &[])]).unwrap();
+    assert_eq!(w.engine.repo().shadow_count("hr").unwrap(), 0);
+}

@@ -1,0 +1,378 @@
+//! Identities, their indexed attribute values, and account links.
+
+use idsync_core::{AttrMap, Conditions, Identity, LinkedAccount, Value};
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
+
+use crate::error::{Context, RepoError, from_json, to_json};
+use crate::{Repo, atomic, now};
+
+/// Identities loaded per lock in [`Repo::for_each_identity`].
+pub(crate) const PAGE: usize = 256;
+
+impl Repo {
+    /// The identity view of `name` with its linked accounts (each account's attributes are
+    /// its shadow, empty when none is stored).
+    pub fn identity(&self, name: &str) -> Result<Option<Identity>, RepoError> {
+        let conn = self.lock()?;
+        let row = conn
+            .prepare_cached("SELECT id, version, disabled, attrs FROM identities WHERE name = ?1")
+            .and_then(|mut st| {
+                st.query_row([name], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, bool>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                })
+                .optional()
+            })
+            .with_ctx(|| format!("reading identity {name}"))?;
+        let Some((id, version, disabled, attrs)) = row else {
+            return Ok(None);
+        };
+        Ok(Some(Identity {
+            name: name.to_owned(),
+            version,
+            disabled,
+            attrs: from_json(&attrs, || format!("attributes of identity {name}"))?,
+            accounts: accounts(&conn, id, name)?,
+        }))
+    }
+
+    /// The name of the identity linked to account `key` of `resource`.
+    pub fn owner_of(&self, resource: &str, key: &str) -> Result<Option<String>, RepoError> {
+        owner_of(&*self.lock()?, resource, key)
+    }
+
+    /// Names of the identities whose attributes match every condition: attribute names
+    /// compare case-insensitively, values exactly, and a multi-valued attribute matches if
+    /// any of its values does. Sorted by name. Answered from the `identity_values` index.
+    /// No condition, or a binary value, is an error.
+    pub fn find(&self, conds: &Conditions) -> Result<Vec<String>, RepoError> {
+        if conds.0.is_empty() {
+            return Err(RepoError::EmptyQuery);
+        }
+        let mut args = Vec::with_capacity(conds.0.len() * 2);
+        for (attr, value) in &conds.0 {
+            let Value::Text(text) = value else {
+                return Err(RepoError::BinaryCondition { attr: attr.clone() });
+            };
+            args.push(attr.to_lowercase());
+            args.push(text.clone());
+        }
+        let sql = find_sql(conds.0.len());
+        let conn = self.lock()?;
+        let names = conn
+            .prepare_cached(&sql)
+            .and_then(|mut st| {
+                st.query_map(params_from_iter(&args), |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .ctx("searching identities")?;
+        Ok(names)
+    }
+
+    /// Every identity name, sorted.
+    pub fn identity_names(&self) -> Result<Vec<String>, RepoError> {
+        let conn = self.lock()?;
+        conn.prepare_cached("SELECT name FROM identities ORDER BY name")
+            .and_then(|mut st| {
+                st.query_map([], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .ctx("listing identities")
+    }
+
+    /// Calls `f` with every identity (with accounts), sorted by name, for export.
+    ///
+    /// Identities are read in pages and `f` runs with the repository unlocked, so it may
+    /// call the repository itself. Outside a transaction, changes committed during the walk
+    /// may or may not be seen (each page is read as it stands).
+    pub fn for_each_identity(
+        &self,
+        f: &mut dyn FnMut(Identity) -> Result<(), RepoError>,
+    ) -> Result<(), RepoError> {
+        let mut after: Option<String> = None;
+        loop {
+            let page = {
+                let conn = self.lock()?;
+                identity_page(&conn, after.as_deref())?
+            };
+            let last_page = page.len() < PAGE;
+            after = page.last().map(|i| i.name.clone());
+            for identity in page {
+                f(identity)?;
+            }
+            if last_page || after.is_none() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Creates identity `name` at version 1, not disabled, without accounts.
+    pub fn create_identity(&self, name: &str, attrs: &AttrMap) -> Result<Identity, RepoError> {
+        if name.is_empty() {
+            return Err(RepoError::EmptyName);
+        }
+        let json = to_json(attrs, || format!("attributes of identity {name}"))?;
+        let conn = self.lock()?;
+        atomic(&conn, |c| {
+            let inserted = c
+                .prepare_cached(
+                    "INSERT INTO identities (name, version, disabled, attrs, created_at, updated_at) \
+                     VALUES (?1, 1, 0, ?2, ?3, ?3) ON CONFLICT (name) DO NOTHING",
+                )
+                .and_then(|mut st| st.execute(params![name, json, now()]))
+                .with_ctx(|| format!("creating identity {name}"))?;
+            if inserted == 0 {
+                return Err(RepoError::NameTaken {
+                    name: name.to_owned(),
+                });
+            }
+            index_values(c, c.last_insert_rowid(), name, attrs)
+        })?;
+        Ok(Identity {
+            name: name.to_owned(),
+            version: 1,
+            disabled: false,
+            attrs: attrs.clone(),
+            accounts: Vec::new(),
+        })
+    }
+
+    /// Checks in identity `name` as a compare-and-swap on its version: stores `attrs` and
+    /// `disabled` if the stored version is `expected_version`, and returns the new version.
+    pub fn checkin(
+        &self,
+        name: &str,
+        expected_version: i64,
+        attrs: &AttrMap,
+        disabled: bool,
+    ) -> Result<i64, RepoError> {
+        let json = to_json(attrs, || format!("attributes of identity {name}"))?;
+        let conn = self.lock()?;
+        atomic(&conn, |c| {
+            let row = c
+                .prepare_cached("SELECT id, version, attrs FROM identities WHERE name = ?1")
+                .and_then(|mut st| {
+                    st.query_row([name], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, String>(2)?,
+                        ))
+                    })
+                    .optional()
+                })
+                .with_ctx(|| format!("reading identity {name}"))?;
+            let Some((id, version, old_json)) = row else {
+                return Err(RepoError::NoSuchIdentity {
+                    name: name.to_owned(),
+                });
+            };
+            if version != expected_version {
+                return Err(RepoError::VersionConflict {
+                    name: name.to_owned(),
+                    expected: expected_version,
+                    found: version,
+                });
+            }
+            let new_version = version + 1;
+            c.prepare_cached(
+                "UPDATE identities SET version = ?2, disabled = ?3, attrs = ?4, updated_at = ?5 \
+                 WHERE id = ?1",
+            )
+            .and_then(|mut st| st.execute(params![id, new_version, disabled, json, now()]))
+            .with_ctx(|| format!("checking in identity {name}"))?;
+            // The JSON of an AttrMap is canonical (sorted by folded name), so equal text
+            // means the indexed values are already right.
+            if old_json != json {
+                c.prepare_cached("DELETE FROM identity_values WHERE identity_id = ?1")
+                    .and_then(|mut st| st.execute([id]))
+                    .with_ctx(|| format!("re-indexing identity {name}"))?;
+                index_values(c, id, name, attrs)?;
+            }
+            Ok(new_version)
+        })
+    }
+
+    /// Deletes identity `name` with its links and indexed values; false if it did not exist.
+    /// The shadows of its accounts stay: they describe the resources, not the identity.
+    pub fn delete_identity(&self, name: &str) -> Result<bool, RepoError> {
+        let conn = self.lock()?;
+        let n = conn
+            .prepare_cached("DELETE FROM identities WHERE name = ?1")
+            .and_then(|mut st| st.execute([name]))
+            .with_ctx(|| format!("deleting identity {name}"))?;
+        Ok(n > 0)
+    }
+
+    /// Links account `key` of `resource` to identity `name`. Linking it again to the same
+    /// identity is fine; linked to another one it is [`RepoError::AlreadyLinked`].
+    pub fn link(&self, name: &str, resource: &str, key: &str) -> Result<(), RepoError> {
+        let conn = self.lock()?;
+        let id = identity_id(&conn, name)?.ok_or_else(|| RepoError::NoSuchIdentity {
+            name: name.to_owned(),
+        })?;
+        let inserted = conn
+            .prepare_cached(
+                "INSERT INTO links (resource, key, identity_id, linked_at) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (resource, key) DO NOTHING",
+            )
+            .and_then(|mut st| st.execute(params![resource, key, id, now()]))
+            .with_ctx(|| format!("linking account {resource}/{key} to identity {name}"))?;
+        if inserted > 0 {
+            return Ok(());
+        }
+        match owner_of(&conn, resource, key)? {
+            Some(owner) if owner == name => Ok(()),
+            Some(owner) => Err(RepoError::AlreadyLinked {
+                resource: resource.to_owned(),
+                key: key.to_owned(),
+                owner,
+            }),
+            // Unreachable with foreign keys on: the conflicting link has an owner.
+            None => Err(RepoError::Corrupt {
+                what: format!("link of account {resource}/{key}"),
+                message: "it points to no identity".to_owned(),
+            }),
+        }
+    }
+
+    /// Removes the link of account `key` of `resource`; false if it was not linked.
+    pub fn unlink(&self, resource: &str, key: &str) -> Result<bool, RepoError> {
+        let conn = self.lock()?;
+        let n = conn
+            .prepare_cached("DELETE FROM links WHERE resource = ?1 AND key = ?2")
+            .and_then(|mut st| st.execute([resource, key]))
+            .with_ctx(|| format!("unlinking account {resource}/{key}"))?;
+        Ok(n > 0)
+    }
+}
+
+/// `SELECT` for [`Repo::find`] with `n` conditions: the intersection of one index lookup
+/// per condition, then the names by rowid.
+pub(crate) fn find_sql(n: usize) -> String {
+    let parts: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "SELECT identity_id FROM identity_values WHERE attr = ?{} AND value = ?{}",
+                2 * i + 1,
+                2 * i + 2
+            )
+        })
+        .collect();
+    format!(
+        "SELECT name FROM identities WHERE id IN ({}) ORDER BY name",
+        parts.join(" INTERSECT ")
+    )
+}
+
+fn identity_id(conn: &Connection, name: &str) -> Result<Option<i64>, RepoError> {
+    conn.prepare_cached("SELECT id FROM identities WHERE name = ?1")
+        .and_then(|mut st| st.query_row([name], |r| r.get(0)).optional())
+        .with_ctx(|| format!("reading identity {name}"))
+}
+
+fn owner_of(conn: &Connection, resource: &str, key: &str) -> Result<Option<String>, RepoError> {
+    conn.prepare_cached(
+        "SELECT i.name FROM links l JOIN identities i ON i.id = l.identity_id \
+         WHERE l.resource = ?1 AND l.key = ?2",
+    )
+    .and_then(|mut st| st.query_row([resource, key], |r| r.get(0)).optional())
+    .with_ctx(|| format!("reading the owner of account {resource}/{key}"))
+}
+
+/// Indexes the text values of `attrs` for identity `id`.
+fn index_values(conn: &Connection, id: i64, name: &str, attrs: &AttrMap) -> Result<(), RepoError> {
+    let mut st = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO identity_values (attr, value, identity_id) VALUES (?1, ?2, ?3)",
+        )
+        .ctx("indexing identity attributes")?;
+    for attr in attrs.iter() {
+        let folded = attr.name.to_lowercase();
+        for value in &attr.values {
+            if let Value::Text(text) = value {
+                st.execute(params![folded, text, id])
+                    .with_ctx(|| format!("indexing attribute {} of identity {name}", attr.name))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The linked accounts of identity `id`, sorted by resource and key.
+fn accounts(conn: &Connection, id: i64, name: &str) -> Result<Vec<LinkedAccount>, RepoError> {
+    let rows = conn
+        .prepare_cached(
+            "SELECT l.resource, l.key, s.attrs FROM links l \
+             LEFT JOIN shadows s ON s.resource = l.resource AND s.key = l.key \
+             WHERE l.identity_id = ?1 ORDER BY l.resource, l.key",
+        )
+        .and_then(|mut st| {
+            st.query_map([id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()
+        })
+        .with_ctx(|| format!("reading the accounts of identity {name}"))?;
+    rows.into_iter()
+        .map(|(resource, key, attrs)| {
+            let attrs = match attrs {
+                Some(json) => from_json(&json, || format!("shadow of account {resource}/{key}"))?,
+                None => AttrMap::new(),
+            };
+            Ok(LinkedAccount {
+                resource,
+                key,
+                attrs,
+            })
+        })
+        .collect()
+}
+
+/// Up to [`PAGE`] identities with names after `after` (from the first when `None`).
+fn identity_page(conn: &Connection, after: Option<&str>) -> Result<Vec<Identity>, RepoError> {
+    const COLS: &str = "SELECT id, name, version, disabled, attrs FROM identities";
+    let limit = i64::try_from(PAGE).unwrap_or(i64::MAX);
+    let map = |r: &rusqlite::Row<'_>| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, bool>(3)?,
+            r.get::<_, String>(4)?,
+        ))
+    };
+    let rows = match after {
+        None => conn
+            .prepare_cached(&format!("{COLS} ORDER BY name LIMIT ?1"))
+            .and_then(|mut st| st.query_map([limit], map)?.collect::<Result<Vec<_>, _>>()),
+        Some(after) => conn
+            .prepare_cached(&format!("{COLS} WHERE name > ?1 ORDER BY name LIMIT ?2"))
+            .and_then(|mut st| {
+                st.query_map(params![after, limit], map)?
+                    .collect::<Result<Vec<_>, _>>()
+            }),
+    }
+    .ctx("reading identities")?;
+    rows.into_iter()
+        .map(|(id, name, version, disabled, attrs)| {
+            let attrs = from_json(&attrs, || format!("attributes of identity {name}"))?;
+            let accounts = accounts(conn, id, &name)?;
+            Ok(Identity {
+                name,
+                version,
+                disabled,
+                attrs,
+                accounts,
+            })
+        })
+        .collect()
+}

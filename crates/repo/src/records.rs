@@ -1,0 +1,331 @@
+//! Decision records (one per event) and failed events (re-runnable by the CLI).
+
+use idsync_core::{ChangeEvent, Decision, Situation};
+use rusqlite::{Connection, ToSql, params, params_from_iter};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Context, RepoError, from_json, to_json};
+use crate::{Repo, now};
+
+/// A failed event to record. `event` is `None` for input that never became an event
+/// (a rejected CSV row).
+#[derive(Clone, Copy, Debug)]
+pub struct NewFailure<'a> {
+    /// Resource name.
+    pub resource: &'a str,
+    /// Account key, when known.
+    pub key: Option<&'a str>,
+    /// Where the input came from, e.g. `hr.csv:12`.
+    pub origin: Option<&'a str>,
+    /// Why it failed.
+    pub error: &'a str,
+    /// The event, for re-running.
+    pub event: Option<&'a ChangeEvent>,
+    /// The decision record of the failed attempt.
+    pub decision_id: Option<i64>,
+}
+
+/// A stored failed event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedEvent {
+    /// Id, stable and never reused.
+    pub id: i64,
+    /// When it first failed (RFC 3339).
+    pub at: String,
+    /// Resource name.
+    pub resource: String,
+    /// Account key, when known.
+    pub key: Option<String>,
+    /// Where the input came from.
+    pub origin: Option<String>,
+    /// The latest error.
+    pub error: String,
+    /// The event, for re-running.
+    pub event: Option<ChangeEvent>,
+    /// Retries so far (not counting the first failure).
+    pub attempts: i64,
+    /// When it was last retried.
+    pub last_attempt_at: Option<String>,
+    /// The decision record of the first failed attempt.
+    pub decision_id: Option<i64>,
+}
+
+/// Which decisions to list; every field is optional (the default lists all).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DecisionFilter {
+    /// Only this resource.
+    pub resource: Option<String>,
+    /// Only this account key.
+    pub key: Option<String>,
+    /// Only this situation.
+    pub situation: Option<Situation>,
+    /// Only failed events (action `failed`).
+    pub failed_only: bool,
+    /// Only decisions about this identity.
+    pub identity: Option<String>,
+    /// Only the newest this many.
+    pub limit: Option<usize>,
+}
+
+/// A stored decision record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredDecision {
+    /// Id, increasing with time.
+    pub id: i64,
+    /// When it was recorded (RFC 3339).
+    pub at: String,
+    /// The record.
+    #[serde(flatten)]
+    pub decision: Decision,
+}
+
+impl Repo {
+    /// Stores the decision record of one event; returns its id.
+    pub fn record_decision(&self, d: &Decision) -> Result<i64, RepoError> {
+        let record = to_json(d, || {
+            format!("decision for account {}/{}", d.resource, d.key)
+        })?;
+        let conn = self.lock()?;
+        conn.prepare_cached(
+            "INSERT INTO decisions (at, resource, key, op, situation, action, identity, record) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .and_then(|mut st| {
+            st.execute(params![
+                now(),
+                d.resource,
+                d.key,
+                d.op.as_str(),
+                d.situation.map(Situation::as_str),
+                d.action.as_str(),
+                d.identity,
+                record,
+            ])
+        })
+        .with_ctx(|| {
+            format!(
+                "recording the decision for account {}/{}",
+                d.resource, d.key
+            )
+        })?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Decisions matching `filter`, oldest first (with a limit: the newest `limit` of
+    /// them, still oldest first).
+    pub fn decisions(&self, filter: &DecisionFilter) -> Result<Vec<StoredDecision>, RepoError> {
+        let mut wheres: Vec<&str> = Vec::new();
+        let mut args: Vec<&str> = Vec::new();
+        // Values are bound by position; clauses are fixed text, so the statement cache
+        // holds one statement per combination of filters.
+        if let Some(r) = &filter.resource {
+            wheres.push("resource = ?");
+            args.push(r);
+        }
+        if let Some(k) = &filter.key {
+            wheres.push("key = ?");
+            args.push(k);
+        }
+        if let Some(s) = filter.situation {
+            wheres.push("situation = ?");
+            args.push(s.as_str());
+        }
+        if filter.failed_only {
+            wheres.push("action = 'failed'");
+        }
+        if let Some(i) = &filter.identity {
+            wheres.push("identity = ?");
+            args.push(i);
+        }
+        let mut sql = String::from("SELECT id, at, record FROM decisions");
+        if !wheres.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&wheres.join(" AND "));
+        }
+        match filter.limit {
+            Some(n) => sql.push_str(&format!(" ORDER BY id DESC LIMIT {n}")),
+            None => sql.push_str(" ORDER BY id"),
+        }
+        let conn = self.lock()?;
+        let rows = conn
+            .prepare_cached(&sql)
+            .and_then(|mut st| {
+                st.query_map(params_from_iter(&args), |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .ctx("listing decisions")?;
+        drop(conn);
+        let mut out = rows
+            .into_iter()
+            .map(|(id, at, record)| {
+                Ok(StoredDecision {
+                    id,
+                    at,
+                    decision: from_json(&record, || format!("decision {id}"))?,
+                })
+            })
+            .collect::<Result<Vec<_>, RepoError>>()?;
+        if filter.limit.is_some() {
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    /// Stores a failed event; returns its id.
+    pub fn record_failure(&self, f: &NewFailure<'_>) -> Result<i64, RepoError> {
+        let what = || {
+            format!(
+                "failed event of account {}/{}",
+                f.resource,
+                f.key.unwrap_or("?")
+            )
+        };
+        let event = f.event.map(|e| to_json(e, what)).transpose()?;
+        let conn = self.lock()?;
+        conn.prepare_cached(
+            "INSERT INTO failed_events (at, resource, key, origin, error, event, decision_id) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .and_then(|mut st| {
+            st.execute(params![
+                now(),
+                f.resource,
+                f.key,
+                f.origin,
+                f.error,
+                event,
+                f.decision_id,
+            ])
+        })
+        .with_ctx(|| format!("recording the {}", what()))?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Deletes the failed events of account `key` of `resource`: a newer event for it
+    /// succeeded, so re-running the old ones would apply stale data. Returns how many.
+    pub fn supersede_failures(&self, resource: &str, key: &str) -> Result<u64, RepoError> {
+        let conn = self.lock()?;
+        let n = conn
+            .prepare_cached("DELETE FROM failed_events WHERE resource = ?1 AND key = ?2")
+            .and_then(|mut st| st.execute([resource, key]))
+            .with_ctx(|| format!("clearing failed events of account {resource}/{key}"))?;
+        Ok(n as u64)
+    }
+
+    /// Deletes failed event `id` (it was re-run successfully); false if it did not exist.
+    pub fn remove_failure(&self, id: i64) -> Result<bool, RepoError> {
+        let conn = self.lock()?;
+        let n = conn
+            .prepare_cached("DELETE FROM failed_events WHERE id = ?1")
+            .and_then(|mut st| st.execute([id]))
+            .with_ctx(|| format!("removing failed event {id}"))?;
+        Ok(n > 0)
+    }
+
+    /// Notes that re-running failed event `id` failed again with `error`.
+    pub fn note_retry_failure(&self, id: i64, error: &str) -> Result<(), RepoError> {
+        let conn = self.lock()?;
+        let n = conn
+            .prepare_cached(
+                "UPDATE failed_events SET attempts = attempts + 1, error = ?2, \
+                 last_attempt_at = ?3 WHERE id = ?1",
+            )
+            .and_then(|mut st| st.execute(params![id, error, now()]))
+            .with_ctx(|| format!("updating failed event {id}"))?;
+        if n == 0 {
+            return Err(RepoError::NoSuchFailure { id });
+        }
+        Ok(())
+    }
+
+    /// Failed events, of one resource or all, oldest first.
+    pub fn failures(&self, resource: Option<&str>) -> Result<Vec<FailedEvent>, RepoError> {
+        let conn = self.lock()?;
+        let rows = match resource {
+            Some(r) => query_failures(&conn, "WHERE resource = ?1 ORDER BY id", &[&r]),
+            None => query_failures(&conn, "ORDER BY id", &[]),
+        }?;
+        drop(conn);
+        rows.into_iter().map(RawFailure::decode).collect()
+    }
+
+    /// Failed event `id`.
+    pub fn failure(&self, id: i64) -> Result<Option<FailedEvent>, RepoError> {
+        let conn = self.lock()?;
+        let rows = query_failures(&conn, "WHERE id = ?1", &[&id])?;
+        drop(conn);
+        rows.into_iter().next().map(RawFailure::decode).transpose()
+    }
+}
+
+/// A failed-event row before its JSON is decoded.
+struct RawFailure {
+    id: i64,
+    at: String,
+    resource: String,
+    key: Option<String>,
+    origin: Option<String>,
+    error: String,
+    event: Option<String>,
+    attempts: i64,
+    last_attempt_at: Option<String>,
+    decision_id: Option<i64>,
+}
+
+impl RawFailure {
+    fn decode(self) -> Result<FailedEvent, RepoError> {
+        let id = self.id;
+        let event = self
+            .event
+            .map(|e| from_json(&e, || format!("failed event {id}")))
+            .transpose()?;
+        Ok(FailedEvent {
+            id,
+            at: self.at,
+            resource: self.resource,
+            key: self.key,
+            origin: self.origin,
+            error: self.error,
+            event,
+            attempts: self.attempts,
+            last_attempt_at: self.last_attempt_at,
+            decision_id: self.decision_id,
+        })
+    }
+}
+
+fn query_failures(
+    conn: &Connection,
+    tail: &str,
+    args: &[&dyn ToSql],
+) -> Result<Vec<RawFailure>, RepoError> {
+    let sql = format!(
+        "SELECT id, at, resource, key, origin, error, event, attempts, last_attempt_at, \
+         decision_id FROM failed_events {tail}"
+    );
+    conn.prepare_cached(&sql)
+        .and_then(|mut st| {
+            st.query_map(args, |r| {
+                Ok(RawFailure {
+                    id: r.get(0)?,
+                    at: r.get(1)?,
+                    resource: r.get(2)?,
+                    key: r.get(3)?,
+                    origin: r.get(4)?,
+                    error: r.get(5)?,
+                    event: r.get(6)?,
+                    attempts: r.get(7)?,
+                    last_attempt_at: r.get(8)?,
+                    decision_id: r.get(9)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()
+        })
+        .ctx("reading failed events")
+}

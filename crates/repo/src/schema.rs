@@ -1,0 +1,125 @@
+//! The SQLite schema and its migrations, versioned with `PRAGMA user_version`.
+//!
+//! `MIGRATIONS[i]` takes a file from version `i` to `i + 1`. Each runs in its own
+//! transaction together with the version bump, so a crash mid-upgrade leaves the old
+//! version intact. Never edit a released migration: append a new one.
+
+use rusqlite::Connection;
+
+use crate::error::{Context, RepoError};
+
+/// Migrations in order; the schema version is their count.
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    r#"
+    CREATE TABLE identities (
+        id          INTEGER PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        version     INTEGER NOT NULL,
+        disabled    INTEGER NOT NULL DEFAULT 0,
+        attrs       TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL
+    );
+
+    -- Text values of identity attributes, for correlation queries. attr is lowercased;
+    -- values are exact. The primary key is the (attr, value) index and deduplicates.
+    CREATE TABLE identity_values (
+        attr         TEXT NOT NULL,
+        value        TEXT NOT NULL,
+        identity_id  INTEGER NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
+        PRIMARY KEY (attr, value, identity_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX identity_values_identity ON identity_values(identity_id);
+
+    CREATE TABLE links (
+        resource     TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        identity_id  INTEGER NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
+        linked_at    TEXT NOT NULL,
+        PRIMARY KEY (resource, key)
+    );
+    CREATE INDEX links_identity ON links(identity_id);
+
+    -- The last seen attributes of every account of every resource. hash is
+    -- AttrMap::content_hash() stored as the i64 with the same bits.
+    CREATE TABLE shadows (
+        resource  TEXT NOT NULL,
+        key       TEXT NOT NULL,
+        hash      INTEGER NOT NULL,
+        attrs     TEXT NOT NULL,
+        PRIMARY KEY (resource, key)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE checkpoints (
+        resource    TEXT PRIMARY KEY,
+        token       TEXT NOT NULL,
+        updated_at  TEXT NOT NULL
+    );
+
+    CREATE TABLE decisions (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        at         TEXT NOT NULL,
+        resource   TEXT NOT NULL,
+        key        TEXT NOT NULL,
+        op         TEXT NOT NULL,
+        situation  TEXT,
+        action     TEXT NOT NULL,
+        identity   TEXT,
+        record     TEXT NOT NULL
+    );
+    CREATE INDEX decisions_account ON decisions(resource, key);
+    CREATE INDEX decisions_situation ON decisions(situation);
+    CREATE INDEX decisions_identity ON decisions(identity);
+    CREATE INDEX decisions_action ON decisions(action);
+
+    CREATE TABLE failed_events (
+        id               INTEGER PRIMARY KEY AUTOINCREMENT,
+        at               TEXT NOT NULL,
+        resource         TEXT NOT NULL,
+        key              TEXT,
+        origin           TEXT,
+        error            TEXT NOT NULL,
+        event            TEXT,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        last_attempt_at  TEXT,
+        decision_id      INTEGER
+    );
+    CREATE INDEX failed_events_account ON failed_events(resource, key);
+    "#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the schema of `conn` up to [`SCHEMA_VERSION`].
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), RepoError> {
+    loop {
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .ctx("starting the schema upgrade")?;
+        // Read inside the write transaction: two processes opening a new file at once
+        // must not both apply the same migration.
+        let version: i64 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .ctx("reading the schema version")?;
+        if version > SCHEMA_VERSION {
+            return Err(RepoError::SchemaTooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        let index = usize::try_from(version).map_err(|_| RepoError::Corrupt {
+            what: "schema version".to_owned(),
+            message: format!("negative user_version {version}"),
+        })?;
+        let Some(sql) = MIGRATIONS.get(index) else {
+            return Ok(());
+        };
+        tx.execute_batch(sql)
+            .with_ctx(|| format!("upgrading the schema to version {}", version + 1))?;
+        tx.pragma_update(None, "user_version", version + 1)
+            .ctx("storing the schema version")?;
+        tx.commit().ctx("committing the schema upgrade")?;
+    }
+}

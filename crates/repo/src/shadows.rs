@@ -1,0 +1,113 @@
+//! Account shadows (the last seen attributes of every account) and resource checkpoints.
+//!
+//! Shadows let diffing adapters (flat files, full passes) tell creates, updates and deletes
+//! apart through [`KnownAccounts`]; they are written in the batch transaction, so they move
+//! together with the checkpoint.
+
+use std::collections::HashMap;
+
+use idsync_core::{AttrMap, Checkpoint, KnownAccounts};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::error::{Context, RepoError, from_json, to_json};
+use crate::{Repo, now};
+
+impl Repo {
+    /// The last committed checkpoint of `resource` (`None`: never synced).
+    pub fn checkpoint(&self, resource: &str) -> Result<Option<Checkpoint>, RepoError> {
+        read_checkpoint(&*self.lock()?, resource)
+    }
+
+    /// Stores the attributes last seen for account `key` of `resource`, with their
+    /// [`AttrMap::content_hash`].
+    pub fn put_shadow(&self, resource: &str, key: &str, attrs: &AttrMap) -> Result<(), RepoError> {
+        let json = to_json(attrs, || format!("shadow of account {resource}/{key}"))?;
+        // Stored as the i64 with the same bits: SQLite integers are signed.
+        let hash = attrs.content_hash() as i64;
+        let conn = self.lock()?;
+        conn.prepare_cached(
+            "INSERT INTO shadows (resource, key, hash, attrs) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (resource, key) DO UPDATE SET hash = excluded.hash, attrs = excluded.attrs",
+        )
+        .and_then(|mut st| st.execute(params![resource, key, hash, json]))
+        .with_ctx(|| format!("storing shadow of account {resource}/{key}"))?;
+        Ok(())
+    }
+
+    /// Forgets account `key` of `resource` (it was deleted there).
+    pub fn delete_shadow(&self, resource: &str, key: &str) -> Result<(), RepoError> {
+        let conn = self.lock()?;
+        conn.prepare_cached("DELETE FROM shadows WHERE resource = ?1 AND key = ?2")
+            .and_then(|mut st| st.execute([resource, key]))
+            .with_ctx(|| format!("deleting shadow of account {resource}/{key}"))?;
+        Ok(())
+    }
+
+    /// How many accounts of `resource` have a shadow (for the accidental-delete guard).
+    pub fn shadow_count(&self, resource: &str) -> Result<u64, RepoError> {
+        let conn = self.lock()?;
+        let n: i64 = conn
+            .prepare_cached("SELECT count(*) FROM shadows WHERE resource = ?1")
+            .and_then(|mut st| st.query_row([resource], |r| r.get(0)))
+            .with_ctx(|| format!("counting shadows of resource {resource}"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The last seen attributes of account `key` of `resource`.
+    pub fn shadow(&self, resource: &str, key: &str) -> Result<Option<AttrMap>, RepoError> {
+        let conn = self.lock()?;
+        let json: Option<String> = conn
+            .prepare_cached("SELECT attrs FROM shadows WHERE resource = ?1 AND key = ?2")
+            .and_then(|mut st| st.query_row([resource, key], |r| r.get(0)).optional())
+            .with_ctx(|| format!("reading shadow of account {resource}/{key}"))?;
+        json.map(|j| from_json(&j, || format!("shadow of account {resource}/{key}")))
+            .transpose()
+    }
+
+    /// Every account key of `resource` with the content hash of its shadow.
+    pub fn shadow_hashes(&self, resource: &str) -> Result<HashMap<String, u64>, RepoError> {
+        let conn = self.lock()?;
+        conn.prepare_cached("SELECT key, hash FROM shadows WHERE resource = ?1")
+            .and_then(|mut st| {
+                st.query_map([resource], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                })?
+                .collect::<Result<HashMap<_, _>, _>>()
+            })
+            .with_ctx(|| format!("reading shadows of resource {resource}"))
+    }
+}
+
+impl KnownAccounts for Repo {
+    fn known_hashes(&self, resource: &str) -> Result<HashMap<String, u64>, String> {
+        self.shadow_hashes(resource).map_err(|e| e.to_string())
+    }
+
+    fn known_attrs(&self, resource: &str, key: &str) -> Result<Option<AttrMap>, String> {
+        self.shadow(resource, key).map_err(|e| e.to_string())
+    }
+}
+
+pub(crate) fn read_checkpoint(
+    conn: &Connection,
+    resource: &str,
+) -> Result<Option<Checkpoint>, RepoError> {
+    conn.prepare_cached("SELECT token FROM checkpoints WHERE resource = ?1")
+        .and_then(|mut st| st.query_row([resource], |r| r.get(0)).optional())
+        .with_ctx(|| format!("reading the checkpoint of resource {resource}"))
+        .map(|token| token.map(Checkpoint))
+}
+
+pub(crate) fn write_checkpoint(
+    conn: &Connection,
+    resource: &str,
+    checkpoint: &Checkpoint,
+) -> Result<(), RepoError> {
+    conn.prepare_cached(
+        "INSERT INTO checkpoints (resource, token, updated_at) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (resource) DO UPDATE SET token = excluded.token, updated_at = excluded.updated_at",
+    )
+    .and_then(|mut st| st.execute(params![resource, checkpoint.0, now()]))
+    .with_ctx(|| format!("storing the checkpoint of resource {resource}"))?;
+    Ok(())
+}
