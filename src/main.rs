@@ -1,1 +1,5 @@
-fn main() {}
+//! The `idsync` binary: a thin shell over `idsync-agent`.
+
+fn main() -> std::process::ExitCode {
+    idsync_agent::main()
+}

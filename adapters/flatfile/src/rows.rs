@@ -1,0 +1,375 @@
+//! Turning CSV bytes into rows, one record at a time.
+//!
+//! Problems with the file as a whole (no header, a missing key column, a duplicate column
+//! name) are errors; problems with one record (wrong field count, invalid UTF-8, an empty key)
+//! become [`Record::Bad`] so the caller can reject that row and go on with the rest.
+
+use std::collections::HashMap;
+
+use csv::{ByteRecord, ReaderBuilder};
+use idsync_core::{AdapterError, AttrMap};
+
+use crate::config::FlatFileConfig;
+
+/// A row that became an account.
+#[derive(Debug)]
+pub(crate) struct Row {
+    /// The (possibly composite) account key.
+    pub key: String,
+    /// The physical line the record starts on, 1-based.
+    pub line: u64,
+    /// Column name -> value; empty fields are absent.
+    pub attrs: AttrMap,
+}
+
+/// A record that could not become an account.
+#[derive(Debug)]
+pub(crate) struct BadRow {
+    /// The key, when its fields could still be read.
+    pub key: Option<String>,
+    /// The physical line the record starts on, 1-based.
+    pub line: u64,
+    /// Why, for the user.
+    pub reason: String,
+}
+
+/// One record of the file.
+#[derive(Debug)]
+pub(crate) enum Record {
+    Good(Row),
+    Bad(BadRow),
+}
+
+/// Streams the records of one CSV buffer.
+pub(crate) struct Rows<'a> {
+    data: &'a [u8],
+    reader: csv::Reader<&'a [u8]>,
+    columns: Vec<String>,
+    key_index: Vec<usize>,
+    trim: bool,
+    delimiter: u8,
+    record: ByteRecord,
+}
+
+impl<'a> Rows<'a> {
+    /// Reads the header (or takes the configured columns) and checks the key columns.
+    /// `data` is the whole file, `shown_path` its path for messages.
+    pub fn open(
+        data: &'a [u8],
+        config: &FlatFileConfig,
+        resource: &str,
+        shown_path: &str,
+    ) -> Result<Rows<'a>, AdapterError> {
+        let permanent = |message| AdapterError::Permanent {
+            resource: resource.to_owned(),
+            message,
+        };
+        let transient = |message| AdapterError::Transient {
+            resource: resource.to_owned(),
+            message,
+        };
+        // A UTF-8 byte order mark is not part of the first column's name or value.
+        let data = data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(data);
+        let delimiter = u8::try_from(config.delimiter)
+            .ok()
+            .filter(u8::is_ascii)
+            .ok_or_else(|| permanent(format!("delimiter {:?} is not ASCII", config.delimiter)))?;
+        let mut reader = ReaderBuilder::new()
+            .delimiter(delimiter)
+            .has_headers(config.header)
+            .flexible(true)
+            .from_reader(data);
+
+        let columns = match (&config.columns, config.header) {
+            (Some(columns), false) => columns.clone(),
+            (None, true) => {
+                let header = reader.byte_headers().map_err(|e| {
+                    transient(format!("cannot read the header of {shown_path}: {e}"))
+                })?;
+                if header.is_empty() {
+                    return Err(transient(format!(
+                        "{shown_path} is empty: expected a header line"
+                    )));
+                }
+                let mut columns = Vec::with_capacity(header.len());
+                for (i, field) in header.iter().enumerate() {
+                    let name = std::str::from_utf8(field).map_err(|_| {
+                        permanent(format!(
+                            "the header of {shown_path} is not valid UTF-8 (column {})",
+                            i + 1
+                        ))
+                    })?;
+                    let name = if config.trim { name.trim() } else { name };
+                    if name.is_empty() {
+                        return Err(permanent(format!(
+                            "column {} in the header of {shown_path} has no name",
+                            i + 1
+                        )));
+                    }
+                    columns.push(name.to_owned());
+                }
+                columns
+            }
+            _ => {
+                return Err(permanent(
+                    "columns must be given exactly when `header: false`".to_owned(),
+                ));
+            }
+        };
+
+        let mut first_at: HashMap<String, usize> = HashMap::new();
+        for (i, name) in columns.iter().enumerate() {
+            if let Some(prev) = first_at.insert(name.to_lowercase(), i) {
+                return Err(permanent(format!(
+                    "column '{name}' appears twice in the header of {shown_path} \
+                     (columns {} and {}; names are case-insensitive)",
+                    prev + 1,
+                    i + 1
+                )));
+            }
+        }
+        let mut key_index = Vec::with_capacity(config.key.len());
+        for key in &config.key {
+            match first_at.get(&key.to_lowercase()) {
+                Some(&i) => key_index.push(i),
+                None => {
+                    let place = if config.header {
+                        format!("the header of {shown_path}")
+                    } else {
+                        "`columns`".to_owned()
+                    };
+                    return Err(permanent(format!(
+                        "key column '{key}' is not in {place} (columns: {})",
+                        columns.join(", ")
+                    )));
+                }
+            }
+        }
+        if key_index.is_empty() {
+            return Err(permanent("no key column is configured".to_owned()));
+        }
+
+        Ok(Rows {
+            data,
+            reader,
+            columns,
+            key_index,
+            trim: config.trim,
+            delimiter,
+            record: ByteRecord::new(),
+        })
+    }
+
+    /// The next record, `None` at the end of the file. An error here means the reader cannot
+    /// go on at all (never happens on an in-memory buffer, but the diff must not continue
+    /// from a partial read: absent rows would become deletes).
+    pub fn next_record(&mut self) -> Result<Option<Record>, String> {
+        loop {
+            let start = self.reader.position().clone();
+            match self.reader.read_byte_record(&mut self.record) {
+                Ok(false) => return Ok(None),
+                Ok(true) => {
+                    let pos = self.record.position().cloned().unwrap_or(start);
+                    let line = self.start_line(pos.byte(), pos.line());
+                    if self.ends_inside_quotes(pos.byte()) {
+                        // The reader took the rest of the file as one field: every row after
+                        // this one is unknown, so no diff (it would delete them) is possible.
+                        return Err(format!(
+                            "the file ends inside a quoted field of the record on line {line} \
+                             (an unbalanced quote, or the file is still being written)"
+                        ));
+                    }
+                    if let Some(record) = self.convert(line) {
+                        return Ok(Some(record));
+                    }
+                }
+                Err(e) => {
+                    if self.reader.position().byte() == start.byte() {
+                        return Err(format!("reading stopped at line {}: {e}", start.line()));
+                    }
+                    let line = self.start_line(start.byte(), start.line());
+                    return Ok(Some(Record::Bad(BadRow {
+                        key: None,
+                        line,
+                        reason: format!("not valid CSV: {e}"),
+                    })));
+                }
+            }
+        }
+    }
+
+    /// The line a record really starts on: the reader's position is where the previous record
+    /// ended, before any blank lines the reader skipped.
+    fn start_line(&self, byte: u64, line: u64) -> u64 {
+        let from = usize::try_from(byte).unwrap_or(usize::MAX);
+        let skipped = self.data.get(from..).unwrap_or_default();
+        let newlines = skipped
+            .iter()
+            .take_while(|b| matches!(b, b'\n' | b'\r'))
+            .filter(|b| **b == b'\n')
+            .count() as u64;
+        line + newlines
+    }
+
+    /// Whether the record read last, starting at byte `start`, reached the end of the file
+    /// inside a quoted field. The CSV reader accepts that silently.
+    fn ends_inside_quotes(&self, start: u64) -> bool {
+        let end = self.reader.position().byte();
+        if usize::try_from(end).ok() != Some(self.data.len()) {
+            return false;
+        }
+        let raw = usize::try_from(start)
+            .ok()
+            .and_then(|s| self.data.get(s..))
+            .unwrap_or_default();
+        let (mut in_quotes, mut field_start) = (false, true);
+        let mut bytes = raw.iter().peekable();
+        while let Some(&b) = bytes.next() {
+            if in_quotes {
+                if b == b'"' && bytes.next_if_eq(&&b'"').is_none() {
+                    in_quotes = false;
+                }
+            } else if b == b'"' && field_start {
+                in_quotes = true;
+                field_start = false;
+            } else {
+                field_start = b == self.delimiter || b == b'\n' || b == b'\r';
+            }
+        }
+        in_quotes
+    }
+
+    /// Turns the current record into a row or a bad row; `None` for a record with no data
+    /// at all (every field empty, e.g. `,,,` or a line of spaces), which is skipped.
+    fn convert(&self, line: u64) -> Option<Record> {
+        let record = &self.record;
+        let mut texts: Vec<Option<&str>> = Vec::with_capacity(record.len());
+        let mut not_utf8 = Vec::new();
+        for (i, field) in record.iter().enumerate() {
+            match std::str::from_utf8(field) {
+                Ok(s) => texts.push(Some(if self.trim { s.trim() } else { s })),
+                Err(_) => {
+                    texts.push(None);
+                    not_utf8.push(self.column_name(i));
+                }
+            }
+        }
+        if not_utf8.is_empty() && texts.iter().all(|t| t.is_some_and(|s| s.trim().is_empty())) {
+            return None;
+        }
+
+        let key_parts: Vec<Option<&str>> = self
+            .key_index
+            .iter()
+            .map(|&i| texts.get(i).copied().flatten().filter(|s| !s.is_empty()))
+            .collect();
+        let key = key_parts
+            .iter()
+            .copied()
+            .collect::<Option<Vec<&str>>>()
+            .map(|parts| join_key(&parts));
+
+        if record.len() != self.columns.len() {
+            let mut reason = format!(
+                "has {} fields, expected {} ({})",
+                record.len(),
+                self.columns.len(),
+                self.columns.join(", ")
+            );
+            let extra_lines = record
+                .iter()
+                .map(|f| f.iter().filter(|b| **b == b'\n').count() as u64)
+                .sum::<u64>();
+            if extra_lines > 0 {
+                reason.push_str(&format!(
+                    "; the record spans lines {line}-{}: is a quote unbalanced?",
+                    line + extra_lines
+                ));
+            }
+            return Some(Record::Bad(BadRow { key, line, reason }));
+        }
+        if !not_utf8.is_empty() {
+            let reason = format!(
+                "not valid UTF-8 in column{} {}",
+                if not_utf8.len() == 1 { "" } else { "s" },
+                quoted_list(&not_utf8)
+            );
+            return Some(Record::Bad(BadRow { key, line, reason }));
+        }
+        let Some(key) = key else {
+            let empty: Vec<&str> = self
+                .key_index
+                .iter()
+                .zip(&key_parts)
+                .filter(|(_, part)| part.is_none())
+                .map(|(&i, _)| self.column_name(i))
+                .collect();
+            let reason = format!(
+                "empty key column{} {}",
+                if empty.len() == 1 { "" } else { "s" },
+                quoted_list(&empty)
+            );
+            return Some(Record::Bad(BadRow {
+                key: None,
+                line,
+                reason,
+            }));
+        };
+
+        let mut attrs = AttrMap::new();
+        for (name, text) in self.columns.iter().zip(&texts) {
+            if let Some(text) = text.filter(|t| !t.is_empty()) {
+                attrs.set_text(name, text);
+            }
+        }
+        Some(Record::Good(Row { key, line, attrs }))
+    }
+
+    fn column_name(&self, i: usize) -> &str {
+        self.columns.get(i).map_or("(extra field)", String::as_str)
+    }
+}
+
+/// Joins composite key parts with `+`, escaping `\` as `\\` and `+` as `\+`, so distinct
+/// part lists never give the same key. A single part is the key itself.
+pub(crate) fn join_key(parts: &[&str]) -> String {
+    if let [only] = parts {
+        return (*only).to_owned();
+    }
+    let mut key = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            key.push('+');
+        }
+        for c in part.chars() {
+            if matches!(c, '\\' | '+') {
+                key.push('\\');
+            }
+            key.push(c);
+        }
+    }
+    key
+}
+
+fn quoted_list(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_key_escapes() {
+        assert_eq!(join_key(&["a+b"]), "a+b");
+        assert_eq!(join_key(&["a", "b"]), "a+b");
+        assert_eq!(join_key(&["a+", "b"]), "a\\++b");
+        assert_eq!(join_key(&["a", "+b"]), "a+\\+b");
+        assert_eq!(join_key(&["a\\", "b"]), "a\\\\+b");
+        assert_ne!(join_key(&["a+", "b"]), join_key(&["a", "+b"]));
+    }
+}

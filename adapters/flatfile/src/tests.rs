@@ -1,0 +1,622 @@
+//! Tests of the whole fetch: temp files against a fake repository of known accounts.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use idsync_core::{
+    Adapter, AdapterError, AttrMap, ChangeBatch, ChangeEvent, Checkpoint, Fetch, KnownAccounts, Op,
+    Reject,
+};
+use tempfile::TempDir;
+
+use super::*;
+
+/// The repository's last seen accounts of one resource, as the engine would keep them.
+#[derive(Default)]
+struct Known {
+    accounts: HashMap<String, AttrMap>,
+    broken: bool,
+}
+
+impl KnownAccounts for Known {
+    fn known_hashes(&self, resource: &str) -> Result<HashMap<String, u64>, String> {
+        assert_eq!(resource, "hr");
+        if self.broken {
+            return Err("database is locked".into());
+        }
+        Ok(self
+            .accounts
+            .iter()
+            .map(|(k, a)| (k.clone(), a.content_hash()))
+            .collect())
+    }
+
+    fn known_attrs(&self, resource: &str, key: &str) -> Result<Option<AttrMap>, String> {
+        assert_eq!(resource, "hr");
+        Ok(self.accounts.get(key).cloned())
+    }
+}
+
+impl Known {
+    /// Applies a batch the way the engine commits it.
+    fn commit(&mut self, batch: &ChangeBatch) {
+        for e in &batch.events {
+            match e.op {
+                Op::Delete => {
+                    self.accounts.remove(&e.key);
+                }
+                _ => {
+                    self.accounts.insert(e.key.clone(), e.attrs.clone());
+                }
+            }
+        }
+    }
+
+    fn with(mut self, key: &str, attrs: &[(&str, &str)]) -> Self {
+        self.accounts
+            .insert(key.to_owned(), attrs.iter().copied().collect());
+        self
+    }
+}
+
+struct Fixture {
+    _dir: TempDir,
+    path: PathBuf,
+    adapter: FlatFileAdapter,
+}
+
+impl Fixture {
+    fn new(content: &[u8]) -> Self {
+        Self::with_config(content, |_| {})
+    }
+
+    fn with_config(content: &[u8], adjust: impl FnOnce(&mut FlatFileConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hr.csv");
+        std::fs::write(&path, content).unwrap();
+        let mut config = FlatFileConfig::new(&path, &["id"]);
+        adjust(&mut config);
+        Fixture {
+            _dir: dir,
+            adapter: FlatFileAdapter::new("hr", config),
+            path,
+        }
+    }
+
+    fn write(&self, content: &[u8]) {
+        std::fs::write(&self.path, content).unwrap();
+    }
+
+    fn fetch(&mut self, after: Option<&Checkpoint>, known: &Known) -> Fetch {
+        self.adapter.next_batch(after, known).unwrap()
+    }
+
+    fn batch(&mut self, after: Option<&Checkpoint>, known: &Known) -> ChangeBatch {
+        match self.fetch(after, known) {
+            Fetch::Batch(b) => b,
+            Fetch::Idle => panic!("expected a batch, got Idle"),
+        }
+    }
+
+    fn error(&mut self, after: Option<&Checkpoint>, known: &Known) -> AdapterError {
+        self.adapter.next_batch(after, known).unwrap_err()
+    }
+}
+
+fn attrs(pairs: &[(&str, &str)]) -> AttrMap {
+    pairs.iter().copied().collect()
+}
+
+/// `(op, key, origin)` of every event.
+fn summary(batch: &ChangeBatch) -> Vec<(Op, &str, &str)> {
+    batch
+        .events
+        .iter()
+        .map(|e| (e.op, e.key.as_str(), e.origin.as_deref().unwrap_or("")))
+        .collect()
+}
+
+fn reject(key: Option<&str>, origin: &str, reason: &str) -> Reject {
+    Reject {
+        key: key.map(str::to_owned),
+        origin: origin.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+#[test]
+fn first_run_upserts_then_unchanged_file_is_idle() {
+    let mut f = Fixture::new(b"id,cn,mail\nE1,Ann Lee,ann@x\nE2,Bo Li,\n");
+    let mut known = Known::default();
+    let batch = f.batch(None, &known);
+    assert_eq!(
+        summary(&batch),
+        [
+            (Op::Upsert, "E1", "hr.csv:2"),
+            (Op::Upsert, "E2", "hr.csv:3")
+        ]
+    );
+    assert_eq!(
+        batch.events[0],
+        ChangeEvent {
+            resource: "hr".into(),
+            key: "E1".into(),
+            op: Op::Upsert,
+            attrs: attrs(&[("id", "E1"), ("cn", "Ann Lee"), ("mail", "ann@x")]),
+            previous: None,
+            origin: Some("hr.csv:2".into()),
+        }
+    );
+    // An empty field is an absent attribute.
+    assert_eq!(
+        batch.events[1].attrs,
+        attrs(&[("id", "E2"), ("cn", "Bo Li")])
+    );
+    assert!(batch.rejects.is_empty() && batch.held_keys.is_empty());
+
+    let checkpoint = batch.checkpoint.clone().unwrap();
+    assert!(checkpoint.0.starts_with("xxh3:"));
+    assert_eq!(checkpoint.0.len(), 5 + 16);
+    assert!(checkpoint.0[5..].chars().all(|c| c.is_ascii_hexdigit()));
+
+    known.commit(&batch);
+    assert_eq!(f.fetch(Some(&checkpoint), &known), Fetch::Idle);
+}
+
+#[test]
+fn lost_batch_is_produced_again() {
+    let mut f = Fixture::new(b"id,cn\nE1,Ann\n");
+    let known = Known::default();
+    let first = f.batch(None, &known);
+    // Not committed: the same fetch gives the same batch.
+    assert_eq!(f.batch(None, &known), first);
+}
+
+#[test]
+fn create_update_delete_with_previous_attributes() {
+    let mut f = Fixture::new(b"id,cn,title\nE1,Ann,Clerk\nE2,Bo,Chef\nE3,Cy,Cook\n");
+    let mut known = Known::default();
+    let first = f.batch(None, &known);
+    known.commit(&first);
+    let after = first.checkpoint.unwrap();
+
+    // E1 changes title and loses nothing, E2 is gone, E3 unchanged, E4 is new.
+    f.write(b"id,cn,title\nE4,Di,Baker\nE3,Cy,Cook\nE1,Ann,Manager\n");
+    let batch = f.batch(Some(&after), &known);
+    assert_eq!(
+        summary(&batch),
+        [
+            (Op::Create, "E4", "hr.csv:2"),
+            (Op::Update, "E1", "hr.csv:4"),
+            (Op::Delete, "E2", "hr.csv"),
+        ]
+    );
+    let update = &batch.events[1];
+    assert_eq!(
+        update.attrs,
+        attrs(&[("id", "E1"), ("cn", "Ann"), ("title", "Manager")])
+    );
+    assert_eq!(
+        update.previous,
+        Some(attrs(&[("id", "E1"), ("cn", "Ann"), ("title", "Clerk")]))
+    );
+    assert_eq!(batch.events[0].previous, None);
+    let delete = &batch.events[2];
+    let e2 = attrs(&[("id", "E2"), ("cn", "Bo"), ("title", "Chef")]);
+    assert_eq!(delete.attrs, e2);
+    assert_eq!(delete.previous, Some(e2));
+    assert_ne!(batch.checkpoint, Some(after));
+}
+
+#[test]
+fn no_checkpoint_still_updates_known_accounts_and_deletes_missing_ones() {
+    let mut f = Fixture::new(b"id,cn\nE1,Ann\nE2,Bo\nE3,Cy\n");
+    let known = Known::default()
+        .with("E1", &[("id", "E1"), ("cn", "Ann")])
+        .with("E2", &[("id", "E2"), ("cn", "Bob")])
+        .with("E9", &[("id", "E9")])
+        .with("E0", &[("id", "E0")]);
+    let batch = f.batch(None, &known);
+    assert_eq!(
+        summary(&batch),
+        [
+            (Op::Update, "E2", "hr.csv:3"),
+            (Op::Upsert, "E3", "hr.csv:4"),
+            (Op::Delete, "E0", "hr.csv"),
+            (Op::Delete, "E9", "hr.csv"),
+        ]
+    );
+    assert_eq!(
+        batch.events[0].previous,
+        Some(attrs(&[("id", "E2"), ("cn", "Bob")]))
+    );
+}
+
+#[test]
+fn composite_key_is_escaped() {
+    let mut f = Fixture::with_config(
+        b"company,id,cn\nacme,7,Ann\nac+me,7,Bo\nac\\,me+7,Cy\n",
+        |c| c.key = vec!["company".into(), "id".into()],
+    );
+    let batch = f.batch(None, &Known::default());
+    let keys: Vec<&str> = batch.events.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["acme+7", "ac\\+me+7", "ac\\\\+me\\+7"]);
+}
+
+#[test]
+fn key_columns_match_the_header_case_insensitively() {
+    let mut f = Fixture::with_config(b"ID,cn\nE1,Ann\n", |c| c.key = vec!["id".into()]);
+    let batch = f.batch(None, &Known::default());
+    assert_eq!(batch.events[0].key, "E1");
+    assert_eq!(batch.events[0].attrs.attr("id").unwrap().name, "ID");
+}
+
+#[test]
+fn wrong_field_count_is_rejected_and_good_rows_flow() {
+    let mut f = Fixture::new(b"id,cn,mail\nE1,Ann,a@x\nE2,Bo\nE3,Cy,c@x,extra\n,,\nE4,Di,d@x\n");
+    let known = Known::default().with("E2", &[("id", "E2"), ("cn", "Bo")]);
+    let batch = f.batch(None, &known);
+    assert_eq!(
+        summary(&batch),
+        [
+            (Op::Upsert, "E1", "hr.csv:2"),
+            (Op::Upsert, "E4", "hr.csv:6")
+        ]
+    );
+    assert_eq!(
+        batch.rejects,
+        [
+            reject(
+                Some("E2"),
+                "hr.csv:3",
+                "has 2 fields, expected 3 (id, cn, mail)"
+            ),
+            reject(
+                Some("E3"),
+                "hr.csv:4",
+                "has 4 fields, expected 3 (id, cn, mail)"
+            ),
+        ]
+    );
+    // E2 is known and its row is bad: it is held, not deleted.
+    assert_eq!(batch.held_keys, ["E2", "E3"]);
+}
+
+#[test]
+fn unbalanced_quote_spanning_lines_is_hinted() {
+    let mut f = Fixture::new(b"id,cn,mail\nE1,\"Ann,a@x\nE2,Bo,b@x\nE3\",Cy,c@x\nE4,Di,d@x\n");
+    let batch = f.batch(None, &Known::default());
+    assert_eq!(summary(&batch), [(Op::Upsert, "E4", "hr.csv:5")]);
+    assert_eq!(
+        batch.rejects,
+        [reject(
+            Some("E1"),
+            "hr.csv:2",
+            "has 4 fields, expected 3 (id, cn, mail); \
+             the record spans lines 2-4: is a quote unbalanced?"
+        )]
+    );
+}
+
+#[test]
+fn file_ending_inside_quotes_is_transient() {
+    // Rows after the open quote are unknown: diffing would delete E2 and E3.
+    let mut f = Fixture::new(b"id,cn\nE1,\"Ann\nE2,Bo\nE3,Cy\n");
+    let known = Known::default().with("E2", &[("id", "E2")]);
+    let err = f.error(None, &known);
+    assert!(err.is_transient());
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "resource hr: {}: the file ends inside a quoted field of the record on line 2 \
+             (an unbalanced quote, or the file is still being written)",
+            f.path.display()
+        )
+    );
+
+    // A closed quote at the very end, with or without a final line end, is fine.
+    for content in [&b"id,cn\nE1,\"Ann \"\"A\"\"\""[..], b"id,cn\nE1,\"Ann\"\n"] {
+        f.write(content);
+        assert_eq!(f.batch(None, &Known::default()).events.len(), 1);
+    }
+}
+
+#[test]
+fn invalid_utf8_row_is_rejected_with_its_key() {
+    let mut f =
+        Fixture::new(b"id,cn,sn\nE1,Ann,Lee\nE2,Bj\xf6rn,M\xfcller\nE3,Cy,Wu\n\xff,Di,Do\n");
+    let batch = f.batch(None, &Known::default());
+    assert_eq!(
+        summary(&batch),
+        [
+            (Op::Upsert, "E1", "hr.csv:2"),
+            (Op::Upsert, "E3", "hr.csv:4")
+        ]
+    );
+    assert_eq!(
+        batch.rejects,
+        [
+            reject(
+                Some("E2"),
+                "hr.csv:3",
+                "not valid UTF-8 in columns 'cn', 'sn'"
+            ),
+            reject(None, "hr.csv:5", "not valid UTF-8 in column 'id'"),
+        ]
+    );
+    assert_eq!(batch.held_keys, ["E2"]);
+}
+
+#[test]
+fn empty_key_is_rejected() {
+    let mut f = Fixture::with_config(b"a,b,cn\nx,,Ann\n,,Bo\nx,y,Cy\n", |c| {
+        c.key = vec!["a".into(), "b".into()];
+    });
+    let batch = f.batch(None, &Known::default());
+    assert_eq!(summary(&batch), [(Op::Upsert, "x+y", "hr.csv:4")]);
+    assert_eq!(
+        batch.rejects,
+        [
+            reject(None, "hr.csv:2", "empty key column 'b'"),
+            reject(None, "hr.csv:3", "empty key columns 'a', 'b'"),
+        ]
+    );
+    assert!(batch.held_keys.is_empty());
+}
+
+#[test]
+fn duplicate_key_rejects_every_row_and_holds_the_account() {
+    let mut f = Fixture::new(b"id,cn\nE100,Ann\nE2,Bo\nE3,Cy\nE100,Anne\nE100,Annie\n");
+    let known = Known::default()
+        .with("E100", &[("id", "E100"), ("cn", "Ann")])
+        .with("E3", &[("id", "E3"), ("cn", "Cy")]);
+    let batch = f.batch(Some(&Checkpoint("xxh3:0000000000000000".into())), &known);
+    // No event at all for E100: no update, and above all no delete.
+    assert_eq!(summary(&batch), [(Op::Create, "E2", "hr.csv:3")]);
+    assert_eq!(
+        batch.rejects,
+        [
+            reject(
+                Some("E100"),
+                "hr.csv:2",
+                "duplicate key 'E100' also on lines 5, 6"
+            ),
+            reject(
+                Some("E100"),
+                "hr.csv:5",
+                "duplicate key 'E100' also on lines 2, 6"
+            ),
+            reject(
+                Some("E100"),
+                "hr.csv:6",
+                "duplicate key 'E100' also on lines 2, 5"
+            ),
+        ]
+    );
+    assert_eq!(batch.held_keys, ["E100"]);
+}
+
+#[test]
+fn good_row_sharing_a_key_with_a_bad_row_is_held() {
+    let mut f = Fixture::new(b"id,cn\nE1,Ann\nE1,Ann,extra\n");
+    let batch = f.batch(None, &Known::default());
+    assert!(batch.events.is_empty());
+    assert_eq!(
+        batch.rejects,
+        [
+            reject(Some("E1"), "hr.csv:2", "duplicate key 'E1' also on line 3"),
+            reject(Some("E1"), "hr.csv:3", "has 3 fields, expected 2 (id, cn)"),
+        ]
+    );
+    assert_eq!(batch.held_keys, ["E1"]);
+}
+
+#[test]
+fn missing_key_column_is_permanent() {
+    let mut f = Fixture::with_config(b"a,b,c\n1,2,3\n", |c| c.key = vec!["emp_id".into()]);
+    let err = f.error(None, &Known::default());
+    assert!(!err.is_transient());
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "resource hr: key column 'emp_id' is not in the header of {} (columns: a, b, c)",
+            f.path.display()
+        )
+    );
+}
+
+#[test]
+fn duplicate_or_empty_column_name_is_permanent() {
+    let mut f = Fixture::new(b"id,Mail,mail\n1,2,3\n");
+    let err = f.error(None, &Known::default());
+    assert!(!err.is_transient());
+    assert!(
+        err.to_string().contains(
+            "column 'mail' appears twice in the header of \
+             "
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .ends_with("(columns 2 and 3; names are case-insensitive)")
+    );
+
+    f.write(b"id,cn,\n1,2,\n");
+    let err = f.error(None, &Known::default());
+    assert!(!err.is_transient());
+    assert!(
+        err.to_string().contains("column 3 in the header of"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_or_empty_file_is_transient() {
+    let mut f = Fixture::new(b"");
+    let err = f.error(None, &Known::default());
+    assert!(err.is_transient());
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "resource hr: {} is empty: expected a header line",
+            f.path.display()
+        )
+    );
+
+    std::fs::remove_file(&f.path).unwrap();
+    let err = f.error(None, &Known::default());
+    assert!(err.is_transient());
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!("resource hr: cannot read {}: ", f.path.display())),
+        "{text}"
+    );
+}
+
+#[test]
+fn known_accounts_failure_is_transient() {
+    let mut f = Fixture::new(b"id\nE1\n");
+    let known = Known {
+        broken: true,
+        ..Known::default()
+    };
+    let err = f.error(None, &known);
+    assert!(err.is_transient());
+    assert!(err.to_string().contains("database is locked"), "{err}");
+}
+
+#[test]
+fn invalid_config_is_permanent() {
+    let mut f = Fixture::with_config(b"id\nE1\n", |c| c.key.clear());
+    let err = f.error(None, &Known::default());
+    assert!(!err.is_transient());
+    assert_eq!(
+        err.to_string(),
+        "resource hr: invalid config: key: at least one key column is required"
+    );
+}
+
+#[test]
+fn no_header_with_columns() {
+    let mut f = Fixture::with_config(b"E1;Ann;a@x\nE2;Bo\nE3;Cy;c@x\n", |c| {
+        c.header = false;
+        c.columns = Some(vec!["id".into(), "cn".into(), "mail".into()]);
+        c.delimiter = ';';
+    });
+    let batch = f.batch(None, &Known::default());
+    assert_eq!(
+        summary(&batch),
+        [
+            (Op::Upsert, "E1", "hr.csv:1"),
+            (Op::Upsert, "E3", "hr.csv:3")
+        ]
+    );
+    assert_eq!(
+        batch.events[1].attrs,
+        attrs(&[("id", "E3"), ("cn", "Cy"), ("mail", "c@x")])
+    );
+    assert_eq!(
+        batch.rejects,
+        [reject(
+            Some("E2"),
+            "hr.csv:2",
+            "has 2 fields, expected 3 (id, cn, mail)"
+        )]
+    );
+}
+
+#[test]
+fn no_header_missing_key_column_is_permanent() {
+    let mut f = Fixture::with_config(b"E1,Ann\n", |c| {
+        c.header = false;
+        c.columns = Some(vec!["id".into(), "cn".into()]);
+        c.key = vec!["emp".into()];
+    });
+    let err = f.error(None, &Known::default());
+    assert!(!err.is_transient());
+    assert!(
+        err.to_string()
+            .contains("key: column 'emp' is not one of `columns`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn quoted_fields_keep_delimiters_and_newlines_and_later_lines_stay_right() {
+    let mut f = Fixture::new(
+        b"id,cn,address\n\
+          E1,\"Lee, Ann\",\"1 Main St\nSpringfield\"\n\
+          E2,\"Bo \"\"B\"\" Li\",\"a\r\nb\nc\"\n\
+          E3,Cy\n\
+          E4,Di,x\n",
+    );
+    let batch = f.batch(None, &Known::default());
+    assert_eq!(
+        summary(&batch),
+        [
+            (Op::Upsert, "E1", "hr.csv:2"),
+            (Op::Upsert, "E2", "hr.csv:4"),
+            (Op::Upsert, "E4", "hr.csv:8"),
+        ]
+    );
+    assert_eq!(batch.events[0].attrs.first_text("cn"), Some("Lee, Ann"));
+    assert_eq!(
+        batch.events[0].attrs.first_text("address"),
+        Some("1 Main St\nSpringfield")
+    );
+    assert_eq!(batch.events[1].attrs.first_text("cn"), Some("Bo \"B\" Li"));
+    assert_eq!(batch.rejects[0].origin, "hr.csv:7");
+}
+
+#[test]
+fn blank_lines_crlf_and_bom_keep_line_numbers() {
+    let mut f = Fixture::new(b"\xEF\xBB\xBFid,cn\r\n\r\nE1,Ann\r\n\r\n\r\nE2,Bo,x\r\nE3,Cy\r\n");
+    let batch = f.batch(None, &Known::default());
+    assert_eq!(
+        summary(&batch),
+        [
+            (Op::Upsert, "E1", "hr.csv:3"),
+            (Op::Upsert, "E3", "hr.csv:7")
+        ]
+    );
+    assert_eq!(batch.rejects[0].origin, "hr.csv:6");
+    assert!(batch.events[0].attrs.contains("id"));
+}
+
+#[test]
+fn trim_is_configurable() {
+    let content = b" id , cn \n E1 ,  Ann Lee  \nE2,   \n";
+    let mut f = Fixture::new(content);
+    let batch = f.batch(None, &Known::default());
+    assert_eq!(
+        batch.events[0].attrs,
+        attrs(&[("id", "E1"), ("cn", "Ann Lee")])
+    );
+    assert_eq!(batch.events[1].attrs, attrs(&[("id", "E2")]));
+
+    let mut f = Fixture::with_config(content, |c| {
+        c.trim = false;
+        c.key = vec![" id ".into()];
+    });
+    let batch = f.batch(None, &Known::default());
+    assert_eq!(batch.events[0].key, " E1 ");
+    assert_eq!(
+        batch.events[0].attrs,
+        attrs(&[(" id ", " E1 "), (" cn ", "  Ann Lee  ")])
+    );
+}
+
+#[test]
+fn whitespace_only_rows_are_skipped() {
+    let mut f = Fixture::new(b"id,cn\nE1,Ann\n,\n   \n , \nE2,Bo\n");
+    let batch = f.batch(None, &Known::default());
+    assert_eq!(
+        summary(&batch),
+        [
+            (Op::Upsert, "E1", "hr.csv:2"),
+            (Op::Upsert, "E2", "hr.csv:6")
+        ]
+    );
+    assert!(batch.rejects.is_empty());
+}

@@ -1,0 +1,397 @@
+//! The YAML configuration: raw serde types with `deny_unknown_fields`, then a validation
+//! step that collects every problem at once, each naming the file and the key
+//! (`idsync.yaml: resources[1].rules.correlation: ...`) or the file, line and column.
+//!
+//! Relative paths are resolved against the folder of the config file, so an agent
+//! started from anywhere reads the same files.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use idsync_flatfile::FlatFileConfig;
+use serde::Deserialize;
+
+/// The whole `idsync.yaml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The identity repository.
+    #[serde(default)]
+    pub repository: RepositoryConfig,
+    /// The folder holding the rule scripts (`*.rhai`), relative to this file.
+    #[serde(default = "default_rules_dir")]
+    pub rules_dir: PathBuf,
+    /// Sandbox limits for every rule run.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Seconds between passes of `idsync run` (without `--once`).
+    #[serde(default = "default_interval")]
+    pub poll_interval_secs: u64,
+    /// The resources to synchronize.
+    #[serde(default)]
+    pub resources: Vec<ResourceConfig>,
+}
+
+fn default_rules_dir() -> PathBuf {
+    PathBuf::from("rules")
+}
+
+fn default_interval() -> u64 {
+    30
+}
+
+/// Where the repository lives.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    /// The SQLite file, relative to the config file (default `idsync.db`).
+    #[serde(default = "default_db")]
+    pub path: PathBuf,
+}
+
+impl Default for RepositoryConfig {
+    fn default() -> Self {
+        RepositoryConfig { path: default_db() }
+    }
+}
+
+fn default_db() -> PathBuf {
+    PathBuf::from("idsync.db")
+}
+
+/// Rule sandbox limits; every field optional.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Operations per rule run.
+    pub max_operations: Option<u64>,
+    /// Function call depth.
+    pub max_call_levels: Option<usize>,
+    /// Expression nesting depth.
+    pub max_expr_depth: Option<usize>,
+    /// String length in bytes.
+    pub max_string_size: Option<usize>,
+    /// Array length.
+    pub max_array_size: Option<usize>,
+    /// Map size.
+    pub max_map_size: Option<usize>,
+}
+
+impl LimitsConfig {
+    /// The effective limits.
+    pub fn to_limits(&self) -> idsync_rules::Limits {
+        let d = idsync_rules::Limits::default();
+        idsync_rules::Limits {
+            max_operations: self.max_operations.unwrap_or(d.max_operations),
+            max_call_levels: self.max_call_levels.unwrap_or(d.max_call_levels),
+            max_expr_depth: self.max_expr_depth.unwrap_or(d.max_expr_depth),
+            max_string_size: self.max_string_size.unwrap_or(d.max_string_size),
+            max_array_size: self.max_array_size.unwrap_or(d.max_array_size),
+            max_map_size: self.max_map_size.unwrap_or(d.max_map_size),
+        }
+    }
+}
+
+/// One resource: where its changes come from and how they are decided.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceConfig {
+    /// Unique name; also the `resource` of its accounts and records.
+    pub name: String,
+    /// The adapter and its settings.
+    pub source: SourceConfig,
+    /// Rule scripts by role, file names in the rules folder.
+    #[serde(default)]
+    pub rules: RulesConfig,
+    /// Rhai expression naming a new identity (default: the account key).
+    #[serde(default)]
+    pub naming: Option<String>,
+    /// Create an identity when nothing matches (default true).
+    #[serde(default = "default_true")]
+    pub create_unmatched: bool,
+    /// Copy every account attribute into the identity; rules also get `global`.
+    #[serde(default)]
+    pub populate_global: bool,
+    /// What an account delete does to its owner.
+    #[serde(default)]
+    pub delete_action: DeleteActionConfig,
+    /// What a failed event does to its batch.
+    #[serde(default)]
+    pub on_error: OnErrorConfig,
+    /// The input form: identity attributes filled from the account.
+    #[serde(default)]
+    pub mappings: Vec<MappingConfig>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The adapter of a resource, chosen by `type`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceConfig {
+    /// A CSV flat file.
+    Flatfile(FlatFileConfig),
+}
+
+/// Rule scripts by role.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    /// Filter rule.
+    pub filter: Option<String>,
+    /// Process rule (overrides everything else).
+    pub process: Option<String>,
+    /// Delete rule.
+    pub delete: Option<String>,
+    /// Correlation rule.
+    pub correlation: Option<String>,
+    /// Confirmation rule.
+    pub confirmation: Option<String>,
+    /// Resolve process rule.
+    pub resolve: Option<String>,
+}
+
+impl RulesConfig {
+    /// `(role, file)` for each configured rule.
+    pub fn entries(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("filter", &self.filter),
+            ("process", &self.process),
+            ("delete", &self.delete),
+            ("correlation", &self.correlation),
+            ("confirmation", &self.confirmation),
+            ("resolve", &self.resolve),
+        ]
+        .into_iter()
+        .filter_map(|(role, f)| f.as_deref().map(|f| (role, f)))
+        .collect()
+    }
+}
+
+/// `delete_action`.
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeleteActionConfig {
+    /// Unlink the account.
+    #[default]
+    Unlink,
+    /// Unlink and disable the identity.
+    Disable,
+    /// Delete the identity.
+    Delete,
+}
+
+/// `on_error`.
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnErrorConfig {
+    /// Record the failed event and go on.
+    #[default]
+    Continue,
+    /// Roll back the batch and stop the resource.
+    Halt,
+}
+
+/// One mapping: `to` an identity attribute, `from` an account attribute or an `expr`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingConfig {
+    /// Identity attribute.
+    pub to: String,
+    /// Account attribute copied as is.
+    pub from: Option<String>,
+    /// Rhai expression.
+    pub expr: Option<String>,
+}
+
+/// A loaded config: the parsed file and where it is.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    /// The config file as given.
+    pub file: PathBuf,
+    /// Its folder, against which relative paths resolve.
+    pub base: PathBuf,
+    /// The content.
+    pub config: Config,
+}
+
+/// Problems found in a config, each a full line for the user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problems(pub Vec<String>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            f.write_str(p)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+impl Loaded {
+    /// Reads and parses `file`; a parse error is reported as `file:line:col: message`.
+    pub fn read(file: &Path) -> Result<Loaded, Problems> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| Problems(vec![format!("{}: cannot read config: {e}", file.display())]))?;
+        let config = parse(&text).map_err(|e| Problems(vec![located(file, &e)]))?;
+        let base = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        Ok(Loaded {
+            file: file.to_path_buf(),
+            base,
+            config,
+        })
+    }
+
+    /// `path` resolved against the config file's folder.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base.join(path)
+        }
+    }
+
+    /// The repository file.
+    pub fn repository_path(&self) -> PathBuf {
+        self.resolve(&self.config.repository.path)
+    }
+
+    /// The rules folder.
+    pub fn rules_dir(&self) -> PathBuf {
+        self.resolve(&self.config.rules_dir)
+    }
+
+    /// Checks what parsing cannot: unique names, mappings, adapter settings. Rule files are
+    /// checked when they are compiled.
+    pub fn validate(&self) -> Vec<String> {
+        let f = self.file.display();
+        let mut out = Vec::new();
+        let mut names = HashSet::new();
+        if self.config.resources.is_empty() {
+            out.push(format!("{f}: resources: no resource is configured"));
+        }
+        for (i, r) in self.config.resources.iter().enumerate() {
+            let at = format!("{f}: resources[{i}]");
+            if r.name.trim().is_empty() {
+                out.push(format!("{at}.name: must not be empty"));
+            } else if !names.insert(r.name.clone()) {
+                out.push(format!(
+                    "{at}.name: resource name '{}' is used twice",
+                    r.name
+                ));
+            }
+            match &r.source {
+                SourceConfig::Flatfile(ff) => {
+                    for p in ff.validate() {
+                        out.push(format!("{at}.source.{p}"));
+                    }
+                }
+            }
+            if r.rules.process.is_some() {
+                for (role, _) in r.rules.entries() {
+                    if role != "process" && role != "filter" {
+                        out.push(format!(
+                            "{at}.rules.{role}: a process rule overrides every other rule but the filter; remove one of them"
+                        ));
+                    }
+                }
+            }
+            for (j, m) in r.mappings.iter().enumerate() {
+                match (&m.from, &m.expr) {
+                    (Some(_), Some(_)) => out.push(format!(
+                        "{at}.mappings[{j}]: give either `from` or `expr`, not both"
+                    )),
+                    (None, None) => out.push(format!(
+                        "{at}.mappings[{j}]: give `from` (an account attribute) or `expr` (a Rhai expression)"
+                    )),
+                    _ => {}
+                }
+                if m.to.trim().is_empty() {
+                    out.push(format!("{at}.mappings[{j}].to: must not be empty"));
+                }
+            }
+        }
+        if self.config.poll_interval_secs == 0 {
+            out.push(format!("{f}: poll_interval_secs: must be at least 1"));
+        }
+        out
+    }
+}
+
+fn parse(text: &str) -> Result<Config, serde_yaml::Error> {
+    serde_yaml::from_str(text)
+}
+
+/// `file:line:col: message` for a YAML error (the location moved to the front).
+fn located(file: &Path, e: &serde_yaml::Error) -> String {
+    let mut msg = e.to_string();
+    if let Some(i) = msg.rfind(" at line ") {
+        msg.truncate(i);
+    }
+    match e.location() {
+        Some(l) => format!("{}:{}:{}: {msg}", file.display(), l.line(), l.column()),
+        None => format!("{}: {msg}", file.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Loaded, Problems> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("idsync.yaml");
+        std::fs::write(&file, text).unwrap();
+        Loaded::read(&file)
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let err = load("resources:\n  - name: hr\n    sorce: {}\n").unwrap_err();
+        let line = &err.0[0];
+        assert!(line.contains("idsync.yaml:3:5: "), "{line}");
+        assert!(line.contains("unknown field `sorce`"), "{line}");
+    }
+
+    #[test]
+    fn unknown_flatfile_key_is_refused() {
+        let err = load(
+            "resources:\n  - name: hr\n    source:\n      type: flatfile\n      path: a.csv\n      key: id\n      paht: x\n",
+        )
+        .unwrap_err();
+        assert!(err.0[0].contains("paht"), "{err}");
+    }
+
+    #[test]
+    fn validation_collects_every_problem() {
+        let l = load(
+            "resources:\n  - name: hr\n    source: { type: flatfile, path: a.csv, key: [] }\n    mappings:\n      - { to: mail }\n  - name: hr\n    source: { type: flatfile, path: b.csv, key: id }\n",
+        )
+        .unwrap();
+        let problems = l.validate();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("resources[0].source.key"))
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("resources[0].mappings[0]"))
+        );
+        assert!(problems.iter().any(|p| p.contains("resources[1].name")));
+    }
+}

@@ -1,0 +1,213 @@
+//! Wiring: from a loaded config to the repository, the compiled rules and policies, and
+//! the adapters. Every rule file in the rules folder is compiled once here, and every
+//! problem (config or rule) is collected before anything runs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use idsync_core::Adapter;
+use idsync_engine::{DeleteAction, Engine, Mapping, MappingSource, OnError, Policy};
+use idsync_flatfile::FlatFileAdapter;
+use idsync_repo::Repo;
+use idsync_rules::{RuleEngine, Script};
+
+use crate::config::{
+    DeleteActionConfig, Loaded, OnErrorConfig, Problems, ResourceConfig, SourceConfig,
+};
+
+/// Compiles every `*.rhai` file of the rules folder: file name → script, plus problems.
+pub fn compile_rules_dir(
+    rules: &RuleEngine,
+    dir: &Path,
+    shown_as: &Path,
+) -> (BTreeMap<String, Script>, Vec<String>) {
+    let mut scripts = BTreeMap::new();
+    let mut problems = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            problems.push(format!(
+                "{}: rules_dir: cannot read the rules folder: {e}",
+                shown_as.display()
+            ));
+            return (scripts, problems);
+        }
+    };
+    let mut files: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rhai") && p.is_file())
+        .collect();
+    files.sort();
+    for path in files {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+            continue;
+        };
+        let label = path.display().to_string();
+        match std::fs::read_to_string(&path) {
+            Ok(src) => match rules.compile(&label, &src) {
+                Ok(s) => {
+                    scripts.insert(name, s);
+                }
+                Err(e) => problems.push(e.to_string()),
+            },
+            Err(e) => problems.push(format!("{label}: cannot read: {e}")),
+        }
+    }
+    (scripts, problems)
+}
+
+/// Builds the policy of one resource from its config and the compiled rules.
+fn policy(
+    loaded: &Loaded,
+    index: usize,
+    r: &ResourceConfig,
+    rules: &RuleEngine,
+    scripts: &BTreeMap<String, Script>,
+    problems: &mut Vec<String>,
+) -> Policy {
+    let file = loaded.file.display();
+    let at = format!("{file}: resources[{index}]");
+    let mut p = Policy::new(&r.name);
+    let rules_dir = loaded.rules_dir();
+    for (role, name) in r.rules.entries() {
+        let script = match scripts.get(name) {
+            Some(s) => Some(s.clone()),
+            None => {
+                let path = rules_dir.join(name);
+                if !path.is_file() {
+                    problems.push(format!(
+                        "{at}.rules.{role}: {} does not exist",
+                        path.display()
+                    ));
+                }
+                // A file that exists but did not compile is reported by the compile step.
+                None
+            }
+        };
+        match role {
+            "filter" => p.filter = script,
+            "process" => p.process = script,
+            "delete" => p.delete = script,
+            "correlation" => p.correlation = script,
+            "confirmation" => p.confirmation = script,
+            _ => p.resolve = script,
+        }
+    }
+    if let Some(expr) = &r.naming {
+        match rules.compile(&format!("{}:resources[{index}].naming", file), expr) {
+            Ok(s) => p.naming = Some(s),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    p.create_unmatched = r.create_unmatched;
+    p.populate_global = r.populate_global;
+    p.delete_action = match r.delete_action {
+        DeleteActionConfig::Unlink => DeleteAction::Unlink,
+        DeleteActionConfig::Disable => DeleteAction::Disable,
+        DeleteActionConfig::Delete => DeleteAction::Delete,
+    };
+    p.on_error = match r.on_error {
+        OnErrorConfig::Continue => OnError::Continue,
+        OnErrorConfig::Halt => OnError::Halt,
+    };
+    for (j, m) in r.mappings.iter().enumerate() {
+        let source = match (&m.from, &m.expr) {
+            (Some(from), None) => MappingSource::Attribute(from.clone()),
+            (None, Some(expr)) => {
+                let label = format!("{file}:resources[{index}].mappings[{j}]({})", m.to);
+                match rules.compile(&label, expr) {
+                    Ok(s) => MappingSource::Expr(s),
+                    Err(e) => {
+                        problems.push(e.to_string());
+                        continue;
+                    }
+                }
+            }
+            _ => continue, // reported by validation
+        };
+        p.mappings.push(Mapping {
+            attribute: m.to.clone(),
+            source,
+        });
+    }
+    p
+}
+
+/// Everything `idsync` needs to run: compiled policies by resource, in config order.
+pub struct Setup {
+    /// The loaded config.
+    pub loaded: Loaded,
+    /// The engine (rules + repository).
+    pub engine: Engine,
+    /// Policies in config order.
+    pub policies: Vec<Policy>,
+}
+
+/// Validates the config and compiles every rule; all problems at once.
+pub fn compile_all(loaded: &Loaded, rules: &RuleEngine) -> Result<Vec<Policy>, Problems> {
+    let mut problems = loaded.validate();
+    let (scripts, rule_problems) = compile_rules_dir(rules, &loaded.rules_dir(), &loaded.file);
+    problems.extend(rule_problems);
+    let policies: Vec<Policy> = loaded
+        .config
+        .resources
+        .iter()
+        .enumerate()
+        .map(|(i, r)| policy(loaded, i, r, rules, &scripts, &mut problems))
+        .collect();
+    if problems.is_empty() {
+        Ok(policies)
+    } else {
+        Err(Problems(problems))
+    }
+}
+
+impl Setup {
+    /// Loads everything; the repository is opened (and created) only if the config is valid.
+    pub fn new(loaded: Loaded) -> anyhow::Result<Setup> {
+        let limits = loaded.config.limits.to_limits();
+        // Compile with a throw-away engine first so a bad config never creates a database.
+        let probe = RuleEngine::new(&limits);
+        compile_all(&loaded, &probe)?;
+        let repo = open_repo(&loaded)?;
+        let engine = Engine::new(repo, &limits);
+        let policies = compile_all(&loaded, engine.rules())?;
+        Ok(Setup {
+            loaded,
+            engine,
+            policies,
+        })
+    }
+
+    /// The policy of `resource`.
+    pub fn policy(&self, resource: &str) -> Option<&Policy> {
+        self.policies.iter().find(|p| p.resource == resource)
+    }
+
+    /// A fresh adapter for the resource at `index`.
+    pub fn adapter(&self, index: usize) -> Box<dyn Adapter> {
+        let r = &self.loaded.config.resources[index];
+        match &r.source {
+            SourceConfig::Flatfile(ff) => {
+                let mut ff = ff.clone();
+                ff.path = self.loaded.resolve(&ff.path);
+                Box::new(FlatFileAdapter::new(&r.name, ff))
+            }
+        }
+    }
+}
+
+/// Opens the repository named in the config.
+pub fn open_repo(loaded: &Loaded) -> anyhow::Result<Arc<Repo>> {
+    let path = loaded.repository_path();
+    let repo = Repo::open(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: repository {}: {e}",
+            loaded.file.display(),
+            path.display()
+        )
+    })?;
+    Ok(Arc::new(repo))
+}
