@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The test command (README): everything CI checks, runnable on a fresh Debian machine.
+# Installs what the tests need, then: formatting, lints, every unit and integration test
+# (the integration tests drive the real idsync binary), and the quickstart as a smoke test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+else
+  cargo test --workspace --no-fail-fast
+fi
+
+step "quickstart (smoke test with the debug binary)"
+cargo build -q
+IDSYNC_BIN="$PWD/target/debug/idsync" bash examples/quickstart/run.sh >/dev/null
+
+step "all checks passed"

@@ -1,0 +1,137 @@
+//! The command line itself: `check` reporting every problem as file:line:col, exit codes,
+//! `identities list|show`, results filters, and the documented config example.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::Sandbox;
+
+fn basic(s: &Sandbox) {
+    s.config(
+        "resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: id }
+    rules: { correlation: corr.rhai }
+    mappings:
+      - { to: mail, from: email }
+",
+    );
+    s.rule("corr.rhai", "#{ mail: account.email }");
+    s.feed("hr.csv", "id,email\n1,a@x\n2,b@x\n");
+}
+
+#[test]
+fn check_passes_on_a_good_config() {
+    let s = Sandbox::new();
+    basic(&s);
+    let out = s.idsync(&["check"]).expect_code(0);
+    assert!(out.stdout.contains("ok"), "{}", out.stdout);
+    assert!(!s.db().exists(), "check creates no repository");
+}
+
+#[test]
+fn check_prints_every_broken_rule_with_file_line_col() {
+    let s = Sandbox::new();
+    basic(&s);
+    s.rule("corr.rhai", "let a = 1;\nlet b = ;\n");
+    s.rule("other.rhai", "fn f( {\n");
+    let out = s.idsync(&["check"]).expect_code(2);
+    assert!(out.stderr.contains("rules/corr.rhai:2:9: "), "{}", out.stderr);
+    assert!(out.stderr.contains("rules/other.rhai:1:"), "{}", out.stderr);
+    assert!(out.stderr.contains("2 problem(s)"), "{}", out.stderr);
+    // run refuses to start on the same problems, and creates nothing.
+    s.idsync(&["run", "--once"]).expect_code(2);
+    assert!(!s.db().exists());
+}
+
+#[test]
+fn check_reports_config_problems_together() {
+    let s = Sandbox::new();
+    s.config(
+        "resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: [] }
+    rules: { correlation: missing.rhai }
+    mappings:
+      - { to: mail, from: email, expr: account.email }
+      - { to: cn, expr: 'account.cn +' }
+",
+    );
+    let out = s.idsync(&["check"]).expect_code(2);
+    let e = &out.stderr;
+    assert!(e.contains("resources[0].source.key"), "{e}");
+    assert!(e.contains("resources[0].rules.correlation") && e.contains("missing.rhai"), "{e}");
+    assert!(e.contains("resources[0].mappings[0]"), "{e}");
+    assert!(e.contains("mappings[1](cn):1:"), "{e}");
+}
+
+#[test]
+fn yaml_errors_name_line_and_column() {
+    let s = Sandbox::new();
+    s.config("resources:\n  - name: hr\n    source: { type: flatfile, path: a.csv, key: id }\n    create_unmatchd: false\n");
+    let out = s.idsync(&["check"]).expect_code(2);
+    assert!(out.stderr.contains("idsync.yaml:4:5: "), "{}", out.stderr);
+    assert!(out.stderr.contains("create_unmatchd"), "{}", out.stderr);
+}
+
+#[test]
+fn config_flag_and_relative_paths() {
+    let s = Sandbox::new();
+    basic(&s);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let cfg = s.path().join("idsync.yaml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .args(["--config", cfg.to_str().unwrap(), "run", "--once"])
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(s.db().exists(), "the repository path resolves against the config folder");
+}
+
+#[test]
+fn identities_list_show_and_results_filters() {
+    let s = Sandbox::new();
+    basic(&s);
+    let out = s.run_once(None, 0);
+    assert!(out.stdout.contains("summary: 2 events: unmatched 2"), "{}", out.stdout);
+    let list = s.idsync(&["identities", "list"]).expect_code(0);
+    assert_eq!(list.stdout.lines().count(), 2, "{}", list.stdout);
+    assert!(list.stdout.contains("1\tenabled\thr:1"), "{}", list.stdout);
+    let show = s.idsync(&["identities", "show", "2"]).expect_code(0);
+    assert!(show.stdout.contains("mail: b@x"), "{}", show.stdout);
+    assert!(show.stdout.contains("hr:2"), "{}", show.stdout);
+    s.idsync(&["identities", "show", "nobody"]).expect_code(1);
+    assert_eq!(s.results(&["--situation", "unmatched"]).len(), 2);
+    assert_eq!(s.results(&["--situation", "linked"]).len(), 0);
+    assert_eq!(s.results(&["--key", "2"]).len(), 1);
+    assert_eq!(s.results(&["--failed"]).len(), 0);
+    s.idsync(&["results", "--situation", "weird"]).expect_code(2);
+}
+
+#[test]
+fn unreadable_rows_are_reported_and_the_rest_flows() {
+    let s = Sandbox::new();
+    basic(&s);
+    s.feed("hr.csv", "id,email\n1,a@x\n2,b@x,extra\n3,c@x\n");
+    let out = s.run_once(None, 1);
+    assert!(out.stdout.contains("rejected 1"), "{}", out.stdout);
+    let failed = s.failed();
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0]["error"].as_str().unwrap().contains("hr.csv:3"), "{:?}", failed[0]);
+    assert_eq!(s.export().len(), 2);
+    // Fixed in the source: the row flows and its failure is superseded.
+    s.feed("hr.csv", "id,email\n1,a@x\n2,b@x\n3,c@x\n");
+    s.run_once(None, 0);
+    assert_eq!(s.export().len(), 3);
+    assert!(s.failed().is_empty());
+}
+
+#[test]
+fn missing_feed_is_a_resource_error_naming_it() {
+    let s = Sandbox::new();
+    basic(&s);
+    std::fs::remove_file(s.path().join("feeds/hr.csv")).unwrap();
+    let out = s.idsync(&["run", "--once"]).expect_code(3);
+    assert!(out.stderr.contains("hr") && out.stderr.contains("hr.csv"), "{}", out.stderr);
+}
