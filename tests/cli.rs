@@ -36,7 +36,11 @@ fn check_prints_every_broken_rule_with_file_line_col() {
     s.rule("corr.rhai", "let a = 1;\nlet b = ;\n");
     s.rule("other.rhai", "fn f( {\n");
     let out = s.idsync(&["check"]).expect_code(2);
-    assert!(out.stderr.contains("rules/corr.rhai:2:9: "), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("rules/corr.rhai:2:9: "),
+        "{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("rules/other.rhai:1:"), "{}", out.stderr);
     assert!(out.stderr.contains("2 problem(s)"), "{}", out.stderr);
     // run refuses to start on the same problems, and creates nothing.
@@ -60,7 +64,10 @@ fn check_reports_config_problems_together() {
     let out = s.idsync(&["check"]).expect_code(2);
     let e = &out.stderr;
     assert!(e.contains("resources[0].source.key"), "{e}");
-    assert!(e.contains("resources[0].rules.correlation") && e.contains("missing.rhai"), "{e}");
+    assert!(
+        e.contains("resources[0].rules.correlation") && e.contains("missing.rhai"),
+        "{e}"
+    );
     assert!(e.contains("resources[0].mappings[0]"), "{e}");
     assert!(e.contains("mappings[1](cn):1:"), "{e}");
 }
@@ -85,8 +92,15 @@ fn config_flag_and_relative_paths() {
         .current_dir(elsewhere.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(s.db().exists(), "the repository path resolves against the config folder");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        s.db().exists(),
+        "the repository path resolves against the config folder"
+    );
 }
 
 #[test]
@@ -94,7 +108,11 @@ fn identities_list_show_and_results_filters() {
     let s = Sandbox::new();
     basic(&s);
     let out = s.run_once(None, 0);
-    assert!(out.stdout.contains("summary: 2 events: unmatched 2"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("summary: 2 events: unmatched 2"),
+        "{}",
+        out.stdout
+    );
     let list = s.idsync(&["identities", "list"]).expect_code(0);
     assert_eq!(list.stdout.lines().count(), 2, "{}", list.stdout);
     assert!(list.stdout.contains("1\tenabled\thr:1"), "{}", list.stdout);
@@ -106,7 +124,8 @@ fn identities_list_show_and_results_filters() {
     assert_eq!(s.results(&["--situation", "linked"]).len(), 0);
     assert_eq!(s.results(&["--key", "2"]).len(), 1);
     assert_eq!(s.results(&["--failed"]).len(), 0);
-    s.idsync(&["results", "--situation", "weird"]).expect_code(2);
+    s.idsync(&["results", "--situation", "weird"])
+        .expect_code(2);
 }
 
 #[test]
@@ -118,7 +137,11 @@ fn unreadable_rows_are_reported_and_the_rest_flows() {
     assert!(out.stdout.contains("rejected 1"), "{}", out.stdout);
     let failed = s.failed();
     assert_eq!(failed.len(), 1);
-    assert!(failed[0]["error"].as_str().unwrap().contains("hr.csv:3"), "{:?}", failed[0]);
+    assert!(
+        failed[0]["error"].as_str().unwrap().contains("hr.csv:3"),
+        "{:?}",
+        failed[0]
+    );
     assert_eq!(s.export().len(), 2);
     // Fixed in the source: the row flows and its failure is superseded.
     s.feed("hr.csv", "id,email\n1,a@x\n2,b@x\n3,c@x\n");
@@ -133,5 +156,9 @@ fn missing_feed_is_a_resource_error_naming_it() {
     basic(&s);
     std::fs::remove_file(s.path().join("feeds/hr.csv")).unwrap();
     let out = s.idsync(&["run", "--once"]).expect_code(3);
-    assert!(out.stderr.contains("hr") && out.stderr.contains("hr.csv"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("hr") && out.stderr.contains("hr.csv"),
+        "{}",
+        out.stderr
+    );
 }

@@ -53,7 +53,10 @@ fn hr(s: &Sandbox, csv: &str, code: i32) -> common::Run {
 
 #[test]
 fn unmatched_creates_and_then_linked_updates() {
-    let s = world("    rules: { correlation: by_empno.rhai }\n    naming: '\"p\" + account.emp'\n", &[]);
+    let s = world(
+        "    rules: { correlation: by_empno.rhai }\n    naming: '\"p\" + account.emp'\n",
+        &[],
+    );
     let out = hr(&s, "emp,title\n9,Clerk\n", 0);
     assert!(out.stdout.contains("unmatched 1"), "{}", out.stdout);
     let d = s.last_result();
@@ -85,7 +88,10 @@ fn unlinked_becomes_linked() {
 fn unmatched_with_resolve_raises_a_work_item() {
     let s = world(
         "    rules: { correlation: by_empno.rhai, resolve: resolve.rhai }\n    create_unmatched: false\n",
-        &[("resolve.rhai", "ctx.work_item(`no identity for employee ${account.emp} (${situation})`);")],
+        &[(
+            "resolve.rhai",
+            "ctx.work_item(`no identity for employee ${account.emp} (${situation})`);",
+        )],
     );
     hr(&s, "emp,title\n42,Clerk\n", 0);
     let d = s.last_result();
@@ -102,13 +108,21 @@ fn unmatched_with_resolve_raises_a_work_item() {
 
 #[test]
 fn unmatched_without_create_or_resolve_fails() {
-    let s = world("    rules: { correlation: by_empno.rhai }\n    create_unmatched: false\n", &[]);
+    let s = world(
+        "    rules: { correlation: by_empno.rhai }\n    create_unmatched: false\n",
+        &[],
+    );
     let out = hr(&s, "emp,title\n42,Clerk\n", 1);
     assert!(out.stdout.contains("failed 1"), "{}", out.stdout);
     let d = s.last_result();
     assert_eq!(d["situation"], "unmatched");
     assert_eq!(d["action"], "failed");
-    assert!(d["error"].as_str().unwrap().contains("create_unmatched is off"));
+    assert!(
+        d["error"]
+            .as_str()
+            .unwrap()
+            .contains("create_unmatched is off")
+    );
     let failed = s.failed();
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0]["key"], "42");
@@ -119,7 +133,10 @@ fn unmatched_without_create_or_resolve_fails() {
 fn disputed_with_resolve() {
     let s = world(
         "    rules: { correlation: by_mail.rhai, resolve: pick.rhai }\n",
-        &[("pick.rhai", "// link to the oldest candidate by name\nlet c = candidates;\nc.sort();\nctx.link(c[0]);")],
+        &[(
+            "pick.rhai",
+            "// link to the oldest candidate by name\nlet c = candidates;\nc.sort();\nctx.link(c[0]);",
+        )],
     );
     hr(&s, "emp,mail,title\n77,shared@x,Clerk\n", 0);
     let d = s.last_result();
@@ -193,20 +210,29 @@ fn delete_by_rule_disables() {
 fn process_rule_overrides_everything() {
     let s = world(
         "    rules: { process: process.rhai }\n",
-        &[("process.rhai", r#"// full control: find by employee number, else create; set; checkin; link
+        &[(
+            "process.rhai",
+            r#"// full control: find by employee number, else create; set; checkin; link
 let names = ctx.query(#{ empno: account.emp });
 let view = if names.len() == 1 { ctx.checkout(names[0]) } else { ctx.create("proc-" + key, #{ empno: account.emp }) };
 view.attrs.title = "processed " + account.title;
 ctx.checkin(view);
 ctx.link(view.name);
-"#)],
+"#,
+        )],
     );
     hr(&s, "emp,title\n3,Clerk\n5,Intern\n", 0);
     let all = s.results(&["--resource", "hr"]);
     assert_eq!(all.len(), 2);
-    assert!(all.iter().all(|d| d["situation"] == "processed" && d["action"] == "processed"));
+    assert!(
+        all.iter()
+            .all(|d| d["situation"] == "processed" && d["action"] == "processed")
+    );
     assert_eq!(s.owner("hr", "3").as_deref(), Some("bea"));
-    assert_eq!(attr(&s.identity("bea").unwrap(), "title"), Some("processed Clerk"));
+    assert_eq!(
+        attr(&s.identity("bea").unwrap(), "title"),
+        Some("processed Clerk")
+    );
     assert_eq!(s.owner("hr", "5").as_deref(), Some("proc-5"));
 }
 
@@ -216,7 +242,11 @@ fn filtered_events_are_recorded_and_ignored() {
         "    rules: { filter: employees.rhai, correlation: by_empno.rhai }\n",
         &[("employees.rhai", "account.type != \"contractor\"")],
     );
-    hr(&s, "emp,title,type\n1,Boss,employee\n8,Temp,contractor\n", 0);
+    hr(
+        &s,
+        "emp,title,type\n1,Boss,employee\n8,Temp,contractor\n",
+        0,
+    );
     let filtered = s.results(&["--situation", "filtered"]);
     assert_eq!(filtered.len(), 1);
     assert_eq!(filtered[0]["key"], "8");
@@ -229,14 +259,20 @@ fn filtered_events_are_recorded_and_ignored() {
 fn a_broken_rule_fails_its_event_only_and_retry_applies_it() {
     let s = world(
         "    rules: { correlation: corr.rhai }\n",
-        &[("corr.rhai", "if account.emp == \"2\" {\n  account.nosuch.call()\n}\n#{ empno: account.emp }")],
+        &[(
+            "corr.rhai",
+            "if account.emp == \"2\" {\n  account.nosuch.call()\n}\n#{ empno: account.emp }",
+        )],
     );
     let out = hr(&s, "emp,title\n1,Boss\n2,Clerk\n3,Cook\n", 1);
     assert!(out.stdout.contains("failed 1"), "{}", out.stdout);
     let failed = s.failed();
     assert_eq!(failed.len(), 1);
     let err = failed[0]["error"].as_str().unwrap();
-    assert!(err.contains("corr.rhai:2:"), "error names file:line:col: {err}");
+    assert!(
+        err.contains("corr.rhai:2:"),
+        "error names file:line:col: {err}"
+    );
     assert_eq!(s.owner("hr", "1").as_deref(), Some("ann"));
     assert_eq!(s.owner("hr", "3").as_deref(), Some("bea"));
     assert_eq!(s.owner("hr", "2"), None);
@@ -255,7 +291,10 @@ fn a_broken_rule_fails_its_event_only_and_retry_applies_it() {
 fn halt_keeps_the_batch_and_its_checkpoint_together() {
     let s = world(
         "    rules: { correlation: corr.rhai }\n    on_error: halt\n",
-        &[("corr.rhai", "if account.emp == \"3\" { throw \"not today\" }\n#{ empno: account.emp }")],
+        &[(
+            "corr.rhai",
+            "if account.emp == \"3\" { throw \"not today\" }\n#{ empno: account.emp }",
+        )],
     );
     let out = hr(&s, "emp,title\n1,Boss\n2,Clerk\n3,Cook\n", 3);
     assert!(out.stderr.contains("halted"), "{}", out.stderr);
