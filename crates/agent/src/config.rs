@@ -31,6 +31,9 @@ pub struct Config {
     /// The resources to synchronize.
     #[serde(default)]
     pub resources: Vec<ResourceConfig>,
+    /// Attributes replaced by `REDACTED` when a decision is recorded as a rule fixture.
+    #[serde(default)]
+    pub redact_attributes: Vec<String>,
 }
 
 fn default_rules_dir() -> PathBuf {

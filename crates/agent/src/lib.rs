@@ -5,9 +5,12 @@
 //! library crates below it take already-validated values, so a bad config is reported
 //! completely (`idsync check`) before any repository file is created.
 
+pub mod authoring;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod explain;
+pub mod fixtures;
 pub mod setup;
 
 use std::process::ExitCode;
@@ -31,6 +34,9 @@ pub fn main() -> ExitCode {
         Command::Identities(cmd) => commands::identities(loaded, cmd),
         Command::Results(args) => commands::results(loaded, args),
         Command::Failed(cmd) => commands::failed(loaded, cmd),
+        Command::Preview(args) => commands::preview(loaded, args),
+        Command::Explain(args) => authoring::explain(&loaded, args),
+        Command::TestRules { paths } => fixtures::test_rules(&loaded, paths),
     };
     match result {
         Ok(code) => code,
