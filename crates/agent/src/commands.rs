@@ -78,6 +78,13 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     }
+    let _lock = match crate::lock::AgentLock::acquire(&setup.loaded.repository_path()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(EXIT_RESOURCE);
+        }
+    };
     let interval = Duration::from_secs(setup.loaded.config.poll_interval_secs);
     loop {
         let code = pass(&setup, &args.resources);

@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod explain;
 pub mod fixtures;
+pub mod lock;
 pub mod setup;
 
 use std::process::ExitCode;
