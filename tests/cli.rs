@@ -199,3 +199,30 @@ fn a_second_agent_on_the_same_repository_refuses_to_start() {
     // Killed hard, the lock is gone with the process.
     s.run_once(None, 0);
 }
+
+#[test]
+fn json_logs_carry_resource_and_key() {
+    let s = Sandbox::new();
+    basic(&s);
+    s.rule("corr.rhai", "throw \"no luck\"");
+    let out = s
+        .idsync(&["--log-format", "json", "run", "--once"])
+        .expect_code(1);
+    let lines: Vec<serde_json::Value> = out
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let failed: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("event failed"))
+        })
+        .collect();
+    assert_eq!(failed.len(), 2, "{}", out.stderr);
+    assert_eq!(failed[0]["fields"]["resource"], "hr");
+    assert_eq!(failed[0]["fields"]["key"], "1");
+    assert_eq!(failed[0]["level"], "WARN");
+}

@@ -134,6 +134,7 @@ fn pass_resource(
     index: usize,
     policy: &idsync_engine::Policy,
 ) -> anyhow::Result<Option<BatchReport>> {
+    let _span = tracing::info_span!("pass", resource = %policy.resource).entered();
     let repo = setup.engine.repo();
     let expected = repo.checkpoint(&policy.resource)?;
     let mut adapter = setup.adapter(index);

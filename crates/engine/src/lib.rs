@@ -232,6 +232,8 @@ impl Engine {
         policy: &Policy,
         event: &ChangeEvent,
     ) -> Result<Decision, EngineError> {
+        let _span =
+            tracing::info_span!("event", resource = %event.resource, key = %event.key).entered();
         self.repo.savepoint()?;
         let mut d = blank_decision(event);
         let mut decider = Decider::new(&self.rules, &self.repo, policy, event);
