@@ -12,6 +12,7 @@ pub mod config;
 pub mod explain;
 pub mod fixtures;
 pub mod lock;
+pub mod observe;
 pub mod setup;
 
 use std::process::ExitCode;
