@@ -302,6 +302,11 @@ impl Loaded {
                     }
                 }
             }
+            if r.rules.process.is_some() && (r.naming.is_some() || !r.mappings.is_empty()) {
+                out.push(format!(
+                    "{at}: naming and mappings do not apply with a process rule (it sets attributes itself); remove them"
+                ));
+            }
             if r.rules.process.is_some() {
                 for (role, _) in r.rules.entries() {
                     if role != "process" && role != "filter" {
