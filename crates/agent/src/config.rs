@@ -31,6 +31,9 @@ pub struct Config {
     /// The resources to synchronize.
     #[serde(default)]
     pub resources: Vec<ResourceConfig>,
+    /// Notification policies and the outbox transport (docs/notifications.md).
+    #[serde(default)]
+    pub notifications: Option<idsync_notify::NotificationsConfig>,
 }
 
 fn default_rules_dir() -> PathBuf {

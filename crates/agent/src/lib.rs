@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod outbox;
 pub mod setup;
 
 use std::process::ExitCode;
@@ -31,6 +32,8 @@ pub fn main() -> ExitCode {
         Command::Identities(cmd) => commands::identities(loaded, cmd),
         Command::Results(args) => commands::results(loaded, args),
         Command::Failed(cmd) => commands::failed(loaded, cmd),
+        Command::Outbox(cmd) => outbox::command(loaded, cmd),
+        Command::Bench(cmd) => outbox::bench(cmd),
     };
     match result {
         Ok(code) => code,
