@@ -85,9 +85,16 @@ fn server_down_then_up_delivers_and_clears_pending() {
     let m = one(&s);
     assert_eq!(m["status"], "pending");
     assert_eq!(m["identity"], "u1");
-    assert!(m["last_error"].as_str().unwrap().contains("transient"), "{m}");
+    assert!(
+        m["last_error"].as_str().unwrap().contains("transient"),
+        "{m}"
+    );
     let show = s.idsync(&["identities", "show", "u1"]).expect_code(0);
-    assert!(show.stdout.contains("pending notifications:"), "{}", show.stdout);
+    assert!(
+        show.stdout.contains("pending notifications:"),
+        "{}",
+        show.stdout
+    );
     assert_eq!(s.identity("u1").unwrap()["pending_notifications"], 1);
 
     server.start();
@@ -97,8 +104,17 @@ fn server_down_then_up_delivers_and_clears_pending() {
     let m = one(&s);
     assert_eq!(m["status"], "sent");
     let show = s.idsync(&["identities", "show", "u1"]).expect_code(0);
-    assert!(!show.stdout.contains("pending notifications"), "{}", show.stdout);
-    assert!(s.identity("u1").unwrap().get("pending_notifications").is_none());
+    assert!(
+        !show.stdout.contains("pending notifications"),
+        "{}",
+        show.stdout
+    );
+    assert!(
+        s.identity("u1")
+            .unwrap()
+            .get("pending_notifications")
+            .is_none()
+    );
 }
 
 #[test]
@@ -189,13 +205,19 @@ fn crlf_in_an_attribute_cannot_inject_a_header() {
     let head = m.raw.split("\r\n\r\n").next().unwrap();
     assert!(!head.contains("\r\nBcc:"), "{head}");
     let subject = m.header("subject").unwrap();
-    assert!(subject.contains("Alice") && subject.contains("evil"), "{subject}");
+    assert!(
+        subject.contains("Alice") && subject.contains("evil"),
+        "{subject}"
+    );
     // Bob's recipient is not an address: dead-lettered with the reason, nothing sent.
     let list = outbox(&s);
     let bob = list.iter().find(|m| m["identity"] == "u2").unwrap();
     assert_eq!(bob["status"], "dead");
     assert!(
-        bob["last_error"].as_str().unwrap().contains("invalid recipient"),
+        bob["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid recipient"),
         "{bob}"
     );
 }
@@ -214,7 +236,10 @@ fn html_in_an_attribute_is_escaped() {
     assert!(raw.contains("<p>Hello &lt;script&gt;alert(1)&lt;"), "{raw}");
     assert!(!raw.contains("<p>Hello <script>"), "{raw}");
     // The text part keeps the value as it is.
-    assert!(raw.contains("Hello <script>alert(1)</script>, your account"), "{raw}");
+    assert!(
+        raw.contains("Hello <script>alert(1)</script>, your account"),
+        "{raw}"
+    );
 }
 
 #[test]
@@ -228,8 +253,14 @@ fn file_transport_writes_eml_files() {
     let eml = std::fs::read_to_string(&path).unwrap();
     assert!(eml.contains("Subject: Welcome Alice"), "{eml}");
     assert!(eml.contains("To: alice@example.com"), "{eml}");
-    let show = s.idsync(&["outbox", "show", &m["id"].to_string()]).expect_code(0);
-    assert!(show.stdout.contains("message-id: <idsync."), "{}", show.stdout);
+    let show = s
+        .idsync(&["outbox", "show", &m["id"].to_string()])
+        .expect_code(0);
+    assert!(
+        show.stdout.contains("message-id: <idsync."),
+        "{}",
+        show.stdout
+    );
 }
 
 #[test]
@@ -252,7 +283,19 @@ notifications:
 ",
     );
     let r = s.idsync(&["check"]).expect_code(2);
-    assert!(r.stderr.contains("notifications.policies[0].to[0]"), "{}", r.stderr);
-    assert!(r.stderr.contains("notifications.policies[0].subject"), "{}", r.stderr);
-    assert!(r.stderr.contains("notifications.policies[0].retry.every"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("notifications.policies[0].to[0]"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("notifications.policies[0].subject"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("notifications.policies[0].retry.every"),
+        "{}",
+        r.stderr
+    );
 }

@@ -243,7 +243,10 @@ impl Received {
     /// The value of the first header `name` (case-insensitive), unfolded.
     pub fn header(&self, name: &str) -> Option<String> {
         let name = name.to_ascii_lowercase();
-        self.headers().into_iter().find(|(k, _)| *k == name).map(|(_, v)| v)
+        self.headers()
+            .into_iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
     }
 }
 

@@ -240,11 +240,12 @@ pub fn identities(loaded: Loaded, cmd: &IdentitiesCommand) -> anyhow::Result<Exi
         IdentitiesCommand::Export => {
             let pending = crate::outbox::pending_counts(&repo)?;
             repo.for_each_identity(&mut |id: Identity| {
-                let line = crate::outbox::export_line(&id, &pending)
-                    .map_err(|e| idsync_repo::RepoError::Encode {
+                let line = crate::outbox::export_line(&id, &pending).map_err(|e| {
+                    idsync_repo::RepoError::Encode {
                         what: format!("identity {}", id.name),
                         message: e.to_string(),
-                    })?;
+                    }
+                })?;
                 let _ = writeln!(out, "{line}");
                 Ok(())
             })?;

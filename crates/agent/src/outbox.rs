@@ -27,11 +27,16 @@ pub fn compile(loaded: &Loaded) -> Result<Option<(PolicyNotifier, MakeDispatcher
         return Ok(None);
     };
     let f = loaded.file.display().to_string();
-    let located = |v: Vec<String>| v.into_iter().map(|p| format!("{f}: {p}")).collect::<Vec<_>>();
+    let located = |v: Vec<String>| {
+        v.into_iter()
+            .map(|p| format!("{f}: {p}"))
+            .collect::<Vec<_>>()
+    };
     let limits = loaded.config.limits.to_limits();
     let mut problems = Vec::new();
     let notifier = PolicyNotifier::compile(cfg, &limits).map_err(|p| problems.extend(located(p)));
-    let transport = nsetup::transport(cfg, &|p| loaded.resolve(p)).map_err(|p| problems.extend(located(p)));
+    let transport =
+        nsetup::transport(cfg, &|p| loaded.resolve(p)).map_err(|p| problems.extend(located(p)));
     let settings = nsetup::settings(cfg).map_err(|p| problems.extend(located(p)));
     match (notifier, transport, settings) {
         (Ok(n), Ok(t), Ok(s)) => Ok(Some((
@@ -154,7 +159,10 @@ pub fn command(loaded: Loaded, cmd: &OutboxCommand) -> anyhow::Result<ExitCode> 
                 }
             }
             let (p, s, d) = repo.outbox_counts()?;
-            eprintln!("{} message(s) shown; pending {p}, sent {s}, dead {d}", list.len());
+            eprintln!(
+                "{} message(s) shown; pending {p}, sent {s}, dead {d}",
+                list.len()
+            );
         }
         OutboxCommand::Show { id } => {
             let Some(m) = repo.outbox_get(*id)? else {
@@ -162,7 +170,11 @@ pub fn command(loaded: Loaded, cmd: &OutboxCommand) -> anyhow::Result<ExitCode> 
                 return Ok(ExitCode::from(EXIT_FAILED));
             };
             writeln!(out, "{}", line(&m))?;
-            writeln!(out, "message-id: {}", idsync_notify::message::message_id(&m))?;
+            writeln!(
+                out,
+                "message-id: {}",
+                idsync_notify::message::message_id(&m)
+            )?;
             writeln!(out, "from: {}", m.mail.from)?;
             writeln!(out, "to: {}", m.mail.to.join(", "))?;
             writeln!(out, "subject: {}", m.mail.subject)?;

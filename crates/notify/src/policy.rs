@@ -215,7 +215,10 @@ impl Compiled {
             return false;
         }
         if let Some(c) = &self.change {
-            let (old, new) = (first_text(&b.attrs, &c.attribute), first_text(&a.attrs, &c.attribute));
+            let (old, new) = (
+                first_text(&b.attrs, &c.attribute),
+                first_text(&a.attrs, &c.attribute),
+            );
             if old == new {
                 return false;
             }
@@ -352,11 +355,7 @@ impl Notifier for PolicyNotifier {
                     .run(c, &mut scope, None)
                     .map_err(|e| e.to_string())?;
                 let go = truthy(&v).map_err(|m| {
-                    format!(
-                        "{}: condition returned {}: {m}",
-                        c.label(),
-                        render(&v)
-                    )
+                    format!("{}: condition returned {}: {m}", c.label(), render(&v))
                 })?;
                 if !go {
                     continue;

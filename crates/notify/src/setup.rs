@@ -103,8 +103,11 @@ pub fn transport(
 /// The dispatcher settings of `cfg`. `IDSYNC_FAULT=exit-after-send` turns on the crash
 /// test hook.
 pub fn settings(cfg: &NotificationsConfig) -> Result<DispatchSettings, Vec<String>> {
-    let lease = duration("notifications.dispatch.claim_lease", &cfg.dispatch.claim_lease)
-        .map_err(|e| vec![e])?;
+    let lease = duration(
+        "notifications.dispatch.claim_lease",
+        &cfg.dispatch.claim_lease,
+    )
+    .map_err(|e| vec![e])?;
     Ok(DispatchSettings {
         lease,
         batch: cfg.dispatch.batch.max(1),

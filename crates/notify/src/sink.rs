@@ -33,7 +33,8 @@ pub struct Sink {
 /// Starts a sink on `127.0.0.1` (free port) on a thread of its own, for the life of the
 /// process.
 pub fn start_sink() -> Result<Sink, NotifyError> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| NotifyError::Bench(format!("binding the sink: {e}")))?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| NotifyError::Bench(format!("binding the sink: {e}")))?;
     listener
         .set_nonblocking(true)
         .map_err(|e| NotifyError::Bench(e.to_string()))?;

@@ -163,7 +163,10 @@ async fn worker(s: Arc<SmtpSettings>, msgs: Vec<Outgoing>) -> Results {
         let r = match tokio::time::timeout(s.timeout, c.send(&m.envelope, &m.bytes)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(classify(&e)),
-            Err(_) => Err(transient(format!("sending timed out after {:?}", s.timeout))),
+            Err(_) => Err(transient(format!(
+                "sending timed out after {:?}",
+                s.timeout
+            ))),
         };
         if r.is_err() {
             // After a refusal or a broken connection, start the next message afresh.

@@ -47,7 +47,8 @@ use rusqlite::Connection;
 
 pub use error::RepoError;
 pub use outbox::{
-    NewOutboxMessage, OutboxFilter, OutboxMessage, OutboxOutcome, OutboxStatus, RenderedMail, now_ms,
+    NewOutboxMessage, OutboxFilter, OutboxMessage, OutboxOutcome, OutboxStatus, RenderedMail,
+    now_ms,
 };
 pub use records::{DecisionFilter, FailedEvent, NewFailure, StoredDecision};
 pub use schema::SCHEMA_VERSION;

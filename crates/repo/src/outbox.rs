@@ -80,9 +80,13 @@ impl OutboxStatus {
 
     /// Parses the lowercase name.
     pub fn parse(s: &str) -> Option<OutboxStatus> {
-        [OutboxStatus::Pending, OutboxStatus::Sent, OutboxStatus::Dead]
-            .into_iter()
-            .find(|x| x.as_str() == s)
+        [
+            OutboxStatus::Pending,
+            OutboxStatus::Sent,
+            OutboxStatus::Dead,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
     }
 }
 
@@ -244,8 +248,11 @@ impl Repo {
                      ORDER BY next_attempt_at, id LIMIT ?2"
                 ))
                 .and_then(|mut st| {
-                    st.query_map(params![now, i64::try_from(limit).unwrap_or(i64::MAX)], read_row)?
-                        .collect::<Result<Vec<_>, _>>()
+                    st.query_map(
+                        params![now, i64::try_from(limit).unwrap_or(i64::MAX)],
+                        read_row,
+                    )?
+                    .collect::<Result<Vec<_>, _>>()
                 })
                 .ctx("finding due outbox messages")?;
             let until = now.saturating_add(lease_ms);
@@ -288,7 +295,11 @@ impl Repo {
                     } => (
                         "UPDATE outbox SET next_attempt_at = ?2, last_error = ?3, \
                          attempts = attempts + 1, claimed_until = 0 WHERE id = ?1",
-                        vec![(*id).into(), (*next_attempt_at).into(), error.clone().into()],
+                        vec![
+                            (*id).into(),
+                            (*next_attempt_at).into(),
+                            error.clone().into(),
+                        ],
                     ),
                     OutboxOutcome::Dead { error } => (
                         "UPDATE outbox SET status = 'dead', last_error = ?2, \
