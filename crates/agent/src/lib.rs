@@ -22,6 +22,16 @@ use cli::{Cli, Command};
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    if let Command::Bench(cmd) = &cli.command {
+        // Benchmarks use a scratch repository: no config needed.
+        return match outbox::bench(cmd) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(commands::EXIT_RESOURCE)
+            }
+        };
+    }
     let loaded = match commands::load(&cli.config) {
         Ok(l) => l,
         Err(code) => return code,
