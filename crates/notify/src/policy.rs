@@ -421,3 +421,77 @@ impl Notifier for PolicyNotifier {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use idsync_core::{AttrMap, Identity, LinkedAccount};
+
+    use super::*;
+    use crate::config::ChangeCondition;
+
+    fn id(attrs: &[(&str, &str)], accounts: &[&str]) -> Identity {
+        Identity {
+            name: "ann".into(),
+            version: 1,
+            disabled: false,
+            attrs: attrs.iter().copied().collect::<AttrMap>(),
+            accounts: accounts
+                .iter()
+                .map(|k| LinkedAccount {
+                    resource: "hr".into(),
+                    key: (*k).into(),
+                    attrs: AttrMap::new(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn events_from_before_and_after() {
+        let a = id(&[("title", "dev")], &["1"]);
+        let b = id(&[("title", "lead")], &["1", "2"]);
+        assert_eq!(events(None, Some(&a)), [Trigger::Created]);
+        assert_eq!(events(Some(&a), None), [Trigger::Deleted]);
+        assert_eq!(
+            events(Some(&a), Some(&b)),
+            [Trigger::Updated, Trigger::Linked]
+        );
+        assert_eq!(
+            events(Some(&b), Some(&a)),
+            [Trigger::Updated, Trigger::Unlinked]
+        );
+        assert!(events(Some(&a), Some(&a)).is_empty());
+    }
+
+    #[test]
+    fn update_filters_by_attribute_and_change() {
+        let c = Compiled {
+            name: "p".into(),
+            on: vec![Trigger::Updated],
+            attributes: vec!["Status".into()],
+            change: Some(ChangeCondition {
+                attribute: "status".into(),
+                from: Some("active".into()),
+                to: Some("terminated".into()),
+            }),
+            condition: None,
+            to: Vec::new(),
+            from: String::new(),
+            html: false,
+            retry: RetrySpec::default(),
+            max_age_ms: 0,
+        };
+        let active = id(&[("status", "active"), ("title", "dev")], &[]);
+        let gone = id(&[("status", "terminated"), ("title", "dev")], &[]);
+        let retitled = id(&[("status", "active"), ("title", "lead")], &[]);
+        let back = id(&[("status", "active")], &[]);
+        assert!(c.update_matches(&active, &gone));
+        assert!(!c.update_matches(&active, &retitled));
+        assert!(!c.update_matches(&gone, &back));
+    }
+
+    #[test]
+    fn one_line_removes_control_characters() {
+        assert_eq!(one_line("a\r\nBcc: x\t"), "a  Bcc: x");
+    }
+}
