@@ -7,6 +7,12 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s\n' "$*"; }
 
+# Notifications tests: a real SMTP server (Debian's aiosmtpd, run with /usr/bin/python3).
+if ! /usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
+  step "installing python3-aiosmtpd"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-aiosmtpd >/dev/null
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -31,9 +31,13 @@ fn world(hr_extra: &str, rules: &[(&str, &str)]) -> Sandbox {
       - {{ to: born, from: born }}
   - name: hr
     source: {{ type: flatfile, path: feeds/hr.csv, key: emp }}
-    mappings:
-      - {{ to: title, from: title }}
-{hr_extra}"
+{mappings}{hr_extra}",
+        // A process rule sets attributes itself: mappings would be refused.
+        mappings = if hr_extra.contains("process:") {
+            ""
+        } else {
+            "    mappings:\n      - { to: title, from: title }\n"
+        }
     ));
     s.feed("seed.csv", SEED);
     s.rule("by_empno.rhai", "#{ empno: account.emp }");

@@ -87,6 +87,18 @@ impl Sandbox {
         Run::from(out)
     }
 
+    /// `idsync ARGS` with extra environment variables.
+    pub fn idsync_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let out = Command::new(env!("CARGO_BIN_EXE_idsync"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("IDSYNC_LOG")
+            .envs(env.iter().copied())
+            .output()
+            .expect("run idsync");
+        Run::from(out)
+    }
+
     /// `idsync run --once [--resource R]`, expecting `code`.
     pub fn run_once(&self, resource: Option<&str>, code: i32) -> Run {
         let mut args = vec!["run", "--once"];
@@ -152,5 +164,202 @@ pub fn attr<'a>(identity: &'a Value, name: &str) -> Option<&'a str> {
         Value::String(s) => Some(s),
         Value::Array(a) => a.first().and_then(Value::as_str),
         _ => None,
+    }
+}
+
+// --- SMTP server fixture (notifications) -------------------------------------------------
+
+/// The aiosmtpd handler: answers RCPT according to the `mode` file (`accept`, `451`,
+/// `550`), writes each accepted message as `N.eml` (raw bytes) and `N.rcpt` (one envelope
+/// recipient a line) into the output folder, atomically.
+const SMTP_HANDLER: &str = r#"
+import os, itertools
+
+class Handler:
+    def __init__(self, outdir, modefile):
+        self.outdir = outdir
+        self.modefile = modefile
+        self.counter = itertools.count(1)
+
+    @classmethod
+    def from_cli(cls, parser, outdir, modefile):
+        return cls(outdir, modefile)
+
+    def mode(self):
+        try:
+            with open(self.modefile) as f:
+                return f.read().strip()
+        except OSError:
+            return "accept"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        m = self.mode()
+        if m == "451":
+            return "451 4.3.0 mailbox busy, try again later"
+        if m == "550":
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        n = next(self.counter)
+        base = os.path.join(self.outdir, "%d-%d" % (os.getpid(), n))
+        with open(base + ".rcpt.tmp", "w") as f:
+            f.write("\n".join(envelope.rcpt_tos))
+        os.rename(base + ".rcpt.tmp", base + ".rcpt")
+        with open(base + ".tmp", "wb") as f:
+            f.write(envelope.original_content)
+        os.rename(base + ".tmp", base + ".eml")
+        return "250 2.0.0 accepted"
+"#;
+
+/// A message the SMTP server received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Envelope recipients.
+    pub rcpt: Vec<String>,
+    /// The raw message.
+    pub raw: String,
+}
+
+impl Received {
+    /// The header lines, unfolded.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        let head = self.raw.split("\r\n\r\n").next().unwrap_or("");
+        let mut out: Vec<(String, String)> = Vec::new();
+        for line in head.split("\r\n") {
+            if line.starts_with(' ') || line.starts_with('\t') {
+                if let Some(last) = out.last_mut() {
+                    last.1.push(' ');
+                    last.1.push_str(line.trim());
+                }
+            } else if let Some((k, v)) = line.split_once(':') {
+                out.push((k.to_ascii_lowercase(), v.trim().to_owned()));
+            }
+        }
+        out
+    }
+
+    /// The value of the first header `name` (case-insensitive), unfolded.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let name = name.to_ascii_lowercase();
+        self.headers()
+            .into_iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    }
+}
+
+/// A real SMTP server (Debian's python3-aiosmtpd) on a free loopback port, killed on drop.
+pub struct SmtpServer {
+    child: Option<std::process::Child>,
+    dir: PathBuf,
+    pub port: u16,
+}
+
+/// A port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns `Some` or `secs` pass.
+pub fn poll<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+impl SmtpServer {
+    /// A server that is not running yet, on `port`, writing into `dir`.
+    pub fn on_port(dir: &Path, port: u16) -> SmtpServer {
+        std::fs::create_dir_all(dir.join("inbox")).unwrap();
+        std::fs::write(dir.join("smtp_handler.py"), SMTP_HANDLER).unwrap();
+        SmtpServer {
+            child: None,
+            dir: dir.to_path_buf(),
+            port,
+        }
+    }
+
+    /// How RCPT is answered from now on: `accept`, `451` or `550`.
+    pub fn set_mode(&self, mode: &str) {
+        std::fs::write(self.dir.join("mode"), mode).unwrap();
+    }
+
+    /// Starts it and waits until it accepts connections.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("/usr/bin/python3")
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("127.0.0.1:{}", self.port))
+            .args(["-c", "smtp_handler.Handler"])
+            .arg(self.dir.join("inbox"))
+            .arg(self.dir.join("mode"))
+            .env("PYTHONPATH", &self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start /usr/bin/python3 -m aiosmtpd (apt-get install python3-aiosmtpd)");
+        self.child = Some(child);
+        let port = self.port;
+        poll(20, "the SMTP server to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+    }
+
+    /// Stops it (the port stays reserved for a restart).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Every message received so far, in arrival order.
+    pub fn received(&self) -> Vec<Received> {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(self.dir.join("inbox"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+            .collect();
+        names.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        names
+            .into_iter()
+            .map(|p| Received {
+                raw: String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned(),
+                rcpt: std::fs::read_to_string(p.with_extension("rcpt"))
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::to_owned)
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Waits until at least `n` messages arrived.
+    pub fn wait_for(&self, n: usize) -> Vec<Received> {
+        poll(30, &format!("{n} message(s)"), || {
+            let r = self.received();
+            (r.len() >= n).then_some(r)
+        })
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

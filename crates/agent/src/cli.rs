@@ -47,6 +47,12 @@ pub enum Command {
     /// Failed events: list them, re-run them.
     #[command(subcommand)]
     Failed(FailedCommand),
+    /// The notification outbox: list, show, retry, purge.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Dry run of the next pass: every event's planned decision; writes nothing.
     Preview(PreviewArgs),
     /// The decision records of one account (RESOURCE KEY) or identity, step by step.
@@ -169,5 +175,64 @@ pub enum FailedCommand {
         /// With --all: only this resource.
         #[arg(long, short = 'r')]
         resource: Option<String>,
+    },
+}
+
+/// `outbox` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Messages, newest first: id, status, attempts, policy, identity, recipients, subject.
+    List {
+        /// Only this status (pending, sent, dead).
+        #[arg(long, short = 's')]
+        status: Option<String>,
+        /// Only messages about this identity.
+        #[arg(long, short = 'i')]
+        identity: Option<String>,
+        /// At most N.
+        #[arg(long, short = 'n')]
+        limit: Option<u64>,
+        /// JSON lines with every field.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One message with its text and HTML parts and its last error.
+    Show {
+        /// Outbox id.
+        id: i64,
+    },
+    /// Make undelivered messages due now (fresh maximum age).
+    Retry {
+        /// Outbox id.
+        id: Option<i64>,
+        /// Every dead-lettered message.
+        #[arg(long, conflicts_with = "id")]
+        dead: bool,
+    },
+    /// Delete sent messages delivered before a time (never undelivered ones).
+    Purge {
+        /// RFC 3339 time (2026-01-31T00:00:00Z) or an age (30d).
+        #[arg(long)]
+        sent_before: String,
+    },
+}
+
+/// `bench` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Enqueue N messages into a scratch repository and drain them through SMTP.
+    Outbox {
+        /// Messages.
+        #[arg(long, default_value_t = 20_000)]
+        messages: u64,
+        /// SMTP sink HOST:PORT (default: a built-in sink on loopback).
+        #[arg(long)]
+        smtp: Option<std::net::SocketAddr>,
+        /// SMTP connections.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Messages claimed at a time.
+        #[arg(long, default_value_t = 512)]
+        batch: u64,
     },
 }

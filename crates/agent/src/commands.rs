@@ -87,7 +87,13 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
     };
     let interval = Duration::from_secs(setup.loaded.config.poll_interval_secs);
     loop {
-        let code = pass(&setup, &args.resources);
+        let mut code = pass(&setup, &args.resources);
+        if let Some(d) = &setup.dispatcher
+            && let Err(e) = crate::outbox::dispatch_round(d)
+        {
+            eprintln!("error: outbox: {e}");
+            code = ExitCode::from(EXIT_RESOURCE);
+        }
         if args.once {
             return code;
         }
@@ -237,14 +243,17 @@ pub fn identities(loaded: Loaded, cmd: &IdentitiesCommand) -> anyhow::Result<Exi
                     writeln!(out, "  #{} {}: {}", f.id, f.at, f.error)?;
                 }
             }
+            crate::outbox::show_pending(&repo, &id.name, &mut out)?;
         }
         IdentitiesCommand::Export => {
+            let pending = crate::outbox::pending_counts(&repo)?;
             repo.for_each_identity(&mut |id: Identity| {
-                let line =
-                    serde_json::to_string(&id).map_err(|e| idsync_repo::RepoError::Encode {
+                let line = crate::outbox::export_line(&id, &pending).map_err(|e| {
+                    idsync_repo::RepoError::Encode {
                         what: format!("identity {}", id.name),
                         message: e.to_string(),
-                    })?;
+                    }
+                })?;
                 let _ = writeln!(out, "{line}");
                 Ok(())
             })?;

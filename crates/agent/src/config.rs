@@ -34,6 +34,9 @@ pub struct Config {
     /// Attributes replaced by `REDACTED` when a decision is recorded as a rule fixture.
     #[serde(default)]
     pub redact_attributes: Vec<String>,
+    /// Notification policies and the outbox transport (docs/notifications.md).
+    #[serde(default)]
+    pub notifications: Option<idsync_notify::NotificationsConfig>,
 }
 
 fn default_rules_dir() -> PathBuf {

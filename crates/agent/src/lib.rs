@@ -13,6 +13,7 @@ pub mod explain;
 pub mod fixtures;
 pub mod lock;
 pub mod observe;
+pub mod outbox;
 pub mod setup;
 
 use std::process::ExitCode;
@@ -26,6 +27,16 @@ use cli::{Cli, Command};
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.log_format);
+    if let Command::Bench(cmd) = &cli.command {
+        // Benchmarks use a scratch repository: no config needed.
+        return match outbox::bench(cmd) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(commands::EXIT_RESOURCE)
+            }
+        };
+    }
     let loaded = match commands::load(&cli.config) {
         Ok(l) => l,
         Err(code) => return code,
@@ -39,6 +50,8 @@ pub fn main() -> ExitCode {
         Command::Preview(args) => commands::preview(loaded, args),
         Command::Explain(args) => authoring::explain(&loaded, args),
         Command::TestRules { paths } => fixtures::test_rules(&loaded, paths),
+        Command::Outbox(cmd) => outbox::command(loaded, cmd),
+        Command::Bench(cmd) => outbox::bench(cmd),
     };
     match result {
         Ok(code) => code,

@@ -150,6 +150,8 @@ pub struct Setup {
     pub engine: Engine,
     /// Policies in config order.
     pub policies: Vec<Policy>,
+    /// The outbox dispatcher, when `notifications:` is configured.
+    pub dispatcher: Option<idsync_notify::Dispatcher>,
 }
 
 /// Validates the config and compiles every rule; all problems at once.
@@ -164,6 +166,9 @@ pub fn compile_all(loaded: &Loaded, rules: &RuleEngine) -> Result<Vec<Policy>, P
         .enumerate()
         .map(|(i, r)| policy(loaded, i, r, rules, &scripts, &mut problems))
         .collect();
+    if let Err(p) = crate::outbox::compile(loaded) {
+        problems.extend(p);
+    }
     if problems.is_empty() {
         Ok(policies)
     } else {
@@ -179,12 +184,20 @@ impl Setup {
         let probe = RuleEngine::new(&limits);
         compile_all(&loaded, &probe)?;
         let repo = open_repo(&loaded)?;
-        let engine = Engine::new(repo, &limits);
+        let mut engine = Engine::new(repo.clone(), &limits);
         let policies = compile_all(&loaded, engine.rules())?;
+        let dispatcher = match crate::outbox::compile(&loaded).map_err(Problems)? {
+            Some((notifier, dispatcher)) => {
+                engine.set_notifier(Box::new(notifier));
+                Some(dispatcher(repo))
+            }
+            None => None,
+        };
         Ok(Setup {
             loaded,
             engine,
             policies,
+            dispatcher,
         })
     }
 

@@ -9,6 +9,7 @@
 //! as a whole and the adapter reads it again.
 
 mod host;
+mod notifier;
 mod pipeline;
 mod policy;
 
@@ -19,6 +20,7 @@ use idsync_core::{Action, ChangeBatch, ChangeEvent, Checkpoint, Decision, Op, Si
 use idsync_repo::{FailedEvent, NewFailure, Repo, RepoError};
 use idsync_rules::{Limits, RuleEngine};
 
+pub use notifier::{IdentityChange, Notifier};
 pub use pipeline::{DISABLED_CHANGE, EventError};
 pub use policy::{DeleteAction, Mapping, MappingSource, OnError, Policy};
 
@@ -99,6 +101,7 @@ impl BatchReport {
 pub struct Engine {
     rules: RuleEngine,
     repo: Arc<Repo>,
+    notifier: Option<Box<dyn Notifier>>,
 }
 
 impl Engine {
@@ -107,7 +110,14 @@ impl Engine {
         Engine {
             rules: RuleEngine::new(limits),
             repo,
+            notifier: None,
         }
+    }
+
+    /// Sets the notification hook: every successful event's changed identities go through
+    /// it, and the messages it returns are enqueued in the event's savepoint.
+    pub fn set_notifier(&mut self, notifier: Box<dyn Notifier>) {
+        self.notifier = Some(notifier);
     }
 
     /// The rule engine, to compile the scripts of a [`Policy`].
@@ -237,7 +247,11 @@ impl Engine {
         self.repo.savepoint()?;
         let mut d = blank_decision(event);
         let mut decider = Decider::new(&self.rules, &self.repo, policy, event);
-        match decider.decide(&mut d) {
+        decider.host.capture.set(self.notifier.is_some());
+        let outcome = decider
+            .decide(&mut d)
+            .and_then(|()| self.notify(&decider.host.pre_images.borrow(), &d));
+        match outcome {
             Ok(()) => {
                 self.repo.release()?;
             }
@@ -253,6 +267,33 @@ impl Engine {
             }
         }
         Ok(d)
+    }
+
+    /// Step 9: hands each identity the event changed to the notifier and enqueues the
+    /// messages it returns, inside the event's savepoint.
+    fn notify(
+        &self,
+        pre_images: &[(String, Option<idsync_core::Identity>)],
+        d: &Decision,
+    ) -> Result<(), EventError> {
+        let Some(notifier) = &self.notifier else {
+            return Ok(());
+        };
+        for (name, before) in pre_images {
+            let after = self.repo.identity(name)?;
+            if before.is_none() && after.is_none() {
+                continue;
+            }
+            let change = IdentityChange {
+                before: before.as_ref(),
+                after: after.as_ref(),
+                decision: d,
+            };
+            for m in notifier.messages(&change).map_err(EventError::Notify)? {
+                self.repo.outbox_insert(&m)?;
+            }
+        }
+        Ok(())
     }
 
     /// Re-runs a failed event in its own transaction. On success the failed row is

@@ -31,6 +31,9 @@ pub enum EventError {
     /// The situation has no configured way out (e.g. disputed without a resolve rule).
     #[error("{0}")]
     Unresolved(String),
+    /// A notification policy failed for the event.
+    #[error("notification: {0}")]
+    Notify(String),
 }
 
 /// A fresh decision record for `event`, marked failed until decided.
@@ -182,6 +185,7 @@ impl<'a> Decider<'a> {
             [one] => {
                 d.situation = Some(Situation::Unlinked);
                 d.identity = Some(one.clone());
+                self.host.pre_image(one)?;
                 self.repo.link(one, &self.event.resource, &self.event.key)?;
                 self.update(one, true, d)?;
                 d.action = Action::Linked;
@@ -366,6 +370,7 @@ impl<'a> Decider<'a> {
 
     /// Maps the account onto an existing identity and checks it in.
     fn update(&mut self, name: &str, relink: bool, d: &mut Decision) -> Result<(), EventError> {
+        self.host.pre_image(name)?;
         let view = self
             .repo
             .identity(name)?
@@ -409,6 +414,7 @@ impl<'a> Decider<'a> {
             None => self.event.key.clone(),
         };
         let attrs = self.map_attrs(&AttrMap::new(), None)?;
+        self.host.pre_image(&name)?;
         self.repo.create_identity(&name, &attrs)?;
         self.repo
             .link(&name, &self.event.resource, &self.event.key)?;
@@ -419,6 +425,7 @@ impl<'a> Decider<'a> {
     }
 
     fn delete_action(&mut self, name: &str, d: &mut Decision) -> Result<(), EventError> {
+        self.host.pre_image(name)?;
         self.repo.unlink(&self.event.resource, &self.event.key)?;
         d.action = Action::Unlinked;
         if self.policy.delete_action == DeleteAction::Unlink {

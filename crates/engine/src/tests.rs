@@ -627,3 +627,83 @@ fn delete_action_spares_an_identity_with_another_account_on_the_resource() {
     w.apply(&p, vec![ev(Op::Delete, "E1-new", &[])]).unwrap();
     assert_eq!(w.last().action, Action::Disabled);
 }
+
+/// A notifier that enqueues one message per identity change, describing it; fails for
+/// identities named `boom`.
+struct Recorder;
+
+impl Notifier for Recorder {
+    fn messages(
+        &self,
+        c: &IdentityChange<'_>,
+    ) -> Result<Vec<idsync_repo::NewOutboxMessage>, String> {
+        let name = c
+            .after
+            .or(c.before)
+            .map(|i| i.name.clone())
+            .unwrap_or_default();
+        if name == "boom" {
+            return Err("notifier refused".into());
+        }
+        let what = match (c.before, c.after) {
+            (None, Some(_)) => "created".to_owned(),
+            (Some(_), None) => "deleted".to_owned(),
+            (Some(b), Some(a)) => format!(
+                "updated {} accounts {}->{}",
+                b.attrs.diff(&a.attrs).len(),
+                b.accounts.len(),
+                a.accounts.len()
+            ),
+            (None, None) => "nothing".to_owned(),
+        };
+        Ok(vec![idsync_repo::NewOutboxMessage {
+            policy: "p".into(),
+            identity: Some(name),
+            resource: Some(c.decision.resource.clone()),
+            key: Some(c.decision.key.clone()),
+            mail: idsync_repo::RenderedMail {
+                from: "a@example.com".into(),
+                to: vec!["b@example.com".into()],
+                subject: what,
+                text: String::new(),
+                html: None,
+                retry: serde_json::Value::Null,
+            },
+            max_age_ms: 1000,
+            dead: None,
+        }])
+    }
+}
+
+#[test]
+fn notifier_sees_before_and_after_and_its_messages_commit_with_the_event() {
+    let mut w = World::new();
+    w.engine.set_notifier(Box::new(Recorder));
+    let p = w.policy(&[("naming", "account.name"), ("map:mail", "mail")]);
+    w.apply(
+        &p,
+        vec![
+            ev(Op::Create, "1", &[("name", "ann"), ("mail", "a@x")]),
+            ev(Op::Create, "2", &[("name", "boom"), ("mail", "b@x")]),
+        ],
+    )
+    .unwrap();
+    w.apply(
+        &p,
+        vec![ev(Op::Update, "1", &[("name", "ann"), ("mail", "new@x")])],
+    )
+    .unwrap();
+    let subjects: Vec<String> = w
+        .engine
+        .repo()
+        .outbox_list(&idsync_repo::OutboxFilter::default())
+        .unwrap()
+        .into_iter()
+        .rev()
+        .map(|m| format!("{}: {}", m.identity.unwrap_or_default(), m.mail.subject))
+        .collect();
+    assert_eq!(subjects, ["ann: created", "ann: updated 1 accounts 1->1"]);
+    // The notifier's failure failed the event: no identity, no message, a failed row.
+    assert!(w.engine.repo().identity("boom").unwrap().is_none());
+    assert_eq!(w.engine.repo().failures(None).unwrap().len(), 1);
+}

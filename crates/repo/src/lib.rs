@@ -24,11 +24,15 @@
 //!   that answers correlation queries ([`Repo::find`]) without scanning identities.
 //! - Shadows (the last seen attributes of each account) store the JSON and
 //!   [`content_hash`](idsync_core::AttrMap::content_hash), so diffing adapters can compare a million rows by hash.
+//! - Notification messages wait in the `outbox` table (module `outbox`): inserted in the
+//!   batch transaction, claimed with a lease, marked sent in the transaction that records
+//!   delivery.
 //! - The file runs in WAL mode with `synchronous=FULL`: a committed batch survives a power
 //!   loss. The schema is versioned with `PRAGMA user_version` (see the `schema` module).
 
 mod error;
 mod identities;
+mod outbox;
 mod records;
 mod schema;
 mod shadows;
@@ -42,6 +46,10 @@ use std::time::{Duration, Instant, SystemTime};
 use rusqlite::Connection;
 
 pub use error::RepoError;
+pub use outbox::{
+    NewOutboxMessage, OutboxFilter, OutboxMessage, OutboxOutcome, OutboxStatus, RenderedMail,
+    now_ms,
+};
 pub use records::{DecisionFilter, FailedEvent, NewFailure, StoredDecision};
 pub use schema::SCHEMA_VERSION;
 

@@ -87,6 +87,28 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX failed_events_account ON failed_events(resource, key);
     "#,
+    // 2: the notification outbox (written in the batch transaction, drained by the
+    // dispatcher). Times are Unix milliseconds so due rows can be found by index.
+    r#"
+    CREATE TABLE outbox (
+        id               INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at       INTEGER NOT NULL,
+        policy           TEXT NOT NULL,
+        identity         TEXT,
+        resource         TEXT,
+        key              TEXT,
+        status           TEXT NOT NULL,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  INTEGER NOT NULL,
+        expires_at       INTEGER NOT NULL,
+        claimed_until    INTEGER NOT NULL DEFAULT 0,
+        last_error       TEXT,
+        sent_at          INTEGER,
+        message          TEXT NOT NULL
+    );
+    CREATE INDEX outbox_due ON outbox(status, next_attempt_at);
+    CREATE INDEX outbox_identity ON outbox(identity, status);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -1,0 +1,259 @@
+//! Notifications in the agent: compiling the `notifications:` section into the engine's
+//! notifier and a dispatcher, one dispatch round per `idsync run` loop, the `outbox`
+//! commands, the pending mark in `identities show`/`export`, and `bench outbox`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use idsync_core::Identity;
+use idsync_notify::{Dispatcher, PolicyNotifier, RoundReport, setup as nsetup};
+use idsync_repo::{OutboxFilter, OutboxMessage, OutboxStatus, Repo};
+
+use crate::cli::{BenchCommand, OutboxCommand};
+use crate::commands::{EXIT_CONFIG, EXIT_FAILED};
+use crate::config::Loaded;
+use crate::setup::open_repo;
+
+/// Builds a dispatcher once the repository is open.
+pub type MakeDispatcher = Box<dyn FnOnce(Arc<Repo>) -> Dispatcher>;
+
+/// Compiles the notifications config: `None` when there is none; problems name the file
+/// and key.
+pub fn compile(loaded: &Loaded) -> Result<Option<(PolicyNotifier, MakeDispatcher)>, Vec<String>> {
+    let Some(cfg) = &loaded.config.notifications else {
+        return Ok(None);
+    };
+    let f = loaded.file.display().to_string();
+    let located = |v: Vec<String>| {
+        v.into_iter()
+            .map(|p| format!("{f}: {p}"))
+            .collect::<Vec<_>>()
+    };
+    let limits = loaded.config.limits.to_limits();
+    let mut problems = Vec::new();
+    let notifier = PolicyNotifier::compile(cfg, &limits).map_err(|p| problems.extend(located(p)));
+    let transport =
+        nsetup::transport(cfg, &|p| loaded.resolve(p)).map_err(|p| problems.extend(located(p)));
+    let settings = nsetup::settings(cfg).map_err(|p| problems.extend(located(p)));
+    match (notifier, transport, settings) {
+        (Ok(n), Ok(t), Ok(s)) => Ok(Some((
+            n,
+            Box::new(move |repo| Dispatcher::new(repo, t, s)) as MakeDispatcher,
+        ))),
+        _ => Err(problems),
+    }
+}
+
+/// One dispatch round; prints a line when anything happened.
+pub fn dispatch_round(d: &Dispatcher) -> Result<RoundReport, idsync_notify::NotifyError> {
+    let r = d.round_blocking()?;
+    if r != RoundReport::default() {
+        println!(
+            "outbox: sent {}, retrying {}, dead-lettered {}",
+            r.sent, r.retrying, r.dead
+        );
+    }
+    Ok(r)
+}
+
+/// `identities show`: the identity's undelivered notifications.
+pub fn show_pending(repo: &Repo, name: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let list = repo.outbox_list(&OutboxFilter {
+        identity: Some(name.to_owned()),
+        undelivered: true,
+        ..OutboxFilter::default()
+    })?;
+    if !list.is_empty() {
+        writeln!(out, "pending notifications:")?;
+        for m in &list {
+            writeln!(
+                out,
+                "  #{} {} {} attempts={} {}",
+                m.id,
+                m.status.as_str(),
+                m.policy,
+                m.attempts,
+                m.last_error.as_deref().unwrap_or("")
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Undelivered counts by identity, for `identities export`.
+pub fn pending_counts(repo: &Repo) -> anyhow::Result<HashMap<String, u64>> {
+    Ok(repo.outbox_undelivered_counts()?)
+}
+
+/// One `identities export` line: the identity, plus `pending_notifications` when it has
+/// undelivered messages.
+pub fn export_line(id: &Identity, pending: &HashMap<String, u64>) -> serde_json::Result<String> {
+    let mut v = serde_json::to_value(id)?;
+    if let (Some(n), Some(obj)) = (pending.get(&id.name), v.as_object_mut()) {
+        obj.insert("pending_notifications".into(), (*n).into());
+    }
+    serde_json::to_string(&v)
+}
+
+fn time(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn line(m: &OutboxMessage) -> String {
+    let mut s = format!(
+        "#{} {} {} attempts={} policy={} identity={} to={} subject={:?}",
+        m.id,
+        m.status.as_str(),
+        time(m.created_at),
+        m.attempts,
+        m.policy,
+        m.identity.as_deref().unwrap_or("-"),
+        m.mail.to.join(","),
+        m.mail.subject
+    );
+    match m.status {
+        OutboxStatus::Pending => s.push_str(&format!(" next={}", time(m.next_attempt_at))),
+        OutboxStatus::Sent => s.push_str(&format!(" sent={}", time(m.sent_at.unwrap_or(0)))),
+        OutboxStatus::Dead => {}
+    }
+    if let Some(e) = &m.last_error {
+        s.push_str(&format!(" error={e:?}"));
+    }
+    s
+}
+
+/// `idsync outbox ...`.
+pub fn command(loaded: Loaded, cmd: &OutboxCommand) -> anyhow::Result<ExitCode> {
+    let repo = open_repo(&loaded)?;
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        OutboxCommand::List {
+            status,
+            identity,
+            limit,
+            json,
+        } => {
+            let status = match status.as_deref().map(|s| (s, OutboxStatus::parse(s))) {
+                Some((s, None)) => {
+                    eprintln!("unknown status '{s}'; one of: pending, sent, dead");
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+                Some((_, st)) => st,
+                None => None,
+            };
+            let list = repo.outbox_list(&OutboxFilter {
+                status,
+                identity: identity.clone(),
+                undelivered: false,
+                limit: *limit,
+            })?;
+            for m in &list {
+                if *json {
+                    writeln!(out, "{}", serde_json::to_string(m)?)?;
+                } else {
+                    writeln!(out, "{}", line(m))?;
+                }
+            }
+            let (p, s, d) = repo.outbox_counts()?;
+            eprintln!(
+                "{} message(s) shown; pending {p}, sent {s}, dead {d}",
+                list.len()
+            );
+        }
+        OutboxCommand::Show { id } => {
+            let Some(m) = repo.outbox_get(*id)? else {
+                eprintln!("no outbox message #{id}");
+                return Ok(ExitCode::from(EXIT_FAILED));
+            };
+            writeln!(out, "{}", line(&m))?;
+            writeln!(
+                out,
+                "message-id: {}",
+                idsync_notify::message::message_id(&m)
+            )?;
+            writeln!(out, "from: {}", m.mail.from)?;
+            writeln!(out, "to: {}", m.mail.to.join(", "))?;
+            writeln!(out, "subject: {}", m.mail.subject)?;
+            writeln!(out, "--- text\n{}", m.mail.text)?;
+            if let Some(h) = &m.mail.html {
+                writeln!(out, "--- html\n{h}")?;
+            }
+        }
+        OutboxCommand::Retry { id, dead } => {
+            if *dead {
+                let n = repo.outbox_retry_dead()?;
+                println!("{n} dead-lettered message(s) due again");
+            } else if let Some(id) = id {
+                if !repo.outbox_retry(*id)? {
+                    eprintln!("no undelivered outbox message #{id}");
+                    return Ok(ExitCode::from(EXIT_FAILED));
+                }
+                println!("#{id} due again");
+            } else {
+                eprintln!("give an outbox id, or --dead");
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+        }
+        OutboxCommand::Purge { sent_before } => {
+            let cutoff = match humantime::parse_rfc3339_weak(sent_before) {
+                Ok(t) => t,
+                Err(_) => match humantime::parse_duration(sent_before) {
+                    Ok(age) => SystemTime::now() - age,
+                    Err(_) => {
+                        eprintln!("--sent-before: give an RFC 3339 time or an age like 30d");
+                        return Ok(ExitCode::from(EXIT_CONFIG));
+                    }
+                },
+            };
+            let ms = cutoff
+                .duration_since(UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                .unwrap_or(0);
+            let n = repo.outbox_purge_sent_before(ms)?;
+            println!("purged {n} sent message(s)");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `idsync bench ...`.
+pub fn bench(cmd: &BenchCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCommand::Outbox {
+            messages,
+            smtp,
+            connections,
+            batch,
+        } => {
+            let dir = std::env::temp_dir().join(format!("idsync-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let result = idsync_notify::sink::bench_outbox(
+                &dir.join("bench.db"),
+                *messages,
+                *smtp,
+                *connections,
+                *batch,
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+            let r = result?;
+            let rate = r.messages as f64 / r.drain.as_secs_f64().max(1e-9);
+            println!(
+                "bench outbox: {} messages to {} over {} connection(s): enqueue {:.2}s, drain {:.2}s = {:.0} msg/s{}",
+                r.messages,
+                r.target,
+                r.connections,
+                r.enqueue.as_secs_f64(),
+                r.drain.as_secs_f64(),
+                rate,
+                r.accepted
+                    .map(|n| format!(" (sink accepted {n})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,458 @@
+//! The notification outbox: rendered messages waiting for delivery.
+//!
+//! Key design choice (DESIGN.md, "Durability"): a message is inserted in the same
+//! transaction as the checkin that caused it, and it stays *undelivered* (status `pending`,
+//! or `dead` after a permanent failure) until the transaction that records its delivery
+//! marks it `sent`. That row is the "pending notification" mark of the identity: there is no
+//! separate flag to forget to clear. The dispatcher claims due rows with a lease
+//! (`claimed_until`), so two dispatchers on one file do not send the same row at once, and
+//! a dispatcher that dies mid-send leaves the row to be claimed again when the lease ends.
+//! Times are Unix milliseconds.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{OptionalExtension, Row, params};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Context, RepoError, from_json, to_json};
+use crate::{Repo, require_tx};
+
+/// A rendered email, as stored in the outbox row.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenderedMail {
+    /// The From mailbox.
+    pub from: String,
+    /// Recipients (To).
+    pub to: Vec<String>,
+    /// Subject, one line.
+    pub subject: String,
+    /// The text part.
+    pub text: String,
+    /// The HTML part, if the policy has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
+    /// The policy's retry schedule and error handling, opaque to the repository.
+    #[serde(default)]
+    pub retry: serde_json::Value,
+}
+
+/// A message to enqueue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewOutboxMessage {
+    /// The policy that produced it.
+    pub policy: String,
+    /// The identity it is about (shown as pending on it until delivered).
+    pub identity: Option<String>,
+    /// The resource of the event that caused it.
+    pub resource: Option<String>,
+    /// The account key of that event.
+    pub key: Option<String>,
+    /// The message.
+    pub mail: RenderedMail,
+    /// How long delivery may be retried, in milliseconds from creation.
+    pub max_age_ms: i64,
+    /// Set when the message cannot ever be sent (e.g. an invalid recipient address): it is
+    /// stored dead-lettered with this error, visible and re-triable after a fix.
+    pub dead: Option<String>,
+}
+
+/// Where a message is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboxStatus {
+    /// Waiting for (another) delivery attempt.
+    Pending,
+    /// Delivered.
+    Sent,
+    /// Given up (permanent failure or too old); re-triable by the CLI.
+    Dead,
+}
+
+impl OutboxStatus {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxStatus::Pending => "pending",
+            OutboxStatus::Sent => "sent",
+            OutboxStatus::Dead => "dead",
+        }
+    }
+
+    /// Parses the lowercase name.
+    pub fn parse(s: &str) -> Option<OutboxStatus> {
+        [
+            OutboxStatus::Pending,
+            OutboxStatus::Sent,
+            OutboxStatus::Dead,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
+}
+
+/// One outbox row.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxMessage {
+    /// Row id (the Message-ID is derived from it).
+    pub id: i64,
+    /// When it was enqueued (Unix ms).
+    pub created_at: i64,
+    /// Policy name.
+    pub policy: String,
+    /// The identity it is about.
+    pub identity: Option<String>,
+    /// Resource of the causing event.
+    pub resource: Option<String>,
+    /// Account key of the causing event.
+    pub key: Option<String>,
+    /// Status.
+    pub status: OutboxStatus,
+    /// Delivery attempts so far.
+    pub attempts: i64,
+    /// Not before (Unix ms).
+    pub next_attempt_at: i64,
+    /// Retries stop after this (Unix ms).
+    pub expires_at: i64,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// When delivered (Unix ms).
+    pub sent_at: Option<i64>,
+    /// The message.
+    pub mail: RenderedMail,
+}
+
+/// What a delivery attempt came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutboxOutcome {
+    /// Delivered: the row becomes `sent`, which clears the identity's pending mark.
+    Sent,
+    /// Try again at `next_attempt_at` (Unix ms).
+    Retry {
+        /// Not before.
+        next_attempt_at: i64,
+        /// Why it failed.
+        error: String,
+    },
+    /// Give up: dead-lettered.
+    Dead {
+        /// Why.
+        error: String,
+    },
+}
+
+/// What `outbox list` shows.
+#[derive(Clone, Debug, Default)]
+pub struct OutboxFilter {
+    /// Only this status.
+    pub status: Option<OutboxStatus>,
+    /// Only messages about this identity.
+    pub identity: Option<String>,
+    /// Only undelivered ones (pending or dead).
+    pub undelivered: bool,
+    /// At most this many, newest first.
+    pub limit: Option<u64>,
+}
+
+/// Now as Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+const COLUMNS: &str = "id, created_at, policy, identity, resource, key, status, attempts, \
+     next_attempt_at, expires_at, last_error, sent_at, message";
+
+fn read_row(r: &Row<'_>) -> rusqlite::Result<(OutboxMessage, String)> {
+    let status: String = r.get(6)?;
+    let msg = OutboxMessage {
+        id: r.get(0)?,
+        created_at: r.get(1)?,
+        policy: r.get(2)?,
+        identity: r.get(3)?,
+        resource: r.get(4)?,
+        key: r.get(5)?,
+        status: OutboxStatus::parse(&status).unwrap_or(OutboxStatus::Dead),
+        attempts: r.get(7)?,
+        next_attempt_at: r.get(8)?,
+        expires_at: r.get(9)?,
+        last_error: r.get(10)?,
+        sent_at: r.get(11)?,
+        mail: RenderedMail {
+            from: String::new(),
+            to: Vec::new(),
+            subject: String::new(),
+            text: String::new(),
+            html: None,
+            retry: serde_json::Value::Null,
+        },
+    };
+    Ok((msg, r.get(12)?))
+}
+
+fn decode(rows: Vec<(OutboxMessage, String)>) -> Result<Vec<OutboxMessage>, RepoError> {
+    rows.into_iter()
+        .map(|(mut m, json)| {
+            m.mail = from_json(&json, || format!("outbox message {}", m.id))?;
+            Ok(m)
+        })
+        .collect()
+}
+
+impl Repo {
+    /// Enqueues a message, normally inside the batch transaction of the checkin that caused
+    /// it. Returns the row id.
+    pub fn outbox_insert(&self, m: &NewOutboxMessage) -> Result<i64, RepoError> {
+        let json = to_json(&m.mail, || format!("outbox message of policy {}", m.policy))?;
+        let now = now_ms();
+        let status = if m.dead.is_some() {
+            OutboxStatus::Dead
+        } else {
+            OutboxStatus::Pending
+        };
+        let conn = self.lock()?;
+        conn.prepare_cached(
+            "INSERT INTO outbox (created_at, policy, identity, resource, key, status, \
+             next_attempt_at, expires_at, last_error, message) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?1, ?7, ?8, ?9)",
+        )
+        .and_then(|mut st| {
+            st.execute(params![
+                now,
+                m.policy,
+                m.identity,
+                m.resource,
+                m.key,
+                status.as_str(),
+                now.saturating_add(m.max_age_ms),
+                m.dead,
+                json
+            ])
+        })
+        .with_ctx(|| format!("enqueueing a message of policy {}", m.policy))?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Claims up to `limit` due pending messages for `lease_ms` and returns them, in a
+    /// transaction of its own (committed before anything is sent).
+    pub fn outbox_claim(&self, limit: u64, lease_ms: i64) -> Result<Vec<OutboxMessage>, RepoError> {
+        self.begin()?;
+        let result = (|| {
+            let now = now_ms();
+            let conn = self.lock()?;
+            let rows = conn
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM outbox WHERE status = 'pending' \
+                     AND next_attempt_at <= ?1 AND claimed_until <= ?1 \
+                     ORDER BY next_attempt_at, id LIMIT ?2"
+                ))
+                .and_then(|mut st| {
+                    st.query_map(
+                        params![now, i64::try_from(limit).unwrap_or(i64::MAX)],
+                        read_row,
+                    )?
+                    .collect::<Result<Vec<_>, _>>()
+                })
+                .ctx("finding due outbox messages")?;
+            let until = now.saturating_add(lease_ms);
+            {
+                let mut st = conn
+                    .prepare_cached("UPDATE outbox SET claimed_until = ?1 WHERE id = ?2")
+                    .ctx("claiming outbox messages")?;
+                for (m, _) in &rows {
+                    st.execute(params![until, m.id])
+                        .with_ctx(|| format!("claiming outbox message {}", m.id))?;
+                }
+            }
+            drop(conn);
+            decode(rows)
+        })();
+        self.finish(result)
+    }
+
+    /// Records the outcomes of delivery attempts in one transaction. `Sent` is what clears
+    /// the pending mark of the message's identity.
+    pub fn outbox_record(&self, outcomes: &[(i64, OutboxOutcome)]) -> Result<(), RepoError> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        self.begin()?;
+        let result = (|| {
+            let now = now_ms();
+            let conn = self.lock()?;
+            require_tx(&conn, "outbox_record")?;
+            for (id, outcome) in outcomes {
+                let (sql, args): (&str, Vec<rusqlite::types::Value>) = match outcome {
+                    OutboxOutcome::Sent => (
+                        "UPDATE outbox SET status = 'sent', sent_at = ?2, attempts = attempts + 1, \
+                         claimed_until = 0, last_error = NULL WHERE id = ?1",
+                        vec![(*id).into(), now.into()],
+                    ),
+                    OutboxOutcome::Retry {
+                        next_attempt_at,
+                        error,
+                    } => (
+                        "UPDATE outbox SET next_attempt_at = ?2, last_error = ?3, \
+                         attempts = attempts + 1, claimed_until = 0 WHERE id = ?1",
+                        vec![
+                            (*id).into(),
+                            (*next_attempt_at).into(),
+                            error.clone().into(),
+                        ],
+                    ),
+                    OutboxOutcome::Dead { error } => (
+                        "UPDATE outbox SET status = 'dead', last_error = ?2, \
+                         attempts = attempts + 1, claimed_until = 0 WHERE id = ?1",
+                        vec![(*id).into(), error.clone().into()],
+                    ),
+                };
+                conn.prepare_cached(sql)
+                    .and_then(|mut st| st.execute(rusqlite::params_from_iter(args)))
+                    .with_ctx(|| format!("recording the delivery of outbox message {id}"))?;
+            }
+            Ok(())
+        })();
+        self.finish(result)
+    }
+
+    fn finish<T>(&self, result: Result<T, RepoError>) -> Result<T, RepoError> {
+        match result {
+            Ok(v) => {
+                self.commit()?;
+                Ok(v)
+            }
+            Err(e) => {
+                // The first error is the one to report.
+                let _ = self.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    /// Outbox rows, newest first.
+    pub fn outbox_list(&self, f: &OutboxFilter) -> Result<Vec<OutboxMessage>, RepoError> {
+        let mut sql = format!("SELECT {COLUMNS} FROM outbox WHERE 1=1");
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        if let Some(s) = f.status {
+            args.push(s.as_str().to_owned().into());
+            sql.push_str(&format!(" AND status = ?{}", args.len()));
+        }
+        if f.undelivered {
+            sql.push_str(" AND status != 'sent'");
+        }
+        if let Some(i) = &f.identity {
+            args.push(i.clone().into());
+            sql.push_str(&format!(" AND identity = ?{}", args.len()));
+        }
+        sql.push_str(" ORDER BY id DESC");
+        if let Some(l) = f.limit {
+            sql.push_str(&format!(" LIMIT {l}"));
+        }
+        let conn = self.lock()?;
+        let rows = conn
+            .prepare(&sql)
+            .and_then(|mut st| {
+                st.query_map(rusqlite::params_from_iter(args), read_row)?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .ctx("listing the outbox")?;
+        drop(conn);
+        decode(rows)
+    }
+
+    /// One outbox row.
+    pub fn outbox_get(&self, id: i64) -> Result<Option<OutboxMessage>, RepoError> {
+        let conn = self.lock()?;
+        let row = conn
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM outbox WHERE id = ?1"))
+            .and_then(|mut st| st.query_row([id], read_row).optional())
+            .with_ctx(|| format!("reading outbox message {id}"))?;
+        drop(conn);
+        Ok(decode(row.into_iter().collect())?.pop())
+    }
+
+    /// Makes an undelivered message due now again, with a fresh maximum age. Returns false
+    /// when there is no such undelivered message.
+    pub fn outbox_retry(&self, id: i64) -> Result<bool, RepoError> {
+        let conn = self.lock()?;
+        let n = conn
+            .prepare_cached(
+                "UPDATE outbox SET status = 'pending', next_attempt_at = ?2, \
+                 expires_at = ?2 + (expires_at - created_at), claimed_until = 0 \
+                 WHERE id = ?1 AND status != 'sent'",
+            )
+            .and_then(|mut st| st.execute(params![id, now_ms()]))
+            .with_ctx(|| format!("retrying outbox message {id}"))?;
+        Ok(n > 0)
+    }
+
+    /// Makes every dead-lettered message due again. Returns how many.
+    pub fn outbox_retry_dead(&self) -> Result<u64, RepoError> {
+        let conn = self.lock()?;
+        let n = conn
+            .prepare_cached(
+                "UPDATE outbox SET status = 'pending', next_attempt_at = ?1, \
+                 expires_at = ?1 + (expires_at - created_at), claimed_until = 0 \
+                 WHERE status = 'dead'",
+            )
+            .and_then(|mut st| st.execute(params![now_ms()]))
+            .ctx("retrying dead-lettered messages")?;
+        Ok(n as u64)
+    }
+
+    /// Deletes sent messages delivered before `before_ms`. Undelivered ones are never
+    /// purged. Returns how many.
+    pub fn outbox_purge_sent_before(&self, before_ms: i64) -> Result<u64, RepoError> {
+        let conn = self.lock()?;
+        let n = conn
+            .prepare_cached("DELETE FROM outbox WHERE status = 'sent' AND sent_at < ?1")
+            .and_then(|mut st| st.execute(params![before_ms]))
+            .ctx("purging sent messages")?;
+        Ok(n as u64)
+    }
+
+    /// Undelivered (pending or dead) message counts by identity.
+    pub fn outbox_undelivered_counts(
+        &self,
+    ) -> Result<std::collections::HashMap<String, u64>, RepoError> {
+        let conn = self.lock()?;
+        let rows = conn
+            .prepare_cached(
+                "SELECT identity, COUNT(*) FROM outbox WHERE status != 'sent' \
+                 AND identity IS NOT NULL GROUP BY identity",
+            )
+            .and_then(|mut st| {
+                st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .ctx("counting undelivered messages")?;
+        Ok(rows
+            .into_iter()
+            .map(|(i, n)| (i, u64::try_from(n).unwrap_or(0)))
+            .collect())
+    }
+
+    /// Counts by status: (pending, sent, dead).
+    pub fn outbox_counts(&self) -> Result<(u64, u64, u64), RepoError> {
+        let conn = self.lock()?;
+        let mut counts = (0, 0, 0);
+        let rows = conn
+            .prepare_cached("SELECT status, COUNT(*) FROM outbox GROUP BY status")
+            .and_then(|mut st| {
+                st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .ctx("counting outbox messages")?;
+        for (s, n) in rows {
+            let n = u64::try_from(n).unwrap_or(0);
+            match OutboxStatus::parse(&s) {
+                Some(OutboxStatus::Pending) => counts.0 = n,
+                Some(OutboxStatus::Sent) => counts.1 = n,
+                Some(OutboxStatus::Dead) => counts.2 = n,
+                None => {}
+            }
+        }
+        Ok(counts)
+    }
+}

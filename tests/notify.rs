@@ -1,0 +1,301 @@
+//! Notifications through the real binary against a real SMTP server on loopback
+//! (Debian's python3-aiosmtpd, started by the harness on a free port): the server is down
+//! when the event happens and the mail arrives after it comes back; a 4xx is retried; a 5xx
+//! is dead-lettered and re-triable; a crash between sending and marking sends at most once
+//! more with the same Message-ID; CR/LF in an attribute cannot inject a header; HTML in an
+//! attribute is escaped; the file transport writes `.eml` files.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Sandbox, SmtpServer, poll};
+use serde_json::Value;
+
+const POLICIES: &str = r#"
+  policies:
+    - name: welcome
+      on: [created]
+      condition: 'identity.attrs.mail != ()'
+      to: ['identity.attrs.mail']
+      subject: 'Welcome {{ identity.attrs.first }}'
+      text: 'Hello {{ identity.attrs.first }}, your account {{ identity.name }} is ready.'
+      html: '<p>Hello {{ identity.attrs.first }}</p>'
+      retry: { every: 200ms, max_interval: 200ms, max_age: 1h }
+"#;
+
+fn world(transport: &str) -> Sandbox {
+    let s = Sandbox::new();
+    s.config(&format!(
+        "resources:
+  - name: hr
+    source: {{ type: flatfile, path: feeds/hr.csv, key: id }}
+    naming: '\"u\" + account.id'
+    mappings:
+      - {{ to: first, from: first }}
+      - {{ to: mail, from: mail }}
+notifications:
+  from: 'idsync <idsync@example.com>'
+  transport: {transport}
+  dispatch: {{ claim_lease: 1s }}
+{POLICIES}"
+    ));
+    s
+}
+
+fn smtp_world() -> (Sandbox, SmtpServer) {
+    let port = common::free_port();
+    let s = world(&format!(
+        "{{ type: smtp, host: 127.0.0.1, port: {port}, tls: none, timeout: 5s }}"
+    ));
+    let server = SmtpServer::on_port(&s.path().join("smtp"), port);
+    (s, server)
+}
+
+fn outbox(s: &Sandbox) -> Vec<Value> {
+    let r = s.idsync(&["outbox", "list", "--json"]).expect_code(0);
+    r.stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn one(s: &Sandbox) -> Value {
+    let mut all = outbox(s);
+    assert_eq!(all.len(), 1, "{all:?}");
+    all.remove(0)
+}
+
+/// Runs `run --once` until `n` messages arrived.
+fn run_until_received(s: &Sandbox, server: &SmtpServer, n: usize) -> Vec<common::Received> {
+    poll(30, &format!("{n} message(s) delivered"), || {
+        s.run_once(None, 0);
+        let r = server.received();
+        (r.len() >= n).then_some(r)
+    })
+}
+
+#[test]
+fn server_down_then_up_delivers_and_clears_pending() {
+    let (s, mut server) = smtp_world();
+    s.feed("hr.csv", "id,first,mail\n1,Alice,alice@example.com\n");
+    // The server is down when the identity is created: the sync succeeds, the mail waits.
+    let run = s.run_once(None, 0);
+    assert!(run.stdout.contains("retrying 1"), "{}", run.stdout);
+    let m = one(&s);
+    assert_eq!(m["status"], "pending");
+    assert_eq!(m["identity"], "u1");
+    assert!(
+        m["last_error"].as_str().unwrap().contains("transient"),
+        "{m}"
+    );
+    let show = s.idsync(&["identities", "show", "u1"]).expect_code(0);
+    assert!(
+        show.stdout.contains("pending notifications:"),
+        "{}",
+        show.stdout
+    );
+    assert_eq!(s.identity("u1").unwrap()["pending_notifications"], 1);
+
+    server.start();
+    let got = run_until_received(&s, &server, 1);
+    assert_eq!(got[0].rcpt, vec!["alice@example.com"]);
+    assert_eq!(got[0].header("subject").as_deref(), Some("Welcome Alice"));
+    let m = one(&s);
+    assert_eq!(m["status"], "sent");
+    let show = s.idsync(&["identities", "show", "u1"]).expect_code(0);
+    assert!(
+        !show.stdout.contains("pending notifications"),
+        "{}",
+        show.stdout
+    );
+    assert!(
+        s.identity("u1")
+            .unwrap()
+            .get("pending_notifications")
+            .is_none()
+    );
+}
+
+#[test]
+fn smtp_4xx_is_retried() {
+    let (s, mut server) = smtp_world();
+    server.set_mode("451");
+    server.start();
+    s.feed("hr.csv", "id,first,mail\n1,Alice,alice@example.com\n");
+    s.run_once(None, 0);
+    let m = one(&s);
+    assert_eq!(m["status"], "pending");
+    assert_eq!(m["attempts"], 1);
+    assert!(m["last_error"].as_str().unwrap().contains("451"), "{m}");
+    server.set_mode("accept");
+    run_until_received(&s, &server, 1);
+    let m = one(&s);
+    assert_eq!(m["status"], "sent");
+    assert!(m["attempts"].as_i64().unwrap() >= 2);
+}
+
+#[test]
+fn smtp_5xx_is_dead_lettered_and_retriable() {
+    let (s, mut server) = smtp_world();
+    server.set_mode("550");
+    server.start();
+    s.feed("hr.csv", "id,first,mail\n1,Alice,alice@example.com\n");
+    s.run_once(None, 0);
+    let m = one(&s);
+    assert_eq!(m["status"], "dead");
+    assert!(m["last_error"].as_str().unwrap().contains("550"), "{m}");
+    // Still undelivered: shown pending on the identity.
+    let show = s.idsync(&["identities", "show", "u1"]).expect_code(0);
+    assert!(show.stdout.contains("dead welcome"), "{}", show.stdout);
+    // Not retried by itself.
+    server.set_mode("accept");
+    s.run_once(None, 0);
+    assert_eq!(one(&s)["status"], "dead");
+    assert!(server.received().is_empty());
+    // Re-triable from the CLI.
+    let r = s.idsync(&["outbox", "retry", "--dead"]).expect_code(0);
+    assert!(r.stdout.contains("1 dead-lettered"), "{}", r.stdout);
+    run_until_received(&s, &server, 1);
+    assert_eq!(one(&s)["status"], "sent");
+}
+
+#[test]
+fn crash_after_send_resends_at_most_once_with_the_same_message_id() {
+    let (s, mut server) = smtp_world();
+    server.start();
+    s.feed("hr.csv", "id,first,mail\n1,Alice,alice@example.com\n");
+    // Sent, then the process dies before recording the delivery.
+    let r = s.idsync_env(&["run", "--once"], &[("IDSYNC_FAULT", "exit-after-send")]);
+    assert_eq!(r.code, 86, "{}\n{}", r.stdout, r.stderr);
+    let first = server.wait_for(1);
+    assert_eq!(one(&s)["status"], "pending");
+    // After the claim lease the next run sends it once more, with the same Message-ID.
+    let got = run_until_received(&s, &server, 2);
+    assert_eq!(one(&s)["status"], "sent");
+    let id1 = first[0].header("message-id").unwrap();
+    let id2 = got[1].header("message-id").unwrap();
+    assert_eq!(id1, id2);
+    assert!(id1.starts_with("<idsync."), "{id1}");
+    // And never again.
+    s.run_once(None, 0);
+    assert_eq!(server.received().len(), 2);
+}
+
+#[test]
+fn crlf_in_an_attribute_cannot_inject_a_header() {
+    let (s, mut server) = smtp_world();
+    server.start();
+    s.feed(
+        "hr.csv",
+        "id,first,mail\n\
+         1,\"Alice\r\nBcc: evil@example.com\",alice@example.com\n\
+         2,Bob,\"bob@example.com\r\nBcc: evil@example.com\"\n",
+    );
+    s.run_once(None, 0);
+    let got = server.wait_for(1);
+    assert_eq!(got.len(), 1);
+    let m = &got[0];
+    assert_eq!(m.rcpt, vec!["alice@example.com"]);
+    assert!(
+        m.headers().iter().all(|(k, _)| k != "bcc"),
+        "{:?}",
+        m.headers()
+    );
+    let head = m.raw.split("\r\n\r\n").next().unwrap();
+    assert!(!head.contains("\r\nBcc:"), "{head}");
+    let subject = m.header("subject").unwrap();
+    assert!(
+        subject.contains("Alice") && subject.contains("evil"),
+        "{subject}"
+    );
+    // Bob's recipient is not an address: dead-lettered with the reason, nothing sent.
+    let list = outbox(&s);
+    let bob = list.iter().find(|m| m["identity"] == "u2").unwrap();
+    assert_eq!(bob["status"], "dead");
+    assert!(
+        bob["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid recipient"),
+        "{bob}"
+    );
+}
+
+#[test]
+fn html_in_an_attribute_is_escaped() {
+    let (s, mut server) = smtp_world();
+    server.start();
+    s.feed(
+        "hr.csv",
+        "id,first,mail\n1,<script>alert(1)</script>,alice@example.com\n",
+    );
+    s.run_once(None, 0);
+    let got = server.wait_for(1);
+    let raw = &got[0].raw;
+    assert!(raw.contains("<p>Hello &lt;script&gt;alert(1)&lt;"), "{raw}");
+    assert!(!raw.contains("<p>Hello <script>"), "{raw}");
+    // The text part keeps the value as it is.
+    assert!(
+        raw.contains("Hello <script>alert(1)</script>, your account"),
+        "{raw}"
+    );
+}
+
+#[test]
+fn file_transport_writes_eml_files() {
+    let s = world("{ type: file, dir: mail }");
+    s.feed("hr.csv", "id,first,mail\n1,Alice,alice@example.com\n");
+    let run = s.run_once(None, 0);
+    assert!(run.stdout.contains("outbox: sent 1"), "{}", run.stdout);
+    let m = one(&s);
+    let path = s.path().join("mail").join(format!("{}.eml", m["id"]));
+    let eml = std::fs::read_to_string(&path).unwrap();
+    assert!(eml.contains("Subject: Welcome Alice"), "{eml}");
+    assert!(eml.contains("To: alice@example.com"), "{eml}");
+    let show = s
+        .idsync(&["outbox", "show", &m["id"].to_string()])
+        .expect_code(0);
+    assert!(
+        show.stdout.contains("message-id: <idsync."),
+        "{}",
+        show.stdout
+    );
+}
+
+#[test]
+fn check_reports_policy_problems_with_their_key() {
+    let s = Sandbox::new();
+    s.config(
+        "resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: id }
+notifications:
+  from: 'idsync <idsync@example.com>'
+  transport: { type: file, dir: mail }
+  policies:
+    - name: broken
+      on: [created]
+      to: ['identity.attrs.mail +']
+      subject: '{{ unclosed'
+      text: 'x'
+      retry: { every: soon }
+",
+    );
+    let r = s.idsync(&["check"]).expect_code(2);
+    assert!(
+        r.stderr.contains("notifications.policies[0].to[0]"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("notifications.policies[0].subject"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("notifications.policies[0].retry.every"),
+        "{}",
+        r.stderr
+    );
+}
