@@ -102,7 +102,8 @@ pub struct LdapConfig {
     /// (default 1000 ms).
     #[serde(default = "default_idle_ms")]
     pub idle_ms: u64,
-    /// Poll mode: seconds between full passes that find deletes (default 3600).
+    /// Poll mode: seconds between full passes that find deletes (default 3600; 0: every
+    /// pass is a full pass).
     #[serde(default = "default_full_pass")]
     pub full_pass_secs: u64,
     /// Page size of paged searches (poll mode; default 500).
@@ -279,9 +280,6 @@ impl LdapConfig {
         }
         if self.timeout_secs == 0 {
             p.push("timeout_secs: must be at least 1".to_owned());
-        }
-        if self.full_pass_secs == 0 {
-            p.push("full_pass_secs: must be at least 1".to_owned());
         }
         if self.delete_guard_percent > 100 {
             p.push("delete_guard_percent: must be between 0 and 100".to_owned());

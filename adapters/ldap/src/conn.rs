@@ -57,7 +57,7 @@ impl Client {
         fut: impl Future<Output = ldap3::result::Result<T>>,
     ) -> Result<T, LdapError> {
         let t = self.timeout();
-        match self.rt.block_on(tokio::time::timeout(t, fut)) {
+        match self.rt.block_on(async move { tokio::time::timeout(t, fut).await }) {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.conn_err(format!("{what}: {e}"))),
             Err(_) => Err(self.conn_err(format!("{what}: no answer within {}s", t.as_secs()))),
@@ -67,16 +67,17 @@ impl Client {
     /// Runs `fut` on the runtime, waiting at most `wait`; `None` when the time ran out.
     /// Only cancel-safe futures may be given (reading the next message of a stream is).
     pub fn run_for<T>(&self, wait: Duration, fut: impl Future<Output = T>) -> Option<T> {
-        self.rt.block_on(tokio::time::timeout(wait, fut)).ok()
+        self.rt
+            .block_on(async move { tokio::time::timeout(wait, fut).await })
+            .ok()
     }
 
     /// Drops the connection (the next call reconnects).
     pub fn disconnect(&mut self) {
         if let Some(mut ldap) = self.ldap.take() {
-            let _ = self.rt.block_on(tokio::time::timeout(
-                Duration::from_millis(200),
-                ldap.unbind(),
-            ));
+            let _ = self.rt.block_on(async move {
+                tokio::time::timeout(Duration::from_millis(200), ldap.unbind()).await
+            });
         }
     }
 

@@ -6,10 +6,10 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::Instant;
 
 use anyhow::Context as _;
-use idsync_core::{Action, Fetch, Identity, Situation};
+use idsync_core::{Action, Adapter, Fetch, Identity, Situation};
 use idsync_engine::BatchReport;
 use idsync_repo::DecisionFilter;
 use idsync_rules::RuleEngine;
@@ -78,32 +78,58 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     }
-    let interval = Duration::from_secs(setup.loaded.config.poll_interval_secs);
+    // Adapters live as long as the command, so a connection (and an LDAP persist stream)
+    // is kept between passes; each resource is passed again after its own interval.
+    let mut adapters: Vec<Box<dyn Adapter>> = (0..setup.loaded.config.resources.len())
+        .map(|i| setup.adapter(i))
+        .collect();
+    if args.once {
+        return pass(&setup, &args.resources, &mut adapters, None);
+    }
+    let mut due = vec![Instant::now(); adapters.len()];
     loop {
-        let code = pass(&setup, &args.resources);
-        if args.once {
-            return code;
+        let now = Instant::now();
+        let ready: Vec<bool> = due.iter().map(|d| *d <= now).collect();
+        pass(&setup, &args.resources, &mut adapters, Some(&ready));
+        for (i, d) in due.iter_mut().enumerate() {
+            if ready[i] {
+                *d = Instant::now() + setup.interval(i);
+            }
         }
-        std::thread::sleep(interval);
+        let next = due.iter().min().copied().unwrap_or_else(Instant::now);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
 }
 
-/// One pass of every selected resource; prints a line per resource and a summary line.
-fn pass(setup: &Setup, only: &[String]) -> ExitCode {
+/// One pass of every selected resource (of those `ready`, when given: a pass of the
+/// long-running loop, which stays quiet when nothing happened); prints a line per resource
+/// and a summary line.
+fn pass(
+    setup: &Setup,
+    only: &[String],
+    adapters: &mut [Box<dyn Adapter>],
+    ready: Option<&[bool]>,
+) -> ExitCode {
     let mut total = BatchReport::default();
     let mut resource_errors = 0;
+    let mut batches = 0;
     for (i, r) in setup.loaded.config.resources.iter().enumerate() {
         if !only.is_empty() && !only.contains(&r.name) {
+            continue;
+        }
+        if ready.is_some_and(|ready| !ready[i]) {
             continue;
         }
         let Some(policy) = setup.policy(&r.name) else {
             continue;
         };
-        match pass_resource(setup, i, policy) {
+        match pass_resource(setup, adapters[i].as_mut(), policy) {
             Ok(Some(report)) => {
                 println!("{}: {}", r.name, describe(&report));
                 total.merge(&report);
+                batches += 1;
             }
+            Ok(None) if ready.is_some() => {}
             Ok(None) => println!("{}: no changes", r.name),
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -112,7 +138,9 @@ fn pass(setup: &Setup, only: &[String]) -> ExitCode {
             }
         }
     }
-    println!("summary: {}", describe(&total));
+    if ready.is_none() || batches > 0 || resource_errors > 0 {
+        println!("summary: {}", describe(&total));
+    }
     if resource_errors > 0 {
         ExitCode::from(EXIT_RESOURCE)
     } else if total.failed > 0 || total.rejected > 0 {
@@ -124,12 +152,11 @@ fn pass(setup: &Setup, only: &[String]) -> ExitCode {
 
 fn pass_resource(
     setup: &Setup,
-    index: usize,
+    adapter: &mut dyn Adapter,
     policy: &idsync_engine::Policy,
 ) -> anyhow::Result<Option<BatchReport>> {
     let repo = setup.engine.repo();
     let expected = repo.checkpoint(&policy.resource)?;
-    let mut adapter = setup.adapter(index);
     match adapter.next_batch(expected.as_ref(), repo.as_ref())? {
         Fetch::Idle => Ok(None),
         Fetch::Batch(batch) => {
