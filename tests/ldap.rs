@@ -106,7 +106,11 @@ fn lifecycle(slapd: &Slapd, s: &Sandbox, sync: &dyn Fn()) {
 
     slapd.modify(&format!("dn: uid=anna,{PEOPLE}\nchangetype: delete\n\n"));
     sync();
-    assert_eq!(s.owner("dir", &uuid), None, "the delete unlinks the account");
+    assert_eq!(
+        s.owner("dir", &uuid),
+        None,
+        "the delete unlinks the account"
+    );
     let recs = records(s, &uuid);
     let ops: Vec<&str> = recs.iter().map(|r| r["op"].as_str().unwrap()).collect();
     assert_eq!(ops.first().copied(), Some("create"));
@@ -122,7 +126,11 @@ fn lifecycle(slapd: &Slapd, s: &Sandbox, sync: &dyn Fn()) {
 fn syncrepl_full_sync_then_add_modify_modrdn_delete() {
     let slapd = Slapd::start();
     for i in 0..5 {
-        slapd.add_person(&format!("p{i}"), &format!("P {i}"), &format!("p{i}@example.com"));
+        slapd.add_person(
+            &format!("p{i}"),
+            &format!("P {i}"),
+            &format!("p{i}@example.com"),
+        );
     }
     // Outside the base: never synchronized.
     slapd.modify("dn: uid=x,ou=other,dc=example,dc=com\nobjectClass: inetOrgPerson\nuid: x\ncn: X\nsn: X\n\n");
@@ -266,7 +274,10 @@ fn persist_streams_changes_and_survives_slapd_restart() {
 fn poll_mode_finds_changes_by_timestamp_and_deletes_by_full_pass() {
     let slapd = Slapd::start();
     slapd.add_person("p0", "P0", "p0@example.com");
-    let s = world(&slapd, "      mode: poll\n      full_pass_secs: 0\n      page_size: 2");
+    let s = world(
+        &slapd,
+        "      mode: poll\n      full_pass_secs: 0\n      page_size: 2",
+    );
     s.run_once(None, 0);
     assert!(s.identity("p0").is_some());
     for i in 1..5 {
@@ -329,7 +340,12 @@ fn refused_bind_names_the_resource_and_never_the_password() {
     s.write("secrets/ldap.pw", "wrong-password-123\n");
     let run = s.run_once(None, 3);
     assert!(run.stderr.contains("resource dir"), "{}", run.stderr);
-    assert!(run.stderr.contains("bind as 'cn=sync,dc=example,dc=com' refused"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("bind as 'cn=sync,dc=example,dc=com' refused"),
+        "{}",
+        run.stderr
+    );
     assert!(run.stderr.contains("invalidCredentials"), "{}", run.stderr);
     assert!(!run.stderr.contains("wrong-password-123"));
     assert!(!run.stdout.contains("wrong-password-123"));
@@ -343,7 +359,7 @@ fn password_from_the_environment() {
     s.config(&format!(
         "resources:
   - name: dir
-    source: {{ type: ldap, url: '{}', base: '{PEOPLE}', bind_dn_env: T_LDAP_DN, bind_password_env: T_LDAP_PW }}
+    source: {{ type: ldap, url: '{}', base: '{PEOPLE}', filter: '(uid=*)', bind_dn_env: T_LDAP_DN, bind_password_env: T_LDAP_PW }}
     naming: 'account.uid'
 ",
         slapd.url()
@@ -355,7 +371,11 @@ fn password_from_the_environment() {
         .env("T_LDAP_PW", SYNC_PW)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(s.identity("e").is_some());
     // Without the variable: a clear error naming it, not a crash.
     let run = s.run_once(None, 3);
@@ -389,8 +409,16 @@ fn filter_values_are_escaped() {
         slapd.url()
     ));
     s.run_once(None, 0);
-    let names: Vec<String> = s.export().iter().map(|i| i["name"].as_str().unwrap().to_owned()).collect();
-    assert_eq!(names, ["odd"], "the value matched literally, not as a wildcard");
+    let names: Vec<String> = s
+        .export()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["odd"],
+        "the value matched literally, not as a wildcard"
+    );
 }
 
 #[test]
@@ -404,7 +432,10 @@ fn binary_and_multi_valued_attributes_are_carried_faithfully() {
     let s = world(&slapd, "");
     s.run_once(None, 0);
     let ph = s.identity("ph").unwrap();
-    assert_eq!(ph["attrs"]["jpegPhoto"], serde_json::json!({"base64": "/9j/AAEC/w=="}));
+    assert_eq!(
+        ph["attrs"]["jpegPhoto"],
+        serde_json::json!({"base64": "/9j/AAEC/w=="})
+    );
     assert_eq!(
         ph["attrs"]["mail"],
         serde_json::json!(["one@example.com", "two@example.com"])

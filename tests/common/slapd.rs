@@ -49,8 +49,19 @@ impl Tls {
         openssl(
             dir,
             &[
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-                "ca.pem", "-days", "2", "-subj", "/CN=idsync test CA",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=idsync test CA",
             ],
         );
         std::fs::write(
@@ -62,15 +73,36 @@ impl Tls {
         openssl(
             dir,
             &[
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
-                "server.csr", "-subj", "/CN=localhost",
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
             ],
         );
         openssl(
             dir,
             &[
-                "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf",
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
             ],
         );
         Tls {
@@ -250,14 +282,22 @@ logsuccess TRUE
 
     fn answers(&self) -> bool {
         Command::new("ldapsearch")
-            .args(["-x", "-H", &self.url(), "-b", "", "-s", "base", "-o", "nettimeout=1"])
+            .args([
+                "-x",
+                "-H",
+                &self.url(),
+                "-b",
+                "",
+                "-s",
+                "base",
+                "-o",
+                "nettimeout=1",
+            ])
             .args(["(objectClass=*)", "namingContexts"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .output()
-            .map(|o| {
-                o.status.success() && String::from_utf8_lossy(&o.stdout).contains(SUFFIX)
-            })
+            .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(SUFFIX))
             .unwrap_or(false)
     }
 
@@ -281,7 +321,10 @@ logsuccess TRUE
     }
 
     pub fn ldaps_url(&self) -> String {
-        format!("ldaps://127.0.0.1:{}/", self.tls_port.expect("a TLS server"))
+        format!(
+            "ldaps://127.0.0.1:{}/",
+            self.tls_port.expect("a TLS server")
+        )
     }
 
     pub fn dir(&self) -> &Path {
@@ -291,7 +334,16 @@ logsuccess TRUE
     /// Applies an LDIF change set as the administrator (`ldapmodify`, adds allowed).
     pub fn modify(&self, ldif: &str) {
         let mut child = Command::new("ldapmodify")
-            .args(["-x", "-H", &self.url(), "-D", ADMIN_DN, "-w", ADMIN_PW, "-a"])
+            .args([
+                "-x",
+                "-H",
+                &self.url(),
+                "-D",
+                ADMIN_DN,
+                "-w",
+                ADMIN_PW,
+                "-a",
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -321,7 +373,16 @@ logsuccess TRUE
     /// The entryUUID of an entry.
     pub fn entry_uuid(&self, dn: &str) -> String {
         let out = Command::new("ldapsearch")
-            .args(["-x", "-LLL", "-H", &self.url(), "-D", ADMIN_DN, "-w", ADMIN_PW])
+            .args([
+                "-x",
+                "-LLL",
+                "-H",
+                &self.url(),
+                "-D",
+                ADMIN_DN,
+                "-w",
+                ADMIN_PW,
+            ])
             .args(["-b", dn, "-s", "base", "(objectClass=*)", "entryUUID"])
             .output()
             .unwrap();

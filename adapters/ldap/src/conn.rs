@@ -57,7 +57,10 @@ impl Client {
         fut: impl Future<Output = ldap3::result::Result<T>>,
     ) -> Result<T, LdapError> {
         let t = self.timeout();
-        match self.rt.block_on(async move { tokio::time::timeout(t, fut).await }) {
+        match self
+            .rt
+            .block_on(async move { tokio::time::timeout(t, fut).await })
+        {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.conn_err(format!("{what}: {e}"))),
             Err(_) => Err(self.conn_err(format!("{what}: no answer within {}s", t.as_secs()))),
@@ -83,10 +86,10 @@ impl Client {
 
     /// The open connection, connecting and binding first if needed.
     pub fn ldap(&mut self) -> Result<Ldap, LdapError> {
-        if let Some(l) = &mut self.ldap {
-            if !l.is_closed() {
-                return Ok(l.clone());
-            }
+        if let Some(l) = &mut self.ldap
+            && !l.is_closed()
+        {
+            return Ok(l.clone());
         }
         self.ldap = None;
         let ldap = self.connect()?;

@@ -117,10 +117,10 @@ pub(crate) fn poll<'k>(
                 raw.dn
             )));
         };
-        if let Some(ts) = ts {
-            if hwm.as_ref().is_none_or(|h| ts > *h) {
-                hwm = Some(ts);
-            }
+        if let Some(ts) = ts
+            && hwm.as_ref().is_none_or(|h| ts > *h)
+        {
+            hwm = Some(ts);
         }
         col.put(uuid, shaper.attrs(raw))?;
     }

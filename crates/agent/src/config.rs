@@ -136,7 +136,7 @@ pub enum SourceConfig {
     /// A CSV flat file.
     Flatfile(FlatFileConfig),
     /// An LDAP directory (RFC 4533 content sync or timestamp polling).
-    Ldap(LdapConfig),
+    Ldap(Box<LdapConfig>),
 }
 
 /// Rule scripts by role.

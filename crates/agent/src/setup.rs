@@ -197,7 +197,7 @@ impl Setup {
                 Box::new(FlatFileAdapter::new(&r.name, ff))
             }
             SourceConfig::Ldap(l) => {
-                let mut l = l.clone();
+                let mut l = (**l).clone();
                 l.ca_file = l.ca_file.map(|p| self.loaded.resolve(&p));
                 l.bind_password_file = l.bind_password_file.map(|p| self.loaded.resolve(&p));
                 Box::new(LdapAdapter::new(&r.name, l))
