@@ -7,6 +7,15 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s\n' "$*"; }
 
+# The LDAP tests run a private slapd (ldap-utils for their changes, openssl for a test CA).
+if ! command -v slapd >/dev/null 2>&1 && ! [ -x /usr/sbin/slapd ] || ! command -v ldapmodify >/dev/null 2>&1; then
+  step "installing slapd, ldap-utils and openssl"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq slapd ldap-utils openssl >/dev/null
+  # Only the tests' private instances are wanted; stop the one the package may start.
+  (service slapd stop || true) >/dev/null 2>&1
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
