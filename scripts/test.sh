@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 step() { printf '\n== %s\n' "$*"; }
 
 # The LDAP tests run a private slapd (ldap-utils for their changes, openssl for a test CA).
-if ! command -v slapd >/dev/null 2>&1 && ! [ -x /usr/sbin/slapd ] || ! command -v ldapmodify >/dev/null 2>&1; then
+if ! command -v slapd >/dev/null 2>&1 && ! [ -x /usr/sbin/slapd ] || ! command -v ldapmodify >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
   step "installing slapd, ldap-utils and openssl"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq slapd ldap-utils openssl >/dev/null

@@ -18,6 +18,16 @@ pub const SYNC_DN: &str = "cn=sync,dc=example,dc=com";
 pub const SYNC_PW: &str = "sync-secret";
 pub const PEOPLE: &str = "ou=people,dc=example,dc=com";
 
+/// An OpenLDAP server program, from PATH or Debian's /usr/sbin.
+fn sbin(name: &str) -> String {
+    let p = Path::new("/usr/sbin").join(name);
+    if p.is_file() {
+        p.display().to_string()
+    } else {
+        name.to_owned()
+    }
+}
+
 /// A free loopback TCP port (bound and released; checked free again before use).
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -219,7 +229,7 @@ logsuccess TRUE
         );
         std::fs::write(d.join("slapd.conf"), conf).unwrap();
         std::fs::write(d.join("base.ldif"), BASE_LDIF).unwrap();
-        let out = Command::new("slapadd")
+        let out = Command::new(sbin("slapadd"))
             .args(["-f", "slapd.conf", "-b", SUFFIX, "-l", "base.ldif"])
             .current_dir(d)
             .output()
@@ -255,7 +265,7 @@ logsuccess TRUE
             if let Some(p) = self.tls_port {
                 urls.push_str(&format!(" ldaps://127.0.0.1:{p}/"));
             }
-            let mut child = Command::new("slapd")
+            let mut child = Command::new(sbin("slapd"))
                 .args(["-f", "slapd.conf", "-h", &urls, "-d", "0"])
                 .current_dir(self.dir.path())
                 .stdout(Stdio::null())
