@@ -24,6 +24,7 @@ mod entry;
 mod error;
 mod poll;
 mod sync;
+pub mod tools;
 
 use std::time::{Duration, Instant};
 

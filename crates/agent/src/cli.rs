@@ -35,6 +35,34 @@ pub enum Command {
     /// Failed events: list them, re-run them.
     #[command(subcommand)]
     Failed(FailedCommand),
+    /// Benchmarks (need no config).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `bench` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Against a private slapd it starts: raw paged search (floor), full sync into a
+    /// repository, modify→committed latency in persist mode.
+    Ldap(BenchLdapArgs),
+}
+
+/// `bench ldap` options.
+#[derive(Debug, Args)]
+pub struct BenchLdapArgs {
+    /// Entries loaded into the directory.
+    #[arg(long, default_value_t = 100_000)]
+    pub entries: usize,
+    /// Page size of the paged search.
+    #[arg(long, default_value_t = 1000)]
+    pub page_size: i32,
+    /// Modifies timed in persist mode.
+    #[arg(long, default_value_t = 500)]
+    pub changes: usize,
+    /// Milliseconds between two timed modifies.
+    #[arg(long, default_value_t = 10)]
+    pub pace_ms: u64,
 }
 
 /// `run` options.

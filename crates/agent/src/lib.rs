@@ -5,6 +5,7 @@
 //! library crates below it take already-validated values, so a bad config is reported
 //! completely (`idsync check`) before any repository file is created.
 
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -21,6 +22,15 @@ use cli::{Cli, Command};
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    if let Command::Bench(cli::BenchCommand::Ldap(args)) = &cli.command {
+        return match bench::ldap(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(commands::EXIT_RESOURCE)
+            }
+        };
+    }
     let loaded = match commands::load(&cli.config) {
         Ok(l) => l,
         Err(code) => return code,
@@ -31,6 +41,7 @@ pub fn main() -> ExitCode {
         Command::Identities(cmd) => commands::identities(loaded, cmd),
         Command::Results(args) => commands::results(loaded, args),
         Command::Failed(cmd) => commands::failed(loaded, cmd),
+        Command::Bench(_) => Ok(ExitCode::SUCCESS), // handled above
     };
     match result {
         Ok(code) => code,
