@@ -251,11 +251,12 @@ fn persist_streams_changes_and_survives_slapd_restart() {
     let _agent = Agent::start(&s);
     eventually(20, "the initial refresh", || s.identity("p0"));
 
+    // Each step of the lifecycle makes exactly one decision record: wait for it.
+    let expected = std::cell::Cell::new(s.results(&[]).len());
     let sync = || {
-        // The change of the step before must have been committed: wait for its record.
-        let before = s.results(&[]).len();
+        expected.set(expected.get() + 1);
         eventually(10, "a streamed change", || {
-            (s.results(&[]).len() > before).then_some(())
+            (s.results(&[]).len() >= expected.get()).then_some(())
         });
     };
     lifecycle(&slapd, &s, &sync);
@@ -440,4 +441,42 @@ fn binary_and_multi_valued_attributes_are_carried_faithfully() {
         ph["attrs"]["mail"],
         serde_json::json!(["one@example.com", "two@example.com"])
     );
+}
+
+#[test]
+fn changed_search_refreshes_from_scratch_behind_the_delete_guard() {
+    let slapd = Slapd::start();
+    for i in 0..12 {
+        slapd.add_person(&format!("p{i}"), "P", "p@example.com");
+    }
+    let s = world(&slapd, "      mode: syncrepl");
+    s.run_once(None, 0);
+    assert_eq!(s.export().len(), 12);
+
+    // A narrower filter invalidates the cookie: a full refresh finds 10 accounts absent,
+    // more than the guard allows, so nothing is applied.
+    let narrow = std::fs::read_to_string(s.path().join("idsync.yaml"))
+        .unwrap()
+        .replace(
+            "filter: (objectClass=inetOrgPerson)",
+            "filter: (|(uid=p0)(uid=p1))",
+        );
+    s.config(&narrow);
+    let run = s.run_once(None, 3);
+    assert!(
+        run.stderr.contains("would delete 10 of 12 known accounts"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(s.results(&["--situation", "deleted"]).len(), 0);
+
+    // The operator agrees: the deletes are applied, each with the last known attributes.
+    s.config(&narrow.replace(
+        "      mode: syncrepl",
+        "      mode: syncrepl\n      delete_guard_percent: 100",
+    ));
+    let run = s.run_once(None, 0);
+    assert!(run.stdout.contains("dir: 10 events"), "{}", run.stdout);
+    let deleted = s.results(&["--situation", "deleted"]);
+    assert_eq!(deleted.len(), 10);
 }

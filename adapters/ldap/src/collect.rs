@@ -27,6 +27,8 @@ pub(crate) struct Collector<'k> {
     /// Keys seen present in the current full pass.
     present: HashSet<String>,
     origin: String,
+    /// Deletes by absence were applied in this batch (once per pass).
+    absence_done: bool,
     pub events: Vec<ChangeEvent>,
 }
 
@@ -46,6 +48,7 @@ impl<'k> Collector<'k> {
             fresh,
             present: HashSet::new(),
             origin: origin.to_owned(),
+            absence_done: false,
             events: Vec::new(),
         })
     }
@@ -119,8 +122,12 @@ impl<'k> Collector<'k> {
     }
 
     /// Ends a full pass: every account that exists but was not seen present is deleted,
-    /// unless that is more than the guard allows.
+    /// unless that is more than the guard allows. Only the first call of a batch acts.
     pub fn delete_absent(&mut self, guard_percent: u8, guard_min: usize) -> Result<(), LdapError> {
+        if self.absence_done {
+            return Ok(());
+        }
+        self.absence_done = true;
         let mut existing: HashSet<String> = self.hashes.keys().cloned().collect();
         for (k, v) in &self.overlay {
             if v.is_some() {

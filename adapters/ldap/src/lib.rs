@@ -99,13 +99,7 @@ impl LdapAdapter {
         let resource = self.resource.as_str();
         let (col, checkpoint): (Collector<'_>, Option<Checkpoint>) = match self.config.mode {
             Mode::Syncrepl => {
-                let (col, cookie) =
-                    sync::refresh_only(client, &shaper, resource, after, known, &filter, &attrs)?;
-                let cp = match cookie {
-                    Some(c) => Some(sync::encode_cookie(&c)),
-                    None => after.cloned(),
-                };
-                (col, cp)
+                sync::refresh_only(client, &shaper, resource, after, known, &filter, &attrs)?
             }
             Mode::Persist => {
                 let f = sync::persist(
@@ -169,13 +163,17 @@ impl Adapter for LdapAdapter {
                 if let Some(c) = self.client.as_mut() {
                     c.disconnect();
                 }
-                if e.is_transient() {
-                    self.failures = self.failures.saturating_add(1);
+                // Back off before the next attempt (a permanent error the longest, so a
+                // persist resource, which has no interval, never spins on it).
+                self.failures = self.failures.saturating_add(1);
+                let wait = if e.is_transient() {
                     let exp = self.failures.min(6);
-                    let wait = (Duration::from_millis(250) * 2u32.pow(exp)).min(MAX_BACKOFF);
-                    self.retry_at = Some(Instant::now() + wait);
-                    tracing::warn!(resource = %self.resource, "{e}; retrying in {} ms", wait.as_millis());
-                }
+                    (Duration::from_millis(250) * 2u32.pow(exp)).min(MAX_BACKOFF)
+                } else {
+                    MAX_BACKOFF
+                };
+                self.retry_at = Some(Instant::now() + wait);
+                tracing::warn!(resource = %self.resource, "{e}; next attempt in {} ms", wait.as_millis());
                 Err(e.into_adapter(&self.resource))
             }
         }

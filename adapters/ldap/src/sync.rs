@@ -22,28 +22,46 @@ use crate::error::LdapError;
 /// The result code of e-syncRefreshRequired.
 const REFRESH_REQUIRED: u32 = 4096;
 
-/// Checkpoint text of a cookie: `sync:<cookie>` when printable, else `sync64:<base64>`.
-pub(crate) fn encode_cookie(cookie: &[u8]) -> Checkpoint {
+/// Checkpoint text of a cookie for a search whose parameters hash to `params`:
+/// `sync:<params>:<cookie>` when the cookie is printable, else `sync64:<params>:<base64>`.
+pub(crate) fn encode_cookie(params: &str, cookie: &[u8]) -> Checkpoint {
     use base64::Engine as _;
     match std::str::from_utf8(cookie) {
-        Ok(s) if s.chars().all(|c| c.is_ascii_graphic()) => Checkpoint(format!("sync:{s}")),
+        Ok(s) if s.chars().all(|c| c.is_ascii_graphic()) => {
+            Checkpoint(format!("sync:{params}:{s}"))
+        }
         _ => Checkpoint(format!(
-            "sync64:{}",
+            "sync64:{params}:{}",
             base64::engine::general_purpose::STANDARD.encode(cookie)
         )),
     }
 }
 
-/// The cookie of a checkpoint; `None` for none, or for one this mode did not write (the
-/// mode was changed): a refresh from scratch follows.
-pub(crate) fn decode_cookie(cp: Option<&Checkpoint>) -> Option<Vec<u8>> {
+/// The cookie of a checkpoint; `None` for none, for one this mode did not write (the mode
+/// was changed), or for one of a search with other parameters (base, scope, filter or
+/// attributes changed): a refresh from scratch follows, with deletes by absence.
+pub(crate) fn decode_cookie(params: &str, cp: Option<&Checkpoint>) -> Option<Vec<u8>> {
     use base64::Engine as _;
     let cp = cp?;
-    if let Some(s) = cp.0.strip_prefix("sync:") {
-        return Some(s.as_bytes().to_vec());
+    if let Some(rest) = cp.0.strip_prefix("sync:") {
+        let (p, cookie) = rest.split_once(':')?;
+        return (p == params).then(|| cookie.as_bytes().to_vec());
     }
-    let b = cp.0.strip_prefix("sync64:")?;
+    let (p, b) = cp.0.strip_prefix("sync64:")?.split_once(':')?;
+    if p != params {
+        return None;
+    }
     base64::engine::general_purpose::STANDARD.decode(b).ok()
+}
+
+/// A short stable hash of what the search selects and reads.
+pub(crate) fn params_hash(cfg: &crate::config::LdapConfig, filter: &str) -> String {
+    let mut text = format!("{}\0{:?}\0{filter}", cfg.base.to_lowercase(), cfg.scope);
+    for a in &cfg.attributes {
+        text.push('\0');
+        text.push_str(&a.to_lowercase());
+    }
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
 }
 
 fn request(mode: RefreshMode, cookie: Option<Vec<u8>>) -> RawControl {
@@ -166,8 +184,9 @@ pub(crate) fn refresh_only<'k>(
     known: &'k dyn KnownAccounts,
     filter: &str,
     attrs: &[String],
-) -> Result<(Collector<'k>, Option<Vec<u8>>), LdapError> {
-    let mut start_cookie = decode_cookie(after);
+) -> Result<(Collector<'k>, Option<Checkpoint>), LdapError> {
+    let params = params_hash(&client.config, filter);
+    let mut start_cookie = decode_cookie(&params, after);
     let origin = client.config.url.clone();
     for _ in 0..2 {
         let mut col = Collector::new(resource, known, after.is_none(), &origin)?;
@@ -188,16 +207,25 @@ pub(crate) fn refresh_only<'k>(
                     url: client.config.url.clone(),
                     message,
                 })?;
+                // Without a cookie the refresh sent the whole content (OpenLDAP then still
+                // says refreshDeletes): whatever it did not send is gone. With one, a present
+                // phase (refreshDeletes false) means the same.
+                let mut absent = start_cookie.is_none();
                 if let Some(done) = done {
                     if done.cookie.is_some() {
                         cookie = done.cookie;
                     }
-                    if !done.refresh_deletes {
-                        let c = &client.config;
-                        col.delete_absent(c.delete_guard_percent, c.delete_guard_min)?;
-                    }
+                    absent |= !done.refresh_deletes;
                 }
-                return Ok((col, cookie));
+                if absent {
+                    let c = &client.config;
+                    col.delete_absent(c.delete_guard_percent, c.delete_guard_min)?;
+                }
+                let cp = match cookie {
+                    Some(c) => Some(encode_cookie(&params, &c)),
+                    None => after.cloned(),
+                };
+                return Ok((col, cp));
             }
             REFRESH_REQUIRED if start_cookie.is_some() => {
                 tracing::warn!(
@@ -223,6 +251,8 @@ pub(crate) struct Persist {
     returned: Option<Checkpoint>,
     cookie: Option<Vec<u8>>,
     in_refresh: bool,
+    /// Started without a cookie: the refresh sends the whole content.
+    from_scratch: bool,
 }
 
 impl Persist {
@@ -254,16 +284,22 @@ pub(crate) fn persist<'k>(
     full: &mut bool,
 ) -> Result<PersistFetch<'k>, LdapError> {
     let origin = client.config.url.clone();
+    let params = params_hash(&client.config, filter);
     let mut col = Collector::new(resource, known, after.is_none(), &origin)?;
     let mut p = match state.take() {
         Some(p) if p.continues(after) => p,
         _ => {
-            let cookie = if *full { None } else { decode_cookie(after) };
+            let cookie = if *full {
+                None
+            } else {
+                decode_cookie(&params, after)
+            };
             let ctrl = request(RefreshMode::RefreshAndPersist, cookie.clone());
             let stream = client.search(filter, attrs.to_vec(), vec![ctrl], None)?;
             Persist {
                 stream,
                 returned: after.cloned(),
+                from_scratch: cookie.is_none(),
                 cookie,
                 in_refresh: true,
             }
@@ -342,6 +378,13 @@ pub(crate) fn persist<'k>(
             Ok(Flow::RefreshDone) => {
                 p.in_refresh = false;
                 *full = false;
+                if p.from_scratch
+                    && let Err(e) =
+                        col.delete_absent(cfg.delete_guard_percent, cfg.delete_guard_min)
+                {
+                    client.disconnect();
+                    return Err(e);
+                }
                 break;
             }
             Ok(Flow::Go) => {}
@@ -355,7 +398,7 @@ pub(crate) fn persist<'k>(
         }
     }
     let checkpoint = match &p.cookie {
-        Some(c) => Some(encode_cookie(c)),
+        Some(c) => Some(encode_cookie(&params, c)),
         None => after.cloned(),
     };
     p.returned = checkpoint.clone();
@@ -370,15 +413,26 @@ mod tests {
 
     #[test]
     fn cookie_round_trip() {
-        let c = encode_cookie(b"rid=000,csn=20260101000000.000000Z#000000#000#000000");
-        assert!(c.0.starts_with("sync:rid=000"));
+        let c = encode_cookie(
+            "p1",
+            b"rid=000,csn=20260101000000.000000Z#000000#000#000000",
+        );
+        assert!(c.0.starts_with("sync:p1:rid=000"));
         assert_eq!(
-            decode_cookie(Some(&c)).unwrap(),
+            decode_cookie("p1", Some(&c)).unwrap(),
             b"rid=000,csn=20260101000000.000000Z#000000#000#000000"
         );
-        let b = encode_cookie(&[0, 1, 255]);
-        assert!(b.0.starts_with("sync64:"));
-        assert_eq!(decode_cookie(Some(&b)).unwrap(), vec![0, 1, 255]);
-        assert_eq!(decode_cookie(Some(&Checkpoint("poll:x".into()))), None);
+        assert_eq!(
+            decode_cookie("p2", Some(&c)),
+            None,
+            "other search parameters"
+        );
+        let b = encode_cookie("p1", &[0, 1, 255]);
+        assert!(b.0.starts_with("sync64:p1:"));
+        assert_eq!(decode_cookie("p1", Some(&b)).unwrap(), vec![0, 1, 255]);
+        assert_eq!(
+            decode_cookie("p1", Some(&Checkpoint("poll:x".into()))),
+            None
+        );
     }
 }
