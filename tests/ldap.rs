@@ -480,3 +480,16 @@ fn changed_search_refreshes_from_scratch_behind_the_delete_guard() {
     let deleted = s.results(&["--situation", "deleted"]);
     assert_eq!(deleted.len(), 10);
 }
+
+#[test]
+fn long_running_syncrepl_keeps_its_connection_and_survives_slapd_restart() {
+    let mut slapd = Slapd::start();
+    slapd.add_person("a", "A", "a@example.com");
+    let s = world(&slapd, "      mode: syncrepl\n      interval_secs: 1");
+    let _agent = Agent::start(&s);
+    eventually(20, "the first pass", || s.identity("a"));
+    slapd.restart();
+    slapd.add_person("b", "B", "b@example.com");
+    eventually(30, "a change after the restart", || s.identity("b"));
+    assert_eq!(s.results(&[]).len(), 2, "each change applied once");
+}

@@ -135,8 +135,25 @@ impl Client {
     }
 
     /// Starts a streaming search with `controls` (made critical by the caller), optionally
-    /// paged.
+    /// paged. A kept connection that turns out dead (the server restarted since the last
+    /// fetch) is replaced once at once.
     pub fn search(
+        &mut self,
+        filter: &str,
+        attrs: Vec<String>,
+        controls: Vec<RawControl>,
+        page_size: Option<i32>,
+    ) -> Result<Stream, LdapError> {
+        let reused = self.ldap.is_some();
+        match self.search_once(filter, attrs.clone(), controls.clone(), page_size) {
+            Err(LdapError::Connection { .. }) if reused => {
+                self.search_once(filter, attrs, controls, page_size)
+            }
+            r => r,
+        }
+    }
+
+    fn search_once(
         &mut self,
         filter: &str,
         attrs: Vec<String>,
