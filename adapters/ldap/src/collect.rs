@@ -14,12 +14,18 @@ use idsync_core::{AttrMap, ChangeEvent, KnownAccounts, Op};
 
 use crate::error::LdapError;
 
+/// Single shadow lookups before a collector loads every shadow hash at once.
+const SINGLE_LOOKUPS: usize = 512;
+
 /// One batch in the making.
 pub(crate) struct Collector<'k> {
     resource: String,
     known: &'k dyn KnownAccounts,
-    /// Key → content hash of the committed shadows.
-    hashes: HashMap<String, u64>,
+    /// Key → content hash of every committed shadow, once loaded (full passes, or after
+    /// many single lookups); until then single keys are looked up and cached in `looked_up`.
+    hashes: Option<HashMap<String, u64>>,
+    /// Single lookups so far: key → committed shadow (`None`: not known).
+    looked_up: HashMap<String, Option<AttrMap>>,
     /// Key → state after the events collected so far (`None`: deleted in this batch).
     overlay: HashMap<String, Option<usize>>,
     /// No committed checkpoint: unknown accounts are upserts.
@@ -39,11 +45,11 @@ impl<'k> Collector<'k> {
         fresh: bool,
         origin: &str,
     ) -> Result<Collector<'k>, LdapError> {
-        let hashes = known.known_hashes(resource).map_err(LdapError::Known)?;
         Ok(Collector {
             resource: resource.to_owned(),
             known,
-            hashes,
+            hashes: None,
+            looked_up: HashMap::new(),
             overlay: HashMap::new(),
             fresh,
             present: HashSet::new(),
@@ -53,24 +59,64 @@ impl<'k> Collector<'k> {
         })
     }
 
+    /// Loads every committed shadow hash (needed for deletes by absence, and cheaper than
+    /// single lookups once many keys are involved).
+    fn load_all(&mut self) -> Result<&HashMap<String, u64>, LdapError> {
+        if self.hashes.is_none() {
+            let all = self
+                .known
+                .known_hashes(&self.resource)
+                .map_err(LdapError::Known)?;
+            self.hashes = Some(all);
+        }
+        Ok(self.hashes.get_or_insert_with(HashMap::new))
+    }
+
+    /// The committed content hash of `key`, if known.
+    fn committed_hash(&mut self, key: &str) -> Result<Option<u64>, LdapError> {
+        if self.hashes.is_none() && self.looked_up.len() >= SINGLE_LOOKUPS {
+            self.load_all()?;
+        }
+        if let Some(all) = &self.hashes {
+            return Ok(all.get(key).copied());
+        }
+        if !self.looked_up.contains_key(key) {
+            let attrs = self
+                .known
+                .known_attrs(&self.resource, key)
+                .map_err(LdapError::Known)?;
+            self.looked_up.insert(key.to_owned(), attrs);
+        }
+        Ok(self
+            .looked_up
+            .get(key)
+            .and_then(|a| a.as_ref().map(AttrMap::content_hash)))
+    }
+
     /// The attributes of `key` as of the events so far, if it exists.
-    fn current(&self, key: &str) -> Result<Option<AttrMap>, LdapError> {
+    fn current(&mut self, key: &str) -> Result<Option<AttrMap>, LdapError> {
         match self.overlay.get(key) {
             Some(Some(i)) => Ok(Some(self.events[*i].attrs.clone())),
             Some(None) => Ok(None),
-            None if self.hashes.contains_key(key) => self
-                .known
-                .known_attrs(&self.resource, key)
-                .map_err(LdapError::Known),
-            None => Ok(None),
+            None => {
+                if let Some(Some(a)) = self.looked_up.get(key) {
+                    return Ok(Some(a.clone()));
+                }
+                if self.committed_hash(key)?.is_none() {
+                    return Ok(None);
+                }
+                self.known
+                    .known_attrs(&self.resource, key)
+                    .map_err(LdapError::Known)
+            }
         }
     }
 
-    fn current_hash(&self, key: &str) -> Option<u64> {
+    fn current_hash(&mut self, key: &str) -> Result<Option<u64>, LdapError> {
         match self.overlay.get(key) {
-            Some(Some(i)) => Some(self.events[*i].attrs.content_hash()),
-            Some(None) => None,
-            None => self.hashes.get(key).copied(),
+            Some(Some(i)) => Ok(Some(self.events[*i].attrs.content_hash())),
+            Some(None) => Ok(None),
+            None => self.committed_hash(key),
         }
     }
 
@@ -82,7 +128,7 @@ impl<'k> Collector<'k> {
     /// The entry `key` exists with `attrs`.
     pub fn put(&mut self, key: String, attrs: AttrMap) -> Result<(), LdapError> {
         self.present.insert(key.clone());
-        let before = self.current_hash(&key);
+        let before = self.current_hash(&key)?;
         if before == Some(attrs.content_hash()) {
             return Ok(());
         }
@@ -128,7 +174,7 @@ impl<'k> Collector<'k> {
             return Ok(());
         }
         self.absence_done = true;
-        let mut existing: HashSet<String> = self.hashes.keys().cloned().collect();
+        let mut existing: HashSet<String> = self.load_all()?.keys().cloned().collect();
         for (k, v) in &self.overlay {
             if v.is_some() {
                 existing.insert(k.clone());
@@ -141,7 +187,7 @@ impl<'k> Collector<'k> {
             .filter(|k| !self.present.contains(k))
             .collect();
         absent.sort();
-        let known = self.hashes.len();
+        let known = self.load_all()?.len();
         if !absent.is_empty()
             && known >= guard_min
             && absent.len() * 100 > known * usize::from(guard_percent)
