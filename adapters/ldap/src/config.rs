@@ -95,7 +95,7 @@ pub struct LdapConfig {
     /// Persist mode: the most events in one batch (default 500).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
-    /// Persist mode: how long a batch may wait for more events after its first (default 20 ms).
+    /// Persist mode: how long a batch may wait for more events after its first (default 5 ms).
     #[serde(default = "default_batch_ms")]
     pub batch_ms: u64,
     /// Persist mode: how long one fetch waits for a first event before reporting no changes
@@ -151,7 +151,7 @@ fn default_batch_size() -> usize {
     500
 }
 fn default_batch_ms() -> u64 {
-    20
+    5
 }
 fn default_idle_ms() -> u64 {
     1000
