@@ -41,8 +41,12 @@ resources:
 {source_extra}
     naming: 'account.uid'
     populate_global: true
+    rules: {{ filter: has_uid.rhai }}
 "
     ));
+    // Delete events carry the last known attributes: a filter that needs them lets deletes
+    // through (an empty account would be filtered out, not deleted).
+    s.rule("has_uid.rhai", "account.uid != () && account.dn != ()");
     s
 }
 
