@@ -162,3 +162,67 @@ fn missing_feed_is_a_resource_error_naming_it() {
         out.stderr
     );
 }
+
+#[test]
+fn a_second_agent_on_the_same_repository_refuses_to_start() {
+    let s = Sandbox::new();
+    basic(&s);
+    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .args(["run"])
+        .current_dir(s.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The first agent has done its first pass once the identities are there.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while s.export().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "first agent never synced"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = s.idsync(&["run", "--once"]).expect_code(3);
+    assert!(
+        out.stderr.contains("another idsync agent"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains(&format!("pid {}", first.id())),
+        "{}",
+        out.stderr
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // Killed hard, the lock is gone with the process.
+    s.run_once(None, 0);
+}
+
+#[test]
+fn json_logs_carry_resource_and_key() {
+    let s = Sandbox::new();
+    basic(&s);
+    s.rule("corr.rhai", "throw \"no luck\"");
+    let out = s
+        .idsync(&["--log-format", "json", "run", "--once"])
+        .expect_code(1);
+    let lines: Vec<serde_json::Value> = out
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let failed: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("event failed"))
+        })
+        .collect();
+    assert_eq!(failed.len(), 2, "{}", out.stderr);
+    assert_eq!(failed[0]["fields"]["resource"], "hr");
+    assert_eq!(failed[0]["fields"]["key"], "1");
+    assert_eq!(failed[0]["level"], "WARN");
+}

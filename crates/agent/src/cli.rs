@@ -15,9 +15,21 @@ pub struct Cli {
     /// More log output (-v info, -vv debug); IDSYNC_LOG overrides.
     #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Log output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Readable lines.
+    Human,
+    /// One JSON object per line (with the resource and key of the event).
+    Json,
 }
 
 /// The commands.
@@ -35,6 +47,15 @@ pub enum Command {
     /// Failed events: list them, re-run them.
     #[command(subcommand)]
     Failed(FailedCommand),
+    /// Dry run of the next pass: every event's planned decision; writes nothing.
+    Preview(PreviewArgs),
+    /// The decision records of one account (RESOURCE KEY) or identity, step by step.
+    Explain(ExplainArgs),
+    /// Run the rule fixtures (YAML) in <rules_dir>/tests or the given files and folders.
+    TestRules {
+        /// Fixture files or folders.
+        paths: Vec<PathBuf>,
+    },
     /// Benchmarks (need no config).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -63,6 +84,40 @@ pub struct BenchLdapArgs {
     /// Milliseconds between two timed modifies.
     #[arg(long, default_value_t = 10)]
     pub pace_ms: u64,
+}
+
+/// `preview` options.
+#[derive(Debug, Args)]
+pub struct PreviewArgs {
+    /// Only this resource.
+    #[arg(long, short = 'r')]
+    pub resource: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = PreviewFormat::Table)]
+    pub format: PreviewFormat,
+}
+
+/// How `preview` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PreviewFormat {
+    /// One line per event.
+    Table,
+    /// JSON lines: the full planned decision records.
+    Json,
+}
+
+/// `explain` options.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// Resource of the account.
+    #[arg(required_unless_present = "identity")]
+    pub resource: Option<String>,
+    /// Account key.
+    #[arg(required_unless_present = "identity")]
+    pub key: Option<String>,
+    /// Every decision that acted on this identity instead.
+    #[arg(long, short = 'i', conflicts_with_all = ["resource", "key"])]
+    pub identity: Option<String>,
 }
 
 /// `run` options.
@@ -114,6 +169,10 @@ pub struct ResultsArgs {
     /// JSON lines with every detail (rules run, candidates, changes).
     #[arg(long)]
     pub json: bool,
+    /// Write the newest matching decision as a rule fixture to FILE (redacting the
+    /// config's `redact_attributes`).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
 }
 
 /// `failed` subcommands.

@@ -78,6 +78,13 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     }
+    let _lock = match crate::lock::AgentLock::acquire(&setup.loaded.repository_path()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(EXIT_RESOURCE);
+        }
+    };
     // Adapters live as long as the command, so a connection (and an LDAP persist stream)
     // is kept between passes; each resource is passed again after its own interval.
     let mut adapters: Vec<Box<dyn Adapter>> = (0..setup.loaded.config.resources.len())
@@ -155,6 +162,7 @@ fn pass_resource(
     adapter: &mut dyn Adapter,
     policy: &idsync_engine::Policy,
 ) -> anyhow::Result<Option<BatchReport>> {
+    let _span = tracing::info_span!("pass", resource = %policy.resource).entered();
     let repo = setup.engine.repo();
     let expected = repo.checkpoint(&policy.resource)?;
     match adapter.next_batch(expected.as_ref(), repo.as_ref())? {
@@ -294,43 +302,33 @@ pub fn results(loaded: Loaded, args: &ResultsArgs) -> anyhow::Result<ExitCode> {
         identity: args.identity.clone(),
         limit: args.limit,
     })?;
+    if let Some(file) = &args.record {
+        return crate::authoring::record(&loaded, &records, file);
+    }
     let mut out = std::io::stdout().lock();
     for r in &records {
         if args.json {
             writeln!(out, "{}", serde_json::to_string(r)?)?;
             continue;
         }
-        let d = &r.decision;
-        let mut line = format!(
-            "#{} {} {} {} {} {} {}",
+        writeln!(
+            out,
+            "#{} {} {}",
             r.id,
             r.at,
-            d.resource,
-            d.key,
-            d.op,
-            d.situation.map(|s| s.as_str()).unwrap_or("-"),
-            d.action
-        );
-        if let Some(i) = &d.identity {
-            line.push_str(&format!(" identity={i}"));
-        }
-        if !d.candidates.is_empty() {
-            line.push_str(&format!(" candidates={}", d.candidates.join(",")));
-        }
-        if !d.changes.is_empty() {
-            let names: Vec<&str> = d.changes.iter().map(|c| c.name.as_str()).collect();
-            line.push_str(&format!(" changed={}", names.join(",")));
-        }
-        for w in d.rules.iter().filter(|o| o.rule == "work_item") {
-            line.push_str(&format!(" work_item={:?}", w.result));
-        }
-        if let Some(e) = &d.error {
-            line.push_str(&format!(" error={e:?}"));
-        }
-        writeln!(out, "{line}")?;
+            crate::explain::one_line(&r.decision)
+        )?;
     }
     eprintln!("{} record(s)", records.len());
     Ok(ExitCode::SUCCESS)
+}
+
+/// `idsync preview`.
+pub fn preview(loaded: Loaded, args: &crate::cli::PreviewArgs) -> anyhow::Result<ExitCode> {
+    match setup(loaded) {
+        Ok(s) => crate::authoring::preview(&s, args),
+        Err(code) => Ok(code),
+    }
 }
 
 /// `idsync failed ...`.

@@ -32,6 +32,9 @@ pub struct Config {
     /// The resources to synchronize.
     #[serde(default)]
     pub resources: Vec<ResourceConfig>,
+    /// Attributes replaced by `REDACTED` when a decision is recorded as a rule fixture.
+    #[serde(default)]
+    pub redact_attributes: Vec<String>,
 }
 
 fn default_rules_dir() -> PathBuf {
@@ -306,6 +309,11 @@ impl Loaded {
                         out.push(format!("{at}.source.{p}"));
                     }
                 }
+            }
+            if r.rules.process.is_some() && (r.naming.is_some() || !r.mappings.is_empty()) {
+                out.push(format!(
+                    "{at}: naming and mappings do not apply with a process rule (it sets attributes itself); remove them"
+                ));
             }
             if r.rules.process.is_some() {
                 for (role, _) in r.rules.entries() {

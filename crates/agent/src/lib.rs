@@ -5,10 +5,15 @@
 //! library crates below it take already-validated values, so a bad config is reported
 //! completely (`idsync check`) before any repository file is created.
 
+pub mod authoring;
 pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod explain;
+pub mod fixtures;
+pub mod lock;
+pub mod observe;
 pub mod setup;
 
 use std::process::ExitCode;
@@ -21,7 +26,7 @@ use cli::{Cli, Command};
 /// Runs the command line; returns the exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.log_format);
     if let Command::Bench(cli::BenchCommand::Ldap(args)) = &cli.command {
         return match bench::ldap(args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -41,6 +46,9 @@ pub fn main() -> ExitCode {
         Command::Identities(cmd) => commands::identities(loaded, cmd),
         Command::Results(args) => commands::results(loaded, args),
         Command::Failed(cmd) => commands::failed(loaded, cmd),
+        Command::Preview(args) => commands::preview(loaded, args),
+        Command::Explain(args) => authoring::explain(&loaded, args),
+        Command::TestRules { paths } => fixtures::test_rules(&loaded, paths),
         Command::Bench(_) => Ok(ExitCode::SUCCESS), // handled above
     };
     match result {
@@ -52,16 +60,19 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, format: cli::LogFormat) {
     let default = match verbose {
         0 => "warn",
         1 => "info",
         _ => "debug",
     };
     let filter = EnvFilter::try_from_env("IDSYNC_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        cli::LogFormat::Human => builder.init(),
+        cli::LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
 }

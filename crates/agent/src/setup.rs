@@ -77,13 +77,20 @@ fn policy(
             Some(s) => Some(s.clone()),
             None => {
                 let path = rules_dir.join(name);
+                let top_level_rhai = Path::new(name).components().count() == 1
+                    && Path::new(name).extension().is_some_and(|x| x == "rhai");
                 if !path.is_file() {
                     problems.push(format!(
                         "{at}.rules.{role}: {} does not exist",
                         path.display()
                     ));
+                } else if !top_level_rhai {
+                    problems.push(format!(
+                        "{at}.rules.{role}: {name}: rule files are *.rhai files directly in the rules folder {}",
+                        rules_dir.display()
+                    ));
                 }
-                // A file that exists but did not compile is reported by the compile step.
+                // A top-level .rhai file that did not compile is reported by the compile step.
                 None
             }
         };

@@ -129,7 +129,7 @@ impl Engine {
         batch: &ChangeBatch,
     ) -> Result<BatchReport, EngineError> {
         self.repo.begin()?;
-        match self.apply_in_tx(policy, batch) {
+        match self.apply_in_tx(policy, batch, &mut |_| {}) {
             Ok(report) => {
                 self.repo
                     .commit_batch(&policy.resource, expected, batch.checkpoint.as_ref())?;
@@ -144,10 +144,26 @@ impl Engine {
         }
     }
 
+    /// Decides a batch exactly as [`Engine::apply_batch`] would, then rolls everything
+    /// back: the repository, the checkpoint and the failed-event list are untouched.
+    /// `each` sees every decision. An `on_error: halt` stop is reported as an error.
+    pub fn preview_batch(
+        &self,
+        policy: &Policy,
+        batch: &ChangeBatch,
+        each: &mut dyn FnMut(&Decision),
+    ) -> Result<BatchReport, EngineError> {
+        self.repo.begin()?;
+        let result = self.apply_in_tx(policy, batch, each);
+        self.repo.rollback()?;
+        result
+    }
+
     fn apply_in_tx(
         &self,
         policy: &Policy,
         batch: &ChangeBatch,
+        each: &mut dyn FnMut(&Decision),
     ) -> Result<BatchReport, EngineError> {
         let mut report = BatchReport {
             resource: policy.resource.clone(),
@@ -204,6 +220,7 @@ impl Engine {
                     .put_shadow(&event.resource, &event.key, &event.attrs)?;
             }
             report.count(&d);
+            each(&d);
         }
         Ok(report)
     }
@@ -215,6 +232,8 @@ impl Engine {
         policy: &Policy,
         event: &ChangeEvent,
     ) -> Result<Decision, EngineError> {
+        let _span =
+            tracing::info_span!("event", resource = %event.resource, key = %event.key).entered();
         self.repo.savepoint()?;
         let mut d = blank_decision(event);
         let mut decider = Decider::new(&self.rules, &self.repo, policy, event);

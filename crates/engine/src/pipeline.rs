@@ -419,19 +419,40 @@ impl<'a> Decider<'a> {
     }
 
     fn delete_action(&mut self, name: &str, d: &mut Decision) -> Result<(), EventError> {
+        self.repo.unlink(&self.event.resource, &self.event.key)?;
+        d.action = Action::Unlinked;
+        if self.policy.delete_action == DeleteAction::Unlink {
+            return Ok(());
+        }
+        let view = self
+            .repo
+            .identity(name)?
+            .ok_or_else(|| RepoError::NoSuchIdentity {
+                name: name.to_owned(),
+            })?;
+        // Still holding another live account on this resource (e.g. rehired under a new
+        // key in the same file): the person has not left, so only the account goes.
+        let others: Vec<&str> = view
+            .accounts
+            .iter()
+            .filter(|a| a.resource == self.event.resource)
+            .map(|a| a.key.as_str())
+            .collect();
+        if !others.is_empty() {
+            d.rules.push(RuleOutcome {
+                rule: "delete_action".into(),
+                script: String::new(),
+                result: format!(
+                    "only unlinked: {name} still has account(s) {} on {}",
+                    others.join(", "),
+                    self.event.resource
+                ),
+            });
+            return Ok(());
+        }
         match self.policy.delete_action {
-            DeleteAction::Unlink => {
-                self.repo.unlink(&self.event.resource, &self.event.key)?;
-                d.action = Action::Unlinked;
-            }
+            DeleteAction::Unlink => {}
             DeleteAction::Disable => {
-                self.repo.unlink(&self.event.resource, &self.event.key)?;
-                let view = self
-                    .repo
-                    .identity(name)?
-                    .ok_or_else(|| RepoError::NoSuchIdentity {
-                        name: name.to_owned(),
-                    })?;
                 if !view.disabled {
                     self.repo.checkin(name, view.version, &view.attrs, true)?;
                     d.changes.push(disabled_change(false, true));

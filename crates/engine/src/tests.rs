@@ -611,3 +611,19 @@ fn shadows_follow_events_and_a_newer_success_supersedes_failures() {
     w.apply(&ok, vec![ev(Op::Delete, "E1", &[])]).unwrap();
     assert_eq!(w.engine.repo().shadow_count("hr").unwrap(), 0);
 }
+
+#[test]
+fn delete_action_spares_an_identity_with_another_account_on_the_resource() {
+    let w = people_linked().linked("ann", "E1-new");
+    let p = w.policy(&[("delete_action", "disable")]);
+    w.apply(&p, vec![ev(Op::Delete, "E1", &[])]).unwrap();
+    let d = w.last();
+    assert_eq!(d.action, Action::Unlinked);
+    assert!(
+        d.rules[0].result.contains("still has account(s) E1-new"),
+        "{d:?}"
+    );
+    assert!(!w.engine.repo().identity("ann").unwrap().unwrap().disabled);
+    w.apply(&p, vec![ev(Op::Delete, "E1-new", &[])]).unwrap();
+    assert_eq!(w.last().action, Action::Disabled);
+}

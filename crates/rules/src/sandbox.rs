@@ -91,6 +91,13 @@ impl RuleEngine {
             .compile(source)
             .map_err(|e| RuleError::parse(label, &e))?;
         ast.set_source(label);
+        if let Some(pos) = first_import(&ast) {
+            return Err(RuleError::new(
+                label,
+                Pos::from_rhai(pos),
+                "import is not allowed: rules cannot load modules (use host functions)",
+            ));
+        }
         Ok(Script {
             label: label.to_owned(),
             ast,
@@ -123,6 +130,19 @@ impl RuleEngine {
             .last()
             .and_then(|s| Pos::from_rhai(s.position()))
     }
+}
+
+/// The position of the first `import` statement, if any.
+fn first_import(ast: &AST) -> Option<rhai::Position> {
+    let mut found = None;
+    ast.walk(&mut |path: &[rhai::ASTNode]| {
+        if let Some(rhai::ASTNode::Stmt(stmt @ rhai::Stmt::Import(..))) = path.last() {
+            found = Some(stmt.position());
+            return false;
+        }
+        true
+    });
+    found
 }
 
 fn register_helpers(engine: &mut Engine) {

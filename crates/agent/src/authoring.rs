@@ -1,0 +1,335 @@
+//! Rule authoring commands: `preview` (a dry run of the next pass), `explain` (the decision
+//! records of one account or identity, step by step) and `results --record` (a decision
+//! captured as a rule fixture).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use idsync_core::{Action, AttrMap, Fetch, Op};
+use idsync_repo::{DecisionFilter, Repo, StoredDecision};
+
+use crate::cli::{ExplainArgs, PreviewArgs, PreviewFormat};
+use crate::commands::{EXIT_CONFIG, EXIT_FAILED, EXIT_RESOURCE};
+use crate::config::Loaded;
+use crate::explain::{one_line, steps};
+use crate::fixtures::{Expect, Fixture, FixtureAccount, FixtureEvent, FixtureIdentity};
+use crate::setup::{Setup, open_repo};
+
+/// `idsync preview`: what the next pass would do, writing nothing.
+pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
+    if let Some(r) = &args.resource
+        && setup.policy(r).is_none()
+    {
+        eprintln!("error: no resource named '{r}'");
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    let repo = setup.engine.repo();
+    let mut out = std::io::stdout().lock();
+    let mut failed = 0;
+    let mut errors = 0;
+    for (i, r) in setup.loaded.config.resources.iter().enumerate() {
+        if args.resource.as_ref().is_some_and(|only| only != &r.name) {
+            continue;
+        }
+        let Some(policy) = setup.policy(&r.name) else {
+            continue;
+        };
+        let expected = repo.checkpoint(&r.name)?;
+        let fetch = match setup
+            .adapter(i)
+            .next_batch(expected.as_ref(), repo.as_ref())
+        {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("error: {e}");
+                errors += 1;
+                continue;
+            }
+        };
+        let batch = match fetch {
+            Fetch::Idle => {
+                if args.format == PreviewFormat::Table {
+                    writeln!(out, "{}: no changes", r.name)?;
+                }
+                continue;
+            }
+            Fetch::Batch(b) => b,
+        };
+        for reject in &batch.rejects {
+            if args.format == PreviewFormat::Table {
+                writeln!(
+                    out,
+                    "{} rejected {}: {}",
+                    r.name, reject.origin, reject.reason
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"resource": r.name, "rejected": reject})
+                )?;
+            }
+        }
+        let mut write_err = None;
+        let result = setup.engine.preview_batch(policy, &batch, &mut |d| {
+            let line = match args.format {
+                PreviewFormat::Table => one_line(d),
+                PreviewFormat::Json => serde_json::to_string(d).unwrap_or_default(),
+            };
+            if let Err(e) = writeln!(out, "{line}") {
+                write_err = Some(e);
+            }
+        });
+        if let Some(e) = write_err {
+            return Err(e.into());
+        }
+        match result {
+            Ok(report) => {
+                failed += report.failed + report.rejected;
+                if args.format == PreviewFormat::Table {
+                    writeln!(
+                        out,
+                        "{}: {} events would be applied ({} failed, {} rejected); nothing was written",
+                        r.name,
+                        report.events(),
+                        report.failed,
+                        report.rejected
+                    )?;
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                errors += 1;
+            }
+        }
+    }
+    Ok(if errors > 0 {
+        ExitCode::from(EXIT_RESOURCE)
+    } else if failed > 0 {
+        ExitCode::from(EXIT_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `idsync explain RESOURCE KEY` or `idsync explain --identity NAME`.
+pub fn explain(loaded: &Loaded, args: &ExplainArgs) -> anyhow::Result<ExitCode> {
+    let repo = open_repo(loaded)?;
+    let filter = match (&args.identity, &args.resource, &args.key) {
+        (Some(name), _, _) => DecisionFilter {
+            identity: Some(name.clone()),
+            ..DecisionFilter::default()
+        },
+        (None, Some(resource), Some(key)) => DecisionFilter {
+            resource: Some(resource.clone()),
+            key: Some(key.clone()),
+            ..DecisionFilter::default()
+        },
+        _ => {
+            eprintln!("give RESOURCE KEY, or --identity NAME");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let records = repo.decisions(&filter)?;
+    if records.is_empty() {
+        eprintln!("no decision records match");
+        return Ok(ExitCode::from(EXIT_FAILED));
+    }
+    let mut out = std::io::stdout().lock();
+    for r in &records {
+        let d = &r.decision;
+        writeln!(out, "#{} {} {} {}", r.id, r.at, d.resource, d.key)?;
+        write!(out, "{}", steps(d))?;
+    }
+    // Failed events still waiting for a retry.
+    for f in repo.failures(filter.resource.as_deref())? {
+        let same_account = filter.key.is_some() && f.key == filter.key;
+        let same_identity = args.identity.is_some()
+            && records.iter().any(|r| {
+                r.decision.key.as_str() == f.key.as_deref().unwrap_or("")
+                    && r.decision.resource == f.resource
+            });
+        if same_account || same_identity {
+            writeln!(
+                out,
+                "pending failed event #{} (attempts {}): {}; re-run with `idsync failed retry {}`",
+                f.id, f.attempts, f.error, f.id
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `idsync results --record FILE`: the newest matching decision as a rule fixture.
+pub fn record(
+    loaded: &Loaded,
+    records: &[StoredDecision],
+    file: &Path,
+) -> anyhow::Result<ExitCode> {
+    let Some(stored) = records.last() else {
+        eprintln!("no decision record matches: nothing to record");
+        return Ok(ExitCode::from(EXIT_FAILED));
+    };
+    let repo = open_repo(loaded)?;
+    let redact = &loaded.config.redact_attributes;
+    let fixture = fixture_from(&repo, stored, redact)?;
+    let yaml = serde_yaml::to_string(&fixture).context("encoding the fixture")?;
+    let header = format!(
+        "# Recorded from decision #{} ({}) by `idsync results --record`.\n# Redacted attributes: {}\n",
+        stored.id,
+        stored.at,
+        if redact.is_empty() {
+            "none".to_owned()
+        } else {
+            redact.join(", ")
+        }
+    );
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(file, format!("{header}{yaml}"))
+        .with_context(|| format!("writing {}", file.display()))?;
+    eprintln!("recorded decision #{} to {}", stored.id, file.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn redacted(mut attrs: AttrMap, redact: &[String]) -> AttrMap {
+    for name in redact {
+        if attrs.contains(name) {
+            attrs.set_text(name, "REDACTED");
+        }
+    }
+    attrs
+}
+
+/// Rebuilds the repository state before the decision (as far as it can be known: the
+/// involved identities now, with the decision's own changes and link undone) and the event.
+fn fixture_from(
+    repo: &Repo,
+    stored: &StoredDecision,
+    redact: &[String],
+) -> anyhow::Result<Fixture> {
+    let d = &stored.decision;
+    // The event: exact for failed events (stored whole), else the account as last seen.
+    let failure = repo
+        .failures(Some(&d.resource))?
+        .into_iter()
+        .find(|f| f.decision_id == Some(stored.id));
+    let event = match failure.and_then(|f| f.event) {
+        Some(e) => FixtureEvent {
+            op: e.op,
+            key: e.key,
+            attrs: redacted(e.attrs, redact),
+            previous: e.previous.map(|p| redacted(p, redact)),
+        },
+        None => {
+            let attrs = if d.op == Op::Delete {
+                AttrMap::new()
+            } else {
+                repo.shadow(&d.resource, &d.key)?.unwrap_or_default()
+            };
+            FixtureEvent {
+                op: d.op,
+                key: d.key.clone(),
+                attrs: redacted(attrs, redact),
+                previous: None,
+            }
+        }
+    };
+    let mut names: Vec<String> = d.candidates.clone();
+    if let Some(i) = &d.identity
+        && !names.contains(i)
+    {
+        names.push(i.clone());
+    }
+    let mut identities = Vec::new();
+    for name in names {
+        if d.action == Action::Created && d.identity.as_deref() == Some(name.as_str()) {
+            continue;
+        }
+        let Some(mut id) = repo.identity(&name)? else {
+            continue;
+        };
+        if d.identity.as_deref() == Some(name.as_str()) {
+            for c in &d.changes {
+                if c.name == idsync_engine::DISABLED_CHANGE {
+                    id.disabled = c
+                        .before
+                        .as_ref()
+                        .and_then(|v| v.first())
+                        .is_some_and(|v| v.as_text() == Some("true"));
+                } else {
+                    id.attrs.set(&c.name, c.before.clone().unwrap_or_default());
+                }
+            }
+            let account_linked_by_decision = matches!(
+                d.action,
+                Action::Linked | Action::Resolved | Action::Processed
+            );
+            if account_linked_by_decision {
+                id.accounts
+                    .retain(|a| !(a.resource == d.resource && a.key == d.key));
+            }
+            if matches!(d.action, Action::Unlinked | Action::Disabled) {
+                id.accounts.push(idsync_core::LinkedAccount {
+                    resource: d.resource.clone(),
+                    key: d.key.clone(),
+                    attrs: AttrMap::new(),
+                });
+            }
+        }
+        identities.push(FixtureIdentity {
+            name: id.name,
+            disabled: id.disabled,
+            attrs: redacted(id.attrs, redact),
+            accounts: id
+                .accounts
+                .into_iter()
+                .map(|a| FixtureAccount {
+                    resource: a.resource,
+                    key: a.key,
+                    attrs: redacted(a.attrs, redact),
+                })
+                .collect(),
+        });
+    }
+    let mut expect_attrs = AttrMap::new();
+    for c in &d.changes {
+        if c.name != idsync_engine::DISABLED_CHANGE
+            && !redact.iter().any(|r| r.eq_ignore_ascii_case(&c.name))
+        {
+            expect_attrs.set(&c.name, c.after.clone().unwrap_or_default());
+        }
+    }
+    Ok(Fixture {
+        name: Some(format!(
+            "recorded: {} {} {} ({})",
+            d.resource,
+            d.key,
+            d.op,
+            d.situation.map(|s| s.as_str()).unwrap_or("failed")
+        )),
+        resource: d.resource.clone(),
+        identities,
+        event,
+        expect: Expect {
+            situation: d.situation.map(|s| s.as_str().to_owned()),
+            action: Some(d.action.as_str().to_owned()),
+            identity: Some(d.identity.clone()),
+            candidates: Some(d.candidates.clone()),
+            confirmed: None,
+            attrs: (!expect_attrs.is_empty()).then_some(expect_attrs),
+            disabled: None,
+            error_contains: d.error.as_ref().map(|e| {
+                e.lines()
+                    .next()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(80)
+                    .collect()
+            }),
+        },
+    })
+}

@@ -1,0 +1,105 @@
+//! Human renderings of decision records: one line for tables, a step-by-step account for
+//! `idsync explain` and failing rule fixtures.
+
+use std::fmt::Write as _;
+
+use idsync_core::{Action, AttrChange, Decision, Situation, Value};
+
+/// One line: `hr 100 update unlinked→linked ann.lee candidates=.. changed=..`.
+pub fn one_line(d: &Decision) -> String {
+    let mut line = format!(
+        "{} {} {} {} {}",
+        d.resource,
+        d.key,
+        d.op,
+        d.situation.map(|s| s.as_str()).unwrap_or("-"),
+        d.action
+    );
+    if let Some(i) = &d.identity {
+        let _ = write!(line, " identity={i}");
+    }
+    if !d.candidates.is_empty() {
+        let _ = write!(line, " candidates={}", d.candidates.join(","));
+    }
+    if !d.changes.is_empty() {
+        let names: Vec<&str> = d.changes.iter().map(|c| c.name.as_str()).collect();
+        let _ = write!(line, " changed={}", names.join(","));
+    }
+    for w in d.rules.iter().filter(|o| o.rule == "work_item") {
+        let _ = write!(line, " work_item={:?}", w.result);
+    }
+    if let Some(e) = &d.error {
+        let _ = write!(line, " error={e:?}");
+    }
+    line
+}
+
+fn values(v: &Option<Vec<Value>>) -> String {
+    match v {
+        None => "(none)".to_owned(),
+        Some(vs) => {
+            let shown: Vec<String> = vs.iter().map(|v| format!("{:?}", v.to_string())).collect();
+            shown.join(" | ")
+        }
+    }
+}
+
+/// A change as `name: before → after`.
+pub fn change(c: &AttrChange) -> String {
+    format!("{}: {} → {}", c.name, values(&c.before), values(&c.after))
+}
+
+/// The decision step by step, indented by two spaces.
+pub fn steps(d: &Decision) -> String {
+    let mut out = String::new();
+    let situation = d.situation.map(|s| s.as_str()).unwrap_or("(not reached)");
+    let _ = writeln!(out, "  op: {}", d.op);
+    for r in d.rules.iter().filter(|r| r.rule != "work_item") {
+        let _ = writeln!(
+            out,
+            "  {} rule ({}) returned {}",
+            r.rule, r.script, r.result
+        );
+    }
+    let correlated = matches!(
+        d.situation,
+        Some(Situation::Unlinked | Situation::Unmatched | Situation::Disputed)
+    );
+    if correlated || !d.candidates.is_empty() {
+        if d.candidates.is_empty() {
+            let _ = writeln!(out, "  candidates: none");
+        } else {
+            let _ = writeln!(out, "  candidates: {}", d.candidates.join(", "));
+            let dropped: Vec<&str> = d
+                .candidates
+                .iter()
+                .filter(|c| !d.confirmed.contains(c))
+                .map(String::as_str)
+                .collect();
+            if !dropped.is_empty() {
+                let _ = writeln!(out, "  dropped by confirmation: {}", dropped.join(", "));
+            }
+        }
+    }
+    let _ = writeln!(out, "  situation: {situation}");
+    let _ = write!(out, "  action: {}", d.action);
+    if let Some(i) = &d.identity {
+        let _ = write!(out, " (identity {i})");
+    }
+    out.push('\n');
+    if !d.changes.is_empty() {
+        let _ = writeln!(out, "  changes:");
+        for c in &d.changes {
+            let _ = writeln!(out, "    {}", change(c));
+        }
+    } else if matches!(d.action, Action::Updated | Action::Linked) {
+        let _ = writeln!(out, "  changes: none");
+    }
+    for w in d.rules.iter().filter(|o| o.rule == "work_item") {
+        let _ = writeln!(out, "  work item: {}", w.result);
+    }
+    if let Some(e) = &d.error {
+        let _ = writeln!(out, "  error: {e}");
+    }
+    out
+}

@@ -1,0 +1,259 @@
+//! What a running agent tells operators: Prometheus metrics, liveness and readiness, served
+//! over HTTP on loopback (`/metrics`, `/healthz`, `/readyz`).
+//!
+//! The resource loops report into an [`Observer`]; the HTTP thread only reads it. Metrics use
+//! the Prometheus project's own `prometheus-client` crate; the server is `tiny_http`
+//! (synchronous, one thread), enough for a scrape every few seconds.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use idsync_engine::BatchReport;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+/// The last known state of one resource loop.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResourceState {
+    /// Whether a pass has completed (with or without changes).
+    pub synced_once: bool,
+    /// The error of the last pass, if it failed.
+    pub last_error: Option<String>,
+}
+
+/// Collects what the loops report and renders it.
+pub struct Observer {
+    registry: Registry,
+    events: Family<Labels, Counter>,
+    situations: Family<Labels, Counter>,
+    failed: Family<Labels, Counter>,
+    rejected: Family<Labels, Counter>,
+    passes: Family<Labels, Counter>,
+    pass_errors: Family<Labels, Counter>,
+    last_pass: Family<Labels, Gauge<f64, AtomicU64>>,
+    pass_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
+    up: Family<Labels, Gauge>,
+    outbox_pending: Gauge,
+    outbox_dead: Gauge,
+    states: Mutex<BTreeMap<String, ResourceState>>,
+}
+
+fn resource(name: &str) -> Labels {
+    vec![("resource".to_owned(), name.to_owned())]
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl Observer {
+    /// An observer expecting `resources`.
+    pub fn new(resources: &[String]) -> Observer {
+        let mut registry = Registry::with_prefix("idsync");
+        let events = Family::<Labels, Counter>::default();
+        registry.register(
+            "events",
+            "Change events decided, by resource and action",
+            events.clone(),
+        );
+        let situations = Family::<Labels, Counter>::default();
+        registry.register(
+            "situations",
+            "Change events by resource and situation",
+            situations.clone(),
+        );
+        let failed = Family::<Labels, Counter>::default();
+        registry.register("events_failed", "Change events that failed", failed.clone());
+        let rejected = Family::<Labels, Counter>::default();
+        registry.register(
+            "input_rejected",
+            "Input the adapter could not read (malformed rows)",
+            rejected.clone(),
+        );
+        let passes = Family::<Labels, Counter>::default();
+        registry.register("passes", "Completed passes", passes.clone());
+        let pass_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "pass_errors",
+            "Passes that could not synchronize the resource",
+            pass_errors.clone(),
+        );
+        let last_pass = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "last_pass_timestamp_seconds",
+            "Unix time of the last completed pass",
+            last_pass.clone(),
+        );
+        let pass_seconds = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "last_pass_duration_seconds",
+            "Duration of the last pass",
+            pass_seconds.clone(),
+        );
+        let up = Family::<Labels, Gauge>::default();
+        registry.register(
+            "resource_up",
+            "1 when the last pass of the resource succeeded",
+            up.clone(),
+        );
+        let outbox_pending = Gauge::default();
+        registry.register(
+            "outbox_pending",
+            "Notifications waiting for delivery",
+            outbox_pending.clone(),
+        );
+        let outbox_dead = Gauge::default();
+        registry.register(
+            "outbox_dead",
+            "Notifications dead-lettered",
+            outbox_dead.clone(),
+        );
+        let states = resources
+            .iter()
+            .map(|r| (r.clone(), ResourceState::default()))
+            .collect();
+        for r in resources {
+            up.get_or_create(&resource(r)).set(0);
+        }
+        Observer {
+            registry,
+            events,
+            situations,
+            failed,
+            rejected,
+            passes,
+            pass_errors,
+            last_pass,
+            pass_seconds,
+            up,
+            outbox_pending,
+            outbox_dead,
+            states: Mutex::new(states),
+        }
+    }
+
+    /// A pass that applied a batch (`report`) or found nothing (`None`).
+    pub fn pass_done(&self, name: &str, report: Option<&BatchReport>, took: Duration) {
+        let labels = resource(name);
+        if let Some(r) = report {
+            for (situation, n) in &r.situations {
+                let l = vec![
+                    ("resource".to_owned(), name.to_owned()),
+                    ("situation".to_owned(), situation.as_str().to_owned()),
+                ];
+                self.situations.get_or_create(&l).inc_by(*n);
+            }
+            for (action, n) in &r.actions {
+                let l = vec![
+                    ("resource".to_owned(), name.to_owned()),
+                    ("action".to_owned(), action.as_str().to_owned()),
+                ];
+                self.events.get_or_create(&l).inc_by(*n);
+            }
+            self.failed.get_or_create(&labels).inc_by(r.failed);
+            self.rejected.get_or_create(&labels).inc_by(r.rejected);
+        }
+        self.passes.get_or_create(&labels).inc();
+        self.last_pass.get_or_create(&labels).set(now_secs());
+        self.pass_seconds
+            .get_or_create(&labels)
+            .set(took.as_secs_f64());
+        self.up.get_or_create(&labels).set(1);
+        if let Ok(mut states) = self.states.lock() {
+            let s = states.entry(name.to_owned()).or_default();
+            s.synced_once = true;
+            s.last_error = None;
+        }
+    }
+
+    /// A pass that could not synchronize the resource.
+    pub fn pass_failed(&self, name: &str, error: &str) {
+        let labels = resource(name);
+        self.pass_errors.get_or_create(&labels).inc();
+        self.up.get_or_create(&labels).set(0);
+        if let Ok(mut states) = self.states.lock() {
+            states.entry(name.to_owned()).or_default().last_error = Some(error.to_owned());
+        }
+    }
+
+    /// The outbox counts.
+    pub fn outbox(&self, pending: i64, dead: i64) {
+        self.outbox_pending.set(pending);
+        self.outbox_dead.set(dead);
+    }
+
+    /// Prometheus text format.
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// Ready when every resource has completed a pass and none is failing; otherwise the
+    /// reasons.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        let Ok(states) = self.states.lock() else {
+            return Err(vec!["state unavailable".to_owned()]);
+        };
+        let mut why = Vec::new();
+        for (name, s) in states.iter() {
+            if let Some(e) = &s.last_error {
+                why.push(format!("{name}: {e}"));
+            } else if !s.synced_once {
+                why.push(format!("{name}: no pass completed yet"));
+            }
+        }
+        if why.is_empty() { Ok(()) } else { Err(why) }
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` from a background thread.
+pub fn serve(addr: SocketAddr, observer: Arc<Observer>) -> anyhow::Result<JoinHandle<()>> {
+    let server = tiny_http::Server::http(addr)
+        .map_err(|e| anyhow::anyhow!("status endpoint: cannot listen on {addr}: {e}"))?;
+    tracing::info!("status endpoint on http://{addr}/ (metrics, healthz, readyz)");
+    let handle = std::thread::Builder::new()
+        .name("idsync-http".to_owned())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let (code, body, content_type) = match request.url() {
+                    "/metrics" => (
+                        200,
+                        observer.metrics(),
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                    "/healthz" => (200, "ok\n".to_owned(), "text/plain"),
+                    "/readyz" => match observer.readiness() {
+                        Ok(()) => (200, "ready\n".to_owned(), "text/plain"),
+                        Err(why) => (
+                            503,
+                            format!("not ready\n{}\n", why.join("\n")),
+                            "text/plain",
+                        ),
+                    },
+                    _ => (404, "not found\n".to_owned(), "text/plain"),
+                };
+                let mut response = tiny_http::Response::from_string(body).with_status_code(code);
+                if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", content_type) {
+                    response = response.with_header(h);
+                }
+                if let Err(e) = request.respond(response) {
+                    tracing::debug!("status endpoint: {e}");
+                }
+            }
+        })?;
+    Ok(handle)
+}

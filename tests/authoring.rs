@@ -1,0 +1,200 @@
+//! Rule authoring through the real binary: `preview` writes nothing, `explain` tells the
+//! story of an account, `test-rules` runs fixtures with a readable diff, and
+//! `results --record` turns a real decision into a fixture that passes.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::Sandbox;
+
+fn world() -> Sandbox {
+    let s = Sandbox::new();
+    s.config(
+        "redact_attributes: [born]
+resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: emp }
+    rules: { correlation: corr.rhai, confirmation: confirm.rhai }
+    mappings:
+      - { to: empno, from: emp }
+      - { to: mail, from: mail }
+      - { to: born, from: born }
+      - { to: title, from: title }
+",
+    );
+    s.rule(
+        "corr.rhai",
+        "[#{ empno: account.emp }, #{ mail: account.mail }]",
+    );
+    s.rule(
+        "confirm.rhai",
+        "account.born == () || identity.attrs.born == account.born",
+    );
+    s.feed(
+        "hr.csv",
+        "emp,mail,born,title\n1,ann@x,1990-01-01,Analyst\n2,team@x,1980-01-01,Clerk\n3,team@x,1985-01-01,Cook\n",
+    );
+    s.run_once(None, 0);
+    s
+}
+
+#[test]
+fn preview_shows_the_next_pass_and_writes_nothing() {
+    let s = world();
+    s.feed(
+        "hr.csv",
+        "emp,mail,born,title\n1,ann@x,1990-01-01,Lead\n2,team@x,1980-01-01,Clerk\n9,team@x,,Temp\n",
+    );
+    let before = std::fs::read(s.db()).unwrap();
+    let records_before = s.results(&[]).len();
+    let out = s.idsync(&["preview"]).expect_code(1);
+    assert!(
+        out.stdout
+            .contains("hr 1 update linked updated identity=1 changed=title"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("hr 9 create disputed failed"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("hr 3 delete deleted unlinked"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("nothing was written"), "{}", out.stdout);
+    let json = s
+        .idsync(&["preview", "--format", "json", "--resource", "hr"])
+        .expect_code(1);
+    let planned: Vec<serde_json::Value> = json
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(planned.len(), 3);
+    assert_eq!(planned[1]["candidates"], serde_json::json!(["2", "3"]));
+    // The repository file, its records and its checkpoint are untouched.
+    assert_eq!(
+        std::fs::read(s.db()).unwrap(),
+        before,
+        "repository file changed"
+    );
+    assert_eq!(s.results(&[]).len(), records_before);
+    assert!(s.failed().is_empty());
+    // The real pass then does exactly what the preview said.
+    s.run_once(None, 1);
+    let d = s.results(&["--key", "9"]).pop().unwrap();
+    assert_eq!(d["situation"], "disputed");
+}
+
+#[test]
+fn explain_tells_the_story_of_an_account() {
+    let s = world();
+    s.feed(
+        "hr.csv",
+        "emp,mail,born,title\n1,ann@x,1990-01-01,Lead\n2,team@x,1980-01-01,Clerk\n3,team@x,1985-01-01,Cook\n9,team@x,1985-01-01,Temp\n",
+    );
+    s.run_once(None, 0);
+    let out = s.idsync(&["explain", "hr", "9"]).expect_code(0);
+    let text = &out.stdout;
+    assert!(
+        text.contains("correlation rule (rules/corr.rhai) returned"),
+        "{text}"
+    );
+    assert!(
+        text.contains("confirmation rule (rules/confirm.rhai) returned 2: false"),
+        "{text}"
+    );
+    assert!(text.contains("candidates: 2, 3"), "{text}");
+    assert!(text.contains("dropped by confirmation: 2"), "{text}");
+    assert!(text.contains("situation: unlinked"), "{text}");
+    assert!(text.contains("title: \"Cook\" → \"Temp\""), "{text}");
+    let by_identity = s.idsync(&["explain", "--identity", "1"]).expect_code(0);
+    assert!(
+        by_identity.stdout.contains("title: \"Analyst\" → \"Lead\""),
+        "{}",
+        by_identity.stdout
+    );
+    s.idsync(&["explain", "hr", "404"]).expect_code(1);
+}
+
+#[test]
+fn test_rules_passes_and_fails_with_a_readable_diff() {
+    let s = world();
+    s.write(
+        "rules/tests/link_by_empno.yaml",
+        "name: an account with a known employee number is linked
+resource: hr
+identities:
+  - name: ann
+    attrs: { empno: '7', mail: ann@x, born: 1990-01-01 }
+event:
+  op: create
+  key: '7'
+  attrs: { emp: '7', mail: ann@x, title: Boss }
+expect:
+  situation: unlinked
+  action: linked
+  identity: ann
+  attrs: { title: Boss }
+",
+    );
+    let out = s.idsync(&["test-rules"]).expect_code(0);
+    assert!(out.stdout.contains("1 passed, 0 failed"), "{}", out.stdout);
+    s.write(
+        "rules/tests/wrong.yaml",
+        "resource: hr
+identities:
+  - { name: ann, attrs: { empno: '7' } }
+event: { op: create, key: '8', attrs: { emp: '8' } }
+expect: { situation: unlinked, identity: ann }
+",
+    );
+    let out = s.idsync(&["test-rules"]).expect_code(1);
+    assert!(
+        out.stdout.contains("FAIL  rules/tests/wrong.yaml"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("situation: expected unlinked, got unmatched"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("identity: expected ann, got 8"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("1 passed, 1 failed"), "{}", out.stdout);
+    // The real repository is never touched by fixtures.
+    assert!(s.identity("ann").is_none());
+}
+
+#[test]
+fn a_recorded_decision_becomes_a_passing_fixture_with_redaction() {
+    let s = world();
+    s.feed(
+        "hr.csv",
+        "emp,mail,born,title\n1,ann@x,1990-01-01,Lead\n2,team@x,1980-01-01,Clerk\n3,team@x,1985-01-01,Cook\n",
+    );
+    s.run_once(None, 0);
+    s.idsync(&[
+        "results",
+        "--key",
+        "1",
+        "--record",
+        "rules/tests/recorded.yaml",
+    ])
+    .expect_code(0);
+    let text = std::fs::read_to_string(s.path().join("rules/tests/recorded.yaml")).unwrap();
+    assert!(
+        text.contains("REDACTED") && !text.contains("1990-01-01"),
+        "{text}"
+    );
+    let out = s.idsync(&["test-rules"]).expect_code(0);
+    assert!(out.stdout.contains("1 passed, 0 failed"), "{}", out.stdout);
+}
