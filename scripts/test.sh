@@ -12,6 +12,14 @@ if ! /usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
   step "installing python3-aiosmtpd"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-aiosmtpd >/dev/null
 fi
+# The LDAP tests run a private slapd (ldap-utils for their changes, openssl for a test CA).
+if ! command -v slapd >/dev/null 2>&1 && ! [ -x /usr/sbin/slapd ] || ! command -v ldapmodify >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
+  step "installing slapd, ldap-utils and openssl"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq slapd ldap-utils openssl >/dev/null
+  # Only the tests' private instances are wanted; stop the one the package may start.
+  (service slapd stop || true) >/dev/null 2>&1
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -50,9 +50,6 @@ pub enum Command {
     /// The notification outbox: list, show, retry, purge.
     #[command(subcommand)]
     Outbox(OutboxCommand),
-    /// Benchmarks.
-    #[command(subcommand)]
-    Bench(BenchCommand),
     /// Dry run of the next pass: every event's planned decision; writes nothing.
     Preview(PreviewArgs),
     /// The decision records of one account (RESOURCE KEY) or identity, step by step.
@@ -62,6 +59,36 @@ pub enum Command {
         /// Fixture files or folders.
         paths: Vec<PathBuf>,
     },
+    /// Benchmarks (need no config).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `bench` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Against a private slapd it starts: raw paged search (floor), full sync into a
+    /// repository, modify→committed latency in persist mode.
+    Ldap(BenchLdapArgs),
+    /// Enqueue N messages into a scratch repository and drain them through SMTP.
+    Outbox(BenchOutboxArgs),
+}
+
+/// `bench ldap` options.
+#[derive(Debug, Args)]
+pub struct BenchLdapArgs {
+    /// Entries loaded into the directory.
+    #[arg(long, default_value_t = 100_000)]
+    pub entries: usize,
+    /// Page size of the paged search.
+    #[arg(long, default_value_t = 1000)]
+    pub page_size: i32,
+    /// Modifies timed in persist mode.
+    #[arg(long, default_value_t = 500)]
+    pub changes: usize,
+    /// Milliseconds between two timed modifies.
+    #[arg(long, default_value_t = 10)]
+    pub pace_ms: u64,
 }
 
 /// `preview` options.
@@ -217,22 +244,19 @@ pub enum OutboxCommand {
     },
 }
 
-/// `bench` subcommands.
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Enqueue N messages into a scratch repository and drain them through SMTP.
-    Outbox {
-        /// Messages.
-        #[arg(long, default_value_t = 20_000)]
-        messages: u64,
-        /// SMTP sink HOST:PORT (default: a built-in sink on loopback).
-        #[arg(long)]
-        smtp: Option<std::net::SocketAddr>,
-        /// SMTP connections.
-        #[arg(long, default_value_t = 4)]
-        connections: usize,
-        /// Messages claimed at a time.
-        #[arg(long, default_value_t = 512)]
-        batch: u64,
-    },
+/// `bench outbox` options.
+#[derive(Debug, Args)]
+pub struct BenchOutboxArgs {
+    /// Messages.
+    #[arg(long, default_value_t = 20_000)]
+    pub messages: u64,
+    /// SMTP sink HOST:PORT (default: a built-in sink on loopback).
+    #[arg(long)]
+    pub smtp: Option<std::net::SocketAddr>,
+    /// SMTP connections.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Messages claimed at a time.
+    #[arg(long, default_value_t = 512)]
+    pub batch: u64,
 }

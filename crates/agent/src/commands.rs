@@ -6,10 +6,10 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::Instant;
 
 use anyhow::Context as _;
-use idsync_core::{Action, Fetch, Identity, Situation};
+use idsync_core::{Action, Adapter, Fetch, Identity, Situation};
 use idsync_engine::BatchReport;
 use idsync_repo::DecisionFilter;
 use idsync_rules::RuleEngine;
@@ -85,38 +85,70 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_RESOURCE);
         }
     };
-    let interval = Duration::from_secs(setup.loaded.config.poll_interval_secs);
-    loop {
-        let mut code = pass(&setup, &args.resources);
+    // Adapters live as long as the command, so a connection (and an LDAP persist stream)
+    // is kept between passes; each resource is passed again after its own interval.
+    let mut adapters: Vec<Box<dyn Adapter>> = (0..setup.loaded.config.resources.len())
+        .map(|i| setup.adapter(i))
+        .collect();
+    if args.once {
+        let mut code = pass(&setup, &args.resources, &mut adapters, None);
         if let Some(d) = &setup.dispatcher
             && let Err(e) = crate::outbox::dispatch_round(d)
         {
             eprintln!("error: outbox: {e}");
             code = ExitCode::from(EXIT_RESOURCE);
         }
-        if args.once {
-            return code;
+        return code;
+    }
+    let mut due = vec![Instant::now(); adapters.len()];
+    loop {
+        let now = Instant::now();
+        let ready: Vec<bool> = due.iter().map(|d| *d <= now).collect();
+        pass(&setup, &args.resources, &mut adapters, Some(&ready));
+        if let Some(d) = &setup.dispatcher
+            && let Err(e) = crate::outbox::dispatch_round(d)
+        {
+            eprintln!("error: outbox: {e}");
         }
-        std::thread::sleep(interval);
+        for (i, d) in due.iter_mut().enumerate() {
+            if ready[i] {
+                *d = Instant::now() + setup.interval(i);
+            }
+        }
+        let next = due.iter().min().copied().unwrap_or_else(Instant::now);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
 }
 
-/// One pass of every selected resource; prints a line per resource and a summary line.
-fn pass(setup: &Setup, only: &[String]) -> ExitCode {
+/// One pass of every selected resource (of those `ready`, when given: a pass of the
+/// long-running loop, which stays quiet when nothing happened); prints a line per resource
+/// and a summary line.
+fn pass(
+    setup: &Setup,
+    only: &[String],
+    adapters: &mut [Box<dyn Adapter>],
+    ready: Option<&[bool]>,
+) -> ExitCode {
     let mut total = BatchReport::default();
     let mut resource_errors = 0;
+    let mut batches = 0;
     for (i, r) in setup.loaded.config.resources.iter().enumerate() {
         if !only.is_empty() && !only.contains(&r.name) {
+            continue;
+        }
+        if ready.is_some_and(|ready| !ready[i]) {
             continue;
         }
         let Some(policy) = setup.policy(&r.name) else {
             continue;
         };
-        match pass_resource(setup, i, policy) {
+        match pass_resource(setup, adapters[i].as_mut(), policy) {
             Ok(Some(report)) => {
                 println!("{}: {}", r.name, describe(&report));
                 total.merge(&report);
+                batches += 1;
             }
+            Ok(None) if ready.is_some() => {}
             Ok(None) => println!("{}: no changes", r.name),
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -125,7 +157,9 @@ fn pass(setup: &Setup, only: &[String]) -> ExitCode {
             }
         }
     }
-    println!("summary: {}", describe(&total));
+    if ready.is_none() || batches > 0 || resource_errors > 0 {
+        println!("summary: {}", describe(&total));
+    }
     if resource_errors > 0 {
         ExitCode::from(EXIT_RESOURCE)
     } else if total.failed > 0 || total.rejected > 0 {
@@ -137,13 +171,12 @@ fn pass(setup: &Setup, only: &[String]) -> ExitCode {
 
 fn pass_resource(
     setup: &Setup,
-    index: usize,
+    adapter: &mut dyn Adapter,
     policy: &idsync_engine::Policy,
 ) -> anyhow::Result<Option<BatchReport>> {
     let _span = tracing::info_span!("pass", resource = %policy.resource).entered();
     let repo = setup.engine.repo();
     let expected = repo.checkpoint(&policy.resource)?;
-    let mut adapter = setup.adapter(index);
     match adapter.next_batch(expected.as_ref(), repo.as_ref())? {
         Fetch::Idle => Ok(None),
         Fetch::Batch(batch) => {

@@ -10,6 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use idsync_flatfile::FlatFileConfig;
+use idsync_ldap::LdapConfig;
 use serde::Deserialize;
 
 /// The whole `idsync.yaml`.
@@ -140,6 +141,8 @@ fn default_true() -> bool {
 pub enum SourceConfig {
     /// A CSV flat file.
     Flatfile(FlatFileConfig),
+    /// An LDAP directory (RFC 4533 content sync or timestamp polling).
+    Ldap(Box<LdapConfig>),
 }
 
 /// Rule scripts by role.
@@ -301,6 +304,11 @@ impl Loaded {
             match &r.source {
                 SourceConfig::Flatfile(ff) => {
                     for p in ff.validate() {
+                        out.push(format!("{at}.source.{p}"));
+                    }
+                }
+                SourceConfig::Ldap(l) => {
+                    for p in l.validate() {
                         out.push(format!("{at}.source.{p}"));
                     }
                 }

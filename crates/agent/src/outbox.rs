@@ -12,7 +12,7 @@ use idsync_core::Identity;
 use idsync_notify::{Dispatcher, PolicyNotifier, RoundReport, setup as nsetup};
 use idsync_repo::{OutboxFilter, OutboxMessage, OutboxStatus, Repo};
 
-use crate::cli::{BenchCommand, OutboxCommand};
+use crate::cli::{BenchOutboxArgs, OutboxCommand};
 use crate::commands::{EXIT_CONFIG, EXIT_FAILED};
 use crate::config::Loaded;
 use crate::setup::open_repo;
@@ -221,14 +221,15 @@ pub fn command(loaded: Loaded, cmd: &OutboxCommand) -> anyhow::Result<ExitCode> 
 }
 
 /// `idsync bench ...`.
-pub fn bench(cmd: &BenchCommand) -> anyhow::Result<ExitCode> {
-    match cmd {
-        BenchCommand::Outbox {
-            messages,
-            smtp,
-            connections,
-            batch,
-        } => {
+pub fn bench(args: &BenchOutboxArgs) -> anyhow::Result<ExitCode> {
+    let BenchOutboxArgs {
+        messages,
+        smtp,
+        connections,
+        batch,
+    } = args;
+    {
+        {
             let dir = std::env::temp_dir().join(format!("idsync-bench-{}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
             let result = idsync_notify::sink::bench_outbox(

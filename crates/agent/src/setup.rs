@@ -9,6 +9,7 @@ use std::sync::Arc;
 use idsync_core::Adapter;
 use idsync_engine::{DeleteAction, Engine, Mapping, MappingSource, OnError, Policy};
 use idsync_flatfile::FlatFileAdapter;
+use idsync_ldap::LdapAdapter;
 use idsync_repo::Repo;
 use idsync_rules::{RuleEngine, Script};
 
@@ -215,7 +216,29 @@ impl Setup {
                 ff.path = self.loaded.resolve(&ff.path);
                 Box::new(FlatFileAdapter::new(&r.name, ff))
             }
+            SourceConfig::Ldap(l) => {
+                let mut l = (**l).clone();
+                l.ca_file = l.ca_file.map(|p| self.loaded.resolve(&p));
+                l.bind_password_file = l.bind_password_file.map(|p| self.loaded.resolve(&p));
+                Box::new(LdapAdapter::new(&r.name, l))
+            }
         }
+    }
+
+    /// How long `idsync run` waits between passes of the resource at `index`: its own
+    /// interval when it has one (an LDAP persist stream: none, it waits on the server),
+    /// else `poll_interval_secs`.
+    pub fn interval(&self, index: usize) -> std::time::Duration {
+        let default = self.loaded.config.poll_interval_secs;
+        let secs = match &self.loaded.config.resources[index].source {
+            SourceConfig::Ldap(l) => match (l.interval_secs, l.mode) {
+                (Some(s), _) => s,
+                (None, idsync_ldap::Mode::Persist) => 0,
+                (None, _) => default,
+            },
+            SourceConfig::Flatfile(_) => default,
+        };
+        std::time::Duration::from_secs(secs)
     }
 }
 

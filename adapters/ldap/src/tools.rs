@@ -1,0 +1,73 @@
+//! Helpers for the benchmark (`idsync bench ldap`): the raw paged-search floor, read the same
+//! way the adapter reads but without building accounts, and a writer that modifies entries.
+
+use std::collections::HashSet;
+
+use ldap3::Mod;
+
+use crate::config::LdapConfig;
+use crate::conn::Client;
+use crate::error::LdapError;
+
+/// Reads every entry under the config's base with a paged search (page size from the
+/// config) and returns how many there were: the client-side floor for a full sync.
+pub fn paged_search_count(config: &LdapConfig) -> Result<usize, LdapError> {
+    let mut client = Client::new(config.clone())?;
+    let filter = config.effective_filter().map_err(LdapError::Config)?;
+    let mut stream = client.search(
+        &filter,
+        config.attributes.clone(),
+        vec![],
+        Some(config.page_size),
+    )?;
+    let mut n = 0;
+    while client.next(&mut stream)?.is_some() {
+        n += 1;
+    }
+    let res = client.finish(&mut stream);
+    if res.rc != 0 {
+        return Err(LdapError::Search {
+            url: config.url.clone(),
+            base: config.base.clone(),
+            rc: res.rc,
+            text: res.text,
+        });
+    }
+    Ok(n)
+}
+
+/// Writes to the directory with the config's URL and credentials.
+pub struct Writer {
+    client: Client,
+}
+
+impl Writer {
+    /// Connects and binds.
+    pub fn new(config: &LdapConfig) -> Result<Writer, LdapError> {
+        let mut client = Client::new(config.clone())?;
+        client.ldap()?;
+        Ok(Writer { client })
+    }
+
+    /// Replaces `attr` of `dn` with one value.
+    pub fn replace(&mut self, dn: &str, attr: &str, value: &str) -> Result<(), LdapError> {
+        let mut ldap = self.client.ldap()?;
+        let mods = vec![Mod::Replace(
+            attr.to_owned(),
+            HashSet::from([value.to_owned()]),
+        )];
+        let dn = dn.to_owned();
+        let res = self
+            .client
+            .run("modify", async move { ldap.modify(&dn, mods).await })?;
+        if res.rc != 0 {
+            return Err(LdapError::Search {
+                url: self.client.config.url.clone(),
+                base: String::new(),
+                rc: res.rc,
+                text: res.text,
+            });
+        }
+        Ok(())
+    }
+}
