@@ -22,6 +22,22 @@ pub(crate) struct Target<'a> {
     pub shown_path: &'a str,
     /// No committed checkpoint: accounts not known are upserts, not creates.
     pub fresh: bool,
+    /// The snapshot does not match the checkpoint (missing or damaged): every row is an
+    /// upsert, unchanged or not, so nothing the snapshot lost is skipped.
+    pub full_pass: bool,
+}
+
+/// Counts the accidental-delete guard and the checkpoint need.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct DiffStats {
+    /// Accounts known before the batch.
+    pub known: u64,
+    /// Records read that were not blank (good or bad).
+    pub records: u64,
+    /// Events for keys not known before (they add a snapshot entry).
+    pub added: u64,
+    /// Delete events.
+    pub deletes: u64,
 }
 
 impl Target<'_> {
@@ -74,7 +90,7 @@ pub(crate) fn diff(
     target: &Target<'_>,
     rows: &mut Rows<'_>,
     known: &dyn KnownAccounts,
-) -> Result<ChangeBatch, AdapterError> {
+) -> Result<(ChangeBatch, DiffStats), AdapterError> {
     let resource = target.resource;
     let known_hashes = known
         .known_hashes(resource)
@@ -84,6 +100,10 @@ pub(crate) fn diff(
     let mut seen = Occurrences::default();
     let mut rejects: Vec<(u64, Reject)> = Vec::new();
     let mut held = BTreeSet::new();
+    let mut stats = DiffStats {
+        known: known_hashes.len() as u64,
+        ..DiffStats::default()
+    };
 
     loop {
         let record = rows
@@ -92,10 +112,12 @@ pub(crate) fn diff(
         match record {
             None => break,
             Some(Record::Good(row)) => {
+                stats.records += 1;
                 seen.note(&row.key, row.line);
                 let op = match known_hashes.get(&row.key) {
-                    None if target.fresh => Some(Op::Upsert),
+                    None if target.fresh || target.full_pass => Some(Op::Upsert),
                     None => Some(Op::Create),
+                    Some(_) if target.full_pass => Some(Op::Upsert),
                     Some(&hash) if hash != row.attrs.content_hash() => Some(Op::Update),
                     Some(_) => None,
                 };
@@ -106,6 +128,7 @@ pub(crate) fn diff(
                 });
             }
             Some(Record::Bad(bad)) => {
+                stats.records += 1;
                 if let Some(key) = &bad.key {
                     seen.note(key, bad.line);
                     held.insert(key.clone());
@@ -149,9 +172,10 @@ pub(crate) fn diff(
         let Some((op, attrs)) = row.change else {
             continue;
         };
-        let previous = if op == Op::Update {
-            known_attrs(target, known, &row.key)?
+        let previous = if known_hashes.contains_key(&row.key) {
+            known_attrs(target, known, &row.key)
         } else {
+            stats.added += 1;
             None
         };
         events.push(ChangeEvent {
@@ -169,8 +193,9 @@ pub(crate) fn diff(
         .filter(|key| !seen.first.contains_key(*key) && !held.contains(*key))
         .collect();
     gone.sort();
+    stats.deletes = gone.len() as u64;
     for key in gone {
-        let previous = known_attrs(target, known, key)?;
+        let previous = known_attrs(target, known, key);
         events.push(ChangeEvent {
             resource: resource.to_owned(),
             key: key.clone(),
@@ -182,20 +207,24 @@ pub(crate) fn diff(
     }
 
     rejects.sort_by_key(|(line, _)| *line);
-    Ok(ChangeBatch {
+    let batch = ChangeBatch {
         events,
         rejects: rejects.into_iter().map(|(_, r)| r).collect(),
         held_keys: held.into_iter().collect(),
         checkpoint: None,
-    })
+    };
+    Ok((batch, stats))
 }
 
-fn known_attrs(
-    target: &Target<'_>,
-    known: &dyn KnownAccounts,
-    key: &str,
-) -> Result<Option<AttrMap>, AdapterError> {
-    known
-        .known_attrs(target.resource, key)
-        .map_err(|e| target.transient(format!("cannot read the known account '{key}': {e}")))
+/// The last seen attributes of `key`. A stored snapshot entry that cannot be read is
+/// reported and treated as unknown (the event then carries no previous attributes) rather
+/// than blocking the resource; the batch still commits only if the repository works.
+fn known_attrs(target: &Target<'_>, known: &dyn KnownAccounts, key: &str) -> Option<AttrMap> {
+    match known.known_attrs(target.resource, key) {
+        Ok(attrs) => attrs,
+        Err(e) => {
+            tracing::warn!(resource = %target.resource, key, "snapshot of the account is unreadable, treated as unknown: {e}");
+            None
+        }
+    }
 }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use csv::{ByteRecord, ReaderBuilder};
-use idsync_core::{AdapterError, AttrMap};
+use idsync_core::{AdapterError, AttrMap, Value};
 
 use crate::config::FlatFileConfig;
 
@@ -48,6 +48,10 @@ pub(crate) struct Rows<'a> {
     key_index: Vec<usize>,
     trim: bool,
     delimiter: u8,
+    /// The quote byte, `None` when quoting is off.
+    quote: Option<u8>,
+    /// Per column: the separator of a multi-valued column.
+    separators: Vec<Option<String>>,
     record: ByteRecord,
 }
 
@@ -74,8 +78,24 @@ impl<'a> Rows<'a> {
             .ok()
             .filter(u8::is_ascii)
             .ok_or_else(|| permanent(format!("delimiter {:?} is not ASCII", config.delimiter)))?;
+        let quote = u8::try_from(config.quote)
+            .ok()
+            .filter(u8::is_ascii)
+            .ok_or_else(|| permanent(format!("quote {:?} is not ASCII", config.quote)))?;
+        let comment = match config.comment {
+            Some(c) => Some(
+                u8::try_from(c)
+                    .ok()
+                    .filter(u8::is_ascii)
+                    .ok_or_else(|| permanent(format!("comment {c:?} is not ASCII")))?,
+            ),
+            None => None,
+        };
         let mut reader = ReaderBuilder::new()
             .delimiter(delimiter)
+            .quote(quote)
+            .quoting(config.quoting)
+            .comment(comment)
             .has_headers(config.header)
             .flexible(true)
             .from_reader(data);
@@ -149,6 +169,13 @@ impl<'a> Rows<'a> {
             return Err(permanent("no key column is configured".to_owned()));
         }
 
+        let mut separators = vec![None; columns.len()];
+        for (column, sep) in &config.multi_valued {
+            if let Some(&i) = first_at.get(&column.to_lowercase()) {
+                separators[i] = Some(sep.clone());
+            }
+        }
+
         Ok(Rows {
             data,
             reader,
@@ -156,8 +183,15 @@ impl<'a> Rows<'a> {
             key_index,
             trim: config.trim,
             delimiter,
+            quote: config.quoting.then_some(quote),
+            separators,
             record: ByteRecord::new(),
         })
+    }
+
+    /// The column names, from the header or the config.
+    pub fn columns(&self) -> &[String] {
+        &self.columns
     }
 
     /// The next record, `None` at the end of the file. An error here means the reader cannot
@@ -222,14 +256,17 @@ impl<'a> Rows<'a> {
             .ok()
             .and_then(|s| self.data.get(s..))
             .unwrap_or_default();
+        let Some(quote) = self.quote else {
+            return false;
+        };
         let (mut in_quotes, mut field_start) = (false, true);
         let mut bytes = raw.iter().peekable();
         while let Some(&b) = bytes.next() {
             if in_quotes {
-                if b == b'"' && bytes.next_if_eq(&&b'"').is_none() {
+                if b == quote && bytes.next_if_eq(&&quote).is_none() {
                     in_quotes = false;
                 }
-            } else if b == b'"' && field_start {
+            } else if b == quote && field_start {
                 in_quotes = true;
                 field_start = false;
             } else {
@@ -317,9 +354,23 @@ impl<'a> Rows<'a> {
         };
 
         let mut attrs = AttrMap::new();
-        for (name, text) in self.columns.iter().zip(&texts) {
-            if let Some(text) = text.filter(|t| !t.is_empty()) {
-                attrs.set_text(name, text);
+        for ((name, text), sep) in self.columns.iter().zip(&texts).zip(&self.separators) {
+            let Some(text) = text.filter(|t| !t.is_empty()) else {
+                continue;
+            };
+            match sep {
+                None => attrs.set_text(name, text),
+                Some(sep) => {
+                    let values: Vec<Value> = text
+                        .split(sep.as_str())
+                        .map(|v| if self.trim { v.trim() } else { v })
+                        .filter(|v| !v.is_empty())
+                        .map(Value::from)
+                        .collect();
+                    if !values.is_empty() {
+                        attrs.set(name, values);
+                    }
+                }
             }
         }
         Some(Record::Good(Row { key, line, attrs }))
