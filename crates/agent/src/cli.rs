@@ -46,6 +46,10 @@ pub struct RunArgs {
     /// Only these resources (repeatable).
     #[arg(long = "resource", short = 'r')]
     pub resources: Vec<String>,
+    /// Apply this resource's pass although the accidental-delete guard refuses it: the
+    /// operator checked the file (repeatable; for this run only).
+    #[arg(long = "accept-deletes", value_name = "RESOURCE")]
+    pub accept_deletes: Vec<String>,
 }
 
 /// `identities` subcommands.

@@ -78,18 +78,39 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     }
+    for r in &args.accept_deletes {
+        if setup.policy(r).is_none() {
+            eprintln!(
+                "error: --accept-deletes: no resource named '{r}' in {}",
+                setup.loaded.file.display()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     let interval = Duration::from_secs(setup.loaded.config.poll_interval_secs);
+    // Flat-file resources wake the loop when their files change; the interval stays as the
+    // polling fallback for everything else.
+    let mut watcher = if args.once {
+        None
+    } else {
+        crate::watching::watcher(&setup, &args.resources, interval)
+    };
     loop {
-        let code = pass(&setup, &args.resources);
+        let code = pass(&setup, &args.resources, &args.accept_deletes);
         if args.once {
             return code;
         }
-        std::thread::sleep(interval);
+        match watcher.as_mut() {
+            Some(w) => {
+                w.wait(interval);
+            }
+            None => std::thread::sleep(interval),
+        }
     }
 }
 
 /// One pass of every selected resource; prints a line per resource and a summary line.
-fn pass(setup: &Setup, only: &[String]) -> ExitCode {
+fn pass(setup: &Setup, only: &[String], accept_deletes: &[String]) -> ExitCode {
     let mut total = BatchReport::default();
     let mut resource_errors = 0;
     for (i, r) in setup.loaded.config.resources.iter().enumerate() {
@@ -99,7 +120,7 @@ fn pass(setup: &Setup, only: &[String]) -> ExitCode {
         let Some(policy) = setup.policy(&r.name) else {
             continue;
         };
-        match pass_resource(setup, i, policy) {
+        match pass_resource(setup, i, policy, accept_deletes.contains(&r.name)) {
             Ok(Some(report)) => {
                 println!("{}: {}", r.name, describe(&report));
                 total.merge(&report);
@@ -122,22 +143,34 @@ fn pass(setup: &Setup, only: &[String]) -> ExitCode {
     }
 }
 
+/// One resource: fetch and apply batches until the adapter has nothing more (a folder of
+/// files, a large initial load in parts), each batch committed with its own checkpoint.
 fn pass_resource(
     setup: &Setup,
     index: usize,
     policy: &idsync_engine::Policy,
+    accept_deletes: bool,
 ) -> anyhow::Result<Option<BatchReport>> {
     let repo = setup.engine.repo();
-    let expected = repo.checkpoint(&policy.resource)?;
     let mut adapter = setup.adapter(index);
-    match adapter.next_batch(expected.as_ref(), repo.as_ref())? {
-        Fetch::Idle => Ok(None),
-        Fetch::Batch(batch) => {
-            let report = setup
-                .engine
-                .apply_batch(policy, expected.as_ref(), &batch)
-                .with_context(|| format!("resource {}", policy.resource))?;
-            Ok(Some(report))
+    if accept_deletes {
+        adapter.accept_deletes();
+    }
+    let mut total: Option<BatchReport> = None;
+    loop {
+        let expected = repo.checkpoint(&policy.resource)?;
+        match adapter.next_batch(expected.as_ref(), repo.as_ref())? {
+            Fetch::Idle => return Ok(total),
+            Fetch::Batch(batch) => {
+                let report = setup
+                    .engine
+                    .apply_batch(policy, expected.as_ref(), &batch)
+                    .with_context(|| format!("resource {}", policy.resource))?;
+                total.get_or_insert_with(BatchReport::default).merge(&report);
+                if !adapter.has_more() {
+                    return Ok(total);
+                }
+            }
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod setup;
+pub mod watching;
 
 use std::process::ExitCode;
 
