@@ -45,7 +45,10 @@ pub(crate) fn matches(pattern: &str, name: &str) -> bool {
 
 /// Archives the files committed already (names up to `last`), then picks the first
 /// matching file after `last`.
-pub(crate) fn next_file(config: &FlatFileConfig, last: Option<&str>) -> Result<Option<Pick>, String> {
+pub(crate) fn next_file(
+    config: &FlatFileConfig,
+    last: Option<&str>,
+) -> Result<Option<Pick>, String> {
     let dir = &config.path;
     let pattern = config.pattern.as_deref().unwrap_or("*");
     let entries = std::fs::read_dir(dir)
@@ -66,15 +69,26 @@ pub(crate) fn next_file(config: &FlatFileConfig, last: Option<&str>) -> Result<O
             .clone()
             .unwrap_or_else(|| dir.join("archive"));
         for name in names.iter().filter(|n| n.as_str() <= last) {
-            std::fs::create_dir_all(&archive)
-                .map_err(|e| format!("cannot create the archive folder {}: {e}", archive.display()))?;
+            std::fs::create_dir_all(&archive).map_err(|e| {
+                format!(
+                    "cannot create the archive folder {}: {e}",
+                    archive.display()
+                )
+            })?;
             let from = dir.join(name);
             std::fs::rename(&from, archive.join(name)).map_err(|e| {
-                format!("cannot archive {} to {}: {e}", from.display(), archive.display())
+                format!(
+                    "cannot archive {} to {}: {e}",
+                    from.display(),
+                    archive.display()
+                )
             })?;
             let marker = marker_path(&from, &config.marker_suffix);
             if marker.exists() {
-                let _ = std::fs::rename(&marker, marker_path(&archive.join(name), &config.marker_suffix));
+                let _ = std::fs::rename(
+                    &marker,
+                    marker_path(&archive.join(name), &config.marker_suffix),
+                );
             }
         }
     }

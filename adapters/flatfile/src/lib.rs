@@ -182,8 +182,7 @@ impl Adapter for FlatFileAdapter {
         // Which file: the configured one, or the next one of the folder.
         let (path, folder_file) = if self.config.pattern.is_some() {
             let last = previous.as_ref().and_then(|t| t.file.as_deref());
-            let pick = folder::next_file(&self.config, last)
-                .map_err(|e| self.transient(e))?;
+            let pick = folder::next_file(&self.config, last).map_err(|e| self.transient(e))?;
             match pick {
                 None => return Ok(Fetch::Idle),
                 Some(pick) => {

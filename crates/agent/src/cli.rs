@@ -35,6 +35,9 @@ pub enum Command {
     /// Failed events: list them, re-run them.
     #[command(subcommand)]
     Failed(FailedCommand),
+    /// Benchmarks on generated data (no config needed).
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
 }
 
 /// `run` options.

@@ -166,7 +166,9 @@ fn pass_resource(
                     .engine
                     .apply_batch(policy, expected.as_ref(), &batch)
                     .with_context(|| format!("resource {}", policy.resource))?;
-                total.get_or_insert_with(BatchReport::default).merge(&report);
+                total
+                    .get_or_insert_with(BatchReport::default)
+                    .merge(&report);
                 if !adapter.has_more() {
                     return Ok(total);
                 }

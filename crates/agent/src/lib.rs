@@ -5,6 +5,7 @@
 //! library crates below it take already-validated values, so a bad config is reported
 //! completely (`idsync check`) before any repository file is created.
 
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -22,6 +23,9 @@ use cli::{Cli, Command};
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    if let Command::Bench(cmd) = &cli.command {
+        return bench::run(cmd);
+    }
     let loaded = match commands::load(&cli.config) {
         Ok(l) => l,
         Err(code) => return code,
@@ -32,6 +36,7 @@ pub fn main() -> ExitCode {
         Command::Identities(cmd) => commands::identities(loaded, cmd),
         Command::Results(args) => commands::results(loaded, args),
         Command::Failed(cmd) => commands::failed(loaded, cmd),
+        Command::Bench(cmd) => Ok(bench::run(cmd)),
     };
     match result {
         Ok(code) => code,
