@@ -78,6 +78,10 @@ pub struct FlatFileConfig {
     /// The accidental-delete guard.
     #[serde(default)]
     pub delete_guard: DeleteGuard,
+    /// At most this many events per committed batch (default 20000): a large first load
+    /// commits in parts, each with its own checkpoint, so memory stays bounded.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
     /// Any number: changing it (or any other parsing option) tells the adapter that a changed
     /// header was reviewed, so a removed or renamed column no longer stops the resource.
     #[serde(default)]
@@ -168,6 +172,10 @@ fn default_ratio_min_accounts() -> u64 {
     10
 }
 
+fn default_batch_size() -> usize {
+    20_000
+}
+
 fn default_quote() -> char {
     '"'
 }
@@ -235,6 +243,7 @@ impl FlatFileConfig {
             settle_ms: default_settle_ms(),
             marker_suffix: default_marker_suffix(),
             delete_guard: DeleteGuard::default(),
+            batch_size: default_batch_size(),
             header_version: 0,
         }
     }
@@ -328,6 +337,9 @@ impl FlatFileConfig {
         }
         if self.completion == Completion::Marker && self.marker_suffix.is_empty() {
             problems.push("marker_suffix: must not be empty".to_owned());
+        }
+        if self.batch_size == 0 {
+            problems.push("batch_size: must be at least 1".to_owned());
         }
         let ratio = self.delete_guard.max_delete_ratio;
         if !(0.0..=1.0).contains(&ratio) {

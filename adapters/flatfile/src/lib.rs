@@ -37,10 +37,9 @@ mod rows;
 mod token;
 mod watch;
 
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use idsync_core::{Adapter, AdapterError, Checkpoint, Fetch, KnownAccounts};
+use idsync_core::{Adapter, AdapterError, ChangeBatch, Checkpoint, Fetch, KnownAccounts};
 use xxhash_rust::xxh3::xxh3_64;
 
 pub use config::{AfterProcessing, Completion, DeleteGuard, Encoding, FlatFileConfig};
@@ -52,12 +51,40 @@ use crate::token::{Token, hex};
 
 /// Reads one CSV file (or a folder of them) and reports what changed since the last
 /// committed snapshot.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct FlatFileAdapter {
     resource: String,
     config: FlatFileConfig,
     accept_deletes: bool,
     more: bool,
+    /// A file's pass handed out in parts: kept between fetches so the next part does not
+    /// read and diff the file again. Used only if the caller committed the last part (its
+    /// checkpoint comes back as `after`); otherwise the pass starts over against the
+    /// committed snapshot, which already holds every committed part.
+    in_progress: Option<InProgress>,
+}
+
+/// A pass handed out in parts.
+#[derive(Debug)]
+struct InProgress {
+    /// The decoded file.
+    data: Vec<u8>,
+    plan: diff::Plan,
+    /// The next plan index to emit.
+    next: usize,
+    /// Accounts in the snapshot once the parts handed out so far are committed.
+    n: u64,
+    token: Token,
+    folder_more: bool,
+    fresh: bool,
+    full_pass: bool,
+    shown_path: String,
+    file_name: String,
+    /// The checkpoint of the part handed out last.
+    checkpoint: String,
+    /// Rejects and held keys still to hand out (with the first part).
+    rejects: Vec<idsync_core::Reject>,
+    held: Vec<String>,
 }
 
 impl FlatFileAdapter {
@@ -69,6 +96,7 @@ impl FlatFileAdapter {
             config,
             accept_deletes: false,
             more: false,
+            in_progress: None,
         }
     }
 
@@ -221,6 +249,7 @@ impl Adapter for FlatFileAdapter {
         }
         if let Some(p) = &previous
             && consistent
+            && !p.partial
             && p.content == content
             && p.cfg.as_deref().is_none_or(|c| c == cfg)
             && p.file == folder_file
@@ -228,61 +257,146 @@ impl Adapter for FlatFileAdapter {
             return Ok(Fetch::Idle);
         }
 
-        let text: Cow<'_, [u8]> = match self.config.encoding {
-            Encoding::Utf8 => Cow::Borrowed(&bytes),
+        // The next part of a pass in progress, if its last part was committed.
+        if let Some(ip) = self.in_progress.take()
+            && after.is_some_and(|c| c.0 == ip.checkpoint)
+            && ip.token.content == content
+        {
+            return self.emit(ip, known);
+        }
+
+        let data: Vec<u8> = match self.config.encoding {
+            Encoding::Utf8 => bytes,
             Encoding::Latin1 => {
                 let (text, _) = encoding_rs::WINDOWS_1252.decode_without_bom_handling(&bytes);
-                match text {
-                    Cow::Borrowed(s) => Cow::Borrowed(s.as_bytes()),
-                    Cow::Owned(s) => Cow::Owned(s.into_bytes()),
+                text.into_owned().into_bytes()
+            }
+        };
+        let fresh = after.is_none() || previous.as_ref().is_some_and(|t| t.fresh);
+        let file_name = file_name(&path);
+        let (plan, columns) = {
+            let mut rows = Rows::open(&data, &self.config, &self.resource, &shown_path)?;
+            // A removed or renamed column stops the resource until the config is changed.
+            if let Some(p) = &previous
+                && p.cfg.as_deref() == Some(cfg.as_str())
+                && let Some(old) = &p.cols
+            {
+                let removed = removed_columns(old, rows.columns());
+                if !removed.is_empty() {
+                    return Err(self.permanent(format!(
+                        "the header of {shown_path} changed: column(s) {} removed or renamed \
+                         (was: {}; now: {}). The resource stops until its config is changed: \
+                         check the key, mappings and rules, then change the resource's source \
+                         config (e.g. raise `header_version`) to accept the new header",
+                        removed
+                            .iter()
+                            .map(|c| format!("'{c}'"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        old.join(", "),
+                        rows.columns().join(", ")
+                    )));
                 }
             }
+            let target = Target {
+                resource: &self.resource,
+                file_name: &file_name,
+                shown_path: &shown_path,
+                fresh,
+                full_pass: !consistent,
+            };
+            (
+                diff::plan(&target, &mut rows, known)?,
+                rows.columns().to_vec(),
+            )
         };
-        let mut rows = Rows::open(&text, &self.config, &self.resource, &shown_path)?;
+        self.guard(&plan.stats, &shown_path)?;
+        // Rejects were handed out with the first part of an interrupted pass already.
+        let resumed = previous.as_ref().is_some_and(|t| t.partial);
+        let (rejects, held) = if resumed {
+            (Vec::new(), Vec::new())
+        } else {
+            (plan.rejects.clone(), plan.held.clone())
+        };
+        let ip = InProgress {
+            data,
+            n: plan.stats.known,
+            plan,
+            next: 0,
+            token: Token {
+                content,
+                cfg: Some(cfg),
+                n: None,
+                cols: Some(columns),
+                file: folder_file,
+                fresh: false,
+                partial: false,
+            },
+            folder_more: self.more,
+            fresh,
+            full_pass: !consistent,
+            shown_path,
+            file_name,
+            checkpoint: String::new(),
+            rejects,
+            held,
+        };
+        self.emit(ip, known)
+    }
+}
 
-        // A removed or renamed column stops the resource until the config is changed.
-        if let Some(p) = &previous
-            && p.cfg.as_deref() == Some(cfg.as_str())
-            && let Some(old) = &p.cols
-        {
-            let removed = removed_columns(old, rows.columns());
-            if !removed.is_empty() {
-                return Err(self.permanent(format!(
-                    "the header of {shown_path} changed: column(s) {} removed or renamed \
-                     (was: {}; now: {}). The resource stops until its config is changed: check \
-                     the key, mappings and rules, then change the resource's source config \
-                     (e.g. raise `header_version`) to accept the new header",
-                    removed
-                        .iter()
-                        .map(|c| format!("'{c}'"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    old.join(", "),
-                    rows.columns().join(", ")
-                )));
+impl FlatFileAdapter {
+    /// Hands out the next part of a pass: at most `batch_size` events, with the checkpoint
+    /// that says how far the pass got.
+    fn emit(
+        &mut self,
+        mut ip: InProgress,
+        known: &dyn KnownAccounts,
+    ) -> Result<Fetch, AdapterError> {
+        let from = ip.next;
+        let events = {
+            let mut rows = Rows::open(&ip.data, &self.config, &self.resource, &ip.shown_path)?;
+            let target = Target {
+                resource: &self.resource,
+                file_name: &ip.file_name,
+                shown_path: &ip.shown_path,
+                fresh: ip.fresh,
+                full_pass: ip.full_pass,
+            };
+            diff::events(
+                &target,
+                &mut rows,
+                known,
+                &ip.plan,
+                from,
+                self.config.batch_size,
+            )?
+        };
+        let end = from + events.len();
+        for i in from..end {
+            match ip.plan.changes.get(i) {
+                Some(c) if !c.known => ip.n += 1,
+                Some(_) => {}
+                None => ip.n = ip.n.saturating_sub(1),
             }
         }
-        let columns = rows.columns().to_vec();
-
-        let target = Target {
-            resource: &self.resource,
-            file_name: &file_name(&path),
-            shown_path: &shown_path,
-            fresh: after.is_none() || previous.as_ref().is_some_and(|t| t.fresh),
-            full_pass: !consistent,
+        ip.next = end;
+        let more = ip.next < ip.plan.len();
+        let mut token = ip.token.clone();
+        token.n = Some(ip.n);
+        token.fresh = ip.fresh && more;
+        token.partial = more;
+        ip.checkpoint = token.encode();
+        let batch = ChangeBatch {
+            events,
+            rejects: std::mem::take(&mut ip.rejects),
+            held_keys: std::mem::take(&mut ip.held),
+            checkpoint: Some(Checkpoint(ip.checkpoint.clone())),
         };
-        let (mut batch, stats) = diff::diff(&target, &mut rows, known)?;
-        self.guard(&stats, &shown_path)?;
-        let token = Token {
-            content,
-            cfg: Some(cfg),
-            n: Some(stats.known + stats.added - stats.deletes),
-            cols: Some(columns),
-            file: folder_file,
-            fresh: false,
-            partial: false,
-        };
-        batch.checkpoint = Some(Checkpoint(token.encode()));
+        self.more = more || ip.folder_more;
+        if more {
+            self.in_progress = Some(ip);
+        }
         Ok(Fetch::Batch(batch))
     }
 }

@@ -6,8 +6,11 @@
 
 use std::collections::HashMap;
 
-use csv::{ByteRecord, ReaderBuilder};
+use std::io::Cursor;
+
+use csv::{ByteRecord, Position, ReaderBuilder};
 use idsync_core::{AdapterError, AttrMap, Value};
+use xxhash_rust::xxh3::Xxh3;
 
 use crate::config::FlatFileConfig;
 
@@ -18,8 +21,12 @@ pub(crate) struct Row {
     pub key: String,
     /// The physical line the record starts on, 1-based.
     pub line: u64,
-    /// Column name -> value; empty fields are absent.
-    pub attrs: AttrMap,
+    /// The content hash of the row's attributes, equal to [`AttrMap::content_hash`] of
+    /// `attrs` but computed straight from the fields.
+    pub hash: u64,
+    /// Column name -> value; empty fields are absent. Only built when asked for
+    /// ([`Rows::build_attrs`]): an unchanged row never needs it.
+    pub attrs: Option<AttrMap>,
 }
 
 /// A record that could not become an account.
@@ -43,7 +50,7 @@ pub(crate) enum Record {
 /// Streams the records of one CSV buffer.
 pub(crate) struct Rows<'a> {
     data: &'a [u8],
-    reader: csv::Reader<&'a [u8]>,
+    reader: csv::Reader<Cursor<&'a [u8]>>,
     columns: Vec<String>,
     key_index: Vec<usize>,
     trim: bool,
@@ -52,6 +59,12 @@ pub(crate) struct Rows<'a> {
     quote: Option<u8>,
     /// Per column: the separator of a multi-valued column.
     separators: Vec<Option<String>>,
+    /// Column indexes with their folded names, in the order [`AttrMap::content_hash`] visits.
+    hash_order: Vec<(usize, String)>,
+    /// Whether good rows carry their attribute map.
+    build_attrs: bool,
+    /// Where the record returned last started (to read it again with [`Rows::read_at`]).
+    last_start: Position,
     record: ByteRecord,
 }
 
@@ -98,7 +111,7 @@ impl<'a> Rows<'a> {
             .comment(comment)
             .has_headers(config.header)
             .flexible(true)
-            .from_reader(data);
+            .from_reader(Cursor::new(data));
 
         let columns = match (&config.columns, config.header) {
             (Some(columns), false) => columns.clone(),
@@ -176,6 +189,13 @@ impl<'a> Rows<'a> {
             }
         }
 
+        let mut hash_order: Vec<(usize, String)> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, c.to_lowercase()))
+            .collect();
+        hash_order.sort_by(|a, b| a.1.cmp(&b.1));
+
         Ok(Rows {
             data,
             reader,
@@ -185,8 +205,29 @@ impl<'a> Rows<'a> {
             delimiter,
             quote: config.quoting.then_some(quote),
             separators,
+            hash_order,
+            build_attrs: true,
+            last_start: Position::new(),
             record: ByteRecord::new(),
         })
+    }
+
+    /// Whether good rows carry their attribute map (default true).
+    pub fn build_attrs(&mut self, yes: bool) {
+        self.build_attrs = yes;
+    }
+
+    /// Where the record returned last started.
+    pub fn last_start(&self) -> &Position {
+        &self.last_start
+    }
+
+    /// Reads the record that starts at `pos` (from [`Rows::last_start`]) again.
+    pub fn read_at(&mut self, pos: &Position) -> Result<Option<Record>, String> {
+        self.reader
+            .seek(pos.clone())
+            .map_err(|e| format!("cannot go back to line {}: {e}", pos.line()))?;
+        self.next_record()
     }
 
     /// The column names, from the header or the config.
@@ -203,6 +244,7 @@ impl<'a> Rows<'a> {
             match self.reader.read_byte_record(&mut self.record) {
                 Ok(false) => return Ok(None),
                 Ok(true) => {
+                    self.last_start = start.clone();
                     let pos = self.record.position().cloned().unwrap_or(start);
                     let line = self.start_line(pos.byte(), pos.line());
                     if self.ends_inside_quotes(pos.byte()) {
@@ -353,27 +395,79 @@ impl<'a> Rows<'a> {
             }));
         };
 
-        let mut attrs = AttrMap::new();
-        for ((name, text), sep) in self.columns.iter().zip(&texts).zip(&self.separators) {
-            let Some(text) = text.filter(|t| !t.is_empty()) else {
+        let hash = self.hash(&texts);
+        let attrs = self.build_attrs.then(|| {
+            let mut attrs = AttrMap::new();
+            for ((name, text), sep) in self.columns.iter().zip(&texts).zip(&self.separators) {
+                let Some(text) = text.filter(|t| !t.is_empty()) else {
+                    continue;
+                };
+                match sep {
+                    None => attrs.set_text(name, text),
+                    Some(sep) => {
+                        let values: Vec<Value> = self.split(text, sep).map(Value::from).collect();
+                        if !values.is_empty() {
+                            attrs.set(name, values);
+                        }
+                    }
+                }
+            }
+            debug_assert_eq!(
+                attrs.content_hash(),
+                hash,
+                "row hash differs from the map's"
+            );
+            attrs
+        });
+        Some(Record::Good(Row {
+            key,
+            line,
+            hash,
+            attrs,
+        }))
+    }
+
+    /// The values of a multi-valued field.
+    fn split<'t>(&self, text: &'t str, sep: &'t str) -> impl Iterator<Item = &'t str> {
+        let trim = self.trim;
+        text.split(sep)
+            .map(move |v| if trim { v.trim() } else { v })
+            .filter(|v| !v.is_empty())
+    }
+
+    /// [`AttrMap::content_hash`] of the row's attributes, without building the map: the same
+    /// fields in the same order (folded names sorted), each length-prefixed.
+    fn hash(&self, texts: &[Option<&str>]) -> u64 {
+        fn field(h: &mut Xxh3, tag: u8, bytes: &[u8]) {
+            h.update(&[tag]);
+            h.update(&(bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        }
+        let mut h = Xxh3::new();
+        for (i, folded) in &self.hash_order {
+            let Some(text) = texts.get(*i).copied().flatten().filter(|t| !t.is_empty()) else {
                 continue;
             };
-            match sep {
-                None => attrs.set_text(name, text),
+            match self.separators.get(*i).and_then(Option::as_deref) {
+                None => {
+                    field(&mut h, 0, folded.as_bytes());
+                    h.update(&1u64.to_le_bytes());
+                    field(&mut h, 1, text.as_bytes());
+                }
                 Some(sep) => {
-                    let values: Vec<Value> = text
-                        .split(sep.as_str())
-                        .map(|v| if self.trim { v.trim() } else { v })
-                        .filter(|v| !v.is_empty())
-                        .map(Value::from)
-                        .collect();
-                    if !values.is_empty() {
-                        attrs.set(name, values);
+                    let count = self.split(text, sep).count() as u64;
+                    if count == 0 {
+                        continue;
+                    }
+                    field(&mut h, 0, folded.as_bytes());
+                    h.update(&count.to_le_bytes());
+                    for v in self.split(text, sep) {
+                        field(&mut h, 1, v.as_bytes());
                     }
                 }
             }
         }
-        Some(Record::Good(Row { key, line, attrs }))
+        h.digest()
     }
 
     fn column_name(&self, i: usize) -> &str {
