@@ -264,6 +264,20 @@ fn malformed_rows_fail_alone_with_file_and_line() {
 }
 
 #[test]
+fn bad_quoting_is_a_failed_row_with_a_hint() {
+    let s = world(", completion: rename");
+    s.feed("hr.csv", "id,cn\n1,Ann\n2,\"Bob\n3,Cy\"\n4,Di\n");
+    let out = s.run_once(None, 1);
+    assert!(out.stdout.contains("rejected 1"), "{}", out.stdout);
+    assert_eq!(names(&s), pairs(&[("1", "Ann"), ("4", "Di")]));
+    let error = s.failed()[0]["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.starts_with("hr.csv:3:") && error.contains("is a quote unbalanced?"),
+        "{error}"
+    );
+}
+
+#[test]
 fn duplicate_key_fails_both_rows_and_keeps_the_account() {
     let s = world(", completion: rename");
     s.feed("hr.csv", "id,cn\n1,Ann\n2,Bob\n");
