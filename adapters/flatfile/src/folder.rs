@@ -44,10 +44,12 @@ pub(crate) fn matches(pattern: &str, name: &str) -> bool {
 }
 
 /// Archives the files committed already (names up to `last`), then picks the first
-/// matching file after `last`.
+/// matching file after `last`. With `resume`, the pass of `last` itself is unfinished (it
+/// was committed in parts): `last` is picked again and not archived.
 pub(crate) fn next_file(
     config: &FlatFileConfig,
     last: Option<&str>,
+    resume: bool,
 ) -> Result<Option<Pick>, String> {
     let dir = &config.path;
     let pattern = config.pattern.as_deref().unwrap_or("*");
@@ -68,7 +70,8 @@ pub(crate) fn next_file(
             .archive_dir
             .clone()
             .unwrap_or_else(|| dir.join("archive"));
-        for name in names.iter().filter(|n| n.as_str() <= last) {
+        let done = |n: &&String| n.as_str() < last || (!resume && n.as_str() == last);
+        for name in names.iter().filter(done) {
             std::fs::create_dir_all(&archive).map_err(|e| {
                 format!(
                     "cannot create the archive folder {}: {e}",
@@ -95,7 +98,7 @@ pub(crate) fn next_file(
 
     let mut after = names
         .into_iter()
-        .filter(|n| last.is_none_or(|l| n.as_str() > l));
+        .filter(|n| last.is_none_or(|l| n.as_str() > l || (resume && n.as_str() == l)));
     Ok(after.next().map(|name| Pick {
         path: dir.join(&name),
         more: after.next().is_some(),

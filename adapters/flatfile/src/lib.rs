@@ -210,7 +210,9 @@ impl Adapter for FlatFileAdapter {
         // Which file: the configured one, or the next one of the folder.
         let (path, folder_file) = if self.config.pattern.is_some() {
             let last = previous.as_ref().and_then(|t| t.file.as_deref());
-            let pick = folder::next_file(&self.config, last).map_err(|e| self.transient(e))?;
+            let resume = previous.as_ref().is_some_and(|t| t.partial);
+            let pick =
+                folder::next_file(&self.config, last, resume).map_err(|e| self.transient(e))?;
             match pick {
                 None => return Ok(Fetch::Idle),
                 Some(pick) => {
@@ -261,6 +263,7 @@ impl Adapter for FlatFileAdapter {
         if let Some(ip) = self.in_progress.take()
             && after.is_some_and(|c| c.0 == ip.checkpoint)
             && ip.token.content == content
+            && consistent
         {
             return self.emit(ip, known);
         }
