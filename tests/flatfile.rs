@@ -266,7 +266,8 @@ fn malformed_rows_fail_alone_with_file_and_line() {
 #[test]
 fn bad_quoting_is_a_failed_row_with_a_hint() {
     let s = world(", completion: rename");
-    s.feed("hr.csv", "id,cn\n1,Ann\n2,\"Bob\n3,Cy\"\n4,Di\n");
+    // The quote opened on line 3 closes on line 4: one record of 3 fields over two lines.
+    s.feed("hr.csv", "id,cn\n1,Ann\n2,\"Bob\n3,Cy\",x\n4,Di\n");
     let out = s.run_once(None, 1);
     assert!(out.stdout.contains("rejected 1"), "{}", out.stdout);
     assert_eq!(names(&s), pairs(&[("1", "Ann"), ("4", "Di")]));
