@@ -13,7 +13,6 @@
 //! Each pipeline step is split into the adapter's fetch (read, parse, diff) and the engine's
 //! apply (rules, repository writes, commit), so the figures say what dominates.
 
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
