@@ -61,7 +61,6 @@ impl Target<'_> {
 /// A row to emit, found by [`plan`].
 #[derive(Debug)]
 pub(crate) struct Planned {
-    pub key: String,
     pub op: Op,
     /// The account is known (its previous attributes are fetched).
     pub known: bool,
@@ -219,7 +218,6 @@ pub(crate) fn plan(
             stats.added += 1;
         }
         changes.push(Planned {
-            key: p.key,
             op: p.op,
             known: p.known,
             pos: p.pos,
@@ -269,7 +267,7 @@ pub(crate) fn events(
                 )));
             };
             let previous = if p.known {
-                known_attrs(target, known, &p.key)
+                known_attrs(target, known, &row.key)
             } else {
                 None
             };

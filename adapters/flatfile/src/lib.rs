@@ -69,6 +69,8 @@ pub struct FlatFileAdapter {
 struct InProgress {
     /// The decoded file.
     data: Vec<u8>,
+    /// The file's size and modification time when it was read.
+    signature: (u64, Option<std::time::SystemTime>),
     plan: diff::Plan,
     /// The next plan index to emit.
     next: usize,
@@ -230,6 +232,17 @@ impl Adapter for FlatFileAdapter {
             self.more = false;
             return Ok(Fetch::Idle);
         }
+        let signature = std::fs::metadata(&path)
+            .map(|m| (m.len(), m.modified().ok()))
+            .map_err(|e| self.transient(format!("cannot read {shown_path}: {e}")))?;
+        // The next part of a pass in progress, if its last part was committed and the file
+        // was not touched since: no need to read, hash and count again.
+        if let Some(ip) = self.in_progress.take()
+            && after.is_some_and(|c| c.0 == ip.checkpoint)
+            && ip.signature == signature
+        {
+            return self.emit(ip, known);
+        }
         let bytes = std::fs::read(&path)
             .map_err(|e| self.transient(format!("cannot read {shown_path}: {e}")))?;
         let content = xxh3_64(&bytes);
@@ -257,15 +270,6 @@ impl Adapter for FlatFileAdapter {
             && p.file == folder_file
         {
             return Ok(Fetch::Idle);
-        }
-
-        // The next part of a pass in progress, if its last part was committed.
-        if let Some(ip) = self.in_progress.take()
-            && after.is_some_and(|c| c.0 == ip.checkpoint)
-            && ip.token.content == content
-            && consistent
-        {
-            return self.emit(ip, known);
         }
 
         let data: Vec<u8> = match self.config.encoding {
@@ -323,6 +327,7 @@ impl Adapter for FlatFileAdapter {
         };
         let ip = InProgress {
             data,
+            signature,
             n: plan.stats.known,
             plan,
             next: 0,
