@@ -469,3 +469,20 @@ fn config_change_with_an_unchanged_file_is_diffed_again() {
         serde_json::json!(["a", "b"])
     );
 }
+
+#[test]
+fn large_pass_commits_in_parts_and_stays_complete() {
+    let s = world(", completion: rename, batch_size: 3");
+    s.feed("hr.csv", &many(10));
+    let out = s.run_once(None, 0);
+    assert!(out.stdout.contains("hr: 10 events"), "{}", out.stdout);
+    assert_eq!(names(&s).len(), 10);
+    let ops: Vec<String> = s
+        .results(&[])
+        .iter()
+        .map(|d| d["op"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(ops.iter().all(|o| o == "upsert"), "{ops:?}");
+    let out = s.run_once(None, 0);
+    assert!(out.stdout.contains("hr: no changes"), "{}", out.stdout);
+}
