@@ -363,3 +363,70 @@ impl Drop for SmtpServer {
         self.stop();
     }
 }
+
+/// A long-running `idsync run` (watching), killed when dropped.
+pub struct Agent {
+    child: std::process::Child,
+}
+
+impl Agent {
+    /// Kills the agent and returns what it printed on stderr.
+    pub fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        let _ = self.child.wait();
+        err
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Sandbox {
+    /// Starts `idsync run` (no `--once`) with extra environment variables.
+    pub fn start_agent(&self, env: &[(&str, &str)]) -> Agent {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_idsync"));
+        cmd.args(["run"])
+            .current_dir(self.dir.path())
+            .env_remove("IDSYNC_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Agent {
+            child: cmd.spawn().expect("start idsync run"),
+        }
+    }
+
+    /// Writes `content` beside `rel` and renames it into place (an atomic replace).
+    pub fn replace_atomically(&self, rel: &str, content: &str) {
+        let p = self.dir.path().join(rel);
+        let tmp = p.with_file_name(format!(".{}.tmp", p.file_name().unwrap().to_string_lossy()));
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(tmp, p).unwrap();
+    }
+}
+
+/// Polls `check` until it returns `Some` or `secs` seconds pass (then panics with `what`).
+pub fn eventually<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

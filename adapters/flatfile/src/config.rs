@@ -1,7 +1,7 @@
 //! The flat-file resource configuration: raw serde types, then [`FlatFileConfig::validate`],
 //! which collects every problem at once, each naming its field.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 
@@ -12,7 +12,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 ///
 /// An empty field means the attribute is absent (the row's attribute map has no entry for that
 /// column), so `a,,c` and a row without column `b` describe the same account.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FlatFileConfig {
     /// The CSV file. The agent resolves a relative path against the config file's folder
@@ -36,6 +36,156 @@ pub struct FlatFileConfig {
     /// Whether to trim whitespace around fields and header names (default true).
     #[serde(default = "default_true")]
     pub trim: bool,
+    /// The quote character, one ASCII character (default `"`); doubled inside a quoted field.
+    #[serde(default = "default_quote")]
+    pub quote: char,
+    /// Whether quotes are special at all (default true). False: a quote is an ordinary byte.
+    #[serde(default = "default_true")]
+    pub quoting: bool,
+    /// The file's character encoding: `utf-8` (default; a byte order mark is skipped) or
+    /// `latin-1` (ISO-8859-1, decoded as its superset windows-1252).
+    #[serde(default)]
+    pub encoding: Encoding,
+    /// Lines starting with this ASCII character are comments and skipped (default: none).
+    #[serde(default)]
+    pub comment: Option<char>,
+    /// Multi-valued columns: column name → the separator between its values
+    /// (e.g. `{ groups: ";" }`). Empty values are dropped.
+    #[serde(default)]
+    pub multi_valued: BTreeMap<String, String>,
+    /// Folder mode: `path` is a folder and every file whose name matches this pattern
+    /// (`*` and `?` wildcards) is a full snapshot, processed in name order (so dated names
+    /// like `hr-2026-11-23.csv` run oldest first).
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// Folder mode: what happens to a file once its batch is committed (default `leave`).
+    #[serde(default)]
+    pub after: AfterProcessing,
+    /// Folder mode with `after: archive`: where processed files go (default `<path>/archive`).
+    #[serde(default)]
+    pub archive_dir: Option<PathBuf>,
+    /// How the agent knows a file is completely written (default `settle`).
+    #[serde(default)]
+    pub completion: Completion,
+    /// `completion: settle`: milliseconds the size and modification time must stay
+    /// unchanged before the file is read (default 1000).
+    #[serde(default = "default_settle_ms")]
+    pub settle_ms: u64,
+    /// `completion: marker`: the marker file's suffix (default `.done`: `hr.csv.done`).
+    /// The file is read only when its marker is at least as new as the file.
+    #[serde(default = "default_marker_suffix")]
+    pub marker_suffix: String,
+    /// The accidental-delete guard.
+    #[serde(default)]
+    pub delete_guard: DeleteGuard,
+    /// At most this many events per committed batch (default 20000): a large first load
+    /// commits in parts, each with its own checkpoint, so memory stays bounded.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Any number: changing it (or any other parsing option) tells the adapter that a changed
+    /// header was reviewed, so a removed or renamed column no longer stops the resource.
+    #[serde(default)]
+    pub header_version: u64,
+}
+
+/// `encoding`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+pub enum Encoding {
+    /// UTF-8, with or without a byte order mark.
+    #[default]
+    #[serde(rename = "utf-8", alias = "utf8", alias = "UTF-8")]
+    Utf8,
+    /// ISO-8859-1 (read as windows-1252, its superset).
+    #[serde(
+        rename = "latin-1",
+        alias = "latin1",
+        alias = "iso-8859-1",
+        alias = "windows-1252"
+    )]
+    Latin1,
+}
+
+/// `after` (folder mode).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AfterProcessing {
+    /// Leave processed files where they are; the checkpoint remembers the last one.
+    #[default]
+    Leave,
+    /// Move processed files to `archive_dir` (done at the next fetch, once committed).
+    Archive,
+}
+
+/// `completion`: the signal that a file is completely written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Completion {
+    /// Size and modification time unchanged for `settle_ms`.
+    #[default]
+    Settle,
+    /// A marker file (`hr.csv.done`) at least as new as the file.
+    Marker,
+    /// The writer replaces the file by an atomic rename: whatever is there is complete.
+    Rename,
+}
+
+/// `delete_guard`: a pass that would delete too many accounts applies nothing.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteGuard {
+    /// On by default.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Refuse a pass deleting more than this many accounts (default 500).
+    #[serde(default = "default_max_deletes")]
+    pub max_deletes: u64,
+    /// Refuse a pass deleting more than this share of the resource's accounts (default
+    /// 0.2), once the resource has at least `ratio_min_accounts` accounts.
+    #[serde(default = "default_max_delete_ratio")]
+    pub max_delete_ratio: f64,
+    /// Below this many known accounts only `max_deletes` and the empty-file rule apply
+    /// (default 10), so a small feed can lose one person without tripping the ratio.
+    #[serde(default = "default_ratio_min_accounts")]
+    pub ratio_min_accounts: u64,
+}
+
+impl Default for DeleteGuard {
+    fn default() -> Self {
+        DeleteGuard {
+            enabled: true,
+            max_deletes: default_max_deletes(),
+            max_delete_ratio: default_max_delete_ratio(),
+            ratio_min_accounts: default_ratio_min_accounts(),
+        }
+    }
+}
+
+fn default_max_deletes() -> u64 {
+    500
+}
+
+fn default_max_delete_ratio() -> f64 {
+    0.2
+}
+
+fn default_ratio_min_accounts() -> u64 {
+    10
+}
+
+fn default_batch_size() -> usize {
+    20_000
+}
+
+fn default_quote() -> char {
+    '"'
+}
+
+fn default_settle_ms() -> u64 {
+    1000
+}
+
+fn default_marker_suffix() -> String {
+    ".done".to_owned()
 }
 
 fn default_delimiter() -> char {
@@ -81,7 +231,43 @@ impl FlatFileConfig {
             header: true,
             columns: None,
             trim: true,
+            quote: default_quote(),
+            quoting: true,
+            encoding: Encoding::Utf8,
+            comment: None,
+            multi_valued: BTreeMap::new(),
+            pattern: None,
+            after: AfterProcessing::Leave,
+            archive_dir: None,
+            completion: Completion::Settle,
+            settle_ms: default_settle_ms(),
+            marker_suffix: default_marker_suffix(),
+            delete_guard: DeleteGuard::default(),
+            batch_size: default_batch_size(),
+            header_version: 0,
         }
+    }
+
+    /// A stable fingerprint of every option that changes how rows are read (not of the
+    /// path, completion, folder handling or the guard). Folded into the checkpoint so that a
+    /// config change with an unchanged file is diffed again, and so that a changed header is
+    /// accepted once the config was touched.
+    pub fn parse_fingerprint(&self) -> u64 {
+        let text = format!(
+            "{:?}|{}|{}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}|{}",
+            self.key,
+            self.delimiter,
+            self.header,
+            self.columns,
+            self.trim,
+            self.quote,
+            self.quoting,
+            self.encoding,
+            self.comment,
+            self.multi_valued,
+            self.header_version
+        );
+        xxhash_rust::xxh3::xxh3_64(text.as_bytes())
     }
 
     /// Every problem with this config, each starting with the field it is about
@@ -109,9 +295,56 @@ impl FlatFileConfig {
             problems.push(format!(
                 "delimiter: must be a single ASCII character, not '{d}'"
             ));
-        } else if matches!(d, '"' | '\n' | '\r') {
+        } else if matches!(d, '\n' | '\r') || d == self.quote {
             problems.push(format!(
                 "delimiter: {d:?} cannot be used (it is the quote or a line end)"
+            ));
+        }
+
+        for (field, c) in [("quote", Some(self.quote)), ("comment", self.comment)] {
+            let Some(c) = c else { continue };
+            if !c.is_ascii() || matches!(c, '\n' | '\r') {
+                problems.push(format!(
+                    "{field}: must be a single ASCII character other than a line end, not {c:?}"
+                ));
+            } else if c == d && field == "comment" {
+                problems.push(format!("{field}: {c:?} is also the delimiter"));
+            }
+        }
+        for (column, sep) in &self.multi_valued {
+            if sep.is_empty() {
+                problems.push(format!("multi_valued.{column}: the separator is empty"));
+            }
+            if self.key.iter().any(|k| k.eq_ignore_ascii_case(column)) {
+                problems.push(format!(
+                    "multi_valued.{column}: a key column cannot be multi-valued"
+                ));
+            }
+        }
+        if let Some(p) = &self.pattern {
+            if p.is_empty() || p.contains('/') || p.contains('\\') {
+                problems.push(format!(
+                    "pattern: must be a file name pattern without folders, not {p:?}"
+                ));
+            }
+        } else {
+            if self.after != AfterProcessing::Leave {
+                problems.push("after: only with `pattern` (folder mode)".to_owned());
+            }
+            if self.archive_dir.is_some() {
+                problems.push("archive_dir: only with `pattern` (folder mode)".to_owned());
+            }
+        }
+        if self.completion == Completion::Marker && self.marker_suffix.is_empty() {
+            problems.push("marker_suffix: must not be empty".to_owned());
+        }
+        if self.batch_size == 0 {
+            problems.push("batch_size: must be at least 1".to_owned());
+        }
+        let ratio = self.delete_guard.max_delete_ratio;
+        if !(0.0..=1.0).contains(&ratio) {
+            problems.push(format!(
+                "delete_guard.max_delete_ratio: must be between 0 and 1, not {ratio}"
             ));
         }
 

@@ -1,14 +1,19 @@
 //! Diffing the file's rows against the repository's last seen accounts.
 //!
-//! Rows stream in; a row whose content hash equals the known one is reduced to its key and line
-//! at once, so only changed rows keep their attributes until the end of the file. Keys are
-//! judged only after the whole file is read, because a duplicate further down makes every row
-//! with that key ambiguous.
+//! Two phases, so memory stays bounded on a million-row file:
+//! 1. [`plan`] streams every record once, hashing each row straight from its fields (no
+//!    attribute map) and comparing with the known hash. A changed or new row is kept only as
+//!    key, operation and file position. Keys are judged after the whole file is read, because
+//!    a duplicate further down makes every row with that key ambiguous.
+//! 2. [`events`] turns a slice of the plan into change events: it goes back to each planned
+//!    row's position, builds its attribute map and fetches its previous attributes. The
+//!    caller takes the plan in slices of `batch_size` events, each committed on its own.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
-use idsync_core::{AdapterError, AttrMap, ChangeBatch, ChangeEvent, KnownAccounts, Op, Reject};
+use csv::Position;
+use idsync_core::{AdapterError, AttrMap, ChangeEvent, KnownAccounts, Op, Reject};
 
 use crate::rows::{Record, Rows};
 
@@ -22,6 +27,22 @@ pub(crate) struct Target<'a> {
     pub shown_path: &'a str,
     /// No committed checkpoint: accounts not known are upserts, not creates.
     pub fresh: bool,
+    /// The snapshot does not match the checkpoint (missing or damaged): every row is an
+    /// upsert, unchanged or not, so nothing the snapshot lost is skipped.
+    pub full_pass: bool,
+}
+
+/// Counts the accidental-delete guard and the checkpoint need.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct DiffStats {
+    /// Accounts known before the batch.
+    pub known: u64,
+    /// Records read that were not blank (good or bad).
+    pub records: u64,
+    /// Events for keys not known before (they add a snapshot entry).
+    pub added: u64,
+    /// Delete events.
+    pub deletes: u64,
 }
 
 impl Target<'_> {
@@ -37,12 +58,30 @@ impl Target<'_> {
     }
 }
 
-/// A good row, reduced to what the end of the diff needs.
-struct Pending {
-    key: String,
-    line: u64,
-    /// The event to emit, `None` when the row equals the known account.
-    change: Option<(Op, AttrMap)>,
+/// A row to emit, found by [`plan`].
+#[derive(Debug)]
+pub(crate) struct Planned {
+    pub op: Op,
+    /// The account is known (its previous attributes are fetched).
+    pub known: bool,
+    pub pos: Position,
+}
+
+/// Everything one file's diff will emit, in order: the changed rows, then the deletes.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub changes: Vec<Planned>,
+    pub deletes: Vec<String>,
+    pub rejects: Vec<Reject>,
+    pub held: Vec<String>,
+    pub stats: DiffStats,
+}
+
+impl Plan {
+    /// Events in the plan.
+    pub fn len(&self) -> usize {
+        self.changes.len() + self.deletes.len()
+    }
 }
 
 /// The lines every key was seen on (good rows and bad rows whose key could be read).
@@ -68,13 +107,20 @@ impl Occurrences {
     }
 }
 
-/// Reads every record of `rows` and diffs it against `known`. The returned batch has no
-/// checkpoint; the caller adds it.
-pub(crate) fn diff(
+/// A good row before keys are judged.
+struct Pending {
+    key: String,
+    op: Op,
+    known: bool,
+    pos: Position,
+}
+
+/// Phase 1: reads every record of `rows` and diffs it against `known`.
+pub(crate) fn plan(
     target: &Target<'_>,
     rows: &mut Rows<'_>,
     known: &dyn KnownAccounts,
-) -> Result<ChangeBatch, AdapterError> {
+) -> Result<Plan, AdapterError> {
     let resource = target.resource;
     let known_hashes = known
         .known_hashes(resource)
@@ -84,7 +130,12 @@ pub(crate) fn diff(
     let mut seen = Occurrences::default();
     let mut rejects: Vec<(u64, Reject)> = Vec::new();
     let mut held = BTreeSet::new();
+    let mut stats = DiffStats {
+        known: known_hashes.len() as u64,
+        ..DiffStats::default()
+    };
 
+    rows.build_attrs(false);
     loop {
         let record = rows
             .next_record()
@@ -92,20 +143,27 @@ pub(crate) fn diff(
         match record {
             None => break,
             Some(Record::Good(row)) => {
+                stats.records += 1;
                 seen.note(&row.key, row.line);
-                let op = match known_hashes.get(&row.key) {
-                    None if target.fresh => Some(Op::Upsert),
+                let known_hash = known_hashes.get(&row.key);
+                let op = match known_hash {
+                    None if target.fresh || target.full_pass => Some(Op::Upsert),
                     None => Some(Op::Create),
-                    Some(&hash) if hash != row.attrs.content_hash() => Some(Op::Update),
+                    Some(_) if target.full_pass => Some(Op::Upsert),
+                    Some(&hash) if hash != row.hash => Some(Op::Update),
                     Some(_) => None,
                 };
-                pending.push(Pending {
-                    key: row.key,
-                    line: row.line,
-                    change: op.map(|op| (op, row.attrs)),
-                });
+                if let Some(op) = op {
+                    pending.push(Pending {
+                        key: row.key,
+                        op,
+                        known: known_hash.is_some(),
+                        pos: rows.last_start().clone(),
+                    });
+                }
             }
             Some(Record::Bad(bad)) => {
+                stats.records += 1;
                 if let Some(key) = &bad.key {
                     seen.note(key, bad.line);
                     held.insert(key.clone());
@@ -120,82 +178,131 @@ pub(crate) fn diff(
         }
     }
 
-    // A key on several lines is ambiguous: reject every good row with it and keep the stored
-    // account as it is. (A bad row with a key counts as a line too: its good twin is rejected.)
+    // A key on several lines is ambiguous: reject every row with it (an unchanged one too)
+    // and keep the stored account as it is. (A bad row with a key counts as a line.)
     held.extend(seen.repeated.keys().cloned());
-
-    let mut events = Vec::new();
-    for row in pending {
-        if let Some(lines) = seen.repeated.get(&row.key) {
+    let bad_lines: HashSet<u64> = rejects.iter().map(|(l, _)| *l).collect();
+    for (key, lines) in &seen.repeated {
+        for &line in lines {
             let others: Vec<String> = lines
                 .iter()
-                .filter(|&&l| l != row.line)
+                .filter(|&&l| l != line)
                 .map(u64::to_string)
                 .collect();
             let reason = format!(
-                "duplicate key '{}' also on line{} {}",
-                row.key,
+                "duplicate key '{key}' also on line{} {}",
                 if others.len() == 1 { "" } else { "s" },
                 others.join(", ")
             );
-            let reject = Reject {
-                key: Some(row.key),
-                origin: target.origin(row.line),
-                reason,
-            };
-            rejects.push((row.line, reject));
+            // A bad row on that line is already rejected for its own reason.
+            if bad_lines.contains(&line) {
+                continue;
+            }
+            rejects.push((
+                line,
+                Reject {
+                    key: Some(key.clone()),
+                    origin: target.origin(line),
+                    reason,
+                },
+            ));
+        }
+    }
+
+    let mut changes = Vec::with_capacity(pending.len());
+    for p in pending {
+        if seen.repeated.contains_key(&p.key) {
             continue;
         }
-        let Some((op, attrs)) = row.change else {
-            continue;
-        };
-        let previous = if op == Op::Update {
-            known_attrs(target, known, &row.key)?
-        } else {
-            None
-        };
-        events.push(ChangeEvent {
-            resource: resource.to_owned(),
-            key: row.key,
-            op,
-            attrs,
-            previous,
-            origin: Some(target.origin(row.line)),
+        if !p.known {
+            stats.added += 1;
+        }
+        changes.push(Planned {
+            op: p.op,
+            known: p.known,
+            pos: p.pos,
         });
     }
 
-    let mut gone: Vec<&String> = known_hashes
-        .keys()
-        .filter(|key| !seen.first.contains_key(*key) && !held.contains(*key))
+    let mut deletes: Vec<String> = known_hashes
+        .into_keys()
+        .filter(|key| !seen.first.contains_key(key) && !held.contains(key))
         .collect();
-    gone.sort();
-    for key in gone {
-        let previous = known_attrs(target, known, key)?;
-        events.push(ChangeEvent {
-            resource: resource.to_owned(),
-            key: key.clone(),
-            op: Op::Delete,
-            attrs: previous.clone().unwrap_or_default(),
-            previous,
-            origin: Some(target.file_name.to_owned()),
-        });
-    }
+    deletes.sort();
+    stats.deletes = deletes.len() as u64;
 
     rejects.sort_by_key(|(line, _)| *line);
-    Ok(ChangeBatch {
-        events,
+    Ok(Plan {
+        changes,
+        deletes,
         rejects: rejects.into_iter().map(|(_, r)| r).collect(),
-        held_keys: held.into_iter().collect(),
-        checkpoint: None,
+        held: held.into_iter().collect(),
+        stats,
     })
 }
 
-fn known_attrs(
+/// Phase 2: the events of `plan` from index `from`, at most `max` of them.
+pub(crate) fn events(
     target: &Target<'_>,
+    rows: &mut Rows<'_>,
     known: &dyn KnownAccounts,
-    key: &str,
-) -> Result<Option<AttrMap>, AdapterError> {
-    known
-        .known_attrs(target.resource, key)
-        .map_err(|e| target.transient(format!("cannot read the known account '{key}': {e}")))
+    plan: &Plan,
+    from: usize,
+    max: usize,
+) -> Result<Vec<ChangeEvent>, AdapterError> {
+    let resource = target.resource;
+    let end = plan.len().min(from.saturating_add(max));
+    let mut out = Vec::with_capacity(end.saturating_sub(from));
+    rows.build_attrs(true);
+    for i in from..end {
+        if let Some(p) = plan.changes.get(i) {
+            let record = rows
+                .read_at(&p.pos)
+                .map_err(|e| target.transient(format!("{}: {e}", target.shown_path)))?;
+            let Some(Record::Good(row)) = record else {
+                return Err(target.transient(format!(
+                    "{}: line {} reads differently the second time",
+                    target.shown_path,
+                    p.pos.line()
+                )));
+            };
+            let previous = if p.known {
+                known_attrs(target, known, &row.key)
+            } else {
+                None
+            };
+            out.push(ChangeEvent {
+                resource: resource.to_owned(),
+                key: row.key,
+                op: p.op,
+                attrs: row.attrs.unwrap_or_default(),
+                previous,
+                origin: Some(target.origin(row.line)),
+            });
+        } else if let Some(key) = plan.deletes.get(i - plan.changes.len()) {
+            let previous = known_attrs(target, known, key);
+            out.push(ChangeEvent {
+                resource: resource.to_owned(),
+                key: key.clone(),
+                op: Op::Delete,
+                attrs: previous.clone().unwrap_or_default(),
+                previous,
+                origin: Some(target.file_name.to_owned()),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The last seen attributes of `key`. A stored snapshot entry that cannot be read is
+/// reported and treated as unknown (the event then carries no previous attributes) rather
+/// than blocking the resource; the batch still commits only if the repository works.
+fn known_attrs(target: &Target<'_>, known: &dyn KnownAccounts, key: &str) -> Option<AttrMap> {
+    match known.known_attrs(target.resource, key) {
+        Ok(attrs) => attrs,
+        Err(e) => {
+            tracing::warn!(resource = %target.resource, key, "snapshot of the account is unreadable, treated as unknown: {e}");
+            None
+        }
+    }
 }

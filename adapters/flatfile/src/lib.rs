@@ -15,29 +15,78 @@
 //! Problems with the file as a whole (missing key column, duplicate column name) are
 //! [`AdapterError::Permanent`]; an unreadable or empty file is [`AdapterError::Transient`].
 //!
-//! The steps of [`FlatFileAdapter::next_batch`] — read the bytes, hash, parse, diff — are kept
-//! apart so that settle detection (before reading), encodings (between reading and parsing)
-//! and an accidental-delete guard (after the diff) can be added without reshaping them.
+//! The steps of [`FlatFileAdapter::next_batch`]: pick the file (one path, or the next file of
+//! a folder), wait until it is complete (settle time, marker file, or trust an atomic
+//! rename), read and hash the bytes, decode (UTF-8 or Latin-1), check the header against the
+//! last committed one, diff, then the **accidental-delete guard** refuses a pass that would
+//! delete too many accounts before anything is applied.
+//!
+//! The checkpoint ([`token`]) carries, beside the content hash, a fingerprint of the parsing
+//! options (a config change re-diffs an unchanged file and acknowledges a changed header),
+//! the snapshot's expected account count (a snapshot that does not match means a full pass of
+//! upserts, never silently lost changes), the header's columns and, in folder mode, the file.
+//!
+//! [`Watcher`] (module `watch`) wakes the agent when a watched file is replaced, rewritten,
+//! deleted or created, with a polling fallback.
 
+mod complete;
 mod config;
 mod diff;
+mod folder;
 mod rows;
+mod token;
+mod watch;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use idsync_core::{Adapter, AdapterError, Checkpoint, Fetch, KnownAccounts};
+use idsync_core::{Adapter, AdapterError, ChangeBatch, Checkpoint, Fetch, KnownAccounts};
 use xxhash_rust::xxh3::xxh3_64;
 
-pub use config::FlatFileConfig;
+pub use config::{AfterProcessing, Completion, DeleteGuard, Encoding, FlatFileConfig};
+pub use watch::Watcher;
 
-use crate::diff::Target;
+use crate::diff::{DiffStats, Target};
 use crate::rows::Rows;
+use crate::token::{Token, hex};
 
-/// Reads one CSV file and reports what changed since the last committed snapshot.
-#[derive(Clone, Debug)]
+/// Reads one CSV file (or a folder of them) and reports what changed since the last
+/// committed snapshot.
+#[derive(Debug)]
 pub struct FlatFileAdapter {
     resource: String,
     config: FlatFileConfig,
+    accept_deletes: bool,
+    more: bool,
+    /// A file's pass handed out in parts: kept between fetches so the next part does not
+    /// read and diff the file again. Used only if the caller committed the last part (its
+    /// checkpoint comes back as `after`); otherwise the pass starts over against the
+    /// committed snapshot, which already holds every committed part.
+    in_progress: Option<InProgress>,
+}
+
+/// A pass handed out in parts.
+#[derive(Debug)]
+struct InProgress {
+    /// The decoded file.
+    data: Vec<u8>,
+    /// The file's size and modification time when it was read.
+    signature: (u64, Option<std::time::SystemTime>),
+    plan: diff::Plan,
+    /// The next plan index to emit.
+    next: usize,
+    /// Accounts in the snapshot once the parts handed out so far are committed.
+    n: u64,
+    token: Token,
+    folder_more: bool,
+    fresh: bool,
+    full_pass: bool,
+    shown_path: String,
+    file_name: String,
+    /// The checkpoint of the part handed out last.
+    checkpoint: String,
+    /// Rejects and held keys still to hand out (with the first part).
+    rejects: Vec<idsync_core::Reject>,
+    held: Vec<String>,
 }
 
 impl FlatFileAdapter {
@@ -47,12 +96,27 @@ impl FlatFileAdapter {
         FlatFileAdapter {
             resource: resource.to_owned(),
             config,
+            accept_deletes: false,
+            more: false,
+            in_progress: None,
         }
     }
 
     /// The adapter's config.
     pub fn config(&self) -> &FlatFileConfig {
         &self.config
+    }
+
+    /// The folder to watch for this resource: the file's folder, or the folder itself in
+    /// folder mode (a watch on the file would die at the first atomic rename).
+    pub fn watch_dir(&self) -> PathBuf {
+        if self.config.pattern.is_some() {
+            return self.config.path.clone();
+        }
+        match self.config.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
     }
 
     fn permanent(&self, message: String) -> AdapterError {
@@ -68,11 +132,39 @@ impl FlatFileAdapter {
             message,
         }
     }
-}
 
-/// The checkpoint token of a file's content.
-fn content_token(bytes: &[u8]) -> String {
-    format!("xxh3:{:016x}", xxh3_64(bytes))
+    /// The guard: refuses (before anything is applied) a pass deleting too many accounts.
+    fn guard(&self, stats: &DiffStats, shown_path: &str) -> Result<(), AdapterError> {
+        let g = &self.config.delete_guard;
+        if !g.enabled || self.accept_deletes || stats.deletes == 0 {
+            return Ok(());
+        }
+        let ratio = stats.deletes as f64 / stats.known.max(1) as f64;
+        let why = if stats.records == 0 {
+            Some(format!("{shown_path} has no rows"))
+        } else if stats.deletes > g.max_deletes {
+            Some(format!("more than max_deletes {}", g.max_deletes))
+        } else if stats.known >= g.ratio_min_accounts && ratio > g.max_delete_ratio {
+            Some(format!(
+                "more than max_delete_ratio {} of the accounts",
+                g.max_delete_ratio
+            ))
+        } else {
+            None
+        };
+        match why {
+            None => Ok(()),
+            Some(why) => Err(self.permanent(format!(
+                "accidental-delete guard: this pass would delete {} of {} accounts ({:.0}%; {why}); \
+                 nothing was applied. If {shown_path} is right, accept the deletes once with \
+                 `idsync run --once --accept-deletes {}`",
+                stats.deletes,
+                stats.known,
+                ratio * 100.0,
+                self.resource
+            ))),
+        }
+    }
 }
 
 /// The file name shown in origins (`hr.csv`), or the whole path if it has none.
@@ -83,9 +175,25 @@ fn file_name(path: &Path) -> String {
         .into_owned()
 }
 
+/// The columns of `old` that `new` lacks (names compare case-insensitively).
+fn removed_columns<'a>(old: &'a [String], new: &[String]) -> Vec<&'a str> {
+    old.iter()
+        .filter(|o| !new.iter().any(|n| n.eq_ignore_ascii_case(o)))
+        .map(String::as_str)
+        .collect()
+}
+
 impl Adapter for FlatFileAdapter {
     fn resource(&self) -> &str {
         &self.resource
+    }
+
+    fn accept_deletes(&mut self) {
+        self.accept_deletes = true;
+    }
+
+    fn has_more(&self) -> bool {
+        self.more
     }
 
     fn next_batch(
@@ -93,29 +201,210 @@ impl Adapter for FlatFileAdapter {
         after: Option<&Checkpoint>,
         known: &dyn KnownAccounts,
     ) -> Result<Fetch, AdapterError> {
+        self.more = false;
         let problems = self.config.validate();
         if !problems.is_empty() {
             return Err(self.permanent(format!("invalid config: {}", problems.join("; "))));
         }
-        let path = &self.config.path;
-        let shown_path = path.display().to_string();
-        let bytes = std::fs::read(path)
-            .map_err(|e| self.transient(format!("cannot read {shown_path}: {e}")))?;
+        let previous = after.and_then(|c| Token::decode(&c.0));
+        let cfg = hex(self.config.parse_fingerprint());
 
-        let token = content_token(&bytes);
-        if after.is_some_and(|c| c.0 == token) {
+        // Which file: the configured one, or the next one of the folder.
+        let (path, folder_file) = if self.config.pattern.is_some() {
+            let last = previous.as_ref().and_then(|t| t.file.as_deref());
+            let resume = previous.as_ref().is_some_and(|t| t.partial);
+            let pick =
+                folder::next_file(&self.config, last, resume).map_err(|e| self.transient(e))?;
+            match pick {
+                None => return Ok(Fetch::Idle),
+                Some(pick) => {
+                    self.more = pick.more;
+                    (pick.path, Some(pick.name))
+                }
+            }
+        } else {
+            (self.config.path.clone(), None)
+        };
+        let shown_path = path.display().to_string();
+
+        if !complete::is_complete(&self.config, &path).map_err(|e| self.transient(e))? {
+            tracing::info!(resource = %self.resource, "{shown_path} is not complete yet");
+            self.more = false;
+            return Ok(Fetch::Idle);
+        }
+        let signature = std::fs::metadata(&path)
+            .map(|m| (m.len(), m.modified().ok()))
+            .map_err(|e| self.transient(format!("cannot read {shown_path}: {e}")))?;
+        // The next part of a pass in progress, if its last part was committed and the file
+        // was not touched since: no need to read, hash and count again.
+        if let Some(ip) = self.in_progress.take()
+            && after.is_some_and(|c| c.0 == ip.checkpoint)
+            && ip.signature == signature
+        {
+            return self.emit(ip, known);
+        }
+        let bytes = std::fs::read(&path)
+            .map_err(|e| self.transient(format!("cannot read {shown_path}: {e}")))?;
+        let content = xxh3_64(&bytes);
+
+        let known_count = known
+            .known_count(&self.resource)
+            .map_err(|e| self.transient(format!("cannot count the known accounts: {e}")))?;
+        let consistent = match (previous.as_ref().and_then(|t| t.n), known_count) {
+            (Some(n), Some(count)) => n == count,
+            _ => true,
+        };
+        if !consistent {
+            tracing::warn!(
+                resource = %self.resource,
+                "the snapshot does not match the checkpoint (expected {:?} accounts, found {:?}): full pass",
+                previous.as_ref().and_then(|t| t.n),
+                known_count
+            );
+        }
+        if let Some(p) = &previous
+            && consistent
+            && !p.partial
+            && p.content == content
+            && p.cfg.as_deref().is_none_or(|c| c == cfg)
+            && p.file == folder_file
+        {
             return Ok(Fetch::Idle);
         }
 
-        let mut rows = Rows::open(&bytes, &self.config, &self.resource, &shown_path)?;
-        let target = Target {
-            resource: &self.resource,
-            file_name: &file_name(path),
-            shown_path: &shown_path,
-            fresh: after.is_none(),
+        let data: Vec<u8> = match self.config.encoding {
+            Encoding::Utf8 => bytes,
+            Encoding::Latin1 => {
+                let (text, _) = encoding_rs::WINDOWS_1252.decode_without_bom_handling(&bytes);
+                text.into_owned().into_bytes()
+            }
         };
-        let mut batch = diff::diff(&target, &mut rows, known)?;
-        batch.checkpoint = Some(Checkpoint(token));
+        let fresh = after.is_none() || previous.as_ref().is_some_and(|t| t.fresh);
+        let file_name = file_name(&path);
+        let (plan, columns) = {
+            let mut rows = Rows::open(&data, &self.config, &self.resource, &shown_path)?;
+            // A removed or renamed column stops the resource until the config is changed.
+            if let Some(p) = &previous
+                && p.cfg.as_deref() == Some(cfg.as_str())
+                && let Some(old) = &p.cols
+            {
+                let removed = removed_columns(old, rows.columns());
+                if !removed.is_empty() {
+                    return Err(self.permanent(format!(
+                        "the header of {shown_path} changed: column(s) {} removed or renamed \
+                         (was: {}; now: {}). The resource stops until its config is changed: \
+                         check the key, mappings and rules, then change the resource's source \
+                         config (e.g. raise `header_version`) to accept the new header",
+                        removed
+                            .iter()
+                            .map(|c| format!("'{c}'"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        old.join(", "),
+                        rows.columns().join(", ")
+                    )));
+                }
+            }
+            let target = Target {
+                resource: &self.resource,
+                file_name: &file_name,
+                shown_path: &shown_path,
+                fresh,
+                full_pass: !consistent,
+            };
+            (
+                diff::plan(&target, &mut rows, known)?,
+                rows.columns().to_vec(),
+            )
+        };
+        self.guard(&plan.stats, &shown_path)?;
+        // Rejects were handed out with the first part of an interrupted pass already.
+        let resumed = previous.as_ref().is_some_and(|t| t.partial);
+        let (rejects, held) = if resumed {
+            (Vec::new(), Vec::new())
+        } else {
+            (plan.rejects.clone(), plan.held.clone())
+        };
+        let ip = InProgress {
+            data,
+            signature,
+            n: plan.stats.known,
+            plan,
+            next: 0,
+            token: Token {
+                content,
+                cfg: Some(cfg),
+                n: None,
+                cols: Some(columns),
+                file: folder_file,
+                fresh: false,
+                partial: false,
+            },
+            folder_more: self.more,
+            fresh,
+            full_pass: !consistent,
+            shown_path,
+            file_name,
+            checkpoint: String::new(),
+            rejects,
+            held,
+        };
+        self.emit(ip, known)
+    }
+}
+
+impl FlatFileAdapter {
+    /// Hands out the next part of a pass: at most `batch_size` events, with the checkpoint
+    /// that says how far the pass got.
+    fn emit(
+        &mut self,
+        mut ip: InProgress,
+        known: &dyn KnownAccounts,
+    ) -> Result<Fetch, AdapterError> {
+        let from = ip.next;
+        let events = {
+            let mut rows = Rows::open(&ip.data, &self.config, &self.resource, &ip.shown_path)?;
+            let target = Target {
+                resource: &self.resource,
+                file_name: &ip.file_name,
+                shown_path: &ip.shown_path,
+                fresh: ip.fresh,
+                full_pass: ip.full_pass,
+            };
+            diff::events(
+                &target,
+                &mut rows,
+                known,
+                &ip.plan,
+                from,
+                self.config.batch_size,
+            )?
+        };
+        let end = from + events.len();
+        for i in from..end {
+            match ip.plan.changes.get(i) {
+                Some(c) if !c.known => ip.n += 1,
+                Some(_) => {}
+                None => ip.n = ip.n.saturating_sub(1),
+            }
+        }
+        ip.next = end;
+        let more = ip.next < ip.plan.len();
+        let mut token = ip.token.clone();
+        token.n = Some(ip.n);
+        token.fresh = ip.fresh && more;
+        token.partial = more;
+        ip.checkpoint = token.encode();
+        let batch = ChangeBatch {
+            events,
+            rejects: std::mem::take(&mut ip.rejects),
+            held_keys: std::mem::take(&mut ip.held),
+            checkpoint: Some(Checkpoint(ip.checkpoint.clone())),
+        };
+        self.more = more || ip.folder_more;
+        if more {
+            self.in_progress = Some(ip);
+        }
         Ok(Fetch::Batch(batch))
     }
 }

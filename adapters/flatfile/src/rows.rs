@@ -6,8 +6,11 @@
 
 use std::collections::HashMap;
 
-use csv::{ByteRecord, ReaderBuilder};
-use idsync_core::{AdapterError, AttrMap};
+use std::io::Cursor;
+
+use csv::{ByteRecord, Position, ReaderBuilder};
+use idsync_core::{AdapterError, AttrMap, Value};
+use xxhash_rust::xxh3::Xxh3;
 
 use crate::config::FlatFileConfig;
 
@@ -18,8 +21,12 @@ pub(crate) struct Row {
     pub key: String,
     /// The physical line the record starts on, 1-based.
     pub line: u64,
-    /// Column name -> value; empty fields are absent.
-    pub attrs: AttrMap,
+    /// The content hash of the row's attributes, equal to [`AttrMap::content_hash`] of
+    /// `attrs` but computed straight from the fields.
+    pub hash: u64,
+    /// Column name -> value; empty fields are absent. Only built when asked for
+    /// ([`Rows::build_attrs`]): an unchanged row never needs it.
+    pub attrs: Option<AttrMap>,
 }
 
 /// A record that could not become an account.
@@ -43,11 +50,21 @@ pub(crate) enum Record {
 /// Streams the records of one CSV buffer.
 pub(crate) struct Rows<'a> {
     data: &'a [u8],
-    reader: csv::Reader<&'a [u8]>,
+    reader: csv::Reader<Cursor<&'a [u8]>>,
     columns: Vec<String>,
     key_index: Vec<usize>,
     trim: bool,
     delimiter: u8,
+    /// The quote byte, `None` when quoting is off.
+    quote: Option<u8>,
+    /// Per column: the separator of a multi-valued column.
+    separators: Vec<Option<String>>,
+    /// Column indexes with their folded names, in the order [`AttrMap::content_hash`] visits.
+    hash_order: Vec<(usize, String)>,
+    /// Whether good rows carry their attribute map.
+    build_attrs: bool,
+    /// Where the record returned last started (to read it again with [`Rows::read_at`]).
+    last_start: Position,
     record: ByteRecord,
 }
 
@@ -74,11 +91,27 @@ impl<'a> Rows<'a> {
             .ok()
             .filter(u8::is_ascii)
             .ok_or_else(|| permanent(format!("delimiter {:?} is not ASCII", config.delimiter)))?;
+        let quote = u8::try_from(config.quote)
+            .ok()
+            .filter(u8::is_ascii)
+            .ok_or_else(|| permanent(format!("quote {:?} is not ASCII", config.quote)))?;
+        let comment = match config.comment {
+            Some(c) => Some(
+                u8::try_from(c)
+                    .ok()
+                    .filter(u8::is_ascii)
+                    .ok_or_else(|| permanent(format!("comment {c:?} is not ASCII")))?,
+            ),
+            None => None,
+        };
         let mut reader = ReaderBuilder::new()
             .delimiter(delimiter)
+            .quote(quote)
+            .quoting(config.quoting)
+            .comment(comment)
             .has_headers(config.header)
             .flexible(true)
-            .from_reader(data);
+            .from_reader(Cursor::new(data));
 
         let columns = match (&config.columns, config.header) {
             (Some(columns), false) => columns.clone(),
@@ -149,6 +182,20 @@ impl<'a> Rows<'a> {
             return Err(permanent("no key column is configured".to_owned()));
         }
 
+        let mut separators = vec![None; columns.len()];
+        for (column, sep) in &config.multi_valued {
+            if let Some(&i) = first_at.get(&column.to_lowercase()) {
+                separators[i] = Some(sep.clone());
+            }
+        }
+
+        let mut hash_order: Vec<(usize, String)> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, c.to_lowercase()))
+            .collect();
+        hash_order.sort_by(|a, b| a.1.cmp(&b.1));
+
         Ok(Rows {
             data,
             reader,
@@ -156,8 +203,36 @@ impl<'a> Rows<'a> {
             key_index,
             trim: config.trim,
             delimiter,
+            quote: config.quoting.then_some(quote),
+            separators,
+            hash_order,
+            build_attrs: true,
+            last_start: Position::new(),
             record: ByteRecord::new(),
         })
+    }
+
+    /// Whether good rows carry their attribute map (default true).
+    pub fn build_attrs(&mut self, yes: bool) {
+        self.build_attrs = yes;
+    }
+
+    /// Where the record returned last started.
+    pub fn last_start(&self) -> &Position {
+        &self.last_start
+    }
+
+    /// Reads the record that starts at `pos` (from [`Rows::last_start`]) again.
+    pub fn read_at(&mut self, pos: &Position) -> Result<Option<Record>, String> {
+        self.reader
+            .seek(pos.clone())
+            .map_err(|e| format!("cannot go back to line {}: {e}", pos.line()))?;
+        self.next_record()
+    }
+
+    /// The column names, from the header or the config.
+    pub fn columns(&self) -> &[String] {
+        &self.columns
     }
 
     /// The next record, `None` at the end of the file. An error here means the reader cannot
@@ -169,6 +244,7 @@ impl<'a> Rows<'a> {
             match self.reader.read_byte_record(&mut self.record) {
                 Ok(false) => return Ok(None),
                 Ok(true) => {
+                    self.last_start = start.clone();
                     let pos = self.record.position().cloned().unwrap_or(start);
                     let line = self.start_line(pos.byte(), pos.line());
                     if self.ends_inside_quotes(pos.byte()) {
@@ -222,14 +298,17 @@ impl<'a> Rows<'a> {
             .ok()
             .and_then(|s| self.data.get(s..))
             .unwrap_or_default();
+        let Some(quote) = self.quote else {
+            return false;
+        };
         let (mut in_quotes, mut field_start) = (false, true);
         let mut bytes = raw.iter().peekable();
         while let Some(&b) = bytes.next() {
             if in_quotes {
-                if b == b'"' && bytes.next_if_eq(&&b'"').is_none() {
+                if b == quote && bytes.next_if_eq(&&quote).is_none() {
                     in_quotes = false;
                 }
-            } else if b == b'"' && field_start {
+            } else if b == quote && field_start {
                 in_quotes = true;
                 field_start = false;
             } else {
@@ -316,13 +395,79 @@ impl<'a> Rows<'a> {
             }));
         };
 
-        let mut attrs = AttrMap::new();
-        for (name, text) in self.columns.iter().zip(&texts) {
-            if let Some(text) = text.filter(|t| !t.is_empty()) {
-                attrs.set_text(name, text);
+        let hash = self.hash(&texts);
+        let attrs = self.build_attrs.then(|| {
+            let mut attrs = AttrMap::new();
+            for ((name, text), sep) in self.columns.iter().zip(&texts).zip(&self.separators) {
+                let Some(text) = text.filter(|t| !t.is_empty()) else {
+                    continue;
+                };
+                match sep {
+                    None => attrs.set_text(name, text),
+                    Some(sep) => {
+                        let values: Vec<Value> = self.split(text, sep).map(Value::from).collect();
+                        if !values.is_empty() {
+                            attrs.set(name, values);
+                        }
+                    }
+                }
+            }
+            debug_assert_eq!(
+                attrs.content_hash(),
+                hash,
+                "row hash differs from the map's"
+            );
+            attrs
+        });
+        Some(Record::Good(Row {
+            key,
+            line,
+            hash,
+            attrs,
+        }))
+    }
+
+    /// The values of a multi-valued field.
+    fn split<'t>(&self, text: &'t str, sep: &'t str) -> impl Iterator<Item = &'t str> {
+        let trim = self.trim;
+        text.split(sep)
+            .map(move |v| if trim { v.trim() } else { v })
+            .filter(|v| !v.is_empty())
+    }
+
+    /// [`AttrMap::content_hash`] of the row's attributes, without building the map: the same
+    /// fields in the same order (folded names sorted), each length-prefixed.
+    fn hash(&self, texts: &[Option<&str>]) -> u64 {
+        fn field(h: &mut Xxh3, tag: u8, bytes: &[u8]) {
+            h.update(&[tag]);
+            h.update(&(bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        }
+        let mut h = Xxh3::new();
+        for (i, folded) in &self.hash_order {
+            let Some(text) = texts.get(*i).copied().flatten().filter(|t| !t.is_empty()) else {
+                continue;
+            };
+            match self.separators.get(*i).and_then(Option::as_deref) {
+                None => {
+                    field(&mut h, 0, folded.as_bytes());
+                    h.update(&1u64.to_le_bytes());
+                    field(&mut h, 1, text.as_bytes());
+                }
+                Some(sep) => {
+                    let count = self.split(text, sep).count() as u64;
+                    if count == 0 {
+                        continue;
+                    }
+                    field(&mut h, 0, folded.as_bytes());
+                    h.update(&count.to_le_bytes());
+                    for v in self.split(text, sep) {
+                        field(&mut h, 1, v.as_bytes());
+                    }
+                }
             }
         }
-        Some(Record::Good(Row { key, line, attrs }))
+        h.digest()
     }
 
     fn column_name(&self, i: usize) -> &str {

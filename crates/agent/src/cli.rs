@@ -50,6 +50,12 @@ pub enum Command {
     /// The notification outbox: list, show, retry, purge.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Per resource: state, last pass, checkpoint age, processed and failed counts; the outbox.
+    Status {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Dry run of the next pass: every event's planned decision; writes nothing.
     Preview(PreviewArgs),
     /// The decision records of one account (RESOURCE KEY) or identity, step by step.
@@ -72,6 +78,8 @@ pub enum BenchCommand {
     Ldap(BenchLdapArgs),
     /// Enqueue N messages into a scratch repository and drain them through SMTP.
     Outbox(BenchOutboxArgs),
+    /// Generate a CSV feed and measure floor, initial load, incremental pass and peak RSS.
+    Flatfile(crate::bench_flatfile::FlatfileBench),
 }
 
 /// `bench ldap` options.
@@ -134,6 +142,10 @@ pub struct RunArgs {
     /// Only these resources (repeatable).
     #[arg(long = "resource", short = 'r')]
     pub resources: Vec<String>,
+    /// Apply this resource's pass although the accidental-delete guard refuses it: the
+    /// operator checked the file (repeatable; for this run only).
+    #[arg(long = "accept-deletes", value_name = "RESOURCE")]
+    pub accept_deletes: Vec<String>,
 }
 
 /// `identities` subcommands.

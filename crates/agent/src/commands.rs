@@ -6,7 +6,6 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::Context as _;
 use idsync_core::{Action, Adapter, Fetch, Identity, Situation};
@@ -78,6 +77,15 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     }
+    for r in &args.accept_deletes {
+        if setup.policy(r).is_none() {
+            eprintln!(
+                "error: --accept-deletes: no resource named '{r}' in {}",
+                setup.loaded.file.display()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     let _lock = match crate::lock::AgentLock::acquire(&setup.loaded.repository_path()) {
         Ok(l) => l,
         Err(e) => {
@@ -85,45 +93,43 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_RESOURCE);
         }
     };
-    // Adapters live as long as the command, so a connection (and an LDAP persist stream)
-    // is kept between passes; each resource is passed again after its own interval.
-    let mut adapters: Vec<Box<dyn Adapter>> = (0..setup.loaded.config.resources.len())
-        .map(|i| setup.adapter(i))
-        .collect();
-    if args.once {
-        let mut code = pass(&setup, &args.resources, &mut adapters, None);
-        if let Some(d) = &setup.dispatcher
-            && let Err(e) = crate::outbox::dispatch_round(d)
-        {
-            eprintln!("error: outbox: {e}");
-            code = ExitCode::from(EXIT_RESOURCE);
-        }
-        return code;
+    if !args.once {
+        return crate::service::serve(setup, args);
     }
-    let mut due = vec![Instant::now(); adapters.len()];
-    loop {
-        let now = Instant::now();
-        let ready: Vec<bool> = due.iter().map(|d| *d <= now).collect();
-        pass(&setup, &args.resources, &mut adapters, Some(&ready));
-        if let Some(d) = &setup.dispatcher
-            && let Err(e) = crate::outbox::dispatch_round(d)
-        {
-            eprintln!("error: outbox: {e}");
-        }
-        for (i, d) in due.iter_mut().enumerate() {
-            if ready[i] {
-                *d = Instant::now() + setup.interval(i);
+    let mut adapters = adapters(&setup, &args.accept_deletes);
+    let mut code = pass(&setup, &args.resources, &mut adapters, None);
+    if let Some(d) = &setup.dispatcher
+        && let Err(e) = crate::outbox::dispatch_round(d)
+    {
+        eprintln!("error: outbox: {e}");
+        code = ExitCode::from(EXIT_RESOURCE);
+    }
+    code
+}
+
+/// One adapter per resource, kept as long as the setup: a connection (and an LDAP persist
+/// stream) survives between passes. `accept_deletes` lifts the delete guard of those.
+pub fn adapters(setup: &Setup, accept_deletes: &[String]) -> Vec<Box<dyn Adapter>> {
+    setup
+        .loaded
+        .config
+        .resources
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut a = setup.adapter(i);
+            if accept_deletes.contains(&r.name) {
+                a.accept_deletes();
             }
-        }
-        let next = due.iter().min().copied().unwrap_or_else(Instant::now);
-        std::thread::sleep(next.saturating_duration_since(Instant::now()));
-    }
+            a
+        })
+        .collect()
 }
 
 /// One pass of every selected resource (of those `ready`, when given: a pass of the
 /// long-running loop, which stays quiet when nothing happened); prints a line per resource
 /// and a summary line.
-fn pass(
+pub fn pass(
     setup: &Setup,
     only: &[String],
     adapters: &mut [Box<dyn Adapter>],
@@ -169,28 +175,38 @@ fn pass(
     }
 }
 
-fn pass_resource(
+/// One resource: fetch and apply batches until the adapter has nothing more (a folder of
+/// files, a large initial load in parts), each batch committed with its own checkpoint.
+pub fn pass_resource(
     setup: &Setup,
     adapter: &mut dyn Adapter,
     policy: &idsync_engine::Policy,
 ) -> anyhow::Result<Option<BatchReport>> {
     let _span = tracing::info_span!("pass", resource = %policy.resource).entered();
     let repo = setup.engine.repo();
-    let expected = repo.checkpoint(&policy.resource)?;
-    match adapter.next_batch(expected.as_ref(), repo.as_ref())? {
-        Fetch::Idle => Ok(None),
-        Fetch::Batch(batch) => {
-            let report = setup
-                .engine
-                .apply_batch(policy, expected.as_ref(), &batch)
-                .with_context(|| format!("resource {}", policy.resource))?;
-            Ok(Some(report))
+    let mut total: Option<BatchReport> = None;
+    loop {
+        let expected = repo.checkpoint(&policy.resource)?;
+        match adapter.next_batch(expected.as_ref(), repo.as_ref())? {
+            Fetch::Idle => return Ok(total),
+            Fetch::Batch(batch) => {
+                let report = setup
+                    .engine
+                    .apply_batch(policy, expected.as_ref(), &batch)
+                    .with_context(|| format!("resource {}", policy.resource))?;
+                total
+                    .get_or_insert_with(BatchReport::default)
+                    .merge(&report);
+                if !adapter.has_more() {
+                    return Ok(total);
+                }
+            }
         }
     }
 }
 
 /// `3 events: unmatched 2, linked 1; created 2, updated 1; failed 0, rejected 0`.
-fn describe(r: &BatchReport) -> String {
+pub fn describe(r: &BatchReport) -> String {
     let situations: Vec<String> = Situation::ALL
         .iter()
         .filter_map(|s| r.situations.get(s).map(|n| format!("{s} {n}")))

@@ -32,12 +32,68 @@ pub struct Config {
     /// The resources to synchronize.
     #[serde(default)]
     pub resources: Vec<ResourceConfig>,
+    /// The status endpoint of `idsync run` (`/healthz`, `/readyz`, `/metrics`).
+    #[serde(default)]
+    pub status: StatusConfig,
+    /// Automatic re-runs of failed events by `idsync run`.
+    #[serde(default)]
+    pub failed_retry: FailedRetryConfig,
     /// Attributes replaced by `REDACTED` when a decision is recorded as a rule fixture.
     #[serde(default)]
     pub redact_attributes: Vec<String>,
     /// Notification policies and the outbox transport (docs/notifications.md).
     #[serde(default)]
     pub notifications: Option<idsync_notify::NotificationsConfig>,
+}
+
+/// `status`: where the running agent serves health and metrics.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// `HOST:PORT` to listen on (default `127.0.0.1:9464`, loopback only); `off` disables it.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9464".to_owned()
+}
+
+/// `failed_retry`: how `idsync run` re-runs failed events before leaving them to an operator.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailedRetryConfig {
+    /// Automatic attempts per failed event (0 disables automatic retries).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: i64,
+    /// Seconds before the first retry; doubled after every attempt.
+    #[serde(default = "default_backoff")]
+    pub backoff_secs: u64,
+}
+
+impl Default for FailedRetryConfig {
+    fn default() -> Self {
+        FailedRetryConfig {
+            max_attempts: default_attempts(),
+            backoff_secs: default_backoff(),
+        }
+    }
+}
+
+fn default_attempts() -> i64 {
+    5
+}
+
+fn default_backoff() -> u64 {
+    60
 }
 
 fn default_rules_dir() -> PathBuf {
@@ -138,6 +194,7 @@ fn default_true() -> bool {
 /// The adapter of a resource, chosen by `type`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
+#[allow(clippy::large_enum_variant)] // built once per config load; boxing buys nothing
 pub enum SourceConfig {
     /// A CSV flat file.
     Flatfile(FlatFileConfig),
@@ -341,6 +398,12 @@ impl Loaded {
                     out.push(format!("{at}.mappings[{j}].to: must not be empty"));
                 }
             }
+        }
+        let listen = &self.config.status.listen;
+        if listen != "off" && listen.parse::<std::net::SocketAddr>().is_err() {
+            out.push(format!(
+                "{f}: status.listen: '{listen}' is not HOST:PORT (e.g. 127.0.0.1:9464) or off"
+            ));
         }
         if self.config.poll_interval_secs == 0 {
             out.push(format!("{f}: poll_interval_secs: must be at least 1"));

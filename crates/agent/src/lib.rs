@@ -6,7 +6,8 @@
 //! completely (`idsync check`) before any repository file is created.
 
 pub mod authoring;
-pub mod bench;
+pub mod bench_flatfile;
+pub mod bench_ldap;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -15,7 +16,10 @@ pub mod fixtures;
 pub mod lock;
 pub mod observe;
 pub mod outbox;
+pub mod service;
 pub mod setup;
+pub mod status;
+pub mod watching;
 
 use std::process::ExitCode;
 
@@ -31,8 +35,11 @@ pub fn main() -> ExitCode {
     if let Command::Bench(cmd) = &cli.command {
         // Benchmarks start what they measure against: no config needed.
         let result = match cmd {
-            cli::BenchCommand::Ldap(args) => bench::ldap(args).map(|()| ExitCode::SUCCESS),
+            cli::BenchCommand::Ldap(args) => bench_ldap::ldap(args).map(|()| ExitCode::SUCCESS),
             cli::BenchCommand::Outbox(args) => outbox::bench(args),
+            cli::BenchCommand::Flatfile(args) => {
+                bench_flatfile::flatfile(args).map(|()| ExitCode::SUCCESS)
+            }
         };
         return match result {
             Ok(code) => code,
@@ -56,6 +63,7 @@ pub fn main() -> ExitCode {
         Command::Explain(args) => authoring::explain(&loaded, args),
         Command::TestRules { paths } => fixtures::test_rules(&loaded, paths),
         Command::Outbox(cmd) => outbox::command(loaded, cmd),
+        Command::Status { json } => status::command(&loaded, *json),
         Command::Bench(_) => Ok(ExitCode::SUCCESS), // handled above
     };
     match result {

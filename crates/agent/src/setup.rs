@@ -214,6 +214,7 @@ impl Setup {
             SourceConfig::Flatfile(ff) => {
                 let mut ff = ff.clone();
                 ff.path = self.loaded.resolve(&ff.path);
+                ff.archive_dir = ff.archive_dir.map(|p| self.loaded.resolve(&p));
                 Box::new(FlatFileAdapter::new(&r.name, ff))
             }
             SourceConfig::Ldap(l) => {

@@ -120,6 +120,11 @@ pub trait KnownAccounts {
     fn known_hashes(&self, resource: &str) -> Result<HashMap<String, u64>, String>;
     /// The last seen attributes of one account.
     fn known_attrs(&self, resource: &str, key: &str) -> Result<Option<AttrMap>, String>;
+    /// How many accounts of `resource` are known, when that is cheap to tell (`None`: unknown).
+    /// Lets an adapter notice a snapshot that does not match its checkpoint.
+    fn known_count(&self, _resource: &str) -> Result<Option<u64>, String> {
+        Ok(None)
+    }
 }
 
 /// Why an adapter could not fetch.
@@ -161,4 +166,12 @@ pub trait Adapter: Send {
         after: Option<&Checkpoint>,
         known: &dyn KnownAccounts,
     ) -> Result<Fetch, AdapterError>;
+    /// The operator accepted, for this adapter's lifetime (one run), a pass that the
+    /// accidental-delete guard would refuse. Adapters without a guard ignore it.
+    fn accept_deletes(&mut self) {}
+    /// Whether the last batch was only part of what is there (a large initial load, the
+    /// next file of a folder): commit it, then fetch again.
+    fn has_more(&self) -> bool {
+        false
+    }
 }

@@ -86,6 +86,12 @@ impl KnownAccounts for Repo {
     fn known_attrs(&self, resource: &str, key: &str) -> Result<Option<AttrMap>, String> {
         self.shadow(resource, key).map_err(|e| e.to_string())
     }
+
+    fn known_count(&self, resource: &str) -> Result<Option<u64>, String> {
+        self.shadow_count(resource)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
 }
 
 pub(crate) fn read_checkpoint(

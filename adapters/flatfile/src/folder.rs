@@ -1,0 +1,122 @@
+//! Folder mode: a folder of dated full snapshots (`hr-2026-11-23.csv`), matched by a
+//! pattern and processed one per batch in name order.
+//!
+//! The checkpoint remembers the last committed file. Files up to it are done: left in place,
+//! or, with `after: archive`, moved to the archive folder at the next fetch — only then is
+//! their batch known to be committed, so a crash never archives an unapplied file.
+
+use std::path::PathBuf;
+
+use crate::complete::marker_path;
+use crate::config::{AfterProcessing, FlatFileConfig};
+
+/// The file to read next.
+pub(crate) struct Pick {
+    pub path: PathBuf,
+    pub name: String,
+    /// More matching files follow it.
+    pub more: bool,
+}
+
+/// Whether `name` matches `pattern` (`*` any run of characters, `?` one character).
+pub(crate) fn matches(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    let (mut pi, mut ni) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// Archives the files committed already (names up to `last`), then picks the first
+/// matching file after `last`. With `resume`, the pass of `last` itself is unfinished (it
+/// was committed in parts): `last` is picked again and not archived.
+pub(crate) fn next_file(
+    config: &FlatFileConfig,
+    last: Option<&str>,
+    resume: bool,
+) -> Result<Option<Pick>, String> {
+    let dir = &config.path;
+    let pattern = config.pattern.as_deref().unwrap_or("*");
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot read the folder {}: {e}", dir.display()))?;
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|n| matches(pattern, n) && !n.starts_with('.'))
+        .collect();
+    names.sort();
+
+    if config.after == AfterProcessing::Archive
+        && let Some(last) = last
+    {
+        let archive = config
+            .archive_dir
+            .clone()
+            .unwrap_or_else(|| dir.join("archive"));
+        let done = |n: &&String| n.as_str() < last || (!resume && n.as_str() == last);
+        for name in names.iter().filter(done) {
+            std::fs::create_dir_all(&archive).map_err(|e| {
+                format!(
+                    "cannot create the archive folder {}: {e}",
+                    archive.display()
+                )
+            })?;
+            let from = dir.join(name);
+            std::fs::rename(&from, archive.join(name)).map_err(|e| {
+                format!(
+                    "cannot archive {} to {}: {e}",
+                    from.display(),
+                    archive.display()
+                )
+            })?;
+            let marker = marker_path(&from, &config.marker_suffix);
+            if marker.exists() {
+                let _ = std::fs::rename(
+                    &marker,
+                    marker_path(&archive.join(name), &config.marker_suffix),
+                );
+            }
+        }
+    }
+
+    let mut after = names
+        .into_iter()
+        .filter(|n| last.is_none_or(|l| n.as_str() > l || (resume && n.as_str() == l)));
+    Ok(after.next().map(|name| Pick {
+        path: dir.join(&name),
+        more: after.next().is_some(),
+        name,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::matches;
+
+    #[test]
+    fn wildcards() {
+        assert!(matches("hr-*.csv", "hr-2026-11-23.csv"));
+        assert!(!matches("hr-*.csv", "hr-2026-11-23.csv.done"));
+        assert!(matches("hr-????.csv", "hr-2026.csv"));
+        assert!(!matches("hr-????.csv", "hr-26.csv"));
+        assert!(matches("*", "x"));
+        assert!(matches("a*b*c", "aXbYc"));
+    }
+}

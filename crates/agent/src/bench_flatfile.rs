@@ -1,0 +1,304 @@
+//! `idsync bench flatfile --rows N`: the flat-file pipeline's speed and memory, in one run.
+//!
+//! It generates a 12-column HR feed of N rows in a scratch folder, then reports:
+//! 1. the **floor**: parsing the file with the csv crate plus a bulk insert of the same rows
+//!    (key + attributes as JSON) into a SQLite file with the repository's settings (WAL,
+//!    `synchronous=FULL`, one transaction) — what no pipeline can beat;
+//! 2. the **initial load** through the whole pipeline (adapter diff, correlation rule,
+//!    mappings, checkin, links, shadows, decision records), as `idsync run --once` does it;
+//! 3. the **incremental pass** after changing 1% of the rows, adding 0.1% and removing 0.1%;
+//! 4. the process's **peak RSS** (VmHWM) after each step; the counter is reset after the
+//!    floor, so the pipeline's figures are its own.
+//!
+//! Each pipeline step is split into the adapter's fetch (read, parse, diff) and the engine's
+//! apply (rules, repository writes, commit), so the figures say what dominates.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use idsync_core::Fetch;
+
+use crate::config::Loaded;
+use crate::setup::Setup;
+
+/// `bench flatfile` options.
+#[derive(Debug, Args)]
+pub struct FlatfileBench {
+    /// Rows in the generated feed.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub rows: usize,
+    /// Scratch folder (default: a new temporary folder, removed afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+const COLUMNS: &str = "id,first_name,last_name,email,department,title,manager,location,phone,start_date,status,cost_center";
+
+/// One generated row; `version` changes the title (the 1% update).
+fn row(i: usize, version: u32) -> String {
+    const FIRST: [&str; 8] = [
+        "Ann", "Bob", "Cyril", "Dana", "Emil", "Fatou", "Goran", "Hana",
+    ];
+    const LAST: [&str; 8] = [
+        "Lee", "Martin", "Okafor", "Novak", "Schmidt", "Rossi", "Tanaka", "Dubois",
+    ];
+    const DEPT: [&str; 6] = ["Finance", "Sales", "Engineering", "Support", "Legal", "HR"];
+    let first = FIRST[i % 8];
+    let last = LAST[(i / 8) % 8];
+    format!(
+        "E{i:07},{first},{last},{f}.{l}.{i}@mail.example-corp.com,{dept},{title} {version},E{mgr:07},Site {site},+1 555 0100 {phone:07},20{y:02}-{m:02}-{d:02},ACTIVE,CC-{cc:04}\n",
+        f = first.to_lowercase(),
+        l = last.to_lowercase(),
+        dept = DEPT[i % 6],
+        title = if i.is_multiple_of(3) {
+            "Analyst"
+        } else {
+            "Engineer"
+        },
+        mgr = i / 10,
+        site = i % 40,
+        phone = i % 10_000_000,
+        y = i % 25,
+        m = i % 12 + 1,
+        d = i % 28 + 1,
+        cc = i % 1000,
+    )
+}
+
+/// Writes the feed: rows `0..n`, every `changed`-th row at version 2, rows in `skip`
+/// left out, and `extra` rows appended.
+fn write_feed(
+    path: &Path,
+    n: usize,
+    changed_every: Option<usize>,
+    removed_every: Option<usize>,
+    extra: usize,
+) -> anyhow::Result<u64> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    writeln!(w, "{COLUMNS}")?;
+    for i in 0..n {
+        if removed_every.is_some_and(|k| i % k == 7) {
+            continue;
+        }
+        let version = if changed_every.is_some_and(|k| i % k == 3) {
+            2
+        } else {
+            1
+        };
+        w.write_all(row(i, version).as_bytes())?;
+    }
+    for i in n..n + extra {
+        w.write_all(row(i, 1).as_bytes())?;
+    }
+    w.flush()?;
+    Ok(std::fs::metadata(path)?.len())
+}
+
+/// Peak resident set size of this process, in MB (Linux `VmHWM`).
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn rss() -> String {
+    peak_rss_mb().map_or_else(|| "n/a".to_owned(), |m| format!("{m:.0} MB"))
+}
+
+/// The floor: csv parse alone, then parse + bulk insert of the same rows (key and the
+/// attributes as JSON) streaming in one transaction, with the repository's settings.
+/// Returns (parse time, parse + insert time).
+fn floor(feed: &Path, db: &Path) -> anyhow::Result<(Duration, Duration)> {
+    let start = Instant::now();
+    let mut reader = csv::ReaderBuilder::new().from_path(feed)?;
+    let mut record = csv::ByteRecord::new();
+    let mut rows = 0u64;
+    while reader.read_byte_record(&mut record)? {
+        rows += 1;
+    }
+    let parsed = start.elapsed();
+    anyhow::ensure!(rows > 0, "the generated feed is empty");
+
+    let start = Instant::now();
+    let conn = rusqlite::Connection::open(db)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "cache_size", -65536)?;
+    conn.execute_batch(
+        "CREATE TABLE rows (key TEXT PRIMARY KEY, attrs TEXT NOT NULL) WITHOUT ROWID",
+    )?;
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    {
+        let mut st = conn.prepare("INSERT INTO rows (key, attrs) VALUES (?1, ?2)")?;
+        let mut reader = csv::ReaderBuilder::new().from_path(feed)?;
+        let headers = reader.headers()?.clone();
+        let mut record = csv::StringRecord::new();
+        let mut json = String::with_capacity(512);
+        while reader.read_record(&mut record)? {
+            json.clear();
+            json.push('{');
+            for (i, (h, v)) in headers.iter().zip(record.iter()).enumerate() {
+                if i > 0 {
+                    json.push(',');
+                }
+                json.push_str(&serde_json::to_string(h)?);
+                json.push(':');
+                json.push_str(&serde_json::to_string(v)?);
+            }
+            json.push('}');
+            st.execute(rusqlite::params![record.get(0).unwrap_or_default(), json])?;
+        }
+    }
+    conn.execute_batch("COMMIT")?;
+    Ok((parsed, parsed + start.elapsed()))
+}
+
+/// Resets the peak RSS counter (Linux: `echo 5 > /proc/self/clear_refs`), so the figure
+/// after it is the pipeline's, not the generator's or the floor's.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// One pipeline pass, as `idsync run --once` does it: (fetch time, apply time, events).
+fn pipeline_pass(setup: &Setup) -> anyhow::Result<(Duration, Duration, u64)> {
+    let policy = &setup.policies[0];
+    let repo = setup.engine.repo();
+    let mut adapter = setup.adapter(0);
+    let (mut fetch_t, mut apply_t, mut events) = (Duration::ZERO, Duration::ZERO, 0);
+    loop {
+        let expected = repo.checkpoint(&policy.resource)?;
+        let t = Instant::now();
+        let fetched = adapter.next_batch(expected.as_ref(), repo.as_ref())?;
+        fetch_t += t.elapsed();
+        let Fetch::Batch(batch) = fetched else {
+            break;
+        };
+        let t = Instant::now();
+        let report = setup
+            .engine
+            .apply_batch(policy, expected.as_ref(), &batch)?;
+        apply_t += t.elapsed();
+        events += report.events();
+        if !adapter.has_more() {
+            break;
+        }
+    }
+    Ok((fetch_t, apply_t, events))
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// Runs `idsync bench flatfile`.
+pub fn flatfile(args: &FlatfileBench) -> anyhow::Result<()> {
+    let temp;
+    let dir = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            temp = tempfile::tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let n = args.rows;
+    let feed = dir.join("hr.csv");
+    for f in [
+        "floor.db",
+        "floor.db-wal",
+        "floor.db-shm",
+        "idsync.db",
+        "idsync.db-wal",
+        "idsync.db-shm",
+    ] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    std::fs::create_dir_all(dir.join("rules"))?;
+    std::fs::write(
+        dir.join("rules/correlation.rhai"),
+        "// by employee number\n#{ empno: account.id }\n",
+    )?;
+    std::fs::write(
+        dir.join("idsync.yaml"),
+        "repository: { path: idsync.db }
+rules_dir: rules
+resources:
+  - name: hr
+    source:
+      type: flatfile
+      path: hr.csv
+      key: id
+      completion: rename
+      delete_guard: { max_deletes: 100000 }
+    rules: { correlation: correlation.rhai }
+    mappings:
+      - { to: empno, from: id }
+      - { to: mail, expr: 'account.email.to_lower()' }
+      - { to: title, from: title }
+      - { to: department, from: department }
+",
+    )?;
+
+    let t = Instant::now();
+    let size = write_feed(&feed, n, None, None, 0)?;
+    println!(
+        "feed: {n} rows x 12 columns, {:.0} MB, generated in {}",
+        size as f64 / 1e6,
+        secs(t.elapsed())
+    );
+
+    let (parsed, floor_total) = floor(&feed, &dir.join("floor.db"))?;
+    println!(
+        "floor: {} (csv parse {}, SQLite bulk insert {}); peak RSS {}",
+        secs(floor_total),
+        secs(parsed),
+        secs(floor_total - parsed),
+        rss()
+    );
+
+    reset_peak_rss();
+    let loaded = Loaded::read(&dir.join("idsync.yaml")).map_err(|p| anyhow::anyhow!("{p}"))?;
+    let setup = Setup::new(loaded)?;
+    let t = Instant::now();
+    let (fetch_t, apply_t, events) = pipeline_pass(&setup)?;
+    let initial = t.elapsed();
+    println!(
+        "initial load: {} for {events} events (fetch {}, apply {}) = {:.1}x the floor; peak RSS so far {}",
+        secs(initial),
+        secs(fetch_t),
+        secs(apply_t),
+        initial.as_secs_f64() / floor_total.as_secs_f64(),
+        rss()
+    );
+
+    // 1% changed, 0.1% removed, 0.1% added.
+    write_feed(&feed, n, Some(100), Some(1000), n / 1000)?;
+    let t = Instant::now();
+    let (fetch_t, apply_t, events) = pipeline_pass(&setup)?;
+    let incremental = t.elapsed();
+    println!(
+        "incremental pass (1% changed, 0.1% added, 0.1% removed): {} for {events} events (fetch {}, apply {}); peak RSS so far {}",
+        secs(incremental),
+        secs(fetch_t),
+        secs(apply_t),
+        rss()
+    );
+
+    let t = Instant::now();
+    let (fetch_t, _, events) = pipeline_pass(&setup)?;
+    println!(
+        "unchanged file: {} ({events} events, fetch {})",
+        secs(t.elapsed()),
+        secs(fetch_t)
+    );
+    println!("peak RSS of the pipeline: {}", rss());
+    Ok(())
+}

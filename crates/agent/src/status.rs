@@ -1,0 +1,217 @@
+//! `idsync status`: per resource, what the running agent last did (from the status file it
+//! rewrites after every turn of its loop, `<repository>.status.json`) and what the
+//! repository holds (checkpoint age, events processed, failed events); the outbox counts.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use idsync_engine::BatchReport;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Loaded;
+use crate::lock::AgentLock;
+use crate::setup::open_repo;
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// One resource loop, as the agent reports it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ResourceStatus {
+    /// Resource name.
+    pub resource: String,
+    /// `starting`, `ok` or `failing`.
+    pub state: String,
+    /// When the last pass ended (RFC 3339).
+    pub last_pass_at: Option<String>,
+    /// When the last pass that applied changes ended.
+    pub last_change_at: Option<String>,
+    /// The error of the last pass, if it failed.
+    pub last_error: Option<String>,
+    /// Passes since the agent started.
+    pub passes: u64,
+    /// Events decided since the agent started.
+    pub processed: u64,
+    /// Events that failed since the agent started.
+    pub failed: u64,
+}
+
+impl ResourceStatus {
+    /// A resource that has not passed yet.
+    pub fn new(resource: &str) -> Self {
+        ResourceStatus {
+            resource: resource.to_owned(),
+            state: "starting".to_owned(),
+            ..ResourceStatus::default()
+        }
+    }
+
+    /// A pass that worked.
+    pub fn pass_ok(&mut self, report: Option<&BatchReport>) {
+        let t = now();
+        self.state = "ok".to_owned();
+        self.passes += 1;
+        self.last_error = None;
+        if let Some(r) = report {
+            self.processed += r.events();
+            self.failed += r.failed;
+            self.last_change_at = Some(t.clone());
+        }
+        self.last_pass_at = Some(t);
+    }
+
+    /// A pass that could not synchronize the resource.
+    pub fn pass_failed(&mut self, error: &str) {
+        self.state = "failing".to_owned();
+        self.passes += 1;
+        self.last_error = Some(error.to_owned());
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Snapshot {
+    pid: u32,
+    running: bool,
+    updated_at: String,
+    resources: Vec<ResourceStatus>,
+}
+
+/// The status file next to the repository.
+#[derive(Clone, Debug)]
+pub struct StatusFile {
+    path: PathBuf,
+}
+
+impl StatusFile {
+    /// `<repository>.status.json`.
+    pub fn for_repository(db: &Path) -> StatusFile {
+        let mut name = db.as_os_str().to_owned();
+        name.push(".status.json");
+        StatusFile {
+            path: PathBuf::from(name),
+        }
+    }
+
+    fn store(&self, running: bool, resources: &[ResourceStatus]) {
+        let snap = Snapshot {
+            pid: std::process::id(),
+            running,
+            updated_at: now(),
+            resources: resources.to_vec(),
+        };
+        let tmp = self.path.with_extension("json.tmp");
+        let result = serde_json::to_vec_pretty(&snap)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = result {
+            tracing::debug!("status file {}: {e}", self.path.display());
+        }
+    }
+
+    /// Rewrites the file (atomically: temp file and rename).
+    pub fn write(&self, resources: &[ResourceStatus]) {
+        self.store(true, resources);
+    }
+
+    /// Marks the agent stopped.
+    pub fn write_stopped(&self, resources: &[ResourceStatus]) {
+        self.store(false, resources);
+    }
+
+    fn read(&self) -> Option<Snapshot> {
+        let bytes = std::fs::read(&self.path).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+fn age(at: Option<&str>) -> String {
+    let Some(at) = at else {
+        return "never".to_owned();
+    };
+    match humantime::parse_rfc3339_weak(at) {
+        Ok(t) => {
+            let secs = SystemTime::now()
+                .duration_since(t)
+                .unwrap_or_default()
+                .as_secs();
+            format!(
+                "{} ago",
+                humantime::format_duration(std::time::Duration::from_secs(secs))
+            )
+        }
+        Err(_) => at.to_owned(),
+    }
+}
+
+/// `idsync status [--json]`.
+pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
+    let db = loaded.repository_path();
+    let running = AgentLock::is_held(&db);
+    let snapshot = StatusFile::for_repository(&db).read();
+    let repo = open_repo(loaded)?;
+    let mut rows = Vec::new();
+    for r in &loaded.config.resources {
+        let summary = repo.resource_summary(&r.name)?;
+        let live = snapshot
+            .as_ref()
+            .filter(|_| running)
+            .and_then(|s| s.resources.iter().find(|x| x.resource == r.name).cloned());
+        rows.push((r.name.clone(), summary, live));
+    }
+    let (pending, sent, dead) = repo.outbox_counts()?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let value = serde_json::json!({
+            "agent": { "running": running, "pid": snapshot.as_ref().filter(|_| running).map(|s| s.pid) },
+            "resources": rows.iter().map(|(name, summary, live)| serde_json::json!({
+                "resource": name,
+                "state": live.as_ref().map(|l| l.state.as_str()).unwrap_or(if running { "starting" } else { "stopped" }),
+                "checkpoint_at": summary.checkpoint_at,
+                "last_pass_at": live.as_ref().and_then(|l| l.last_pass_at.clone()),
+                "last_error": live.as_ref().and_then(|l| l.last_error.clone()),
+                "processed": summary.decisions,
+                "failed": summary.failed_decisions,
+                "failed_pending": summary.failed_pending,
+            })).collect::<Vec<_>>(),
+            "outbox": { "pending": pending, "sent": sent, "dead": dead },
+        });
+        writeln!(out, "{value}")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    match snapshot.as_ref().filter(|_| running) {
+        Some(s) => writeln!(
+            out,
+            "agent: running (pid {}), last report {}",
+            s.pid,
+            age(Some(&s.updated_at))
+        )?,
+        None => writeln!(out, "agent: not running")?,
+    }
+    for (name, summary, live) in &rows {
+        let state = live.as_ref().map(|l| l.state.clone()).unwrap_or_else(|| {
+            if running {
+                "starting".into()
+            } else {
+                "stopped".into()
+            }
+        });
+        writeln!(
+            out,
+            "{name}: {state}; last pass {}; checkpoint committed {}; processed {}, failed {} ({} waiting for retry)",
+            age(live.as_ref().and_then(|l| l.last_pass_at.as_deref())),
+            age(summary.checkpoint_at.as_deref()),
+            summary.decisions,
+            summary.failed_decisions,
+            summary.failed_pending
+        )?;
+        if let Some(e) = live.as_ref().and_then(|l| l.last_error.as_ref()) {
+            writeln!(out, "  last error: {e}")?;
+        }
+    }
+    writeln!(out, "outbox: {pending} pending, {sent} sent, {dead} dead")?;
+    Ok(ExitCode::SUCCESS)
+}

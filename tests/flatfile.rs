@@ -1,0 +1,488 @@
+//! The flat-file adapter through the real binary: watching (atomic rename, in-place rewrite,
+//! delete and re-create, polling fallback, a folder of dated files), write completion (a
+//! slow writer, a marker file), CSV options, bad input, the accidental-delete guard and
+//! snapshots. Assertions read the repository back through the CLI.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{Sandbox, attr, eventually};
+
+/// A sandbox with one resource `hr` over `feeds/hr.csv` keyed by `id`, every account
+/// attribute copied to its identity; `source_extra` is added to the source map.
+fn world(source_extra: &str) -> Sandbox {
+    let s = Sandbox::new();
+    s.config(&format!(
+        "poll_interval_secs: 60
+resources:
+  - name: hr
+    source: {{ type: flatfile, path: feeds/hr.csv, key: id{source_extra} }}
+    populate_global: true
+"
+    ));
+    s
+}
+
+/// The identities' `id → cn` (linked accounts only).
+fn names(s: &Sandbox) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = s
+        .export()
+        .iter()
+        .filter(|i| !i["accounts"].as_array().unwrap().is_empty())
+        .map(|i| {
+            (
+                attr(i, "id").unwrap_or("").to_owned(),
+                attr(i, "cn").unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect()
+}
+
+/// Waits until the linked identities are exactly `want`.
+fn wait_for(s: &Sandbox, want: &[(&str, &str)]) {
+    let want = pairs(want);
+    eventually(20, &format!("identities {want:?}"), || {
+        (names(s) == want).then_some(())
+    });
+}
+
+// --- watching -------------------------------------------------------------------------
+
+fn watch_scenario(env: &[(&str, &str)]) {
+    let s = world(", completion: rename");
+    s.feed("hr.csv", "id,cn\n1,Ann\n");
+    let agent = s.start_agent(env);
+    wait_for(&s, &[("1", "Ann")]);
+
+    // Atomic replace by rename.
+    s.replace_atomically("feeds/hr.csv", "id,cn\n1,Ann\n2,Bob\n");
+    wait_for(&s, &[("1", "Ann"), ("2", "Bob")]);
+
+    // In-place rewrite.
+    s.feed("hr.csv", "id,cn\n1,Ann Lee\n2,Bob\n");
+    wait_for(&s, &[("1", "Ann Lee"), ("2", "Bob")]);
+
+    // Delete, then re-create.
+    std::fs::remove_file(s.path().join("feeds/hr.csv")).unwrap();
+    s.feed("hr.csv", "id,cn\n1,Ann Lee\n2,Bob\n3,Cy\n");
+    wait_for(&s, &[("1", "Ann Lee"), ("2", "Bob"), ("3", "Cy")]);
+    agent.stop();
+}
+
+#[test]
+fn watch_atomic_rename_rewrite_delete_recreate() {
+    watch_scenario(&[]);
+}
+
+#[test]
+fn watch_polling_fallback() {
+    watch_scenario(&[("IDSYNC_WATCH", "poll")]);
+}
+
+#[test]
+fn folder_of_dated_files_in_order_then_archived() {
+    let s = Sandbox::new();
+    s.config(
+        "resources:
+  - name: hr
+    source:
+      type: flatfile
+      path: feeds/in
+      pattern: 'hr-*.csv'
+      after: archive
+      completion: rename
+      key: id
+    populate_global: true
+",
+    );
+    s.write("feeds/in/hr-2026-11-02.csv", "id,cn\n1,Ann Lee\n2,Bob\n");
+    s.write("feeds/in/hr-2026-11-01.csv", "id,cn\n1,Ann\n");
+    s.write("feeds/in/other.csv", "id,cn\n9,Not me\n");
+    let out = s.run_once(None, 0);
+    assert!(out.stdout.contains("hr: 3 events"), "{}", out.stdout);
+    // Day 1 created Ann, day 2 renamed her and added Bob: in that order.
+    let ann: Vec<_> = s
+        .results(&["--key", "1"])
+        .iter()
+        .map(|d| d["op"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ann, ["upsert", "update"]);
+    assert_eq!(names(&s), pairs(&[("1", "Ann Lee"), ("2", "Bob")]));
+
+    // The next run archives what is committed and finds nothing new.
+    let out = s.run_once(None, 0);
+    assert!(out.stdout.contains("hr: no changes"), "{}", out.stdout);
+    let archived = s.path().join("feeds/in/archive");
+    assert!(archived.join("hr-2026-11-01.csv").exists());
+    assert!(archived.join("hr-2026-11-02.csv").exists());
+    assert!(s.path().join("feeds/in/other.csv").exists());
+
+    // A new day.
+    s.write(
+        "feeds/in/hr-2026-11-03.csv",
+        "id,cn\n1,Ann Lee\n2,Bob\n3,Cy\n",
+    );
+    s.run_once(None, 0);
+    assert_eq!(names(&s).len(), 3);
+}
+
+// --- write completion -----------------------------------------------------------------
+
+#[test]
+fn slow_writer_is_read_once_complete() {
+    let s = world(", settle_ms: 1500");
+    let path = s.path().join("feeds/hr.csv");
+    let mut first = String::from("id,cn\n");
+    for i in 0..7 {
+        first.push_str(&format!("{i},Person {i}\n"));
+    }
+    s.feed("hr.csv", &first);
+    let agent = s.start_agent(&[]);
+    let v1: Vec<(String, String)> = (0..7)
+        .map(|i| (i.to_string(), format!("Person {i}")))
+        .collect();
+    eventually(20, "the first file", || (names(&s) == v1).then_some(()));
+
+    // Rewrite in place, in slow chunks, each write closing the file (a wake-up each time).
+    // A half-written file read now would delete the rows not written yet.
+    std::fs::write(&path, "id,cn\n").unwrap();
+    for i in 0..7 {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        writeln!(f, "{i},Person {i} v2").unwrap();
+        drop(f);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let v2: Vec<(String, String)> = (0..7)
+        .map(|i| (i.to_string(), format!("Person {i} v2")))
+        .collect();
+    eventually(20, "the rewritten file", || (names(&s) == v2).then_some(()));
+    agent.stop();
+    let results = s.results(&[]);
+    let ops: Vec<&str> = results.iter().map(|d| d["op"].as_str().unwrap()).collect();
+    assert!(!ops.contains(&"delete"), "a partial file was read: {ops:?}");
+    assert_eq!(ops.iter().filter(|o| **o == "update").count(), 7, "{ops:?}");
+}
+
+#[test]
+fn marker_file_gates_the_read() {
+    let s = world(", completion: marker");
+    s.feed("hr.csv", "id,cn\n1,Ann\n");
+    let out = s.run_once(None, 0);
+    assert!(out.stdout.contains("hr: no changes"), "{}", out.stdout);
+    assert!(s.export().is_empty());
+    s.write("feeds/hr.csv.done", "");
+    s.run_once(None, 0);
+    assert_eq!(names(&s), pairs(&[("1", "Ann")]));
+}
+
+// --- CSV options ----------------------------------------------------------------------
+
+#[test]
+fn csv_options_delimiter_quote_columns_composite_key_latin1_multi_comment() {
+    let s = Sandbox::new();
+    s.config(
+        "resources:
+  - name: hr
+    source:
+      type: flatfile
+      path: feeds/hr.csv
+      completion: rename
+      key: [company, id]
+      delimiter: ';'
+      quote: \"'\"
+      header: false
+      columns: [company, id, cn, groups]
+      encoding: latin-1
+      comment: '#'
+      trim: true
+      multi_valued: { groups: '|' }
+    populate_global: true
+",
+    );
+    // Latin-1 bytes: "Zoë" is 0x5A 0x6F 0xEB.
+    let mut bytes = b"# exported by HR\nACME; 1 ;'Zo".to_vec();
+    bytes.push(0xEB);
+    bytes.extend_from_slice(b"; the boss';admins| staff |\nACME;2;Bob;\n");
+    std::fs::write(s.path().join("feeds/hr.csv"), bytes).unwrap();
+    s.run_once(None, 0);
+    let zoe = s
+        .identity("ACME+1")
+        .expect("composite key names the identity");
+    assert_eq!(attr(&zoe, "cn"), Some("Zoë; the boss"));
+    assert_eq!(
+        zoe["attrs"]["groups"],
+        serde_json::json!(["admins", "staff"])
+    );
+    assert!(s.identity("ACME+2").is_some());
+}
+
+#[test]
+fn utf8_bom_and_header() {
+    let s = world(", completion: rename");
+    s.feed("hr.csv", "\u{feff}id,cn\n1,\"Lee, Ann\"\n");
+    s.run_once(None, 0);
+    assert_eq!(names(&s), pairs(&[("1", "Lee, Ann")]));
+}
+
+// --- bad input ------------------------------------------------------------------------
+
+#[test]
+fn malformed_rows_fail_alone_with_file_and_line() {
+    let s = world(", completion: rename");
+    let mut bytes = b"id,cn\n1,Ann\n2,Bob,extra\n3,Cy\n4,".to_vec();
+    bytes.extend_from_slice(&[0xff, 0xfe]);
+    bytes.extend_from_slice(b"\n5,Di\n");
+    std::fs::write(s.path().join("feeds/hr.csv"), bytes).unwrap();
+    let out = s.run_once(None, 1);
+    assert!(out.stdout.contains("rejected 2"), "{}", out.stdout);
+    assert_eq!(names(&s), pairs(&[("1", "Ann"), ("3", "Cy"), ("5", "Di")]));
+    let failed = s.failed();
+    let errors: Vec<&str> = failed
+        .iter()
+        .map(|f| f["error"].as_str().unwrap())
+        .collect();
+    assert!(
+        errors[0].starts_with("hr.csv:3: has 3 fields, expected 2"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("hr.csv:5: not valid UTF-8"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn bad_quoting_is_a_failed_row_with_a_hint() {
+    let s = world(", completion: rename");
+    // The quote opened on line 3 closes on line 4: one record of 3 fields over two lines.
+    s.feed("hr.csv", "id,cn\n1,Ann\n2,\"Bob\n3,Cy\",x\n4,Di\n");
+    let out = s.run_once(None, 1);
+    assert!(out.stdout.contains("rejected 1"), "{}", out.stdout);
+    assert_eq!(names(&s), pairs(&[("1", "Ann"), ("4", "Di")]));
+    let error = s.failed()[0]["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.starts_with("hr.csv:3:") && error.contains("is a quote unbalanced?"),
+        "{error}"
+    );
+}
+
+#[test]
+fn duplicate_key_fails_both_rows_and_keeps_the_account() {
+    let s = world(", completion: rename");
+    s.feed("hr.csv", "id,cn\n1,Ann\n2,Bob\n");
+    s.run_once(None, 0);
+    s.feed("hr.csv", "id,cn\n1,Ann Lee\n2,Bob\n1,Annie\n");
+    s.run_once(None, 1);
+    assert_eq!(names(&s), pairs(&[("1", "Ann"), ("2", "Bob")]));
+    let errors: Vec<String> = s
+        .failed()
+        .iter()
+        .map(|f| f["error"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].contains("hr.csv:2: duplicate key '1' also on line 4"));
+    assert!(errors[1].contains("hr.csv:4: duplicate key '1' also on line 2"));
+}
+
+#[test]
+fn missing_key_column_stops_the_resource() {
+    let s = world(", completion: rename");
+    s.feed("hr.csv", "emp,cn\n1,Ann\n");
+    let out = s.run_once(None, 3);
+    assert!(
+        out.stderr
+            .contains("key column 'id' is not in the header of")
+            && out.stderr.contains("hr.csv"),
+        "{}",
+        out.stderr
+    );
+    assert!(s.export().is_empty());
+}
+
+#[test]
+fn changed_header_stops_until_the_config_changes_and_added_columns_are_attributes() {
+    let s = world(", completion: rename");
+    s.feed("hr.csv", "id,cn,title\n1,Ann,Clerk\n");
+    s.run_once(None, 0);
+
+    // An added column becomes a new attribute.
+    s.feed("hr.csv", "id,cn,title,mail\n1,Ann,Clerk,ann@x\n");
+    s.run_once(None, 0);
+    assert_eq!(attr(&s.identity("1").unwrap(), "mail"), Some("ann@x"));
+
+    // A renamed column stops the resource, with nothing applied.
+    s.feed("hr.csv", "id,cn,job,mail\n1,Ann,Boss,ann@x\n");
+    let out = s.run_once(None, 3);
+    assert!(
+        out.stderr.contains("column(s) 'title' removed or renamed"),
+        "{}",
+        out.stderr
+    );
+    let out = s.run_once(None, 3);
+    assert!(out.stderr.contains("header_version"), "{}", out.stderr);
+    assert_eq!(attr(&s.identity("1").unwrap(), "title"), Some("Clerk"));
+
+    // The operator reviewed it and changed the config.
+    let yaml = std::fs::read_to_string(s.path().join("idsync.yaml")).unwrap();
+    s.config(&yaml.replace(
+        "completion: rename",
+        "completion: rename, header_version: 2",
+    ));
+    s.run_once(None, 0);
+    assert_eq!(attr(&s.identity("1").unwrap(), "job"), Some("Boss"));
+}
+
+// --- accidental-delete guard ----------------------------------------------------------
+
+fn many(n: usize) -> String {
+    let mut csv = String::from("id,cn\n");
+    for i in 0..n {
+        csv.push_str(&format!("{i},P{i}\n"));
+    }
+    csv
+}
+
+#[test]
+fn empty_file_is_caught_by_the_guard_until_accepted() {
+    let s = world(", completion: rename");
+    s.feed("hr.csv", "id,cn\n1,Ann\n2,Bob\n");
+    s.run_once(None, 0);
+    s.feed("hr.csv", "id,cn\n");
+    let out = s.run_once(None, 3);
+    assert!(
+        out.stderr.contains("accidental-delete guard")
+            && out.stderr.contains("--accept-deletes hr"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(names(&s).len(), 2, "nothing applied");
+    s.idsync(&["run", "--once", "--accept-deletes", "hr"])
+        .expect_code(0);
+    assert!(names(&s).is_empty());
+}
+
+#[test]
+fn truncated_file_is_caught_by_the_ratio() {
+    let s = world(", completion: rename");
+    s.feed("hr.csv", &many(40));
+    s.run_once(None, 0);
+    // Cut after 20 rows: half the accounts would go.
+    let full = many(40);
+    let cut: String = full.lines().take(21).map(|l| format!("{l}\n")).collect();
+    s.feed("hr.csv", &cut);
+    let out = s.run_once(None, 3);
+    assert!(
+        out.stderr.contains("would delete 20 of 40 accounts"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(names(&s).len(), 40);
+    // A small change passes the guard.
+    let mut fewer: String = full.lines().take(38).map(|l| format!("{l}\n")).collect();
+    fewer.push_str("99,New\n");
+    s.feed("hr.csv", &fewer);
+    s.run_once(None, 0);
+    assert_eq!(names(&s).len(), 38);
+}
+
+#[test]
+fn max_deletes_is_configurable_and_accept_applies() {
+    let s = world(", completion: rename, delete_guard: { max_deletes: 2, max_delete_ratio: 1.0 }");
+    s.feed("hr.csv", &many(10));
+    s.run_once(None, 0);
+    let seven: String = many(10).lines().take(8).map(|l| format!("{l}\n")).collect();
+    s.feed("hr.csv", &seven);
+    let out = s.run_once(None, 3);
+    assert!(
+        out.stderr.contains("more than max_deletes 2"),
+        "{}",
+        out.stderr
+    );
+    s.idsync(&["run", "--once", "--accept-deletes", "hr"])
+        .expect_code(0);
+    assert_eq!(names(&s).len(), 7);
+}
+
+// --- snapshots ------------------------------------------------------------------------
+
+#[test]
+fn update_events_carry_previous_attributes() {
+    let s = world(", completion: rename");
+    s.feed("hr.csv", "id,cn\n1,Ann\n");
+    s.run_once(None, 0);
+    s.feed("hr.csv", "id,cn\n1,Ann Lee\n");
+    s.run_once(None, 0);
+    let d = s.last_result();
+    assert_eq!(d["op"], "update");
+    let change = &d["changes"][0];
+    assert_eq!(change["name"], "cn");
+    assert_eq!(change["before"], serde_json::json!(["Ann"]));
+}
+
+#[test]
+fn missing_snapshot_means_a_full_pass() {
+    let s = world(", completion: rename");
+    s.feed("hr.csv", "id,cn\n1,Ann\n2,Bob\n");
+    s.run_once(None, 0);
+    // Lose the snapshot (the checkpoint stays): the same file must not be "no changes".
+    let db = rusqlite::Connection::open(s.db()).unwrap();
+    db.execute("DELETE FROM shadows", []).unwrap();
+    drop(db);
+    let out = s.run_once(None, 0);
+    assert!(out.stdout.contains("hr: 2 events"), "{}", out.stdout);
+    let ops: Vec<String> = s
+        .results(&["-n", "2"])
+        .iter()
+        .map(|d| d["op"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ops, ["upsert", "upsert"]);
+    let out = s.run_once(None, 0);
+    assert!(out.stdout.contains("hr: no changes"), "{}", out.stdout);
+}
+
+#[test]
+fn config_change_with_an_unchanged_file_is_diffed_again() {
+    let s = world(", completion: rename");
+    s.feed("hr.csv", "id,cn,groups\n1,Ann,a;b\n");
+    s.run_once(None, 0);
+    let yaml = std::fs::read_to_string(s.path().join("idsync.yaml")).unwrap();
+    s.config(&yaml.replace(
+        "completion: rename",
+        "completion: rename, multi_valued: { groups: ';' }",
+    ));
+    let out = s.run_once(None, 0);
+    assert!(out.stdout.contains("hr: 1 events"), "{}", out.stdout);
+    assert_eq!(
+        s.identity("1").unwrap()["attrs"]["groups"],
+        serde_json::json!(["a", "b"])
+    );
+}
+
+#[test]
+fn large_pass_commits_in_parts_and_stays_complete() {
+    let s = world(", completion: rename, batch_size: 3");
+    s.feed("hr.csv", &many(10));
+    let out = s.run_once(None, 0);
+    assert!(out.stdout.contains("hr: 10 events"), "{}", out.stdout);
+    assert_eq!(names(&s).len(), 10);
+    let ops: Vec<String> = s
+        .results(&[])
+        .iter()
+        .map(|d| d["op"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(ops.iter().all(|o| o == "upsert"), "{ops:?}");
+    let out = s.run_once(None, 0);
+    assert!(out.stdout.contains("hr: no changes"), "{}", out.stdout);
+}
