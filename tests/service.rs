@@ -1,0 +1,199 @@
+//! `idsync run` as a service, through the real binary: a clean stop on SIGTERM, reload of
+//! rules on change (a bad reload keeps the running rules), automatic retries of failed
+//! events up to a limit, the status command and the HTTP endpoints.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+
+use common::{Sandbox, eventually, free_port};
+
+fn config(s: &Sandbox, extra: &str) {
+    s.config(&format!(
+        "poll_interval_secs: 1
+{extra}resources:
+  - name: hr
+    source: {{ type: flatfile, path: feeds/hr.csv, key: id, completion: rename }}
+    rules: {{ correlation: corr.rhai }}
+    mappings:
+      - {{ to: mail, from: email }}
+"
+    ));
+    s.rule("corr.rhai", "#{ mail: account.email }");
+    s.feed("hr.csv", "id,email\n1,a@x\n2,b@x\n");
+}
+
+fn start(s: &Sandbox) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .args(["run"])
+        .current_dir(s.path())
+        .env("IDSYNC_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn terminate(mut child: Child) -> (i32, String) {
+    let pid = child.id().to_string();
+    let ok = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(ok.success());
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status.code().unwrap_or(-1), err)
+}
+
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (code, body)
+}
+
+#[test]
+fn sigterm_stops_cleanly_after_committing() {
+    let s = Sandbox::new();
+    config(&s, "status: { listen: off }\n");
+    let agent = start(&s);
+    eventually(20, "the first pass", || {
+        (s.export().len() == 2).then_some(())
+    });
+    s.replace_atomically("feeds/hr.csv", "id,email\n1,a@x\n2,b@x\n3,c@x\n");
+    eventually(20, "the change", || (s.export().len() == 3).then_some(()));
+    let (code, err) = terminate(agent);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("stopping"), "{err}");
+    assert_eq!(s.results(&[]).len(), 3, "each change once");
+    let status = s.idsync(&["status"]).expect_code(0);
+    assert!(
+        status.stdout.contains("agent: not running"),
+        "{}",
+        status.stdout
+    );
+}
+
+#[test]
+fn rules_reload_on_change_and_a_bad_reload_keeps_the_running_rules() {
+    let s = Sandbox::new();
+    config(&s, "status: { listen: off }\n");
+    let agent = start(&s);
+    eventually(20, "the first pass", || {
+        (s.export().len() == 2).then_some(())
+    });
+    // A broken rule: the reload is refused, the agent keeps deciding with the old rules.
+    s.rule("corr.rhai", "let x = ;");
+    s.replace_atomically("feeds/hr.csv", "id,email\n1,a@x\n2,b@x\n3,c@x\n");
+    eventually(20, "the change with the old rules", || {
+        s.results(&["--key", "3"])
+            .pop()
+            .filter(|d| d["action"] == "created")
+    });
+    // A good new rule is picked up without a restart.
+    s.rule(
+        "corr.rhai",
+        "// now by id\n#{ mail: account.email, id: account.id }",
+    );
+    eventually(20, "the reload", || {
+        s.replace_atomically("feeds/hr.csv", "id,email\n1,a@x\n2,b@x\n3,c@x\n4,d@x\n");
+        s.results(&["--key", "4"]).pop().filter(|d| {
+            d["rules"][0]["result"]
+                .as_str()
+                .is_some_and(|r| r.contains("\"id\""))
+        })
+    });
+    let (code, err) = terminate(agent);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("reload refused"), "{err}");
+    assert!(
+        err.contains("corr.rhai:1:"),
+        "the refusal names file:line:col: {err}"
+    );
+    assert!(err.contains("reloaded"), "{err}");
+}
+
+#[test]
+fn failed_events_are_retried_up_to_the_limit_then_left_for_an_operator() {
+    let s = Sandbox::new();
+    config(
+        &s,
+        "status: { listen: off }\nfailed_retry: { max_attempts: 2, backoff_secs: 0 }\n",
+    );
+    s.rule(
+        "corr.rhai",
+        "if account.id == \"2\" { throw \"not yet\" }\n#{ mail: account.email }",
+    );
+    let agent = start(&s);
+    eventually(20, "two automatic attempts", || {
+        s.failed()
+            .pop()
+            .filter(|f| f["attempts"].as_i64() == Some(2))
+    });
+    // The limit holds: no third automatic attempt.
+    s.replace_atomically("feeds/hr.csv", "id,email\n1,a@x\n2,b@x\n3,c@x\n");
+    eventually(20, "another pass", || (s.export().len() == 2).then_some(()));
+    assert_eq!(s.failed()[0]["attempts"], 2);
+    let (code, _) = terminate(agent);
+    assert_eq!(code, 0);
+    // A fixed rule and the next agent: the operator's retry (or the agent's) applies it.
+    s.rule("corr.rhai", "#{ mail: account.email }");
+    s.idsync(&["failed", "retry", "--all"]).expect_code(0);
+    assert!(s.failed().is_empty());
+    assert_eq!(s.export().len(), 3);
+}
+
+#[test]
+fn status_health_readiness_and_metrics() {
+    let s = Sandbox::new();
+    let port = free_port();
+    config(&s, &format!("status: {{ listen: \"127.0.0.1:{port}\" }}\n"));
+    let agent = start(&s);
+    eventually(20, "ready", || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .and_then(|_| (http_get(port, "/readyz").0 == 200).then_some(()))
+    });
+    assert_eq!(http_get(port, "/healthz"), (200, "ok\n".to_owned()));
+    let (code, metrics) = http_get(port, "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("idsync_events_total{resource=\"hr\",action=\"created\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("idsync_resource_up{resource=\"hr\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("idsync_outbox_pending 0"), "{metrics}");
+    let status = s.idsync(&["status"]).expect_code(0);
+    assert!(
+        status.stdout.contains("agent: running"),
+        "{}",
+        status.stdout
+    );
+    assert!(status.stdout.contains("hr: ok"), "{}", status.stdout);
+    assert!(status.stdout.contains("processed 2"), "{}", status.stdout);
+    let json = s.idsync(&["status", "--json"]).expect_code(0);
+    let v: serde_json::Value = serde_json::from_str(json.stdout.trim()).unwrap();
+    assert_eq!(v["resources"][0]["state"], "ok");
+    assert_eq!(v["agent"]["running"], true);
+    // Broken source: not ready, and status says why.
+    std::fs::remove_file(s.path().join("feeds/hr.csv")).unwrap();
+    eventually(20, "not ready", || {
+        (http_get(port, "/readyz").0 == 503).then_some(())
+    });
+    let (_, why) = http_get(port, "/readyz");
+    assert!(why.contains("hr:"), "{why}");
+    let (code, _) = terminate(agent);
+    assert_eq!(code, 0);
+}
