@@ -65,6 +65,10 @@ idsync results
 step "María: one identity; disabled with account 1004, re-enabled by correlation on 1010"
 idsync identities show maria.garcia
 
+step "Notifications: written as .eml files by the file transport (the outbox, then work/mail/)"
+idsync outbox list
+ls mail
+
 step "Done"
 cat <<EOF
 The repository is work/idsync.db. Go on from $work
@@ -72,6 +76,8 @@ with idsync = $bin:
   idsync explain hr 1010              María's rehire, rule by rule
   idsync identities show bob.nguyen   disabled, no account left
   idsync results --situation deleted  the two terminations
+  idsync status                       resources, counts, the outbox
+  idsync preview                      what the next pass would do (nothing yet)
 To rehire Bob, set his status back to ACTIVE in work/feeds/hr.csv and run
 'idsync run --once': correlation finds his disabled identity and linking re-enables it.
 EOF

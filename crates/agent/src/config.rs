@@ -323,10 +323,14 @@ impl Loaded {
     /// `path` resolved against the config file's folder.
     pub fn resolve(&self, path: &Path) -> PathBuf {
         if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            self.base.join(path)
+            return path.to_path_buf();
         }
+        // `rules_dir: .` resolves to the config folder itself, not `folder/.`.
+        let relative: PathBuf = path
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect();
+        self.base.join(relative)
     }
 
     /// The repository file.
