@@ -330,7 +330,12 @@ impl Loaded {
             .components()
             .filter(|c| !matches!(c, std::path::Component::CurDir))
             .collect();
-        self.base.join(relative)
+        let joined = self.base.join(relative);
+        if joined.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            joined
+        }
     }
 
     /// The repository file.

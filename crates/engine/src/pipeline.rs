@@ -368,15 +368,19 @@ impl<'a> Decider<'a> {
         Ok(())
     }
 
-    /// Maps the account onto an existing identity and checks it in.
-    fn update(&mut self, name: &str, relink: bool, d: &mut Decision) -> Result<(), EventError> {
-        self.host.pre_image(name)?;
-        let view = self
-            .repo
+    /// The identity view of `name`, which must exist.
+    fn view(&self, name: &str) -> Result<Identity, RepoError> {
+        self.repo
             .identity(name)?
             .ok_or_else(|| RepoError::NoSuchIdentity {
                 name: name.to_owned(),
-            })?;
+            })
+    }
+
+    /// Maps the account onto an existing identity and checks it in.
+    fn update(&mut self, name: &str, relink: bool, d: &mut Decision) -> Result<(), EventError> {
+        self.host.pre_image(name)?;
+        let view = self.view(name)?;
         let attrs = self.map_attrs(&view.attrs, Some(&view))?;
         let mut changes = view.attrs.diff(&attrs);
         let mut disabled = view.disabled;
@@ -431,12 +435,7 @@ impl<'a> Decider<'a> {
         if self.policy.delete_action == DeleteAction::Unlink {
             return Ok(());
         }
-        let view = self
-            .repo
-            .identity(name)?
-            .ok_or_else(|| RepoError::NoSuchIdentity {
-                name: name.to_owned(),
-            })?;
+        let view = self.view(name)?;
         // Still holding another live account on this resource (e.g. rehired under a new
         // key in the same file): the person has not left, so only the account goes.
         let others: Vec<&str> = view

@@ -124,16 +124,19 @@ fn conditions(m: &Map) -> Res<Conditions> {
     Ok(Conditions(out))
 }
 
+/// The identity view of `name`, or `()`.
+fn find(slot: &HostSlot, name: &str) -> Res<Dynamic> {
+    let h = host(slot, None)?;
+    Ok(h.find_identity(name)
+        .map_err(fail)?
+        .map(|i| identity_to_dynamic(&i))
+        .unwrap_or(Dynamic::UNIT))
+}
+
 /// Registers the query functions and the `ctx` methods on `engine`.
 pub(crate) fn register(engine: &mut Engine, slot: &HostSlot) {
     let s = slot.clone();
-    engine.register_fn("find_identity", move |name: &str| -> Res<Dynamic> {
-        let h = host(&s, None)?;
-        Ok(h.find_identity(name)
-            .map_err(fail)?
-            .map(|i| identity_to_dynamic(&i))
-            .unwrap_or(Dynamic::UNIT))
-    });
+    engine.register_fn("find_identity", move |name: &str| find(&s, name));
     let s = slot.clone();
     engine.register_fn("query_identities", move |m: Map| -> Res<Array> {
         let h = host(&s, None)?;
@@ -143,24 +146,11 @@ pub(crate) fn register(engine: &mut Engine, slot: &HostSlot) {
 
     engine.register_type_with_name::<Context>("Context");
     let s = slot.clone();
-    engine.register_fn("find", move |_: &mut Context, name: &str| -> Res<Dynamic> {
-        let h = host(&s, None)?;
-        Ok(h.find_identity(name)
-            .map_err(fail)?
-            .map(|i| identity_to_dynamic(&i))
-            .unwrap_or(Dynamic::UNIT))
-    });
+    engine.register_fn("find", move |_: &mut Context, name: &str| find(&s, name));
     let s = slot.clone();
-    engine.register_fn(
-        "checkout",
-        move |_: &mut Context, name: &str| -> Res<Dynamic> {
-            let h = host(&s, None)?;
-            Ok(h.find_identity(name)
-                .map_err(fail)?
-                .map(|i| identity_to_dynamic(&i))
-                .unwrap_or(Dynamic::UNIT))
-        },
-    );
+    engine.register_fn("checkout", move |_: &mut Context, name: &str| {
+        find(&s, name)
+    });
     let s = slot.clone();
     engine.register_fn("query", move |_: &mut Context, m: Map| -> Res<Array> {
         let h = host(&s, None)?;
