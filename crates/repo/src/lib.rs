@@ -101,11 +101,42 @@ impl Repo {
         conn.busy_timeout(BUSY_TIMEOUT)
             .ctx("setting the busy timeout")?;
         if file {
-            // Returns the mode in force; a file system without shared memory keeps the
-            // rollback journal, which is as durable, only less concurrent.
-            let _mode: String = conn
-                .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-                .ctx("switching to WAL mode")?;
+            // Switching needs a write lock, which a running agent may hold: only switch a
+            // file that is not in WAL mode yet (a new one), so readers open while it runs.
+            // (Read the header first: the mode of an existing file is known only then.)
+            let _: i64 = conn
+                .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                .ctx("reading the repository")?;
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+                .ctx("reading the journal mode")?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                // Returns the mode in force; a file system without shared memory keeps the
+                // rollback journal, which is as durable, only less concurrent.
+                // Two processes creating the file at once race for this lock, and SQLite
+                // does not wait here on its own: retry for up to the busy timeout.
+                let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+                loop {
+                    match conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| {
+                        r.get::<_, String>(0)
+                    }) {
+                        Ok(_mode) => break,
+                        Err(e)
+                            if std::time::Instant::now() < deadline
+                                && matches!(
+                                    e.sqlite_error_code(),
+                                    Some(
+                                        rusqlite::ErrorCode::DatabaseBusy
+                                            | rusqlite::ErrorCode::DatabaseLocked
+                                    )
+                                ) =>
+                        {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        Err(e) => return Err(e).ctx("switching to WAL mode"),
+                    }
+                }
+            }
         }
         conn.pragma_update(None, "synchronous", "FULL")
             .ctx("setting synchronous=FULL")?;

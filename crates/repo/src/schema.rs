@@ -116,6 +116,14 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the schema of `conn` up to [`SCHEMA_VERSION`].
 pub(crate) fn migrate(conn: &mut Connection) -> Result<(), RepoError> {
+    // Up to date (the usual case): no write lock, so commands can open the repository
+    // while an agent holds a batch transaction.
+    let current: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .ctx("reading the schema version")?;
+    if current == SCHEMA_VERSION {
+        return Ok(());
+    }
     loop {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
