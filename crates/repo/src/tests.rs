@@ -765,7 +765,9 @@ fn a_reader_opens_while_a_batch_transaction_is_open() {
     let path = dir.path().join("idsync.db");
     let writer = Repo::open(&path).unwrap();
     writer.begin().unwrap();
-    writer.create_identity("ann", &attrs(&[("mail", "a@x")])).unwrap();
+    writer
+        .create_identity("ann", &attrs(&[("mail", "a@x")]))
+        .unwrap();
     // A command (`identities`, `status`) opening the file meanwhile must not need a lock.
     let reader = Repo::open(&path).unwrap();
     assert!(reader.identity("ann").unwrap().is_none(), "uncommitted");
