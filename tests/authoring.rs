@@ -198,3 +198,70 @@ fn a_recorded_decision_becomes_a_passing_fixture_with_redaction() {
     let out = s.idsync(&["test-rules"]).expect_code(0);
     assert!(out.stdout.contains("1 passed, 0 failed"), "{}", out.stdout);
 }
+
+#[test]
+fn notifications_show_in_preview_explain_and_fixtures() {
+    let s = Sandbox::new();
+    s.config(
+        "resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: emp }
+    mappings:
+      - { to: mail, from: mail }
+notifications:
+  from: 'IT <it@example.com>'
+  transport: { type: file, dir: mail }
+  policies:
+    - name: welcome
+      on: [created]
+      to: ['identity.attrs.mail']
+      subject: 'Welcome {{ identity.name }}'
+      text: 'Hello'
+",
+    );
+    s.feed("hr.csv", "emp,mail\n1,ann@x\n");
+    let out = s.idsync(&["preview"]).expect_code(0);
+    assert!(
+        out.stdout
+            .contains("hr 1 upsert unmatched created identity=1 changed=mail notify=welcome"),
+        "{}",
+        out.stdout
+    );
+    assert!(!s.path().join("mail").exists(), "preview sends nothing");
+    s.run_once(None, 0);
+    let out = s.idsync(&["explain", "hr", "1"]).expect_code(0);
+    assert!(
+        out.stdout
+            .contains("notification queued (welcome): to ann@x: Welcome 1"),
+        "{}",
+        out.stdout
+    );
+    s.write(
+        "rules/tests/welcome.yaml",
+        "resource: hr
+event: { op: create, key: '2', attrs: { emp: '2', mail: bob@x } }
+expect: { action: created, notifications: [welcome] }
+",
+    );
+    s.write(
+        "rules/tests/quiet.yaml",
+        "resource: hr
+identities:
+  - { name: '3', attrs: { mail: cy@x }, accounts: [ { resource: hr, key: '3' } ] }
+event: { op: update, key: '3', attrs: { emp: '3', mail: cy@y } }
+expect: { action: updated, notifications: [welcome] }
+",
+    );
+    let out = s.idsync(&["test-rules"]).expect_code(1);
+    assert!(
+        out.stdout.contains("ok    rules/tests/welcome.yaml"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("notifications: expected [welcome], got []"),
+        "{}",
+        out.stdout
+    );
+}

@@ -322,6 +322,13 @@ fn fixture_from(
             confirmed: None,
             attrs: (!expect_attrs.is_empty()).then_some(expect_attrs),
             disabled: None,
+            notifications: Some(
+                d.rules
+                    .iter()
+                    .filter(|r| r.rule == idsync_engine::NOTIFICATION_RULE)
+                    .map(|r| r.script.clone())
+                    .collect(),
+            ),
             error_contains: d.error.as_ref().map(|e| {
                 e.lines()
                     .next()

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use idsync_core::{Action, AttrChange, Decision, Situation, Value};
+use idsync_engine::NOTIFICATION_RULE;
 
 /// One line: `hr 100 update unlinked→linked ann.lee candidates=.. changed=..`.
 pub fn one_line(d: &Decision) -> String {
@@ -27,6 +28,9 @@ pub fn one_line(d: &Decision) -> String {
     }
     for w in d.rules.iter().filter(|o| o.rule == "work_item") {
         let _ = write!(line, " work_item={:?}", w.result);
+    }
+    for n in d.rules.iter().filter(|o| o.rule == NOTIFICATION_RULE) {
+        let _ = write!(line, " notify={}", n.script);
     }
     if let Some(e) = &d.error {
         let _ = write!(line, " error={e:?}");
@@ -54,7 +58,11 @@ pub fn steps(d: &Decision) -> String {
     let mut out = String::new();
     let situation = d.situation.map(|s| s.as_str()).unwrap_or("(not reached)");
     let _ = writeln!(out, "  op: {}", d.op);
-    for r in d.rules.iter().filter(|r| r.rule != "work_item") {
+    for r in d
+        .rules
+        .iter()
+        .filter(|r| r.rule != "work_item" && r.rule != NOTIFICATION_RULE)
+    {
         let _ = writeln!(
             out,
             "  {} rule ({}) returned {}",
@@ -97,6 +105,9 @@ pub fn steps(d: &Decision) -> String {
     }
     for w in d.rules.iter().filter(|o| o.rule == "work_item") {
         let _ = writeln!(out, "  work item: {}", w.result);
+    }
+    for n in d.rules.iter().filter(|o| o.rule == NOTIFICATION_RULE) {
+        let _ = writeln!(out, "  notification queued ({}): {}", n.script, n.result);
     }
     if let Some(e) = &d.error {
         let _ = writeln!(out, "  error: {e}");

@@ -115,6 +115,9 @@ pub struct Expect {
     /// Text the error must contain (the event must fail).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_contains: Option<String>,
+    /// The notification policies that queued a message, in order (`[]`: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notifications: Option<Vec<String>>,
 }
 
 /// Distinguishes `identity: null` (Some(None)) from an absent key (None).
@@ -215,7 +218,12 @@ fn run_fixture(loaded: &Loaded, file: &Path) -> anyhow::Result<Outcome> {
             .unwrap_or_default()
     });
     let repo = Arc::new(Repo::open_in_memory()?);
-    let engine = Engine::new(repo.clone(), &loaded.config.limits.to_limits());
+    let mut engine = Engine::new(repo.clone(), &loaded.config.limits.to_limits());
+    match crate::outbox::compile(loaded) {
+        Ok(Some((notifier, _))) => engine.set_notifier(Box::new(notifier)),
+        Ok(None) => {}
+        Err(p) => return Ok(Outcome::Broken(Problems(p))),
+    }
     let policies = match compile_all(loaded, engine.rules()) {
         Ok(p) => p,
         Err(p) => return Ok(Outcome::Broken(p)),
@@ -303,6 +311,21 @@ fn run_fixture(loaded: &Loaded, file: &Path) -> anyhow::Result<Outcome> {
             want.join(", "),
             d.confirmed.join(", ")
         ));
+    }
+    if let Some(want) = &e.notifications {
+        let got: Vec<String> = d
+            .rules
+            .iter()
+            .filter(|r| r.rule == idsync_engine::NOTIFICATION_RULE)
+            .map(|r| r.script.clone())
+            .collect();
+        if want != &got {
+            diff.push(format!(
+                "notifications: expected [{}], got [{}]",
+                want.join(", "),
+                got.join(", ")
+            ));
+        }
     }
     match (&e.error_contains, &d.error) {
         (Some(want), Some(got)) if !got.contains(want.as_str()) => diff.push(format!(

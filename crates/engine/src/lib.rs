@@ -16,7 +16,9 @@ mod policy;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use idsync_core::{Action, ChangeBatch, ChangeEvent, Checkpoint, Decision, Op, Situation};
+use idsync_core::{
+    Action, ChangeBatch, ChangeEvent, Checkpoint, Decision, Op, RuleOutcome, Situation,
+};
 use idsync_repo::{FailedEvent, NewFailure, Repo, RepoError};
 use idsync_rules::{Limits, RuleEngine};
 
@@ -25,6 +27,10 @@ pub use pipeline::{DISABLED_CHANGE, EventError};
 pub use policy::{DeleteAction, Mapping, MappingSource, OnError, Policy};
 
 use pipeline::{Decider, blank_decision};
+
+/// The `rule` of the [`RuleOutcome`] that records a queued notification (its `script` is
+/// the policy name).
+pub const NOTIFICATION_RULE: &str = "notification";
 
 /// Why a batch could not be applied. Nothing of it was committed.
 #[derive(Debug, thiserror::Error)]
@@ -250,7 +256,7 @@ impl Engine {
         decider.host.capture.set(self.notifier.is_some());
         let outcome = decider
             .decide(&mut d)
-            .and_then(|()| self.notify(&decider.host.pre_images.borrow(), &d));
+            .and_then(|()| self.notify(&decider.host.pre_images.borrow(), &mut d));
         match outcome {
             Ok(()) => {
                 self.repo.release()?;
@@ -274,7 +280,7 @@ impl Engine {
     fn notify(
         &self,
         pre_images: &[(String, Option<idsync_core::Identity>)],
-        d: &Decision,
+        d: &mut Decision,
     ) -> Result<(), EventError> {
         let Some(notifier) = &self.notifier else {
             return Ok(());
@@ -289,8 +295,18 @@ impl Engine {
                 after: after.as_ref(),
                 decision: d,
             };
-            for m in notifier.messages(&change).map_err(EventError::Notify)? {
+            let messages = notifier.messages(&change).map_err(EventError::Notify)?;
+            for m in messages {
                 self.repo.outbox_insert(&m)?;
+                // Recorded in the decision, so preview, explain and fixtures show it.
+                d.rules.push(RuleOutcome {
+                    rule: NOTIFICATION_RULE.to_owned(),
+                    script: m.policy.clone(),
+                    result: match &m.dead {
+                        None => format!("to {}: {}", m.mail.to.join(", "), m.mail.subject),
+                        Some(why) => format!("not sendable ({why}): {}", m.mail.subject),
+                    },
+                });
             }
         }
         Ok(())
