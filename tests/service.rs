@@ -197,3 +197,75 @@ fn status_health_readiness_and_metrics() {
     let (code, _) = terminate(agent);
     assert_eq!(code, 0);
 }
+
+#[test]
+fn sighup_reloads() {
+    let s = Sandbox::new();
+    config(&s, "status: { listen: off }\n");
+    let agent = start(&s);
+    eventually(20, "the first pass", || {
+        (s.export().len() == 2).then_some(())
+    });
+    let pid = agent.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    s.replace_atomically("feeds/hr.csv", "id,email\n1,a@x\n2,b@x\n3,c@x\n");
+    eventually(20, "the change after the reload", || {
+        (s.export().len() == 3).then_some(())
+    });
+    let (code, err) = terminate(agent);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("reloaded"), "{err}");
+}
+
+#[test]
+fn a_cron_resource_is_not_woken_by_file_changes_and_bad_cron_is_refused() {
+    let s = Sandbox::new();
+    s.config(
+        "poll_interval_secs: 1
+status: { listen: off }
+resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: id, completion: rename }
+    cron: '0 0 1 1 *'
+  - name: tick
+    source: { type: flatfile, path: feeds/tick.csv, key: id, completion: rename }
+",
+    );
+    s.feed("hr.csv", "id\n1\n");
+    s.feed("tick.csv", "id\nt1\n");
+    let agent = start(&s);
+    // Both pass once at start.
+    eventually(20, "the first passes", || {
+        (s.export().len() == 2).then_some(())
+    });
+    // Both files change; only the interval resource is woken (resources pass in config
+    // order, so had hr been woken, its change would be in before tick's).
+    s.replace_atomically("feeds/hr.csv", "id\n1\n2\n");
+    s.replace_atomically("feeds/tick.csv", "id\nt1\nt2\n");
+    eventually(20, "tick's change", || {
+        (s.owner("tick", "t2").is_some()).then_some(())
+    });
+    assert_eq!(
+        s.owner("hr", "2"),
+        None,
+        "the cron resource waits for its time"
+    );
+    let (code, err) = terminate(agent);
+    assert_eq!(code, 0, "{err}");
+
+    s.config(
+        "resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: id }
+    cron: 'every now and then'
+",
+    );
+    let out = s.idsync(&["check"]).expect_code(2);
+    assert!(out.stderr.contains("resources[0].cron"), "{}", out.stderr);
+}

@@ -182,6 +182,10 @@ pub struct ResourceConfig {
     /// What a failed event does to its batch.
     #[serde(default)]
     pub on_error: OnErrorConfig,
+    /// A cron schedule (`*/5 * * * *`, UTC) for `idsync run` instead of the interval; file
+    /// changes then do not wake the resource early.
+    #[serde(default)]
+    pub cron: Option<String>,
     /// The input form: identity attributes filled from the account.
     #[serde(default)]
     pub mappings: Vec<MappingConfig>,
@@ -392,6 +396,11 @@ impl Loaded {
                         ));
                     }
                 }
+            }
+            if let Some(c) = &r.cron
+                && let Err(e) = <croner::Cron as std::str::FromStr>::from_str(c)
+            {
+                out.push(format!("{at}.cron: '{c}' is not a cron expression: {e}"));
             }
             for (j, m) in r.mappings.iter().enumerate() {
                 match (&m.from, &m.expr) {

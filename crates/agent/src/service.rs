@@ -214,9 +214,12 @@ pub fn serve(setup: Setup, args: &RunArgs) -> ExitCode {
                 }
             };
             if woke {
-                // A watched file changed: flat-file resources and a reload check are due.
-                for d in w.due.iter_mut() {
-                    *d = Instant::now();
+                // A watched file changed: resources not on a cron schedule and a reload
+                // check are due.
+                for (i, d) in w.due.iter_mut().enumerate() {
+                    if w.setup.loaded.config.resources[i].cron.is_none() {
+                        *d = Instant::now();
+                    }
                 }
                 break;
             }

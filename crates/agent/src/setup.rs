@@ -202,6 +202,19 @@ impl Setup {
         })
     }
 
+    /// For a resource with a `cron` schedule: the time until its next occurrence.
+    pub fn until_cron(&self, index: usize) -> Option<std::time::Duration> {
+        let expr = self.loaded.config.resources[index].cron.as_deref()?;
+        let cron = <croner::Cron as std::str::FromStr>::from_str(expr).ok()?;
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_millis();
+        let now = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(i64::try_from(ms).ok()?)?;
+        let next = cron.find_next_occurrence(&now, false).ok()?;
+        Some((next - now).to_std().unwrap_or_default())
+    }
+
     /// The policy of `resource`.
     pub fn policy(&self, resource: &str) -> Option<&Policy> {
         self.policies.iter().find(|p| p.resource == resource)
@@ -230,6 +243,9 @@ impl Setup {
     /// interval when it has one (an LDAP persist stream: none, it waits on the server),
     /// else `poll_interval_secs`.
     pub fn interval(&self, index: usize) -> std::time::Duration {
+        if let Some(wait) = self.until_cron(index) {
+            return wait;
+        }
         let default = self.loaded.config.poll_interval_secs;
         let secs = match &self.loaded.config.resources[index].source {
             SourceConfig::Ldap(l) => match (l.interval_secs, l.mode) {
