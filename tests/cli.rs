@@ -226,3 +226,33 @@ fn json_logs_carry_resource_and_key() {
     assert_eq!(failed[0]["fields"]["key"], "1");
     assert_eq!(failed[0]["level"], "WARN");
 }
+
+#[test]
+fn long_passes_show_a_progress_bar_only_on_a_terminal() {
+    let s = Sandbox::new();
+    s.config(
+        "resources:\n  - name: hr\n    source: { type: flatfile, path: feeds/hr.csv, key: id }\n",
+    );
+    let mut csv = String::from("id,cn\n");
+    for i in 0..2000 {
+        csv.push_str(&format!("{i},n{i}\n"));
+    }
+    s.feed("hr.csv", &csv);
+    // Not a terminal: no bar.
+    let plain = s.run_once(None, 0);
+    assert!(!plain.stderr.contains("events,"), "{}", plain.stderr);
+    // A terminal (util-linux `script` gives the command a pseudo-terminal): a bar.
+    s.feed("hr.csv", &csv.replace(",n", ",m"));
+    let bin = env!("CARGO_BIN_EXE_idsync");
+    let out = std::process::Command::new("script")
+        .args(["-qec", &format!("{bin} run --once"), "/dev/null"])
+        .current_dir(s.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("hr [") && text.contains("/2000 events"),
+        "{text}"
+    );
+}

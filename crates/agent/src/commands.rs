@@ -190,10 +190,19 @@ pub fn pass_resource(
         match adapter.next_batch(expected.as_ref(), repo.as_ref())? {
             Fetch::Idle => return Ok(total),
             Fetch::Batch(batch) => {
+                let bar = progress_bar(&policy.resource, batch.events.len());
                 let report = setup
                     .engine
-                    .apply_batch(policy, expected.as_ref(), &batch)
-                    .with_context(|| format!("resource {}", policy.resource))?;
+                    .apply_batch_with(policy, expected.as_ref(), &batch, &mut |_| {
+                        if let Some(b) = &bar {
+                            b.inc(1);
+                        }
+                    })
+                    .with_context(|| format!("resource {}", policy.resource));
+                if let Some(b) = bar {
+                    b.finish_and_clear();
+                }
+                let report = report?;
                 total
                     .get_or_insert_with(BatchReport::default)
                     .merge(&report);
@@ -203,6 +212,28 @@ pub fn pass_resource(
             }
         }
     }
+}
+
+/// Batches at least this large show a progress bar (when stderr is a terminal).
+const PROGRESS_MIN_EVENTS: usize = 500;
+
+/// A progress bar on stderr for a long batch, only when stderr is a terminal.
+fn progress_bar(resource: &str, events: usize) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if events < PROGRESS_MIN_EVENTS || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(events as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {pos}/{len} events, {per_sec}, {eta} left",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(resource.to_owned());
+    Some(bar)
 }
 
 /// `3 events: unmatched 2, linked 1; created 2, updated 1; failed 0, rejected 0`.

@@ -144,8 +144,19 @@ impl Engine {
         expected: Option<&Checkpoint>,
         batch: &ChangeBatch,
     ) -> Result<BatchReport, EngineError> {
+        self.apply_batch_with(policy, expected, batch, &mut |_| {})
+    }
+
+    /// [`Engine::apply_batch`], calling `each` with every decision as it is made (progress).
+    pub fn apply_batch_with(
+        &self,
+        policy: &Policy,
+        expected: Option<&Checkpoint>,
+        batch: &ChangeBatch,
+        each: &mut dyn FnMut(&Decision),
+    ) -> Result<BatchReport, EngineError> {
         self.repo.begin()?;
-        match self.apply_in_tx(policy, batch, &mut |_| {}) {
+        match self.apply_in_tx(policy, batch, each) {
             Ok(report) => {
                 self.repo
                     .commit_batch(&policy.resource, expected, batch.checkpoint.as_ref())?;
