@@ -97,7 +97,7 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
         return crate::service::serve(setup, args);
     }
     let mut adapters = adapters(&setup, &args.accept_deletes);
-    let mut code = pass(&setup, &args.resources, &mut adapters, None);
+    let mut code = pass(&setup, &args.resources, &mut adapters);
     if let Some(d) = &setup.dispatcher
         && let Err(e) = crate::outbox::dispatch_round(d)
     {
@@ -126,23 +126,13 @@ pub fn adapters(setup: &Setup, accept_deletes: &[String]) -> Vec<Box<dyn Adapter
         .collect()
 }
 
-/// One pass of every selected resource (of those `ready`, when given: a pass of the
-/// long-running loop, which stays quiet when nothing happened); prints a line per resource
-/// and a summary line.
-pub fn pass(
-    setup: &Setup,
-    only: &[String],
-    adapters: &mut [Box<dyn Adapter>],
-    ready: Option<&[bool]>,
-) -> ExitCode {
+/// One pass of every selected resource (`idsync run --once`); prints a line per resource
+/// and a summary line. The long-running agent uses [`pass_resource`] from its own loop.
+pub fn pass(setup: &Setup, only: &[String], adapters: &mut [Box<dyn Adapter>]) -> ExitCode {
     let mut total = BatchReport::default();
     let mut resource_errors = 0;
-    let mut batches = 0;
     for (i, r) in setup.loaded.config.resources.iter().enumerate() {
         if !only.is_empty() && !only.contains(&r.name) {
-            continue;
-        }
-        if ready.is_some_and(|ready| !ready[i]) {
             continue;
         }
         let Some(policy) = setup.policy(&r.name) else {
@@ -152,9 +142,7 @@ pub fn pass(
             Ok(Some(report)) => {
                 println!("{}: {}", r.name, describe(&report));
                 total.merge(&report);
-                batches += 1;
             }
-            Ok(None) if ready.is_some() => {}
             Ok(None) => println!("{}: no changes", r.name),
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -163,9 +151,7 @@ pub fn pass(
             }
         }
     }
-    if ready.is_none() || batches > 0 || resource_errors > 0 {
-        println!("summary: {}", describe(&total));
-    }
+    println!("summary: {}", describe(&total));
     if resource_errors > 0 {
         ExitCode::from(EXIT_RESOURCE)
     } else if total.failed > 0 || total.rejected > 0 {
