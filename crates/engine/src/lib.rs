@@ -4,9 +4,18 @@
 //! Key design choice: one repository transaction per batch holds every effect (identity
 //! changes and links), one decision record per event, the failed-event rows, the shadows
 //! (the accounts as last seen) and the resource's new checkpoint, written compare-and-swap
-//! from the checkpoint the batch was read after. Each event runs in a savepoint, so a rule
-//! error undoes only that event, which becomes a failed-event row; a crash loses the batch
-//! as a whole and the adapter reads it again.
+//! from the checkpoint the batch was read after. A failed event leaves no effect behind: it
+//! becomes a failed-event row and the batch goes on; a crash loses the batch as a whole and
+//! the adapter reads it again.
+//!
+//! How a failed event is undone: SQLite savepoints copy every page an event touches, which
+//! is a large part of an event's cost, and most failures (a rule error, an unresolved
+//! situation, a name taken) happen before the event writes anything. So a batch first
+//! runs *optimistically*, without savepoints, and checks SQLite's change counter around
+//! each event; if an event fails after writing (a process or resolve rule that wrote
+//! through `ctx`, then failed; a notification that failed after the checkin), the batch
+//! transaction is rolled back and the batch run again with a savepoint around every
+//! event. Policies with a process rule (it writes on every event) start with savepoints.
 
 mod host;
 mod notifier;
@@ -155,8 +164,7 @@ impl Engine {
         batch: &ChangeBatch,
         each: &mut dyn FnMut(&Decision),
     ) -> Result<BatchReport, EngineError> {
-        self.repo.begin()?;
-        match self.apply_in_tx(policy, batch, each) {
+        match self.run_batch(policy, batch, each) {
             Ok(report) => {
                 self.repo
                     .commit_batch(&policy.resource, expected, batch.checkpoint.as_ref())?;
@@ -180,24 +188,69 @@ impl Engine {
         batch: &ChangeBatch,
         each: &mut dyn FnMut(&Decision),
     ) -> Result<BatchReport, EngineError> {
-        self.repo.begin()?;
-        let result = self.apply_in_tx(policy, batch, each);
+        let result = self.run_batch(policy, batch, each);
         self.repo.rollback()?;
         result
     }
 
-    fn apply_in_tx(
+    /// Opens the batch transaction and decides every event in it, optimistically first
+    /// (see the crate documentation), again with savepoints if an event failed after
+    /// writing. Leaves the transaction open on success, for the caller to commit or roll
+    /// back.
+    fn run_batch(
         &self,
         policy: &Policy,
         batch: &ChangeBatch,
         each: &mut dyn FnMut(&Decision),
     ) -> Result<BatchReport, EngineError> {
+        let mut progress = Progress {
+            each,
+            reported: 0,
+            redo: false,
+        };
+        let guard = if policy.process.is_some() {
+            Guard::Savepoints
+        } else {
+            Guard::Optimistic
+        };
+        self.repo.begin()?;
+        match self.apply_in_tx(policy, batch, guard, &mut progress)? {
+            Some(report) => Ok(report),
+            None => {
+                tracing::debug!(resource = %policy.resource, "an event failed after writing: deciding the batch again with a savepoint per event");
+                self.repo.rollback()?;
+                self.repo.begin()?;
+                progress.redo = true;
+                self.apply_in_tx(policy, batch, Guard::Savepoints, &mut progress)?
+                    .ok_or_else(|| {
+                        EngineError::Repo(RepoError::Corrupt {
+                            what: format!("batch of resource {}", policy.resource),
+                            message: "an event kept effects although it ran in a savepoint"
+                                .to_owned(),
+                        })
+                    })
+            }
+        }
+    }
+
+    /// Decides the events of `batch` in the open transaction. `None`: running
+    /// [`Guard::Optimistic`], an event failed after writing; the caller rolls back and
+    /// runs the batch again with savepoints.
+    fn apply_in_tx(
+        &self,
+        policy: &Policy,
+        batch: &ChangeBatch,
+        guard: Guard,
+        progress: &mut Progress<'_>,
+    ) -> Result<Option<BatchReport>, EngineError> {
         let mut report = BatchReport {
             resource: policy.resource.clone(),
             ..BatchReport::default()
         };
         for reject in &batch.rejects {
-            tracing::warn!(resource = %policy.resource, origin = %reject.origin, "rejected input: {}", reject.reason);
+            if !progress.redo {
+                tracing::warn!(resource = %policy.resource, origin = %reject.origin, "rejected input: {}", reject.reason);
+            }
             if policy.on_error == OnError::Halt {
                 return Err(EngineError::Halted {
                     resource: policy.resource.clone(),
@@ -215,11 +268,27 @@ impl Engine {
             })?;
             report.rejected += 1;
         }
-        for event in &batch.events {
-            let d = self.decide_in_savepoint(policy, event)?;
+        // Superseding old failed events costs a statement per event: skip it while the
+        // resource has none.
+        let mut failures_pending = self.repo.has_failures(&policy.resource)?;
+        for (index, event) in batch.events.iter().enumerate() {
+            let d = match guard {
+                Guard::Savepoints => self.decide_event(policy, event, true)?,
+                Guard::Optimistic => {
+                    let writes = self.repo.write_count()?;
+                    let d = self.decide_event(policy, event, false)?;
+                    if d.error.is_some() && self.repo.write_count()? != writes {
+                        return Ok(None);
+                    }
+                    d
+                }
+            };
+            let fresh = index >= progress.reported;
             let id = self.repo.record_decision(&d)?;
             if let Some(error) = &d.error {
-                tracing::warn!(resource = %event.resource, key = %event.key, "event failed: {error}");
+                if fresh {
+                    tracing::warn!(resource = %event.resource, key = %event.key, "event failed: {error}");
+                }
                 if policy.on_error == OnError::Halt {
                     return Err(EngineError::Halted {
                         resource: policy.resource.clone(),
@@ -235,7 +304,8 @@ impl Engine {
                     event: Some(event),
                     decision_id: Some(id),
                 })?;
-            } else {
+                failures_pending = true;
+            } else if failures_pending {
                 // A newer change of this account succeeded: older failed events of it
                 // would apply stale data if re-run.
                 self.repo.supersede_failures(&event.resource, &event.key)?;
@@ -247,21 +317,28 @@ impl Engine {
                     .put_shadow(&event.resource, &event.key, &event.attrs)?;
             }
             report.count(&d);
-            each(&d);
+            if fresh {
+                (progress.each)(&d);
+                progress.reported = index + 1;
+            }
         }
-        Ok(report)
+        Ok(Some(report))
     }
 
-    /// Decides one event inside a savepoint: its effects stay only if it succeeds.
-    /// Repository failures other than refusals (IO, SQL) abort the batch.
-    fn decide_in_savepoint(
+    /// Decides one event; with `savepoint`, inside a savepoint so that its effects stay
+    /// only if it succeeds. Repository failures other than refusals (IO, SQL) abort the
+    /// batch.
+    fn decide_event(
         &self,
         policy: &Policy,
         event: &ChangeEvent,
+        savepoint: bool,
     ) -> Result<Decision, EngineError> {
         let _span =
             tracing::info_span!("event", resource = %event.resource, key = %event.key).entered();
-        self.repo.savepoint()?;
+        if savepoint {
+            self.repo.savepoint()?;
+        }
         let mut d = blank_decision(event);
         let mut decider = Decider::new(&self.rules, &self.repo, policy, event);
         decider.host.capture.set(self.notifier.is_some());
@@ -270,14 +347,20 @@ impl Engine {
             .and_then(|()| self.notify(&decider.host.pre_images.borrow(), &mut d));
         match outcome {
             Ok(()) => {
-                self.repo.release()?;
+                if savepoint {
+                    self.repo.release()?;
+                }
             }
             Err(EventError::Repo(e)) if is_infrastructure(&e) => {
-                self.repo.rollback_savepoint()?;
+                if savepoint {
+                    self.repo.rollback_savepoint()?;
+                }
                 return Err(EngineError::Repo(e));
             }
             Err(e) => {
-                self.repo.rollback_savepoint()?;
+                if savepoint {
+                    self.repo.rollback_savepoint()?;
+                }
                 d.action = Action::Failed;
                 d.error = Some(e.to_string());
                 d.changes.clear();
@@ -338,7 +421,7 @@ impl Engine {
         };
         self.repo.begin()?;
         let result = (|| {
-            let d = self.decide_in_savepoint(policy, event)?;
+            let d = self.decide_event(policy, event, true)?;
             self.repo.record_decision(&d)?;
             match &d.error {
                 None => {
@@ -361,6 +444,23 @@ impl Engine {
             }
         }
     }
+}
+
+/// How a batch undoes the effects of a failed event (see the crate documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Guard {
+    /// No savepoints; an event that fails after writing sends the batch back.
+    Optimistic,
+    /// A savepoint around every event.
+    Savepoints,
+}
+
+/// The progress callback of a batch and how many decisions it has seen, so a batch run
+/// again with savepoints does not report (or log) the same event twice.
+struct Progress<'a> {
+    each: &'a mut dyn FnMut(&Decision),
+    reported: usize,
+    redo: bool,
 }
 
 /// Repository errors that are not about this event (IO, locking, damaged data): they

@@ -707,3 +707,84 @@ fn notifier_sees_before_and_after_and_its_messages_commit_with_the_event() {
     assert!(w.engine.repo().identity("boom").unwrap().is_none());
     assert_eq!(w.engine.repo().failures(None).unwrap().len(), 1);
 }
+
+#[test]
+fn an_event_failing_after_writing_sends_the_batch_back_with_savepoints() {
+    let w = people();
+    // No process rule: the batch starts without savepoints. The resolve rule writes
+    // (create and link) and then fails for E2, so the batch is decided again with a
+    // savepoint per event; E2's writes must be gone, and every event reported once.
+    let p = w.policy(&[
+        (
+            "resolve",
+            "ctx.create(key, #{ empno: key }); ctx.link(key); if key == \"E2\" { throw \"boom\" }",
+        ),
+        ("correlation", CORR_EMPNO),
+        ("create_unmatched", "false"),
+    ]);
+    let expected = w.engine.repo().checkpoint("hr").unwrap();
+    let batch = ChangeBatch {
+        events: ["E1", "E2", "E3"]
+            .iter()
+            .map(|k| ev(Op::Create, k, &[("empno", k)]))
+            .collect(),
+        checkpoint: Some(Checkpoint("cp1".into())),
+        ..ChangeBatch::default()
+    };
+    let mut seen = Vec::new();
+    let report = w
+        .engine
+        .apply_batch_with(&p, expected.as_ref(), &batch, &mut |d| {
+            seen.push((d.key.clone(), d.action))
+        })
+        .unwrap();
+    assert_eq!(report.failed, 1);
+    assert_eq!(
+        seen,
+        [
+            ("E1".to_owned(), Action::Resolved),
+            ("E2".to_owned(), Action::Failed),
+            ("E3".to_owned(), Action::Resolved),
+        ]
+    );
+    let names = w.engine.repo().identity_names().unwrap();
+    assert!(names.contains(&"E1".to_owned()) && names.contains(&"E3".to_owned()));
+    assert!(!names.contains(&"E2".to_owned()), "E2's create was undone");
+    assert_eq!(w.owner("E2"), None, "E2's link was undone");
+    assert_eq!(w.owner("E3").as_deref(), Some("E3"));
+    // One decision per event, not one per attempt.
+    let decisions = w
+        .engine
+        .repo()
+        .decisions(&DecisionFilter::default())
+        .unwrap();
+    assert_eq!(decisions.len(), 3);
+    assert_eq!(w.engine.repo().failures(None).unwrap().len(), 1);
+}
+
+#[test]
+fn an_event_failing_before_writing_needs_no_second_pass() {
+    let w = people();
+    // The mapping fails for E2 before anything is written; E1 and E3 are created.
+    let p = w.policy(&[
+        ("create_unmatched", "true"),
+        (
+            "expr:mail",
+            "if key == \"E2\" { throw \"bad mail\" } else { key + \"@x\" }",
+        ),
+    ]);
+    let report = w
+        .apply(
+            &p,
+            vec![
+                ev(Op::Create, "E1", &[]),
+                ev(Op::Create, "E2", &[]),
+                ev(Op::Create, "E3", &[]),
+            ],
+        )
+        .unwrap();
+    assert_eq!(report.failed, 1);
+    assert_eq!(w.attr("E3", "mail").as_deref(), Some("E3@x"));
+    assert!(w.engine.repo().identity("E2").unwrap().is_none());
+    assert_eq!(w.owner("E2"), None);
+}

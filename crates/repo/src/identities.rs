@@ -61,8 +61,19 @@ impl Repo {
             args.push(attr.to_lowercase());
             args.push(text.clone());
         }
-        let sql = find_sql(conds.0.len());
         let conn = self.lock()?;
+        for folded in args.iter().step_by(2) {
+            if is_indexed(&conn, folded)? {
+                continue;
+            }
+            if conn.is_autocommit() {
+                // No transaction to build the index in (a read-only command): answer
+                // by scanning, correct if slower.
+                return scan_find(&conn, &args);
+            }
+            build_index(&conn, folded)?;
+        }
+        let sql = find_sql(conds.0.len());
         let names = conn
             .prepare_cached(&sql)
             .and_then(|mut st| {
@@ -73,7 +84,6 @@ impl Repo {
         Ok(names)
     }
 
-    /// Every identity name, sorted.
     pub fn identity_names(&self) -> Result<Vec<String>, RepoError> {
         let conn = self.lock()?;
         conn.prepare_cached("SELECT name FROM identities ORDER BY name")
@@ -130,7 +140,8 @@ impl Repo {
                     name: name.to_owned(),
                 });
             }
-            index_values(c, c.last_insert_rowid(), name, attrs)
+            let indexed = indexed_attrs(c)?;
+            index_values(c, c.last_insert_rowid(), name, attrs, &indexed)
         })?;
         Ok(Identity {
             name: name.to_owned(),
@@ -188,10 +199,12 @@ impl Repo {
             // The JSON of an AttrMap is canonical (sorted by folded name), so equal text
             // means the indexed values are already right.
             if old_json != json {
-                c.prepare_cached("DELETE FROM identity_values WHERE identity_id = ?1")
-                    .and_then(|mut st| st.execute([id]))
-                    .with_ctx(|| format!("re-indexing identity {name}"))?;
-                index_values(c, id, name, attrs)?;
+                let indexed = indexed_attrs(c)?;
+                if !indexed.is_empty() {
+                    let old: AttrMap =
+                        from_json(&old_json, || format!("attributes of identity {name}"))?;
+                    reindex_values(c, id, name, &old, attrs, &indexed)?;
+                }
             }
             Ok(new_version)
         })
@@ -201,15 +214,31 @@ impl Repo {
     /// The shadows of its accounts stay: they describe the resources, not the identity.
     pub fn delete_identity(&self, name: &str) -> Result<bool, RepoError> {
         let conn = self.lock()?;
-        let n = conn
-            .prepare_cached("DELETE FROM identities WHERE name = ?1")
-            .and_then(|mut st| st.execute([name]))
-            .with_ctx(|| format!("deleting identity {name}"))?;
-        Ok(n > 0)
+        atomic(&conn, |c| {
+            let row = c
+                .prepare_cached("SELECT id, attrs FROM identities WHERE name = ?1")
+                .and_then(|mut st| {
+                    st.query_row([name], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                    })
+                    .optional()
+                })
+                .with_ctx(|| format!("reading identity {name}"))?;
+            let Some((id, json)) = row else {
+                return Ok(false);
+            };
+            let indexed = indexed_attrs(c)?;
+            if !indexed.is_empty() {
+                let old: AttrMap = from_json(&json, || format!("attributes of identity {name}"))?;
+                reindex_values(c, id, name, &old, &AttrMap::new(), &indexed)?;
+            }
+            c.prepare_cached("DELETE FROM identities WHERE id = ?1")
+                .and_then(|mut st| st.execute([id]))
+                .with_ctx(|| format!("deleting identity {name}"))?;
+            Ok(true)
+        })
     }
 
-    /// Links account `key` of `resource` to identity `name`. Linking it again to the same
-    /// identity is fine; linked to another one it is [`RepoError::AlreadyLinked`].
     pub fn link(&self, name: &str, resource: &str, key: &str) -> Result<(), RepoError> {
         let conn = self.lock()?;
         let id = identity_id(&conn, name)?.ok_or_else(|| RepoError::NoSuchIdentity {
@@ -285,25 +314,154 @@ fn owner_of(conn: &Connection, resource: &str, key: &str) -> Result<Option<Strin
 }
 
 /// Indexes the text values of `attrs` for identity `id`.
-fn index_values(conn: &Connection, id: i64, name: &str, attrs: &AttrMap) -> Result<(), RepoError> {
+/// The attributes (lowercased) whose values `identity_values` holds.
+fn indexed_attrs(conn: &Connection) -> Result<Vec<String>, RepoError> {
+    conn.prepare_cached("SELECT attr FROM indexed_attributes")
+        .and_then(|mut st| {
+            st.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .ctx("reading the indexed attributes")
+}
+
+fn is_indexed(conn: &Connection, folded: &str) -> Result<bool, RepoError> {
+    conn.prepare_cached("SELECT 1 FROM indexed_attributes WHERE attr = ?1")
+        .and_then(|mut st| st.exists([folded]))
+        .with_ctx(|| format!("reading whether attribute {folded} is indexed"))
+}
+
+/// Indexes attribute `folded` of every identity and lists it as indexed, inside the
+/// caller's transaction (undone with it). One scan of the identities, once per attribute.
+fn build_index(conn: &Connection, folded: &str) -> Result<(), RepoError> {
+    tracing::info!(
+        attribute = folded,
+        "indexing identity attribute for correlation queries"
+    );
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO identity_values (attr, value, identity_id) VALUES (?1, ?2, ?3)",
+        )
+        .ctx("indexing identity attributes")?;
+    let mut scan = conn
+        .prepare("SELECT id, name, attrs FROM identities")
+        .ctx("reading identities to index")?;
+    let mut rows = scan.query([]).ctx("reading identities to index")?;
+    while let Some(r) = rows.next().ctx("reading identities to index")? {
+        let id: i64 = r.get(0).ctx("reading identities to index")?;
+        let name: String = r.get(1).ctx("reading identities to index")?;
+        let json: String = r.get(2).ctx("reading identities to index")?;
+        let attrs: AttrMap = from_json(&json, || format!("attributes of identity {name}"))?;
+        for value in attrs.get(folded).unwrap_or_default() {
+            if let Value::Text(text) = value {
+                insert
+                    .execute(params![folded, text, id])
+                    .with_ctx(|| format!("indexing attribute {folded} of identity {name}"))?;
+            }
+        }
+    }
+    conn.prepare_cached("INSERT INTO indexed_attributes (attr, built_at) VALUES (?1, ?2)")
+        .and_then(|mut st| st.execute(params![folded, now()]))
+        .with_ctx(|| format!("listing attribute {folded} as indexed"))?;
+    Ok(())
+}
+
+/// [`Repo::find`] without the index: every identity whose attributes hold each
+/// (attribute, value) pair of `args` (flattened, attribute names lowercased), by name.
+fn scan_find(conn: &Connection, args: &[String]) -> Result<Vec<String>, RepoError> {
+    let mut scan = conn
+        .prepare_cached("SELECT name, attrs FROM identities ORDER BY name")
+        .ctx("searching identities")?;
+    let mut rows = scan.query([]).ctx("searching identities")?;
+    let mut names = Vec::new();
+    while let Some(r) = rows.next().ctx("searching identities")? {
+        let name: String = r.get(0).ctx("searching identities")?;
+        let json: String = r.get(1).ctx("searching identities")?;
+        let attrs: AttrMap = from_json(&json, || format!("attributes of identity {name}"))?;
+        let all = args.chunks(2).all(|pair| {
+            attrs
+                .get(&pair[0])
+                .is_some_and(|vs| vs.iter().any(|v| v.as_text() == Some(pair[1].as_str())))
+        });
+        if all {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
+/// Inserts the index rows of a new identity, for the `indexed` attributes only.
+fn index_values(
+    conn: &Connection,
+    id: i64,
+    name: &str,
+    attrs: &AttrMap,
+    indexed: &[String],
+) -> Result<(), RepoError> {
+    if indexed.is_empty() {
+        return Ok(());
+    }
     let mut st = conn
         .prepare_cached(
             "INSERT OR IGNORE INTO identity_values (attr, value, identity_id) VALUES (?1, ?2, ?3)",
         )
         .ctx("indexing identity attributes")?;
-    for attr in attrs.iter() {
-        let folded = attr.name.to_lowercase();
-        for value in &attr.values {
+    for folded in indexed {
+        for value in attrs.get(folded).unwrap_or_default() {
             if let Value::Text(text) = value {
                 st.execute(params![folded, text, id])
-                    .with_ctx(|| format!("indexing attribute {} of identity {name}", attr.name))?;
+                    .with_ctx(|| format!("indexing attribute {folded} of identity {name}"))?;
             }
         }
     }
     Ok(())
 }
 
-/// The linked accounts of identity `id`, sorted by resource and key.
+/// Brings the index rows of identity `id` from `old` to `new` attributes: deletes the
+/// values that went, inserts the ones that came, for the `indexed` attributes only.
+fn reindex_values(
+    conn: &Connection,
+    id: i64,
+    name: &str,
+    old: &AttrMap,
+    new: &AttrMap,
+    indexed: &[String],
+) -> Result<(), RepoError> {
+    let texts = |m: &'_ AttrMap, a: &str| -> Vec<String> {
+        m.get(a)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|v| v.as_text().map(str::to_owned))
+            .collect()
+    };
+    for folded in indexed {
+        let (before, after) = (texts(old, folded), texts(new, folded));
+        if before == after {
+            continue;
+        }
+        let mut delete = conn
+            .prepare_cached(
+                "DELETE FROM identity_values WHERE attr = ?1 AND value = ?2 AND identity_id = ?3",
+            )
+            .ctx("re-indexing identity attributes")?;
+        for gone in before.iter().filter(|v| !after.contains(v)) {
+            delete
+                .execute(params![folded, gone, id])
+                .with_ctx(|| format!("re-indexing attribute {folded} of identity {name}"))?;
+        }
+        let mut insert = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO identity_values (attr, value, identity_id) VALUES (?1, ?2, ?3)",
+            )
+            .ctx("re-indexing identity attributes")?;
+        for came in after.iter().filter(|v| !before.contains(v)) {
+            insert
+                .execute(params![folded, came, id])
+                .with_ctx(|| format!("re-indexing attribute {folded} of identity {name}"))?;
+        }
+    }
+    Ok(())
+}
+
 fn accounts(conn: &Connection, id: i64, name: &str) -> Result<Vec<LinkedAccount>, RepoError> {
     let rows = conn
         .prepare_cached(

@@ -19,11 +19,16 @@
 //! (and would join) that batch: everything that writes must go through `begin`/`commit`.
 //!
 //! Other choices:
-//! - Identity attributes are stored as the JSON of an [`AttrMap`](idsync_core::AttrMap); their text values are
-//!   also kept in `identity_values(attr lowercased, value)`, whose primary key is the index
-//!   that answers correlation queries ([`Repo::find`]) without scanning identities.
+//! - Identity attributes are stored as the JSON of an [`AttrMap`](idsync_core::AttrMap). The
+//!   text values of the attributes correlation queries use are also kept in
+//!   `identity_values(attr lowercased, value, identity_id)`, whose primary key answers
+//!   [`Repo::find`] without scanning identities. An attribute is indexed the first time a
+//!   query inside a transaction asks for it (listed in `indexed_attributes` from then on),
+//!   so identities with fifty attributes cost index writes only for the two or three that
+//!   correlation uses.
 //! - Shadows (the last seen attributes of each account) store the JSON and
-//!   [`content_hash`](idsync_core::AttrMap::content_hash), so diffing adapters can compare a million rows by hash.
+//!   [`content_hash`](idsync_core::AttrMap::content_hash); a covering index on
+//!   (resource, key, hash) lets diffing adapters read a million hashes without the JSON.
 //! - Notification messages wait in the `outbox` table (module `outbox`): inserted in the
 //!   batch transaction, claimed with a lease, marked sent in the transaction that records
 //!   delivery.
@@ -146,6 +151,18 @@ impl Repo {
         // pages and re-reads index pages through the OS for every event.
         conn.pragma_update(None, "cache_size", -65536)
             .ctx("setting the page cache size")?;
+        // Savepoints copy every page an event touches to a statement journal; keep it in
+        // memory rather than in a temporary file (one pwrite per page otherwise).
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .ctx("setting temp_store=MEMORY")?;
+        // Stable query plans: without this, SQLite re-prepares a statement whenever a new
+        // value is bound to a parameter its plan looked at (the owner lookup did so on
+        // every event). The schema's indexes leave one sensible plan per statement.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+            true,
+        )
+        .ctx("enabling the query planner stability guarantee")?;
         schema::migrate(&mut conn)?;
         conn.set_prepared_statement_cache_capacity(64);
         Ok(Repo {
@@ -275,6 +292,13 @@ impl Repo {
         self.end_tx(conn, result)
     }
 
+    /// How many rows this connection has inserted, updated or deleted since it was opened
+    /// (SQLite's `total_changes`). The engine compares it around an event to know whether
+    /// a failed event left writes behind.
+    pub fn write_count(&self) -> Result<u64, RepoError> {
+        Ok(self.lock()?.total_changes())
+    }
+
     /// Whether a transaction is open on this `Repo`.
     pub fn in_transaction(&self) -> Result<bool, RepoError> {
         Ok(!self.lock()?.is_autocommit())
@@ -313,12 +337,19 @@ fn require_tx(conn: &Connection, op: &'static str) -> Result<(), RepoError> {
     }
 }
 
-/// Runs `f` atomically: inside its own savepoint, undone if `f` fails. Used by writes made
-/// of several statements, so each is all-or-nothing inside or outside a batch.
+/// Runs `f` atomically. Outside a transaction it runs in its own savepoint (which then
+/// acts as a transaction), undone if `f` fails. Inside a transaction the caller owns
+/// atomicity: the engine brackets each event in a savepoint or redoes the batch with
+/// savepoints when an event fails after writing (see `idsync_engine`), and other callers
+/// roll the transaction back on error. Skipping the nested savepoint there spares SQLite
+/// from journaling every page the write touches a second time.
 fn atomic<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<T, RepoError>,
 ) -> Result<T, RepoError> {
+    if !conn.is_autocommit() {
+        return f(conn);
+    }
     exec(conn, "SAVEPOINT idsync_op", "starting a savepoint")?;
     match f(conn) {
         Ok(v) => {

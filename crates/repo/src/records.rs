@@ -207,6 +207,14 @@ impl Repo {
         Ok(conn.last_insert_rowid())
     }
 
+    /// Whether `resource` has failed events waiting.
+    pub fn has_failures(&self, resource: &str) -> Result<bool, RepoError> {
+        let conn = self.lock()?;
+        conn.prepare_cached("SELECT 1 FROM failed_events WHERE resource = ?1 LIMIT 1")
+            .and_then(|mut st| st.exists([resource]))
+            .with_ctx(|| format!("reading failed events of resource {resource}"))
+    }
+
     /// Deletes the failed events of account `key` of `resource`: a newer event for it
     /// succeeded, so re-running the old ones would apply stale data. Returns how many.
     pub fn supersede_failures(&self, resource: &str, key: &str) -> Result<u64, RepoError> {

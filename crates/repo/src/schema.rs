@@ -109,6 +109,29 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX outbox_due ON outbox(status, next_attempt_at);
     CREATE INDEX outbox_identity ON outbox(identity, status);
     "#,
+    // 3: fewer index writes per event. identity_values holds only the attributes that
+    // correlation queries have asked for (listed in indexed_attributes, built on first
+    // use inside a transaction), without the per-identity secondary index or the foreign
+    // key: deletes and re-indexing remove exactly the rows they know from the attributes.
+    // Decisions keep the indexes `explain` and `status` use; failed ones get a partial
+    // index. A covering index lets a diffing adapter read key -> hash without the JSON.
+    r#"
+    DROP TABLE identity_values;
+    CREATE TABLE identity_values (
+        attr         TEXT NOT NULL,
+        value        TEXT NOT NULL,
+        identity_id  INTEGER NOT NULL,
+        PRIMARY KEY (attr, value, identity_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE indexed_attributes (
+        attr      TEXT PRIMARY KEY,
+        built_at  TEXT NOT NULL
+    ) WITHOUT ROWID;
+    DROP INDEX decisions_situation;
+    DROP INDEX decisions_action;
+    CREATE INDEX decisions_failed ON decisions(resource) WHERE action = 'failed';
+    CREATE INDEX shadows_hash ON shadows(resource, key, hash);
+    "#,
 ];
 
 /// The schema version this build writes.

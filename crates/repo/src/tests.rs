@@ -774,3 +774,89 @@ fn a_reader_opens_while_a_batch_transaction_is_open() {
     writer.commit().unwrap();
     assert!(reader.identity("ann").unwrap().is_some());
 }
+
+/// Index rows of `attr` as (value, identity name), sorted.
+fn index_rows(repo: &Repo, attr: &str) -> Vec<(String, String)> {
+    let conn = repo.lock().unwrap();
+    let mut st = conn
+        .prepare(
+            "SELECT v.value, i.name FROM identity_values v JOIN identities i ON i.id = v.identity_id \
+             WHERE v.attr = ?1 ORDER BY 1, 2",
+        )
+        .unwrap();
+    st.query_map([attr], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect()
+}
+
+#[test]
+fn attributes_are_indexed_on_first_query_in_a_transaction_and_kept_current() {
+    let repo = people();
+    // Nothing is indexed before a query asks; outside a transaction find scans.
+    assert!(index_rows(&repo, "sn").is_empty());
+    assert_eq!(repo.find(&conds(&[("SN", "Lee")])).unwrap(), ["ann", "bob"]);
+    assert!(index_rows(&repo, "sn").is_empty());
+
+    // A query inside a transaction builds the index; a rolled back batch undoes it.
+    repo.begin().unwrap();
+    assert_eq!(repo.find(&conds(&[("sn", "Lee")])).unwrap(), ["ann", "bob"]);
+    repo.rollback().unwrap();
+    assert!(index_rows(&repo, "sn").is_empty());
+
+    repo.begin().unwrap();
+    assert_eq!(repo.find(&conds(&[("sn", "Lee")])).unwrap(), ["ann", "bob"]);
+    assert_eq!(
+        repo.find(&conds(&[("mail", "a.lee@x.org")])).unwrap(),
+        ["ann"]
+    );
+    repo.commit().unwrap();
+    assert_eq!(
+        index_rows(&repo, "sn"),
+        pairs(&[("Lee", "ann"), ("Lee", "bob"), ("Roe", "cat")])
+    );
+    // Only the queried attributes are indexed.
+    assert!(index_rows(&repo, "dept").is_empty());
+
+    // Creation, checkin and deletion keep the rows of indexed attributes current.
+    repo.create_identity("dan", &attrs(&[("sn", "Roe"), ("dept", "IT")]))
+        .unwrap();
+    let bob = repo.identity("bob").unwrap().unwrap();
+    let mut changed = bob.attrs.clone();
+    changed.set("sn", vec!["Ray".into(), "Lee".into()]);
+    repo.checkin("bob", bob.version, &changed, false).unwrap();
+    repo.delete_identity("cat").unwrap();
+    assert_eq!(
+        index_rows(&repo, "sn"),
+        pairs(&[
+            ("Lee", "ann"),
+            ("Lee", "bob"),
+            ("Ray", "bob"),
+            ("Roe", "dan")
+        ])
+    );
+    assert!(index_rows(&repo, "dept").is_empty());
+    assert_eq!(
+        index_rows(&repo, "mail"),
+        pairs(&[("a.lee@x.org", "ann"), ("ann@x.org", "ann")])
+    );
+
+    // The indexed answer and the scanning answer agree.
+    for q in [
+        &[("sn", "Roe")][..],
+        &[("sn", "Ray")],
+        &[("sn", "Lee"), ("dept", "IT")],
+    ] {
+        let scanned = repo.find(&conds(q)).unwrap();
+        repo.begin().unwrap();
+        let indexed = repo.find(&conds(q)).unwrap();
+        repo.commit().unwrap();
+        assert_eq!(indexed, scanned, "query {q:?}");
+    }
+}
