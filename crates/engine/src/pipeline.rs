@@ -440,9 +440,11 @@ impl<'a> Decider<'a> {
         };
         let attrs = self.map_attrs(&AttrMap::new(), None)?;
         self.host.pre_image(&name)?;
-        self.repo.create_identity(&name, &attrs)?;
-        self.repo
-            .link(&name, &self.event.resource, &self.event.key)?;
+        self.repo.create_identity_with_account(
+            &name,
+            &attrs,
+            Some((&self.event.resource, &self.event.key)),
+        )?;
         d.changes = AttrMap::new().diff(&attrs);
         d.identity = Some(name);
         d.action = Action::Created;

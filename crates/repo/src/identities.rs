@@ -63,7 +63,7 @@ impl Repo {
         }
         let conn = self.lock()?;
         for folded in args.iter().step_by(2) {
-            if is_indexed(&conn, folded)? {
+            if self.indexed(&conn)?.iter().any(|a| a == folded) {
                 continue;
             }
             if conn.is_autocommit() {
@@ -72,6 +72,7 @@ impl Repo {
                 return scan_find(&conn, &args);
             }
             build_index(&conn, folded)?;
+            self.forget_indexed();
         }
         let sql = find_sql(conds.0.len());
         let names = conn
@@ -122,12 +123,23 @@ impl Repo {
 
     /// Creates identity `name` at version 1, not disabled, without accounts.
     pub fn create_identity(&self, name: &str, attrs: &AttrMap) -> Result<Identity, RepoError> {
+        self.create_identity_with_account(name, attrs, None)
+    }
+
+    /// Creates identity `name` like [`Repo::create_identity`] and, with `account` =
+    /// (resource, key), links that account to it, all or nothing.
+    pub fn create_identity_with_account(
+        &self,
+        name: &str,
+        attrs: &AttrMap,
+        account: Option<(&str, &str)>,
+    ) -> Result<Identity, RepoError> {
         if name.is_empty() {
             return Err(RepoError::EmptyName);
         }
         let json = to_json(attrs, || format!("attributes of identity {name}"))?;
         let conn = self.lock()?;
-        atomic(&conn, |c| {
+        atomic(self, &conn, |c| {
             let inserted = c
                 .prepare_cached(
                     "INSERT INTO identities (name, version, disabled, attrs, created_at, updated_at) \
@@ -140,15 +152,27 @@ impl Repo {
                     name: name.to_owned(),
                 });
             }
-            let indexed = indexed_attrs(c)?;
-            index_values(c, c.last_insert_rowid(), name, attrs, &indexed)
+            let id = c.last_insert_rowid();
+            let indexed = self.indexed(c)?;
+            index_values(c, id, name, attrs, &indexed)?;
+            if let Some((resource, key)) = account {
+                link_id(c, id, name, resource, key)?;
+            }
+            Ok(())
         })?;
         Ok(Identity {
             name: name.to_owned(),
             version: 1,
             disabled: false,
             attrs: attrs.clone(),
-            accounts: Vec::new(),
+            accounts: account
+                .map(|(resource, key)| LinkedAccount {
+                    resource: resource.to_owned(),
+                    key: key.to_owned(),
+                    attrs: AttrMap::new(),
+                })
+                .into_iter()
+                .collect(),
         })
     }
 
@@ -163,7 +187,7 @@ impl Repo {
     ) -> Result<i64, RepoError> {
         let json = to_json(attrs, || format!("attributes of identity {name}"))?;
         let conn = self.lock()?;
-        atomic(&conn, |c| {
+        atomic(self, &conn, |c| {
             let row = c
                 .prepare_cached("SELECT id, version, attrs FROM identities WHERE name = ?1")
                 .and_then(|mut st| {
@@ -199,7 +223,7 @@ impl Repo {
             // The JSON of an AttrMap is canonical (sorted by folded name), so equal text
             // means the indexed values are already right.
             if old_json != json {
-                let indexed = indexed_attrs(c)?;
+                let indexed = self.indexed(c)?;
                 if !indexed.is_empty() {
                     let old: AttrMap =
                         from_json(&old_json, || format!("attributes of identity {name}"))?;
@@ -214,7 +238,7 @@ impl Repo {
     /// The shadows of its accounts stay: they describe the resources, not the identity.
     pub fn delete_identity(&self, name: &str) -> Result<bool, RepoError> {
         let conn = self.lock()?;
-        atomic(&conn, |c| {
+        atomic(self, &conn, |c| {
             let row = c
                 .prepare_cached("SELECT id, attrs FROM identities WHERE name = ?1")
                 .and_then(|mut st| {
@@ -227,7 +251,7 @@ impl Repo {
             let Some((id, json)) = row else {
                 return Ok(false);
             };
-            let indexed = indexed_attrs(c)?;
+            let indexed = self.indexed(c)?;
             if !indexed.is_empty() {
                 let old: AttrMap = from_json(&json, || format!("attributes of identity {name}"))?;
                 reindex_values(c, id, name, &old, &AttrMap::new(), &indexed)?;
@@ -244,29 +268,7 @@ impl Repo {
         let id = identity_id(&conn, name)?.ok_or_else(|| RepoError::NoSuchIdentity {
             name: name.to_owned(),
         })?;
-        let inserted = conn
-            .prepare_cached(
-                "INSERT INTO links (resource, key, identity_id, linked_at) VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT (resource, key) DO NOTHING",
-            )
-            .and_then(|mut st| st.execute(params![resource, key, id, now()]))
-            .with_ctx(|| format!("linking account {resource}/{key} to identity {name}"))?;
-        if inserted > 0 {
-            return Ok(());
-        }
-        match owner_of(&conn, resource, key)? {
-            Some(owner) if owner == name => Ok(()),
-            Some(owner) => Err(RepoError::AlreadyLinked {
-                resource: resource.to_owned(),
-                key: key.to_owned(),
-                owner,
-            }),
-            // Unreachable with foreign keys on: the conflicting link has an owner.
-            None => Err(RepoError::Corrupt {
-                what: format!("link of account {resource}/{key}"),
-                message: "it points to no identity".to_owned(),
-            }),
-        }
+        link_id(&conn, id, name, resource, key)
     }
 
     /// Removes the link of account `key` of `resource`; false if it was not linked.
@@ -283,6 +285,12 @@ impl Repo {
 /// `SELECT` for [`Repo::find`] with `n` conditions: the intersection of one index lookup
 /// per condition, then the names by rowid.
 pub(crate) fn find_sql(n: usize) -> String {
+    if n == 1 {
+        // The common case (one correlation key): a join, no subquery and no sorter.
+        return "SELECT i.name FROM identity_values v JOIN identities i ON i.id = v.identity_id \
+                WHERE v.attr = ?1 AND v.value = ?2 ORDER BY v.identity_id"
+            .to_owned();
+    }
     let parts: Vec<String> = (0..n)
         .map(|i| {
             format!(
@@ -296,6 +304,40 @@ pub(crate) fn find_sql(n: usize) -> String {
         "SELECT name FROM identities WHERE id IN ({}) ORDER BY name",
         parts.join(" INTERSECT ")
     )
+}
+
+/// Links account `key` of `resource` to identity `id` (named `name`); idempotent for the
+/// same identity, refused when another one owns the account.
+fn link_id(
+    conn: &Connection,
+    id: i64,
+    name: &str,
+    resource: &str,
+    key: &str,
+) -> Result<(), RepoError> {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO links (resource, key, identity_id, linked_at) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (resource, key) DO NOTHING",
+        )
+        .and_then(|mut st| st.execute(params![resource, key, id, now()]))
+        .with_ctx(|| format!("linking account {resource}/{key} to identity {name}"))?;
+    if inserted > 0 {
+        return Ok(());
+    }
+    match owner_of(conn, resource, key)? {
+        Some(owner) if owner == name => Ok(()),
+        Some(owner) => Err(RepoError::AlreadyLinked {
+            resource: resource.to_owned(),
+            key: key.to_owned(),
+            owner,
+        }),
+        // Unreachable with foreign keys on: the conflicting link has an owner.
+        None => Err(RepoError::Corrupt {
+            what: format!("link of account {resource}/{key}"),
+            message: "it points to no identity".to_owned(),
+        }),
+    }
 }
 
 fn identity_id(conn: &Connection, name: &str) -> Result<Option<i64>, RepoError> {
@@ -315,19 +357,13 @@ fn owner_of(conn: &Connection, resource: &str, key: &str) -> Result<Option<Strin
 
 /// Indexes the text values of `attrs` for identity `id`.
 /// The attributes (lowercased) whose values `identity_values` holds.
-fn indexed_attrs(conn: &Connection) -> Result<Vec<String>, RepoError> {
+pub(crate) fn indexed_attrs(conn: &Connection) -> Result<Vec<String>, RepoError> {
     conn.prepare_cached("SELECT attr FROM indexed_attributes")
         .and_then(|mut st| {
             st.query_map([], |r| r.get::<_, String>(0))?
                 .collect::<Result<Vec<_>, _>>()
         })
         .ctx("reading the indexed attributes")
-}
-
-fn is_indexed(conn: &Connection, folded: &str) -> Result<bool, RepoError> {
-    conn.prepare_cached("SELECT 1 FROM indexed_attributes WHERE attr = ?1")
-        .and_then(|mut st| st.exists([folded]))
-        .with_ctx(|| format!("reading whether attribute {folded} is indexed"))
 }
 
 /// Indexes attribute `folded` of every identity and lists it as indexed, inside the

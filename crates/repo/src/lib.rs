@@ -46,7 +46,7 @@ mod summary;
 mod tests;
 
 use std::path::Path;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use rusqlite::Connection;
@@ -74,6 +74,9 @@ const EVENT_SAVEPOINT: &str = "event";
 /// The identity repository. `Send + Sync`; share it as `Arc<Repo>`.
 pub struct Repo {
     conn: Mutex<Connection>,
+    /// The indexed attributes as read inside the open transaction (see
+    /// [`Repo::indexed`]); cleared whenever a transaction or savepoint ends.
+    indexed: Mutex<Option<Arc<Vec<String>>>>,
     /// Signalled whenever a transaction ends, for [`Repo::begin`] waiting its turn.
     idle: Condvar,
     batch_wait: Duration,
@@ -167,6 +170,7 @@ impl Repo {
         conn.set_prepared_statement_cache_capacity(64);
         Ok(Repo {
             conn: Mutex::new(conn),
+            indexed: Mutex::new(None),
             idle: Condvar::new(),
             batch_wait: DEFAULT_BATCH_WAIT,
         })
@@ -182,6 +186,30 @@ impl Repo {
     /// Locks the connection; a poisoned lock becomes [`RepoError::Poisoned`].
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Connection>, RepoError> {
         self.conn.lock().map_err(|_| RepoError::Poisoned)
+    }
+
+    /// The attributes `identity_values` indexes. Inside a transaction the list is read
+    /// once and kept: only this connection can change it then (it holds the write lock),
+    /// by building an index ([`Repo::forget_indexed`] after) or by rolling back (every end
+    /// of a transaction or savepoint forgets it). Outside one it is read every time.
+    pub(crate) fn indexed(&self, conn: &Connection) -> Result<Arc<Vec<String>>, RepoError> {
+        if conn.is_autocommit() {
+            return Ok(Arc::new(identities::indexed_attrs(conn)?));
+        }
+        let mut cache = self.indexed.lock().map_err(|_| RepoError::Poisoned)?;
+        if let Some(list) = &*cache {
+            return Ok(list.clone());
+        }
+        let list = Arc::new(identities::indexed_attrs(conn)?);
+        *cache = Some(list.clone());
+        Ok(list)
+    }
+
+    /// Drops the cached list of indexed attributes.
+    pub(crate) fn forget_indexed(&self) {
+        if let Ok(mut cache) = self.indexed.lock() {
+            *cache = None;
+        }
     }
 
     // --- batch transaction -------------------------------------------------------------
@@ -203,6 +231,7 @@ impl Repo {
                 .map_err(|_| RepoError::Poisoned)?
                 .0;
         }
+        self.forget_indexed();
         exec(&conn, "BEGIN IMMEDIATE", "starting a transaction")
     }
 
@@ -232,6 +261,7 @@ impl Repo {
     pub fn rollback_savepoint(&self) -> Result<(), RepoError> {
         let conn = self.lock()?;
         require_tx(&conn, "rollback_savepoint")?;
+        self.forget_indexed();
         exec(
             &conn,
             &format!("ROLLBACK TO {EVENT_SAVEPOINT}"),
@@ -311,6 +341,7 @@ impl Repo {
         conn: MutexGuard<'_, Connection>,
         result: Result<(), RepoError>,
     ) -> Result<(), RepoError> {
+        self.forget_indexed();
         if result.is_err() && !conn.is_autocommit() {
             // The first error is the one to report; this one would only hide it.
             let _ = exec(&conn, "ROLLBACK", "rolling back after an error");
@@ -344,6 +375,7 @@ fn require_tx(conn: &Connection, op: &'static str) -> Result<(), RepoError> {
 /// roll the transaction back on error. Skipping the nested savepoint there spares SQLite
 /// from journaling every page the write touches a second time.
 fn atomic<T>(
+    repo: &Repo,
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<T, RepoError>,
 ) -> Result<T, RepoError> {
@@ -351,7 +383,10 @@ fn atomic<T>(
         return f(conn);
     }
     exec(conn, "SAVEPOINT idsync_op", "starting a savepoint")?;
-    match f(conn) {
+    let result = f(conn);
+    // The savepoint acted as a transaction: what it cached is not valid after it.
+    repo.forget_indexed();
+    match result {
         Ok(v) => {
             exec(conn, "RELEASE idsync_op", "releasing a savepoint")?;
             Ok(v)
