@@ -9,7 +9,7 @@ use rusqlite::Connection;
 use crate::error::{Context, RepoError};
 
 /// Migrations in order; the schema version is their count.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: initial schema.
     r#"
     CREATE TABLE identities (

@@ -860,3 +860,36 @@ fn attributes_are_indexed_on_first_query_in_a_transaction_and_kept_current() {
         assert_eq!(indexed, scanned, "query {q:?}");
     }
 }
+
+#[test]
+fn a_version_2_file_upgrades_and_its_identities_are_still_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    {
+        // A file as version 2 wrote it: every attribute indexed, with the old table shape.
+        let mut conn = rusqlite::Connection::open(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        for sql in &crate::schema::MIGRATIONS[..2] {
+            tx.execute_batch(sql).unwrap();
+        }
+        tx.pragma_update(None, "user_version", 2).unwrap();
+        tx.execute(
+            "INSERT INTO identities (id, name, version, disabled, attrs, created_at, updated_at) \
+             VALUES (1, 'ann', 1, 0, '{\"empno\":\"1\",\"sn\":\"Lee\"}', 't', 't')",
+            [],
+        )
+        .unwrap();
+        tx.execute(
+            "INSERT INTO identity_values (attr, value, identity_id) VALUES ('empno', '1', 1), ('sn', 'Lee', 1)",
+            [],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let repo = Repo::open(&path).unwrap();
+    repo.begin().unwrap();
+    assert_eq!(repo.find(&conds(&[("empno", "1")])).unwrap(), ["ann"]);
+    repo.commit().unwrap();
+    assert_eq!(index_rows(&repo, "empno"), pairs(&[("1", "ann")]));
+    assert!(index_rows(&repo, "sn").is_empty());
+}
