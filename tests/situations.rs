@@ -314,3 +314,42 @@ fn halt_keeps_the_batch_and_its_checkpoint_together() {
     let out = s.run_once(Some("hr"), 0);
     assert!(out.stdout.contains("hr: no changes"), "{}", out.stdout);
 }
+
+#[test]
+fn a_resolve_rule_that_wrote_then_failed_leaves_nothing_and_the_batch_goes_on() {
+    // The batch runs without per-event savepoints; employee 42's resolve rule creates and
+    // links an identity and then throws, so the engine decides the batch again with
+    // savepoints: 42's identity and link must be gone, 41 and 43 kept, one decision each.
+    let s = world(
+        "    rules: { correlation: by_empno.rhai, resolve: resolve.rhai }\n    create_unmatched: false\n",
+        &[(
+            "resolve.rhai",
+            "ctx.create(`p${account.emp}`, #{ empno: account.emp });\nctx.link(`p${account.emp}`);\nif account.emp == \"42\" { throw \"refused after writing\" }",
+        )],
+    );
+    let out = hr(&s, "emp,title\n41,Clerk\n42,Cook\n43,Baker\n", 1);
+    assert!(out.stdout.contains("failed 1"), "{}", out.stdout);
+    assert_eq!(s.owner("hr", "41").as_deref(), Some("p41"));
+    assert_eq!(s.owner("hr", "42"), None);
+    assert_eq!(s.owner("hr", "43").as_deref(), Some("p43"));
+    let names: Vec<String> = s
+        .export()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!names.contains(&"p42".to_owned()), "{names:?}");
+    assert_eq!(names.len(), 5, "{names:?}");
+    let failed = s.failed();
+    assert_eq!(failed.len(), 1);
+    assert!(
+        failed[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("refused after writing")
+    );
+    let decisions = s.results(&["--resource", "hr"]);
+    for key in ["41", "42", "43"] {
+        let n = decisions.iter().filter(|d| d["key"] == key).count();
+        assert_eq!(n, 1, "one decision for {key}: {decisions:?}");
+    }
+}

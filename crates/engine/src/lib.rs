@@ -13,7 +13,8 @@
 //! situation, a name taken) happen before the event writes anything. So a batch first
 //! runs *optimistically*, without savepoints, and checks SQLite's change counter around
 //! each event; if an event fails after writing (a process or resolve rule that wrote
-//! through `ctx`, then failed; a notification that failed after the checkin), the batch
+//! through `ctx`, then failed; a mapping that failed after an unlinked account was linked;
+//! a notification that failed after the checkin), the batch
 //! transaction is rolled back and the batch run again with a savepoint around every
 //! event. Policies with a process rule (it writes on every event) start with savepoints.
 

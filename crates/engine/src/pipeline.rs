@@ -7,8 +7,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use idsync_core::{
-    Action, AttrChange, AttrMap, ChangeEvent, Decision, Identity, LinkedAccount, Op, RuleOutcome,
-    Situation, Value,
+    Action, AttrChange, AttrMap, ChangeEvent, Decision, Identity, Op, RuleOutcome, Situation, Value,
 };
 use idsync_repo::{Repo, RepoError};
 use idsync_rules::rhai::{Dynamic, Scope};
@@ -186,6 +185,8 @@ impl<'a> Decider<'a> {
             [one] => {
                 d.situation = Some(Situation::Unlinked);
                 d.identity = Some(one.clone());
+                self.host.pre_image(one)?;
+                self.repo.link(one, &self.event.resource, &self.event.key)?;
                 self.update(one, true, d)?;
                 d.action = Action::Linked;
             }
@@ -376,38 +377,16 @@ impl<'a> Decider<'a> {
             })
     }
 
-    /// Maps the account onto an existing identity and checks it in; with `relink`, links
-    /// the account to it first. Every rule runs before the first write, so a failing
-    /// mapping leaves nothing to undo.
+    /// Maps the account onto an existing identity and checks it in.
     fn update(&mut self, name: &str, relink: bool, d: &mut Decision) -> Result<(), EventError> {
         self.host.pre_image(name)?;
-        let mut view = self.view(name)?;
-        if relink {
-            // The mappings see the identity with this account among its accounts, as
-            // they will after the link.
-            let account = LinkedAccount {
-                resource: self.event.resource.clone(),
-                key: self.event.key.clone(),
-                attrs: self
-                    .repo
-                    .shadow(&self.event.resource, &self.event.key)?
-                    .unwrap_or_default(),
-            };
-            let at = view
-                .accounts
-                .partition_point(|a| (&a.resource, &a.key) < (&account.resource, &account.key));
-            view.accounts.insert(at, account);
-        }
+        let view = self.view(name)?;
         let attrs = self.map_attrs(&view.attrs, Some(&view))?;
         let mut changes = view.attrs.diff(&attrs);
         let mut disabled = view.disabled;
         if relink && disabled {
             disabled = false;
             changes.push(disabled_change(true, false));
-        }
-        if relink {
-            self.repo
-                .link(name, &self.event.resource, &self.event.key)?;
         }
         if !changes.is_empty() {
             self.repo.checkin(name, view.version, &attrs, disabled)?;

@@ -788,3 +788,31 @@ fn an_event_failing_before_writing_needs_no_second_pass() {
     assert!(w.engine.repo().identity("E2").unwrap().is_none());
     assert_eq!(w.owner("E2"), None);
 }
+
+#[test]
+fn a_mapping_failing_after_the_link_of_an_unlinked_account_leaves_no_link() {
+    let w = people();
+    // Correlation finds ann for E1 and bob for E2; the account is linked before the
+    // mappings run, and E1's mapping throws: the batch is redone with savepoints.
+    let p = w.policy(&[
+        ("correlation", CORR_EMPNO),
+        (
+            "expr:title",
+            "if key == \"E1\" { throw \"no title\" } else { \"Clerk\" }",
+        ),
+    ]);
+    let report = w
+        .apply(
+            &p,
+            vec![
+                ev(Op::Update, "E1", &[("empno", "1")]),
+                ev(Op::Update, "E2", &[("empno", "2")]),
+            ],
+        )
+        .unwrap();
+    assert_eq!(report.failed, 1);
+    assert_eq!(w.owner("E1"), None, "E1's link was undone");
+    assert_eq!(w.owner("E2").as_deref(), Some("bob"));
+    assert_eq!(w.attr("bob", "title").as_deref(), Some("Clerk"));
+    assert_eq!(w.attr("ann", "title"), None);
+}

@@ -85,6 +85,7 @@ impl Repo {
         Ok(names)
     }
 
+    /// Every identity name, sorted.
     pub fn identity_names(&self) -> Result<Vec<String>, RepoError> {
         let conn = self.lock()?;
         conn.prepare_cached("SELECT name FROM identities ORDER BY name")
@@ -154,7 +155,7 @@ impl Repo {
             }
             let id = c.last_insert_rowid();
             let indexed = self.indexed(c)?;
-            index_values(c, id, name, attrs, &indexed)?;
+            reindex_values(c, id, name, &AttrMap::new(), attrs, &indexed)?;
             if let Some((resource, key)) = account {
                 link_id(c, id, name, resource, key)?;
             }
@@ -263,6 +264,8 @@ impl Repo {
         })
     }
 
+    /// Links account `key` of `resource` to identity `name`. Linking it again to the same
+    /// identity is fine; linked to another one it is [`RepoError::AlreadyLinked`].
     pub fn link(&self, name: &str, resource: &str, key: &str) -> Result<(), RepoError> {
         let conn = self.lock()?;
         let id = identity_id(&conn, name)?.ok_or_else(|| RepoError::NoSuchIdentity {
@@ -355,7 +358,6 @@ fn owner_of(conn: &Connection, resource: &str, key: &str) -> Result<Option<Strin
     .with_ctx(|| format!("reading the owner of account {resource}/{key}"))
 }
 
-/// Indexes the text values of `attrs` for identity `id`.
 /// The attributes (lowercased) whose values `identity_values` holds.
 pub(crate) fn indexed_attrs(conn: &Connection) -> Result<Vec<String>, RepoError> {
     conn.prepare_cached("SELECT attr FROM indexed_attributes")
@@ -373,11 +375,7 @@ fn build_index(conn: &Connection, folded: &str) -> Result<(), RepoError> {
         attribute = folded,
         "indexing identity attribute for correlation queries"
     );
-    let mut insert = conn
-        .prepare_cached(
-            "INSERT OR IGNORE INTO identity_values (attr, value, identity_id) VALUES (?1, ?2, ?3)",
-        )
-        .ctx("indexing identity attributes")?;
+    let only = [folded.to_owned()];
     let mut scan = conn
         .prepare("SELECT id, name, attrs FROM identities")
         .ctx("reading identities to index")?;
@@ -387,13 +385,7 @@ fn build_index(conn: &Connection, folded: &str) -> Result<(), RepoError> {
         let name: String = r.get(1).ctx("reading identities to index")?;
         let json: String = r.get(2).ctx("reading identities to index")?;
         let attrs: AttrMap = from_json(&json, || format!("attributes of identity {name}"))?;
-        for value in attrs.get(folded).unwrap_or_default() {
-            if let Value::Text(text) = value {
-                insert
-                    .execute(params![folded, text, id])
-                    .with_ctx(|| format!("indexing attribute {folded} of identity {name}"))?;
-            }
-        }
+        reindex_values(conn, id, &name, &AttrMap::new(), &attrs, &only)?;
     }
     conn.prepare_cached("INSERT INTO indexed_attributes (attr, built_at) VALUES (?1, ?2)")
         .and_then(|mut st| st.execute(params![folded, now()]))
@@ -425,35 +417,9 @@ fn scan_find(conn: &Connection, args: &[String]) -> Result<Vec<String>, RepoErro
     Ok(names)
 }
 
-/// Inserts the index rows of a new identity, for the `indexed` attributes only.
-fn index_values(
-    conn: &Connection,
-    id: i64,
-    name: &str,
-    attrs: &AttrMap,
-    indexed: &[String],
-) -> Result<(), RepoError> {
-    if indexed.is_empty() {
-        return Ok(());
-    }
-    let mut st = conn
-        .prepare_cached(
-            "INSERT OR IGNORE INTO identity_values (attr, value, identity_id) VALUES (?1, ?2, ?3)",
-        )
-        .ctx("indexing identity attributes")?;
-    for folded in indexed {
-        for value in attrs.get(folded).unwrap_or_default() {
-            if let Value::Text(text) = value {
-                st.execute(params![folded, text, id])
-                    .with_ctx(|| format!("indexing attribute {folded} of identity {name}"))?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Brings the index rows of identity `id` from `old` to `new` attributes: deletes the
-/// values that went, inserts the ones that came, for the `indexed` attributes only.
+/// values that went, inserts the ones that came, for the `indexed` attributes only. A new
+/// identity goes from an empty map, a deleted one to an empty map.
 fn reindex_values(
     conn: &Connection,
     id: i64,
@@ -498,6 +464,7 @@ fn reindex_values(
     Ok(())
 }
 
+/// The linked accounts of identity `id`, sorted by resource and key.
 fn accounts(conn: &Connection, id: i64, name: &str) -> Result<Vec<LinkedAccount>, RepoError> {
     let rows = conn
         .prepare_cached(
