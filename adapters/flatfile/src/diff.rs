@@ -10,7 +10,10 @@
 //!    caller takes the plan in slices of `batch_size` events, each committed on its own.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
+use std::time::Instant;
+
+use foldhash::HashMap;
 
 use csv::Position;
 use idsync_core::{AdapterError, AttrMap, ChangeEvent, KnownAccounts, Op, Reject};
@@ -84,26 +87,46 @@ impl Plan {
     }
 }
 
-/// The lines every key was seen on (good rows and bad rows whose key could be read).
-#[derive(Default)]
+/// A known account: its committed content hash and the first line the file has it on.
+struct KnownKey {
+    hash: u64,
+    /// 0 while the file has not shown the key (lines are 1-based).
+    first: u64,
+}
+
+/// The known accounts and the lines every key was seen on (good rows and bad rows whose
+/// key could be read). Known keys are marked in place, so an incremental pass over a
+/// million rows allocates nothing for the rows it has seen before.
 struct Occurrences {
-    first: HashMap<String, u64>,
+    known: HashMap<String, KnownKey>,
+    /// Keys not known: the first line of each.
+    new: HashMap<String, u64>,
     /// Only keys seen more than once: every line, in file order.
     repeated: HashMap<String, Vec<u64>>,
 }
 
 impl Occurrences {
-    fn note(&mut self, key: &str, line: u64) {
-        match self.first.entry(key.to_owned()) {
-            Entry::Vacant(v) => {
-                v.insert(line);
+    /// Notes that `key` is on `line`; returns its known hash, if it is known.
+    fn note(&mut self, key: &str, line: u64) -> Option<u64> {
+        let (first, hash) = match self.known.get_mut(key) {
+            Some(k) if k.first == 0 => {
+                k.first = line;
+                return Some(k.hash);
             }
-            Entry::Occupied(o) => self
-                .repeated
-                .entry(key.to_owned())
-                .or_insert_with(|| vec![*o.get()])
-                .push(line),
-        }
+            Some(k) => (k.first, Some(k.hash)),
+            None => match self.new.entry(key.to_owned()) {
+                Entry::Vacant(v) => {
+                    v.insert(line);
+                    return None;
+                }
+                Entry::Occupied(o) => (*o.get(), None),
+            },
+        };
+        self.repeated
+            .entry(key.to_owned())
+            .or_insert_with(|| vec![first])
+            .push(line);
+        hash
     }
 }
 
@@ -122,16 +145,24 @@ pub(crate) fn plan(
     known: &dyn KnownAccounts,
 ) -> Result<Plan, AdapterError> {
     let resource = target.resource;
-    let known_hashes = known
-        .known_hashes(resource)
+    let started = Instant::now();
+    let mut seen = Occurrences {
+        known: HashMap::default(),
+        new: HashMap::default(),
+        repeated: HashMap::default(),
+    };
+    known
+        .each_known_hash(resource, &mut |key, hash| {
+            seen.known.insert(key, KnownKey { hash, first: 0 });
+        })
         .map_err(|e| target.transient(format!("cannot read the known accounts: {e}")))?;
+    let loaded = started.elapsed();
 
     let mut pending = Vec::new();
-    let mut seen = Occurrences::default();
     let mut rejects: Vec<(u64, Reject)> = Vec::new();
     let mut held = BTreeSet::new();
     let mut stats = DiffStats {
-        known: known_hashes.len() as u64,
+        known: seen.known.len() as u64,
         ..DiffStats::default()
     };
 
@@ -144,13 +175,12 @@ pub(crate) fn plan(
             None => break,
             Some(Record::Good(row)) => {
                 stats.records += 1;
-                seen.note(&row.key, row.line);
-                let known_hash = known_hashes.get(&row.key);
+                let known_hash = seen.note(&row.key, row.line);
                 let op = match known_hash {
                     None if target.fresh || target.full_pass => Some(Op::Upsert),
                     None => Some(Op::Create),
                     Some(_) if target.full_pass => Some(Op::Upsert),
-                    Some(&hash) if hash != row.hash => Some(Op::Update),
+                    Some(hash) if hash != row.hash => Some(Op::Update),
                     Some(_) => None,
                 };
                 if let Some(op) = op {
@@ -224,14 +254,24 @@ pub(crate) fn plan(
         });
     }
 
-    let mut deletes: Vec<String> = known_hashes
-        .into_keys()
-        .filter(|key| !seen.first.contains_key(key) && !held.contains(key))
+    let mut deletes: Vec<String> = seen
+        .known
+        .into_iter()
+        .filter(|(key, k)| k.first == 0 && !held.contains(key))
+        .map(|(key, _)| key)
         .collect();
     deletes.sort();
     stats.deletes = deletes.len() as u64;
 
     rejects.sort_by_key(|(line, _)| *line);
+    tracing::debug!(
+        resource,
+        file = target.shown_path,
+        known = stats.known,
+        records = stats.records,
+        "diff planned: known accounts loaded in {loaded:?}, file diffed in {:?}",
+        started.elapsed() - loaded
+    );
     Ok(Plan {
         changes,
         deletes,

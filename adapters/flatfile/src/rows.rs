@@ -4,13 +4,13 @@
 //! name) are errors; problems with one record (wrong field count, invalid UTF-8, an empty key)
 //! become [`Record::Bad`] so the caller can reject that row and go on with the rest.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-
 use std::io::Cursor;
 
 use csv::{ByteRecord, Position, ReaderBuilder};
 use idsync_core::{AdapterError, AttrMap, Value};
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::FlatFileConfig;
 
@@ -66,6 +66,8 @@ pub(crate) struct Rows<'a> {
     /// Where the record returned last started (to read it again with [`Rows::read_at`]).
     last_start: Position,
     record: ByteRecord,
+    /// The bytes [`Rows::hash`] hashes, reused from row to row.
+    hash_input: RefCell<Vec<u8>>,
 }
 
 impl<'a> Rows<'a> {
@@ -209,6 +211,7 @@ impl<'a> Rows<'a> {
             build_attrs: true,
             last_start: Position::new(),
             record: ByteRecord::new(),
+            hash_input: RefCell::new(Vec::with_capacity(512)),
         })
     }
 
@@ -436,38 +439,37 @@ impl<'a> Rows<'a> {
     }
 
     /// [`AttrMap::content_hash`] of the row's attributes, without building the map: the same
-    /// fields in the same order (folded names sorted), each length-prefixed.
+    /// bytes (folded names sorted, each field length-prefixed, see
+    /// [`idsync_core::attrs::hash_field`]) gathered in one buffer and hashed at once.
     fn hash(&self, texts: &[Option<&str>]) -> u64 {
-        fn field(h: &mut Xxh3, tag: u8, bytes: &[u8]) {
-            h.update(&[tag]);
-            h.update(&(bytes.len() as u64).to_le_bytes());
-            h.update(bytes);
-        }
-        let mut h = Xxh3::new();
+        use idsync_core::attrs::hash_field as field;
+        let mut h = self.hash_input.borrow_mut();
+        let h = &mut *h;
+        h.clear();
         for (i, folded) in &self.hash_order {
             let Some(text) = texts.get(*i).copied().flatten().filter(|t| !t.is_empty()) else {
                 continue;
             };
             match self.separators.get(*i).and_then(Option::as_deref) {
                 None => {
-                    field(&mut h, 0, folded.as_bytes());
-                    h.update(&1u64.to_le_bytes());
-                    field(&mut h, 1, text.as_bytes());
+                    field(h, 0, folded.as_bytes());
+                    h.extend_from_slice(&1u64.to_le_bytes());
+                    field(h, 1, text.as_bytes());
                 }
                 Some(sep) => {
                     let count = self.split(text, sep).count() as u64;
                     if count == 0 {
                         continue;
                     }
-                    field(&mut h, 0, folded.as_bytes());
-                    h.update(&count.to_le_bytes());
+                    field(h, 0, folded.as_bytes());
+                    h.extend_from_slice(&count.to_le_bytes());
                     for v in self.split(text, sep) {
-                        field(&mut h, 1, v.as_bytes());
+                        field(h, 1, v.as_bytes());
                     }
                 }
             }
         }
-        h.digest()
+        xxh3_64(h)
     }
 
     fn column_name(&self, i: usize) -> &str {

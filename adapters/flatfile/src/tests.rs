@@ -19,16 +19,19 @@ struct Known {
 }
 
 impl KnownAccounts for Known {
-    fn known_hashes(&self, resource: &str) -> Result<HashMap<String, u64>, String> {
+    fn each_known_hash(
+        &self,
+        resource: &str,
+        each: &mut dyn FnMut(String, u64),
+    ) -> Result<(), String> {
         assert_eq!(resource, "hr");
         if self.broken {
             return Err("database is locked".into());
         }
-        Ok(self
-            .accounts
-            .iter()
-            .map(|(k, a)| (k.clone(), a.content_hash()))
-            .collect())
+        for (k, a) in &self.accounts {
+            each(k.clone(), a.content_hash());
+        }
+        Ok(())
     }
 
     fn known_attrs(&self, resource: &str, key: &str) -> Result<Option<AttrMap>, String> {

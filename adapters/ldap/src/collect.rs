@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use idsync_core::{AttrMap, ChangeEvent, KnownAccounts, Op};
+use idsync_core::{AttrMap, ChangeEvent, KeyHashes, KnownAccounts, Op};
 
 use crate::error::LdapError;
 
@@ -23,7 +23,7 @@ pub(crate) struct Collector<'k> {
     known: &'k dyn KnownAccounts,
     /// Key → content hash of every committed shadow, once loaded (full passes, or after
     /// many single lookups); until then single keys are looked up and cached in `looked_up`.
-    hashes: Option<HashMap<String, u64>>,
+    hashes: Option<KeyHashes>,
     /// Single lookups so far: key → committed shadow (`None`: not known).
     looked_up: HashMap<String, Option<AttrMap>>,
     /// Key → state after the events collected so far (`None`: deleted in this batch).
@@ -61,7 +61,7 @@ impl<'k> Collector<'k> {
 
     /// Loads every committed shadow hash (needed for deletes by absence, and cheaper than
     /// single lookups once many keys are involved).
-    fn load_all(&mut self) -> Result<&HashMap<String, u64>, LdapError> {
+    fn load_all(&mut self) -> Result<&KeyHashes, LdapError> {
         if self.hashes.is_none() {
             let all = self
                 .known
@@ -69,7 +69,7 @@ impl<'k> Collector<'k> {
                 .map_err(LdapError::Known)?;
             self.hashes = Some(all);
         }
-        Ok(self.hashes.get_or_insert_with(HashMap::new))
+        Ok(self.hashes.get_or_insert_with(KeyHashes::default))
     }
 
     /// The committed content hash of `key`, if known.
@@ -213,12 +213,15 @@ mod tests {
 
     struct Known(HashMap<String, AttrMap>);
     impl KnownAccounts for Known {
-        fn known_hashes(&self, _: &str) -> Result<HashMap<String, u64>, String> {
-            Ok(self
-                .0
-                .iter()
-                .map(|(k, v)| (k.clone(), v.content_hash()))
-                .collect())
+        fn each_known_hash(
+            &self,
+            _: &str,
+            each: &mut dyn FnMut(String, u64),
+        ) -> Result<(), String> {
+            for (k, v) in &self.0 {
+                each(k.clone(), v.content_hash());
+            }
+            Ok(())
         }
         fn known_attrs(&self, _: &str, key: &str) -> Result<Option<AttrMap>, String> {
             Ok(self.0.get(key).cloned())

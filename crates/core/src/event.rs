@@ -113,11 +113,29 @@ pub enum Fetch {
     Idle,
 }
 
+/// Account key -> content hash of its last seen attributes. Hashed with foldhash (seeded per
+/// process): these maps hold every account of a resource, and SipHash was a large part of a
+/// million-row diff.
+pub type KeyHashes = HashMap<String, u64, foldhash::fast::RandomState>;
+
 /// Read access to the accounts the repository last saw on a resource (the shadows),
 /// so adapters that diff (flat files, full passes) can tell creates, updates and deletes.
 pub trait KnownAccounts {
+    /// Calls `each` with every known key of `resource` and the content hash of its last
+    /// seen attributes, so the caller builds whatever map it needs without a copy.
+    fn each_known_hash(
+        &self,
+        resource: &str,
+        each: &mut dyn FnMut(String, u64),
+    ) -> Result<(), String>;
     /// Every known key of `resource` with the content hash of its last seen attributes.
-    fn known_hashes(&self, resource: &str) -> Result<HashMap<String, u64>, String>;
+    fn known_hashes(&self, resource: &str) -> Result<KeyHashes, String> {
+        let mut map = KeyHashes::default();
+        self.each_known_hash(resource, &mut |key, hash| {
+            map.insert(key, hash);
+        })?;
+        Ok(map)
+    }
     /// The last seen attributes of one account.
     fn known_attrs(&self, resource: &str, key: &str) -> Result<Option<AttrMap>, String>;
     /// How many accounts of `resource` are known, when that is cheap to tell (`None`: unknown).

@@ -4,8 +4,6 @@
 //! apart through [`KnownAccounts`]; they are written in the batch transaction, so they move
 //! together with the checkpoint.
 
-use std::collections::HashMap;
-
 use idsync_core::{AttrMap, Checkpoint, KnownAccounts};
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -64,23 +62,34 @@ impl Repo {
             .transpose()
     }
 
-    /// Every account key of `resource` with the content hash of its shadow.
-    pub fn shadow_hashes(&self, resource: &str) -> Result<HashMap<String, u64>, RepoError> {
+    /// Calls `each` with every account key of `resource` and the content hash of its
+    /// shadow (read from the covering index `shadows_hash`).
+    pub fn each_shadow_hash(
+        &self,
+        resource: &str,
+        each: &mut dyn FnMut(String, u64),
+    ) -> Result<(), RepoError> {
         let conn = self.lock()?;
         conn.prepare_cached("SELECT key, hash FROM shadows WHERE resource = ?1")
             .and_then(|mut st| {
-                st.query_map([resource], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-                })?
-                .collect::<Result<HashMap<_, _>, _>>()
+                let mut rows = st.query([resource])?;
+                while let Some(r) = rows.next()? {
+                    each(r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64);
+                }
+                Ok(())
             })
             .with_ctx(|| format!("reading shadows of resource {resource}"))
     }
 }
 
 impl KnownAccounts for Repo {
-    fn known_hashes(&self, resource: &str) -> Result<HashMap<String, u64>, String> {
-        self.shadow_hashes(resource).map_err(|e| e.to_string())
+    fn each_known_hash(
+        &self,
+        resource: &str,
+        each: &mut dyn FnMut(String, u64),
+    ) -> Result<(), String> {
+        self.each_shadow_hash(resource, each)
+            .map_err(|e| e.to_string())
     }
 
     fn known_attrs(&self, resource: &str, key: &str) -> Result<Option<AttrMap>, String> {
