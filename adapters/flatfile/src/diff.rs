@@ -18,7 +18,7 @@ use foldhash::HashMap;
 use csv::Position;
 use idsync_core::{AdapterError, AttrMap, ChangeEvent, KnownAccounts, Op, Reject};
 
-use crate::rows::{Record, Rows};
+use crate::rows::{Record, Row, Rows};
 
 /// Where the diff happens, for events and messages.
 pub(crate) struct Target<'a> {
@@ -62,7 +62,7 @@ impl Target<'_> {
 }
 
 /// A row to emit, found by [`plan`].
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Planned {
     pub op: Op,
     /// The account is known (its previous attributes are fetched).
@@ -281,27 +281,61 @@ pub(crate) fn plan(
     })
 }
 
-/// Phase 2: the events of `plan` from index `from`, at most `max` of them.
+/// The changed rows at `planned` positions, read again with their attribute maps. Needs
+/// nothing but the file, so it can run ahead on another thread ([`events`] takes its
+/// result).
+pub(crate) fn read_planned(
+    shown_path: &str,
+    resource: &str,
+    rows: &mut Rows<'_>,
+    planned: &[Planned],
+) -> Result<Vec<Row>, AdapterError> {
+    let transient = |message| AdapterError::Transient {
+        resource: resource.to_owned(),
+        message,
+    };
+    rows.build_attrs(true);
+    let mut out = Vec::with_capacity(planned.len());
+    for p in planned {
+        let record = rows
+            .read_at(&p.pos)
+            .map_err(|e| transient(format!("{shown_path}: {e}")))?;
+        let Some(Record::Good(row)) = record else {
+            return Err(transient(format!(
+                "{shown_path}: line {} reads differently the second time",
+                p.pos.line()
+            )));
+        };
+        out.push(row);
+    }
+    Ok(out)
+}
+
+/// The plan indexes of the changed rows among plan indexes `from..from + max`.
+pub(crate) fn change_range(plan: &Plan, from: usize, max: usize) -> std::ops::Range<usize> {
+    let end = plan.changes.len().min(from.saturating_add(max));
+    from.min(end)..end
+}
+
+/// Phase 2: the events of `plan` from index `from`, at most `max` of them. `read` holds
+/// the rows of [`change_range`]`(plan, from, max)` as [`read_planned`] returned them.
 pub(crate) fn events(
     target: &Target<'_>,
-    rows: &mut Rows<'_>,
     known: &dyn KnownAccounts,
     plan: &Plan,
     from: usize,
     max: usize,
+    read: Vec<Row>,
 ) -> Result<Vec<ChangeEvent>, AdapterError> {
     let resource = target.resource;
     let end = plan.len().min(from.saturating_add(max));
     let mut out = Vec::with_capacity(end.saturating_sub(from));
-    rows.build_attrs(true);
+    let mut read = read.into_iter();
     for i in from..end {
         if let Some(p) = plan.changes.get(i) {
-            let record = rows
-                .read_at(&p.pos)
-                .map_err(|e| target.transient(format!("{}: {e}", target.shown_path)))?;
-            let Some(Record::Good(row)) = record else {
+            let Some(row) = read.next() else {
                 return Err(target.transient(format!(
-                    "{}: line {} reads differently the second time",
+                    "{}: line {} was not read ahead",
                     target.shown_path,
                     p.pos.line()
                 )));

@@ -38,6 +38,8 @@ mod token;
 mod watch;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use idsync_core::{Adapter, AdapterError, ChangeBatch, Checkpoint, Fetch, KnownAccounts};
 use xxhash_rust::xxh3::xxh3_64;
@@ -46,7 +48,7 @@ pub use config::{AfterProcessing, Completion, DeleteGuard, Encoding, FlatFileCon
 pub use watch::Watcher;
 
 use crate::diff::{DiffStats, Target};
-use crate::rows::Rows;
+use crate::rows::{Row, Rows};
 use crate::token::{Token, hex};
 
 /// Reads one CSV file (or a folder of them) and reports what changed since the last
@@ -67,8 +69,8 @@ pub struct FlatFileAdapter {
 /// A pass handed out in parts.
 #[derive(Debug)]
 struct InProgress {
-    /// The decoded file.
-    data: Vec<u8>,
+    /// The decoded file (shared with the read-ahead thread).
+    data: Arc<Vec<u8>>,
     /// The file's size and modification time when it was read.
     signature: (u64, Option<std::time::SystemTime>),
     plan: diff::Plan,
@@ -87,6 +89,18 @@ struct InProgress {
     /// Rejects and held keys still to hand out (with the first part).
     rejects: Vec<idsync_core::Reject>,
     held: Vec<String>,
+    /// The next part's changed rows, being read while the caller applies this part.
+    ahead: Option<ReadAhead>,
+}
+
+/// The changed rows of a part, read (CSV parse and attribute maps) on a thread of its own,
+/// so the second core does it while the engine applies the part before. Only the file is
+/// read there: previous attributes come from the repository when the part is handed out.
+#[derive(Debug)]
+struct ReadAhead {
+    /// The plan index the part starts at.
+    from: usize,
+    thread: JoinHandle<Result<Vec<Row>, AdapterError>>,
 }
 
 impl FlatFileAdapter {
@@ -326,7 +340,7 @@ impl Adapter for FlatFileAdapter {
             (plan.rejects.clone(), plan.held.clone())
         };
         let ip = InProgress {
-            data,
+            data: Arc::new(data),
             signature,
             n: plan.stats.known,
             plan,
@@ -348,6 +362,7 @@ impl Adapter for FlatFileAdapter {
             checkpoint: String::new(),
             rejects,
             held,
+            ahead: None,
         };
         self.emit(ip, known)
     }
@@ -362,8 +377,23 @@ impl FlatFileAdapter {
         known: &dyn KnownAccounts,
     ) -> Result<Fetch, AdapterError> {
         let from = ip.next;
+        let batch_size = self.config.batch_size;
+        let read = match ip.ahead.take() {
+            Some(ahead) if ahead.from == from => ahead.thread.join().map_err(|_| {
+                self.transient(format!("{}: the read-ahead thread failed", ip.shown_path))
+            })??,
+            _ => {
+                let mut rows = Rows::open(&ip.data, &self.config, &self.resource, &ip.shown_path)?;
+                let range = diff::change_range(&ip.plan, from, batch_size);
+                diff::read_planned(
+                    &ip.shown_path,
+                    &self.resource,
+                    &mut rows,
+                    ip.plan.changes.get(range).unwrap_or_default(),
+                )?
+            }
+        };
         let events = {
-            let mut rows = Rows::open(&ip.data, &self.config, &self.resource, &ip.shown_path)?;
             let target = Target {
                 resource: &self.resource,
                 file_name: &ip.file_name,
@@ -371,14 +401,7 @@ impl FlatFileAdapter {
                 fresh: ip.fresh,
                 full_pass: ip.full_pass,
             };
-            diff::events(
-                &target,
-                &mut rows,
-                known,
-                &ip.plan,
-                from,
-                self.config.batch_size,
-            )?
+            diff::events(&target, known, &ip.plan, from, batch_size, read)?
         };
         let end = from + events.len();
         for i in from..end {
@@ -403,9 +426,40 @@ impl FlatFileAdapter {
         };
         self.more = more || ip.folder_more;
         if more {
+            ip.ahead = self.read_ahead(&ip);
             self.in_progress = Some(ip);
         }
         Ok(Fetch::Batch(batch))
+    }
+
+    /// Starts reading the changed rows of the part after the one just handed out; `None`
+    /// if it has none or no thread could be started (the part is then read when asked for).
+    fn read_ahead(&self, ip: &InProgress) -> Option<ReadAhead> {
+        let range = diff::change_range(&ip.plan, ip.next, self.config.batch_size);
+        let planned = ip.plan.changes.get(range)?.to_vec();
+        if planned.is_empty() {
+            return None;
+        }
+        let data = ip.data.clone();
+        let config = self.config.clone();
+        let resource = self.resource.clone();
+        let shown_path = ip.shown_path.clone();
+        let started = std::thread::Builder::new()
+            .name(format!("idsync-read-{resource}"))
+            .spawn(move || {
+                let mut rows = Rows::open(&data, &config, &resource, &shown_path)?;
+                diff::read_planned(&shown_path, &resource, &mut rows, &planned)
+            });
+        match started {
+            Ok(thread) => Some(ReadAhead {
+                from: ip.next,
+                thread,
+            }),
+            Err(e) => {
+                tracing::debug!(resource = %self.resource, "no read-ahead thread: {e}");
+                None
+            }
+        }
     }
 }
 

@@ -35,6 +35,7 @@
 //! - The file runs in WAL mode with `synchronous=FULL`: a committed batch survives a power
 //!   loss. The schema is versioned with `PRAGMA user_version` (see the `schema` module).
 
+mod checkpointer;
 mod error;
 mod identities;
 mod outbox;
@@ -57,13 +58,14 @@ pub use outbox::{
     now_ms,
 };
 pub use records::{DecisionFilter, FailedEvent, NewFailure, StoredDecision};
+pub use checkpointer::SAFETY_NET_PAGES as WAL_AUTOCHECKPOINT_PAGES;
 pub use schema::SCHEMA_VERSION;
 pub use summary::ResourceSummary;
 
 use error::Context;
 
 /// How long SQLite waits for a lock held by another connection (another process).
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Default for how long [`Repo::begin`] waits for another batch of the same `Repo`.
 const DEFAULT_BATCH_WAIT: Duration = Duration::from_secs(120);
@@ -80,6 +82,8 @@ pub struct Repo {
     /// Signalled whenever a transaction ends, for [`Repo::begin`] waiting its turn.
     idle: Condvar,
     batch_wait: Duration,
+    /// Checkpoints the WAL after each commit on a thread of its own (files only).
+    checkpointer: Option<checkpointer::Checkpointer>,
 }
 
 impl std::fmt::Debug for Repo {
@@ -96,7 +100,33 @@ impl Repo {
     pub fn open(path: &Path) -> Result<Repo, RepoError> {
         let conn = Connection::open(path)
             .with_ctx(|| format!("opening repository file {}", path.display()))?;
-        Self::setup(conn, true)
+        let mut repo = Self::setup(conn, true)?;
+        let wal = {
+            let conn = repo.lock()?;
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+                .ctx("reading the journal mode")?;
+            mode.eq_ignore_ascii_case("wal")
+        };
+        if wal {
+            match checkpointer::Checkpointer::start(path) {
+                Ok(c) => {
+                    repo.lock()?
+                        .pragma_update(
+                            None,
+                            "wal_autocheckpoint",
+                            checkpointer::SAFETY_NET_PAGES,
+                        )
+                        .ctx("setting wal_autocheckpoint")?;
+                    repo.checkpointer = Some(c);
+                }
+                Err(e) => tracing::warn!(
+                    "repository {}: checkpoints stay in the committing call: {e}",
+                    path.display()
+                ),
+            }
+        }
+        Ok(repo)
     }
 
     /// A private in-memory repository with the same schema, for tests.
@@ -173,6 +203,7 @@ impl Repo {
             indexed: Mutex::new(None),
             idle: Condvar::new(),
             batch_wait: DEFAULT_BATCH_WAIT,
+            checkpointer: None,
         })
     }
 
@@ -348,6 +379,9 @@ impl Repo {
         }
         drop(conn);
         self.idle.notify_all();
+        if let Some(c) = &self.checkpointer {
+            c.wake();
+        }
         result
     }
 }

@@ -132,6 +132,23 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX decisions_failed ON decisions(resource) WHERE action = 'failed';
     CREATE INDEX shadows_hash ON shadows(resource, key, hash);
     "#,
+    // 4: links keyed by (resource, key) without a rowid: the owner lookup is one b-tree
+    // descent instead of two, the identity index covers the account list, and a new link
+    // writes two b-trees instead of three.
+    r#"
+    CREATE TABLE links_v4 (
+        resource     TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        identity_id  INTEGER NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
+        linked_at    TEXT NOT NULL,
+        PRIMARY KEY (resource, key)
+    ) WITHOUT ROWID;
+    INSERT INTO links_v4 (resource, key, identity_id, linked_at)
+        SELECT resource, key, identity_id, linked_at FROM links;
+    DROP TABLE links;
+    ALTER TABLE links_v4 RENAME TO links;
+    CREATE INDEX links_identity ON links(identity_id);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -884,6 +884,11 @@ fn a_version_2_file_upgrades_and_its_identities_are_still_found() {
             [],
         )
         .unwrap();
+        tx.execute(
+            "INSERT INTO links (resource, key, identity_id, linked_at) VALUES ('hr', '1', 1, 't')",
+            [],
+        )
+        .unwrap();
         tx.commit().unwrap();
     }
     let repo = Repo::open(&path).unwrap();
@@ -892,4 +897,14 @@ fn a_version_2_file_upgrades_and_its_identities_are_still_found() {
     repo.commit().unwrap();
     assert_eq!(index_rows(&repo, "empno"), pairs(&[("1", "ann")]));
     assert!(index_rows(&repo, "sn").is_empty());
+    // Version 4 rebuilt the links without a rowid: the link is still there both ways.
+    assert_eq!(repo.owner_of("hr", "1").unwrap().as_deref(), Some("ann"));
+    let ann = repo.identity("ann").unwrap().unwrap();
+    assert_eq!(ann.accounts.len(), 1);
+    assert_eq!((ann.accounts[0].resource.as_str(), ann.accounts[0].key.as_str()), ("hr", "1"));
+    // Deleting the identity still takes its links along (the foreign key survived).
+    repo.begin().unwrap();
+    assert!(repo.delete_identity("ann").unwrap());
+    repo.commit().unwrap();
+    assert_eq!(repo.owner_of("hr", "1").unwrap(), None);
 }

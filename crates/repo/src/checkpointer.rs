@@ -1,0 +1,91 @@
+//! Copies committed WAL frames into the database file on a thread of its own.
+//!
+//! A commit in WAL mode appends the batch's pages to the write-ahead log and syncs it: from
+//! then on the batch is durable. Copying those pages into the database file (the
+//! checkpoint) is housekeeping, but SQLite does it by default inside the committing call
+//! once the log passes 1,000 pages, so every large batch paid for it (a fifth of a
+//! million-row initial load, half of the commit of an incremental pass) before the agent
+//! could read the next batch. Here the repository's own connection checkpoints only as a
+//! safety net, past [`SAFETY_NET_PAGES`], and a second connection on this thread runs a
+//! *passive* checkpoint after each commit: it never waits for or blocks the writer or the
+//! readers, and the writer starts the log over once a checkpoint has caught up.
+
+use std::path::Path;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+
+use rusqlite::Connection;
+
+use crate::error::{Context, RepoError};
+
+
+/// The log size (in pages) past which the committing connection checkpoints by itself
+/// (`wal_autocheckpoint`): larger than any batch, so only a stuck or failing background
+/// checkpoint lets it come into play.
+pub const SAFETY_NET_PAGES: i64 = 262_144;
+
+/// The background checkpoint thread of one repository file. Dropping it stops the thread
+/// (after the checkpoint in progress, if any).
+pub(crate) struct Checkpointer {
+    wake: Option<SyncSender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    /// Opens a second connection to `path` and starts the thread. On error the caller
+    /// leaves checkpoints to the committing connection, as SQLite does by default.
+    pub(crate) fn start(path: &Path) -> Result<Checkpointer, String> {
+        let setup = || -> Result<Connection, RepoError> {
+            let conn = Connection::open(path).ctx("opening a checkpoint connection")?;
+            conn.busy_timeout(crate::BUSY_TIMEOUT)
+                .ctx("setting the busy timeout of the checkpoint connection")?;
+            // A checkpoint syncs the database file before the log may be reused.
+            conn.pragma_update(None, "synchronous", "FULL")
+                .ctx("setting synchronous=FULL on the checkpoint connection")?;
+            Ok(conn)
+        };
+        let conn = setup().map_err(|e| e.to_string())?;
+        let (wake, woken) = sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("idsync-checkpoint".to_owned())
+            .spawn(move || run(&conn, &woken))
+            .map_err(|e| format!("cannot start the checkpoint thread: {e}"))?;
+        Ok(Checkpointer {
+            wake: Some(wake),
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for a checkpoint soon (a request already waiting covers this one).
+    pub(crate) fn wake(&self) {
+        if let Some(wake) = &self.wake {
+            let _ = wake.try_send(());
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.wake.take());
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the checkpoint thread panicked");
+        }
+    }
+}
+
+fn run(conn: &Connection, woken: &Receiver<()>) {
+    while woken.recv().is_ok() {
+        let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        });
+        match result {
+            Ok((log, copied)) => {
+                tracing::trace!(log, copied, "background checkpoint");
+            }
+            // The committing connection's safety net takes over if this keeps failing.
+            Err(e) => tracing::warn!("background checkpoint failed: {e}"),
+        }
+    }
+}
