@@ -18,7 +18,7 @@ use foldhash::HashMap;
 use csv::Position;
 use idsync_core::{AdapterError, AttrMap, ChangeEvent, KnownAccounts, Op, Reject};
 
-use crate::rows::{Record, Row, Rows};
+use crate::rows::{BadRow, Record, Row, Rows};
 
 /// Where the diff happens, for events and messages.
 pub(crate) struct Target<'a> {
@@ -98,9 +98,9 @@ struct KnownKey {
 /// key could be read). Known keys are marked in place, so an incremental pass over a
 /// million rows allocates nothing for the rows it has seen before.
 struct Occurrences {
-    known: HashMap<String, KnownKey>,
+    known: HashMap<Box<str>, KnownKey>,
     /// Keys not known: the first line of each.
-    new: HashMap<String, u64>,
+    new: HashMap<Box<str>, u64>,
     /// Only keys seen more than once: every line, in file order.
     repeated: HashMap<String, Vec<u64>>,
 }
@@ -114,7 +114,7 @@ impl Occurrences {
                 return Some(k.hash);
             }
             Some(k) => (k.first, Some(k.hash)),
-            None => match self.new.entry(key.to_owned()) {
+            None => match self.new.entry(key.into()) {
                 Entry::Vacant(v) => {
                     v.insert(line);
                     return None;
@@ -130,89 +130,217 @@ impl Occurrences {
     }
 }
 
-/// A good row before keys are judged.
+/// A good row to emit, before keys are judged (a key found on several lines drops it).
 struct Pending {
-    key: String,
-    op: Op,
-    known: bool,
-    pos: Position,
+    planned: Planned,
+    line: u64,
 }
 
-/// Phase 1: reads every record of `rows` and diffs it against `known`.
+/// The diff in progress: records go in one at a time, in file order.
+struct Differ<'t> {
+    target: &'t Target<'t>,
+    seen: Occurrences,
+    pending: Vec<Pending>,
+    rejects: Vec<(u64, Reject)>,
+    held: BTreeSet<String>,
+    stats: DiffStats,
+}
+
+impl Differ<'_> {
+    fn good(&mut self, key: &str, hash: u64, line: u64, pos: Position) {
+        let target = self.target;
+        self.stats.records += 1;
+        let known_hash = self.seen.note(key, line);
+        let op = match known_hash {
+            None if target.fresh || target.full_pass => Some(Op::Upsert),
+            None => Some(Op::Create),
+            Some(_) if target.full_pass => Some(Op::Upsert),
+            Some(known) if known != hash => Some(Op::Update),
+            Some(_) => None,
+        };
+        if let Some(op) = op {
+            self.pending.push(Pending {
+                planned: Planned {
+                    op,
+                    known: known_hash.is_some(),
+                    pos,
+                },
+                line,
+            });
+        }
+    }
+
+    fn bad(&mut self, bad: BadRow) {
+        self.stats.records += 1;
+        if let Some(key) = &bad.key {
+            self.seen.note(key, bad.line);
+            self.held.insert(key.clone());
+        }
+        let reject = Reject {
+            key: bad.key,
+            origin: self.target.origin(bad.line),
+            reason: bad.reason,
+        };
+        self.rejects.push((bad.line, reject));
+    }
+}
+
+/// The records of a whole file, kept compactly while the known accounts load: a million
+/// rows take about 40 bytes each plus their key.
+#[derive(Default)]
+struct ReadList {
+    /// Every good row's key, one after the other.
+    keys: String,
+    goods: Vec<GoodRead>,
+    /// Bad records, with the number of good rows before each.
+    bads: Vec<(usize, BadRow)>,
+}
+
+struct GoodRead {
+    /// Where the key ends in `keys` (it starts where the previous one ended).
+    key_end: usize,
+    hash: u64,
+    line: u64,
+    /// The record's start, as [`Rows::last_start`] gave it (byte, line, record).
+    start: (u64, u64, u64),
+}
+
+impl ReadList {
+    fn read(target: &Target<'_>, rows: &mut Rows<'_>) -> Result<ReadList, AdapterError> {
+        let mut list = ReadList::default();
+        while let Some(record) = next_record(target, rows)? {
+            match record {
+                Record::Good(row) => {
+                    list.keys.push_str(&row.key);
+                    let pos = rows.last_start();
+                    list.goods.push(GoodRead {
+                        key_end: list.keys.len(),
+                        hash: row.hash,
+                        line: row.line,
+                        start: (pos.byte(), pos.line(), pos.record()),
+                    });
+                }
+                Record::Bad(bad) => list.bads.push((list.goods.len(), bad)),
+            }
+        }
+        Ok(list)
+    }
+
+    /// Feeds the records to `differ` in file order.
+    fn replay(self, differ: &mut Differ<'_>) {
+        let mut bads = self.bads.into_iter().peekable();
+        let mut key_start = 0;
+        for (i, g) in self.goods.iter().enumerate() {
+            while let Some((_, bad)) = bads.next_if(|(before, _)| *before <= i) {
+                differ.bad(bad);
+            }
+            let key = self.keys.get(key_start..g.key_end).unwrap_or_default();
+            key_start = g.key_end;
+            let mut pos = Position::new();
+            pos.set_byte(g.start.0)
+                .set_line(g.start.1)
+                .set_record(g.start.2);
+            differ.good(key, g.hash, g.line, pos);
+        }
+        for (_, bad) in bads {
+            differ.bad(bad);
+        }
+    }
+}
+
+fn next_record(target: &Target<'_>, rows: &mut Rows<'_>) -> Result<Option<Record>, AdapterError> {
+    rows.next_record()
+        .map_err(|e| target.transient(format!("{}: {e}", target.shown_path)))
+}
+
+/// The known accounts of the resource, none seen yet (`capacity`: how many are expected).
+fn load_known(
+    target: &Target<'_>,
+    known: &dyn KnownAccounts,
+    capacity: usize,
+) -> Result<HashMap<Box<str>, KnownKey>, AdapterError> {
+    let mut map = HashMap::with_capacity_and_hasher(capacity, Default::default());
+    known
+        .each_known_hash(target.resource, &mut |key, hash| {
+            map.insert(key.into_boxed_str(), KnownKey { hash, first: 0 });
+        })
+        .map_err(|e| target.transient(format!("cannot read the known accounts: {e}")))?;
+    Ok(map)
+}
+
+/// Phase 1: reads every record of `rows` and diffs it against `known`. When accounts are
+/// known (`known_count` is not `Some(0)`), they load from the repository on a second
+/// thread while this one reads the file into a [`ReadList`], and the diff runs once both
+/// are done; otherwise the file is diffed as it is read.
 pub(crate) fn plan(
     target: &Target<'_>,
     rows: &mut Rows<'_>,
     known: &dyn KnownAccounts,
+    known_count: Option<u64>,
 ) -> Result<Plan, AdapterError> {
     let resource = target.resource;
     let started = Instant::now();
-    let mut seen = Occurrences {
-        known: HashMap::default(),
-        new: HashMap::default(),
-        repeated: HashMap::default(),
+    rows.build_attrs(false);
+    let capacity = known_count.map_or(0, |n| usize::try_from(n).unwrap_or(0));
+    let (known_keys, list) = if known_count == Some(0) {
+        (load_known(target, known, 0)?, None)
+    } else {
+        std::thread::scope(|scope| {
+            let loader = scope.spawn(|| load_known(target, known, capacity));
+            let list = ReadList::read(target, rows);
+            let loaded = loader.join().map_err(|_| {
+                target.transient("the thread loading the known accounts failed".to_owned())
+            })?;
+            Ok::<_, AdapterError>((loaded?, Some(list?)))
+        })?
     };
-    known
-        .each_known_hash(resource, &mut |key, hash| {
-            seen.known.insert(key, KnownKey { hash, first: 0 });
-        })
-        .map_err(|e| target.transient(format!("cannot read the known accounts: {e}")))?;
     let loaded = started.elapsed();
 
-    let mut pending = Vec::new();
-    let mut rejects: Vec<(u64, Reject)> = Vec::new();
-    let mut held = BTreeSet::new();
-    let mut stats = DiffStats {
-        known: seen.known.len() as u64,
-        ..DiffStats::default()
+    let mut differ = Differ {
+        target,
+        stats: DiffStats {
+            known: known_keys.len() as u64,
+            ..DiffStats::default()
+        },
+        seen: Occurrences {
+            known: known_keys,
+            new: HashMap::default(),
+            repeated: HashMap::default(),
+        },
+        pending: Vec::new(),
+        rejects: Vec::new(),
+        held: BTreeSet::new(),
     };
-
-    rows.build_attrs(false);
-    loop {
-        let record = rows
-            .next_record()
-            .map_err(|e| target.transient(format!("{}: {e}", target.shown_path)))?;
-        match record {
-            None => break,
-            Some(Record::Good(row)) => {
-                stats.records += 1;
-                let known_hash = seen.note(&row.key, row.line);
-                let op = match known_hash {
-                    None if target.fresh || target.full_pass => Some(Op::Upsert),
-                    None => Some(Op::Create),
-                    Some(_) if target.full_pass => Some(Op::Upsert),
-                    Some(hash) if hash != row.hash => Some(Op::Update),
-                    Some(_) => None,
-                };
-                if let Some(op) = op {
-                    pending.push(Pending {
-                        key: row.key,
-                        op,
-                        known: known_hash.is_some(),
-                        pos: rows.last_start().clone(),
-                    });
+    match list {
+        Some(list) => list.replay(&mut differ),
+        None => {
+            while let Some(record) = next_record(target, rows)? {
+                match record {
+                    Record::Good(row) => {
+                        let pos = rows.last_start().clone();
+                        differ.good(&row.key, row.hash, row.line, pos);
+                    }
+                    Record::Bad(bad) => differ.bad(bad),
                 }
-            }
-            Some(Record::Bad(bad)) => {
-                stats.records += 1;
-                if let Some(key) = &bad.key {
-                    seen.note(key, bad.line);
-                    held.insert(key.clone());
-                }
-                let reject = Reject {
-                    key: bad.key,
-                    origin: target.origin(bad.line),
-                    reason: bad.reason,
-                };
-                rejects.push((bad.line, reject));
             }
         }
     }
+    let Differ {
+        seen,
+        pending,
+        mut rejects,
+        mut held,
+        mut stats,
+        ..
+    } = differ;
 
     // A key on several lines is ambiguous: reject every row with it (an unchanged one too)
     // and keep the stored account as it is. (A bad row with a key counts as a line.)
     held.extend(seen.repeated.keys().cloned());
     let bad_lines: HashSet<u64> = rejects.iter().map(|(l, _)| *l).collect();
+    let mut repeated_lines = HashSet::new();
     for (key, lines) in &seen.repeated {
+        repeated_lines.extend(lines.iter().copied());
         for &line in lines {
             let others: Vec<String> = lines
                 .iter()
@@ -241,24 +369,20 @@ pub(crate) fn plan(
 
     let mut changes = Vec::with_capacity(pending.len());
     for p in pending {
-        if seen.repeated.contains_key(&p.key) {
+        if repeated_lines.contains(&p.line) {
             continue;
         }
-        if !p.known {
+        if !p.planned.known {
             stats.added += 1;
         }
-        changes.push(Planned {
-            op: p.op,
-            known: p.known,
-            pos: p.pos,
-        });
+        changes.push(p.planned);
     }
 
     let mut deletes: Vec<String> = seen
         .known
         .into_iter()
-        .filter(|(key, k)| k.first == 0 && !held.contains(key))
-        .map(|(key, _)| key)
+        .filter(|(key, k)| k.first == 0 && !held.contains(&**key))
+        .map(|(key, _)| key.into_string())
         .collect();
     deletes.sort();
     stats.deletes = deletes.len() as u64;
@@ -269,7 +393,8 @@ pub(crate) fn plan(
         file = target.shown_path,
         known = stats.known,
         records = stats.records,
-        "diff planned: known accounts loaded in {loaded:?}, file diffed in {:?}",
+        "diff planned: {:?} to load the known accounts (reading the file meanwhile, if any), {:?} to diff",
+        loaded,
         started.elapsed() - loaded
     );
     Ok(Plan {

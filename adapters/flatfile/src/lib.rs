@@ -327,7 +327,7 @@ impl Adapter for FlatFileAdapter {
                 full_pass: !consistent,
             };
             (
-                diff::plan(&target, &mut rows, known)?,
+                diff::plan(&target, &mut rows, known, known_count)?,
                 rows.columns().to_vec(),
             )
         };

@@ -120,7 +120,8 @@ pub type KeyHashes = HashMap<String, u64, foldhash::fast::RandomState>;
 
 /// Read access to the accounts the repository last saw on a resource (the shadows),
 /// so adapters that diff (flat files, full passes) can tell creates, updates and deletes.
-pub trait KnownAccounts {
+/// `Sync`: an adapter may load the hashes on one thread while it reads on another.
+pub trait KnownAccounts: Sync {
     /// Calls `each` with every known key of `resource` and the content hash of its last
     /// seen attributes, so the caller builds whatever map it needs without a copy.
     fn each_known_hash(

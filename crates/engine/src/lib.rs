@@ -167,8 +167,15 @@ impl Engine {
     ) -> Result<BatchReport, EngineError> {
         match self.run_batch(policy, batch, each) {
             Ok(report) => {
+                let started = std::time::Instant::now();
                 self.repo
                     .commit_batch(&policy.resource, expected, batch.checkpoint.as_ref())?;
+                tracing::debug!(
+                    resource = %policy.resource,
+                    events = batch.events.len(),
+                    "batch committed in {:?}",
+                    started.elapsed()
+                );
                 Ok(report)
             }
             Err(e) => {

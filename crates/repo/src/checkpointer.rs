@@ -18,7 +18,6 @@ use rusqlite::Connection;
 
 use crate::error::{Context, RepoError};
 
-
 /// The log size (in pages) past which the committing connection checkpoints by itself
 /// (`wal_autocheckpoint`): larger than any batch, so only a stuck or failing background
 /// checkpoint lets it come into play.

@@ -52,13 +52,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rusqlite::Connection;
 
+pub use checkpointer::SAFETY_NET_PAGES as WAL_AUTOCHECKPOINT_PAGES;
 pub use error::RepoError;
 pub use outbox::{
     NewOutboxMessage, OutboxFilter, OutboxMessage, OutboxOutcome, OutboxStatus, RenderedMail,
     now_ms,
 };
 pub use records::{DecisionFilter, FailedEvent, NewFailure, StoredDecision};
-pub use checkpointer::SAFETY_NET_PAGES as WAL_AUTOCHECKPOINT_PAGES;
 pub use schema::SCHEMA_VERSION;
 pub use summary::ResourceSummary;
 
@@ -112,11 +112,7 @@ impl Repo {
             match checkpointer::Checkpointer::start(path) {
                 Ok(c) => {
                     repo.lock()?
-                        .pragma_update(
-                            None,
-                            "wal_autocheckpoint",
-                            checkpointer::SAFETY_NET_PAGES,
-                        )
+                        .pragma_update(None, "wal_autocheckpoint", checkpointer::SAFETY_NET_PAGES)
                         .ctx("setting wal_autocheckpoint")?;
                     repo.checkpointer = Some(c);
                 }

@@ -901,7 +901,13 @@ fn a_version_2_file_upgrades_and_its_identities_are_still_found() {
     assert_eq!(repo.owner_of("hr", "1").unwrap().as_deref(), Some("ann"));
     let ann = repo.identity("ann").unwrap().unwrap();
     assert_eq!(ann.accounts.len(), 1);
-    assert_eq!((ann.accounts[0].resource.as_str(), ann.accounts[0].key.as_str()), ("hr", "1"));
+    assert_eq!(
+        (
+            ann.accounts[0].resource.as_str(),
+            ann.accounts[0].key.as_str()
+        ),
+        ("hr", "1")
+    );
     // Deleting the identity still takes its links along (the foreign key survived).
     repo.begin().unwrap();
     assert!(repo.delete_identity("ann").unwrap());
