@@ -69,52 +69,101 @@ impl Serialize for Value {
     }
 }
 
-impl<'de> Deserialize<'de> for Value {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ValueVisitor;
-        impl<'de> Visitor<'de> for ValueVisitor {
-            type Value = Value;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string or {\"base64\": ...}")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
-                Ok(Value::Text(v.to_owned()))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
-                Ok(Value::Text(v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
-                Ok(Value::Text(v.to_string()))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
-                Ok(Value::Text(v.to_string()))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
-                Ok(Value::Text(v.to_string()))
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
-                Ok(Value::Text(v.to_string()))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-                let mut bytes = None;
-                while let Some(key) = map.next_key::<String>()? {
-                    if key == "base64" {
-                        let text: String = map.next_value()?;
-                        bytes = Some(
-                            base64::engine::general_purpose::STANDARD
-                                .decode(text)
-                                .map_err(de::Error::custom)?,
-                        );
-                    } else {
-                        return Err(de::Error::unknown_field(&key, &["base64"]));
-                    }
-                }
-                bytes
-                    .map(Value::Binary)
-                    .ok_or_else(|| de::Error::missing_field("base64"))
+/// Reads one value: a string (numbers and booleans become their text) or
+/// `{"base64": ...}`.
+struct ValueVisitor;
+
+impl<'de> Visitor<'de> for ValueVisitor {
+    type Value = Value;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string or {\"base64\": ...}")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::Text(v.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+        Ok(Value::Text(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Text(v.to_string()))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Text(v.to_string()))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::Text(v.to_string()))
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Text(v.to_string()))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut bytes = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "base64" {
+                let text: String = map.next_value()?;
+                bytes = Some(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(text)
+                        .map_err(de::Error::custom)?,
+                );
+            } else {
+                return Err(de::Error::unknown_field(&key, &["base64"]));
             }
         }
+        bytes
+            .map(Value::Binary)
+            .ok_or_else(|| de::Error::missing_field("base64"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(ValueVisitor)
+    }
+}
+
+/// The values of one attribute as stored: a single value, or a list of them. Decided by
+/// the token that comes (no buffering and retrying, as an untagged enum would).
+struct Values(Vec<Value>);
+
+impl<'de> Deserialize<'de> for Values {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ValuesVisitor;
+        impl<'de> Visitor<'de> for ValuesVisitor {
+            type Value = Values;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a value or a list of values")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Values, A::Error> {
+                let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(1));
+                while let Some(v) = seq.next_element::<Value>()? {
+                    values.push(v);
+                }
+                Ok(Values(values))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Values, E> {
+                ValueVisitor.visit_str(v).map(|v| Values(vec![v]))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Values, E> {
+                ValueVisitor.visit_string(v).map(|v| Values(vec![v]))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Values, E> {
+                ValueVisitor.visit_i64(v).map(|v| Values(vec![v]))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Values, E> {
+                ValueVisitor.visit_u64(v).map(|v| Values(vec![v]))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Values, E> {
+                ValueVisitor.visit_f64(v).map(|v| Values(vec![v]))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Values, E> {
+                ValueVisitor.visit_bool(v).map(|v| Values(vec![v]))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Values, A::Error> {
+                ValueVisitor.visit_map(map).map(|v| Values(vec![v]))
+            }
+        }
+        deserializer.deserialize_any(ValuesVisitor)
     }
 }
 
@@ -311,22 +360,21 @@ impl Serialize for AttrMap {
 
 impl<'de> Deserialize<'de> for AttrMap {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum OneOrMany {
-            Many(Vec<Value>),
-            One(Value),
+        struct MapVisitor;
+        impl<'de> Visitor<'de> for MapVisitor {
+            type Value = AttrMap;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map of attribute names to values")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AttrMap, A::Error> {
+                let mut m = AttrMap::new();
+                while let Some((name, values)) = map.next_entry::<String, Values>()? {
+                    m.set(&name, values.0);
+                }
+                Ok(m)
+            }
         }
-        let raw: BTreeMap<String, OneOrMany> = BTreeMap::deserialize(deserializer)?;
-        let mut m = AttrMap::new();
-        for (name, v) in raw {
-            let values = match v {
-                OneOrMany::Many(v) => v,
-                OneOrMany::One(v) => vec![v],
-            };
-            m.set(&name, values);
-        }
-        Ok(m)
+        deserializer.deserialize_map(MapVisitor)
     }
 }
 

@@ -11,7 +11,7 @@
 //! readers, and the writer starts the log over once a checkpoint has caught up.
 
 use std::path::Path;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::thread::JoinHandle;
 
 use rusqlite::Connection;
@@ -26,9 +26,12 @@ pub const SAFETY_NET_PAGES: i64 = 262_144;
 /// The background checkpoint thread of one repository file. Dropping it stops the thread
 /// (after the checkpoint in progress, if any).
 pub(crate) struct Checkpointer {
-    wake: Option<SyncSender<()>>,
+    wake: Option<SyncSender<Request>>,
     thread: Option<JoinHandle<()>>,
 }
+
+/// What the thread is asked for: a checkpoint, and whom to tell when it is done.
+type Request = Option<Sender<()>>;
 
 impl Checkpointer {
     /// Opens a second connection to `path` and starts the thread. On error the caller
@@ -58,7 +61,19 @@ impl Checkpointer {
     /// Asks for a checkpoint soon (a request already waiting covers this one).
     pub(crate) fn wake(&self) {
         if let Some(wake) = &self.wake {
-            let _ = wake.try_send(());
+            let _ = wake.try_send(None);
+        }
+    }
+
+    /// Waits until a checkpoint that started after this call has finished (the one in
+    /// progress, if any, finishes first).
+    pub(crate) fn settle(&self) {
+        let Some(wake) = &self.wake else {
+            return;
+        };
+        let (done, finished) = channel();
+        if wake.send(Some(done)).is_ok() {
+            let _ = finished.recv();
         }
     }
 }
@@ -74,8 +89,8 @@ impl Drop for Checkpointer {
     }
 }
 
-fn run(conn: &Connection, woken: &Receiver<()>) {
-    while woken.recv().is_ok() {
+fn run(conn: &Connection, woken: &Receiver<Request>) {
+    while let Ok(request) = woken.recv() {
         let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
             Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
         });
@@ -85,6 +100,9 @@ fn run(conn: &Connection, woken: &Receiver<()>) {
             }
             // The committing connection's safety net takes over if this keeps failing.
             Err(e) => tracing::warn!("background checkpoint failed: {e}"),
+        }
+        if let Some(done) = request {
+            let _ = done.send(());
         }
     }
 }
