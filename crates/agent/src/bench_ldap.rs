@@ -232,7 +232,9 @@ pub fn ldap(args: &BenchLdapArgs) -> anyhow::Result<()> {
         fetch_rate / raw_rate
     );
 
-    // 3. Persist latency: modify → identity committed.
+    // 3. Persist latency: modify → identity committed. Timed once the background
+    // checkpoint of the full sync has caught up, as after any pause.
+    repo.settle();
     let mut pcfg = cfg.clone();
     pcfg.mode = Mode::Persist;
     let mut persist = LdapAdapter::new("dir", pcfg);

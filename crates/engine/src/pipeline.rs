@@ -72,20 +72,23 @@ impl<'a> Decider<'a> {
         policy: &'a Policy,
         event: &'a ChangeEvent,
     ) -> Self {
+        // Variables no script names are left out rather than built for every event.
         let mut scope = Scope::new();
         let account = attrs_to_dynamic(&event.attrs);
-        if policy.populate_global {
+        if policy.populate_global && policy.reads("global") {
             scope.push("global", account.clone());
         }
         scope.push("account", account);
-        scope.push(
-            "previous",
-            event
-                .previous
-                .as_ref()
-                .map(attrs_to_dynamic)
-                .unwrap_or(Dynamic::UNIT),
-        );
+        if policy.reads("previous") {
+            scope.push(
+                "previous",
+                event
+                    .previous
+                    .as_ref()
+                    .map(attrs_to_dynamic)
+                    .unwrap_or(Dynamic::UNIT),
+            );
+        }
         scope.push("resource", event.resource.clone());
         scope.push("key", event.key.clone());
         scope.push("op", event.op.as_str().to_owned());
@@ -337,10 +340,12 @@ impl<'a> Decider<'a> {
             }
         }
         let mark = self.scope.len();
-        self.scope.push(
-            "identity",
-            identity.map(identity_to_dynamic).unwrap_or(Dynamic::UNIT),
-        );
+        if self.policy.mappings_read("identity") {
+            self.scope.push(
+                "identity",
+                identity.map(identity_to_dynamic).unwrap_or(Dynamic::UNIT),
+            );
+        }
         let result = self.apply_mappings(&mut attrs);
         self.scope.rewind(mark);
         result?;
@@ -380,7 +385,17 @@ impl<'a> Decider<'a> {
     /// Maps the account onto an existing identity and checks it in.
     fn update(&mut self, name: &str, relink: bool, d: &mut Decision) -> Result<(), EventError> {
         self.host.pre_image(name)?;
-        let view = self.view(name)?;
+        // The linked accounts (with their last seen attributes) are read only if a
+        // mapping can see them through `identity`.
+        let view = if self.policy.mappings_read("identity") {
+            self.view(name)?
+        } else {
+            self.repo
+                .identity_without_accounts(name)?
+                .ok_or_else(|| RepoError::NoSuchIdentity {
+                    name: name.to_owned(),
+                })?
+        };
         let attrs = self.map_attrs(&view.attrs, Some(&view))?;
         let mut changes = view.attrs.diff(&attrs);
         let mut disabled = view.disabled;

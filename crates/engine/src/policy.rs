@@ -92,4 +92,38 @@ impl Policy {
             mappings: Vec::new(),
         }
     }
+
+    /// Every script of the policy: rules, naming and mapping expressions.
+    fn scripts(&self) -> impl Iterator<Item = &Script> {
+        [
+            &self.filter,
+            &self.process,
+            &self.delete,
+            &self.correlation,
+            &self.confirmation,
+            &self.resolve,
+            &self.naming,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(self.mapping_scripts())
+    }
+
+    fn mapping_scripts(&self) -> impl Iterator<Item = &Script> {
+        self.mappings.iter().filter_map(|m| match &m.source {
+            MappingSource::Expr(s) => Some(s),
+            MappingSource::Attribute(_) => None,
+        })
+    }
+
+    /// Whether any script may read variable `name` ([`Script::mentions`]): if none
+    /// does, the engine need not build it for every event.
+    pub(crate) fn reads(&self, name: &str) -> bool {
+        self.scripts().any(|s| s.mentions(name))
+    }
+
+    /// Whether a mapping expression may read variable `name`.
+    pub(crate) fn mappings_read(&self, name: &str) -> bool {
+        self.mapping_scripts().any(|s| s.mentions(name))
+    }
 }

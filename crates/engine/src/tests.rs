@@ -550,6 +550,33 @@ fn populate_global_copies_account_and_mappings_apply_on_top() {
     assert_eq!(w.attr("E1", "mail").as_deref(), Some("ann@example.com"));
 }
 
+/// Variables are built only for policies whose scripts name them: a mapping that reads
+/// `previous` and the linked accounts through `identity` still sees them on an update.
+#[test]
+fn mappings_naming_previous_and_identity_accounts_see_them() {
+    let w = people_linked();
+    let p = w.policy(&[
+        (
+            "expr:was",
+            "if previous == () { \"none\" } else { previous.title }",
+        ),
+        (
+            "expr:accounts",
+            "identity.accounts.map(|a| a.resource + \"/\" + a.key).reduce(|s, a| s + a, \"\")",
+        ),
+    ]);
+    let mut update = ev(Op::Update, "E1", &[("title", "Lead")]);
+    update.previous = Some(attrs(&[("title", "Analyst")]));
+    w.apply(&p, vec![update]).unwrap();
+    assert_eq!(w.attr("ann", "was").as_deref(), Some("Analyst"));
+    assert_eq!(w.attr("ann", "accounts").as_deref(), Some("hr/E1"));
+    // A policy whose scripts never name them runs without them.
+    let plain = w.policy(&[("expr:t", "account.title")]);
+    w.apply(&plain, vec![ev(Op::Update, "E1", &[("title", "Head")])])
+        .unwrap();
+    assert_eq!(w.attr("ann", "t").as_deref(), Some("Head"));
+}
+
 #[test]
 fn rehire_relinks_and_reenables() {
     let w = people_linked();

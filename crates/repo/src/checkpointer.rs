@@ -5,10 +5,14 @@
 //! checkpoint) is housekeeping, but SQLite does it by default inside the committing call
 //! once the log passes 1,000 pages, so every large batch paid for it (a fifth of a
 //! million-row initial load, half of the commit of an incremental pass) before the agent
-//! could read the next batch. Here the repository's own connection checkpoints only as a
-//! safety net, past [`SAFETY_NET_PAGES`], and a second connection on this thread runs a
-//! *passive* checkpoint after each commit: it never waits for or blocks the writer or the
-//! readers, and the writer starts the log over once a checkpoint has caught up.
+//! could read the next batch. Here a WAL hook on the repository's own connection sees the
+//! log's size after each commit: past [`WAKE_PAGES`] (SQLite's own default threshold) it
+//! wakes this thread, whose second connection runs a *passive* checkpoint (it never waits
+//! for or blocks the writer or the readers; the writer starts the log over once a
+//! checkpoint has caught up); past [`SAFETY_NET_PAGES`], which only a stuck or failing
+//! background checkpoint lets the log reach, the committing connection checkpoints itself.
+//! Small commits (LDAP persist mode) thus cost no checkpoint at all until the log has
+//! grown.
 
 use std::path::Path;
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
@@ -18,10 +22,13 @@ use rusqlite::Connection;
 
 use crate::error::{Context, RepoError};
 
-/// The log size (in pages) past which the committing connection checkpoints by itself
-/// (`wal_autocheckpoint`): larger than any batch, so only a stuck or failing background
-/// checkpoint lets it come into play.
+/// The log size (in pages) past which the committing connection checkpoints by itself:
+/// larger than any batch, so only a stuck or failing background checkpoint lets it come
+/// into play.
 pub const SAFETY_NET_PAGES: i64 = 262_144;
+
+/// The log size (in pages) from which a commit wakes the checkpoint thread.
+pub(crate) const WAKE_PAGES: i64 = 1_000;
 
 /// The background checkpoint thread of one repository file. Dropping it stops the thread
 /// (after the checkpoint in progress, if any).
@@ -58,11 +65,29 @@ impl Checkpointer {
         })
     }
 
-    /// Asks for a checkpoint soon (a request already waiting covers this one).
-    pub(crate) fn wake(&self) {
-        if let Some(wake) = &self.wake {
-            let _ = wake.try_send(None);
-        }
+    /// Installs the WAL hook on the committing connection `conn` (see the module
+    /// documentation). It replaces SQLite's automatic checkpoint.
+    pub(crate) fn hook(&self, conn: &mut Connection) -> Result<(), RepoError> {
+        let Some(wake) = self.wake.clone() else {
+            return Ok(());
+        };
+        conn.wal_hook(Some(
+            move |wal: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
+                let pages = i64::from(pages);
+                if pages >= SAFETY_NET_PAGES {
+                    tracing::warn!(
+                        pages,
+                        "the write-ahead log was not checkpointed in the background: checkpointing in the commit"
+                    );
+                    wal.checkpoint()?;
+                } else if pages >= WAKE_PAGES {
+                    // A request already waiting covers this commit too.
+                    let _ = wake.try_send(None);
+                }
+                Ok(())
+            },
+        ))
+        .ctx("installing the WAL hook")
     }
 
     /// Waits until a checkpoint that started after this call has finished (the one in

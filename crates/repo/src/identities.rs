@@ -13,6 +13,20 @@ impl Repo {
     /// The identity view of `name` with its linked accounts (each account's attributes are
     /// its shadow, empty when none is stored).
     pub fn identity(&self, name: &str) -> Result<Option<Identity>, RepoError> {
+        self.read_identity(name, true)
+    }
+
+    /// Identity `name` with `accounts` left empty: one row read instead of one per
+    /// linked account (for callers that do not look at the accounts).
+    pub fn identity_without_accounts(&self, name: &str) -> Result<Option<Identity>, RepoError> {
+        self.read_identity(name, false)
+    }
+
+    fn read_identity(
+        &self,
+        name: &str,
+        with_accounts: bool,
+    ) -> Result<Option<Identity>, RepoError> {
         let conn = self.lock()?;
         let row = conn
             .prepare_cached("SELECT id, version, disabled, attrs FROM identities WHERE name = ?1")
@@ -36,7 +50,11 @@ impl Repo {
             version,
             disabled,
             attrs: from_json(&attrs, || format!("attributes of identity {name}"))?,
-            accounts: accounts(&conn, id, name)?,
+            accounts: if with_accounts {
+                accounts(&conn, id, name)?
+            } else {
+                Vec::new()
+            },
         }))
     }
 

@@ -111,9 +111,7 @@ impl Repo {
         if wal {
             match checkpointer::Checkpointer::start(path) {
                 Ok(c) => {
-                    repo.lock()?
-                        .pragma_update(None, "wal_autocheckpoint", checkpointer::SAFETY_NET_PAGES)
-                        .ctx("setting wal_autocheckpoint")?;
+                    c.hook(&mut *repo.lock()?)?;
                     repo.checkpointer = Some(c);
                 }
                 Err(e) => tracing::warn!(
@@ -384,9 +382,6 @@ impl Repo {
         }
         drop(conn);
         self.idle.notify_all();
-        if let Some(c) = &self.checkpointer {
-            c.wake();
-        }
         result
     }
 }

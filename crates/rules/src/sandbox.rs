@@ -43,6 +43,9 @@ impl Default for Limits {
 pub struct Script {
     label: String,
     ast: AST,
+    /// Every word of the source (identifiers, and words inside strings and comments),
+    /// sorted: see [`Script::mentions`].
+    words: Vec<String>,
 }
 
 impl Script {
@@ -50,6 +53,28 @@ impl Script {
     pub fn label(&self) -> &str {
         &self.label
     }
+
+    /// Whether the source contains `name` as a word anywhere (code, string or comment).
+    /// `false` means the script cannot read a variable of that name (without `eval`, a
+    /// script names every variable it reads, even `is_def_var("name")`), so the engine
+    /// may leave it out of the scope rather than build it.
+    pub fn mentions(&self, name: &str) -> bool {
+        self.words
+            .binary_search_by(|w| w.as_str().cmp(name))
+            .is_ok()
+    }
+}
+
+/// The words of `source`: maximal runs of ASCII letters, digits and `_`, sorted, once each.
+fn words(source: &str) -> Vec<String> {
+    let mut words: Vec<String> = source
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| !w.is_empty())
+        .map(str::to_owned)
+        .collect();
+    words.sort();
+    words.dedup();
+    words
 }
 
 /// The rule engine: one sandboxed Rhai engine, reused for every script run.
@@ -101,6 +126,7 @@ impl RuleEngine {
         Ok(Script {
             label: label.to_owned(),
             ast,
+            words: words(source),
         })
     }
 

@@ -229,3 +229,27 @@ fn read_only_queries_everywhere() {
         .unwrap();
     assert_eq!(v.to_string(), "ann@x");
 }
+
+#[test]
+fn mentions_finds_words_in_code_strings_and_comments_only() {
+    let e = engine();
+    let s = e
+        .compile(
+            "m",
+            "let x = account.mail; // previous\nif is_def_var(\"identity\") { x } else { global_x }",
+        )
+        .unwrap();
+    for word in [
+        "account",
+        "mail",
+        "previous",
+        "identity",
+        "is_def_var",
+        "global_x",
+    ] {
+        assert!(s.mentions(word), "{word}");
+    }
+    for word in ["global", "acc", "identit", "ail"] {
+        assert!(!s.mentions(word), "{word}");
+    }
+}
