@@ -13,8 +13,16 @@
 //! background checkpoint lets the log reach, the committing connection checkpoints itself.
 //! Small commits (LDAP persist mode) thus cost no checkpoint at all until the log has
 //! grown.
+//!
+//! The log only starts over from its beginning when a write transaction begins after a
+//! checkpoint copied every frame; a checkpoint still running when the next batch begins
+//! leaves that batch appending. Back-to-back batches would so grow the log without end, so
+//! once it passes [`RESTART_PAGES`], [`crate::Repo::begin`] waits for the checkpoint
+//! ([`Checkpointer::settle`]) before it begins: one checkpoint's wait per 128 MiB of log.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::thread::JoinHandle;
 
@@ -30,11 +38,19 @@ pub const SAFETY_NET_PAGES: i64 = 262_144;
 /// The log size (in pages) from which a commit wakes the checkpoint thread.
 pub(crate) const WAKE_PAGES: i64 = 1_000;
 
+/// The log size (in pages, 128 MiB at 4 KiB) from which the next transaction waits for
+/// the checkpoint, so that it starts the log over.
+pub(crate) const RESTART_PAGES: i64 = 32_768;
+
 /// The background checkpoint thread of one repository file. Dropping it stops the thread
 /// (after the checkpoint in progress, if any).
 pub(crate) struct Checkpointer {
     wake: Option<SyncSender<Request>>,
     thread: Option<JoinHandle<()>>,
+    /// The log's size in pages after the last commit, as the WAL hook saw it.
+    log_pages: Arc<AtomicI64>,
+    /// [`RESTART_PAGES`], smaller in tests.
+    pub(crate) restart_pages: i64,
 }
 
 /// What the thread is asked for: a checkpoint, and whom to tell when it is done.
@@ -62,6 +78,8 @@ impl Checkpointer {
         Ok(Checkpointer {
             wake: Some(wake),
             thread: Some(thread),
+            log_pages: Arc::new(AtomicI64::new(0)),
+            restart_pages: RESTART_PAGES,
         })
     }
 
@@ -71,9 +89,11 @@ impl Checkpointer {
         let Some(wake) = self.wake.clone() else {
             return Ok(());
         };
+        let log_pages = self.log_pages.clone();
         conn.wal_hook(Some(
             move |wal: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
                 let pages = i64::from(pages);
+                log_pages.store(pages, Ordering::Relaxed);
                 if pages >= SAFETY_NET_PAGES {
                     tracing::warn!(
                         pages,
@@ -88,6 +108,16 @@ impl Checkpointer {
             },
         ))
         .ctx("installing the WAL hook")
+    }
+
+    /// Before a transaction begins: if the log has grown past [`RESTART_PAGES`], waits
+    /// for a checkpoint of everything committed, so the transaction starts the log over.
+    pub(crate) fn before_begin(&self) {
+        if self.log_pages.load(Ordering::Relaxed) >= self.restart_pages {
+            self.settle();
+            // Until the next commit reports the new size.
+            self.log_pages.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Waits until a checkpoint that started after this call has finished (the one in

@@ -210,6 +210,14 @@ impl Repo {
         }
     }
 
+    /// Sets the log size from which a transaction waits for the checkpoint (tests).
+    #[cfg(test)]
+    pub(crate) fn set_wal_restart_pages(&mut self, pages: i64) {
+        if let Some(c) = &mut self.checkpointer {
+            c.restart_pages = pages;
+        }
+    }
+
     /// Sets how long [`Repo::begin`] waits for a batch of another thread to finish before
     /// failing with [`RepoError::Busy`].
     pub fn with_batch_wait(mut self, wait: Duration) -> Repo {
@@ -252,6 +260,9 @@ impl Repo {
     /// batch cannot fail later for lack of it). Waits for a batch of another thread on this
     /// `Repo` to finish first.
     pub fn begin(&self) -> Result<(), RepoError> {
+        if let Some(c) = &self.checkpointer {
+            c.before_begin();
+        }
         let mut conn = self.lock()?;
         let start = Instant::now();
         while !conn.is_autocommit() {

@@ -914,3 +914,29 @@ fn a_version_2_file_upgrades_and_its_identities_are_still_found() {
     repo.commit().unwrap();
     assert_eq!(repo.owner_of("hr", "1").unwrap(), None);
 }
+
+/// Back-to-back batches must not grow the write-ahead log without end: past the restart
+/// size, the next transaction waits for the background checkpoint and starts the log over.
+#[test]
+fn back_to_back_batches_keep_the_write_ahead_log_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wal.db");
+    let mut repo = Repo::open(&path).unwrap();
+    repo.set_wal_restart_pages(64);
+    let wal = dir.path().join("wal.db-wal");
+    let big = "x".repeat(2000);
+    let mut sizes = Vec::new();
+    for batch in 0..12 {
+        repo.begin().unwrap();
+        for i in 0..100 {
+            repo.create_identity(&format!("p{batch}-{i}"), &attrs(&[("note", &big)]))
+                .unwrap();
+        }
+        repo.commit().unwrap();
+        sizes.push(std::fs::metadata(&wal).unwrap().len());
+    }
+    // One batch writes ~70 pages (~300 KB): twelve appended would pass 3 MB.
+    let largest = *sizes.iter().max().unwrap();
+    assert!(largest < 1_500_000, "log sizes {sizes:?}");
+    assert_eq!(repo.identity_names().unwrap().len(), 1200);
+}
