@@ -92,6 +92,25 @@ pub enum Action {
 }
 
 impl Action {
+    /// Every action.
+    pub const ALL: [Action; 10] = [
+        Action::Ignored,
+        Action::Updated,
+        Action::Linked,
+        Action::Created,
+        Action::Resolved,
+        Action::Processed,
+        Action::Unlinked,
+        Action::Disabled,
+        Action::DeletedIdentity,
+        Action::Failed,
+    ];
+
+    /// The action named `s` ([`Action::as_str`]).
+    pub fn parse(s: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
     /// snake_case name.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -1,6 +1,6 @@
 //! Decision records (one per event) and failed events (re-runnable by the CLI).
 
-use idsync_core::{ChangeEvent, Decision, Situation};
+use idsync_core::{Action, ChangeEvent, Decision, Op, Situation};
 use rusqlite::{Connection, ToSql, params, params_from_iter};
 use serde::{Deserialize, Serialize};
 
@@ -79,10 +79,96 @@ pub struct StoredDecision {
     pub decision: Decision,
 }
 
+/// The part of a decision record stored as JSON: everything but the fields the columns
+/// hold (resource, key, op, situation, action, identity), which are a third of a typical
+/// record and were stored twice before.
+#[derive(Serialize)]
+struct RecordBody<'a> {
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    candidates: &'a [String],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    confirmed: &'a [String],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    rules: &'a [idsync_core::RuleOutcome],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    changes: &'a [idsync_core::AttrChange],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}
+
+/// [`RecordBody`] as read back. Records written before it hold the whole decision; the
+/// fields the columns hold are then ignored here (they are the same).
+#[derive(Deserialize)]
+struct StoredBody {
+    #[serde(default)]
+    candidates: Vec<String>,
+    #[serde(default)]
+    confirmed: Vec<String>,
+    #[serde(default)]
+    rules: Vec<idsync_core::RuleOutcome>,
+    #[serde(default)]
+    changes: Vec<idsync_core::AttrChange>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// One row of `decisions`, as read.
+struct DecisionRow {
+    id: i64,
+    at: String,
+    resource: String,
+    key: String,
+    op: String,
+    situation: Option<String>,
+    action: String,
+    identity: Option<String>,
+    record: String,
+}
+
+impl DecisionRow {
+    fn into_stored(self) -> Result<StoredDecision, RepoError> {
+        let id = self.id;
+        let corrupt = |what: &str, value: &str| RepoError::Corrupt {
+            what: format!("decision {id}"),
+            message: format!("unknown {what} '{value}'"),
+        };
+        let body: StoredBody = from_json(&self.record, || format!("decision {id}"))?;
+        let situation = match &self.situation {
+            None => None,
+            Some(s) => Some(Situation::parse(s).ok_or_else(|| corrupt("situation", s))?),
+        };
+        Ok(StoredDecision {
+            id,
+            at: self.at,
+            decision: Decision {
+                op: Op::parse(&self.op).ok_or_else(|| corrupt("op", &self.op))?,
+                action: Action::parse(&self.action)
+                    .ok_or_else(|| corrupt("action", &self.action))?,
+                situation,
+                resource: self.resource,
+                key: self.key,
+                identity: self.identity,
+                candidates: body.candidates,
+                confirmed: body.confirmed,
+                rules: body.rules,
+                changes: body.changes,
+                error: body.error,
+            },
+        })
+    }
+}
+
 impl Repo {
     /// Stores the decision record of one event; returns its id.
     pub fn record_decision(&self, d: &Decision) -> Result<i64, RepoError> {
-        let record = to_json(d, || {
+        let body = RecordBody {
+            candidates: &d.candidates,
+            confirmed: &d.confirmed,
+            rules: &d.rules,
+            changes: &d.changes,
+            error: d.error.as_deref(),
+        };
+        let record = to_json(&body, || {
             format!("decision for account {}/{}", d.resource, d.key)
         })?;
         let conn = self.lock()?;
@@ -137,7 +223,9 @@ impl Repo {
             wheres.push("identity = ?");
             args.push(i);
         }
-        let mut sql = String::from("SELECT id, at, record FROM decisions");
+        let mut sql = String::from(
+            "SELECT id, at, resource, key, op, situation, action, identity, record FROM decisions",
+        );
         if !wheres.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&wheres.join(" AND "));
@@ -151,11 +239,17 @@ impl Repo {
             .prepare_cached(&sql)
             .and_then(|mut st| {
                 st.query_map(params_from_iter(&args), |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                    ))
+                    Ok(DecisionRow {
+                        id: r.get(0)?,
+                        at: r.get(1)?,
+                        resource: r.get(2)?,
+                        key: r.get(3)?,
+                        op: r.get(4)?,
+                        situation: r.get(5)?,
+                        action: r.get(6)?,
+                        identity: r.get(7)?,
+                        record: r.get(8)?,
+                    })
                 })?
                 .collect::<Result<Vec<_>, _>>()
             })
@@ -163,13 +257,7 @@ impl Repo {
         drop(conn);
         let mut out = rows
             .into_iter()
-            .map(|(id, at, record)| {
-                Ok(StoredDecision {
-                    id,
-                    at,
-                    decision: from_json(&record, || format!("decision {id}"))?,
-                })
-            })
+            .map(DecisionRow::into_stored)
             .collect::<Result<Vec<_>, RepoError>>()?;
         if filter.limit.is_some() {
             out.reverse();

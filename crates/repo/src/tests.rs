@@ -940,3 +940,42 @@ fn back_to_back_batches_keep_the_write_ahead_log_bounded() {
     assert!(largest < 1_500_000, "log sizes {sizes:?}");
     assert_eq!(repo.identity_names().unwrap().len(), 1200);
 }
+
+/// The record's JSON no longer repeats what the columns hold; records written in full by
+/// earlier versions still read back the same.
+#[test]
+fn decision_records_store_the_header_once_and_old_records_still_read() {
+    let repo = Repo::open_in_memory().unwrap();
+    let mut d = decision("hr", "7", Some(Situation::Unmatched), Action::Created);
+    d.identity = Some("ann".into());
+    d.rules = vec![idsync_core::RuleOutcome {
+        rule: "correlation".into(),
+        script: "correlation.rhai".into(),
+        result: "()".into(),
+    }];
+    let new_id = repo.record_decision(&d).unwrap();
+    {
+        let conn = repo.lock().unwrap();
+        let json: String = conn
+            .query_row(
+                "SELECT record FROM decisions WHERE id = ?1",
+                [new_id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(
+            !json.contains("\"resource\"") && !json.contains("\"action\""),
+            "{json}"
+        );
+        let old = serde_json::to_string(&d).unwrap();
+        conn.execute(
+            "INSERT INTO decisions (at, resource, key, op, situation, action, identity, record) \
+             VALUES ('2026-01-01T00:00:00.000Z', 'hr', '7', 'upsert', 'unmatched', 'created', 'ann', ?1)",
+            [old],
+        )
+        .unwrap();
+    }
+    let read = repo.decisions(&DecisionFilter::default()).unwrap();
+    assert_eq!(read.len(), 2);
+    assert!(read.iter().all(|s| s.decision == d), "{read:?}");
+}
