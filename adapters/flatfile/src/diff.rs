@@ -1,13 +1,17 @@
 //! Diffing the file's rows against the repository's last seen accounts.
 //!
 //! Two phases, so memory stays bounded on a million-row file:
-//! 1. [`plan`] streams every record once, hashing each row straight from its fields (no
-//!    attribute map) and comparing with the known hash. A changed or new row is kept only as
-//!    key, operation and file position. Keys are judged after the whole file is read, because
-//!    a duplicate further down makes every row with that key ambiguous.
-//! 2. [`events`] turns a slice of the plan into change events: it goes back to each planned
-//!    row's position, builds its attribute map and fetches its previous attributes. The
-//!    caller takes the plan in slices of `batch_size` events, each committed on its own.
+//! 1. [`plan`] reads every record once, hashing each row straight from its fields (no
+//!    attribute map) and comparing with the known hash. When accounts are known, their
+//!    key → hash pairs load from the repository on a second thread meanwhile, and the rows
+//!    wait in a compact [`ReadList`] (about 40 bytes each plus the key) until they have; on a
+//!    first load the file is diffed as it streams. A changed or new row is kept only as
+//!    operation and file position. Keys are judged after the whole file is read, because a
+//!    duplicate further down makes every row with that key ambiguous.
+//! 2. [`read_planned`] goes back to a slice of the plan's positions and builds each row's
+//!    attribute map (on the adapter's read-ahead thread, for the part after the one being
+//!    applied), and [`events`] adds the previous attributes and makes the change events.
+//!    The caller takes the plan in slices of `batch_size` events, each committed on its own.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashSet};

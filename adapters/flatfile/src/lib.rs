@@ -19,7 +19,9 @@
 //! a folder), wait until it is complete (settle time, marker file, or trust an atomic
 //! rename), read and hash the bytes, decode (UTF-8 or Latin-1), check the header against the
 //! last committed one, diff, then the **accidental-delete guard** refuses a pass that would
-//! delete too many accounts before anything is applied.
+//! delete too many accounts before anything is applied. A pass larger than `batch_size` is
+//! handed out in parts; while the caller applies one, a read-ahead thread ([`ReadAhead`])
+//! parses the next one's rows.
 //!
 //! The checkpoint ([`token`]) carries, beside the content hash, a fingerprint of the parsing
 //! options (a config change re-diffs an unchanged file and acknowledges a changed header),
