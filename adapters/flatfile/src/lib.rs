@@ -20,7 +20,7 @@
 //! rename), read and hash the bytes, decode (UTF-8 or Latin-1), check the header against the
 //! last committed one, diff, then the **accidental-delete guard** refuses a pass that would
 //! delete too many accounts before anything is applied. A pass larger than `batch_size` is
-//! handed out in parts; while the caller applies one, a read-ahead thread ([`ReadAhead`])
+//! handed out in parts; while the caller applies one, a read-ahead thread (`ReadAhead`)
 //! parses the next one's rows.
 //!
 //! The checkpoint ([`token`]) carries, beside the content hash, a fingerprint of the parsing
