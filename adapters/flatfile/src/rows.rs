@@ -327,10 +327,21 @@ impl<'a> Rows<'a> {
         let record = &self.record;
         let mut texts: Vec<Option<&str>> = Vec::with_capacity(record.len());
         let mut not_utf8 = Vec::new();
+        // The record keeps its fields back to back in one buffer, cut at ASCII delimiters:
+        // if the buffer is valid UTF-8, each field is a slice of it at character
+        // boundaries. One check per record instead of one per field; an invalid record is
+        // checked field by field, to name the columns.
+        let whole = std::str::from_utf8(record.as_slice()).ok();
+        let mut offset = 0;
         for (i, field) in record.iter().enumerate() {
-            match std::str::from_utf8(field) {
-                Ok(s) => texts.push(Some(if self.trim { s.trim() } else { s })),
-                Err(_) => {
+            let end = offset + field.len();
+            let text = whole
+                .and_then(|w| w.get(offset..end))
+                .or_else(|| std::str::from_utf8(field).ok());
+            offset = end;
+            match text {
+                Some(s) => texts.push(Some(if self.trim { s.trim() } else { s })),
+                None => {
                     texts.push(None);
                     not_utf8.push(self.column_name(i));
                 }
@@ -345,11 +356,14 @@ impl<'a> Rows<'a> {
             .iter()
             .map(|&i| texts.get(i).copied().flatten().filter(|s| !s.is_empty()))
             .collect();
-        let key = key_parts
-            .iter()
-            .copied()
-            .collect::<Option<Vec<&str>>>()
-            .map(|parts| join_key(&parts));
+        let key = match key_parts.as_slice() {
+            [one] => one.map(str::to_owned),
+            parts => parts
+                .iter()
+                .copied()
+                .collect::<Option<Vec<&str>>>()
+                .map(|parts| join_key(&parts)),
+        };
 
         if record.len() != self.columns.len() {
             let mut reason = format!(

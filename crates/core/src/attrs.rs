@@ -314,6 +314,7 @@ impl AttrMap {
 /// Appends one field of the [`AttrMap::content_hash`] input: a tag (0 name, 1 text, 2
 /// binary), the length as 8 little-endian bytes, the bytes. Public so a reader that hashes
 /// rows without building maps (the flat-file adapter) produces the same value.
+#[inline]
 pub fn hash_field(h: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
     h.push(tag);
     h.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
