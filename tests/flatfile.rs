@@ -476,7 +476,13 @@ fn large_pass_commits_in_parts_and_stays_complete() {
     s.feed("hr.csv", &many(10));
     let out = s.run_once(None, 0);
     assert!(out.stdout.contains("hr: 10 events"), "{}", out.stdout);
-    assert_eq!(names(&s).len(), 10);
+    // Parts after the first are parsed ahead on another thread: each row must still land
+    // on its own identity.
+    let expected: Vec<(String, String)> =
+        (0..10).map(|i| (i.to_string(), format!("P{i}"))).collect();
+    let mut expected_sorted = expected.clone();
+    expected_sorted.sort();
+    assert_eq!(names(&s), expected_sorted);
     let ops: Vec<String> = s
         .results(&[])
         .iter()
@@ -485,4 +491,34 @@ fn large_pass_commits_in_parts_and_stays_complete() {
     assert!(ops.iter().all(|o| o == "upsert"), "{ops:?}");
     let out = s.run_once(None, 0);
     assert!(out.stdout.contains("hr: no changes"), "{}", out.stdout);
+
+    // An incremental pass in parts: changes spread over several parts, one row gone, one new.
+    let mut csv = String::from("id,cn\n");
+    for i in (0..11).filter(|i| *i != 5) {
+        let cn = if [1, 4, 7, 9].contains(&i) {
+            format!("Q{i}")
+        } else {
+            format!("P{i}")
+        };
+        csv.push_str(&format!("{i},{cn}\n"));
+    }
+    s.feed("hr.csv", &csv);
+    let out = s.run_once(None, 0);
+    assert!(out.stdout.contains("hr: 6 events"), "{}", out.stdout);
+    let mut want: Vec<(String, String)> = (0..11)
+        .filter(|i| *i != 5)
+        .map(|i| {
+            let cn = if [1, 4, 7, 9].contains(&i) {
+                format!("Q{i}")
+            } else {
+                format!("P{i}")
+            };
+            (i.to_string(), cn)
+        })
+        .collect();
+    want.sort();
+    assert_eq!(names(&s), want);
+    let updates = s.results(&["--key", "7"]);
+    let last = updates.last().unwrap();
+    assert_eq!(last["op"], "update", "{last}");
 }
