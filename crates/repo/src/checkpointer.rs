@@ -53,8 +53,14 @@ pub(crate) struct Checkpointer {
     pub(crate) restart_pages: i64,
 }
 
-/// What the thread is asked for: a checkpoint, and whom to tell when it is done.
-type Request = Option<Sender<()>>;
+/// What the thread is asked for.
+enum Request {
+    /// A checkpoint, and whom to tell when it is done.
+    Checkpoint(Option<Sender<()>>),
+    /// Stop (the WAL hook keeps a sender alive as long as its connection, so the thread
+    /// cannot wait for every sender to go).
+    Stop,
+}
 
 impl Checkpointer {
     /// Opens a second connection to `path` and starts the thread. On error the caller
@@ -102,7 +108,7 @@ impl Checkpointer {
                     wal.checkpoint()?;
                 } else if pages >= WAKE_PAGES {
                     // A request already waiting covers this commit too.
-                    let _ = wake.try_send(None);
+                    let _ = wake.try_send(Request::Checkpoint(None));
                 }
                 Ok(())
             },
@@ -127,7 +133,7 @@ impl Checkpointer {
             return;
         };
         let (done, finished) = channel();
-        if wake.send(Some(done)).is_ok() {
+        if wake.send(Request::Checkpoint(Some(done))).is_ok() {
             let _ = finished.recv();
         }
     }
@@ -135,7 +141,9 @@ impl Checkpointer {
 
 impl Drop for Checkpointer {
     fn drop(&mut self) {
-        drop(self.wake.take());
+        if let Some(wake) = self.wake.take() {
+            let _ = wake.send(Request::Stop);
+        }
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
         {
@@ -145,7 +153,7 @@ impl Drop for Checkpointer {
 }
 
 fn run(conn: &Connection, woken: &Receiver<Request>) {
-    while let Ok(request) = woken.recv() {
+    while let Ok(Request::Checkpoint(done)) = woken.recv() {
         let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
             Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
         });
@@ -156,7 +164,7 @@ fn run(conn: &Connection, woken: &Receiver<Request>) {
             // The committing connection's safety net takes over if this keeps failing.
             Err(e) => tracing::warn!("background checkpoint failed: {e}"),
         }
-        if let Some(done) = request {
+        if let Some(done) = done {
             let _ = done.send(());
         }
     }
