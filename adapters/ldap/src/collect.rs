@@ -8,7 +8,7 @@
 //! equals its shadow produces no event: a change delivered twice (after a reconnect, or a
 //! refresh from scratch) is applied once.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use idsync_core::{AttrMap, ChangeEvent, KeyHashes, KnownAccounts, Op};
 

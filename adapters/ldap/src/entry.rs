@@ -121,15 +121,16 @@ pub(crate) fn uuid_text(raw: &[u8]) -> Result<String, String> {
     if raw.len() != 16 {
         return Err(format!("entryUUID of {} bytes (expected 16)", raw.len()));
     }
-    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    ))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(36);
+    for (i, b) in raw.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            text.push('-');
+        }
+        text.push(char::from(HEX[usize::from(b >> 4)]));
+        text.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
+    Ok(text)
 }
 
 /// How raw entries become account attribute maps.
@@ -154,25 +155,38 @@ impl Shaper {
     pub fn attrs(&self, e: RawEntry) -> AttrMap {
         let mut m = AttrMap::new();
         for (name, values) in e.attrs {
-            let base = name.split(';').next().unwrap_or(&name).to_owned();
+            let mut parts = name.split(';');
+            let base = parts.next().unwrap_or(&name);
+            let binary_option = parts.any(|o| o.eq_ignore_ascii_case("binary"));
             let folded = base.to_lowercase();
-            if self.drop.contains(&folded) || values.is_empty() {
+            if values.is_empty() || self.drop.contains(&folded) {
                 continue;
             }
-            let binary = self.binary.contains(&folded)
-                || name.to_lowercase().contains(";binary")
+            let binary = binary_option
+                || self.binary.contains(&folded)
                 || values.iter().any(|v| std::str::from_utf8(v).is_err());
-            let values: Vec<Value> = if binary {
-                values.into_iter().map(Value::Binary).collect()
-            } else {
-                values
-                    .into_iter()
-                    .map(|v| Value::Text(String::from_utf8_lossy(&v).into_owned()))
-                    .collect()
-            };
-            let mut all = m.get(&base).map(<[Value]>::to_vec).unwrap_or_default();
-            all.extend(values);
-            m.set(&base, all);
+            let values: Vec<Value> = values
+                .into_iter()
+                .map(|v| {
+                    if binary {
+                        Value::Binary(v)
+                    } else {
+                        // Checked above: every value is UTF-8, so no copy is made.
+                        String::from_utf8(v)
+                            .map(Value::Text)
+                            .unwrap_or_else(|e| Value::Binary(e.into_bytes()))
+                    }
+                })
+                .collect();
+            // The same attribute under several options (`cn`, `cn;lang-en`): one attribute.
+            match m.get(base) {
+                None => m.set(base, values),
+                Some(earlier) => {
+                    let mut all = earlier.to_vec();
+                    all.extend(values);
+                    m.set(base, all);
+                }
+            }
         }
         m.set_text(&self.dn_attribute, e.dn);
         m
@@ -223,9 +237,20 @@ mod tests {
                 ("JPEGPhoto".to_owned(), vec![b"text-looking".to_vec()]),
                 ("blob".to_owned(), vec![vec![0xff, 0x00]]),
                 ("entryUUID".to_owned(), vec![b"u".to_vec()]),
+                ("userCertificate;binary".to_owned(), vec![b"der".to_vec()]),
+                ("cn".to_owned(), vec![b"Ann".to_vec()]),
+                ("cn;lang-fr".to_owned(), vec![b"Anne".to_vec()]),
             ],
         };
         let m = s.attrs(e);
+        assert_eq!(
+            m.get("usercertificate").unwrap(),
+            &[Value::Binary(b"der".to_vec())]
+        );
+        assert_eq!(
+            m.get("cn").unwrap(),
+            &[Value::Text("Ann".into()), Value::Text("Anne".into())]
+        );
         assert_eq!(m.get("MAIL").unwrap().len(), 2);
         assert_eq!(
             m.get("jpegphoto").unwrap(),
