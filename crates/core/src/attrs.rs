@@ -182,6 +182,19 @@ pub struct AttrMap {
     entries: BTreeMap<String, Attr>,
 }
 
+/// The folded (lowercased) form of an attribute name, without a copy for the usual name
+/// that is ASCII without capitals already (`to_lowercase` would return it unchanged).
+fn folded(name: &str) -> std::borrow::Cow<'_, str> {
+    if name
+        .bytes()
+        .any(|b| b.is_ascii_uppercase() || !b.is_ascii())
+    {
+        std::borrow::Cow::Owned(name.to_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
 impl AttrMap {
     /// An empty map.
     pub fn new() -> Self {
@@ -191,16 +204,16 @@ impl AttrMap {
     /// Sets `name` to `values`, replacing what was there. Empty `values` removes it.
     /// The first spelling of a name is kept.
     pub fn set(&mut self, name: &str, values: Vec<Value>) {
-        let folded = name.to_lowercase();
+        let folded = folded(name);
         if values.is_empty() {
-            self.entries.remove(&folded);
+            self.entries.remove(&*folded);
             return;
         }
-        match self.entries.get_mut(&folded) {
+        match self.entries.get_mut(&*folded) {
             Some(attr) => attr.values = values,
             None => {
                 self.entries.insert(
-                    folded,
+                    folded.into_owned(),
                     Attr {
                         name: name.to_owned(),
                         values,
@@ -217,13 +230,13 @@ impl AttrMap {
 
     /// Removes `name`; returns whether it was present.
     pub fn remove(&mut self, name: &str) -> bool {
-        self.entries.remove(&name.to_lowercase()).is_some()
+        self.entries.remove(&*folded(name)).is_some()
     }
 
     /// The values of `name`, if present.
     pub fn get(&self, name: &str) -> Option<&[Value]> {
         self.entries
-            .get(&name.to_lowercase())
+            .get(&*folded(name))
             .map(|a| a.values.as_slice())
     }
 
@@ -236,12 +249,12 @@ impl AttrMap {
 
     /// The attribute entry (name as given and values).
     pub fn attr(&self, name: &str) -> Option<&Attr> {
-        self.entries.get(&name.to_lowercase())
+        self.entries.get(&*folded(name))
     }
 
     /// Whether `name` is present.
     pub fn contains(&self, name: &str) -> bool {
-        self.entries.contains_key(&name.to_lowercase())
+        self.entries.contains_key(&*folded(name))
     }
 
     /// Iterates attributes ordered by folded name.

@@ -89,9 +89,15 @@ impl<'a> Decider<'a> {
                     .unwrap_or(Dynamic::UNIT),
             );
         }
-        scope.push("resource", event.resource.clone());
-        scope.push("key", event.key.clone());
-        scope.push("op", event.op.as_str().to_owned());
+        for (name, value) in [
+            ("resource", event.resource.as_str()),
+            ("key", event.key.as_str()),
+            ("op", event.op.as_str()),
+        ] {
+            if policy.reads(name) {
+                scope.push(name, value.to_owned());
+            }
+        }
         let host = Rc::new(EventHost::new(repo, &event.resource, &event.key));
         Decider {
             rules,
