@@ -22,6 +22,7 @@ use foldhash::HashMap;
 use csv::Position;
 use idsync_core::{AdapterError, AttrMap, ChangeEvent, KnownAccounts, Op, Reject};
 
+use crate::config::FlatFileConfig;
 use crate::rows::{BadRow, Record, Row, Rows};
 
 /// Where the diff happens, for events and messages.
@@ -410,19 +411,21 @@ pub(crate) fn plan(
     })
 }
 
-/// The changed rows at `planned` positions, read again with their attribute maps. Needs
-/// nothing but the file, so it can run ahead on another thread ([`events`] takes its
-/// result).
+/// The changed rows at `planned` positions of the decoded file `data`, read again with
+/// their attribute maps. Needs nothing but the file, so it can run ahead on another thread
+/// ([`events`] takes its result).
 pub(crate) fn read_planned(
-    shown_path: &str,
+    data: &[u8],
+    config: &FlatFileConfig,
     resource: &str,
-    rows: &mut Rows<'_>,
+    shown_path: &str,
     planned: &[Planned],
 ) -> Result<Vec<Row>, AdapterError> {
     let transient = |message| AdapterError::Transient {
         resource: resource.to_owned(),
         message,
     };
+    let mut rows = Rows::open(data, config, resource, shown_path)?;
     rows.build_attrs(true);
     let mut out = Vec::with_capacity(planned.len());
     for p in planned {

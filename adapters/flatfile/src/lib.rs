@@ -384,16 +384,16 @@ impl FlatFileAdapter {
             Some(ahead) if ahead.from == from => ahead.thread.join().map_err(|_| {
                 self.transient(format!("{}: the read-ahead thread failed", ip.shown_path))
             })??,
-            _ => {
-                let mut rows = Rows::open(&ip.data, &self.config, &self.resource, &ip.shown_path)?;
-                let range = diff::change_range(&ip.plan, from, batch_size);
-                diff::read_planned(
-                    &ip.shown_path,
-                    &self.resource,
-                    &mut rows,
-                    ip.plan.changes.get(range).unwrap_or_default(),
-                )?
-            }
+            _ => diff::read_planned(
+                &ip.data,
+                &self.config,
+                &self.resource,
+                &ip.shown_path,
+                ip.plan
+                    .changes
+                    .get(diff::change_range(&ip.plan, from, batch_size))
+                    .unwrap_or_default(),
+            )?,
         };
         let events = {
             let target = Target {
@@ -448,10 +448,7 @@ impl FlatFileAdapter {
         let shown_path = ip.shown_path.clone();
         let started = std::thread::Builder::new()
             .name(format!("idsync-read-{resource}"))
-            .spawn(move || {
-                let mut rows = Rows::open(&data, &config, &resource, &shown_path)?;
-                diff::read_planned(&shown_path, &resource, &mut rows, &planned)
-            });
+            .spawn(move || diff::read_planned(&data, &config, &resource, &shown_path, &planned));
         match started {
             Ok(thread) => Some(ReadAhead {
                 from: ip.next,

@@ -136,7 +136,7 @@ fn floor(feed: &Path, db: &Path) -> anyhow::Result<(Duration, Duration)> {
     conn.pragma_update(
         None,
         "wal_autocheckpoint",
-        idsync_repo::WAL_AUTOCHECKPOINT_PAGES,
+        idsync_repo::WAL_SAFETY_NET_PAGES,
     )?;
     conn.execute_batch(
         "CREATE TABLE rows (key TEXT PRIMARY KEY, attrs TEXT NOT NULL) WITHOUT ROWID",

@@ -37,6 +37,7 @@ pub use pipeline::{DISABLED_CHANGE, EventError};
 pub use policy::{DeleteAction, Mapping, MappingSource, OnError, Policy};
 
 use pipeline::{Decider, blank_decision};
+use policy::ScopeNeeds;
 
 /// The `rule` of the [`RuleOutcome`] that records a queued notification (its `script` is
 /// the policy name).
@@ -279,12 +280,13 @@ impl Engine {
         // Superseding old failed events costs a statement per event: skip it while the
         // resource has none.
         let mut failures_pending = self.repo.has_failures(&policy.resource)?;
+        let needs = ScopeNeeds::of(policy);
         for (index, event) in batch.events.iter().enumerate() {
             let d = match guard {
-                Guard::Savepoints => self.decide_event(policy, event, true)?,
+                Guard::Savepoints => self.decide_event(policy, needs, event, true)?,
                 Guard::Optimistic => {
                     let writes = self.repo.write_count()?;
-                    let d = self.decide_event(policy, event, false)?;
+                    let d = self.decide_event(policy, needs, event, false)?;
                     if d.error.is_some() && self.repo.write_count()? != writes {
                         return Ok(None);
                     }
@@ -339,6 +341,7 @@ impl Engine {
     fn decide_event(
         &self,
         policy: &Policy,
+        needs: ScopeNeeds,
         event: &ChangeEvent,
         savepoint: bool,
     ) -> Result<Decision, EngineError> {
@@ -348,7 +351,7 @@ impl Engine {
             self.repo.savepoint()?;
         }
         let mut d = blank_decision(event);
-        let mut decider = Decider::new(&self.rules, &self.repo, policy, event);
+        let mut decider = Decider::new(&self.rules, &self.repo, policy, needs, event);
         decider.host.capture.set(self.notifier.is_some());
         let outcome = decider
             .decide(&mut d)
@@ -429,7 +432,7 @@ impl Engine {
         };
         self.repo.begin()?;
         let result = (|| {
-            let d = self.decide_event(policy, event, true)?;
+            let d = self.decide_event(policy, ScopeNeeds::of(policy), event, true)?;
             self.repo.record_decision(&d)?;
             match &d.error {
                 None => {

@@ -17,7 +17,7 @@ use idsync_rules::{
 };
 
 use crate::host::EventHost;
-use crate::policy::{DeleteAction, MappingSource, Policy};
+use crate::policy::{DeleteAction, MappingSource, Policy, ScopeNeeds};
 
 /// Why one event failed. It becomes a failed-event row; the batch goes on.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +63,7 @@ pub(crate) struct Decider<'a> {
     pub event: &'a ChangeEvent,
     pub host: Rc<EventHost>,
     pub scope: Scope<'static>,
+    needs: ScopeNeeds,
 }
 
 impl<'a> Decider<'a> {
@@ -70,16 +71,17 @@ impl<'a> Decider<'a> {
         rules: &'a RuleEngine,
         repo: &'a Arc<Repo>,
         policy: &'a Policy,
+        needs: ScopeNeeds,
         event: &'a ChangeEvent,
     ) -> Self {
         // Variables no script names are left out rather than built for every event.
         let mut scope = Scope::new();
         let account = attrs_to_dynamic(&event.attrs);
-        if policy.populate_global && policy.reads("global") {
+        if needs.global {
             scope.push("global", account.clone());
         }
         scope.push("account", account);
-        if policy.reads("previous") {
+        if needs.previous {
             scope.push(
                 "previous",
                 event
@@ -89,12 +91,12 @@ impl<'a> Decider<'a> {
                     .unwrap_or(Dynamic::UNIT),
             );
         }
-        for (name, value) in [
-            ("resource", event.resource.as_str()),
-            ("key", event.key.as_str()),
-            ("op", event.op.as_str()),
+        for (needed, name, value) in [
+            (needs.resource, "resource", event.resource.as_str()),
+            (needs.key, "key", event.key.as_str()),
+            (needs.op, "op", event.op.as_str()),
         ] {
-            if policy.reads(name) {
+            if needed {
                 scope.push(name, value.to_owned());
             }
         }
@@ -106,6 +108,7 @@ impl<'a> Decider<'a> {
             event,
             host,
             scope,
+            needs,
         }
     }
 
@@ -346,7 +349,7 @@ impl<'a> Decider<'a> {
             }
         }
         let mark = self.scope.len();
-        if self.policy.mappings_read("identity") {
+        if self.needs.mapping_identity {
             self.scope.push(
                 "identity",
                 identity.map(identity_to_dynamic).unwrap_or(Dynamic::UNIT),
@@ -393,7 +396,7 @@ impl<'a> Decider<'a> {
         self.host.pre_image(name)?;
         // The linked accounts (with their last seen attributes) are read only if a
         // mapping can see them through `identity`.
-        let view = if self.policy.mappings_read("identity") {
+        let view = if self.needs.mapping_identity {
             self.view(name)?
         } else {
             self.repo

@@ -116,14 +116,35 @@ impl Policy {
         })
     }
 
-    /// Whether any script may read variable `name` ([`Script::mentions`]): if none
-    /// does, the engine need not build it for every event.
-    pub(crate) fn reads(&self, name: &str) -> bool {
+    /// Whether any script may read variable `name` ([`Script::mentions`]).
+    fn reads(&self, name: &str) -> bool {
         self.scripts().any(|s| s.mentions(name))
     }
+}
 
-    /// Whether a mapping expression may read variable `name`.
-    pub(crate) fn mappings_read(&self, name: &str) -> bool {
-        self.mapping_scripts().any(|s| s.mentions(name))
+/// Which optional variables a policy's scripts may read ([`Script::mentions`]); one not
+/// named anywhere is not built for each event. Worked out once per batch.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ScopeNeeds {
+    /// `global` (only with `populate_global`).
+    pub global: bool,
+    pub previous: bool,
+    pub resource: bool,
+    pub key: bool,
+    pub op: bool,
+    /// `identity` in mapping expressions (with the linked accounts of an update).
+    pub mapping_identity: bool,
+}
+
+impl ScopeNeeds {
+    pub fn of(policy: &Policy) -> ScopeNeeds {
+        ScopeNeeds {
+            global: policy.populate_global && policy.reads("global"),
+            previous: policy.reads("previous"),
+            resource: policy.reads("resource"),
+            key: policy.reads("key"),
+            op: policy.reads("op"),
+            mapping_identity: policy.mapping_scripts().any(|s| s.mentions("identity")),
+        }
     }
 }

@@ -9,7 +9,7 @@
 //! log's size after each commit: past [`WAKE_PAGES`] (SQLite's own default threshold) it
 //! wakes this thread, whose second connection runs a *passive* checkpoint (it never waits
 //! for or blocks the writer or the readers; the writer starts the log over once a
-//! checkpoint has caught up); past [`SAFETY_NET_PAGES`], which only a stuck or failing
+//! checkpoint has caught up); past [`WAL_SAFETY_NET_PAGES`], which only a stuck or failing
 //! background checkpoint lets the log reach, the committing connection checkpoints itself.
 //! Small commits (LDAP persist mode) thus cost no checkpoint at all until the log has
 //! grown.
@@ -33,7 +33,7 @@ use crate::error::{Context, RepoError};
 /// The log size (in pages) past which the committing connection checkpoints by itself:
 /// larger than any batch, so only a stuck or failing background checkpoint lets it come
 /// into play.
-pub const SAFETY_NET_PAGES: i64 = 262_144;
+pub const WAL_SAFETY_NET_PAGES: i64 = 262_144;
 
 /// The log size (in pages) from which a commit wakes the checkpoint thread.
 pub(crate) const WAKE_PAGES: i64 = 1_000;
@@ -100,7 +100,7 @@ impl Checkpointer {
             move |wal: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
                 let pages = i64::from(pages);
                 log_pages.store(pages, Ordering::Relaxed);
-                if pages >= SAFETY_NET_PAGES {
+                if pages >= WAL_SAFETY_NET_PAGES {
                     tracing::warn!(
                         pages,
                         "the write-ahead log was not checkpointed in the background: checkpointing in the commit"

@@ -52,7 +52,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rusqlite::Connection;
 
-pub use checkpointer::SAFETY_NET_PAGES as WAL_AUTOCHECKPOINT_PAGES;
+pub use checkpointer::WAL_SAFETY_NET_PAGES;
 pub use error::RepoError;
 pub use outbox::{
     NewOutboxMessage, OutboxFilter, OutboxMessage, OutboxOutcome, OutboxStatus, RenderedMail,
