@@ -23,9 +23,11 @@ use csv::Position;
 use idsync_core::{AdapterError, AttrMap, ChangeEvent, KnownAccounts, Op, Reject};
 
 use crate::config::FlatFileConfig;
+use crate::known::KnownKeys;
 use crate::rows::{BadRow, Record, Row, Rows};
 
 /// Where the diff happens, for events and messages.
+#[derive(Clone, Copy)]
 pub(crate) struct Target<'a> {
     /// The resource name.
     pub resource: &'a str,
@@ -36,7 +38,8 @@ pub(crate) struct Target<'a> {
     /// No committed checkpoint: accounts not known are upserts, not creates.
     pub fresh: bool,
     /// The snapshot does not match the checkpoint (missing or damaged): every row is an
-    /// upsert, unchanged or not, so nothing the snapshot lost is skipped.
+    /// upsert, unchanged or not, so nothing the snapshot lost is skipped. [`plan`] also
+    /// sets it when the accounts it loads are not as many as the checkpoint expects.
     pub full_pass: bool,
 }
 
@@ -78,6 +81,8 @@ pub(crate) struct Planned {
 /// Everything one file's diff will emit, in order: the changed rows, then the deletes.
 #[derive(Debug)]
 pub(crate) struct Plan {
+    /// Every row is an upsert: the snapshot did not match the checkpoint.
+    pub full_pass: bool,
     pub changes: Vec<Planned>,
     pub deletes: Vec<String>,
     pub rejects: Vec<Reject>,
@@ -92,18 +97,11 @@ impl Plan {
     }
 }
 
-/// A known account: its committed content hash and the first line the file has it on.
-struct KnownKey {
-    hash: u64,
-    /// 0 while the file has not shown the key (lines are 1-based).
-    first: u64,
-}
-
 /// The known accounts and the lines every key was seen on (good rows and bad rows whose
 /// key could be read). Known keys are marked in place, so an incremental pass over a
 /// million rows allocates nothing for the rows it has seen before.
 struct Occurrences {
-    known: HashMap<Box<str>, KnownKey>,
+    known: KnownKeys,
     /// Keys not known: the first line of each.
     new: HashMap<Box<str>, u64>,
     /// Only keys seen more than once: every line, in file order.
@@ -263,31 +261,31 @@ fn load_known(
     target: &Target<'_>,
     known: &dyn KnownAccounts,
     capacity: usize,
-) -> Result<HashMap<Box<str>, KnownKey>, AdapterError> {
-    let mut map = HashMap::with_capacity_and_hasher(capacity, Default::default());
+) -> Result<KnownKeys, AdapterError> {
+    let mut map = KnownKeys::with_capacity(capacity);
     known
-        .each_known_hash(target.resource, &mut |key, hash| {
-            map.insert(key.into_boxed_str(), KnownKey { hash, first: 0 });
-        })
+        .each_known_hash(target.resource, &mut |key, hash| map.insert(key, hash))
         .map_err(|e| target.transient(format!("cannot read the known accounts: {e}")))?;
     Ok(map)
 }
 
-/// Phase 1: reads every record of `rows` and diffs it against `known`. When accounts are
-/// known (`known_count` is not `Some(0)`), they load from the repository on a second
-/// thread while this one reads the file into a [`ReadList`], and the diff runs once both
-/// are done; otherwise the file is diffed as it is read.
+/// Phase 1: reads every record of `rows` and diffs it against the known accounts.
+/// `expected` is how many accounts the checkpoint says the snapshot holds: when it is not
+/// `Some(0)`, they load from the repository on a second thread while this one reads the
+/// file into a [`ReadList`], and the diff runs once both are done; otherwise the file is
+/// diffed as it is read. A snapshot that does not hold `expected` accounts (lost or
+/// damaged) makes the pass a full pass, as if `target.full_pass` had been set.
 pub(crate) fn plan(
     target: &Target<'_>,
     rows: &mut Rows<'_>,
     known: &dyn KnownAccounts,
-    known_count: Option<u64>,
+    expected: Option<u64>,
 ) -> Result<Plan, AdapterError> {
     let resource = target.resource;
     let started = Instant::now();
     rows.build_attrs(false);
-    let capacity = known_count.map_or(0, |n| usize::try_from(n).unwrap_or(0));
-    let (known_keys, list) = if known_count == Some(0) {
+    let capacity = expected.map_or(0, |n| usize::try_from(n).unwrap_or(0));
+    let (known_keys, list) = if expected == Some(0) {
         (load_known(target, known, 0)?, None)
     } else {
         std::thread::scope(|scope| {
@@ -300,6 +298,18 @@ pub(crate) fn plan(
         })?
     };
     let loaded = started.elapsed();
+    let found = known_keys.len() as u64;
+    let mismatch = expected.is_some_and(|n| n != found);
+    if mismatch && !target.full_pass {
+        tracing::warn!(
+            resource,
+            "the snapshot does not match the checkpoint (expected {expected:?} accounts, found {found}): full pass",
+        );
+    }
+    let target = &Target {
+        full_pass: target.full_pass || mismatch,
+        ..*target
+    };
 
     let mut differ = Differ {
         target,
@@ -385,9 +395,9 @@ pub(crate) fn plan(
 
     let mut deletes: Vec<String> = seen
         .known
-        .into_iter()
-        .filter(|(key, k)| k.first == 0 && !held.contains(&**key))
-        .map(|(key, _)| key.into_string())
+        .iter()
+        .filter(|(key, k)| k.first == 0 && !held.contains(*key))
+        .map(|(key, _)| key.to_owned())
         .collect();
     deletes.sort();
     stats.deletes = deletes.len() as u64;
@@ -403,6 +413,7 @@ pub(crate) fn plan(
         started.elapsed() - loaded
     );
     Ok(Plan {
+        full_pass: target.full_pass,
         changes,
         deletes,
         rejects: rejects.into_iter().map(|(_, r)| r).collect(),

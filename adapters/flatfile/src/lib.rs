@@ -35,6 +35,7 @@ mod complete;
 mod config;
 mod diff;
 mod folder;
+mod known;
 mod rows;
 mod token;
 mod watch;
@@ -263,31 +264,41 @@ impl Adapter for FlatFileAdapter {
             .map_err(|e| self.transient(format!("cannot read {shown_path}: {e}")))?;
         let content = xxh3_64(&bytes);
 
-        let known_count = known
-            .known_count(&self.resource)
-            .map_err(|e| self.transient(format!("cannot count the known accounts: {e}")))?;
-        let consistent = match (previous.as_ref().and_then(|t| t.n), known_count) {
-            (Some(n), Some(count)) => n == count,
-            _ => true,
-        };
-        if !consistent {
-            tracing::warn!(
-                resource = %self.resource,
-                "the snapshot does not match the checkpoint (expected {:?} accounts, found {:?}): full pass",
-                previous.as_ref().and_then(|t| t.n),
-                known_count
-            );
-        }
+        // The snapshot is checked against the checkpoint's account count: here, by a
+        // count, only when the file looks unchanged (an idle pass must not hide a lost
+        // snapshot); otherwise the diff checks the accounts it loads anyway.
+        let expected = previous.as_ref().and_then(|t| t.n);
+        let mut consistent = true;
         if let Some(p) = &previous
-            && consistent
             && !p.partial
             && p.content == content
             && p.cfg.as_deref().is_none_or(|c| c == cfg)
             && p.file == folder_file
         {
-            return Ok(Fetch::Idle);
+            let known_count = known
+                .known_count(&self.resource)
+                .map_err(|e| self.transient(format!("cannot count the known accounts: {e}")))?;
+            consistent = match (expected, known_count) {
+                (Some(n), Some(count)) => n == count,
+                _ => true,
+            };
+            if consistent {
+                return Ok(Fetch::Idle);
+            }
+            tracing::warn!(
+                resource = %self.resource,
+                "the snapshot does not match the checkpoint (expected {expected:?} accounts, found {known_count:?}): full pass",
+            );
         }
 
+        // A checkpoint without a count (a first pass, an older checkpoint): the
+        // repository's own count tells the diff whether there is anything to load.
+        let expected_accounts = match expected {
+            Some(n) => Some(n),
+            None => known
+                .known_count(&self.resource)
+                .map_err(|e| self.transient(format!("cannot count the known accounts: {e}")))?,
+        };
         let data: Vec<u8> = match self.config.encoding {
             Encoding::Utf8 => bytes,
             Encoding::Latin1 => {
@@ -329,11 +340,12 @@ impl Adapter for FlatFileAdapter {
                 full_pass: !consistent,
             };
             (
-                diff::plan(&target, &mut rows, known, known_count)?,
+                diff::plan(&target, &mut rows, known, expected_accounts)?,
                 rows.columns().to_vec(),
             )
         };
         self.guard(&plan.stats, &shown_path)?;
+        let full_pass = plan.full_pass;
         // Rejects were handed out with the first part of an interrupted pass already.
         let resumed = previous.as_ref().is_some_and(|t| t.partial);
         let (rejects, held) = if resumed {
@@ -358,7 +370,7 @@ impl Adapter for FlatFileAdapter {
             },
             folder_more: self.more,
             fresh,
-            full_pass: !consistent,
+            full_pass,
             shown_path,
             file_name,
             checkpoint: String::new(),

@@ -22,14 +22,14 @@ impl KnownAccounts for Known {
     fn each_known_hash(
         &self,
         resource: &str,
-        each: &mut dyn FnMut(String, u64),
+        each: &mut dyn FnMut(&str, u64),
     ) -> Result<(), String> {
         assert_eq!(resource, "hr");
         if self.broken {
             return Err("database is locked".into());
         }
         for (k, a) in &self.accounts {
-            each(k.clone(), a.content_hash());
+            each(k, a.content_hash());
         }
         Ok(())
     }

@@ -213,13 +213,9 @@ mod tests {
 
     struct Known(HashMap<String, AttrMap>);
     impl KnownAccounts for Known {
-        fn each_known_hash(
-            &self,
-            _: &str,
-            each: &mut dyn FnMut(String, u64),
-        ) -> Result<(), String> {
+        fn each_known_hash(&self, _: &str, each: &mut dyn FnMut(&str, u64)) -> Result<(), String> {
             for (k, v) in &self.0 {
-                each(k.clone(), v.content_hash());
+                each(k, v.content_hash());
             }
             Ok(())
         }

@@ -127,13 +127,13 @@ pub trait KnownAccounts: Sync {
     fn each_known_hash(
         &self,
         resource: &str,
-        each: &mut dyn FnMut(String, u64),
+        each: &mut dyn FnMut(&str, u64),
     ) -> Result<(), String>;
     /// Every known key of `resource` with the content hash of its last seen attributes.
     fn known_hashes(&self, resource: &str) -> Result<KeyHashes, String> {
         let mut map = KeyHashes::default();
         self.each_known_hash(resource, &mut |key, hash| {
-            map.insert(key, hash);
+            map.insert(key.to_owned(), hash);
         })?;
         Ok(map)
     }

@@ -67,14 +67,15 @@ impl Repo {
     pub fn each_shadow_hash(
         &self,
         resource: &str,
-        each: &mut dyn FnMut(String, u64),
+        each: &mut dyn FnMut(&str, u64),
     ) -> Result<(), RepoError> {
         let conn = self.lock()?;
         conn.prepare_cached("SELECT key, hash FROM shadows WHERE resource = ?1")
             .and_then(|mut st| {
                 let mut rows = st.query([resource])?;
                 while let Some(r) = rows.next()? {
-                    each(r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64);
+                    let key = r.get_ref(0)?.as_str()?;
+                    each(key, r.get::<_, i64>(1)? as u64);
                 }
                 Ok(())
             })
@@ -86,7 +87,7 @@ impl KnownAccounts for Repo {
     fn each_known_hash(
         &self,
         resource: &str,
-        each: &mut dyn FnMut(String, u64),
+        each: &mut dyn FnMut(&str, u64),
     ) -> Result<(), String> {
         self.each_shadow_hash(resource, each)
             .map_err(|e| e.to_string())
