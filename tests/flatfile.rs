@@ -453,6 +453,34 @@ fn missing_snapshot_means_a_full_pass() {
 }
 
 #[test]
+fn damaged_snapshot_with_a_changed_file_means_a_full_pass() {
+    let s = world(", completion: rename");
+    s.feed("hr.csv", "id,cn\n1,Ann\n2,Bob\n3,Cy\n");
+    s.run_once(None, 0);
+    // Lose one account of the snapshot and change another row: the diff notices that
+    // it loaded fewer accounts than the checkpoint counts, so every row is an upsert
+    // (the unchanged row 3 too), not just the changed one.
+    let db = rusqlite::Connection::open(s.db()).unwrap();
+    db.execute("DELETE FROM shadows WHERE key = '1'", []).unwrap();
+    drop(db);
+    s.feed("hr.csv", "id,cn\n1,Ann\n2,Bob Lee\n3,Cy\n");
+    let out = s.run_once(None, 0);
+    assert!(out.stdout.contains("hr: 3 events"), "{}", out.stdout);
+    let ops: Vec<String> = s
+        .results(&["-n", "3"])
+        .iter()
+        .map(|d| d["op"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ops, ["upsert", "upsert", "upsert"]);
+    assert_eq!(
+        s.identity("2").unwrap()["attrs"]["cn"],
+        serde_json::json!("Bob Lee")
+    );
+    let out = s.run_once(None, 0);
+    assert!(out.stdout.contains("hr: no changes"), "{}", out.stdout);
+}
+
+#[test]
 fn config_change_with_an_unchanged_file_is_diffed_again() {
     let s = world(", completion: rename");
     s.feed("hr.csv", "id,cn,groups\n1,Ann,a;b\n");
