@@ -461,7 +461,8 @@ fn damaged_snapshot_with_a_changed_file_means_a_full_pass() {
     // it loaded fewer accounts than the checkpoint counts, so every row is an upsert
     // (the unchanged row 3 too), not just the changed one.
     let db = rusqlite::Connection::open(s.db()).unwrap();
-    db.execute("DELETE FROM shadows WHERE key = '1'", []).unwrap();
+    db.execute("DELETE FROM shadows WHERE key = '1'", [])
+        .unwrap();
     drop(db);
     s.feed("hr.csv", "id,cn\n1,Ann\n2,Bob Lee\n3,Cy\n");
     let out = s.run_once(None, 0);

@@ -4,8 +4,8 @@
 //! A million keys as a `HashMap<Box<str>, _>` cost a million allocations to build (on the
 //! loader thread), a million frees from the other thread afterwards, and two cache misses
 //! per lookup (the bucket, then the boxed key). Here the keys sit one after the other in a
-//! single arena, in the order the repository lists them, and a hash table holds only their
-//! indexes: no allocation per key, and when the file is in the same order as the repository
+//! single arena, in the order the repository lists them, and the hash table holds where each
+//! is with its hash and line: no allocation per key, and when the file is in the same order as the repository
 //! the key comparisons walk the arena front to back.
 
 use std::hash::BuildHasher;
@@ -21,10 +21,12 @@ pub(crate) struct KnownKey {
     pub first: u64,
 }
 
+/// One known key: where its text is in the arena, and what is known about it. Kept in
+/// the table itself, so a lookup touches the table and the key's text, nothing else.
 #[derive(Clone, Copy)]
 struct Slot {
-    /// Where this key ends in the arena (it starts where the previous one ended).
-    end: usize,
+    start: usize,
+    len: usize,
     known: KnownKey,
 }
 
@@ -32,8 +34,7 @@ struct Slot {
 #[derive(Default)]
 pub(crate) struct KnownKeys {
     keys: String,
-    slots: Vec<Slot>,
-    table: HashTable<u32>,
+    table: HashTable<Slot>,
     hasher: foldhash::fast::RandomState,
 }
 
@@ -42,7 +43,6 @@ impl KnownKeys {
     pub fn with_capacity(capacity: usize) -> KnownKeys {
         KnownKeys {
             keys: String::with_capacity(capacity.saturating_mul(12)),
-            slots: Vec::with_capacity(capacity),
             table: HashTable::with_capacity(capacity),
             hasher: foldhash::fast::RandomState::default(),
         }
@@ -50,67 +50,50 @@ impl KnownKeys {
 
     /// How many keys are known.
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.table.len()
     }
 
-    fn key_at<'k>(keys: &'k str, slots: &[Slot], index: usize) -> &'k str {
-        let start = index
-            .checked_sub(1)
-            .and_then(|prev| slots.get(prev))
-            .map_or(0, |s| s.end);
-        let end = slots.get(index).map_or(start, |s| s.end);
-        keys.get(start..end).unwrap_or_default()
+    fn text<'k>(keys: &'k str, slot: &Slot) -> &'k str {
+        keys.get(slot.start..slot.start + slot.len)
+            .unwrap_or_default()
     }
 
     /// Adds `key` with its committed `hash`, not yet seen in the file. A key added twice
     /// keeps the later hash (the repository lists each key once).
     pub fn insert(&mut self, key: &str, hash: u64) {
         let known = KnownKey { hash, first: 0 };
-        let Ok(index) = u32::try_from(self.slots.len()) else {
-            // More than four billion keys: not a file this adapter can diff in memory
-            // anyway; the caller's count check reports the mismatch.
-            return;
-        };
-        let (keys, slots, hasher) = (&self.keys, &self.slots, &self.hasher);
+        let (keys, hasher) = (&self.keys, &self.hasher);
         let entry = self.table.entry(
             hasher.hash_one(key),
-            |&i| Self::key_at(keys, slots, i as usize) == key,
-            |&i| hasher.hash_one(Self::key_at(keys, slots, i as usize)),
+            |s| Self::text(keys, s) == key,
+            |s| hasher.hash_one(Self::text(keys, s)),
         );
         match entry {
-            hashbrown::hash_table::Entry::Occupied(o) => {
-                let at = *o.get() as usize;
-                if let Some(slot) = self.slots.get_mut(at) {
-                    slot.known = known;
-                }
-            }
+            hashbrown::hash_table::Entry::Occupied(mut o) => o.get_mut().known = known,
             hashbrown::hash_table::Entry::Vacant(v) => {
-                v.insert(index);
-                self.keys.push_str(key);
-                self.slots.push(Slot {
-                    end: self.keys.len(),
+                v.insert(Slot {
+                    start: self.keys.len(),
+                    len: key.len(),
                     known,
                 });
+                self.keys.push_str(key);
             }
         }
     }
 
     /// What is known about `key`, to update in place.
     pub fn get_mut(&mut self, key: &str) -> Option<&mut KnownKey> {
-        let hash = self.hasher.hash_one(key);
-        let (keys, slots) = (&self.keys, &self.slots);
-        let index = *self
-            .table
-            .find(hash, |&i| Self::key_at(keys, slots, i as usize) == key)?;
-        self.slots.get_mut(index as usize).map(|s| &mut s.known)
+        let keys = &self.keys;
+        self.table
+            .find_mut(self.hasher.hash_one(key), |s| Self::text(keys, s) == key)
+            .map(|s| &mut s.known)
     }
 
-    /// Every known key with what is known about it, in the order they were added.
+    /// Every known key with what is known about it, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, KnownKey)> {
-        self.slots
+        self.table
             .iter()
-            .enumerate()
-            .map(|(i, s)| (Self::key_at(&self.keys, &self.slots, i), s.known))
+            .map(|s| (Self::text(&self.keys, s), s.known))
     }
 }
 
@@ -134,19 +117,18 @@ mod tests {
             k.first = 7;
         }
         known.insert("E1", 12);
-        let all: Vec<_> = known.iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        let mut all: Vec<_> = known.iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let seven = KnownKey {
+            hash: 110,
+            first: 7,
+        };
         assert_eq!(
             all,
             vec![
-                ("E1".to_owned(), KnownKey { hash: 12, first: 0 }),
-                (
-                    "E10".to_owned(),
-                    KnownKey {
-                        hash: 110,
-                        first: 7
-                    }
-                ),
                 (String::new(), KnownKey { hash: 0, first: 0 }),
+                ("E1".to_owned(), KnownKey { hash: 12, first: 0 }),
+                ("E10".to_owned(), seven),
             ]
         );
     }
