@@ -4,14 +4,14 @@
 //! 1. the **floor**: parsing the file with the csv crate plus a bulk insert of the same rows
 //!    (key + attributes as JSON) into a SQLite file with the repository's settings (WAL,
 //!    `synchronous=FULL`, one transaction) — what no pipeline can beat;
-//! 1b. the **records floor**: the rows the pipeline must write for each new account
+//! 2. the **records floor**: the rows the pipeline must write for each new account
 //!    (identity and its indexes, link, shadow, decision record) inserted directly with the
 //!    repository's schema and settings, no rules — what SQLite alone costs for them;
-//! 2. the **initial load** through the whole pipeline (adapter diff, correlation rule,
+//! 3. the **initial load** through the whole pipeline (adapter diff, correlation rule,
 //!    mappings, checkin, links, shadows, decision records), as `idsync run --once` does it;
-//! 3. the **incremental pass** after changing 1% of the rows, adding 0.1% and removing 0.1%;
-//! 4. the process's **peak RSS** (VmHWM) after each step; the counter is reset after the
-//!    floor, so the pipeline's figures are its own.
+//! 4. the **incremental pass** after changing 1% of the rows, adding 0.1% and removing 0.1%;
+//! 5. the process's **peak RSS** (VmHWM) after each step; the counter is reset after the
+//!    floors, so the pipeline's figures are its own.
 //!
 //! Each pipeline step is split into the adapter's fetch (read, parse, diff) and the engine's
 //! apply (rules, repository writes, commit), so the figures say what dominates.
