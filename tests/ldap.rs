@@ -223,6 +223,63 @@ fn stale_cookie_from_a_restored_repository_converges() {
     assert_eq!(attr(&s.identity("b").unwrap(), "cn"), Some("Bee"));
 }
 
+#[test]
+fn cookie_older_than_the_server_logs_gets_a_full_refresh_with_deletes_by_absence() {
+    let slapd = Slapd::start_reload_hint();
+    for u in ["a", "b", "c"] {
+        slapd.add_person(u, u, &format!("{u}@example.com"));
+    }
+    let s = world(&slapd, "      mode: syncrepl");
+    s.run_once(None, 0);
+    slapd.modify(&format!("dn: uid=a,{PEOPLE}\nchangetype: delete\n\n"));
+    slapd.modify(&format!(
+        "dn: uid=b,{PEOPLE}\nchangetype: modify\nreplace: cn\ncn: Bee\n\n"
+    ));
+    slapd.add_person("d", "d", "d@example.com");
+
+    // The committed cookie now names a CSN from before anything the server's logs hold:
+    // it cannot send the changes since, so it answers e-syncRefreshRequired, and the
+    // adapter starts over without a cookie and finds the delete by absence.
+    let db = rusqlite::Connection::open(s.db()).unwrap();
+    let token: String = db
+        .query_row(
+            "SELECT token FROM checkpoints WHERE resource = 'dir'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let at = token.find("csn=").expect("a cookie with a CSN") + 4;
+    let end = token[at..].find([',', ';']).map_or(token.len(), |e| at + e);
+    let aged = format!(
+        "{}20000101000000.000000Z#000000#000#000000{}",
+        &token[..at],
+        &token[end..]
+    );
+    db.execute(
+        "UPDATE checkpoints SET token = ?1 WHERE resource = 'dir'",
+        [&aged],
+    )
+    .unwrap();
+    drop(db);
+
+    let run = s.idsync(&["run", "--once"]).expect_code(0);
+    assert!(
+        run.stderr.contains("e-syncRefreshRequired"),
+        "the server did not ask for a full refresh: {}",
+        run.stderr
+    );
+    let names: Vec<String> = s
+        .export()
+        .iter()
+        .filter(|i| i["accounts"].as_array().is_some_and(|a| !a.is_empty()))
+        .map(|i| i["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(names, ["b", "c", "d"], "{}", run.stdout);
+    assert_eq!(attr(&s.identity("b").unwrap(), "cn"), Some("Bee"));
+    let run = s.run_once(None, 0);
+    assert!(run.stdout.contains("dir: no changes"), "{}", run.stdout);
+}
+
 /// `idsync run` (no --once) as a child, killed when dropped.
 struct Agent(Child);
 

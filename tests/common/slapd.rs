@@ -156,15 +156,22 @@ userPassword: sync-secret
 impl Slapd {
     /// Starts a server with the base entries.
     pub fn start() -> Slapd {
-        Self::start_with(false)
+        Self::start_with(false, false)
     }
 
     /// Starts a server that also listens on ldaps:// and offers StartTLS.
     pub fn start_tls() -> Slapd {
-        Self::start_with(true)
+        Self::start_with(true, false)
     }
 
-    fn start_with(tls: bool) -> Slapd {
+    /// Starts a server whose syncprov honours the reload hint (`syncprov-reloadhint`):
+    /// a consumer whose cookie its logs cannot serve is told e-syncRefreshRequired
+    /// instead of being sent a present phase.
+    pub fn start_reload_hint() -> Slapd {
+        Self::start_with(false, true)
+    }
+
+    fn start_with(tls: bool, reload_hint: bool) -> Slapd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::create_dir_all(d.join("data")).unwrap();
@@ -220,12 +227,17 @@ limits dn.exact=\"{SYNC_DN}\" size=unlimited time=unlimited
 overlay syncprov
 syncprov-checkpoint 100 10
 syncprov-sessionlog-source cn=accesslog
-overlay accesslog
+{hint}overlay accesslog
 logdb cn=accesslog
 logops writes
 logsuccess TRUE
 ",
-            d = d.display()
+            d = d.display(),
+            hint = if reload_hint {
+                "syncprov-reloadhint TRUE\n"
+            } else {
+                ""
+            },
         );
         std::fs::write(d.join("slapd.conf"), conf).unwrap();
         std::fs::write(d.join("base.ldif"), BASE_LDIF).unwrap();
