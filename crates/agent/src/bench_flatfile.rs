@@ -4,19 +4,17 @@
 //! 1. the **floor**: parsing the file with the csv crate plus a bulk insert of the same rows
 //!    (key + attributes as JSON) into a SQLite file with the repository's settings (WAL,
 //!    `synchronous=FULL`, one transaction) — what no pipeline can beat;
-//! 2. the **records floor**: the rows the pipeline must write for each new account
-//!    (identity and its indexes, link, shadow, decision record) inserted directly with the
-//!    repository's schema and settings, no rules — what SQLite alone costs for them;
-//! 3. the **initial load** through the whole pipeline (adapter diff, correlation rule,
+//! 2. the **initial load** through the whole pipeline (adapter diff, correlation rule,
 //!    mappings, checkin, links, shadows, decision records), as `idsync run --once` does it;
+//! 3. the **records floor** (`bench_records`): the rows the initial load wrote, inserted
+//!    again row by row into a fresh file, no rules — what SQLite alone costs for them;
 //! 4. the **incremental pass** after changing 1% of the rows, adding 0.1% and removing 0.1%;
-//! 5. the process's **peak RSS** (VmHWM) after each step; the counter is reset after the
-//!    floors, so the pipeline's figures are its own.
+//! 5. the process's **peak RSS** (VmHWM) after each step; the counter is reset after each
+//!    floor, so the pipeline's figures are its own.
 //!
 //! Each pipeline step is split into the adapter's fetch (read, parse, diff) and the engine's
 //! apply (rules, repository writes, commit), so the figures say what dominates.
 
-use std::hash::BuildHasher as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,6 +23,7 @@ use anyhow::Context as _;
 use clap::Args;
 use idsync_core::Fetch;
 
+use crate::bench_records::records_floor;
 use crate::config::Loaded;
 use crate::setup::Setup;
 
@@ -171,111 +170,6 @@ fn floor(feed: &Path, db: &Path) -> anyhow::Result<(Duration, Duration)> {
     Ok((parsed, parsed + start.elapsed()))
 }
 
-/// The records floor: the rows the pipeline writes for each new account, inserted
-/// directly with the repository's real schema and settings, one transaction per 20,000
-/// rows (the adapter's default part) — the identity (with its unique name and the
-/// correlation attribute's index row), the link, the shadow (every column as JSON, with
-/// its content hash) and the decision record — with no rule, no lookup and no decision
-/// made. What the initial load costs in SQLite alone, below which no tuning of the
-/// pipeline can go while it keeps these records.
-fn records_floor(feed: &Path, db: &Path) -> anyhow::Result<Duration> {
-    // The real schema, from the repository's own migrations.
-    drop(idsync_repo::Repo::open(db)?);
-    let start = Instant::now();
-    let mut conn = rusqlite::Connection::open(db)?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "cache_size", -65536)?;
-    conn.pragma_update(
-        None,
-        "wal_autocheckpoint",
-        idsync_repo::WAL_SAFETY_NET_PAGES,
-    )?;
-    let mut reader = csv::ReaderBuilder::new().from_path(feed)?;
-    let headers = reader.headers()?.clone();
-    let column = |name: &str| {
-        headers
-            .iter()
-            .position(|h| h == name)
-            .with_context(|| format!("the feed has no column {name}"))
-    };
-    let (id, email, title, department) = (
-        column("id")?,
-        column("email")?,
-        column("title")?,
-        column("department")?,
-    );
-    let mut record = csv::StringRecord::new();
-    let mut shadow = String::with_capacity(512);
-    let at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-    let hasher = std::collections::hash_map::RandomState::new();
-    let mut more = true;
-    while more {
-        let tx = conn.transaction()?;
-        {
-            let mut identity = tx.prepare(
-                "INSERT INTO identities (name, version, disabled, attrs, created_at, updated_at) \
-                 VALUES (?1, 1, 0, ?2, ?3, ?3)",
-            )?;
-            let mut value = tx.prepare(
-                "INSERT INTO identity_values (attr, value, identity_id) VALUES ('empno', ?1, ?2)",
-            )?;
-            let mut link = tx.prepare(
-                "INSERT INTO links (resource, key, identity_id, linked_at) VALUES ('hr', ?1, ?2, ?3)",
-            )?;
-            let mut shadow_row = tx.prepare(
-                "INSERT INTO shadows (resource, key, hash, attrs) VALUES ('hr', ?1, ?2, ?3)",
-            )?;
-            let mut decision = tx.prepare(
-                "INSERT INTO decisions (at, resource, key, op, situation, action, identity, record) \
-                 VALUES (?1, 'hr', ?2, 'upsert', 'unmatched', 'created', ?2, ?3)",
-            )?;
-            for _ in 0..20_000 {
-                if !reader.read_record(&mut record)? {
-                    more = false;
-                    break;
-                }
-                let field = |i: usize| record.get(i).unwrap_or_default();
-                let key = field(id);
-                let mail = field(email).to_lowercase();
-                let attrs = serde_json::json!({
-                    "department": field(department), "empno": key, "mail": mail, "title": field(title),
-                })
-                .to_string();
-                identity.execute(rusqlite::params![key, attrs, at])?;
-                let rowid = tx.last_insert_rowid();
-                value.execute(rusqlite::params![key, rowid])?;
-                link.execute(rusqlite::params![key, rowid, at])?;
-                shadow.clear();
-                shadow.push('{');
-                for (i, (h, v)) in headers.iter().zip(record.iter()).enumerate() {
-                    if i > 0 {
-                        shadow.push(',');
-                    }
-                    shadow.push_str(&serde_json::to_string(h)?);
-                    shadow.push(':');
-                    shadow.push_str(&serde_json::to_string(v)?);
-                }
-                shadow.push('}');
-                let hash = hasher.hash_one(&shadow) as i64;
-                shadow_row.execute(rusqlite::params![key, hash, shadow])?;
-                let body = serde_json::json!({
-                    "rules": [{"rule": "correlation", "script": "rules/correlation.rhai", "result": format!("#{{\"empno\": \"{key}\"}}")}],
-                    "changes": [
-                        {"name": "department", "after": [field(department)]},
-                        {"name": "empno", "after": [key]},
-                        {"name": "mail", "after": [mail]},
-                        {"name": "title", "after": [field(title)]},
-                    ],
-                })
-                .to_string();
-                decision.execute(rusqlite::params![at, key, body])?;
-            }
-        }
-        tx.commit()?;
-    }
-    Ok(start.elapsed())
-}
-
 /// Resets the peak RSS counter (Linux: `echo 5 > /proc/self/clear_refs`), so the figure
 /// after it is the pipeline's, not the generator's or the floor's.
 fn reset_peak_rss() {
@@ -384,13 +278,6 @@ resources:
         rss()
     );
 
-    let records = records_floor(&feed, &dir.join("records.db"))?;
-    println!(
-        "records floor: {} (the rows the pipeline writes for each new account, inserted directly: identity, its indexes, link, shadow, decision record) = {:.1}x the floor",
-        secs(records),
-        records.as_secs_f64() / floor_total.as_secs_f64()
-    );
-
     reset_peak_rss();
     let loaded = Loaded::read(&dir.join("idsync.yaml")).map_err(|p| anyhow::anyhow!("{p}"))?;
     let setup = Setup::new(loaded)?;
@@ -409,6 +296,26 @@ resources:
         initial.as_secs_f64() / floor_total.as_secs_f64(),
         rss()
     );
+    let initial_peak = peak_rss_mb();
+
+    // The rows the initial load wrote, inserted again without the pipeline.
+    let records = records_floor(&dir.join("idsync.db"), &dir.join("records.db"))?;
+    println!(
+        "records floor: {} to insert the {} rows the initial load wrote (identities, correlation index, links, shadows, decision records) = {:.1}x the floor; the initial load took {:.1}x the records floor",
+        secs(records.elapsed),
+        records.rows,
+        records.elapsed.as_secs_f64() / floor_total.as_secs_f64(),
+        initial.as_secs_f64() / records.elapsed.as_secs_f64()
+    );
+    // The records floor's connection is not the pipeline's: its memory does not count.
+    reset_peak_rss();
+    let rss = || {
+        let peak = match (initial_peak, peak_rss_mb()) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        peak.map_or_else(|| "n/a".to_owned(), |m| format!("{m:.0} MB"))
+    };
 
     // 1% changed, 0.1% removed, 0.1% added.
     write_feed(&feed, n, Some(100), Some(1000), n / 1000)?;

@@ -8,6 +8,7 @@
 pub mod authoring;
 pub mod bench_flatfile;
 pub mod bench_ldap;
+pub mod bench_records;
 pub mod cli;
 pub mod commands;
 pub mod config;
