@@ -76,11 +76,15 @@ impl<'a> Decider<'a> {
     ) -> Self {
         // Variables no script names are left out rather than built for every event.
         let mut scope = Scope::new();
-        let account = attrs_to_dynamic(&event.attrs);
-        if needs.global {
-            scope.push("global", account.clone());
+        if needs.account || needs.global {
+            let account = attrs_to_dynamic(&event.attrs);
+            if needs.global {
+                scope.push("global", account.clone());
+            }
+            if needs.account {
+                scope.push("account", account);
+            }
         }
-        scope.push("account", account);
         if needs.previous {
             scope.push(
                 "previous",

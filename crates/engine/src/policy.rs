@@ -126,6 +126,8 @@ impl Policy {
 /// named anywhere is not built for each event. Worked out once per batch.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ScopeNeeds {
+    /// `account` (a policy with no script at all, or none that names it, does not).
+    pub account: bool,
     /// `global` (only with `populate_global`).
     pub global: bool,
     pub previous: bool,
@@ -139,6 +141,7 @@ pub(crate) struct ScopeNeeds {
 impl ScopeNeeds {
     pub fn of(policy: &Policy) -> ScopeNeeds {
         ScopeNeeds {
+            account: policy.reads("account"),
             global: policy.populate_global && policy.reads("global"),
             previous: policy.reads("previous"),
             resource: policy.reads("resource"),
