@@ -6,11 +6,12 @@
 //!    `synchronous=FULL`, one transaction) — what no pipeline can beat;
 //! 2. the **initial load** through the whole pipeline (adapter diff, correlation rule,
 //!    mappings, checkin, links, shadows, decision records), as `idsync run --once` does it;
-//! 3. the **records floor** (`bench_records`): the rows the initial load wrote, inserted
-//!    again row by row into a fresh file, no rules — what SQLite alone costs for them;
-//! 4. the **incremental pass** after changing 1% of the rows, adding 0.1% and removing 0.1%;
-//! 5. the process's **peak RSS** (VmHWM) after each step; the counter is reset after each
-//!    floor, so the pipeline's figures are its own.
+//! 3. **incremental passes** (`--passes`, 3 by default; median, best and worst), each after
+//!    changing 1% of the rows, adding 0.1% and removing 0.1%;
+//! 4. the process's **peak RSS** (VmHWM) after each step; the counter is reset after the
+//!    floor, so the pipeline's figures are its own;
+//! 5. last, the **records floor** (`bench_records`): the rows the passes wrote, inserted
+//!    again row by row into a fresh file, no rules — what SQLite alone costs for them.
 //!
 //! Each pipeline step is split into the adapter's fetch (read, parse, diff) and the engine's
 //! apply (rules, repository writes, commit), so the figures say what dominates.
@@ -36,6 +37,9 @@ pub struct FlatfileBench {
     /// Scratch folder (default: a new temporary folder, removed afterwards).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Incremental passes after the initial load (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub passes: usize,
 }
 
 const COLUMNS: &str = "id,first_name,last_name,email,department,title,manager,location,phone,start_date,status,cost_center";
@@ -71,25 +75,26 @@ fn row(i: usize, version: u32) -> String {
     )
 }
 
-/// Writes the feed: rows `0..n`, every `changed`-th row at version 2, rows in `skip`
-/// left out, and `extra` rows appended.
-fn write_feed(
-    path: &Path,
-    n: usize,
-    changed_every: Option<usize>,
-    removed_every: Option<usize>,
-    extra: usize,
-) -> anyhow::Result<u64> {
+/// Writes the feed: rows `0..n` at version 1, except that incremental pass `pass` (1, 2,
+/// ...) has every 100th row at version `pass + 1` (1% changed since the pass before),
+/// leaves out every 1000th row from offset `pass + 6` (0.1%, and the rows the pass before
+/// left out come back), and appends `n / 1000` extra rows (new in the first pass).
+fn write_feed(path: &Path, n: usize, pass: usize) -> anyhow::Result<u64> {
+    let (changed_every, removed_every, extra) = if pass == 0 {
+        (None, None, 0)
+    } else {
+        (Some(100), Some(1000), n / 1000)
+    };
     let file =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
     writeln!(w, "{COLUMNS}")?;
     for i in 0..n {
-        if removed_every.is_some_and(|k| i % k == 7) {
+        if removed_every.is_some_and(|k| i % k == pass + 6) {
             continue;
         }
         let version = if changed_every.is_some_and(|k| i % k == 3) {
-            2
+            pass as u32 + 1
         } else {
             1
         };
@@ -262,7 +267,7 @@ resources:
     )?;
 
     let t = Instant::now();
-    let size = write_feed(&feed, n, None, None, 0)?;
+    let size = write_feed(&feed, n, 0)?;
     println!(
         "feed: {n} rows x 12 columns, {:.0} MB, generated in {}",
         size as f64 / 1e6,
@@ -296,39 +301,31 @@ resources:
         initial.as_secs_f64() / floor_total.as_secs_f64(),
         rss()
     );
-    let initial_peak = peak_rss_mb();
-
-    // The rows the initial load wrote, inserted again without the pipeline.
-    let records = records_floor(&dir.join("idsync.db"), &dir.join("records.db"))?;
+    // Each pass: 1% changed, 0.1% removed, 0.1% added (from the second pass on, the
+    // rows the pass before removed). Several, because one pass on this kind of machine
+    // varies by a third from run to run.
+    let mut times = Vec::new();
+    for pass in 1..=args.passes.max(1) {
+        write_feed(&feed, n, pass)?;
+        let t = Instant::now();
+        let (fetch_t, apply_t, events) = pipeline_pass(&setup)?;
+        let incremental = t.elapsed();
+        setup.engine.repo().settle();
+        times.push(incremental);
+        println!(
+            "incremental pass {pass} (1% changed, 0.1% added, 0.1% removed): {} for {events} events (fetch {}, apply {}); peak RSS so far {}",
+            secs(incremental),
+            secs(fetch_t),
+            secs(apply_t),
+            rss()
+        );
+    }
+    times.sort();
     println!(
-        "records floor: {} to insert the {} rows the initial load wrote (identities, correlation index, links, shadows, decision records) = {:.1}x the floor; the initial load took {:.1}x the records floor",
-        secs(records.elapsed),
-        records.rows,
-        records.elapsed.as_secs_f64() / floor_total.as_secs_f64(),
-        initial.as_secs_f64() / records.elapsed.as_secs_f64()
-    );
-    // The records floor's connection is not the pipeline's: its memory does not count.
-    reset_peak_rss();
-    let rss = || {
-        let peak = match (initial_peak, peak_rss_mb()) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        peak.map_or_else(|| "n/a".to_owned(), |m| format!("{m:.0} MB"))
-    };
-
-    // 1% changed, 0.1% removed, 0.1% added.
-    write_feed(&feed, n, Some(100), Some(1000), n / 1000)?;
-    let t = Instant::now();
-    let (fetch_t, apply_t, events) = pipeline_pass(&setup)?;
-    let incremental = t.elapsed();
-    setup.engine.repo().settle();
-    println!(
-        "incremental pass (1% changed, 0.1% added, 0.1% removed): {} for {events} events (fetch {}, apply {}); peak RSS so far {}",
-        secs(incremental),
-        secs(fetch_t),
-        secs(apply_t),
-        rss()
+        "incremental passes: median {}, best {}, worst {}",
+        secs(times[times.len() / 2]),
+        secs(times[0]),
+        secs(times[times.len() - 1])
     );
 
     let t = Instant::now();
@@ -339,5 +336,17 @@ resources:
         secs(fetch_t)
     );
     println!("peak RSS of the pipeline: {}", rss());
+
+    // Last, so its writes do not compete with the passes: the rows the passes wrote,
+    // inserted again without the pipeline (the initial load's, plus the ~1% the
+    // incremental pass added).
+    let records = records_floor(&dir.join("idsync.db"), &dir.join("records.db"))?;
+    println!(
+        "records floor: {} to insert the {} rows the passes wrote (identities, correlation index, links, shadows, decision records) = {:.1}x the floor; the initial load took {:.1}x the records floor",
+        secs(records.elapsed),
+        records.rows,
+        records.elapsed.as_secs_f64() / floor_total.as_secs_f64(),
+        initial.as_secs_f64() / records.elapsed.as_secs_f64()
+    );
     Ok(())
 }
