@@ -1,0 +1,103 @@
+//! The `idsync bench` commands run end to end on small inputs, so they keep working between
+//! the runs that measure with them: each must finish, report every step, and (as the
+//! commands check themselves) lose nothing on the way. The figures are not asserted: speed
+//! is measured on full-size runs, recorded in docs/benchmarks.md.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::Sandbox;
+
+/// The number after `label` in `text` (e.g. `"for 2000 events"` → 2000).
+fn number_after(text: &str, label: &str) -> u64 {
+    let at = text
+        .find(label)
+        .unwrap_or_else(|| panic!("no {label:?} in {text}"))
+        + label.len();
+    text[at..]
+        .trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {label:?} in {text}"))
+}
+
+#[test]
+fn bench_flatfile_reports_every_step_on_a_small_feed() {
+    let s = Sandbox::new();
+    let dir = s.path().join("bench");
+    let out = s
+        .idsync(&[
+            "bench",
+            "flatfile",
+            "--rows",
+            "2000",
+            "--passes",
+            "2",
+            "--dir",
+            dir.to_str().unwrap(),
+        ])
+        .expect_code(0);
+    let text = &out.stdout;
+    for step in [
+        "floor:",
+        "initial load:",
+        "incremental pass 1",
+        "incremental pass 2",
+        "incremental passes: median",
+        "unchanged file:",
+        "peak RSS of the pipeline:",
+        "records floor:",
+    ] {
+        assert!(text.contains(step), "no {step:?} in {text}");
+    }
+    assert!(text.contains("for 2000 events"), "{text}");
+    // 1% changed (20), 0.1% removed (2) and added (2) in each pass.
+    assert_eq!(text.matches("for 24 events").count(), 2, "{text}");
+    assert!(
+        text.contains("unchanged file: ") && text.contains("(0 events"),
+        "{text}"
+    );
+    // Identities and their index rows (2,002), links and shadows (2,000 each), decisions
+    // (2,048).
+    let rows = number_after(text, "to insert the");
+    assert!(rows >= 10_000, "{rows} rows in {text}");
+}
+
+#[test]
+fn bench_ldap_reports_every_step_against_its_own_slapd() {
+    let s = Sandbox::new();
+    let out = s
+        .idsync(&[
+            "bench",
+            "ldap",
+            "--entries",
+            "300",
+            "--changes",
+            "5",
+            "--pace-ms",
+            "20",
+        ])
+        .expect_code(0);
+    let text = &out.stdout;
+    assert!(
+        text.contains("raw ldap3 paged search: 300 entries"),
+        "{text}"
+    );
+    assert!(text.contains("full sync: 300 events (0 failed)"), "{text}");
+    assert!(text.contains("records floor: the"), "{text}");
+    assert!(text.contains("5 of 5 changes"), "{text}");
+}
+
+#[test]
+fn bench_outbox_drains_every_message_to_its_own_sink() {
+    let s = Sandbox::new();
+    let out = s
+        .idsync(&["bench", "outbox", "--messages", "200"])
+        .expect_code(0);
+    assert!(
+        out.stdout.contains("200 messages") && out.stdout.contains("(sink accepted 200)"),
+        "{}",
+        out.stdout
+    );
+}
