@@ -299,6 +299,11 @@ impl Adapter for FlatFileAdapter {
                 .known_count(&self.resource)
                 .map_err(|e| self.transient(format!("cannot count the known accounts: {e}")))?,
         };
+        // The diff visits every known account: have the store read itself into memory
+        // while the file is decoded and read (the updates then find their pages cached).
+        if expected_accounts != Some(0) {
+            known.warm_up();
+        }
         let data: Vec<u8> = match self.config.encoding {
             Encoding::Utf8 => bytes,
             Encoding::Latin1 => {

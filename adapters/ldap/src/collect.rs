@@ -63,6 +63,8 @@ impl<'k> Collector<'k> {
     /// single lookups once many keys are involved).
     fn load_all(&mut self) -> Result<&KeyHashes, LdapError> {
         if self.hashes.is_none() {
+            // A full pass visits every known account: let the store read itself ahead.
+            self.known.warm_up();
             let all = self
                 .known
                 .known_hashes(&self.resource)

@@ -139,6 +139,10 @@ pub trait KnownAccounts: Sync {
     }
     /// The last seen attributes of one account.
     fn known_attrs(&self, resource: &str, key: &str) -> Result<Option<AttrMap>, String>;
+    /// A pass is about to visit many of the known accounts (a full diff, a full refresh):
+    /// the store may start reading its data into memory in the background. A hint; the
+    /// default does nothing.
+    fn warm_up(&self) {}
     /// How many accounts of `resource` are known, when that is cheap to tell (`None`: unknown).
     /// Lets an adapter notice a snapshot that does not match its checkpoint.
     fn known_count(&self, _resource: &str) -> Result<Option<u64>, String> {

@@ -45,6 +45,7 @@ mod shadows;
 mod summary;
 #[cfg(test)]
 mod tests;
+mod warm;
 
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -84,6 +85,8 @@ pub struct Repo {
     batch_wait: Duration,
     /// Checkpoints the WAL after each commit on a thread of its own (files only).
     checkpointer: Option<checkpointer::Checkpointer>,
+    /// Reads the file ahead before passes that visit many accounts (files only).
+    warmer: Option<warm::Warmer>,
 }
 
 impl std::fmt::Debug for Repo {
@@ -101,6 +104,7 @@ impl Repo {
         let conn = Connection::open(path)
             .with_ctx(|| format!("opening repository file {}", path.display()))?;
         let mut repo = Self::setup(conn, true)?;
+        repo.warmer = Some(warm::Warmer::new(path));
         let wal = {
             let conn = repo.lock()?;
             let mode: String = conn
@@ -198,7 +202,19 @@ impl Repo {
             idle: Condvar::new(),
             batch_wait: DEFAULT_BATCH_WAIT,
             checkpointer: None,
+            warmer: None,
         })
+    }
+
+    /// A pass is about to visit many accounts (a flat-file diff, a full LDAP refresh):
+    /// starts reading the repository file into the page cache on a thread of its own, so
+    /// the pass does not wait for its pages one random read at a time (module `warm`).
+    /// Does nothing for an in-memory repository, a file too large for the memory
+    /// available, or when it did so in the last minute.
+    pub fn warm_up(&self) {
+        if let Some(w) = &self.warmer {
+            w.warm_up();
+        }
     }
 
     /// Waits until the background checkpoint has copied everything committed so far into

@@ -97,6 +97,10 @@ impl KnownAccounts for Repo {
         self.shadow(resource, key).map_err(|e| e.to_string())
     }
 
+    fn warm_up(&self) {
+        Repo::warm_up(self);
+    }
+
     fn known_count(&self, resource: &str) -> Result<Option<u64>, String> {
         self.shadow_count(resource)
             .map(Some)
