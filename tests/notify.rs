@@ -3,10 +3,13 @@
 //! when the event happens and the mail arrives after it comes back; a 4xx is retried; a 5xx
 //! is dead-lettered and re-triable; a crash between sending and marking sends at most once
 //! more with the same Message-ID; CR/LF in an attribute cannot inject a header; HTML in an
-//! attribute is escaped; the file transport writes `.eml` files.
+//! attribute is escaped; the file transport writes `.eml` files; STARTTLS and implicit TLS
+//! verify the server against a configured private CA, and refuse an unknown one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "common/slapd.rs"]
+mod slapd;
 
 use common::{Sandbox, SmtpServer, poll};
 use serde_json::Value;
@@ -298,4 +301,67 @@ notifications:
         "{}",
         r.stderr
     );
+}
+
+/// A sandbox whose SMTP transport uses `tls` (`starttls` or `tls`) towards a server with a
+/// certificate from a generated CA (in `tls/`); `ca_file` is added when `trust_ca`.
+fn tls_world(tls: &str, trust_ca: bool) -> (Sandbox, SmtpServer, slapd::Tls) {
+    let port = common::free_port();
+    let ca = if trust_ca {
+        ", ca_file: tls/ca.pem"
+    } else {
+        ""
+    };
+    let s = world(&format!(
+        "{{ type: smtp, host: 127.0.0.1, port: {port}, tls: {tls}{ca}, timeout: 5s }}"
+    ));
+    let dir = s.path().join("tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let certs = slapd::Tls::generate(&dir);
+    let server = SmtpServer::on_port(&s.path().join("smtp"), port);
+    (s, server, certs)
+}
+
+#[test]
+fn starttls_and_implicit_tls_verify_the_server_against_the_configured_ca() {
+    for (mode, implicit) in [("starttls", false), ("tls", true)] {
+        let (s, mut server, certs) = tls_world(mode, true);
+        server.start_tls(&certs.cert, &certs.key, implicit);
+        s.idsync(&["check"]).expect_code(0);
+        s.feed("hr.csv", "id,first,mail\n1,Alice,alice@example.com\n");
+        let got = run_until_received(&s, &server, 1);
+        assert_eq!(got[0].rcpt, vec!["alice@example.com"], "{mode}");
+        assert_eq!(one(&s)["status"], "sent", "{mode}");
+    }
+}
+
+#[test]
+fn a_server_certificate_from_an_unknown_ca_is_refused_and_the_mail_waits() {
+    let (s, mut server, certs) = tls_world("starttls", false);
+    server.start_tls(&certs.cert, &certs.key, false);
+    s.feed("hr.csv", "id,first,mail\n1,Alice,alice@example.com\n");
+    let run = s.run_once(None, 0);
+    assert!(run.stdout.contains("retrying 1"), "{}", run.stdout);
+    let m = one(&s);
+    assert_eq!(m["status"], "pending");
+    let error = m["last_error"].as_str().unwrap();
+    assert!(error.contains("certificate"), "{error}");
+    assert!(server.received().is_empty());
+}
+
+#[test]
+fn a_ca_file_that_is_missing_or_not_a_certificate_is_a_config_error() {
+    let (s, _server, _certs) = tls_world("starttls", true);
+    std::fs::write(s.path().join("tls/ca.pem"), "not a certificate\n").unwrap();
+    let out = s.idsync(&["check"]);
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        text.contains("notifications.transport.ca_file") && text.contains("no PEM certificate"),
+        "{text}"
+    );
+    std::fs::remove_file(s.path().join("tls/ca.pem")).unwrap();
+    let out = s.idsync(&["check"]);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(text.contains("ca.pem: cannot read it"), "{text}");
 }

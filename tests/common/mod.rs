@@ -300,10 +300,31 @@ impl SmtpServer {
 
     /// Starts it and waits until it accepts connections.
     pub fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    /// Starts it with STARTTLS required (`implicit`: TLS from the first byte, SMTPS), the
+    /// server certificate `cert` and its `key`.
+    pub fn start_tls(&mut self, cert: &Path, key: &Path, implicit: bool) {
+        let (cert_flag, key_flag) = if implicit {
+            ("--smtpscert", "--smtpskey")
+        } else {
+            ("--tlscert", "--tlskey")
+        };
+        self.start_with(&[
+            cert_flag.into(),
+            cert.as_os_str().to_owned(),
+            key_flag.into(),
+            key.as_os_str().to_owned(),
+        ]);
+    }
+
+    fn start_with(&mut self, options: &[std::ffi::OsString]) {
         assert!(self.child.is_none(), "already running");
         let child = Command::new("/usr/bin/python3")
             .args(["-m", "aiosmtpd", "-n", "-l"])
             .arg(format!("127.0.0.1:{}", self.port))
+            .args(options)
             .args(["-c", "smtp_handler.Handler"])
             .arg(self.dir.join("inbox"))
             .arg(self.dir.join("mode"))

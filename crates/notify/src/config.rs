@@ -48,6 +48,9 @@ pub struct SmtpConfig {
     /// `starttls` (default), `tls` (implicit TLS) or `none` (plain, for loopback relays).
     #[serde(default)]
     pub tls: TlsMode,
+    /// A PEM file of CA certificates that sign the server's certificate (a private CA),
+    /// trusted besides the usual roots; relative to the config file.
+    pub ca_file: Option<PathBuf>,
     /// Accept any certificate (test servers only).
     #[serde(default)]
     pub accept_invalid_certs: bool,

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::Certificate;
 use lettre::transport::smtp::extension::ClientId;
 
 use crate::config::{NotificationsConfig, TlsMode, TransportConfig, duration};
@@ -71,6 +72,24 @@ pub fn transport(
                 }
                 _ => None,
             };
+            let ca_pem = s.ca_file.as_ref().and_then(|file| {
+                let path = resolve(file);
+                let problem = match std::fs::read(&path) {
+                    Ok(pem) => match Certificate::from_pem(&pem) {
+                        Ok(_) if pem_has_certificate(&pem) => return Some(pem),
+                        Ok(_) => "no PEM certificate in it".to_owned(),
+                        Err(e) => e.to_string(),
+                    },
+                    Err(e) => format!("cannot read it: {e}"),
+                };
+                problems.push(format!("{key}.ca_file: {}: {problem}", path.display()));
+                None
+            });
+            if s.ca_file.is_some() && s.tls == TlsMode::None {
+                problems.push(format!(
+                    "{key}.ca_file: set, but tls is none (use starttls or tls)"
+                ));
+            }
             if s.connections == 0 {
                 problems.push(format!("{key}.connections: must be at least 1"));
             }
@@ -91,6 +110,7 @@ pub fn transport(
                 port,
                 tls: s.tls,
                 accept_invalid_certs: s.accept_invalid_certs,
+                ca_pem,
                 credentials,
                 connections: s.connections,
                 timeout,
@@ -98,6 +118,12 @@ pub fn transport(
             })))
         }
     }
+}
+
+/// Whether `pem` holds at least one certificate block.
+fn pem_has_certificate(pem: &[u8]) -> bool {
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    pem.windows(BEGIN.len()).any(|w| w == BEGIN)
 }
 
 /// The dispatcher settings of `cfg`. `IDSYNC_FAULT=exit-after-send` turns on the crash

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -42,6 +42,8 @@ pub struct SmtpSettings {
     pub tls: TlsMode,
     /// Accept any certificate.
     pub accept_invalid_certs: bool,
+    /// PEM of the private CA certificates trusted besides the usual roots.
+    pub ca_pem: Option<Vec<u8>>,
     /// AUTH credentials.
     pub credentials: Option<Credentials>,
     /// Connections.
@@ -81,8 +83,14 @@ fn classify(e: &lettre::transport::smtp::Error) -> SendFailure {
 
 async fn connect(s: &SmtpSettings) -> Result<AsyncSmtpConnection, SendFailure> {
     let tls = || {
-        TlsParameters::builder(s.host.clone())
-            .dangerous_accept_invalid_certs(s.accept_invalid_certs)
+        let mut builder = TlsParameters::builder(s.host.clone())
+            .dangerous_accept_invalid_certs(s.accept_invalid_certs);
+        if let Some(pem) = &s.ca_pem {
+            let ca = Certificate::from_pem(pem)
+                .map_err(|e| transient(format!("TLS setup: the CA file: {e}")))?;
+            builder = builder.add_root_certificate(ca);
+        }
+        builder
             .build_rustls()
             .map_err(|e| transient(format!("TLS setup: {e}")))
     };
