@@ -210,7 +210,7 @@ impl Repo {
     /// starts reading the repository file into the page cache on a thread of its own, so
     /// the pass does not wait for its pages one random read at a time (module `warm`).
     /// Does nothing for an in-memory repository, a file too large for the memory
-    /// available, or when it did so in the last minute.
+    /// available, or when it did so in the last ten seconds.
     pub fn warm_up(&self) {
         if let Some(w) = &self.warmer {
             w.warm_up();
