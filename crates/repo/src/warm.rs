@@ -45,8 +45,8 @@ impl Warmer {
     }
 
     /// Starts reading the file ahead on a thread of its own, unless it did so less than
-    /// [`MIN_INTERVAL`] ago or the file is too large for the memory available. Never blocks, never fails
-    /// (a read-ahead is a hint: a failure is logged at debug level).
+    /// [`MIN_INTERVAL`] ago or the file is too large for the memory available. Never
+    /// blocks, never fails (a read-ahead is a hint: a failure is logged at debug level).
     pub fn warm_up(&self) {
         let Ok(mut last) = self.last.lock() else {
             return;
