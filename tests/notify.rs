@@ -4,7 +4,8 @@
 //! is dead-lettered and re-triable; a crash between sending and marking sends at most once
 //! more with the same Message-ID; CR/LF in an attribute cannot inject a header; HTML in an
 //! attribute is escaped; the file transport writes `.eml` files; STARTTLS and implicit TLS
-//! verify the server against a configured private CA, and refuse an unknown one.
+//! verify the server against a configured private CA, and refuse an unknown one; AUTH after
+//! STARTTLS with the password from a secret file, which no output ever shows.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -364,4 +365,47 @@ fn a_ca_file_that_is_missing_or_not_a_certificate_is_a_config_error() {
     let out = s.idsync(&["check"]);
     let text = format!("{}{}", out.stdout, out.stderr);
     assert!(text.contains("ca.pem: cannot read it"), "{text}");
+}
+
+#[test]
+fn auth_after_starttls_with_the_password_from_a_secret_file_never_logged() {
+    const PASSWORD: &str = "s3cret-Pa55";
+    let port = common::free_port();
+    let s = world(&format!(
+        "{{ type: smtp, host: 127.0.0.1, port: {port}, tls: starttls, ca_file: tls/ca.pem, \
+         username: idsync, password_file: secrets/smtp.pw, timeout: 5s }}"
+    ));
+    s.write("secrets/smtp.pw", &format!("{PASSWORD}\n"));
+    let dir = s.path().join("tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let certs = slapd::Tls::generate(&dir);
+    let mut server = SmtpServer::on_port(&s.path().join("smtp"), port);
+    server.start_auth(&certs.cert, &certs.key, "idsync", PASSWORD);
+
+    s.feed("hr.csv", "id,first,mail\n1,Alice,alice@example.com\n");
+    let got = run_until_received(&s, &server, 1);
+    assert_eq!(got[0].rcpt, vec!["alice@example.com"]);
+
+    // A wrong password: the server refuses the login (535, permanent): the message is
+    // dead-lettered with the server's answer, and neither password shows anywhere.
+    s.write("secrets/smtp.pw", "wrong-password\n");
+    s.feed(
+        "hr.csv",
+        "id,first,mail\n1,Alice,alice@example.com\n2,Bob,bob@example.com\n",
+    );
+    let run = s.idsync(&["-vv", "run", "--once"]);
+    let listed = s.idsync(&["outbox", "list", "--json"]).expect_code(0);
+    let bob: Value = listed
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|m| m["identity"] == "u2")
+        .unwrap();
+    assert_eq!(bob["status"], "dead", "{bob}");
+    assert!(bob["last_error"].as_str().unwrap().contains("535"), "{bob}");
+    for text in [&run.stdout, &run.stderr, &listed.stdout] {
+        assert!(!text.contains(PASSWORD), "password in: {text}");
+        assert!(!text.contains("wrong-password"), "password in: {text}");
+    }
+    assert_eq!(server.received().len(), 1);
 }

@@ -213,6 +213,35 @@ class Handler:
         return "250 2.0.0 accepted"
 "#;
 
+/// A server that requires STARTTLS and then AUTH (PLAIN or LOGIN) with the login and
+/// password in the files `login` and `password` of its folder; same handler and inbox.
+const SMTP_AUTH_SERVER: &str = r#"
+import asyncio, os, ssl, sys
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+from smtp_handler import Handler
+
+port, cert, key, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+
+def read(name):
+    with open(os.path.join(folder, name), "rb") as f:
+        return f.read().strip()
+
+def authenticator(server, session, envelope, mechanism, auth_data):
+    ok = isinstance(auth_data, LoginPassword) and auth_data.login == read("login") \
+        and auth_data.password == read("password")
+    return AuthResult(success=ok, handled=False)
+
+context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+context.load_cert_chain(cert, key)
+handler = Handler(os.path.join(folder, "inbox"), os.path.join(folder, "mode"))
+controller = Controller(handler, hostname="127.0.0.1", port=port, tls_context=context,
+                        require_starttls=True, authenticator=authenticator,
+                        auth_required=True)
+controller.start()
+asyncio.get_event_loop().run_forever()
+"#;
+
 /// A message the SMTP server received.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -317,6 +346,31 @@ impl SmtpServer {
             key_flag.into(),
             key.as_os_str().to_owned(),
         ]);
+    }
+
+    /// Starts it requiring STARTTLS (certificate `cert`, key `key`) and then AUTH as
+    /// `login` with `password`.
+    pub fn start_auth(&mut self, cert: &Path, key: &Path, login: &str, password: &str) {
+        assert!(self.child.is_none(), "already running");
+        std::fs::write(self.dir.join("smtp_auth_server.py"), SMTP_AUTH_SERVER).unwrap();
+        std::fs::write(self.dir.join("login"), login).unwrap();
+        std::fs::write(self.dir.join("password"), password).unwrap();
+        let child = Command::new("/usr/bin/python3")
+            .arg(self.dir.join("smtp_auth_server.py"))
+            .arg(self.port.to_string())
+            .arg(cert)
+            .arg(key)
+            .arg(&self.dir)
+            .env("PYTHONPATH", &self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the aiosmtpd server with AUTH");
+        self.child = Some(child);
+        let port = self.port;
+        poll(20, "the SMTP server to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
     }
 
     fn start_with(&mut self, options: &[std::ffi::OsString]) {
