@@ -4,9 +4,10 @@
 //! A million keys as a `HashMap<Box<str>, _>` cost a million allocations to build (on the
 //! loader thread), a million frees from the other thread afterwards, and two cache misses
 //! per lookup (the bucket, then the boxed key). Here the keys sit one after the other in a
-//! single arena, in the order the repository lists them, and the hash table holds where each
-//! is with its hash and line: no allocation per key, and when the file is in the same order as the repository
-//! the key comparisons walk the arena front to back.
+//! single arena, in the order the repository lists them (its key order), and a hash table
+//! holds their indexes: no allocation per key. A lookup first tries the key after the one
+//! found last, so a file in the repository's key order (a feed sorted by its key) walks
+//! the arena front to back without hashing; any other order takes one table lookup.
 
 use std::hash::BuildHasher;
 
@@ -21,12 +22,11 @@ pub(crate) struct KnownKey {
     pub first: u64,
 }
 
-/// One known key: where its text is in the arena, and what is known about it. Kept in
-/// the table itself, so a lookup touches the table and the key's text, nothing else.
+/// One known key, in the order the keys were added: where its text ends in the arena (it
+/// starts where the previous one ended), and what is known about it.
 #[derive(Clone, Copy)]
 struct Slot {
-    start: usize,
-    len: usize,
+    end: usize,
     known: KnownKey,
 }
 
@@ -34,8 +34,14 @@ struct Slot {
 #[derive(Default)]
 pub(crate) struct KnownKeys {
     keys: String,
-    table: HashTable<Slot>,
+    /// In the order added (the repository's key order).
+    slots: Vec<Slot>,
+    /// Indexes into `slots`, by the hash of the key's text.
+    table: HashTable<u32>,
     hasher: foldhash::fast::RandomState,
+    /// The slot after the one found last: a file in the repository's key order finds
+    /// each key here, without hashing it or touching the table.
+    cursor: usize,
 }
 
 impl KnownKeys {
@@ -43,57 +49,82 @@ impl KnownKeys {
     pub fn with_capacity(capacity: usize) -> KnownKeys {
         KnownKeys {
             keys: String::with_capacity(capacity.saturating_mul(12)),
+            slots: Vec::with_capacity(capacity),
             table: HashTable::with_capacity(capacity),
             hasher: foldhash::fast::RandomState::default(),
+            cursor: 0,
         }
     }
 
     /// How many keys are known.
     pub fn len(&self) -> usize {
-        self.table.len()
+        self.slots.len()
     }
 
-    fn text<'k>(keys: &'k str, slot: &Slot) -> &'k str {
-        keys.get(slot.start..slot.start + slot.len)
-            .unwrap_or_default()
+    fn key_at<'k>(keys: &'k str, slots: &[Slot], index: usize) -> &'k str {
+        let start = index
+            .checked_sub(1)
+            .and_then(|prev| slots.get(prev))
+            .map_or(0, |s| s.end);
+        let end = slots.get(index).map_or(start, |s| s.end);
+        keys.get(start..end).unwrap_or_default()
     }
 
     /// Adds `key` with its committed `hash`, not yet seen in the file. A key added twice
     /// keeps the later hash (the repository lists each key once).
     pub fn insert(&mut self, key: &str, hash: u64) {
         let known = KnownKey { hash, first: 0 };
-        let (keys, hasher) = (&self.keys, &self.hasher);
+        let Ok(index) = u32::try_from(self.slots.len()) else {
+            // More than four billion keys: not a file this adapter can diff in memory
+            // anyway; the diff's count check reports the mismatch.
+            return;
+        };
+        let (keys, slots, hasher) = (&self.keys, &self.slots, &self.hasher);
         let entry = self.table.entry(
             hasher.hash_one(key),
-            |s| Self::text(keys, s) == key,
-            |s| hasher.hash_one(Self::text(keys, s)),
+            |&i| Self::key_at(keys, slots, i as usize) == key,
+            |&i| hasher.hash_one(Self::key_at(keys, slots, i as usize)),
         );
         match entry {
-            hashbrown::hash_table::Entry::Occupied(mut o) => o.get_mut().known = known,
+            hashbrown::hash_table::Entry::Occupied(o) => {
+                let at = *o.get() as usize;
+                if let Some(slot) = self.slots.get_mut(at) {
+                    slot.known = known;
+                }
+            }
             hashbrown::hash_table::Entry::Vacant(v) => {
-                v.insert(Slot {
-                    start: self.keys.len(),
-                    len: key.len(),
+                v.insert(index);
+                self.keys.push_str(key);
+                self.slots.push(Slot {
+                    end: self.keys.len(),
                     known,
                 });
-                self.keys.push_str(key);
             }
         }
     }
 
     /// What is known about `key`, to update in place.
     pub fn get_mut(&mut self, key: &str) -> Option<&mut KnownKey> {
-        let keys = &self.keys;
-        self.table
-            .find_mut(self.hasher.hash_one(key), |s| Self::text(keys, s) == key)
-            .map(|s| &mut s.known)
+        let index = if self.cursor < self.slots.len()
+            && Self::key_at(&self.keys, &self.slots, self.cursor) == key
+        {
+            self.cursor
+        } else {
+            let (keys, slots) = (&self.keys, &self.slots);
+            *self.table.find(self.hasher.hash_one(key), |&i| {
+                Self::key_at(keys, slots, i as usize) == key
+            })? as usize
+        };
+        self.cursor = index + 1;
+        self.slots.get_mut(index).map(|s| &mut s.known)
     }
 
-    /// Every known key with what is known about it, in no particular order.
+    /// Every known key with what is known about it, in the order they were added.
     pub fn iter(&self) -> impl Iterator<Item = (&str, KnownKey)> {
-        self.table
+        self.slots
             .iter()
-            .map(|s| (Self::text(&self.keys, s), s.known))
+            .enumerate()
+            .map(|(i, s)| (Self::key_at(&self.keys, &self.slots, i), s.known))
     }
 }
 
@@ -131,6 +162,29 @@ mod tests {
                 ("E10".to_owned(), seven),
             ]
         );
+    }
+
+    #[test]
+    fn keys_in_any_order_are_found_and_only_known_ones() {
+        let mut known = KnownKeys::with_capacity(4);
+        for (i, k) in ["a", "b", "c", "d"].iter().enumerate() {
+            known.insert(k, i as u64);
+        }
+        // In order (the cursor), out of order (the table), a repeat, unknown keys (also
+        // the empty key once the cursor is past the end).
+        for (key, want) in [
+            ("a", Some(0)),
+            ("b", Some(1)),
+            ("d", Some(3)),
+            ("", None),
+            ("c", Some(2)),
+            ("d", Some(3)),
+            ("a", Some(0)),
+            ("e", None),
+            ("b", Some(1)),
+        ] {
+            assert_eq!(known.get_mut(key).map(|k| k.hash), want, "{key:?}");
+        }
     }
 
     #[test]
