@@ -351,37 +351,39 @@ impl SmtpServer {
     /// Starts it requiring STARTTLS (certificate `cert`, key `key`) and then AUTH as
     /// `login` with `password`.
     pub fn start_auth(&mut self, cert: &Path, key: &Path, login: &str, password: &str) {
-        assert!(self.child.is_none(), "already running");
         std::fs::write(self.dir.join("smtp_auth_server.py"), SMTP_AUTH_SERVER).unwrap();
         std::fs::write(self.dir.join("login"), login).unwrap();
         std::fs::write(self.dir.join("password"), password).unwrap();
-        let child = Command::new("/usr/bin/python3")
-            .arg(self.dir.join("smtp_auth_server.py"))
-            .arg(self.port.to_string())
-            .arg(cert)
-            .arg(key)
-            .arg(&self.dir)
-            .env("PYTHONPATH", &self.dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start the aiosmtpd server with AUTH");
-        self.child = Some(child);
-        let port = self.port;
-        poll(20, "the SMTP server to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
+        let script = self.dir.join("smtp_auth_server.py");
+        let folder = self.dir.clone();
+        self.launch(&[
+            script.into_os_string(),
+            self.port.to_string().into(),
+            cert.as_os_str().to_owned(),
+            key.as_os_str().to_owned(),
+            folder.into_os_string(),
+        ]);
     }
 
     fn start_with(&mut self, options: &[std::ffi::OsString]) {
+        let mut args: Vec<std::ffi::OsString> = ["-m", "aiosmtpd", "-n", "-l"]
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        args.push(format!("127.0.0.1:{}", self.port).into());
+        args.extend(options.iter().cloned());
+        args.extend(["-c".into(), "smtp_handler.Handler".into()]);
+        args.push(self.dir.join("inbox").into_os_string());
+        args.push(self.dir.join("mode").into_os_string());
+        self.launch(&args);
+    }
+
+    /// Runs Debian's python3 with `args` (the handler module importable) and waits until
+    /// the port accepts connections.
+    fn launch(&mut self, args: &[std::ffi::OsString]) {
         assert!(self.child.is_none(), "already running");
         let child = Command::new("/usr/bin/python3")
-            .args(["-m", "aiosmtpd", "-n", "-l"])
-            .arg(format!("127.0.0.1:{}", self.port))
-            .args(options)
-            .args(["-c", "smtp_handler.Handler"])
-            .arg(self.dir.join("inbox"))
-            .arg(self.dir.join("mode"))
+            .args(args)
             .env("PYTHONPATH", &self.dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use clap::Args;
 use idsync_core::Fetch;
 
-use crate::bench_records::records_floor;
+use crate::bench_records::{records_floor, repository_settings};
 use crate::config::Loaded;
 use crate::setup::Setup;
 
@@ -136,16 +136,7 @@ fn floor(feed: &Path, db: &Path) -> anyhow::Result<(Duration, Duration)> {
 
     let start = Instant::now();
     let conn = rusqlite::Connection::open(db)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "cache_size", -65536)?;
-    // The repository leaves checkpoints to a thread of its own: the commit only writes
-    // and syncs the log (see idsync_repo's `checkpointer`).
-    conn.pragma_update(
-        None,
-        "wal_autocheckpoint",
-        idsync_repo::WAL_SAFETY_NET_PAGES,
-    )?;
+    repository_settings(&conn)?;
     conn.execute_batch(
         "CREATE TABLE rows (key TEXT PRIMARY KEY, attrs TEXT NOT NULL) WITHOUT ROWID",
     )?;

@@ -31,6 +31,20 @@ pub struct RecordsFloor {
     pub rows: u64,
 }
 
+/// The repository's settings on a plain connection, for the benchmarks' floors: WAL,
+/// `synchronous=FULL`, its 64 MiB page cache, and no checkpoint inside the commit (the
+/// repository checkpoints on a thread of its own, see idsync_repo's `checkpointer`).
+pub fn repository_settings(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "cache_size", -65536)?;
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        idsync_repo::WAL_SAFETY_NET_PAGES,
+    )
+}
+
 /// Inserts every row of [`RECORD_TABLES`] in the repository file `written` into a fresh
 /// repository file at `scratch` (removed first), timed.
 pub fn records_floor(written: &Path, scratch: &Path) -> anyhow::Result<RecordsFloor> {
@@ -42,14 +56,7 @@ pub fn records_floor(written: &Path, scratch: &Path) -> anyhow::Result<RecordsFl
     // The real schema, from the repository's own migrations.
     drop(Repo::open(scratch)?);
     let mut conn = rusqlite::Connection::open(scratch)?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "cache_size", -65536)?;
-    // As in the repository: checkpoints are not part of the commit.
-    conn.pragma_update(
-        None,
-        "wal_autocheckpoint",
-        idsync_repo::WAL_SAFETY_NET_PAGES,
-    )?;
+    repository_settings(&conn)?;
     let source = written
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("{} is not UTF-8", written.display()))?;
