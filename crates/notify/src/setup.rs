@@ -72,11 +72,11 @@ pub fn transport(
                 }
                 _ => None,
             };
-            let ca_pem = s.ca_file.as_ref().and_then(|file| {
+            let ca = s.ca_file.as_ref().and_then(|file| {
                 let path = resolve(file);
                 let problem = match std::fs::read(&path) {
                     Ok(pem) => match Certificate::from_pem(&pem) {
-                        Ok(_) if pem_has_certificate(&pem) => return Some(pem),
+                        Ok(ca) if pem_has_certificate(&pem) => return Some(ca),
                         Ok(_) => "no PEM certificate in it".to_owned(),
                         Err(e) => e.to_string(),
                     },
@@ -110,7 +110,7 @@ pub fn transport(
                 port,
                 tls: s.tls,
                 accept_invalid_certs: s.accept_invalid_certs,
-                ca_pem,
+                ca,
                 credentials,
                 connections: s.connections,
                 timeout,

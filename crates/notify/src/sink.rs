@@ -168,7 +168,7 @@ pub fn bench_outbox(
         port: target.port(),
         tls: TlsMode::None,
         accept_invalid_certs: false,
-        ca_pem: None,
+        ca: None,
         credentials: None,
         connections,
         timeout: Duration::from_secs(30),

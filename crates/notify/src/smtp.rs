@@ -42,8 +42,8 @@ pub struct SmtpSettings {
     pub tls: TlsMode,
     /// Accept any certificate.
     pub accept_invalid_certs: bool,
-    /// PEM of the private CA certificates trusted besides the usual roots.
-    pub ca_pem: Option<Vec<u8>>,
+    /// The private CA certificates trusted besides the usual roots (`ca_file`).
+    pub ca: Option<Certificate>,
     /// AUTH credentials.
     pub credentials: Option<Credentials>,
     /// Connections.
@@ -85,10 +85,8 @@ async fn connect(s: &SmtpSettings) -> Result<AsyncSmtpConnection, SendFailure> {
     let tls = || {
         let mut builder = TlsParameters::builder(s.host.clone())
             .dangerous_accept_invalid_certs(s.accept_invalid_certs);
-        if let Some(pem) = &s.ca_pem {
-            let ca = Certificate::from_pem(pem)
-                .map_err(|e| transient(format!("TLS setup: the CA file: {e}")))?;
-            builder = builder.add_root_certificate(ca);
+        if let Some(ca) = &s.ca {
+            builder = builder.add_root_certificate(ca.clone());
         }
         builder
             .build_rustls()
