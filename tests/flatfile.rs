@@ -418,6 +418,37 @@ fn max_deletes_is_configurable_and_accept_applies() {
 // --- snapshots ------------------------------------------------------------------------
 
 #[test]
+fn a_changed_file_has_the_repository_read_ahead_and_an_unchanged_one_not() {
+    let s = world(", completion: rename");
+    s.feed("hr.csv", "id,cn\n1,Ann\n");
+    // A first pass knows no account: nothing to read ahead.
+    let first = s.idsync(&["-vv", "run", "--once"]).expect_code(0);
+    assert!(
+        !first.stderr.contains("repository read ahead"),
+        "{}",
+        first.stderr
+    );
+    s.feed("hr.csv", "id,cn\n1,Ann Lee\n");
+    let changed = s.idsync(&["-vv", "run", "--once"]).expect_code(0);
+    assert!(
+        changed.stderr.contains("reading the repository ahead"),
+        "{}",
+        changed.stderr
+    );
+    let unchanged = s.idsync(&["-vv", "run", "--once"]).expect_code(0);
+    assert!(
+        unchanged.stdout.contains("hr: no changes"),
+        "{}",
+        unchanged.stdout
+    );
+    assert!(
+        !unchanged.stderr.contains("reading the repository ahead"),
+        "{}",
+        unchanged.stderr
+    );
+}
+
+#[test]
 fn update_events_carry_previous_attributes() {
     let s = world(", completion: rename");
     s.feed("hr.csv", "id,cn\n1,Ann\n");

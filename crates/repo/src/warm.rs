@@ -57,18 +57,32 @@ impl Warmer {
         *last = Some(Instant::now());
         drop(last);
         let path = self.path.clone();
+        let size = match std::fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) => {
+                tracing::debug!(file = %path.display(), "repository not read ahead: {e}");
+                return;
+            }
+        };
+        if available_memory().is_none_or(|a| size > a / MAX_SHARE_OF_AVAILABLE) {
+            tracing::debug!(
+                file = %path.display(),
+                bytes = size,
+                "repository not read ahead: larger than a quarter of the memory available"
+            );
+            return;
+        }
+        tracing::debug!(file = %path.display(), bytes = size, "reading the repository ahead");
         let spawned = std::thread::Builder::new()
             .name("idsync-warm".to_owned())
             .spawn(move || {
                 let started = Instant::now();
-                match read_ahead(&path) {
-                    Ok(Some(bytes)) => tracing::debug!(
+                match read_ahead(&path, size) {
+                    Ok(()) => tracing::debug!(
                         file = %path.display(),
-                        bytes,
                         "repository read ahead in {:?}",
                         started.elapsed()
                     ),
-                    Ok(None) => {}
                     Err(e) => tracing::debug!(
                         file = %path.display(),
                         "repository not read ahead: {e}"
@@ -81,16 +95,10 @@ impl Warmer {
     }
 }
 
-/// Asks the kernel to read `path` into the page cache; `Ok(None)` when it is too large
-/// for the memory available (or that is unknown).
+/// Asks the kernel to read the first `size` bytes of `path` into the page cache.
 #[cfg(target_os = "linux")]
-fn read_ahead(path: &Path) -> std::io::Result<Option<u64>> {
+fn read_ahead(path: &Path, size: u64) -> std::io::Result<()> {
     let file = std::fs::File::open(path)?;
-    let size = file.metadata()?.len();
-    let fits = available_memory().is_some_and(|a| size <= a / MAX_SHARE_OF_AVAILABLE);
-    if !fits {
-        return Ok(None);
-    }
     // One hint for the whole file reads no more than the device's read-ahead window
     // (Linux caps WILLNEED at it): hint it window by window.
     let mut offset = 0;
@@ -101,22 +109,24 @@ fn read_ahead(path: &Path) -> std::io::Result<Option<u64>> {
         }
         offset += CHUNK;
     }
-    Ok(Some(size))
+    Ok(())
 }
 
 #[cfg(not(target_os = "linux"))]
-fn read_ahead(_path: &Path) -> std::io::Result<Option<u64>> {
-    Ok(None)
+fn read_ahead(_path: &Path, _size: u64) -> std::io::Result<()> {
+    Ok(())
 }
 
-/// `MemAvailable` of /proc/meminfo, in bytes.
-#[cfg(target_os = "linux")]
+/// `MemAvailable` of /proc/meminfo, in bytes (`None` elsewhere than Linux: nothing is
+/// read ahead there).
 fn available_memory() -> Option<u64> {
+    if !cfg!(target_os = "linux") {
+        return None;
+    }
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     parse_available(&info)
 }
 
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn parse_available(meminfo: &str) -> Option<u64> {
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -146,6 +156,6 @@ mod tests {
         warmer.warm_up();
         assert_eq!(*warmer.last.lock().unwrap(), first);
         #[cfg(target_os = "linux")]
-        assert_eq!(read_ahead(&path).unwrap(), Some(8192));
+        read_ahead(&path, 8192).unwrap();
     }
 }
