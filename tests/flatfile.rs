@@ -46,6 +46,14 @@ fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The `op` of the decision records `results ARGS` lists, in order.
+fn ops(s: &Sandbox, args: &[&str]) -> Vec<String> {
+    s.results(args)
+        .iter()
+        .map(|d| d["op"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// Waits until the linked identities are exactly `want`.
 fn wait_for(s: &Sandbox, want: &[(&str, &str)]) {
     let want = pairs(want);
@@ -109,11 +117,7 @@ fn folder_of_dated_files_in_order_then_archived() {
     let out = s.run_once(None, 0);
     assert!(out.stdout.contains("hr: 3 events"), "{}", out.stdout);
     // Day 1 created Ann, day 2 renamed her and added Bob: in that order.
-    let ann: Vec<_> = s
-        .results(&["--key", "1"])
-        .iter()
-        .map(|d| d["op"].as_str().unwrap().to_owned())
-        .collect();
+    let ann = ops(&s, &["--key", "1"]);
     assert_eq!(ann, ["upsert", "update"]);
     assert_eq!(names(&s), pairs(&[("1", "Ann Lee"), ("2", "Bob")]));
 
@@ -473,11 +477,7 @@ fn missing_snapshot_means_a_full_pass() {
     drop(db);
     let out = s.run_once(None, 0);
     assert!(out.stdout.contains("hr: 2 events"), "{}", out.stdout);
-    let ops: Vec<String> = s
-        .results(&["-n", "2"])
-        .iter()
-        .map(|d| d["op"].as_str().unwrap().to_owned())
-        .collect();
+    let ops = ops(&s, &["-n", "2"]);
     assert_eq!(ops, ["upsert", "upsert"]);
     let out = s.run_once(None, 0);
     assert!(out.stdout.contains("hr: no changes"), "{}", out.stdout);
@@ -498,11 +498,7 @@ fn damaged_snapshot_with_a_changed_file_means_a_full_pass() {
     s.feed("hr.csv", "id,cn\n1,Ann\n2,Bob Lee\n3,Cy\n");
     let out = s.run_once(None, 0);
     assert!(out.stdout.contains("hr: 3 events"), "{}", out.stdout);
-    let ops: Vec<String> = s
-        .results(&["-n", "3"])
-        .iter()
-        .map(|d| d["op"].as_str().unwrap().to_owned())
-        .collect();
+    let ops = ops(&s, &["-n", "3"]);
     assert_eq!(ops, ["upsert", "upsert", "upsert"]);
     assert_eq!(
         s.identity("2").unwrap()["attrs"]["cn"],
@@ -543,11 +539,7 @@ fn large_pass_commits_in_parts_and_stays_complete() {
     let mut expected_sorted = expected.clone();
     expected_sorted.sort();
     assert_eq!(names(&s), expected_sorted);
-    let ops: Vec<String> = s
-        .results(&[])
-        .iter()
-        .map(|d| d["op"].as_str().unwrap().to_owned())
-        .collect();
+    let ops = ops(&s, &[]);
     assert!(ops.iter().all(|o| o == "upsert"), "{ops:?}");
     let out = s.run_once(None, 0);
     assert!(out.stdout.contains("hr: no changes"), "{}", out.stdout);

@@ -185,22 +185,33 @@ fn syncrepl_resumes_after_slapd_restart_and_outage() {
     assert_eq!(s.results(&[]).len(), 5);
 }
 
-#[test]
-fn stale_cookie_from_a_restored_repository_converges() {
-    let slapd = Slapd::start();
+/// People a, b and c in the directory, synchronized once in syncrepl mode.
+fn synced_a_b_c(slapd: &Slapd) -> Sandbox {
     for u in ["a", "b", "c"] {
         slapd.add_person(u, u, &format!("{u}@example.com"));
     }
-    let s = world(&slapd, "      mode: syncrepl");
+    let s = world(slapd, "      mode: syncrepl");
     s.run_once(None, 0);
-    let backup = s.path().join("backup.db");
-    std::fs::copy(s.db(), &backup).unwrap();
+    s
+}
 
+/// Deletes a, changes b's cn to Bee, adds d.
+fn delete_a_rename_b_add_d(slapd: &Slapd) {
     slapd.modify(&format!("dn: uid=a,{PEOPLE}\nchangetype: delete\n\n"));
     slapd.modify(&format!(
         "dn: uid=b,{PEOPLE}\nchangetype: modify\nreplace: cn\ncn: Bee\n\n"
     ));
     slapd.add_person("d", "d", "d@example.com");
+}
+
+#[test]
+fn stale_cookie_from_a_restored_repository_converges() {
+    let slapd = Slapd::start();
+    let s = synced_a_b_c(&slapd);
+    let backup = s.path().join("backup.db");
+    std::fs::copy(s.db(), &backup).unwrap();
+
+    delete_a_rename_b_add_d(&slapd);
     s.run_once(None, 0);
     let after_sync: Vec<String> = s
         .export()
@@ -226,16 +237,8 @@ fn stale_cookie_from_a_restored_repository_converges() {
 #[test]
 fn cookie_older_than_the_server_logs_gets_a_full_refresh_with_deletes_by_absence() {
     let slapd = Slapd::start_reload_hint();
-    for u in ["a", "b", "c"] {
-        slapd.add_person(u, u, &format!("{u}@example.com"));
-    }
-    let s = world(&slapd, "      mode: syncrepl");
-    s.run_once(None, 0);
-    slapd.modify(&format!("dn: uid=a,{PEOPLE}\nchangetype: delete\n\n"));
-    slapd.modify(&format!(
-        "dn: uid=b,{PEOPLE}\nchangetype: modify\nreplace: cn\ncn: Bee\n\n"
-    ));
-    slapd.add_person("d", "d", "d@example.com");
+    let s = synced_a_b_c(&slapd);
+    delete_a_rename_b_add_d(&slapd);
 
     // The committed cookie now names a CSN from before anything the server's logs hold:
     // it cannot send the changes since, so it answers e-syncRefreshRequired, and the

@@ -266,38 +266,34 @@ impl Adapter for FlatFileAdapter {
 
         // The snapshot is checked against the checkpoint's account count: here, by a
         // count, only when the file looks unchanged (an idle pass must not hide a lost
-        // snapshot); otherwise the diff checks the accounts it loads anyway.
+        // snapshot); otherwise, and when that count differs, the diff checks the accounts
+        // it loads against it and makes the pass a full pass.
         let expected = previous.as_ref().and_then(|t| t.n);
-        let mut consistent = true;
-        if let Some(p) = &previous
-            && !p.partial
-            && p.content == content
-            && p.cfg.as_deref().is_none_or(|c| c == cfg)
-            && p.file == folder_file
-        {
-            let known_count = known
+        let count = || {
+            known
                 .known_count(&self.resource)
-                .map_err(|e| self.transient(format!("cannot count the known accounts: {e}")))?;
-            consistent = match (expected, known_count) {
-                (Some(n), Some(count)) => n == count,
-                _ => true,
+                .map_err(|e| self.transient(format!("cannot count the known accounts: {e}")))
+        };
+        let unchanged = previous.as_ref().is_some_and(|p| {
+            !p.partial
+                && p.content == content
+                && p.cfg.as_deref().is_none_or(|c| c == cfg)
+                && p.file == folder_file
+        });
+        if unchanged {
+            let snapshot_matches = match expected {
+                Some(n) => count()?.is_none_or(|c| c == n),
+                None => true,
             };
-            if consistent {
+            if snapshot_matches {
                 return Ok(Fetch::Idle);
             }
-            tracing::warn!(
-                resource = %self.resource,
-                "the snapshot does not match the checkpoint (expected {expected:?} accounts, found {known_count:?}): full pass",
-            );
         }
-
         // A checkpoint without a count (a first pass, an older checkpoint): the
         // repository's own count tells the diff whether there is anything to load.
         let expected_accounts = match expected {
             Some(n) => Some(n),
-            None => known
-                .known_count(&self.resource)
-                .map_err(|e| self.transient(format!("cannot count the known accounts: {e}")))?,
+            None => count()?,
         };
         // The diff visits every known account: have the store read itself into memory
         // while the file is decoded and read (the updates then find their pages cached).
@@ -342,7 +338,7 @@ impl Adapter for FlatFileAdapter {
                 file_name: &file_name,
                 shown_path: &shown_path,
                 fresh,
-                full_pass: !consistent,
+                full_pass: false,
             };
             (
                 diff::plan(&target, &mut rows, known, expected_accounts)?,
