@@ -12,6 +12,11 @@ if ! /usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
   step "installing python3-aiosmtpd"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-aiosmtpd >/dev/null
 fi
+# The repository tests read the file from outside with the sqlite3 shell, as operators do.
+if ! command -v sqlite3 >/dev/null 2>&1; then
+  step "installing sqlite3"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sqlite3 >/dev/null
+fi
 # The LDAP tests run a private slapd (ldap-utils for their changes, openssl for a test CA).
 if ! command -v slapd >/dev/null 2>&1 && ! [ -x /usr/sbin/slapd ] || ! command -v ldapmodify >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
   step "installing slapd, ldap-utils and openssl"

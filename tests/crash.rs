@@ -7,6 +7,8 @@
 //! account (every change applied exactly once), and every notification sent, each with its
 //! `ID.eml` file (at least once).
 //!
+//! An outside reader (the `sqlite3` shell) reads the repository during every run.
+//!
 //! The kill points come from a small PRNG; the seed is printed, and `IDSYNC_CRASH_SEED=N`
 //! replays a run.
 #![allow(clippy::unwrap_used)]
@@ -336,6 +338,25 @@ fn outstanding(
     outbox(s).iter().any(|m| m["status"] != "sent")
 }
 
+/// Reads the repository with the `sqlite3` shell, as an operator would; the file may not
+/// exist yet at the first start.
+fn outside_read(s: &Sandbox) {
+    if !s.db().exists() {
+        return;
+    }
+    let out = Command::new("sqlite3")
+        .args(["-cmd", ".timeout 5000"])
+        .arg(s.db())
+        .arg("SELECT count(*) FROM identities")
+        .output()
+        .expect("the sqlite3 shell (Debian package sqlite3) runs");
+    assert!(
+        out.status.success(),
+        "sqlite3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `identities export`, sorted by name.
 fn export(s: &Sandbox) -> Vec<Value> {
     let mut v = s.export();
@@ -413,7 +434,14 @@ fn sigkill_at_random_points_changes_nothing() {
         } else {
             Agent::start(&crashed, &[])
         };
-        std::thread::sleep(Duration::from_millis(rng.below(400)));
+        // An operator's reader looks at the repository while the agent works (its close
+        // must never take the agent's log away: see tests/repository.rs).
+        let before_read = rng.below(200);
+        std::thread::sleep(Duration::from_millis(before_read));
+        outside_read(&crashed);
+        std::thread::sleep(Duration::from_millis(
+            rng.below(400).saturating_sub(before_read),
+        ));
         let mut agent = agent;
         if agent.child.try_wait().unwrap().is_some() {
             fault_exits += 1;

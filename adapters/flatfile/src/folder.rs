@@ -43,6 +43,21 @@ pub(crate) fn matches(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
+/// Whether a resource with `config` could read `file` as its feed: the feed path itself,
+/// or (when the path is a folder) a file in it that the pattern picks. Paths are compared
+/// as given: resolve both against the same base first.
+pub fn might_read(config: &FlatFileConfig, file: &std::path::Path) -> bool {
+    if file == config.path {
+        return true;
+    }
+    let pattern = config.pattern.as_deref().unwrap_or("*");
+    file.parent() == Some(config.path.as_path())
+        && file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| matches(pattern, n) && !n.starts_with('.'))
+}
+
 /// Archives the files committed already (names up to `last`), then picks the first
 /// matching file after `last`. With `resume`, the pass of `last` itself is unfinished (it
 /// was committed in parts): `last` is picked again and not archived.

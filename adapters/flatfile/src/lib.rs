@@ -48,6 +48,7 @@ use idsync_core::{Adapter, AdapterError, ChangeBatch, Checkpoint, Fetch, KnownAc
 use xxhash_rust::xxh3::xxh3_64;
 
 pub use config::{AfterProcessing, Completion, DeleteGuard, Encoding, FlatFileConfig};
+pub use folder::might_read;
 pub use watch::Watcher;
 
 use crate::diff::{DiffStats, Target};

@@ -347,6 +347,24 @@ impl Loaded {
         self.resolve(&self.config.repository.path)
     }
 
+    /// The repository file and the files beside it that idsync and SQLite write: its log,
+    /// its index, a rollback journal, the agent lock and the status file. A feed must never
+    /// read one (reading and closing the repository would drop SQLite's locks).
+    pub fn repository_files(&self) -> Vec<PathBuf> {
+        let db = self.repository_path();
+        let beside = |suffix: &str| {
+            let mut name = db.as_os_str().to_owned();
+            name.push(suffix);
+            PathBuf::from(name)
+        };
+        let mut files: Vec<PathBuf> = ["-wal", "-shm", "-journal", ".lock", ".status.json"]
+            .iter()
+            .map(|s| beside(s))
+            .collect();
+        files.insert(0, db);
+        files
+    }
+
     /// The rules folder.
     pub fn rules_dir(&self) -> PathBuf {
         self.resolve(&self.config.rules_dir)
@@ -375,6 +393,19 @@ impl Loaded {
                 SourceConfig::Flatfile(ff) => {
                     for p in ff.validate() {
                         out.push(format!("{at}.source.{p}"));
+                    }
+                    let mut resolved = ff.clone();
+                    resolved.path = self.resolve(&ff.path);
+                    if let Some(file) = self
+                        .repository_files()
+                        .into_iter()
+                        .find(|f| idsync_flatfile::might_read(&resolved, f))
+                    {
+                        out.push(format!(
+                            "{at}.source.path: the feed would read {}, a file of the repository; \
+                             give the feed a path (or a pattern) of its own",
+                            file.display()
+                        ));
                     }
                 }
                 SourceConfig::Ldap(l) => {
@@ -493,5 +524,30 @@ mod tests {
                 .any(|p| p.contains("resources[0].mappings[0]"))
         );
         assert!(problems.iter().any(|p| p.contains("resources[1].name")));
+    }
+
+    #[test]
+    fn a_feed_that_would_read_a_repository_file_is_refused() {
+        let refused = |source: &str| {
+            let l = load(&format!(
+                "repository: {{ path: data/idsync.db }}\nresources:\n  - name: hr\n    source: {source}\n"
+            ))
+            .unwrap();
+            l.validate()
+                .iter()
+                .any(|p| p.contains("resources[0].source.path") && p.contains("repository"))
+        };
+        assert!(refused("{ type: flatfile, path: data/idsync.db, key: id }"));
+        assert!(refused(
+            "{ type: flatfile, path: data/idsync.db-wal, key: id }"
+        ));
+        assert!(refused("{ type: flatfile, path: data, key: id }"));
+        assert!(refused(
+            "{ type: flatfile, path: data, pattern: 'idsync*', key: id }"
+        ));
+        assert!(!refused(
+            "{ type: flatfile, path: data, pattern: 'hr-*.csv', key: id }"
+        ));
+        assert!(!refused("{ type: flatfile, path: feeds/hr.csv, key: id }"));
     }
 }

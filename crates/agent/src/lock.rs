@@ -4,6 +4,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The held lock; dropping it releases the lock.
@@ -32,6 +33,7 @@ impl AgentLock {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| anyhow::anyhow!("{}: cannot open the agent lock: {e}", path.display()))?;
         match file.try_lock() {

@@ -105,7 +105,7 @@ impl StatusFile {
         let tmp = self.path.with_extension("json.tmp");
         let result = serde_json::to_vec_pretty(&snap)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|bytes| write_owner_only(&tmp, &bytes))
             .and_then(|()| std::fs::rename(&tmp, &self.path));
         if let Err(e) = result {
             tracing::debug!("status file {}: {e}", self.path.display());
@@ -214,4 +214,17 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
     }
     writeln!(out, "outbox: {pending} pending, {sent} sent, {dead} dead")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `bytes` to a file readable by its owner only (it names resources and errors).
+fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
 }

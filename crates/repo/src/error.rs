@@ -129,6 +129,26 @@ pub enum RepoError {
         /// Newest version this build knows.
         supported: i64,
     },
+    /// The file at the repository path is not an idsync repository (an empty file left by a
+    /// failed restore, another application's database): using it would create every
+    /// identity again.
+    #[error(
+        "not an idsync repository: {reason}; idsync leaves it untouched (restore the right \
+         file, or move this one away to start a new repository)"
+    )]
+    NotARepository {
+        /// What was found instead.
+        reason: String,
+    },
+    /// The repository file could not be created, opened or inspected.
+    #[error("repository: {context}: {source}")]
+    File {
+        /// What the repository was doing, e.g. `creating /var/lib/idsync/idsync.db`.
+        context: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A thread panicked while holding the repository lock.
     #[error("repository unusable: a thread panicked while using it; restart idsync")]
     Poisoned,

@@ -37,6 +37,7 @@
 
 mod checkpointer;
 mod error;
+mod file;
 mod identities;
 mod outbox;
 mod records;
@@ -85,7 +86,9 @@ pub struct Repo {
     batch_wait: Duration,
     /// Checkpoints the WAL after each commit on a thread of its own (files only).
     checkpointer: Option<checkpointer::Checkpointer>,
-    /// Reads the file ahead before passes that visit many accounts (files only).
+    /// Reads the file ahead before passes that visit many accounts (files only). It holds
+    /// the process's descriptor of the file, which must close after every connection:
+    /// keep this field last (module `file`).
     warmer: Option<warm::Warmer>,
 }
 
@@ -99,12 +102,24 @@ impl std::fmt::Debug for Repo {
 
 impl Repo {
     /// Opens (creating if needed) the repository file at `path` and brings its schema up to
-    /// date. WAL journal, `synchronous=FULL`, foreign keys on, 5 s busy timeout.
+    /// date. WAL journal, `synchronous=FULL`, foreign keys on, 5 s busy timeout. A new file
+    /// is created owner-only; a file that is not an idsync repository (empty, a folder,
+    /// another application's database) is refused with [`RepoError::NotARepository`]
+    /// (module `file`).
     pub fn open(path: &Path) -> Result<Repo, RepoError> {
+        if let file::Found::Nothing = file::inspect(path)? {
+            file::create(path, |temp| {
+                let conn = Connection::open(temp)
+                    .with_ctx(|| format!("creating repository file {}", temp.display()))?;
+                Self::setup(conn, true).map(drop)
+            })?;
+        }
+        // Held before the connection opens, dropped after it closes (module `file`).
+        let held = file::hold(path)?;
         let conn = Connection::open(path)
             .with_ctx(|| format!("opening repository file {}", path.display()))?;
         let mut repo = Self::setup(conn, true)?;
-        repo.warmer = Some(warm::Warmer::new(path));
+        repo.warmer = Some(warm::Warmer::new(path, held));
         let wal = {
             let conn = repo.lock()?;
             let mode: String = conn
@@ -143,6 +158,7 @@ impl Repo {
             let _: i64 = conn
                 .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
                 .ctx("reading the repository")?;
+            schema::check_is_repository(&conn)?;
             let mode: String = conn
                 .query_row("PRAGMA journal_mode", [], |r| r.get(0))
                 .ctx("reading the journal mode")?;

@@ -3,6 +3,11 @@
 //! `MIGRATIONS[i]` takes a file from version `i` to `i + 1`. Each runs in its own
 //! transaction together with the version bump, so a crash mid-upgrade leaves the old
 //! version intact. Never edit a released migration: append a new one.
+//!
+//! A repository also carries `PRAGMA application_id` = [`APPLICATION_ID`] from its first
+//! migration on (files created before that carry 0 and are known by their version). A file
+//! with another application id, or with tables but no idsync schema version, is refused:
+//! migrating it would mix idsync's tables into another application's database.
 
 use rusqlite::Connection;
 
@@ -154,6 +159,43 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
+/// `PRAGMA application_id` of an idsync repository: "idsy" in ASCII.
+pub const APPLICATION_ID: i32 = 0x6964_7379;
+
+/// Refuses a database that is not an idsync repository (module doc). `version` is its
+/// `user_version`.
+fn recognise(conn: &Connection, version: i64) -> Result<(), RepoError> {
+    let id: i32 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .ctx("reading the application id")?;
+    if id != 0 && id != APPLICATION_ID {
+        return Err(RepoError::NotARepository {
+            reason: format!("the database belongs to another application (application_id {id:#x})"),
+        });
+    }
+    if version == 0 {
+        let tables: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .ctx("reading the schema")?;
+        if tables > 0 {
+            return Err(RepoError::NotARepository {
+                reason: format!(
+                    "the database holds {tables} schema objects of another application"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a database that is not an idsync repository, before anything is written to it.
+pub(crate) fn check_is_repository(conn: &Connection) -> Result<(), RepoError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .ctx("reading the schema version")?;
+    recognise(conn, version)
+}
+
 /// Brings the schema of `conn` up to [`SCHEMA_VERSION`].
 pub(crate) fn migrate(conn: &mut Connection) -> Result<(), RepoError> {
     // Up to date (the usual case): no write lock, so commands can open the repository
@@ -161,6 +203,7 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), RepoError> {
     let current: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .ctx("reading the schema version")?;
+    recognise(conn, current)?;
     if current == SCHEMA_VERSION {
         return Ok(());
     }
@@ -173,6 +216,7 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), RepoError> {
         let version: i64 = tx
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .ctx("reading the schema version")?;
+        recognise(&tx, version)?;
         if version > SCHEMA_VERSION {
             return Err(RepoError::SchemaTooNew {
                 found: version,
@@ -190,6 +234,8 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), RepoError> {
             .with_ctx(|| format!("upgrading the schema to version {}", version + 1))?;
         tx.pragma_update(None, "user_version", version + 1)
             .ctx("storing the schema version")?;
+        tx.pragma_update(None, "application_id", APPLICATION_ID)
+            .ctx("storing the application id")?;
         tx.commit().ctx("committing the schema upgrade")?;
     }
 }

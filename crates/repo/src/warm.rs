@@ -11,12 +11,16 @@
 //! this process) on a thread of its own while the adapter reads its source; by the time the engine applies
 //! the changes, their pages are in memory.
 //!
+//! The read-ahead uses the descriptor the repository holds for its whole life (module
+//! `file`): opening and closing one here would drop SQLite's locks on the file.
+//!
 //! Only a file that fits comfortably in the memory available (a quarter of it) is read
 //! ahead, and at most once every ten seconds (hints for pages already cached cost some 60 ms
 //! of that thread for a 1 GB file); elsewhere than Linux this does nothing.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// At most one read-ahead per this interval (a pass in parts asks once per part).
@@ -32,14 +36,18 @@ const MAX_SHARE_OF_AVAILABLE: u64 = 4;
 /// Reads a repository file ahead on request, at most once per [`MIN_INTERVAL`].
 #[derive(Debug)]
 pub(crate) struct Warmer {
+    /// For log lines.
     path: PathBuf,
+    /// The process's descriptor of the file (module `file`): never opened or closed here.
+    file: Arc<File>,
     last: Mutex<Option<Instant>>,
 }
 
 impl Warmer {
-    pub fn new(path: &Path) -> Warmer {
+    pub fn new(path: &Path, file: Arc<File>) -> Warmer {
         Warmer {
             path: path.to_path_buf(),
+            file,
             last: Mutex::new(None),
         }
     }
@@ -57,7 +65,8 @@ impl Warmer {
         *last = Some(Instant::now());
         drop(last);
         let path = self.path.clone();
-        let size = match std::fs::metadata(&path) {
+        let file = self.file.clone();
+        let size = match file.metadata() {
             Ok(m) => m.len(),
             Err(e) => {
                 tracing::debug!(file = %path.display(), "repository not read ahead: {e}");
@@ -77,7 +86,7 @@ impl Warmer {
             .name("idsync-warm".to_owned())
             .spawn(move || {
                 let started = Instant::now();
-                match read_ahead(&path, size) {
+                match read_ahead(&file, size) {
                     Ok(()) => tracing::debug!(
                         file = %path.display(),
                         "repository read ahead in {:?}",
@@ -95,17 +104,16 @@ impl Warmer {
     }
 }
 
-/// Asks the kernel to read the first `size` bytes of `path` into the page cache.
+/// Asks the kernel to read the first `size` bytes of `file` into the page cache.
 #[cfg(target_os = "linux")]
-fn read_ahead(path: &Path, size: u64) -> std::io::Result<()> {
-    let file = std::fs::File::open(path)?;
+fn read_ahead(file: &File, size: u64) -> std::io::Result<()> {
     // One hint for the whole file reads no more than the device's read-ahead window
     // (Linux caps WILLNEED at it): hint it window by window.
     let mut offset = 0;
     while offset < size {
         let len = CHUNK.min(size - offset);
         if let Some(len) = std::num::NonZeroU64::new(len) {
-            rustix::fs::fadvise(&file, offset, Some(len), rustix::fs::Advice::WillNeed)?;
+            rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::WillNeed)?;
         }
         offset += CHUNK;
     }
@@ -113,7 +121,7 @@ fn read_ahead(path: &Path, size: u64) -> std::io::Result<()> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn read_ahead(_path: &Path, _size: u64) -> std::io::Result<()> {
+fn read_ahead(_file: &File, _size: u64) -> std::io::Result<()> {
     Ok(())
 }
 
@@ -149,13 +157,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.db");
         std::fs::write(&path, vec![0u8; 8192]).unwrap();
-        let warmer = Warmer::new(&path);
+        let file = Arc::new(File::open(&path).unwrap());
+        let warmer = Warmer::new(&path, file.clone());
         warmer.warm_up();
         let first = *warmer.last.lock().unwrap();
         assert!(first.is_some());
         warmer.warm_up();
         assert_eq!(*warmer.last.lock().unwrap(), first);
         #[cfg(target_os = "linux")]
-        read_ahead(&path, 8192).unwrap();
+        read_ahead(&file, 8192).unwrap();
     }
 }

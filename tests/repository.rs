@@ -1,0 +1,183 @@
+//! The repository file and its neighbours, through the real binary: other processes read it
+//! while the agent writes (the `sqlite3` shell and idsync's own read commands), and a kill
+//! afterwards must still find every commit the readers saw; a file that is not an idsync
+//! repository is refused; what the agent creates is readable by its owner only.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use common::{Sandbox, attr, eventually};
+
+/// A flat-file resource in the quickstart's layout (the repository next to `idsync.yaml`)
+/// with production intervals: only the feed's watcher wakes the agent.
+fn hr_sandbox() -> Sandbox {
+    let s = Sandbox::new();
+    s.config(
+        r#"poll_interval_secs: 3600
+status: { listen: off }
+resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: id }
+    naming: 'account.id'
+    populate_global: true
+"#,
+    );
+    s
+}
+
+/// The feed of round `round`: 300 people whose title names the round, and one more person
+/// hired in each round so far.
+fn feed_of_round(round: usize) -> String {
+    let mut csv = String::from("id,title\n");
+    for i in 0..300 {
+        csv.push_str(&format!("e{i},title-{round}\n"));
+    }
+    for r in 0..=round {
+        csv.push_str(&format!("hire{r},new\n"));
+    }
+    csv
+}
+
+/// `sqlite3 DB SQL`: what an operator types to look at the repository.
+fn sqlite3(db: &std::path::Path, sql: &str) -> String {
+    let out = Command::new("sqlite3")
+        .args(["-cmd", ".timeout 5000"])
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("the sqlite3 shell (Debian package sqlite3) runs");
+    assert!(
+        out.status.success(),
+        "sqlite3 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Readers between commits must not make the agent's later commits vanish: each round the
+/// feed changes, the agent commits, and both an outside `sqlite3` and `idsync` read the
+/// result; then SIGKILL. Every round a reader saw must be in the repository after the kill.
+#[test]
+fn readers_between_commits_then_a_kill_lose_no_commit() {
+    let s = hr_sandbox();
+    s.feed("hr.csv", &feed_of_round(0));
+    let db = s.db();
+    let agent = s.start_agent(&[]);
+    for round in 0..8 {
+        if round > 0 {
+            s.replace_atomically("feeds/hr.csv", &feed_of_round(round));
+        }
+        let hire = format!("hire{round}");
+        let want_title = format!("title-{round}");
+        // The commit is reported when idsync's own read command shows it ...
+        eventually(30, &format!("round {round} committed"), || {
+            let e = s.identity("e299")?;
+            (attr(&e, "title") == Some(want_title.as_str()) && s.identity(&hire).is_some())
+                .then_some(())
+        });
+        // ... and an outside reader sees the same.
+        let seen = sqlite3(
+            &db,
+            &format!(
+                "SELECT count(*) FROM identities WHERE name = '{hire}' OR json_extract(attrs, '$.title') = '{want_title}'"
+            ),
+        );
+        assert_eq!(seen, "301", "round {round}: sqlite3 sees the commit");
+        s.idsync(&["identities", "list"]).expect_code(0);
+    }
+    // Child::kill is SIGKILL.
+    agent.stop();
+
+    // After the kill, a fresh reader finds the last round everywhere.
+    let all = s.export();
+    assert_eq!(
+        all.len(),
+        300 + 8,
+        "every hire of every round survived the kill"
+    );
+    for e in &all {
+        let name = e["name"].as_str().unwrap();
+        if name.starts_with('e') {
+            assert_eq!(
+                attr(e, "title"),
+                Some("title-7"),
+                "{name} keeps the last round"
+            );
+        }
+    }
+    assert_eq!(
+        sqlite3(
+            &db,
+            "SELECT count(*) FROM identities WHERE json_extract(attrs, '$.title') = 'title-7'"
+        ),
+        "300"
+    );
+}
+
+/// A zero-byte file where the repository should be (a failed restore) is refused, not
+/// taken for a new repository: nothing is created again.
+#[test]
+fn an_empty_file_at_the_repository_path_is_refused() {
+    let s = hr_sandbox();
+    s.feed("hr.csv", &feed_of_round(0));
+    std::fs::write(s.db(), b"").unwrap();
+    let run = s.idsync(&["run", "--once"]);
+    assert_ne!(run.code, 0, "a 0-byte repository is refused");
+    assert!(
+        run.stderr.contains("idsync.db") && run.stderr.contains("not an idsync repository"),
+        "the message names the file: {}",
+        run.stderr
+    );
+    assert_eq!(
+        std::fs::metadata(s.db()).unwrap().len(),
+        0,
+        "the file is left as it was"
+    );
+
+    // Some other SQLite database is refused the same way.
+    std::fs::remove_file(s.db()).unwrap();
+    sqlite3(
+        &s.db(),
+        "CREATE TABLE notes(x); INSERT INTO notes VALUES (1);",
+    );
+    let run = s.idsync(&["identities", "list"]);
+    assert_ne!(run.code, 0);
+    assert!(
+        run.stderr.contains("not an idsync repository"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(sqlite3(&s.db(), "SELECT count(*) FROM sqlite_master"), "1");
+}
+
+/// The repository, its log and the status file are readable by their owner only, whatever
+/// the umask.
+#[test]
+fn files_the_agent_creates_are_owner_only() {
+    let s = hr_sandbox();
+    s.feed("hr.csv", &feed_of_round(0));
+    let agent = s.start_agent(&[]);
+    eventually(30, "the first pass", || s.identity("hire0"));
+    eventually(10, "the status file", || {
+        s.path()
+            .join("idsync.db.status.json")
+            .exists()
+            .then_some(())
+    });
+    for name in [
+        "idsync.db",
+        "idsync.db-wal",
+        "idsync.db-shm",
+        "idsync.db.lock",
+        "idsync.db.status.json",
+    ] {
+        let path = s.path().join(name);
+        if let Ok(meta) = std::fs::metadata(&path) {
+            assert_eq!(meta.permissions().mode() & 0o077, 0, "{name} is owner-only");
+        }
+    }
+    agent.stop();
+}
