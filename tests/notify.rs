@@ -186,6 +186,88 @@ fn crash_after_send_resends_at_most_once_with_the_same_message_id() {
     assert_eq!(server.received().len(), 2);
 }
 
+/// Kills while 2,000 mails go out: each kill repeats at most the messages whose delivery
+/// was not recorded yet (the one in flight on its connection, and the last group of
+/// outcomes gathered within 20 ms, at most 64), never a whole claim; none is lost.
+#[test]
+fn kills_during_a_large_dispatch_repeat_at_most_the_messages_in_flight() {
+    const MAILS: usize = 2_000;
+    const KILLS: usize = 8;
+    // One connection: a slower drain, so that eight kills land in it.
+    let port = common::free_port();
+    let s = world(&format!(
+        "{{ type: smtp, host: 127.0.0.1, port: {port}, tls: none, timeout: 5s, connections: 1 }}"
+    ));
+    let mut server = SmtpServer::on_port(&s.path().join("smtp"), port);
+    let mut csv = String::from("id,first,mail\n");
+    for i in 0..MAILS {
+        csv.push_str(&format!("{i},P{i},p{i}@example.com\n"));
+    }
+    s.feed("hr.csv", &csv);
+    // The server is down for the first pass: every mail waits in the outbox.
+    s.run_once(None, 0);
+    assert_eq!(outbox(&s).len(), MAILS);
+    server.start();
+    let mut kills = 0;
+    let mut rounds = 0;
+    while kills < KILLS {
+        rounds += 1;
+        assert!(rounds < 60, "the dispatch never got under way");
+        let before = server.received().len();
+        let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
+            .args(["run", "--once"])
+            .current_dir(s.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill once 150 mails of this run arrived: far into its 512-row claim, which the
+        // old dispatcher recorded only at its end (1,649 duplicates in 8 kills).
+        let flowing = poll(10, "mail flowing", || {
+            if run.try_wait().unwrap().is_some() {
+                return Some(false);
+            }
+            (server.received().len() > before + 150).then_some(true)
+        });
+        if !flowing {
+            // Nothing was due: the rows a killed run claimed wait out their 1 s lease.
+            if server.received().len() >= MAILS {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+            continue;
+        }
+        run.kill().unwrap();
+        run.wait().unwrap();
+        kills += 1;
+    }
+    // Runs without kills finish the outbox.
+    poll(60, "every mail sent", || {
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        s.run_once(None, 0);
+        outbox(&s)
+            .iter()
+            .all(|m| m["status"] == "sent")
+            .then_some(())
+    });
+    let received = server.received();
+    let mut ids: Vec<String> = received
+        .iter()
+        .map(|r| r.header("message-id").unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), MAILS, "every mail delivered");
+    let duplicates = received.len() - MAILS;
+    let bound = kills * (1 + 64);
+    println!("{kills} kills, {duplicates} duplicates (bound {bound})");
+    assert!(kills >= 6, "only {kills} kills hit the dispatch");
+    assert!(
+        duplicates <= bound,
+        "{duplicates} duplicates after {kills} kills: more than the messages in flight"
+    );
+}
+
 #[test]
 fn crlf_in_an_attribute_cannot_inject_a_header() {
     let (s, mut server) = smtp_world();

@@ -17,6 +17,7 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinSet;
 
 use crate::config::TlsMode;
@@ -67,10 +68,13 @@ impl std::fmt::Debug for SmtpSettings {
     }
 }
 
-fn transient(message: impl Into<String>) -> SendFailure {
-    SendFailure {
-        permanent: false,
-        message: message.into(),
+impl SendFailure {
+    /// A failure that a later attempt may not meet.
+    pub fn transient(message: impl Into<String>) -> SendFailure {
+        SendFailure {
+            permanent: false,
+            message: message.into(),
+        }
     }
 }
 
@@ -90,7 +94,7 @@ async fn connect(s: &SmtpSettings) -> Result<AsyncSmtpConnection, SendFailure> {
         }
         builder
             .build_rustls()
-            .map_err(|e| transient(format!("TLS setup: {e}")))
+            .map_err(|e| SendFailure::transient(format!("TLS setup: {e}")))
     };
     let mut conn = match s.tls {
         TlsMode::Tls => AsyncSmtpConnection::connect_tokio1(
@@ -105,9 +109,11 @@ async fn connect(s: &SmtpSettings) -> Result<AsyncSmtpConnection, SendFailure> {
         TlsMode::Starttls | TlsMode::None => {
             let tcp = TcpStream::connect((s.host.as_str(), s.port))
                 .await
-                .map_err(|e| transient(format!("connecting to {}:{}: {e}", s.host, s.port)))?;
+                .map_err(|e| {
+                    SendFailure::transient(format!("connecting to {}:{}: {e}", s.host, s.port))
+                })?;
             tcp.set_nodelay(true)
-                .map_err(|e| transient(format!("setting TCP_NODELAY: {e}")))?;
+                .map_err(|e| SendFailure::transient(format!("setting TCP_NODELAY: {e}")))?;
             let mut c = AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &s.hello)
                 .await
                 .map_err(|e| classify(&e))?;
@@ -130,32 +136,33 @@ async fn connect(s: &SmtpSettings) -> Result<AsyncSmtpConnection, SendFailure> {
 async fn connect_with_timeout(s: &SmtpSettings) -> Result<AsyncSmtpConnection, SendFailure> {
     match tokio::time::timeout(s.timeout, connect(s)).await {
         Ok(r) => r,
-        Err(_) => Err(transient(format!(
+        Err(_) => Err(SendFailure::transient(format!(
             "connecting to {}:{} timed out after {:?}",
             s.host, s.port, s.timeout
         ))),
     }
 }
 
-/// Results of one worker: per row id, delivered or why not.
-type Results = Vec<(i64, Result<(), SendFailure>)>;
+/// Where each message's outcome goes as soon as it is known: its row id, delivered or why
+/// not.
+pub type Outcomes = UnboundedSender<(i64, Result<(), SendFailure>)>;
 
-/// Sends `msgs` over one connection; on a connection failure the rest of its share fails
-/// with the same transient error (the server is down: no point hammering it).
-async fn worker(s: Arc<SmtpSettings>, msgs: Vec<Outgoing>) -> Results {
-    let mut out = Vec::with_capacity(msgs.len());
+/// Sends `msgs` over one connection, reporting each outcome at once; on a connection
+/// failure the rest of its share fails with the same transient error (the server is down:
+/// no point hammering it).
+async fn worker(s: Arc<SmtpSettings>, msgs: Vec<Outgoing>, out: Outcomes) {
     let mut conn: Option<AsyncSmtpConnection> = None;
     let mut down: Option<SendFailure> = None;
     for m in msgs {
         if let Some(f) = &down {
-            out.push((m.id, Err(f.clone())));
+            let _ = out.send((m.id, Err(f.clone())));
             continue;
         }
         if conn.is_none() {
             match connect_with_timeout(&s).await {
                 Ok(c) => conn = Some(c),
                 Err(f) => {
-                    out.push((m.id, Err(f.clone())));
+                    let _ = out.send((m.id, Err(f.clone())));
                     if !f.permanent {
                         down = Some(f);
                     }
@@ -169,7 +176,7 @@ async fn worker(s: Arc<SmtpSettings>, msgs: Vec<Outgoing>) -> Results {
         let r = match tokio::time::timeout(s.timeout, c.send(&m.envelope, &m.bytes)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(classify(&e)),
-            Err(_) => Err(transient(format!(
+            Err(_) => Err(SendFailure::transient(format!(
                 "sending timed out after {:?}",
                 s.timeout
             ))),
@@ -180,17 +187,17 @@ async fn worker(s: Arc<SmtpSettings>, msgs: Vec<Outgoing>) -> Results {
                 let _ = tokio::time::timeout(Duration::from_secs(1), c.abort()).await;
             }
         }
-        out.push((m.id, r));
+        let _ = out.send((m.id, r));
     }
     if let Some(mut c) = conn {
         let _ = tokio::time::timeout(Duration::from_secs(1), c.quit()).await;
     }
-    out
 }
 
-/// Sends messages over up to `connections` parallel connections; returns one result per
-/// message.
-pub async fn send_all(s: &Arc<SmtpSettings>, msgs: Vec<Outgoing>) -> Results {
+/// Sends messages over up to `connections` parallel connections, reporting each outcome to
+/// `out` as soon as it is known. A message whose worker failed gets no outcome: the caller
+/// treats a missing one as a transient failure.
+pub async fn send_all(s: &Arc<SmtpSettings>, msgs: Vec<Outgoing>, out: Outcomes) {
     let n = s.connections.max(1).min(msgs.len().max(1));
     let mut shares: Vec<Vec<Outgoing>> = (0..n).map(|_| Vec::new()).collect();
     for (i, m) in msgs.into_iter().enumerate() {
@@ -199,24 +206,12 @@ pub async fn send_all(s: &Arc<SmtpSettings>, msgs: Vec<Outgoing>) -> Results {
         }
     }
     let mut set = JoinSet::new();
-    let mut ids: Vec<Vec<i64>> = Vec::new();
     for share in shares {
-        ids.push(share.iter().map(|m| m.id).collect());
-        set.spawn(worker(s.clone(), share));
+        set.spawn(worker(s.clone(), share, out.clone()));
     }
-    let mut out = Vec::new();
     while let Some(r) = set.join_next().await {
-        match r {
-            Ok(mut v) => out.append(&mut v),
-            Err(e) => tracing::error!("an SMTP worker failed: {e}"),
+        if let Err(e) = r {
+            tracing::error!("an SMTP worker failed: {e}");
         }
     }
-    // A worker that panicked leaves its messages without a result: report them transient.
-    let done: std::collections::HashSet<i64> = out.iter().map(|(id, _)| *id).collect();
-    for id in ids.into_iter().flatten() {
-        if !done.contains(&id) {
-            out.push((id, Err(transient("the sending task failed"))));
-        }
-    }
-    out
 }
