@@ -145,7 +145,13 @@ fn smtp_5xx_is_dead_lettered_and_retriable() {
     server.set_mode("550");
     server.start();
     s.feed("hr.csv", "id,first,mail\n1,Alice,alice@example.com\n");
-    s.run_once(None, 0);
+    // A round that dead-letters a message fails the run, naming where to look.
+    let r = s.run_once(None, 1);
+    assert!(
+        r.stderr.contains("1 message(s) dead-lettered"),
+        "{}",
+        r.stderr
+    );
     let m = one(&s);
     assert_eq!(m["status"], "dead");
     assert!(m["last_error"].as_str().unwrap().contains("550"), "{m}");

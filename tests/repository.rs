@@ -181,3 +181,26 @@ fn files_the_agent_creates_are_owner_only() {
     }
     agent.stop();
 }
+
+/// A line the feed keeps getting wrong is one failed event however many passes reject it.
+#[test]
+fn the_same_rejected_line_is_one_failed_event_across_passes() {
+    let s = hr_sandbox();
+    s.feed("hr.csv", "id,title\n1,clerk\n2,too,many,fields\n3,clerk\n");
+    s.run_once(None, 1);
+    // Other rows change; the bad line stays as it was.
+    s.feed("hr.csv", "id,title\n1,lead\n2,too,many,fields\n3,clerk\n");
+    s.run_once(None, 1);
+    s.feed(
+        "hr.csv",
+        "id,title\n1,director\n2,too,many,fields\n3,lead\n",
+    );
+    s.run_once(None, 1);
+    assert_eq!(attr(&s.identity("1").unwrap(), "title"), Some("director"));
+    let failed = s.failed();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(
+        failed[0]["origin"].as_str().unwrap().ends_with("hr.csv:3"),
+        "{failed:?}"
+    );
+}

@@ -1,7 +1,7 @@
 //! The commands: each returns the process exit status.
 //!
-//! Exit status: 0 success; 1 some event or retry failed, or a thing asked for does not
-//! exist; 2 the config or a rule is broken; 3 a resource could not be synchronized
+//! Exit status: 0 success; 1 some event or retry failed, a mail was dead-lettered, or a
+//! thing asked for does not exist; 2 the config or a rule is broken; 3 a resource could not be synchronized
 //! (unreachable file, halted batch, repository error).
 
 use std::io::Write;
@@ -98,11 +98,21 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
     }
     let mut adapters = adapters(&setup, &args.accept_deletes);
     let mut code = pass(&setup, &args.resources, &mut adapters);
-    if let Some(d) = &setup.dispatcher
-        && let Err(e) = crate::outbox::dispatch_round(d)
-    {
-        eprintln!("error: outbox: {e}");
-        code = ExitCode::from(EXIT_RESOURCE);
+    if let Some(d) = &setup.dispatcher {
+        match crate::outbox::dispatch_round(d) {
+            Ok(round) if round.dead > 0 && code == ExitCode::SUCCESS => {
+                eprintln!(
+                    "error: outbox: {} message(s) dead-lettered (idsync outbox list --status dead)",
+                    round.dead
+                );
+                code = ExitCode::from(EXIT_FAILED);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("error: outbox: {e}");
+                code = ExitCode::from(EXIT_RESOURCE);
+            }
+        }
     }
     code
 }

@@ -1,7 +1,7 @@
 //! Decision records (one per event) and failed events (re-runnable by the CLI).
 
 use idsync_core::{Action, ChangeEvent, Decision, Op, Situation};
-use rusqlite::{Connection, ToSql, params, params_from_iter};
+use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, RepoError, from_json, to_json};
@@ -265,7 +265,8 @@ impl Repo {
         Ok(out)
     }
 
-    /// Stores a failed event; returns its id.
+    /// Stores a failed event; returns its id. Rejected input (no event) already stored with
+    /// the same resource, key, origin and error is not stored twice: its id is returned.
     pub fn record_failure(&self, f: &NewFailure<'_>) -> Result<i64, RepoError> {
         let what = || {
             format!(
@@ -276,6 +277,23 @@ impl Repo {
         };
         let event = f.event.map(|e| to_json(e, what)).transpose()?;
         let conn = self.lock()?;
+        if event.is_none() {
+            // Rejected input (no event to re-run): the same line rejected again by a later
+            // pass is the same failure, seen again, not a new one.
+            let seen: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT id FROM failed_events WHERE resource = ?1 AND key IS ?2 \
+                     AND origin IS ?3 AND error = ?4 AND event IS NULL LIMIT 1",
+                )
+                .and_then(|mut st| {
+                    st.query_row(params![f.resource, f.key, f.origin, f.error], |r| r.get(0))
+                        .optional()
+                })
+                .with_ctx(|| format!("looking up the {}", what()))?;
+            if let Some(id) = seen {
+                return Ok(id);
+            }
+        }
         conn.prepare_cached(
             "INSERT INTO failed_events (at, resource, key, origin, error, event, decision_id) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
