@@ -204,3 +204,54 @@ fn the_same_rejected_line_is_one_failed_event_across_passes() {
         "{failed:?}"
     );
 }
+
+/// A command that writes while another process holds the write lock for longer than five
+/// seconds (an agent committing a large batch) waits for it, says so, and then succeeds.
+#[test]
+fn a_command_waits_visibly_for_a_long_write_of_another_process() {
+    let s = hr_sandbox();
+    s.config(
+        r#"status: { listen: off }
+resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: id }
+    naming: 'account.id'
+    rules: { correlation: corr.rhai }
+"#,
+    );
+    s.rule(
+        "corr.rhai",
+        "if account.id == \"2\" { throw \"not yet\" }\n[]",
+    );
+    s.feed("hr.csv", "id,title\n1,clerk\n2,clerk\n");
+    s.run_once(None, 1);
+    assert_eq!(s.failed().len(), 1);
+    s.rule("corr.rhai", "[]");
+    // Another process holds the write lock for 7 s.
+    let mut holder = Command::new("sqlite3")
+        .arg(s.db())
+        .args([
+            "BEGIN IMMEDIATE;",
+            "UPDATE identities SET version = version WHERE 0;",
+            ".shell sleep 7",
+            "COMMIT;",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let retry = s.idsync(&["failed", "retry", "--all"]).expect_code(0);
+    let waited = started.elapsed();
+    holder.wait().unwrap();
+    assert!(
+        waited >= std::time::Duration::from_secs(5),
+        "the retry waited for the lock ({waited:?})"
+    );
+    assert!(
+        retry.stderr.contains("repository is busy") && retry.stderr.contains("waiting"),
+        "the wait is announced: {}",
+        retry.stderr
+    );
+    assert!(s.identity("2").is_some());
+    assert!(s.failed().is_empty());
+}

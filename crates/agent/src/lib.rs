@@ -29,6 +29,9 @@ use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Command};
 
+/// How long a command waits for another process's write (the agent's batch in progress).
+const COMMAND_WRITE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Runs the command line; returns the exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -54,6 +57,16 @@ pub fn main() -> ExitCode {
         Ok(l) => l,
         Err(code) => return code,
     };
+    if !matches!(cli.command, Command::Run(_)) {
+        // A command that writes while the agent commits a large batch waits for it, and
+        // says so, instead of failing after the agent's own five seconds.
+        idsync_repo::wait_for_other_writers(COMMAND_WRITE_PATIENCE, |patience| {
+            eprintln!(
+                "idsync: the repository is busy (an agent is committing a batch); waiting for it, up to {}",
+                humantime::format_duration(patience)
+            );
+        });
+    }
     let result = match &cli.command {
         Command::Check => Ok(commands::check(loaded)),
         Command::Run(args) => Ok(commands::run(loaded, args)),

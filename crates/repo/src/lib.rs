@@ -35,6 +35,7 @@
 //! - The file runs in WAL mode with `synchronous=FULL`: a committed batch survives a power
 //!   loss. The schema is versioned with `PRAGMA user_version` (see the `schema` module).
 
+mod busy;
 mod checkpointer;
 mod error;
 mod file;
@@ -54,6 +55,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rusqlite::Connection;
 
+pub use busy::wait_for_other_writers;
 pub use checkpointer::WAL_SAFETY_NET_PAGES;
 pub use error::RepoError;
 pub use outbox::{
@@ -66,7 +68,8 @@ pub use summary::ResourceSummary;
 
 use error::Context;
 
-/// How long SQLite waits for a lock held by another connection (another process).
+/// How long SQLite waits for a lock held by another connection (another process), unless
+/// the process chose to wait longer ([`wait_for_other_writers`]).
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Default for how long [`Repo::begin`] waits for another batch of the same `Repo`.
@@ -149,8 +152,8 @@ impl Repo {
     }
 
     fn setup(mut conn: Connection, file: bool) -> Result<Repo, RepoError> {
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .ctx("setting the busy timeout")?;
+        conn.busy_handler(Some(busy::handler))
+            .ctx("setting the busy handler")?;
         if file {
             // Switching needs a write lock, which a running agent may hold: only switch a
             // file that is not in WAL mode yet (a new one), so readers open while it runs.
