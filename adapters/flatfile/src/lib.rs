@@ -36,6 +36,7 @@ mod config;
 mod diff;
 mod folder;
 mod known;
+mod open;
 mod rows;
 mod token;
 mod watch;
@@ -51,6 +52,7 @@ pub use config::{AfterProcessing, Completion, DeleteGuard, Encoding, FlatFileCon
 pub use watch::Watcher;
 
 use crate::diff::{DiffStats, Target};
+use crate::open::FeedError;
 use crate::rows::{Row, Rows};
 use crate::token::{Token, hex};
 
@@ -150,6 +152,16 @@ impl FlatFileAdapter {
         }
     }
 
+    /// A feed that could not be opened or read: transient or permanent by its kind.
+    fn feed_error(&self, e: &FeedError, shown_path: &str) -> AdapterError {
+        let message = e.message(shown_path);
+        if e.is_transient() {
+            self.transient(message)
+        } else {
+            self.permanent(message)
+        }
+    }
+
     /// The guard: refuses (before anything is applied) a pass deleting too many accounts.
     fn guard(&self, stats: &DiffStats, shown_path: &str) -> Result<(), AdapterError> {
         let g = &self.config.delete_guard;
@@ -244,14 +256,15 @@ impl Adapter for FlatFileAdapter {
         };
         let shown_path = path.display().to_string();
 
+        // A link, a FIFO or a device at the path is refused before any wait.
+        open::preflight(&self.config, &path).map_err(|e| self.feed_error(&e, &shown_path))?;
         if !complete::is_complete(&self.config, &path).map_err(|e| self.transient(e))? {
             tracing::info!(resource = %self.resource, "{shown_path} is not complete yet");
             self.more = false;
             return Ok(Fetch::Idle);
         }
-        let signature = std::fs::metadata(&path)
-            .map(|m| (m.len(), m.modified().ok()))
-            .map_err(|e| self.transient(format!("cannot read {shown_path}: {e}")))?;
+        let feed = open::open(&self.config, &path).map_err(|e| self.feed_error(&e, &shown_path))?;
+        let signature = (feed.meta.len(), feed.meta.modified().ok());
         // The next part of a pass in progress, if its last part was committed and the file
         // was not touched since: no need to read, hash and count again.
         if let Some(ip) = self.in_progress.take()
@@ -260,8 +273,9 @@ impl Adapter for FlatFileAdapter {
         {
             return self.emit(ip, known);
         }
-        let bytes = std::fs::read(&path)
-            .map_err(|e| self.transient(format!("cannot read {shown_path}: {e}")))?;
+        let bytes = feed
+            .read(&self.config)
+            .map_err(|e| self.feed_error(&e, &shown_path))?;
         let content = xxh3_64(&bytes);
 
         // The snapshot is checked against the checkpoint's account count: here, by a
@@ -320,7 +334,8 @@ impl Adapter for FlatFileAdapter {
                 if !removed.is_empty() {
                     return Err(self.permanent(format!(
                         "the header of {shown_path} changed: column(s) {} removed or renamed \
-                         (was: {}; now: {}). The resource stops until its config is changed: \
+                         (was: {}; now {} columns). The resource stops until its config is \
+                         changed: \
                          check the key, mappings and rules, then change the resource's source \
                          config (e.g. raise `header_version`) to accept the new header",
                         removed
@@ -329,7 +344,7 @@ impl Adapter for FlatFileAdapter {
                             .collect::<Vec<_>>()
                             .join(", "),
                         old.join(", "),
-                        rows.columns().join(", ")
+                        rows.columns().len()
                     )));
                 }
             }
