@@ -348,6 +348,177 @@ fn changed_header_stops_until_the_config_changes_and_added_columns_are_attribute
     assert_eq!(attr(&s.identity("1").unwrap(), "job"), Some("Boss"));
 }
 
+// --- feeds that lie (issue 13, point 2) -------------------------------------------------
+
+/// Like [`world`], but a deleted account disables its identity (what an HR feed does), so a
+/// wrong delete shows as a disabled identity.
+fn disabling_world(source_extra: &str) -> Sandbox {
+    let s = Sandbox::new();
+    s.config(&format!(
+        "poll_interval_secs: 60
+status: {{ listen: off }}
+resources:
+  - name: hr
+    source: {{ type: flatfile, path: feeds/hr.csv, key: id, completion: rename{source_extra} }}
+    populate_global: true
+    delete_action: disable
+"
+    ));
+    s
+}
+
+/// `id,cn,title` with `n` rows `i,P{i},Engineer`.
+fn staff(n: usize) -> String {
+    let mut csv = String::from("id,cn,title\n");
+    for i in 1..=n {
+        csv.push_str(&format!("{i},P{i},Engineer\n"));
+    }
+    csv
+}
+
+/// Every exported identity by name.
+fn by_name(s: &Sandbox) -> std::collections::BTreeMap<String, serde_json::Value> {
+    s.export()
+        .into_iter()
+        .map(|i| (i["name"].as_str().unwrap().to_owned(), i))
+        .collect()
+}
+
+/// Asserts that every identity but those in `changed` is exactly as in `before`, and none
+/// is disabled or unlinked.
+fn unchanged_but(
+    before: &std::collections::BTreeMap<String, serde_json::Value>,
+    s: &Sandbox,
+    changed: &[&str],
+) {
+    let after = by_name(s);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    for (name, identity) in &after {
+        assert_ne!(identity["disabled"], true, "{name} was disabled");
+        assert_eq!(
+            identity["accounts"].as_array().unwrap().len(),
+            1,
+            "{name} lost its account"
+        );
+        if !changed.contains(&name.as_str()) {
+            assert_eq!(identity, &before[name], "{name} changed");
+        }
+    }
+}
+
+#[test]
+fn stray_quote_swallowing_rows_changes_no_account_and_good_rows_flow() {
+    let s = disabling_world("");
+    s.feed("hr.csv", &staff(10));
+    s.run_once(None, 0);
+    let before = by_name(&s);
+    // Row 3 (line 4) opens a quote that row 9 (line 10) closes; the field count comes out
+    // right, so only the line break gives it away. Row 10 really changed.
+    let lying = staff(10)
+        .replace("3,P3,Engineer", "3,\"P3,Engineer")
+        .replace("9,P9,Engineer", "9,P9\",Engineer")
+        .replace("10,P10,Engineer", "10,P10,Manager");
+    s.feed("hr.csv", &lying);
+    let out = s.run_once(None, 1);
+    assert!(out.stdout.contains("rejected 1"), "{}", out.stdout);
+    unchanged_but(&before, &s, &["10"]);
+    assert_eq!(attr(&s.identity("10").unwrap(), "title"), Some("Manager"));
+    let failed = s.failed();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    let error = failed[0]["error"].as_str().unwrap();
+    assert!(
+        error.starts_with(
+            "hr.csv:4: a quoted value in column 'cn' opens on line 4 and runs to line 10"
+        ),
+        "{error}"
+    );
+    assert!(
+        out.stderr
+            .contains("hr.csv: no account is deleted this pass")
+            && out.stderr.contains("lines 4-10"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn cut_tail_stores_nothing_and_is_read_once_complete() {
+    let s = disabling_world("");
+    let full = staff(200);
+    s.feed("hr.csv", &full);
+    s.run_once(None, 0);
+    let before = by_name(&s);
+    // Cut 10% short, in the middle of row 181's title.
+    let at = full.find("181,P181,Engineer").unwrap() + "181,P181,Engin".len();
+    s.feed("hr.csv", &full[..at]);
+    let out = s.run_once(None, 3);
+    assert!(
+        out.stderr
+            .contains("hr.csv is incomplete: its last line (line 182) has no line ending"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("Engin,") && !out.stdout.contains("Engin"));
+    unchanged_but(&before, &s, &[]);
+
+    // The agent retries: once the writer finishes the file, it is read.
+    let agent = s.start_agent(&[]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(s.path().join("feeds/hr.csv"))
+            .unwrap();
+        let rest = full[at..].replace("200,P200,Engineer", "200,P200,Manager");
+        f.write_all(rest.as_bytes()).unwrap();
+    }
+    eventually(20, "the completed file", || {
+        (attr(&s.identity("200")?, "title") == Some("Manager")).then_some(())
+    });
+    agent.stop();
+    unchanged_but(&before, &s, &["200"]);
+}
+
+#[test]
+fn a_feed_without_a_final_line_ending_is_read_when_allowed() {
+    let s = disabling_world(", require_final_newline: false");
+    s.feed("hr.csv", "id,cn,title\n1,P1,Engineer");
+    s.run_once(None, 0);
+    assert_eq!(attr(&s.identity("1").unwrap(), "title"), Some("Engineer"));
+}
+
+#[test]
+fn empty_key_changes_no_account_and_good_rows_flow() {
+    let s = disabling_world("");
+    s.feed("hr.csv", &staff(5));
+    s.run_once(None, 0);
+    let before = by_name(&s);
+    // Row 3's key is empty (line 4): account 3 is "missing", but it may be that row.
+    let lying = staff(5)
+        .replace("3,P3,Engineer", ",P3,Engineer")
+        .replace("5,P5,Engineer", "5,P5,Manager");
+    s.feed("hr.csv", &lying);
+    let out = s.run_once(None, 1);
+    unchanged_but(&before, &s, &["5"]);
+    assert_eq!(attr(&s.identity("5").unwrap(), "title"), Some("Manager"));
+    let failed = s.failed();
+    assert_eq!(
+        failed[0]["error"].as_str().unwrap(),
+        "hr.csv:4: empty key column 'id'"
+    );
+    assert!(
+        out.stderr.contains(
+            "hr.csv: no account is deleted this pass: 1 account(s) missing from the file are kept"
+        ) && out.stderr.contains("on line 4"),
+        "{}",
+        out.stderr
+    );
+}
+
 // --- accidental-delete guard ----------------------------------------------------------
 
 fn many(n: usize) -> String {
