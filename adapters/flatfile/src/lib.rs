@@ -12,12 +12,20 @@
 //! Bad input never blocks good rows: a malformed record becomes a [`Reject`] with its
 //! `file:line`, and when its key can still be read that account is *held* (no update, no
 //! delete) until the file is fixed. A key that appears on several lines is held the same way.
+//! A rejected record whose key cannot be read, or that spans lines (a stray quote swallows
+//! rows), may be any missing account: that pass applies no delete at all, and warns.
 //! Problems with the file as a whole (missing key column, duplicate column name) are
-//! [`AdapterError::Permanent`]; an unreadable or empty file is [`AdapterError::Transient`].
+//! [`AdapterError::Permanent`]; an unreadable or empty file, or one whose last line has no
+//! line ending (cut short or still being written), is [`AdapterError::Transient`].
+//!
+//! The feed path is not trusted (module `open`): it is opened without following a link
+//! (unless `follow_symlinks`) and without blocking, and only a regular file within
+//! `max_file_bytes` is read. No message quotes the file's content: errors and rejects
+//! name the file, lines, configured columns and sizes.
 //!
 //! The steps of [`FlatFileAdapter::next_batch`]: pick the file (one path, or the next file of
-//! a folder), wait until it is complete (settle time, marker file, or trust an atomic
-//! rename), read and hash the bytes, decode (UTF-8 or Latin-1), check the header against the
+//! a folder), refuse a link or a non-regular file, wait until it is complete (settle time,
+//! marker file, or trust an atomic rename), open it safely, read and hash the bytes, decode (UTF-8 or Latin-1), check the header against the
 //! last committed one, diff, then the **accidental-delete guard** refuses a pass that would
 //! delete too many accounts before anything is applied. A pass larger than `batch_size` is
 //! handed out in parts; while the caller applies one, a read-ahead thread (`ReadAhead`)
