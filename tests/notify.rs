@@ -189,6 +189,9 @@ fn crash_after_send_resends_at_most_once_with_the_same_message_id() {
 #[test]
 fn crlf_in_an_attribute_cannot_inject_a_header() {
     let (s, mut server) = smtp_world();
+    // The feed carries values with line breaks on purpose: the resource must allow them.
+    let yaml = std::fs::read_to_string(s.path().join("idsync.yaml")).unwrap();
+    s.config(&yaml.replace("key: id }", "key: id, multiline: true }"));
     server.start();
     s.feed(
         "hr.csv",
