@@ -1,8 +1,12 @@
 //! Turning CSV bytes into rows, one record at a time.
 //!
 //! Problems with the file as a whole (no header, a missing key column, a duplicate column
-//! name) are errors; problems with one record (wrong field count, invalid UTF-8, an empty key)
-//! become [`Record::Bad`] so the caller can reject that row and go on with the rest.
+//! name) are errors; problems with one record (wrong field count, invalid UTF-8, an empty key,
+//! a quoted value spanning lines without `multiline`, a field or record over its size bound)
+//! become [`Record::Bad`] so the caller can reject that row and go on with the rest. A bad
+//! record says whether it may hide other accounts ([`BadRow::may_hide_accounts`]), which
+//! withholds the pass's deletes. No message quotes the file's content (a header may be a
+//! password file's first line): lines, column positions, configured names and sizes only.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
