@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Sandbox, attr, eventually};
+use common::{Run, Sandbox, attr, eventually, free_port};
 
 /// A sandbox with one resource `hr` over `feeds/hr.csv` keyed by `id`, every account
 /// attribute copied to its identity; `source_extra` is added to the source map.
@@ -346,6 +346,458 @@ fn changed_header_stops_until_the_config_changes_and_added_columns_are_attribute
     ));
     s.run_once(None, 0);
     assert_eq!(attr(&s.identity("1").unwrap(), "job"), Some("Boss"));
+}
+
+// --- feeds that lie (issue 13, point 2) -------------------------------------------------
+
+/// Like [`world`], but a deleted account disables its identity (what an HR feed does), so a
+/// wrong delete shows as a disabled identity.
+fn disabling_world(source_extra: &str) -> Sandbox {
+    let s = Sandbox::new();
+    s.config(&format!(
+        "poll_interval_secs: 60
+status: {{ listen: off }}
+resources:
+  - name: hr
+    source: {{ type: flatfile, path: feeds/hr.csv, key: id, completion: rename{source_extra} }}
+    populate_global: true
+    delete_action: disable
+"
+    ));
+    s
+}
+
+/// `id,cn,title` with `n` rows `i,P{i},Engineer`.
+fn staff(n: usize) -> String {
+    let mut csv = String::from("id,cn,title\n");
+    for i in 1..=n {
+        csv.push_str(&format!("{i},P{i},Engineer\n"));
+    }
+    csv
+}
+
+/// Every exported identity by name.
+fn by_name(s: &Sandbox) -> std::collections::BTreeMap<String, serde_json::Value> {
+    s.export()
+        .into_iter()
+        .map(|i| (i["name"].as_str().unwrap().to_owned(), i))
+        .collect()
+}
+
+/// Asserts that every identity but those in `changed` is exactly as in `before`, and none
+/// is disabled or unlinked.
+fn unchanged_but(
+    before: &std::collections::BTreeMap<String, serde_json::Value>,
+    s: &Sandbox,
+    changed: &[&str],
+) {
+    let after = by_name(s);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    for (name, identity) in &after {
+        assert_ne!(identity["disabled"], true, "{name} was disabled");
+        assert_eq!(
+            identity["accounts"].as_array().unwrap().len(),
+            1,
+            "{name} lost its account"
+        );
+        if !changed.contains(&name.as_str()) {
+            assert_eq!(identity, &before[name], "{name} changed");
+        }
+    }
+}
+
+#[test]
+fn stray_quote_swallowing_rows_changes_no_account_and_good_rows_flow() {
+    let s = disabling_world("");
+    s.feed("hr.csv", &staff(10));
+    s.run_once(None, 0);
+    let before = by_name(&s);
+    // Row 3 (line 4) opens a quote that row 9 (line 10) closes; the field count comes out
+    // right, so only the line break gives it away. Row 10 really changed.
+    let lying = staff(10)
+        .replace("3,P3,Engineer", "3,\"P3,Engineer")
+        .replace("9,P9,Engineer", "9,P9\",Engineer")
+        .replace("10,P10,Engineer", "10,P10,Manager");
+    s.feed("hr.csv", &lying);
+    let out = s.run_once(None, 1);
+    assert!(out.stdout.contains("rejected 1"), "{}", out.stdout);
+    unchanged_but(&before, &s, &["10"]);
+    assert_eq!(attr(&s.identity("10").unwrap(), "title"), Some("Manager"));
+    let failed = s.failed();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    let error = failed[0]["error"].as_str().unwrap();
+    assert!(
+        error.starts_with(
+            "hr.csv:4: a quoted value in column 'cn' opens on line 4 and runs to line 10"
+        ),
+        "{error}"
+    );
+    assert!(
+        out.stderr
+            .contains("hr.csv: no account is deleted this pass")
+            && out.stderr.contains("lines 4-10"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn cut_tail_stores_nothing_and_is_read_once_complete() {
+    let s = disabling_world("");
+    let full = staff(200);
+    s.feed("hr.csv", &full);
+    s.run_once(None, 0);
+    let before = by_name(&s);
+    // Cut 10% short, in the middle of row 181's title.
+    let at = full.find("181,P181,Engineer").unwrap() + "181,P181,Engin".len();
+    s.feed("hr.csv", &full[..at]);
+    let out = s.run_once(None, 3);
+    assert!(
+        out.stderr
+            .contains("hr.csv is incomplete: its last line (line 182) has no line ending"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("Engin,") && !out.stdout.contains("Engin"));
+    unchanged_but(&before, &s, &[]);
+
+    // The agent retries: once the writer finishes the file, it is read.
+    let agent = s.start_agent(&[]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(s.path().join("feeds/hr.csv"))
+            .unwrap();
+        let rest = full[at..].replace("200,P200,Engineer", "200,P200,Manager");
+        f.write_all(rest.as_bytes()).unwrap();
+    }
+    eventually(20, "the completed file", || {
+        (attr(&s.identity("200")?, "title") == Some("Manager")).then_some(())
+    });
+    agent.stop();
+    unchanged_but(&before, &s, &["200"]);
+}
+
+#[test]
+fn a_feed_without_a_final_line_ending_is_read_when_allowed() {
+    let s = disabling_world(", require_final_newline: false");
+    s.feed("hr.csv", "id,cn,title\n1,P1,Engineer");
+    s.run_once(None, 0);
+    assert_eq!(attr(&s.identity("1").unwrap(), "title"), Some("Engineer"));
+}
+
+#[test]
+fn empty_key_changes_no_account_and_good_rows_flow() {
+    let s = disabling_world("");
+    s.feed("hr.csv", &staff(5));
+    s.run_once(None, 0);
+    let before = by_name(&s);
+    // Row 3's key is empty (line 4): account 3 is "missing", but it may be that row.
+    let lying = staff(5)
+        .replace("3,P3,Engineer", ",P3,Engineer")
+        .replace("5,P5,Engineer", "5,P5,Manager");
+    s.feed("hr.csv", &lying);
+    let out = s.run_once(None, 1);
+    unchanged_but(&before, &s, &["5"]);
+    assert_eq!(attr(&s.identity("5").unwrap(), "title"), Some("Manager"));
+    let failed = s.failed();
+    assert_eq!(
+        failed[0]["error"].as_str().unwrap(),
+        "hr.csv:4: empty key column 'id'"
+    );
+    assert!(
+        out.stderr.contains(
+            "hr.csv: no account is deleted this pass: 1 account(s) missing from the file are kept"
+        ) && out.stderr.contains("on line 4"),
+        "{}",
+        out.stderr
+    );
+}
+
+// --- the feed path is not trusted (issue 13, point 3) ------------------------------------
+
+/// The first line of the file a link points to: it must never show anywhere.
+const SECRET: &str = "s3cr3t-password-line";
+
+/// Writes `secret.txt` (outside `feeds/`), whose first line is [`SECRET`]; returns its path.
+fn secret_file(s: &Sandbox) -> std::path::PathBuf {
+    let path = s.path().join("secret.txt");
+    std::fs::write(&path, format!("{SECRET}\nsecond line\n")).unwrap();
+    path
+}
+
+fn mkfifo(path: &std::path::Path) {
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo {}", path.display());
+}
+
+fn assert_no_secret(what: &str, text: &str) {
+    assert!(
+        !text.contains(SECRET),
+        "{what} shows the link target's content:\n{text}"
+    );
+}
+
+/// `idsync ARGS`, which must end within `secs` (else it is killed and the test fails).
+fn run_within(s: &Sandbox, args: &[&str], secs: u64) -> Run {
+    use std::io::Read;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .args(args)
+        .current_dir(s.path())
+        .env_remove("IDSYNC_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = r.read_to_string(&mut text);
+            text
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("idsync {args:?} still running after {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+/// A sandbox with resource `hr` over `feeds/hr.csv` (`source_extra` added to its source)
+/// and resource `badges` over a good `feeds/badges.csv`, which must not be starved by `hr`.
+fn two_resources(source_extra: &str, listen: &str) -> Sandbox {
+    let s = Sandbox::new();
+    s.config(&format!(
+        "poll_interval_secs: 60
+status: {{ listen: {listen} }}
+resources:
+  - name: hr
+    source: {{ type: flatfile, path: feeds/hr.csv, key: id{source_extra} }}
+    populate_global: true
+  - name: badges
+    source: {{ type: flatfile, path: feeds/badges.csv, key: badge, completion: rename }}
+    naming: '\"badge-\" + account.badge'
+"
+    ));
+    s.feed("badges.csv", "badge\nB1\n");
+    s
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// Runs the agent over a sandbox from [`two_resources`] whose `hr` feed path is refused:
+/// `badges` is synchronized anyway, `hr` is reported failing with `why` in the status
+/// file, `idsync status` and `/readyz`, none of which (nor the agent's log) shows
+/// [`SECRET`]; SIGTERM stops the agent promptly.
+fn agent_refuses(s: &Sandbox, port: u16, why: &str) {
+    /// Kills the agent if the test fails before it stopped.
+    struct Guard(std::process::Child);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let log = std::fs::File::create(s.path().join("agent.log")).unwrap();
+    let agent = std::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .args(["run"])
+        .current_dir(s.path())
+        .env("IDSYNC_LOG", "debug")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut agent = Guard(agent);
+    let status_file = s.path().join("idsync.db.status.json");
+    eventually(20, "hr failing and badges synchronized", || {
+        let text = std::fs::read_to_string(&status_file).ok()?;
+        (text.contains("failing") && s.identity("badge-B1").is_some()).then_some(())
+    });
+    let file = std::fs::read_to_string(&status_file).unwrap();
+    assert!(file.contains(why), "{file}");
+    assert_no_secret("the status file", &file);
+    let status = s.idsync(&["status"]).expect_code(0);
+    assert!(status.stdout.contains(why), "{}", status.stdout);
+    assert_no_secret("idsync status", &status.stdout);
+    assert_no_secret("idsync status", &status.stderr);
+    let json = s.idsync(&["status", "--json"]).expect_code(0);
+    assert_no_secret("idsync status --json", &json.stdout);
+    let ready = eventually(10, "/readyz", || http_get(port, "/readyz"));
+    assert!(ready.contains("503") && ready.contains("hr:"), "{ready}");
+    assert_no_secret("/readyz", &ready);
+
+    let started = std::time::Instant::now();
+    let pid = agent.0.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let code = eventually(10, "the agent to stop on SIGTERM", || {
+        agent.0.try_wait().unwrap().map(|st| st.code())
+    });
+    assert_eq!(code, Some(0));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let log = std::fs::read_to_string(s.path().join("agent.log")).unwrap();
+    assert!(log.contains(why), "{log}");
+    assert_no_secret("the agent's log", &log);
+}
+
+#[test]
+fn symlink_at_the_feed_path_is_refused_without_showing_its_target() {
+    let port = free_port();
+    let s = two_resources(", completion: rename", &format!("\"127.0.0.1:{port}\""));
+    let secret = secret_file(&s);
+    std::os::unix::fs::symlink(&secret, s.path().join("feeds/hr.csv")).unwrap();
+    let out = run_within(&s, &["run", "--once"], 10);
+    assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("hr.csv is a symbolic link: refused"),
+        "{}",
+        out.stderr
+    );
+    assert_no_secret("stdout", &out.stdout);
+    assert_no_secret("stderr", &out.stderr);
+    agent_refuses(&s, port, "is a symbolic link: refused");
+}
+
+#[test]
+fn fifo_at_the_feed_path_is_refused_at_once_and_starves_nothing() {
+    let port = free_port();
+    // Default completion (settle): the refusal must not wait for a settle time either.
+    let s = two_resources("", &format!("\"127.0.0.1:{port}\""));
+    secret_file(&s);
+    mkfifo(&s.path().join("feeds/hr.csv"));
+    let out = run_within(&s, &["run", "--once"], 10);
+    assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr
+            .contains("hr.csv is a FIFO (named pipe), not a regular file: refused"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.contains("badges: 1 events"), "{}", out.stdout);
+    agent_refuses(&s, port, "is a FIFO (named pipe), not a regular file");
+}
+
+#[test]
+fn link_to_dev_zero_is_refused_promptly_followed_or_not() {
+    let s = disabling_world("");
+    std::os::unix::fs::symlink("/dev/zero", s.path().join("feeds/hr.csv")).unwrap();
+    let out = run_within(&s, &["run", "--once"], 10);
+    assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("hr.csv is a symbolic link: refused"),
+        "{}",
+        out.stderr
+    );
+    // Followed, it is still no regular file.
+    let yaml = std::fs::read_to_string(s.path().join("idsync.yaml")).unwrap();
+    s.config(&yaml.replace(
+        "completion: rename",
+        "completion: rename, follow_symlinks: true",
+    ));
+    let out = run_within(&s, &["run", "--once"], 10);
+    assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr
+            .contains("hr.csv is a character device, not a regular file: refused"),
+        "{}",
+        out.stderr
+    );
+    // A link to a regular file is read through when allowed.
+    std::fs::remove_file(s.path().join("feeds/hr.csv")).unwrap();
+    s.write("elsewhere/hr.csv", "id,cn,title\n1,P1,Engineer\n");
+    std::os::unix::fs::symlink(
+        s.path().join("elsewhere/hr.csv"),
+        s.path().join("feeds/hr.csv"),
+    )
+    .unwrap();
+    run_within(&s, &["run", "--once"], 10);
+    assert_eq!(attr(&s.identity("1").unwrap(), "title"), Some("Engineer"));
+}
+
+#[test]
+fn folder_mode_refuses_a_symlink_or_fifo_among_the_files() {
+    let s = Sandbox::new();
+    s.config(
+        "resources:
+  - name: hr
+    source:
+      type: flatfile
+      path: feeds/in
+      pattern: 'hr-*.csv'
+      completion: rename
+      key: id
+    populate_global: true
+    delete_action: disable
+",
+    );
+    s.write("feeds/in/hr-2026-11-01.csv", "id,cn\n1,Ann\n2,Bob\n");
+    s.run_once(None, 0);
+    let before = by_name(&s);
+    let secret = secret_file(&s);
+    let dir = s.path().join("feeds/in");
+    std::os::unix::fs::symlink(&secret, dir.join("hr-2026-11-02.csv")).unwrap();
+    mkfifo(&dir.join("hr-2026-11-03.csv"));
+
+    let out = run_within(&s, &["run", "--once"], 10);
+    assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr
+            .contains("hr-2026-11-02.csv is a symbolic link: refused"),
+        "{}",
+        out.stderr
+    );
+    assert_no_secret("stderr", &out.stderr);
+    assert_no_secret("stdout", &out.stdout);
+    unchanged_but(&before, &s, &[]);
+
+    std::fs::remove_file(dir.join("hr-2026-11-02.csv")).unwrap();
+    let out = run_within(&s, &["run", "--once"], 10);
+    assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr
+            .contains("hr-2026-11-03.csv is a FIFO (named pipe), not a regular file"),
+        "{}",
+        out.stderr
+    );
+    unchanged_but(&before, &s, &[]);
+
+    // Replaced by a real file, the day is read.
+    std::fs::remove_file(dir.join("hr-2026-11-03.csv")).unwrap();
+    s.write("feeds/in/hr-2026-11-03.csv", "id,cn\n1,Ann Lee\n2,Bob\n");
+    s.run_once(None, 0);
+    assert_eq!(attr(&s.identity("1").unwrap(), "cn"), Some("Ann Lee"));
 }
 
 // --- accidental-delete guard ----------------------------------------------------------

@@ -277,6 +277,9 @@ fn kills_during_a_large_dispatch_repeat_at_most_the_messages_in_flight() {
 #[test]
 fn crlf_in_an_attribute_cannot_inject_a_header() {
     let (s, mut server) = smtp_world();
+    // The feed carries values with line breaks on purpose: the resource must allow them.
+    let yaml = std::fs::read_to_string(s.path().join("idsync.yaml")).unwrap();
+    s.config(&yaml.replace("key: id }", "key: id, multiline: true }"));
     server.start();
     s.feed(
         "hr.csv",

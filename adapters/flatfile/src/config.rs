@@ -86,6 +86,32 @@ pub struct FlatFileConfig {
     /// header was reviewed, so a removed or renamed column no longer stops the resource.
     #[serde(default)]
     pub header_version: u64,
+    /// Whether a quoted value may span lines (default false). Off, a record whose quoted
+    /// field holds a line break is rejected, naming the line where the quote opened: a stray
+    /// quote would otherwise swallow the rows up to the next quote into one value.
+    #[serde(default)]
+    pub multiline: bool,
+    /// Whether the file must end with a line ending (default true). A last line without one
+    /// means a file cut short or still being written: the pass stops (transient) and the
+    /// file is read again at the next pass, so a cut value is never stored.
+    #[serde(default = "default_true")]
+    pub require_final_newline: bool,
+    /// Whether a symbolic link at `path` (or, in folder mode, among the files) is read
+    /// through (default false: refused). Only regular files are read, either way.
+    #[serde(default)]
+    pub follow_symlinks: bool,
+    /// The largest value of one field, in bytes (default 64 KiB); a record with a larger
+    /// one is rejected.
+    #[serde(default = "default_max_field_bytes")]
+    pub max_field_bytes: u64,
+    /// The largest record, in bytes of the file (default 1 MiB); a larger one is rejected
+    /// and, as its rows cannot be trusted, the pass applies no deletes.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: u64,
+    /// The largest file, in bytes (default 4 GiB), checked before reading and while
+    /// reading; a larger file stops the pass.
+    #[serde(default = "default_max_file_bytes")]
+    pub max_file_bytes: u64,
 }
 
 /// `encoding`.
@@ -172,6 +198,25 @@ fn default_ratio_min_accounts() -> u64 {
     10
 }
 
+/// 64 KiB: far above any HR attribute, far below memory trouble.
+pub const DEFAULT_MAX_FIELD_BYTES: u64 = 64 * 1024;
+/// 1 MiB.
+pub const DEFAULT_MAX_RECORD_BYTES: u64 = 1024 * 1024;
+/// 4 GiB.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+
+fn default_max_field_bytes() -> u64 {
+    DEFAULT_MAX_FIELD_BYTES
+}
+
+fn default_max_record_bytes() -> u64 {
+    DEFAULT_MAX_RECORD_BYTES
+}
+
+fn default_max_file_bytes() -> u64 {
+    DEFAULT_MAX_FILE_BYTES
+}
+
 fn default_batch_size() -> usize {
     20_000
 }
@@ -245,15 +290,23 @@ impl FlatFileConfig {
             delete_guard: DeleteGuard::default(),
             batch_size: default_batch_size(),
             header_version: 0,
+            multiline: false,
+            require_final_newline: true,
+            follow_symlinks: false,
+            max_field_bytes: DEFAULT_MAX_FIELD_BYTES,
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
         }
     }
 
     /// A stable fingerprint of every option that changes how rows are read (not of the
     /// path, completion, folder handling or the guard). Folded into the checkpoint so that a
     /// config change with an unchanged file is diffed again, and so that a changed header is
-    /// accepted once the config was touched.
+    /// accepted once the config was touched. The options that decide which records are
+    /// rejected (`multiline`, the field and record bounds) count only when they are not at
+    /// their defaults, so checkpoints written before they existed stay valid.
     pub fn parse_fingerprint(&self) -> u64 {
-        let text = format!(
+        let mut text = format!(
             "{:?}|{}|{}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}|{}",
             self.key,
             self.delimiter,
@@ -267,6 +320,17 @@ impl FlatFileConfig {
             self.multi_valued,
             self.header_version
         );
+        if self.multiline {
+            text.push_str("|multiline");
+        }
+        if self.max_field_bytes != DEFAULT_MAX_FIELD_BYTES
+            || self.max_record_bytes != DEFAULT_MAX_RECORD_BYTES
+        {
+            text.push_str(&format!(
+                "|{}|{}",
+                self.max_field_bytes, self.max_record_bytes
+            ));
+        }
         xxhash_rust::xxh3::xxh3_64(text.as_bytes())
     }
 
@@ -341,6 +405,15 @@ impl FlatFileConfig {
         if self.batch_size == 0 {
             problems.push("batch_size: must be at least 1".to_owned());
         }
+        for (field, value) in [
+            ("max_field_bytes", self.max_field_bytes),
+            ("max_record_bytes", self.max_record_bytes),
+            ("max_file_bytes", self.max_file_bytes),
+        ] {
+            if value == 0 {
+                problems.push(format!("{field}: must be at least 1"));
+            }
+        }
         let ratio = self.delete_guard.max_delete_ratio;
         if !(0.0..=1.0).contains(&ratio) {
             problems.push(format!(
@@ -413,6 +486,59 @@ mod tests {
         assert_eq!(c.delimiter, ';');
         assert!(!c.header && !c.trim);
         assert!(c.validate().is_empty(), "{:?}", c.validate());
+    }
+
+    #[test]
+    fn feed_safety_options_default_and_validate() {
+        let c = parse("path: hr.csv\nkey: id\n");
+        assert!(!c.multiline && c.require_final_newline && !c.follow_symlinks);
+        assert_eq!(
+            (c.max_field_bytes, c.max_record_bytes, c.max_file_bytes),
+            (65_536, 1_048_576, 4_294_967_296)
+        );
+        check(
+            "path: a\nkey: id\nmax_field_bytes: 0\nmax_record_bytes: 0\nmax_file_bytes: 0\n",
+            &[
+                "max_field_bytes: must be at least 1",
+                "max_record_bytes: must be at least 1",
+                "max_file_bytes: must be at least 1",
+            ],
+        );
+    }
+
+    #[test]
+    fn fingerprint_is_unchanged_by_the_new_options_at_their_defaults() {
+        // The text the fingerprint hashed before `multiline` and the bounds existed:
+        // checkpoints written then stay valid.
+        let c = FlatFileConfig::new("hr.csv", &["id"]);
+        let before = format!(
+            "{:?}|{}|{}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}|{}",
+            c.key,
+            c.delimiter,
+            c.header,
+            c.columns,
+            c.trim,
+            c.quote,
+            c.quoting,
+            c.encoding,
+            c.comment,
+            c.multi_valued,
+            c.header_version
+        );
+        assert_eq!(
+            c.parse_fingerprint(),
+            xxhash_rust::xxh3::xxh3_64(before.as_bytes())
+        );
+        // Options that change which records are rejected re-read an unchanged file.
+        for adjust in [
+            (|c: &mut FlatFileConfig| c.multiline = true) as fn(&mut FlatFileConfig),
+            |c| c.max_field_bytes = 10,
+            |c| c.max_record_bytes = 10,
+        ] {
+            let mut other = c.clone();
+            adjust(&mut other);
+            assert_ne!(other.parse_fingerprint(), c.parse_fingerprint());
+        }
     }
 
     #[test]

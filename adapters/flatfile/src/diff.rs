@@ -54,6 +54,9 @@ pub(crate) struct DiffStats {
     pub added: u64,
     /// Delete events.
     pub deletes: u64,
+    /// Accounts missing from the file but not deleted, because a rejected record may hold
+    /// them ([`BadRow::may_hide_accounts`]).
+    pub deletes_withheld: u64,
 }
 
 impl Target<'_> {
@@ -146,6 +149,8 @@ struct Differ<'t> {
     pending: Vec<Pending>,
     rejects: Vec<(u64, Reject)>,
     held: BTreeSet<String>,
+    /// The lines (first, last) of rejected records that may hide accounts.
+    hiding: Vec<(u64, u64)>,
     stats: DiffStats,
 }
 
@@ -175,6 +180,9 @@ impl Differ<'_> {
 
     fn bad(&mut self, bad: BadRow) {
         self.stats.records += 1;
+        if bad.may_hide_accounts() {
+            self.hiding.push((bad.line, bad.last_line));
+        }
         if let Some(key) = &bad.key {
             self.seen.note(key, bad.line);
             self.held.insert(key.clone());
@@ -343,6 +351,7 @@ pub(crate) fn plan(
         pending: Vec::new(),
         rejects: Vec::new(),
         held: BTreeSet::new(),
+        hiding: Vec::new(),
     };
     match list {
         Some(list) => list.replay(&mut differ),
@@ -364,6 +373,7 @@ pub(crate) fn plan(
         mut rejects,
         mut held,
         mut stats,
+        hiding,
         ..
     } = differ;
 
@@ -418,6 +428,22 @@ pub(crate) fn plan(
         .map(|(key, _)| key.to_owned())
         .collect();
     deletes.sort();
+    // A rejected record whose key could not be read, or that spans lines, may be any of
+    // the accounts missing from the file: none of them is deleted this pass.
+    if !hiding.is_empty() && !deletes.is_empty() {
+        stats.deletes_withheld = deletes.len() as u64;
+        deletes.clear();
+        tracing::warn!(
+            resource,
+            "{}: no account is deleted this pass: {} account(s) missing from the file are \
+             kept, because the rejected record(s) on {} may hold them (a key that could not \
+             be read, or a quoted value spanning lines); once those lines are fixed, the next \
+             pass deletes what is really gone",
+            target.shown_path,
+            stats.deletes_withheld,
+            line_list(&hiding)
+        );
+    }
     stats.deletes = deletes.len() as u64;
 
     rejects.sort_by_key(|(line, _)| *line);
@@ -438,6 +464,27 @@ pub(crate) fn plan(
         held: held.into_iter().collect(),
         stats,
     })
+}
+
+/// `line 3`, `lines 3-9, 12`: at most ten ranges, then how many more.
+fn line_list(ranges: &[(u64, u64)]) -> String {
+    const SHOWN: usize = 10;
+    let mut parts: Vec<String> = ranges
+        .iter()
+        .take(SHOWN)
+        .map(|&(a, b)| {
+            if b > a {
+                format!("{a}-{b}")
+            } else {
+                a.to_string()
+            }
+        })
+        .collect();
+    if ranges.len() > SHOWN {
+        parts.push(format!("and {} more", ranges.len() - SHOWN));
+    }
+    let plural = ranges.len() > 1 || ranges.first().is_some_and(|(a, b)| b > a);
+    format!("line{} {}", if plural { "s" } else { "" }, parts.join(", "))
 }
 
 /// The changed rows at `planned` positions of the decoded file `data`, read again with

@@ -1,6 +1,10 @@
 //! Folder mode: a folder of dated full snapshots (`hr-2026-11-23.csv`), matched by a
 //! pattern and processed one per batch in name order.
 //!
+//! A matching name is picked whatever it is (but a folder); the adapter then opens it with
+//! the same rules as a single feed, so a symbolic link or a FIFO among the files is refused
+//! by name, not followed and not skipped in silence.
+//!
 //! The checkpoint remembers the last committed file. Files up to it are done: left in place,
 //! or, with `after: archive`, moved to the archive folder at the next fetch — only then is
 //! their batch known to be committed, so a crash never archives an unapplied file.
@@ -70,9 +74,17 @@ pub(crate) fn next_file(
     let pattern = config.pattern.as_deref().unwrap_or("*");
     let entries = std::fs::read_dir(dir)
         .map_err(|e| format!("cannot read the folder {}: {e}", dir.display()))?;
+    // Every matching name but folders: a symbolic link, a FIFO or a device dropped here is
+    // picked like a file and refused when opened (`open`), not skipped in silence.
     let mut names: Vec<String> = entries
         .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter(|e| {
+            let is_folder = |t: std::fs::FileType| {
+                t.is_dir()
+                    || (t.is_symlink() && std::fs::metadata(e.path()).is_ok_and(|m| m.is_dir()))
+            };
+            e.file_type().is_ok_and(|t| !is_folder(t))
+        })
         .filter_map(|e| e.file_name().to_str().map(str::to_owned))
         .filter(|n| matches(pattern, n) && !n.starts_with('.'))
         .collect();

@@ -12,12 +12,20 @@
 //! Bad input never blocks good rows: a malformed record becomes a [`Reject`] with its
 //! `file:line`, and when its key can still be read that account is *held* (no update, no
 //! delete) until the file is fixed. A key that appears on several lines is held the same way.
+//! A rejected record whose key cannot be read, or that spans lines (a stray quote swallows
+//! rows), may be any missing account: that pass applies no delete at all, and warns.
 //! Problems with the file as a whole (missing key column, duplicate column name) are
-//! [`AdapterError::Permanent`]; an unreadable or empty file is [`AdapterError::Transient`].
+//! [`AdapterError::Permanent`]; an unreadable or empty file, or one whose last line has no
+//! line ending (cut short or still being written), is [`AdapterError::Transient`].
+//!
+//! The feed path is not trusted (module `open`): it is opened without following a link
+//! (unless `follow_symlinks`) and without blocking, and only a regular file within
+//! `max_file_bytes` is read. No message quotes the file's content: errors and rejects
+//! name the file, lines, configured columns and sizes.
 //!
 //! The steps of [`FlatFileAdapter::next_batch`]: pick the file (one path, or the next file of
-//! a folder), wait until it is complete (settle time, marker file, or trust an atomic
-//! rename), read and hash the bytes, decode (UTF-8 or Latin-1), check the header against the
+//! a folder), refuse a link or a non-regular file, wait until it is complete (settle time,
+//! marker file, or trust an atomic rename), open it safely, read and hash the bytes, decode (UTF-8 or Latin-1), check the header against the
 //! last committed one, diff, then the **accidental-delete guard** refuses a pass that would
 //! delete too many accounts before anything is applied. A pass larger than `batch_size` is
 //! handed out in parts; while the caller applies one, a read-ahead thread (`ReadAhead`)
@@ -36,6 +44,7 @@ mod config;
 mod diff;
 mod folder;
 mod known;
+mod open;
 mod rows;
 mod token;
 mod watch;
@@ -52,6 +61,7 @@ pub use folder::might_read;
 pub use watch::Watcher;
 
 use crate::diff::{DiffStats, Target};
+use crate::open::FeedError;
 use crate::rows::{Row, Rows};
 use crate::token::{Token, hex};
 
@@ -151,6 +161,16 @@ impl FlatFileAdapter {
         }
     }
 
+    /// A feed that could not be opened or read: transient or permanent by its kind.
+    fn feed_error(&self, e: &FeedError, shown_path: &str) -> AdapterError {
+        let message = e.message(shown_path);
+        if e.is_transient() {
+            self.transient(message)
+        } else {
+            self.permanent(message)
+        }
+    }
+
     /// The guard: refuses (before anything is applied) a pass deleting too many accounts.
     fn guard(&self, stats: &DiffStats, shown_path: &str) -> Result<(), AdapterError> {
         let g = &self.config.delete_guard;
@@ -245,14 +265,15 @@ impl Adapter for FlatFileAdapter {
         };
         let shown_path = path.display().to_string();
 
+        // A link, a FIFO or a device at the path is refused before any wait.
+        open::preflight(&self.config, &path).map_err(|e| self.feed_error(&e, &shown_path))?;
         if !complete::is_complete(&self.config, &path).map_err(|e| self.transient(e))? {
             tracing::info!(resource = %self.resource, "{shown_path} is not complete yet");
             self.more = false;
             return Ok(Fetch::Idle);
         }
-        let signature = std::fs::metadata(&path)
-            .map(|m| (m.len(), m.modified().ok()))
-            .map_err(|e| self.transient(format!("cannot read {shown_path}: {e}")))?;
+        let feed = open::open(&self.config, &path).map_err(|e| self.feed_error(&e, &shown_path))?;
+        let signature = (feed.meta.len(), feed.meta.modified().ok());
         // The next part of a pass in progress, if its last part was committed and the file
         // was not touched since: no need to read, hash and count again.
         if let Some(ip) = self.in_progress.take()
@@ -261,8 +282,9 @@ impl Adapter for FlatFileAdapter {
         {
             return self.emit(ip, known);
         }
-        let bytes = std::fs::read(&path)
-            .map_err(|e| self.transient(format!("cannot read {shown_path}: {e}")))?;
+        let bytes = feed
+            .read(&self.config)
+            .map_err(|e| self.feed_error(&e, &shown_path))?;
         let content = xxh3_64(&bytes);
 
         // The snapshot is checked against the checkpoint's account count: here, by a
@@ -321,7 +343,8 @@ impl Adapter for FlatFileAdapter {
                 if !removed.is_empty() {
                     return Err(self.permanent(format!(
                         "the header of {shown_path} changed: column(s) {} removed or renamed \
-                         (was: {}; now: {}). The resource stops until its config is changed: \
+                         (was: {}; now {} columns). The resource stops until its config is \
+                         changed: \
                          check the key, mappings and rules, then change the resource's source \
                          config (e.g. raise `header_version`) to accept the new header",
                         removed
@@ -330,7 +353,7 @@ impl Adapter for FlatFileAdapter {
                             .collect::<Vec<_>>()
                             .join(", "),
                         old.join(", "),
-                        rows.columns().join(", ")
+                        rows.columns().len()
                     )));
                 }
             }

@@ -1,8 +1,12 @@
 //! Turning CSV bytes into rows, one record at a time.
 //!
 //! Problems with the file as a whole (no header, a missing key column, a duplicate column
-//! name) are errors; problems with one record (wrong field count, invalid UTF-8, an empty key)
-//! become [`Record::Bad`] so the caller can reject that row and go on with the rest.
+//! name) are errors; problems with one record (wrong field count, invalid UTF-8, an empty key,
+//! a quoted value spanning lines without `multiline`, a field or record over its size bound)
+//! become [`Record::Bad`] so the caller can reject that row and go on with the rest. A bad
+//! record says whether it may hide other accounts ([`BadRow::may_hide_accounts`]), which
+//! withholds the pass's deletes. No message quotes the file's content (a header may be a
+//! password file's first line): lines, column positions, configured names and sizes only.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -36,8 +40,21 @@ pub(crate) struct BadRow {
     pub key: Option<String>,
     /// The physical line the record starts on, 1-based.
     pub line: u64,
-    /// Why, for the user.
+    /// The physical line it ends on: after `line` when a quoted value spans lines, so the
+    /// record may have swallowed other rows.
+    pub last_line: u64,
+    /// Why, for the user. Never quotes the record's content: it names lines, columns and
+    /// sizes.
     pub reason: String,
+}
+
+impl BadRow {
+    /// Whether this record may hide accounts: its key could not be read, or it spans
+    /// lines (a stray quote swallows the rows up to the next quote). Any account missing
+    /// from the file might be in it, so the pass must not delete.
+    pub fn may_hide_accounts(&self) -> bool {
+        self.key.is_none() || self.last_line > self.line
+    }
 }
 
 /// One record of the file.
@@ -57,6 +74,11 @@ pub(crate) struct Rows<'a> {
     delimiter: u8,
     /// The quote byte, `None` when quoting is off.
     quote: Option<u8>,
+    /// Whether a quoted value may span lines.
+    multiline: bool,
+    /// `max_field_bytes` and `max_record_bytes`.
+    max_field: u64,
+    max_record: u64,
     /// Per column: the separator of a multi-valued column.
     separators: Vec<Option<String>>,
     /// Column indexes with their folded names, in the order [`AttrMap::content_hash`] visits.
@@ -119,7 +141,10 @@ impl<'a> Rows<'a> {
             (Some(columns), false) => columns.clone(),
             (None, true) => {
                 let header = reader.byte_headers().map_err(|e| {
-                    transient(format!("cannot read the header of {shown_path}: {e}"))
+                    transient(format!(
+                        "cannot read the header of {shown_path}: {}",
+                        describe_csv_error(&e)
+                    ))
                 })?;
                 if header.is_empty() {
                     return Err(transient(format!(
@@ -152,12 +177,14 @@ impl<'a> Rows<'a> {
             }
         };
 
+        // Names from the file are not quoted back in messages (the "header" may be
+        // anything at all); positions and the configured names are.
         let mut first_at: HashMap<String, usize> = HashMap::new();
         for (i, name) in columns.iter().enumerate() {
             if let Some(prev) = first_at.insert(name.to_lowercase(), i) {
                 return Err(permanent(format!(
-                    "column '{name}' appears twice in the header of {shown_path} \
-                     (columns {} and {}; names are case-insensitive)",
+                    "columns {} and {} of the header of {shown_path} have the same name \
+                     (names are case-insensitive)",
                     prev + 1,
                     i + 1
                 )));
@@ -168,15 +195,16 @@ impl<'a> Rows<'a> {
             match first_at.get(&key.to_lowercase()) {
                 Some(&i) => key_index.push(i),
                 None => {
-                    let place = if config.header {
-                        format!("the header of {shown_path}")
+                    let found = if config.header {
+                        format!(
+                            "the header of {shown_path} ({} column{})",
+                            columns.len(),
+                            if columns.len() == 1 { "" } else { "s" }
+                        )
                     } else {
-                        "`columns`".to_owned()
+                        format!("`columns` ({})", columns.join(", "))
                     };
-                    return Err(permanent(format!(
-                        "key column '{key}' is not in {place} (columns: {})",
-                        columns.join(", ")
-                    )));
+                    return Err(permanent(format!("key column '{key}' is not in {found}")));
                 }
             }
         }
@@ -206,6 +234,9 @@ impl<'a> Rows<'a> {
             trim: config.trim,
             delimiter,
             quote: config.quoting.then_some(quote),
+            multiline: config.multiline,
+            max_field: config.max_field_bytes,
+            max_record: config.max_record_bytes,
             separators,
             hash_order,
             build_attrs: true,
@@ -227,9 +258,13 @@ impl<'a> Rows<'a> {
 
     /// Reads the record that starts at `pos` (from [`Rows::last_start`]) again.
     pub fn read_at(&mut self, pos: &Position) -> Result<Option<Record>, String> {
-        self.reader
-            .seek(pos.clone())
-            .map_err(|e| format!("cannot go back to line {}: {e}", pos.line()))?;
+        self.reader.seek(pos.clone()).map_err(|e| {
+            format!(
+                "cannot go back to line {}: {}",
+                pos.line(),
+                describe_csv_error(&e)
+            )
+        })?;
         self.next_record()
     }
 
@@ -258,19 +293,25 @@ impl<'a> Rows<'a> {
                              (an unbalanced quote, or the file is still being written)"
                         ));
                     }
-                    if let Some(record) = self.convert(line) {
+                    let size = self.reader.position().byte().saturating_sub(pos.byte());
+                    if let Some(record) = self.convert(line, size) {
                         return Ok(Some(record));
                     }
                 }
                 Err(e) => {
+                    let reason = describe_csv_error(&e);
                     if self.reader.position().byte() == start.byte() {
-                        return Err(format!("reading stopped at line {}: {e}", start.line()));
+                        return Err(format!(
+                            "reading stopped at line {}: {reason}",
+                            start.line()
+                        ));
                     }
                     let line = self.start_line(start.byte(), start.line());
                     return Ok(Some(Record::Bad(BadRow {
                         key: None,
                         line,
-                        reason: format!("not valid CSV: {e}"),
+                        last_line: line,
+                        reason: format!("not valid CSV: {reason}"),
                     })));
                 }
             }
@@ -322,19 +363,61 @@ impl<'a> Rows<'a> {
     }
 
     /// Turns the current record into a row or a bad row; `None` for a record with no data
-    /// at all (every field empty, e.g. `,,,` or a line of spaces), which is skipped.
-    fn convert(&self, line: u64) -> Option<Record> {
+    /// at all (every field empty, e.g. `,,,` or a line of spaces), which is skipped. `size`
+    /// is the record's length in the file, in bytes.
+    fn convert(&self, line: u64, size: u64) -> Option<Record> {
         let record = &self.record;
+        // A line break inside a field: a quoted value spans lines (`\r` alone ends a line
+        // for the reader too).
+        let raw = record.as_slice();
+        let breaks = raw.contains(&b'\n') || raw.contains(&b'\r');
+        let last_line = if breaks {
+            let newlines = raw.iter().filter(|b| **b == b'\n').count() as u64;
+            line + newlines.max(1)
+        } else {
+            line
+        };
+        let bad = |key: Option<String>, reason: String| {
+            Some(Record::Bad(BadRow {
+                key,
+                line,
+                last_line,
+                reason,
+            }))
+        };
+        let lines = || {
+            if last_line > line {
+                format!("lines {line}-{last_line}")
+            } else {
+                format!("line {line}")
+            }
+        };
+        if size > self.max_record {
+            // Neither its key nor the rows it may hold can be trusted.
+            return bad(
+                None,
+                format!(
+                    "the record on {} is {size} bytes, more than max_record_bytes {}",
+                    lines(),
+                    self.max_record
+                ),
+            );
+        }
+
         let mut texts: Vec<Option<&str>> = Vec::with_capacity(record.len());
         let mut not_utf8 = Vec::new();
+        let mut too_long = Vec::new();
         // The record keeps its fields back to back in one buffer, cut at ASCII delimiters:
         // if the buffer is valid UTF-8, each field is a slice of it at character
         // boundaries. One check per record instead of one per field; an invalid record is
         // checked field by field, to name the columns.
-        let whole = std::str::from_utf8(record.as_slice()).ok();
+        let whole = std::str::from_utf8(raw).ok();
         let mut offset = 0;
         for (i, field) in record.iter().enumerate() {
             let end = offset + field.len();
+            if field.len() as u64 > self.max_field {
+                too_long.push(i);
+            }
             let text = whole
                 .and_then(|w| w.get(offset..end))
                 .or_else(|| std::str::from_utf8(field).ok());
@@ -351,12 +434,26 @@ impl<'a> Rows<'a> {
             return None;
         }
 
+        // The first field that holds a line break: key columns after it belong to whatever
+        // row closed the quote, so they are not this record's key.
+        let first_break = if breaks {
+            record
+                .iter()
+                .position(|f| f.contains(&b'\n') || f.contains(&b'\r'))
+        } else {
+            None
+        };
         let key_parts: Vec<Option<&str>> = self
             .key_index
             .iter()
             .map(|&i| texts.get(i).copied().flatten().filter(|s| !s.is_empty()))
             .collect();
+        let key_trusted = self
+            .key_index
+            .iter()
+            .all(|i| first_break.is_none_or(|b| *i < b) && !too_long.contains(i));
         let key = match key_parts.as_slice() {
+            _ if !key_trusted => None,
             [one] => one.map(str::to_owned),
             parts => parts
                 .iter()
@@ -365,6 +462,37 @@ impl<'a> Rows<'a> {
                 .map(|parts| join_key(&parts)),
         };
 
+        if !too_long.is_empty() {
+            let sizes: Vec<String> = too_long
+                .iter()
+                .map(|&i| {
+                    let len = record.get(i).map_or(0, <[u8]>::len);
+                    format!("'{}' ({len} bytes)", self.column_name(i))
+                })
+                .collect();
+            return bad(
+                key,
+                format!(
+                    "the value in column{} {} is more than max_field_bytes {}",
+                    if sizes.len() == 1 { "" } else { "s" },
+                    sizes.join(", "),
+                    self.max_field
+                ),
+            );
+        }
+        if let Some(b) = first_break
+            && !self.multiline
+        {
+            return bad(
+                key,
+                format!(
+                    "a quoted value in column '{}' opens on line {line} and runs to line \
+                     {last_line}; values spanning lines are not allowed (`multiline: true` \
+                     allows them): is a quote unbalanced?",
+                    self.column_name(b)
+                ),
+            );
+        }
         if record.len() != self.columns.len() {
             let mut reason = format!(
                 "has {} fields, expected {} ({})",
@@ -372,17 +500,12 @@ impl<'a> Rows<'a> {
                 self.columns.len(),
                 self.columns.join(", ")
             );
-            let extra_lines = record
-                .iter()
-                .map(|f| f.iter().filter(|b| **b == b'\n').count() as u64)
-                .sum::<u64>();
-            if extra_lines > 0 {
+            if last_line > line {
                 reason.push_str(&format!(
-                    "; the record spans lines {line}-{}: is a quote unbalanced?",
-                    line + extra_lines
+                    "; the record spans lines {line}-{last_line}: is a quote unbalanced?"
                 ));
             }
-            return Some(Record::Bad(BadRow { key, line, reason }));
+            return bad(key, reason);
         }
         if !not_utf8.is_empty() {
             let reason = format!(
@@ -390,7 +513,7 @@ impl<'a> Rows<'a> {
                 if not_utf8.len() == 1 { "" } else { "s" },
                 quoted_list(&not_utf8)
             );
-            return Some(Record::Bad(BadRow { key, line, reason }));
+            return bad(key, reason);
         }
         let Some(key) = key else {
             let empty: Vec<&str> = self
@@ -405,11 +528,7 @@ impl<'a> Rows<'a> {
                 if empty.len() == 1 { "" } else { "s" },
                 quoted_list(&empty)
             );
-            return Some(Record::Bad(BadRow {
-                key: None,
-                line,
-                reason,
-            }));
+            return bad(None, reason);
         };
 
         let hash = self.hash(&texts);
@@ -510,6 +629,24 @@ pub(crate) fn join_key(parts: &[&str]) -> String {
         }
     }
     key
+}
+
+/// A CSV reader error for the user, from its kind: never the record's content (the csv
+/// crate's messages do not quote it today, but that is not theirs to decide here).
+pub(crate) fn describe_csv_error(e: &csv::Error) -> String {
+    match e.kind() {
+        csv::ErrorKind::Io(io) => format!("read error: {io}"),
+        csv::ErrorKind::Utf8 { err, .. } => format!(
+            "invalid UTF-8 in field {} near byte {}",
+            err.field() + 1,
+            err.valid_up_to()
+        ),
+        csv::ErrorKind::UnequalLengths {
+            expected_len, len, ..
+        } => format!("a record has {len} fields, expected {expected_len}"),
+        csv::ErrorKind::Seek => "cannot seek in the file".to_owned(),
+        _ => "unreadable record".to_owned(),
+    }
 }
 
 fn quoted_list(names: &[&str]) -> String {
