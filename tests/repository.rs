@@ -255,3 +255,98 @@ resources:
     assert!(s.identity("2").is_some());
     assert!(s.failed().is_empty());
 }
+
+/// A small tmpfs mounted over a folder for the length of a test (the CI runs as root).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .expect("mount runs");
+        assert!(st.success(), "mounting a tmpfs needs root, as the CI has");
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A full disk under the repository: the agent backs off (2 s, 4 s, 8 s, …) instead of
+/// retrying at every turn, and resumes by itself once space is freed.
+#[test]
+fn a_full_disk_makes_the_agent_back_off_and_resume() {
+    let s = Sandbox::new();
+    let _fs = Tmpfs::mount(s.path(), "24m");
+    std::fs::create_dir_all(s.path().join("rules")).unwrap();
+    s.config(
+        r#"poll_interval_secs: 1
+status: { listen: off }
+resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: id }
+    naming: 'account.id'
+    populate_global: true
+"#,
+    );
+    s.feed("hr.csv", "id,title\nfirst,clerk\n");
+    // The log lives off the full disk.
+    let log_dir = tempfile::tempdir().unwrap();
+    let log = log_dir.path().join("agent.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .arg("run")
+        .current_dir(s.path())
+        .env_remove("IDSYNC_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+    eventually(30, "the first pass", || s.identity("first"));
+    // A large change waits beside the feed; then the disk fills up and it is moved in.
+    let mut csv = String::from("id,title\nfirst,clerk\n");
+    for i in 0..5_000 {
+        csv.push_str(&format!("p{i},a title long enough to need pages {i}\n"));
+    }
+    s.write("feeds/.next.csv", &csv);
+    let filler = s.path().join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 32 << 20]);
+    std::fs::rename(
+        s.path().join("feeds/.next.csv"),
+        s.path().join("feeds/hr.csv"),
+    )
+    .unwrap();
+    let failures = |text: &str| text.matches("storage failed").count();
+    std::thread::sleep(std::time::Duration::from_secs(20));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let n = failures(&text);
+    // Attempts at about 0, 2, 6 and 14 s: a few, not one a second.
+    assert!(
+        (2..=5).contains(&n),
+        "{n} storage failures in 20 s with poll_interval_secs: 1\n{text}"
+    );
+    // Space freed: the next attempt (within 16 s) applies the change.
+    std::fs::remove_file(&filler).unwrap();
+    let applied = (0..400).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        s.identity("p4999").is_some()
+    });
+    assert!(
+        applied,
+        "the change after space was freed\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+}

@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use idsync_core::Adapter;
+use idsync_engine::EngineError;
+use idsync_repo::RepoError;
 
 use crate::cli::RunArgs;
 use crate::commands::{adapters, describe, pass_resource};
@@ -68,6 +70,9 @@ struct Worker {
     adapters: Vec<Box<dyn Adapter>>,
     due: Vec<Instant>,
     halted: Vec<Option<String>>,
+    /// Consecutive passes that failed for the repository's storage (disk full, I/O error):
+    /// such a resource backs off and is not woken by file changes.
+    storage_failures: Vec<u32>,
     watcher: Option<idsync_flatfile::Watcher>,
 }
 
@@ -96,6 +101,7 @@ impl Worker {
             adapters,
             due: vec![Instant::now(); n],
             halted: vec![None; n],
+            storage_failures: vec![0; n],
             watcher,
         }
     }
@@ -164,8 +170,10 @@ pub fn serve(setup: Setup, args: &RunArgs) -> ExitCode {
             };
             let started = Instant::now();
             let st = statuses.iter_mut().find(|s| s.resource == r.name);
+            let mut next_due = Instant::now() + w.setup.interval(i);
             match pass_resource(&w.setup, w.adapters[i].as_mut(), &policy) {
                 Ok(report) => {
+                    w.storage_failures[i] = 0;
                     if let Some(rep) = &report {
                         println!("{}: {}", r.name, describe(rep));
                     }
@@ -181,13 +189,26 @@ pub fn serve(setup: Setup, args: &RunArgs) -> ExitCode {
                     if let Some(st) = st {
                         st.pass_failed(&msg);
                     }
-                    if msg.contains("(on_error: halt)") {
-                        tracing::error!(resource = %r.name, "resource halted until the config or rules change");
-                        w.halted[i] = Some(msg);
+                    match PassFailure::of(&e) {
+                        PassFailure::Halted => {
+                            tracing::error!(resource = %r.name, "resource halted until the config or rules change");
+                            w.halted[i] = Some(msg);
+                        }
+                        PassFailure::Storage => {
+                            w.storage_failures[i] += 1;
+                            let wait = storage_backoff(w.storage_failures[i]);
+                            tracing::warn!(
+                                resource = %r.name,
+                                "the repository's storage failed; next attempt in {}",
+                                humantime::format_duration(wait)
+                            );
+                            next_due = Instant::now() + wait;
+                        }
+                        PassFailure::Other => {}
                     }
                 }
             }
-            w.due[i] = Instant::now() + w.setup.interval(i);
+            w.due[i] = next_due;
             retry_due(&w.setup, &policy, &r.name);
         }
         if let Some(d) = &w.setup.dispatcher
@@ -217,7 +238,9 @@ pub fn serve(setup: Setup, args: &RunArgs) -> ExitCode {
                 // A watched file changed: resources not on a cron schedule and a reload
                 // check are due.
                 for (i, d) in w.due.iter_mut().enumerate() {
-                    if w.setup.loaded.config.resources[i].cron.is_none() {
+                    if w.setup.loaded.config.resources[i].cron.is_none()
+                        && w.storage_failures[i] == 0
+                    {
                         *d = Instant::now();
                     }
                 }
@@ -228,6 +251,46 @@ pub fn serve(setup: Setup, args: &RunArgs) -> ExitCode {
     tracing::info!("stopping: the last batch was committed");
     status_file.write_stopped(&statuses);
     ExitCode::SUCCESS
+}
+
+/// What a failed pass means for its resource's schedule.
+enum PassFailure {
+    /// `on_error: halt` stopped the batch: the resource waits for a config or rule change.
+    Halted,
+    /// The repository's storage failed (disk full, I/O error): back off.
+    Storage,
+    /// Anything else (an unreadable feed, an unreachable server): the next due time.
+    Other,
+}
+
+impl PassFailure {
+    fn of(e: &anyhow::Error) -> PassFailure {
+        for cause in e.chain() {
+            match cause.downcast_ref::<EngineError>() {
+                Some(EngineError::Halted { .. }) => return PassFailure::Halted,
+                Some(EngineError::Repo(r)) if r.is_storage_failure() => {
+                    return PassFailure::Storage;
+                }
+                _ => {}
+            }
+            if cause
+                .downcast_ref::<RepoError>()
+                .is_some_and(RepoError::is_storage_failure)
+            {
+                return PassFailure::Storage;
+            }
+        }
+        PassFailure::Other
+    }
+}
+
+/// The wait after the `n`th consecutive storage failure (from 1): 2 s, doubling, at most
+/// five minutes.
+fn storage_backoff(n: u32) -> Duration {
+    let max = Duration::from_secs(300);
+    Duration::from_secs(2)
+        .checked_mul(1 << n.saturating_sub(1).min(16))
+        .map_or(max, |d| d.min(max))
 }
 
 /// Re-runs the failed events of `resource` whose backoff has passed.
@@ -267,5 +330,17 @@ fn retry_due(setup: &Setup, policy: &idsync_engine::Policy, resource: &str) {
             ),
             Err(e) => tracing::warn!(resource, "failed event #{}: {e}", f.id),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_backoff_doubles_up_to_five_minutes() {
+        let waits: Vec<u64> = (1..=10).map(|n| storage_backoff(n).as_secs()).collect();
+        assert_eq!(waits, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert_eq!(storage_backoff(u32::MAX).as_secs(), 300);
     }
 }

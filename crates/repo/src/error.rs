@@ -171,6 +171,27 @@ impl RepoError {
     }
 }
 
+impl RepoError {
+    /// Whether the repository's storage failed (disk full, an I/O error, a file that turned
+    /// read-only or cannot be opened): trying again at once will fail again, so the caller
+    /// backs off until the operator has fixed it.
+    pub fn is_storage_failure(&self) -> bool {
+        match self {
+            RepoError::File { .. } => true,
+            RepoError::Sqlite { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(
+                    rusqlite::ErrorCode::DiskFull
+                        | rusqlite::ErrorCode::SystemIoFailure
+                        | rusqlite::ErrorCode::ReadOnly
+                        | rusqlite::ErrorCode::CannotOpen
+                )
+            ),
+            _ => false,
+        }
+    }
+}
+
 fn show_checkpoint(c: &Option<Checkpoint>) -> String {
     match c {
         Some(c) => format!("{:?}", c.0),
