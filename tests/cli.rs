@@ -256,3 +256,49 @@ fn long_passes_show_a_progress_bar_only_on_a_terminal() {
         "{text}"
     );
 }
+
+/// Values with escape sequences, CR, NUL-like controls and line breaks are printed escaped:
+/// they can neither drive the terminal nor forge a line of the output.
+#[test]
+fn control_characters_in_values_are_printed_escaped() {
+    let s = Sandbox::new();
+    s.config(
+        r#"resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: id, multiline: true }
+    naming: 'account.id'
+    populate_global: true
+"#,
+    );
+    s.feed(
+        "hr.csv",
+        "id,title\n1,\"\u{1b}[31mred\u{1b}[0m\rover\u{7}\nforged: line\u{9b}x\"\n",
+    );
+    s.run_once(None, 0);
+    for args in [
+        &["identities", "show", "1"][..],
+        &["identities", "list"][..],
+        &["results"][..],
+        &["explain", "hr", "1"][..],
+    ] {
+        let out = s.idsync(args).expect_code(0).stdout;
+        assert!(
+            !out.chars().any(|c| c.is_control() && c != '\n' && c != '\t'),
+            "{args:?} printed a raw control character: {out:?}"
+        );
+        assert!(
+            !out.lines().any(|l| l.starts_with("forged")),
+            "{args:?} let a value forge a line: {out}"
+        );
+    }
+    let show = s.idsync(&["identities", "show", "1"]).stdout;
+    assert!(
+        show.contains("\\u001b[31mred\\u001b[0m\\rover\\u0007\\nforged: line\\u009bx"),
+        "{show}"
+    );
+    // JSON keeps the value exact.
+    assert_eq!(
+        common::attr(&s.identity("1").unwrap(), "title"),
+        Some("\u{1b}[31mred\u{1b}[0m\rover\u{7}\nforged: line\u{9b}x")
+    );
+}

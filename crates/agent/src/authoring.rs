@@ -26,7 +26,7 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
     let repo = setup.engine.repo();
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::printable::stdout();
     let mut failed = 0;
     let mut errors = 0;
     for (i, r) in setup.loaded.config.resources.iter().enumerate() {
@@ -137,7 +137,7 @@ pub fn explain(loaded: &Loaded, args: &ExplainArgs) -> anyhow::Result<ExitCode> 
         eprintln!("no decision records match");
         return Ok(ExitCode::from(EXIT_FAILED));
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::printable::stdout();
     for r in &records {
         let d = &r.decision;
         writeln!(out, "#{} {} {} {}", r.id, r.at, d.resource, d.key)?;

@@ -15,6 +15,7 @@ use idsync_rules::RuleEngine;
 
 use crate::cli::{FailedCommand, IdentitiesCommand, ResultsArgs, RunArgs};
 use crate::config::{Loaded, Problems};
+use crate::printable::inline;
 use crate::setup::{Setup, compile_all, open_repo};
 
 /// Exit status: an event or retry failed.
@@ -260,7 +261,7 @@ pub fn describe(r: &BatchReport) -> String {
 /// `idsync identities ...`.
 pub fn identities(loaded: Loaded, cmd: &IdentitiesCommand) -> anyhow::Result<ExitCode> {
     let repo = open_repo(&loaded)?;
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::printable::stdout();
     match cmd {
         IdentitiesCommand::List => {
             let mut n = 0;
@@ -269,11 +270,16 @@ pub fn identities(loaded: Loaded, cmd: &IdentitiesCommand) -> anyhow::Result<Exi
                 let accounts: Vec<String> = id
                     .accounts
                     .iter()
-                    .map(|a| format!("{}:{}", a.resource, a.key))
+                    .map(|a| format!("{}:{}", a.resource, inline(&a.key)))
                     .collect();
                 let state = if id.disabled { "disabled" } else { "enabled" };
                 // A closed stdout (e.g. `| head`) must not become an error here.
-                let _ = writeln!(out, "{}\t{state}\t{}", id.name, accounts.join(","));
+                let _ = writeln!(
+                    out,
+                    "{}\t{state}\t{}",
+                    inline(&id.name),
+                    accounts.join(",")
+                );
                 Ok(())
             })?;
             eprintln!("{n} identities");
@@ -283,7 +289,7 @@ pub fn identities(loaded: Loaded, cmd: &IdentitiesCommand) -> anyhow::Result<Exi
                 eprintln!("no identity named '{name}'");
                 return Ok(ExitCode::from(EXIT_FAILED));
             };
-            writeln!(out, "name: {}", id.name)?;
+            writeln!(out, "name: {}", inline(&id.name))?;
             writeln!(out, "version: {}", id.version)?;
             writeln!(
                 out,
@@ -292,7 +298,11 @@ pub fn identities(loaded: Loaded, cmd: &IdentitiesCommand) -> anyhow::Result<Exi
             )?;
             writeln!(out, "attributes:")?;
             for a in id.attrs.iter() {
-                let values: Vec<String> = a.values.iter().map(|v| v.to_string()).collect();
+                let values: Vec<String> = a
+                    .values
+                    .iter()
+                    .map(|v| inline(&v.to_string()).into_owned())
+                    .collect();
                 writeln!(out, "  {}: {}", a.name, values.join(" | "))?;
             }
             writeln!(out, "accounts:")?;
@@ -300,7 +310,7 @@ pub fn identities(loaded: Loaded, cmd: &IdentitiesCommand) -> anyhow::Result<Exi
                 writeln!(out, "  (none)")?;
             }
             for acc in &id.accounts {
-                writeln!(out, "  {}:{}", acc.resource, acc.key)?;
+                writeln!(out, "  {}:{}", acc.resource, inline(&acc.key))?;
             }
             let failures: Vec<_> = repo
                 .failures(None)?
@@ -316,7 +326,7 @@ pub fn identities(loaded: Loaded, cmd: &IdentitiesCommand) -> anyhow::Result<Exi
             if !failures.is_empty() {
                 writeln!(out, "failed events of its accounts:")?;
                 for f in failures {
-                    writeln!(out, "  #{} {}: {}", f.id, f.at, f.error)?;
+                    writeln!(out, "  #{} {}: {}", f.id, f.at, inline(&f.error))?;
                 }
             }
             crate::outbox::show_pending(&repo, &id.name, &mut out)?;
@@ -363,7 +373,7 @@ pub fn results(loaded: Loaded, args: &ResultsArgs) -> anyhow::Result<ExitCode> {
     if let Some(file) = &args.record {
         return crate::authoring::record(&loaded, &records, file);
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::printable::stdout();
     for r in &records {
         if args.json {
             writeln!(out, "{}", serde_json::to_string(r)?)?;
@@ -395,7 +405,7 @@ pub fn failed(loaded: Loaded, cmd: &FailedCommand) -> anyhow::Result<ExitCode> {
         FailedCommand::List { resource, json } => {
             let repo = open_repo(&loaded)?;
             let list = repo.failures(resource.as_deref())?;
-            let mut out = std::io::stdout().lock();
+            let mut out = crate::printable::stdout();
             for f in &list {
                 if *json {
                     writeln!(out, "{}", serde_json::to_string(f)?)?;
@@ -406,9 +416,9 @@ pub fn failed(loaded: Loaded, cmd: &FailedCommand) -> anyhow::Result<ExitCode> {
                         f.id,
                         f.at,
                         f.resource,
-                        f.key.as_deref().unwrap_or("-"),
+                        inline(f.key.as_deref().unwrap_or("-")),
                         f.attempts,
-                        f.error,
+                        inline(&f.error),
                         if f.event.is_none() {
                             " (input unreadable: fix the source)"
                         } else {

@@ -6,21 +6,23 @@ use std::fmt::Write as _;
 use idsync_core::{Action, AttrChange, Decision, Situation, Value};
 use idsync_engine::NOTIFICATION_RULE;
 
+use crate::printable::inline;
+
 /// One line: `hr 100 update unlinked→linked ann.lee candidates=.. changed=..`.
 pub fn one_line(d: &Decision) -> String {
     let mut line = format!(
         "{} {} {} {} {}",
         d.resource,
-        d.key,
+        inline(&d.key),
         d.op,
         d.situation.map(|s| s.as_str()).unwrap_or("-"),
         d.action
     );
     if let Some(i) = &d.identity {
-        let _ = write!(line, " identity={i}");
+        let _ = write!(line, " identity={}", inline(i));
     }
     if !d.candidates.is_empty() {
-        let _ = write!(line, " candidates={}", d.candidates.join(","));
+        let _ = write!(line, " candidates={}", inline(&d.candidates.join(",")));
     }
     if !d.changes.is_empty() {
         let names: Vec<&str> = d.changes.iter().map(|c| c.name.as_str()).collect();

@@ -162,7 +162,7 @@ pub fn test_rules(loaded: &Loaded, paths: &[PathBuf]) -> anyhow::Result<ExitCode
         );
         return Ok(ExitCode::from(EXIT_FAILED));
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::printable::stdout();
     let (mut passed, mut failed) = (0, 0);
     for file in &files {
         match run_fixture(loaded, file) {

@@ -17,6 +17,7 @@ pub mod fixtures;
 pub mod lock;
 pub mod observe;
 pub mod outbox;
+pub mod printable;
 pub mod service;
 pub mod setup;
 pub mod status;

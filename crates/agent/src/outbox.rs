@@ -15,6 +15,7 @@ use idsync_repo::{OutboxFilter, OutboxMessage, OutboxStatus, Repo};
 use crate::cli::{BenchOutboxArgs, OutboxCommand};
 use crate::commands::{EXIT_CONFIG, EXIT_FAILED};
 use crate::config::Loaded;
+use crate::printable::inline;
 use crate::setup::open_repo;
 
 /// Builds a dispatcher once the repository is open.
@@ -111,8 +112,8 @@ fn line(m: &OutboxMessage) -> String {
         time(m.created_at),
         m.attempts,
         m.policy,
-        m.identity.as_deref().unwrap_or("-"),
-        m.mail.to.join(","),
+        inline(m.identity.as_deref().unwrap_or("-")),
+        inline(&m.mail.to.join(",")),
         m.mail.subject
     );
     match m.status {
@@ -129,7 +130,7 @@ fn line(m: &OutboxMessage) -> String {
 /// `idsync outbox ...`.
 pub fn command(loaded: Loaded, cmd: &OutboxCommand) -> anyhow::Result<ExitCode> {
     let repo = open_repo(&loaded)?;
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::printable::stdout();
     match cmd {
         OutboxCommand::List {
             status,
@@ -176,8 +177,8 @@ pub fn command(loaded: Loaded, cmd: &OutboxCommand) -> anyhow::Result<ExitCode> 
                 idsync_notify::message::message_id(&m)
             )?;
             writeln!(out, "from: {}", m.mail.from)?;
-            writeln!(out, "to: {}", m.mail.to.join(", "))?;
-            writeln!(out, "subject: {}", m.mail.subject)?;
+            writeln!(out, "to: {}", inline(&m.mail.to.join(", ")))?;
+            writeln!(out, "subject: {}", inline(&m.mail.subject))?;
             writeln!(out, "--- text\n{}", m.mail.text)?;
             if let Some(h) = &m.mail.html {
                 writeln!(out, "--- html\n{h}")?;

@@ -163,7 +163,7 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
         rows.push((r.name.clone(), summary, live));
     }
     let (pending, sent, dead) = repo.outbox_counts()?;
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::printable::stdout();
     if json {
         let value = serde_json::json!({
             "agent": { "running": running, "pid": snapshot.as_ref().filter(|_| running).map(|s| s.pid) },
