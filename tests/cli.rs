@@ -283,7 +283,8 @@ fn control_characters_in_values_are_printed_escaped() {
     ] {
         let out = s.idsync(args).expect_code(0).stdout;
         assert!(
-            !out.chars().any(|c| c.is_control() && c != '\n' && c != '\t'),
+            !out.chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t'),
             "{args:?} printed a raw control character: {out:?}"
         );
         assert!(

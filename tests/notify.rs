@@ -395,6 +395,47 @@ notifications:
     );
 }
 
+/// `idsync check` warns where an HTML template puts a value that autoescaping cannot make
+/// safe, naming the key and the template line; safe places are not reported.
+#[test]
+fn check_warns_of_values_in_unquoted_attributes_and_script_urls() {
+    let s = Sandbox::new();
+    s.config(
+        r#"resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: id }
+notifications:
+  from: 'idsync <idsync@example.com>'
+  transport: { type: file, dir: mail }
+  policies:
+    - name: welcome
+      on: [created]
+      to: ['identity.attrs.mail']
+      subject: 'Welcome'
+      text: 'x'
+      html: |
+        <p title="{{ identity.name }}">Hello {{ identity.attrs.first }}</p>
+        <td class={{ identity.attrs.dept }}>x</td>
+        <a href="{{ identity.attrs.homepage }}">home</a>
+        <a href="https://intranet/{{ identity.name }}">profile</a>
+        <a href="javascript:open('{{ identity.name }}')">open</a>
+"#,
+    );
+    let r = s.idsync(&["check"]).expect_code(0);
+    let warnings: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .collect();
+    assert_eq!(warnings.len(), 3, "{}", r.stdout);
+    assert!(
+        warnings[0]
+            .contains("notifications.policies[0].html: line 2: a value in an unquoted attribute")
+    );
+    assert!(warnings[1].contains("line 3: a value at the start of a URL attribute"));
+    assert!(warnings[2].contains("line 5: a value inside a javascript: URL"));
+}
+
 /// A sandbox whose SMTP transport uses `tls` (`starttls` or `tls`) towards a server with a
 /// certificate from a generated CA (in `tls/`); `ca_file` is added when `trust_ca`.
 fn tls_world(tls: &str, trust_ca: bool) -> (Sandbox, SmtpServer, slapd::Tls) {

@@ -51,6 +51,11 @@ pub fn check(loaded: Loaded) -> ExitCode {
     let rules = RuleEngine::new(&loaded.config.limits.to_limits());
     match compile_all(&loaded, &rules) {
         Ok(policies) => {
+            if let Some(n) = &loaded.config.notifications {
+                for w in idsync_notify::PolicyNotifier::html_warnings(n) {
+                    println!("warning: {}: {w}", loaded.file.display());
+                }
+            }
             println!(
                 "{}: ok ({} resource(s), rules in {})",
                 loaded.file.display(),
@@ -274,12 +279,7 @@ pub fn identities(loaded: Loaded, cmd: &IdentitiesCommand) -> anyhow::Result<Exi
                     .collect();
                 let state = if id.disabled { "disabled" } else { "enabled" };
                 // A closed stdout (e.g. `| head`) must not become an error here.
-                let _ = writeln!(
-                    out,
-                    "{}\t{state}\t{}",
-                    inline(&id.name),
-                    accounts.join(",")
-                );
+                let _ = writeln!(out, "{}\t{state}\t{}", inline(&id.name), accounts.join(","));
                 Ok(())
             })?;
             eprintln!("{n} identities");

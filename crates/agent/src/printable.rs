@@ -131,10 +131,12 @@ mod tests {
         let mut out = Vec::new();
         {
             let mut w = Escaping::new(&mut out);
-            w.write_all("x\u{1b}]0;title\u{7}\r\0\n".as_bytes()).unwrap();
+            w.write_all("x\u{1b}]0;title\u{7}\r\0\n".as_bytes())
+                .unwrap();
             // A C1 control split across two writes.
             w.write_all(&[b'a', 0xc2]).unwrap();
-            w.write_all(&[0x9b, b'b', b'\t', 0xc3, 0xa9, b'\n']).unwrap();
+            w.write_all(&[0x9b, b'b', b'\t', 0xc3, 0xa9, b'\n'])
+                .unwrap();
         }
         assert_eq!(
             String::from_utf8(out).unwrap(),

@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod dispatch;
+pub mod html_lint;
 pub mod message;
 pub mod policy;
 pub mod retry;

@@ -90,6 +90,25 @@ impl PolicyNotifier {
         }
     }
 
+    /// Where the policies' HTML templates put a value that autoescaping cannot make safe
+    /// (module `html_lint`), one line each: `notifications.policies[0].html: line 3: …`.
+    pub fn html_warnings(cfg: &NotificationsConfig) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, p) in cfg.policies.iter().enumerate() {
+            let Some(html) = &p.html else {
+                continue;
+            };
+            for f in crate::html_lint::scan(html) {
+                out.push(format!(
+                    "notifications.policies[{i}].html: line {}: {}",
+                    f.line,
+                    f.hazard.explain()
+                ));
+            }
+        }
+        out
+    }
+
     /// Number of policies.
     pub fn len(&self) -> usize {
         self.policies.len()
