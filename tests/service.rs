@@ -25,30 +25,31 @@ fn config(s: &Sandbox, extra: &str) {
     s.feed("hr.csv", "id,email\n1,a@x\n2,b@x\n");
 }
 
+/// Starts `idsync run`; its stderr goes to `agent.log` in the sandbox (read with [`log`]).
 fn start(s: &Sandbox) -> Child {
+    let log = std::fs::File::create(s.path().join("agent.log")).unwrap();
     Command::new(env!("CARGO_BIN_EXE_idsync"))
         .args(["run"])
         .current_dir(s.path())
         .env("IDSYNC_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(log)
         .spawn()
         .unwrap()
 }
 
-fn terminate(mut child: Child) -> (i32, String) {
+/// What the agent logged so far.
+fn log(s: &Sandbox) -> String {
+    std::fs::read_to_string(s.path().join("agent.log")).unwrap_or_default()
+}
+
+/// SIGTERM; the exit status and the agent's log.
+fn terminate_in(s: &Sandbox, mut child: Child) -> (i32, String) {
     let pid = child.id().to_string();
     let ok = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(ok.success());
     let status = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    (status.code().unwrap_or(-1), err)
+    (status.code().unwrap_or(-1), log(s))
 }
 
 fn http_get(port: u16, path: &str) -> (u16, String) {
@@ -71,7 +72,7 @@ fn sigterm_stops_cleanly_after_committing() {
     });
     s.replace_atomically("feeds/hr.csv", "id,email\n1,a@x\n2,b@x\n3,c@x\n");
     eventually(20, "the change", || (s.export().len() == 3).then_some(()));
-    let (code, err) = terminate(agent);
+    let (code, err) = terminate_in(&s, agent);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("stopping"), "{err}");
     assert_eq!(s.results(&[]).len(), 3, "each change once");
@@ -93,6 +94,9 @@ fn rules_reload_on_change_and_a_bad_reload_keeps_the_running_rules() {
     });
     // A broken rule: the reload is refused, the agent keeps deciding with the old rules.
     s.rule("corr.rhai", "let x = ;");
+    eventually(20, "the refused reload", || {
+        log(&s).contains("reload refused").then_some(())
+    });
     s.replace_atomically("feeds/hr.csv", "id,email\n1,a@x\n2,b@x\n3,c@x\n");
     eventually(20, "the change with the old rules", || {
         s.results(&["--key", "3"])
@@ -104,15 +108,23 @@ fn rules_reload_on_change_and_a_bad_reload_keeps_the_running_rules() {
         "corr.rhai",
         "// now by id\n#{ mail: account.email, id: account.id }",
     );
+    // The reload is asynchronous (the rule file's watcher): a change each time, until one
+    // is decided with the new rule.
+    let mut n = 0;
     eventually(20, "the reload", || {
-        s.replace_atomically("feeds/hr.csv", "id,email\n1,a@x\n2,b@x\n3,c@x\n4,d@x\n");
-        s.results(&["--key", "4"]).pop().filter(|d| {
+        n += 1;
+        s.replace_atomically(
+            "feeds/hr.csv",
+            &format!("id,email\n1,a@x\n2,b@x\n3,c@x\nk{n},d{n}@x\n"),
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        s.results(&["--key", &format!("k{n}")]).pop().filter(|d| {
             d["rules"][0]["result"]
                 .as_str()
                 .is_some_and(|r| r.contains("\"id\""))
         })
     });
-    let (code, err) = terminate(agent);
+    let (code, err) = terminate_in(&s, agent);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("reload refused"), "{err}");
     assert!(
@@ -143,7 +155,7 @@ fn failed_events_are_retried_up_to_the_limit_then_left_for_an_operator() {
     s.replace_atomically("feeds/hr.csv", "id,email\n1,a@x\n2,b@x\n3,c@x\n");
     eventually(20, "another pass", || (s.export().len() == 2).then_some(()));
     assert_eq!(s.failed()[0]["attempts"], 2);
-    let (code, _) = terminate(agent);
+    let (code, _) = terminate_in(&s, agent);
     assert_eq!(code, 0);
     // A fixed rule and the next agent: the operator's retry (or the agent's) applies it.
     s.rule("corr.rhai", "#{ mail: account.email }");
@@ -162,6 +174,12 @@ fn status_health_readiness_and_metrics() {
         std::net::TcpStream::connect(("127.0.0.1", port))
             .ok()
             .and_then(|_| (http_get(port, "/readyz").0 == 200).then_some(()))
+    });
+    eventually(20, "the first pass in the status", || {
+        s.idsync(&["status"])
+            .stdout
+            .contains("hr: ok")
+            .then_some(())
     });
     assert_eq!(http_get(port, "/healthz"), (200, "ok\n".to_owned()));
     let (code, metrics) = http_get(port, "/metrics");
@@ -194,7 +212,7 @@ fn status_health_readiness_and_metrics() {
     });
     let (_, why) = http_get(port, "/readyz");
     assert!(why.contains("hr:"), "{why}");
-    let (code, _) = terminate(agent);
+    let (code, _) = terminate_in(&s, agent);
     assert_eq!(code, 0);
 }
 
@@ -214,11 +232,14 @@ fn sighup_reloads() {
             .unwrap()
             .success()
     );
+    eventually(20, "the reload", || {
+        log(&s).contains("reloaded").then_some(())
+    });
     s.replace_atomically("feeds/hr.csv", "id,email\n1,a@x\n2,b@x\n3,c@x\n");
     eventually(20, "the change after the reload", || {
         (s.export().len() == 3).then_some(())
     });
-    let (code, err) = terminate(agent);
+    let (code, err) = terminate_in(&s, agent);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("reloaded"), "{err}");
 }
@@ -256,7 +277,7 @@ resources:
         None,
         "the cron resource waits for its time"
     );
-    let (code, err) = terminate(agent);
+    let (code, err) = terminate_in(&s, agent);
     assert_eq!(code, 0, "{err}");
 
     s.config(

@@ -53,7 +53,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use idsync_core::{Adapter, AdapterError, ChangeBatch, Checkpoint, Fetch, KnownAccounts};
+use idsync_core::{Adapter, AdapterError, ChangeBatch, Checkpoint, Fetch, KnownAccounts, Wakeup};
 use xxhash_rust::xxh3::xxh3_64;
 
 pub use config::{AfterProcessing, Completion, DeleteGuard, Encoding, FlatFileConfig};
@@ -133,6 +133,30 @@ impl FlatFileAdapter {
     /// The adapter's config.
     pub fn config(&self) -> &FlatFileConfig {
         &self.config
+    }
+
+    /// A watcher over [`Self::watch_dir`] that wakes only for this resource's own inputs:
+    /// the feed file (in folder mode, the files the pattern picks) and their marker files —
+    /// never another file of the folder, such as the repository or its log.
+    pub fn watcher(&self, poll: std::time::Duration) -> Watcher {
+        let feed = self.config.path.file_name().map(|n| n.to_owned());
+        let pattern = self.config.pattern.clone();
+        let marker = (self.config.completion == Completion::Marker)
+            .then(|| self.config.marker_suffix.clone());
+        Watcher::new(vec![self.watch_dir()], poll).only(move |path: &Path| {
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                return false;
+            };
+            let input = |name: &str| match &pattern {
+                Some(p) => folder::matches(p, name),
+                None => feed.as_deref().is_some_and(|f| f == name),
+            };
+            input(name)
+                || marker
+                    .as_deref()
+                    .and_then(|m| name.strip_suffix(m))
+                    .is_some_and(input)
+        })
     }
 
     /// The folder to watch for this resource: the file's folder, or the folder itself in
@@ -232,6 +256,11 @@ impl Adapter for FlatFileAdapter {
 
     fn has_more(&self) -> bool {
         self.more
+    }
+
+    fn wakeup(&self) -> Wakeup {
+        // Polling (where inotify is unavailable) looks at the folder once a second.
+        Wakeup::Watch(Box::new(self.watcher(std::time::Duration::from_secs(1))))
     }
 
     fn next_batch(

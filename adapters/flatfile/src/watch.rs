@@ -44,11 +44,16 @@ enum Mode {
     },
 }
 
+/// Which files of the watched folders count (the others never wake the caller).
+type Accept = Box<dyn Fn(&Path) -> bool + Send>;
+
 /// Wakes the caller when a file in the watched folders was written, replaced, removed or
 /// created.
 pub struct Watcher {
     dirs: Vec<PathBuf>,
     mode: Mode,
+    /// `None`: every file but temporary ones.
+    accept: Option<Accept>,
 }
 
 impl std::fmt::Debug for Watcher {
@@ -72,8 +77,9 @@ fn is_temporary(path: &Path) -> bool {
             .any(|s| name.ends_with(s))
 }
 
-/// Whether a raw event means a write finished (or a file appeared or went away).
-fn is_trigger(event: &Event) -> bool {
+/// Whether a raw event means a write finished (or a file appeared or went away) on an
+/// accepted file.
+fn is_trigger(event: &Event, accept: Option<&Accept>) -> bool {
     let kind_ok = matches!(
         event.kind,
         EventKind::Access(AccessKind::Close(AccessMode::Write))
@@ -81,10 +87,14 @@ fn is_trigger(event: &Event) -> bool {
             | EventKind::Create(_)
             | EventKind::Remove(_)
     );
-    kind_ok && event.paths.iter().any(|p| !is_temporary(p))
+    kind_ok
+        && event
+            .paths
+            .iter()
+            .any(|p| !is_temporary(p) && accept.is_none_or(|a| a(p)))
 }
 
-fn list(dirs: &[PathBuf]) -> Listing {
+fn list(dirs: &[PathBuf], accept: Option<&Accept>) -> Listing {
     let mut out = Listing::new();
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -92,7 +102,7 @@ fn list(dirs: &[PathBuf]) -> Listing {
         };
         for e in entries.filter_map(Result::ok) {
             let path = e.path();
-            if is_temporary(&path) {
+            if is_temporary(&path) || accept.is_some_and(|a| !a(&path)) {
                 continue;
             }
             if let Ok(m) = e.metadata()
@@ -123,9 +133,24 @@ impl Watcher {
         };
         let mode = mode.unwrap_or_else(|| Mode::Poll {
             every: poll.max(Duration::from_millis(50)),
-            last: list(&dirs),
+            last: list(&dirs, None),
         });
-        Watcher { dirs, mode }
+        Watcher {
+            dirs,
+            mode,
+            accept: None,
+        }
+    }
+
+    /// Only changes of the files `accept` takes wake the caller (a feed's own file and
+    /// marker, never the repository or the status file beside it).
+    pub fn only(mut self, accept: impl Fn(&Path) -> bool + Send + 'static) -> Watcher {
+        let accept: Accept = Box::new(accept);
+        if let Mode::Poll { last, .. } = &mut self.mode {
+            *last = list(&self.dirs, Some(&accept));
+        }
+        self.accept = Some(accept);
+        self
     }
 
     fn notify(dirs: &[PathBuf]) -> notify::Result<Mode> {
@@ -154,7 +179,7 @@ impl Watcher {
                 loop {
                     let left = deadline.saturating_duration_since(Instant::now());
                     match events.recv_timeout(left) {
-                        Ok(Ok(e)) if is_trigger(&e) => break,
+                        Ok(Ok(e)) if is_trigger(&e, self.accept.as_ref()) => break,
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => tracing::warn!("file watch error: {e}"),
                         Err(RecvTimeoutError::Timeout) => return false,
@@ -180,13 +205,19 @@ impl Watcher {
                     return false;
                 }
                 std::thread::sleep((*every).min(deadline - now));
-                let current = list(&self.dirs);
+                let current = list(&self.dirs, self.accept.as_ref());
                 if current != *last {
                     *last = current;
                     return true;
                 }
             },
         }
+    }
+}
+
+impl idsync_core::ChangeWaiter for Watcher {
+    fn wait(&mut self, timeout: Duration) -> bool {
+        Watcher::wait(self, timeout)
     }
 }
 
@@ -222,14 +253,25 @@ mod tests {
     }
 
     #[test]
+    fn files_not_accepted_never_wake() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Watcher::new(vec![dir.path().to_path_buf()], Duration::from_millis(50))
+            .only(|p| p.file_name().is_some_and(|n| n == "hr.csv"));
+        std::fs::write(dir.path().join("idsync.db-wal"), "x").unwrap();
+        assert!(!w.wait(Duration::from_millis(300)), "the repository's log");
+        wakes_on_write(w, dir.path());
+    }
+
+    #[test]
     fn polling_wakes_on_a_write() {
         let dir = tempfile::tempdir().unwrap();
         let w = Watcher {
             dirs: vec![dir.path().to_path_buf()],
             mode: Mode::Poll {
                 every: Duration::from_millis(50),
-                last: list(&[dir.path().to_path_buf()]),
+                last: list(&[dir.path().to_path_buf()], None),
             },
+            accept: None,
         };
         wakes_on_write(w, dir.path());
     }

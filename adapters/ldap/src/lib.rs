@@ -26,9 +26,7 @@ mod poll;
 mod sync;
 pub mod tools;
 
-use std::time::{Duration, Instant};
-
-use idsync_core::{Adapter, AdapterError, ChangeBatch, Checkpoint, Fetch, KnownAccounts};
+use idsync_core::{Adapter, AdapterError, ChangeBatch, Checkpoint, Fetch, KnownAccounts, Wakeup};
 
 pub use config::{LdapConfig, Mode, ScopeConfig};
 pub use error::LdapError;
@@ -36,9 +34,6 @@ pub use error::LdapError;
 use crate::collect::Collector;
 use crate::conn::Client;
 use crate::entry::Shaper;
-
-/// The longest wait between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Reads one directory subtree and reports what changed after the committed checkpoint.
 pub struct LdapAdapter {
@@ -48,9 +43,6 @@ pub struct LdapAdapter {
     persist: Option<sync::Persist>,
     /// Persist mode: the server asked for a refresh from scratch.
     full: bool,
-    /// Consecutive transient failures, for the backoff.
-    failures: u32,
-    retry_at: Option<Instant>,
 }
 
 impl LdapAdapter {
@@ -63,8 +55,6 @@ impl LdapAdapter {
             client: None,
             persist: None,
             full: false,
-            failures: 0,
-            retry_at: None,
         }
     }
 
@@ -130,16 +120,6 @@ impl LdapAdapter {
             ..ChangeBatch::default()
         }))
     }
-
-    /// Waits out the backoff after transient failures.
-    fn backoff(&mut self) {
-        if let Some(at) = self.retry_at.take() {
-            let now = Instant::now();
-            if at > now {
-                std::thread::sleep(at - now);
-            }
-        }
-    }
 }
 
 impl Adapter for LdapAdapter {
@@ -152,30 +132,24 @@ impl Adapter for LdapAdapter {
         after: Option<&Checkpoint>,
         known: &dyn KnownAccounts,
     ) -> Result<Fetch, AdapterError> {
-        self.backoff();
         match self.fetch(after, known) {
-            Ok(f) => {
-                self.failures = 0;
-                Ok(f)
-            }
+            Ok(f) => Ok(f),
             Err(e) => {
+                // The next fetch reconnects (from the committed cookie); when, is the
+                // runner's decision (it backs off without blocking other resources).
                 self.persist = None;
                 if let Some(c) = self.client.as_mut() {
                     c.disconnect();
                 }
-                // Back off before the next attempt (a permanent error the longest, so a
-                // persist resource, which has no interval, never spins on it).
-                self.failures = self.failures.saturating_add(1);
-                let wait = if e.is_transient() {
-                    let exp = self.failures.min(6);
-                    (Duration::from_millis(250) * 2u32.pow(exp)).min(MAX_BACKOFF)
-                } else {
-                    MAX_BACKOFF
-                };
-                self.retry_at = Some(Instant::now() + wait);
-                tracing::warn!(resource = %self.resource, "{e}; next attempt in {} ms", wait.as_millis());
                 Err(e.into_adapter(&self.resource))
             }
+        }
+    }
+
+    fn wakeup(&self) -> Wakeup {
+        match self.config.mode {
+            Mode::Persist => Wakeup::Stream,
+            Mode::Syncrepl | Mode::Poll => Wakeup::Schedule,
         }
     }
 }

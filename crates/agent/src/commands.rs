@@ -7,8 +7,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
-use idsync_core::{Action, Adapter, Fetch, Identity, Situation};
+use idsync_core::{Action, Adapter, Identity, Situation};
 use idsync_engine::BatchReport;
 use idsync_repo::DecisionFilter;
 use idsync_rules::RuleEngine;
@@ -178,40 +177,46 @@ pub fn pass(setup: &Setup, only: &[String], adapters: &mut [Box<dyn Adapter>]) -
 }
 
 /// One resource: fetch and apply batches until the adapter has nothing more (a folder of
-/// files, a large initial load in parts), each batch committed with its own checkpoint.
+/// files, a large initial load in parts), each batch committed with its own checkpoint; a
+/// progress bar on a terminal.
 pub fn pass_resource(
     setup: &Setup,
     adapter: &mut dyn Adapter,
     policy: &idsync_engine::Policy,
 ) -> anyhow::Result<Option<BatchReport>> {
-    let _span = tracing::info_span!("pass", resource = %policy.resource).entered();
-    let repo = setup.engine.repo();
-    let mut total: Option<BatchReport> = None;
-    loop {
-        let expected = repo.checkpoint(&policy.resource)?;
-        match adapter.next_batch(expected.as_ref(), repo.as_ref())? {
-            Fetch::Idle => return Ok(total),
-            Fetch::Batch(batch) => {
-                let bar = progress_bar(&policy.resource, batch.events.len());
-                let report = setup
-                    .engine
-                    .apply_batch_with(policy, expected.as_ref(), &batch, &mut |_| {
-                        if let Some(b) = &bar {
-                            b.inc(1);
-                        }
-                    })
-                    .with_context(|| format!("resource {}", policy.resource));
-                if let Some(b) = bar {
-                    b.finish_and_clear();
-                }
-                let report = report?;
-                total
-                    .get_or_insert_with(BatchReport::default)
-                    .merge(&report);
-                if !adapter.has_more() {
-                    return Ok(total);
-                }
-            }
+    let mut bar = TerminalBar {
+        resource: policy.resource.clone(),
+        bar: None,
+    };
+    crate::runner::pass(
+        setup,
+        adapter,
+        policy,
+        &crate::runner::Stop::new(),
+        &mut bar,
+    )
+}
+
+/// A progress bar per part, on a terminal only.
+struct TerminalBar {
+    resource: String,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl crate::runner::Progress for TerminalBar {
+    fn part_started(&mut self, events: usize) {
+        self.bar = progress_bar(&self.resource, events);
+    }
+
+    fn event_done(&mut self) {
+        if let Some(b) = &self.bar {
+            b.inc(1);
+        }
+    }
+
+    fn part_committed(&mut self, _report: &BatchReport) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
         }
     }
 }

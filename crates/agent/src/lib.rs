@@ -18,10 +18,10 @@ pub mod lock;
 pub mod observe;
 pub mod outbox;
 pub mod printable;
+pub mod runner;
 pub mod service;
 pub mod setup;
 pub mod status;
-pub mod watching;
 
 use std::process::ExitCode;
 
@@ -36,7 +36,8 @@ const COMMAND_WRITE_PATIENCE: std::time::Duration = std::time::Duration::from_se
 /// Runs the command line; returns the exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose, cli.log_format);
+    let agent = matches!(&cli.command, Command::Run(args) if !args.once);
+    init_logging(cli.verbose, cli.log_format, agent);
     if let Command::Bench(cmd) = &cli.command {
         // Benchmarks start what they measure against: no config needed.
         let result = match cmd {
@@ -90,16 +91,20 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8, format: cli::LogFormat) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
+/// Logging on stderr: warnings and errors by default (the agent also its start-up line and
+/// progress: info), `-v` info, `-vv` debug, or `IDSYNC_LOG`; colours only on a terminal.
+fn init_logging(verbose: u8, format: cli::LogFormat, agent: bool) {
+    use std::io::IsTerminal;
+    let default = match (verbose, agent) {
+        (0, false) => "warn",
+        (0, true) | (1, _) => "info",
         _ => "debug",
     };
     let filter = EnvFilter::try_from_env("IDSYNC_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     match format {
         cli::LogFormat::Human => builder.init(),

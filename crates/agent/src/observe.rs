@@ -143,33 +143,43 @@ impl Observer {
         }
     }
 
-    /// A pass that applied a batch (`report`) or found nothing (`None`).
-    pub fn pass_done(&self, name: &str, report: Option<&BatchReport>, took: Duration) {
+    /// A committed part of a pass: its events count at once, so the counters advance
+    /// during a long pass, and the resource is making progress (up, ready).
+    pub fn part_committed(&self, name: &str, r: &BatchReport) {
         let labels = resource(name);
-        if let Some(r) = report {
-            for (situation, n) in &r.situations {
-                let l = vec![
-                    ("resource".to_owned(), name.to_owned()),
-                    ("situation".to_owned(), situation.as_str().to_owned()),
-                ];
-                self.situations.get_or_create(&l).inc_by(*n);
-            }
-            for (action, n) in &r.actions {
-                let l = vec![
-                    ("resource".to_owned(), name.to_owned()),
-                    ("action".to_owned(), action.as_str().to_owned()),
-                ];
-                self.events.get_or_create(&l).inc_by(*n);
-            }
-            self.failed.get_or_create(&labels).inc_by(r.failed);
-            self.rejected.get_or_create(&labels).inc_by(r.rejected);
+        for (situation, n) in &r.situations {
+            let l = vec![
+                ("resource".to_owned(), name.to_owned()),
+                ("situation".to_owned(), situation.as_str().to_owned()),
+            ];
+            self.situations.get_or_create(&l).inc_by(*n);
         }
+        for (action, n) in &r.actions {
+            let l = vec![
+                ("resource".to_owned(), name.to_owned()),
+                ("action".to_owned(), action.as_str().to_owned()),
+            ];
+            self.events.get_or_create(&l).inc_by(*n);
+        }
+        self.failed.get_or_create(&labels).inc_by(r.failed);
+        self.rejected.get_or_create(&labels).inc_by(r.rejected);
+        self.healthy(name);
+    }
+
+    /// A completed pass (its parts were counted by [`Observer::part_committed`]).
+    pub fn pass_done(&self, name: &str, took: Duration) {
+        let labels = resource(name);
         self.passes.get_or_create(&labels).inc();
         self.last_pass.get_or_create(&labels).set(now_secs());
         self.pass_seconds
             .get_or_create(&labels)
             .set(took.as_secs_f64());
-        self.up.get_or_create(&labels).set(1);
+        self.healthy(name);
+    }
+
+    /// The resource works (a part committed, a pass ended, a stream is open and quiet).
+    pub fn healthy(&self, name: &str) {
+        self.up.get_or_create(&resource(name)).set(1);
         if let Ok(mut states) = self.states.lock() {
             let s = states.entry(name.to_owned()).or_default();
             s.synced_once = true;
@@ -202,20 +212,16 @@ impl Observer {
         out
     }
 
-    /// Ready when every resource has completed a pass and none is failing; otherwise the
-    /// reasons.
+    /// Ready unless a resource is failing or halted (with the reasons): a resource in its
+    /// first long pass is ready, it is making progress.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let Ok(states) = self.states.lock() else {
             return Err(vec!["state unavailable".to_owned()]);
         };
-        let mut why = Vec::new();
-        for (name, s) in states.iter() {
-            if let Some(e) = &s.last_error {
-                why.push(format!("{name}: {e}"));
-            } else if !s.synced_once {
-                why.push(format!("{name}: no pass completed yet"));
-            }
-        }
+        let why: Vec<String> = states
+            .iter()
+            .filter_map(|(name, s)| s.last_error.as_ref().map(|e| format!("{name}: {e}")))
+            .collect();
         if why.is_empty() { Ok(()) } else { Err(why) }
     }
 }

@@ -1,121 +1,185 @@
-//! `idsync run` as a service: every resource on its own schedule, the outbox dispatcher
-//! beside them, failed events retried with backoff, rules and config reloaded on SIGHUP or
-//! when a file changes, a clean stop on SIGTERM/SIGINT, and the status endpoint.
+//! `idsync run` as a service: a loop per resource on a thread of its own, the outbox
+//! dispatcher on a thread and a clock of its own, reload, signals and the status endpoint.
 //!
-//! One thread does the work, in turns: pass the resources that are due (each keeps its
-//! adapter, so an LDAP persist stream stays open), one dispatch round, the due retries, then
-//! wait for a file change or the next due time, in short slices so a signal is seen within
-//! a fraction of a second. A stop request lets the batch in hand commit (batches are atomic
-//! anyway: a SIGKILL loses at most the uncommitted batch, which the next start reads again).
+//! - **Resource loops** (`resource_loop`): each builds its own rule engine and adapter over
+//!   the shared repository, runs passes through [`crate::runner::pass`], and between passes
+//!   waits only for what its adapter declares ([`Wakeup`]): a flat file's own feed, folder or
+//!   marker file; an LDAP persist stream (the fetch itself waits on the server); otherwise
+//!   the poll interval or cron. Never the repository, its log or the status file. A failing
+//!   source backs off on its own loop; a slow resource never holds the others. Fetches of
+//!   different resources overlap; commits serialize in the repository.
+//! - **The dispatcher** (`dispatcher_loop`) sends mail when a loop committed something and
+//!   at the earliest next attempt the outbox holds, so a retry schedule holds whatever the
+//!   resources do, and a stalled mail server holds up nothing but mail.
+//! - **The main thread** watches only the config file and the rule files (and SIGHUP) to
+//!   reload, writes the status file, and on SIGTERM/SIGINT stops every loop after the part
+//!   in hand (committed with its checkpoint). A second signal exits at once: every part is
+//!   atomic, so that is as safe as a crash.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use idsync_core::Adapter;
-use idsync_engine::EngineError;
-use idsync_repo::RepoError;
+use idsync_core::Wakeup;
+use idsync_engine::BatchReport;
+use idsync_repo::Repo;
 
 use crate::cli::RunArgs;
-use crate::commands::{adapters, describe, pass_resource};
+use crate::commands::describe;
 use crate::config::Loaded;
 use crate::observe::{Observer, serve as serve_http};
+use crate::runner::{Failure, Progress, SLICE, Stop};
 use crate::setup::Setup;
 use crate::status::{ResourceStatus, StatusFile};
 
-/// The longest the loop sleeps before looking at its signals again.
-const SLICE: Duration = Duration::from_millis(200);
+/// Exit status when a second SIGTERM/SIGINT ends the agent without waiting.
+pub const EXIT_SECOND_SIGNAL: i32 = 130;
 
-struct Signals {
-    stop: Arc<AtomicBool>,
-    reload: Arc<AtomicBool>,
+/// How long a stop waits for the dispatcher's round in hand (a mail server that does not
+/// answer): its unrecorded messages are sent again after their lease.
+const DISPATCHER_STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// The longest the dispatcher sleeps without looking at the outbox.
+const DISPATCHER_MAX_SLEEP: Duration = Duration::from_secs(60);
+
+/// An info line at most this often during a long pass.
+const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The per-resource status the loops update and the main thread writes to the status file.
+#[derive(Default)]
+struct Board {
+    statuses: Mutex<Vec<ResourceStatus>>,
+    dirty: AtomicBool,
 }
 
-fn signals() -> anyhow::Result<Signals> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let reload = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
-    Ok(Signals { stop, reload })
-}
-
-/// What decides a reload: the config file and the rule files, by size and mtime.
-fn fingerprint(loaded: &Loaded) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    let mut out = Vec::new();
-    let mut note = |p: &Path| {
-        if let Ok(m) = std::fs::metadata(p) {
-            out.push((p.to_path_buf(), m.len(), m.modified().ok()));
-        }
-    };
-    note(&loaded.file);
-    if let Ok(entries) = std::fs::read_dir(loaded.rules_dir()) {
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "rhai"))
-            .collect();
-        files.sort();
-        for f in files {
-            note(&f);
+impl Board {
+    fn update(&self, name: &str, f: impl FnOnce(&mut ResourceStatus)) {
+        if let Ok(mut all) = self.statuses.lock()
+            && let Some(st) = all.iter_mut().find(|s| s.resource == name)
+        {
+            f(st);
+            self.dirty.store(true, Ordering::SeqCst);
         }
     }
-    out
+
+    fn snapshot(&self) -> Vec<ResourceStatus> {
+        self.statuses.lock().map(|s| s.clone()).unwrap_or_default()
+    }
 }
 
-struct Worker {
-    setup: Setup,
-    adapters: Vec<Box<dyn Adapter>>,
-    due: Vec<Instant>,
-    halted: Vec<Option<String>>,
-    /// Consecutive passes that failed for the repository's storage (disk full, I/O error):
-    /// such a resource backs off and is not woken by file changes.
-    storage_failures: Vec<u32>,
-    watcher: Option<idsync_flatfile::Watcher>,
+/// What every loop of one generation (one config) shares.
+#[derive(Clone)]
+struct Shared {
+    loaded: Loaded,
+    repo: Arc<Repo>,
+    stop: Stop,
+    observer: Arc<Observer>,
+    board: Arc<Board>,
+    /// Wakes the dispatcher after a commit (absent without notifications).
+    poke: Option<Sender<()>>,
 }
 
-impl Worker {
-    fn new(setup: Setup, args: &RunArgs) -> Worker {
-        let adapters = adapters(&setup, &args.accept_deletes);
-        let n = adapters.len();
-        let interval = Duration::from_secs(setup.loaded.config.poll_interval_secs);
-        let mut dirs = crate::watching::watched_dirs(&setup, &args.resources);
-        for d in [setup.loaded.rules_dir(), setup.loaded.base.clone()] {
-            let d = if d.as_os_str().is_empty() {
-                PathBuf::from(".")
-            } else {
-                d
-            };
-            if !dirs.contains(&d) {
-                dirs.push(d);
+/// The loops of one config; a reload stops them and starts the next.
+struct Generation {
+    stop: Stop,
+    loops: Vec<JoinHandle<()>>,
+    dispatcher: Option<JoinHandle<()>>,
+    loaded: Loaded,
+}
+
+impl Generation {
+    fn start(
+        mut setup: Setup,
+        args: &RunArgs,
+        names: &[String],
+        observer: &Arc<Observer>,
+        board: &Arc<Board>,
+    ) -> Generation {
+        let stop = Stop::new();
+        let repo = setup.engine.repo().clone();
+        let (poke, poked) = channel();
+        let dispatcher = setup.dispatcher.take().and_then(|d| {
+            let (repo, stop, observer) = (repo.clone(), stop.clone(), observer.clone());
+            spawn("idsync-outbox", move || {
+                dispatcher_loop(&d, &repo, &poked, &stop, &observer)
+            })
+        });
+        let shared = Shared {
+            loaded: setup.loaded.clone(),
+            repo,
+            stop: stop.clone(),
+            observer: observer.clone(),
+            board: board.clone(),
+            poke: dispatcher.is_some().then_some(poke),
+        };
+        let mut loops = Vec::new();
+        for (index, r) in setup.loaded.config.resources.iter().enumerate() {
+            if !names.contains(&r.name) {
+                continue;
+            }
+            let shared = shared.clone();
+            let accept = args.accept_deletes.contains(&r.name);
+            if let Some(h) = spawn(&format!("idsync-{}", r.name), move || {
+                resource_loop(shared, index, accept)
+            }) {
+                loops.push(h);
             }
         }
-        let watcher = Some(idsync_flatfile::Watcher::new(
-            dirs,
-            interval.min(Duration::from_secs(1)),
-        ));
-        Worker {
-            setup,
-            adapters,
-            due: vec![Instant::now(); n],
-            halted: vec![None; n],
-            storage_failures: vec![0; n],
-            watcher,
+        Generation {
+            stop,
+            loops,
+            dispatcher,
+            loaded: setup.loaded,
+        }
+    }
+
+    /// Stops every loop after the part in hand and waits for them (the dispatcher only
+    /// briefly).
+    fn stop(self) {
+        self.stop.request();
+        for h in self.loops {
+            if h.join().is_err() {
+                tracing::error!("a resource loop panicked");
+            }
+        }
+        if let Some(d) = self.dispatcher {
+            let until = Instant::now() + DISPATCHER_STOP_WAIT;
+            while !d.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if d.is_finished() {
+                let _ = d.join();
+            } else {
+                tracing::warn!(
+                    "the mail server has not answered the round in hand; its messages are sent again after their lease"
+                );
+            }
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Option<JoinHandle<()>> {
+    match std::thread::Builder::new().name(name.to_owned()).spawn(f) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::error!("cannot start thread {name}: {e}");
+            None
         }
     }
 }
 
 /// Runs until SIGTERM or SIGINT; exit status 0 after a clean stop.
 pub fn serve(setup: Setup, args: &RunArgs) -> ExitCode {
-    let sig = match signals() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot install signal handlers: {e}");
-            return ExitCode::from(crate::commands::EXIT_RESOURCE);
-        }
-    };
+    let stop = Stop::new();
+    let reload = Arc::new(AtomicBool::new(false));
+    if let Err(e) = install_signals(&stop, &reload) {
+        eprintln!("error: cannot install signal handlers: {e}");
+        return ExitCode::from(crate::commands::EXIT_RESOURCE);
+    }
     let names: Vec<String> = setup
         .loaded
         .config
@@ -126,171 +190,302 @@ pub fn serve(setup: Setup, args: &RunArgs) -> ExitCode {
         .collect();
     let observer = Arc::new(Observer::new(&names));
     let listen = setup.loaded.config.status.listen.clone();
+    let mut endpoint = "off".to_owned();
     if listen != "off" {
         match listen.parse() {
-            Ok(addr) => {
-                if let Err(e) = serve_http(addr, observer.clone()) {
-                    tracing::warn!("{e:#}; running without the status endpoint");
-                }
-            }
+            Ok(addr) => match serve_http(addr, observer.clone()) {
+                Ok(_) => endpoint = format!("http://{listen}"),
+                Err(e) => tracing::warn!("{e:#}; running without the status endpoint"),
+            },
             Err(e) => tracing::warn!("status.listen {listen}: {e}"),
         }
     }
+    let board = Arc::new(Board {
+        statuses: Mutex::new(names.iter().map(|n| ResourceStatus::new(n)).collect()),
+        dirty: AtomicBool::new(false),
+    });
     let status_file = StatusFile::for_repository(&setup.loaded.repository_path());
+    status_file.write(&board.snapshot());
     let config_file = setup.loaded.file.clone();
-    let mut seen = fingerprint(&setup.loaded);
-    let mut w = Worker::new(setup, args);
-    tracing::info!("agent started ({} resource(s))", names.len());
-    let mut statuses: Vec<ResourceStatus> = names.iter().map(|n| ResourceStatus::new(n)).collect();
-    while !sig.stop.load(Ordering::SeqCst) {
-        // Reload on SIGHUP or a changed config or rule file, after validation.
-        let now_seen = fingerprint(&w.setup.loaded);
-        if sig.reload.swap(false, Ordering::SeqCst) || now_seen != seen {
-            seen = now_seen;
-            match Loaded::read(&config_file)
-                .map_err(anyhow::Error::from)
-                .and_then(Setup::new)
-            {
-                Ok(new) => {
-                    tracing::warn!("reloaded {} and the rules", config_file.display());
-                    w = Worker::new(new, args);
-                }
-                Err(e) => tracing::error!("reload refused, keeping the running rules: {e:#}"),
-            }
+    tracing::info!(
+        "agent started: config {}, repository {}, {} resource(s) ({}), status endpoint {endpoint}",
+        config_file.display(),
+        setup.loaded.repository_path().display(),
+        names.len(),
+        names.join(", "),
+    );
+    let mut generation = Generation::start(setup, args, &names, &observer, &board);
+    let mut reload_watch = reload_watcher(&generation.loaded);
+    while !stop.requested() {
+        let changed = reload_watch.wait(SLICE);
+        if board.dirty.swap(false, Ordering::SeqCst) {
+            status_file.write(&board.snapshot());
         }
-        for (i, r) in w.setup.loaded.config.resources.clone().iter().enumerate() {
-            if sig.stop.load(Ordering::SeqCst) {
-                break;
-            }
-            if !names.contains(&r.name) || w.due[i] > Instant::now() || w.halted[i].is_some() {
-                continue;
-            }
-            let Some(policy) = w.setup.policy(&r.name).cloned() else {
-                continue;
-            };
-            let started = Instant::now();
-            let st = statuses.iter_mut().find(|s| s.resource == r.name);
-            let mut next_due = Instant::now() + w.setup.interval(i);
-            match pass_resource(&w.setup, w.adapters[i].as_mut(), &policy) {
-                Ok(report) => {
-                    w.storage_failures[i] = 0;
-                    if let Some(rep) = &report {
-                        println!("{}: {}", r.name, describe(rep));
-                    }
-                    observer.pass_done(&r.name, report.as_ref(), started.elapsed());
-                    if let Some(st) = st {
-                        st.pass_ok(report.as_ref());
-                    }
-                }
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    tracing::error!(resource = %r.name, "{msg}");
-                    observer.pass_failed(&r.name, &msg);
-                    if let Some(st) = st {
-                        st.pass_failed(&msg);
-                    }
-                    match PassFailure::of(&e) {
-                        PassFailure::Halted => {
-                            tracing::error!(resource = %r.name, "resource halted until the config or rules change");
-                            w.halted[i] = Some(msg);
-                        }
-                        PassFailure::Storage => {
-                            w.storage_failures[i] += 1;
-                            let wait = storage_backoff(w.storage_failures[i]);
-                            tracing::warn!(
-                                resource = %r.name,
-                                "the repository's storage failed; next attempt in {}",
-                                humantime::format_duration(wait)
-                            );
-                            next_due = Instant::now() + wait;
-                        }
-                        PassFailure::Other => {}
-                    }
-                }
-            }
-            w.due[i] = next_due;
-            retry_due(&w.setup, &policy, &r.name);
+        if !(changed || reload.swap(false, Ordering::SeqCst)) || stop.requested() {
+            continue;
         }
-        if let Some(d) = &w.setup.dispatcher
-            && let Err(e) = crate::outbox::dispatch_round(d)
+        match Loaded::read(&config_file)
+            .map_err(anyhow::Error::from)
+            .and_then(Setup::new)
         {
-            tracing::warn!("outbox: {e}");
-        }
-        if let Ok((pending, _, dead)) = w.setup.engine.repo().outbox_counts() {
-            observer.outbox(pending as i64, dead as i64);
-        }
-        status_file.write(&statuses);
-        // Wait for a file change, the next due resource, or a signal.
-        let next = w.due.iter().min().copied().unwrap_or_else(Instant::now);
-        while !sig.stop.load(Ordering::SeqCst) && !sig.reload.load(Ordering::SeqCst) {
-            let left = next.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
+            Ok(new) => {
+                generation.stop();
+                generation = Generation::start(new, args, &names, &observer, &board);
+                tracing::warn!("reloaded {} and the rules", config_file.display());
+                reload_watch = reload_watcher(&generation.loaded);
             }
-            let woke = match w.watcher.as_mut() {
-                Some(watch) => watch.wait(left.min(SLICE)),
-                None => {
-                    std::thread::sleep(left.min(SLICE));
-                    false
-                }
-            };
-            if woke {
-                // A watched file changed: resources not on a cron schedule and a reload
-                // check are due.
-                for (i, d) in w.due.iter_mut().enumerate() {
-                    if w.setup.loaded.config.resources[i].cron.is_none()
-                        && w.storage_failures[i] == 0
-                    {
-                        *d = Instant::now();
-                    }
-                }
-                break;
-            }
+            Err(e) => tracing::error!("reload refused, keeping the running rules: {e:#}"),
         }
     }
+    generation.stop();
     tracing::info!("stopping: the last batch was committed");
-    status_file.write_stopped(&statuses);
+    status_file.write_stopped(&board.snapshot());
     ExitCode::SUCCESS
 }
 
-/// What a failed pass means for its resource's schedule.
-enum PassFailure {
-    /// `on_error: halt` stopped the batch: the resource waits for a config or rule change.
-    Halted,
-    /// The repository's storage failed (disk full, I/O error): back off.
-    Storage,
-    /// Anything else (an unreadable feed, an unreachable server): the next due time.
-    Other,
+/// SIGTERM and SIGINT request the stop (a second one exits at once with
+/// [`EXIT_SECOND_SIGNAL`]); SIGHUP requests a reload.
+fn install_signals(stop: &Stop, reload: &Arc<AtomicBool>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    for sig in [SIGTERM, SIGINT] {
+        // Registered first: it exits only when the flag was already set by the first signal.
+        signal_hook::flag::register_conditional_shutdown(sig, EXIT_SECOND_SIGNAL, stop.flag())?;
+        signal_hook::flag::register(sig, stop.flag())?;
+    }
+    signal_hook::flag::register(SIGHUP, reload.clone())?;
+    Ok(())
 }
 
-impl PassFailure {
-    fn of(e: &anyhow::Error) -> PassFailure {
-        for cause in e.chain() {
-            match cause.downcast_ref::<EngineError>() {
-                Some(EngineError::Halted { .. }) => return PassFailure::Halted,
-                Some(EngineError::Repo(r)) if r.is_storage_failure() => {
-                    return PassFailure::Storage;
-                }
-                _ => {}
-            }
-            if cause
-                .downcast_ref::<RepoError>()
-                .is_some_and(RepoError::is_storage_failure)
-            {
-                return PassFailure::Storage;
-            }
+/// A watcher over the config file and the rules folder's `*.rhai` files, and nothing else
+/// (the repository often lives beside the config).
+fn reload_watcher(loaded: &Loaded) -> idsync_flatfile::Watcher {
+    let folder = |p: &Path| {
+        let p = if p.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            p.to_path_buf()
+        };
+        std::fs::canonicalize(&p).unwrap_or(p)
+    };
+    let config_dir = folder(loaded.file.parent().unwrap_or(Path::new(".")));
+    let config_name = loaded.file.file_name().map(|n| n.to_owned());
+    let rules_dir = folder(&loaded.rules_dir());
+    let mut dirs = vec![config_dir.clone()];
+    if rules_dir != config_dir {
+        dirs.push(rules_dir.clone());
+    }
+    idsync_flatfile::Watcher::new(dirs, Duration::from_secs(1)).only(move |p: &Path| {
+        let dir = folder(p.parent().unwrap_or(Path::new(".")));
+        (dir == config_dir && p.file_name() == config_name.as_deref())
+            || (dir == rules_dir && p.extension().is_some_and(|x| x == "rhai"))
+    })
+}
+
+/// Per-part reporting of a resource loop: metrics and status advance with every committed
+/// part, and a long pass logs its progress every ten seconds.
+struct LoopProgress<'a> {
+    name: &'a str,
+    shared: &'a Shared,
+    started: Instant,
+    done: u64,
+    parts: u64,
+    last_log: Instant,
+}
+
+impl Progress for LoopProgress<'_> {
+    fn part_started(&mut self, _events: usize) {}
+
+    fn event_done(&mut self) {}
+
+    fn part_committed(&mut self, report: &BatchReport) {
+        self.done += report.events();
+        self.parts += 1;
+        self.shared.observer.part_committed(self.name, report);
+        self.shared.board.update(self.name, |st| st.part_ok(report));
+        if let Some(p) = &self.shared.poke {
+            let _ = p.send(());
         }
-        PassFailure::Other
+        if self.last_log.elapsed() >= PROGRESS_LOG_EVERY {
+            self.last_log = Instant::now();
+            let secs = self.started.elapsed().as_secs_f64().max(0.001);
+            tracing::info!(
+                resource = %self.name,
+                "pass in progress: {} events in {} part(s), {:.0}/s",
+                self.done,
+                self.parts,
+                self.done as f64 / secs
+            );
+        }
     }
 }
 
-/// The wait after the `n`th consecutive storage failure (from 1): 2 s, doubling, at most
-/// five minutes.
-fn storage_backoff(n: u32) -> Duration {
-    let max = Duration::from_secs(300);
-    Duration::from_secs(2)
-        .checked_mul(1 << n.saturating_sub(1).min(16))
-        .map_or(max, |d| d.min(max))
+/// One resource's loop (module doc).
+fn resource_loop(shared: Shared, index: usize, accept_deletes: bool) {
+    let name = shared.loaded.config.resources[index].name.clone();
+    let setup = match Setup::with_repo(shared.loaded.clone(), shared.repo.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            tracing::error!(resource = %name, "{msg}");
+            shared.observer.pass_failed(&name, &msg);
+            shared.board.update(&name, |st| st.pass_failed(&msg));
+            return;
+        }
+    };
+    let Some(policy) = setup.policy(&name).cloned() else {
+        return;
+    };
+    let mut adapter = setup.adapter(index);
+    if accept_deletes {
+        adapter.accept_deletes();
+    }
+    let mut wakeup = adapter.wakeup();
+    let stream = matches!(wakeup, Wakeup::Stream);
+    let mut failures: Option<(Failure, u32)> = None;
+    while !shared.stop.requested() {
+        let started = Instant::now();
+        let mut progress = LoopProgress {
+            name: &name,
+            shared: &shared,
+            started,
+            done: 0,
+            parts: 0,
+            last_log: started,
+        };
+        let result = crate::runner::pass(
+            &setup,
+            adapter.as_mut(),
+            &policy,
+            &shared.stop,
+            &mut progress,
+        );
+        // Whether file changes may cut the wait short, and how long it is (`None`: fetch
+        // again at once).
+        // A resource on a cron schedule runs at its times only.
+        let mut woken_by_changes = setup.loaded.config.resources[index].cron.is_none();
+        let mut wait = (!stream).then(|| setup.interval(index));
+        match result {
+            Ok(report) => {
+                failures = None;
+                if let Some(r) = &report {
+                    println!("{name}: {}", describe(r));
+                }
+                // A quiet persist stream is the stream waiting, not a pass.
+                if report.is_some() || !stream {
+                    shared.observer.pass_done(&name, started.elapsed());
+                    shared.board.update(&name, |st| st.pass_ok(report.as_ref()));
+                } else {
+                    shared.observer.healthy(&name);
+                }
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                tracing::error!(resource = %name, "{msg}");
+                shared.observer.pass_failed(&name, &msg);
+                shared.board.update(&name, |st| st.pass_failed(&msg));
+                let kind = Failure::of(&e);
+                let n = match failures {
+                    Some((k, n)) if k == kind => n.saturating_add(1),
+                    _ => 1,
+                };
+                failures = Some((kind, n));
+                if kind == Failure::Halted {
+                    tracing::error!(resource = %name, "resource halted until the config or rules change");
+                    while !shared
+                        .stop
+                        .sleep_until(Instant::now() + Duration::from_secs(3600))
+                    {
+                    }
+                    break;
+                }
+                let backoff = kind.backoff(n).unwrap_or_else(|| {
+                    // A source that needs an operator: the schedule, at least 30 s (a
+                    // persist stream has no interval and must not spin on it).
+                    setup.interval(index).max(Duration::from_secs(30))
+                });
+                if kind == Failure::Storage {
+                    woken_by_changes = false;
+                    tracing::warn!(
+                        resource = %name,
+                        "the repository's storage failed; next attempt in {}",
+                        humantime::format_duration(backoff)
+                    );
+                } else {
+                    tracing::warn!(
+                        resource = %name,
+                        "next attempt in {}",
+                        humantime::format_duration(backoff)
+                    );
+                }
+                wait = Some(backoff);
+            }
+        }
+        retry_due(&setup, &policy, &name);
+        let Some(wait) = wait else {
+            continue;
+        };
+        let deadline = Instant::now() + wait;
+        match &mut wakeup {
+            Wakeup::Watch(w) if woken_by_changes => {
+                while !shared.stop.requested() {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() || w.wait(left.min(SLICE)) {
+                        break;
+                    }
+                }
+            }
+            _ => {
+                shared.stop.sleep_until(deadline);
+            }
+        }
+    }
+}
+
+/// The dispatcher's loop (module doc): a round, then sleep until the next message is due,
+/// a loop committed something, or the stop.
+fn dispatcher_loop(
+    d: &idsync_notify::Dispatcher,
+    repo: &Repo,
+    poked: &Receiver<()>,
+    stop: &Stop,
+    observer: &Observer,
+) {
+    while !stop.requested() {
+        if let Err(e) = crate::outbox::dispatch_round(d) {
+            tracing::warn!("outbox: {e}");
+        }
+        if let Ok((pending, _, dead)) = repo.outbox_counts() {
+            observer.outbox(pending as i64, dead as i64);
+        }
+        let sleep = match repo.outbox_next_due() {
+            Ok(Some(due)) => {
+                Duration::from_millis(u64::try_from(due - idsync_repo::now_ms()).unwrap_or(0))
+            }
+            Ok(None) => DISPATCHER_MAX_SLEEP,
+            Err(e) => {
+                tracing::warn!("outbox: {e}");
+                DISPATCHER_MAX_SLEEP
+            }
+        };
+        let deadline = Instant::now() + sleep.min(DISPATCHER_MAX_SLEEP);
+        while !stop.requested() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match poked.recv_timeout(left.min(SLICE)) {
+                Ok(()) => {
+                    while poked.try_recv().is_ok() {}
+                    break;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    stop.sleep_until(deadline);
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Re-runs the failed events of `resource` whose backoff has passed.
@@ -330,17 +525,5 @@ fn retry_due(setup: &Setup, policy: &idsync_engine::Policy, resource: &str) {
             ),
             Err(e) => tracing::warn!(resource, "failed event #{}: {e}", f.id),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn storage_backoff_doubles_up_to_five_minutes() {
-        let waits: Vec<u64> = (1..=10).map(|n| storage_backoff(n).as_secs()).collect();
-        assert_eq!(waits, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
-        assert_eq!(storage_backoff(u32::MAX).as_secs(), 300);
     }
 }

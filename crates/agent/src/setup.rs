@@ -185,6 +185,14 @@ impl Setup {
         let probe = RuleEngine::new(&limits);
         compile_all(&loaded, &probe)?;
         let repo = open_repo(&loaded)?;
+        Self::with_repo(loaded, repo)
+    }
+
+    /// Everything over an open repository: the engine and the compiled rules are this
+    /// thread's own (a rule engine stays on the thread that built it), the repository is
+    /// shared.
+    pub fn with_repo(loaded: Loaded, repo: Arc<Repo>) -> anyhow::Result<Setup> {
+        let limits = loaded.config.limits.to_limits();
         let mut engine = Engine::new(repo.clone(), &limits);
         let policies = compile_all(&loaded, engine.rules())?;
         let dispatcher = match crate::outbox::compile(&loaded).map_err(Problems)? {

@@ -49,15 +49,22 @@ impl ResourceStatus {
         }
     }
 
-    /// A pass that worked.
+    /// A committed part of a pass (counted at once, so a long pass shows its progress).
+    pub fn part_ok(&mut self, report: &BatchReport) {
+        self.state = "ok".to_owned();
+        self.last_error = None;
+        self.processed += report.events();
+        self.failed += report.failed;
+        self.last_change_at = Some(now());
+    }
+
+    /// A pass that worked (its parts were counted by [`ResourceStatus::part_ok`]).
     pub fn pass_ok(&mut self, report: Option<&BatchReport>) {
         let t = now();
         self.state = "ok".to_owned();
         self.passes += 1;
         self.last_error = None;
-        if let Some(r) = report {
-            self.processed += r.events();
-            self.failed += r.failed;
+        if report.is_some() {
             self.last_change_at = Some(t.clone());
         }
         self.last_pass_at = Some(t);

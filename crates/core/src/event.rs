@@ -197,4 +197,37 @@ pub trait Adapter: Send {
     fn has_more(&self) -> bool {
         false
     }
+    /// What wakes the runner for this adapter between passes. The default: only the
+    /// resource's schedule (its poll interval or cron).
+    fn wakeup(&self) -> Wakeup {
+        Wakeup::Schedule
+    }
+}
+
+/// What makes a resource's loop fetch again (beside the schedule, which always applies).
+pub enum Wakeup {
+    /// Only the schedule: the poll interval or the cron expression.
+    Schedule,
+    /// The adapter waits for changes itself inside [`Adapter::next_batch`] (a persistent
+    /// search returns [`Fetch::Idle`] after a short quiet time): fetch again at once.
+    Stream,
+    /// This waiter reports changes of the adapter's own inputs (its feed file, folder or
+    /// marker file, and nothing else); the schedule stays as a safety net.
+    Watch(Box<dyn ChangeWaiter>),
+}
+
+impl std::fmt::Debug for Wakeup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Wakeup::Schedule => "Schedule",
+            Wakeup::Stream => "Stream",
+            Wakeup::Watch(_) => "Watch",
+        })
+    }
+}
+
+/// Waits for a change of an adapter's inputs.
+pub trait ChangeWaiter: Send {
+    /// Blocks up to `timeout`; whether an input changed meanwhile.
+    fn wait(&mut self, timeout: std::time::Duration) -> bool;
 }

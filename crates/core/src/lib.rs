@@ -13,7 +13,7 @@ pub mod identity;
 pub use attrs::{Attr, AttrChange, AttrMap, Value};
 pub use decision::{Action, Decision, RuleOutcome, Situation};
 pub use event::{
-    Adapter, AdapterError, ChangeBatch, ChangeEvent, Checkpoint, Fetch, KeyHashes, KnownAccounts,
-    Op, Reject,
+    Adapter, AdapterError, ChangeBatch, ChangeEvent, ChangeWaiter, Checkpoint, Fetch, KeyHashes,
+    KnownAccounts, Op, Reject, Wakeup,
 };
 pub use identity::{Conditions, Identity, LinkedAccount};

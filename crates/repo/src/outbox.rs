@@ -433,6 +433,17 @@ impl Repo {
             .collect())
     }
 
+    /// When the next pending message becomes due (Unix milliseconds; its next attempt or
+    /// the end of its claim, whichever is later), `None` when nothing is pending.
+    pub fn outbox_next_due(&self) -> Result<Option<i64>, RepoError> {
+        let conn = self.lock()?;
+        conn.prepare_cached(
+            "SELECT min(max(next_attempt_at, claimed_until)) FROM outbox WHERE status = 'pending'",
+        )
+        .and_then(|mut st| st.query_row([], |r| r.get::<_, Option<i64>>(0)))
+        .ctx("finding the next due outbox message")
+    }
+
     /// Counts by status: (pending, sent, dead).
     pub fn outbox_counts(&self) -> Result<(u64, u64, u64), RepoError> {
         let conn = self.lock()?;
