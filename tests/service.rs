@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 
-use common::{Sandbox, eventually, free_port};
+use common::{Sandbox, eventually, free_port, http_get};
 
 fn config(s: &Sandbox, extra: &str) {
     s.config(&format!(
@@ -50,16 +49,6 @@ fn terminate_in(s: &Sandbox, mut child: Child) -> (i32, String) {
     assert!(ok.success());
     let status = child.wait().unwrap();
     (status.code().unwrap_or(-1), log(s))
-}
-
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (code, body)
 }
 
 #[test]

@@ -159,6 +159,13 @@ impl Slapd {
         Self::start_with(false, false)
     }
 
+    /// How many searches under `base` the server received so far (from its stats log).
+    pub fn searches(&self, base: &str) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("slapd.log")).unwrap_or_default();
+        let needle = format!("SRCH base=\"{base}\"");
+        log.lines().filter(|l| l.contains(&needle)).count()
+    }
+
     /// Starts a server that also listens on ldaps:// and offers StartTLS.
     pub fn start_tls() -> Slapd {
         Self::start_with(true, false)
@@ -277,11 +284,17 @@ logsuccess TRUE
             if let Some(p) = self.tls_port {
                 urls.push_str(&format!(" ldaps://127.0.0.1:{p}/"));
             }
+            // `-d stats`: one line per operation, so tests can count the searches sent.
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join("slapd.log"))
+                .unwrap();
             let mut child = Command::new(sbin("slapd"))
-                .args(["-f", "slapd.conf", "-h", &urls, "-d", "0"])
+                .args(["-f", "slapd.conf", "-h", &urls, "-d", "stats"])
                 .current_dir(self.dir.path())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(log)
                 .spawn()
                 .expect("slapd");
             // Ready when the root DSE answers, or failed when the process exits.
