@@ -247,6 +247,12 @@ resources:
         (events >= 40_000.0).then_some(text)
     });
     assert_eq!(passes(&progress, "hr"), 0.0, "the pass is still going");
+    assert_eq!(
+        metric(&progress, "idsync_pass_events_planned{resource=\"hr\"}"),
+        ROWS as f64,
+        "the pass's total is known across its parts"
+    );
+    assert!(metric(&progress, "idsync_pass_events_done{resource=\"hr\"}") >= 40_000.0);
     let (code, body) = http_get(port, "/readyz");
     assert_eq!(
         code, 200,

@@ -78,6 +78,8 @@ pub struct FlatFileAdapter {
     /// checkpoint comes back as `after`); otherwise the pass starts over against the
     /// committed snapshot, which already holds every committed part.
     in_progress: Option<InProgress>,
+    /// Events of the pass in hand in all ([`Adapter::planned`]).
+    planned: Option<u64>,
 }
 
 /// A pass handed out in parts.
@@ -127,6 +129,7 @@ impl FlatFileAdapter {
             accept_deletes: false,
             more: false,
             in_progress: None,
+            planned: None,
         }
     }
 
@@ -256,6 +259,10 @@ impl Adapter for FlatFileAdapter {
 
     fn has_more(&self) -> bool {
         self.more
+    }
+
+    fn planned(&self) -> Option<u64> {
+        self.planned
     }
 
     fn wakeup(&self) -> Wakeup {
@@ -480,6 +487,7 @@ impl FlatFileAdapter {
             }
         }
         ip.next = end;
+        self.planned = Some(ip.plan.len() as u64);
         let more = ip.next < ip.plan.len();
         let mut token = ip.token.clone();
         token.n = Some(ip.n);

@@ -187,6 +187,7 @@ pub fn pass_resource(
     let mut bar = TerminalBar {
         resource: policy.resource.clone(),
         bar: None,
+        seen: 0,
     };
     crate::runner::pass(
         setup,
@@ -197,15 +198,23 @@ pub fn pass_resource(
     )
 }
 
-/// A progress bar per part, on a terminal only.
+/// One progress bar per pass across its parts (the adapter's total when it knows it), on
+/// a terminal only.
 struct TerminalBar {
     resource: String,
     bar: Option<indicatif::ProgressBar>,
+    /// Events of the parts started so far.
+    seen: u64,
 }
 
 impl crate::runner::Progress for TerminalBar {
-    fn part_started(&mut self, events: usize) {
-        self.bar = progress_bar(&self.resource, events);
+    fn part_started(&mut self, events: usize, planned: Option<u64>) {
+        self.seen += events as u64;
+        let total = planned.unwrap_or(self.seen).max(self.seen);
+        match &self.bar {
+            Some(b) => b.set_length(total),
+            None => self.bar = progress_bar(&self.resource, total),
+        }
     }
 
     fn event_done(&mut self) {
@@ -214,24 +223,28 @@ impl crate::runner::Progress for TerminalBar {
         }
     }
 
-    fn part_committed(&mut self, _report: &BatchReport) {
+    fn part_committed(&mut self, _report: &BatchReport) {}
+}
+
+impl Drop for TerminalBar {
+    fn drop(&mut self) {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
         }
     }
 }
 
-/// Batches at least this large show a progress bar (when stderr is a terminal).
-const PROGRESS_MIN_EVENTS: usize = 500;
+/// Passes at least this large show a progress bar (when stderr is a terminal).
+const PROGRESS_MIN_EVENTS: u64 = 500;
 
-/// A progress bar on stderr for a long batch, only when stderr is a terminal.
-fn progress_bar(resource: &str, events: usize) -> Option<indicatif::ProgressBar> {
+/// A progress bar on stderr for a long pass, only when stderr is a terminal.
+fn progress_bar(resource: &str, events: u64) -> Option<indicatif::ProgressBar> {
     use std::io::IsTerminal;
     if events < PROGRESS_MIN_EVENTS || !std::io::stderr().is_terminal() {
         return None;
     }
     let bar = indicatif::ProgressBar::with_draw_target(
-        Some(events as u64),
+        Some(events),
         indicatif::ProgressDrawTarget::stderr(),
     );
     if let Ok(style) = indicatif::ProgressStyle::with_template(

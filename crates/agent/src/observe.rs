@@ -41,6 +41,8 @@ pub struct Observer {
     last_pass: Family<Labels, Gauge<f64, AtomicU64>>,
     pass_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
     up: Family<Labels, Gauge>,
+    pass_done_events: Family<Labels, Gauge>,
+    pass_planned_events: Family<Labels, Gauge>,
     outbox_pending: Gauge,
     outbox_dead: Gauge,
     states: Mutex<BTreeMap<String, ResourceState>>,
@@ -107,6 +109,18 @@ impl Observer {
             "1 when the last pass of the resource succeeded",
             up.clone(),
         );
+        let pass_done_events = Family::<Labels, Gauge>::default();
+        registry.register(
+            "pass_events_done",
+            "Events committed so far by the pass in hand (or the last pass)",
+            pass_done_events.clone(),
+        );
+        let pass_planned_events = Family::<Labels, Gauge>::default();
+        registry.register(
+            "pass_events_planned",
+            "Events the pass in hand (or the last pass) hands out in all, as far as known",
+            pass_planned_events.clone(),
+        );
         let outbox_pending = Gauge::default();
         registry.register(
             "outbox_pending",
@@ -137,6 +151,8 @@ impl Observer {
             last_pass,
             pass_seconds,
             up,
+            pass_done_events,
+            pass_planned_events,
             outbox_pending,
             outbox_dead,
             states: Mutex::new(states),
@@ -164,6 +180,17 @@ impl Observer {
         self.failed.get_or_create(&labels).inc_by(r.failed);
         self.rejected.get_or_create(&labels).inc_by(r.rejected);
         self.healthy(name);
+    }
+
+    /// Where the pass in hand stands: events committed, and planned in all.
+    pub fn pass_progress(&self, name: &str, done: u64, planned: u64) {
+        let labels = resource(name);
+        self.pass_done_events
+            .get_or_create(&labels)
+            .set(i64::try_from(done).unwrap_or(i64::MAX));
+        self.pass_planned_events
+            .get_or_create(&labels)
+            .set(i64::try_from(planned).unwrap_or(i64::MAX));
     }
 
     /// A completed pass (its parts were counted by [`Observer::part_committed`]).

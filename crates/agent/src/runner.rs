@@ -63,11 +63,12 @@ impl Stop {
     }
 }
 
-/// What a pass reports as it goes: the part about to be applied (its event count) and the
-/// events applied so far of it.
+/// What a pass reports as it goes: the part about to be applied (its event count, and the
+/// pass's total when the adapter knows it) and the events applied so far of it.
 pub trait Progress {
-    /// A part of `events` events is about to be applied.
-    fn part_started(&mut self, events: usize);
+    /// A part of `events` events is about to be applied; the pass hands out `planned`
+    /// events in all, when known.
+    fn part_started(&mut self, events: usize, planned: Option<u64>);
     /// One more event of the part in hand was decided.
     fn event_done(&mut self);
     /// The part was committed.
@@ -78,7 +79,7 @@ pub trait Progress {
 pub struct Quiet;
 
 impl Progress for Quiet {
-    fn part_started(&mut self, _events: usize) {}
+    fn part_started(&mut self, _events: usize, _planned: Option<u64>) {}
     fn event_done(&mut self) {}
     fn part_committed(&mut self, _report: &BatchReport) {}
 }
@@ -100,7 +101,7 @@ pub fn pass(
         match adapter.next_batch(expected.as_ref(), repo.as_ref())? {
             Fetch::Idle => return Ok(total),
             Fetch::Batch(batch) => {
-                progress.part_started(batch.events.len());
+                progress.part_started(batch.events.len(), adapter.planned());
                 let report = setup
                     .engine
                     .apply_batch_with(policy, expected.as_ref(), &batch, &mut |_| {

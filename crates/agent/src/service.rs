@@ -288,12 +288,23 @@ struct LoopProgress<'a> {
     shared: &'a Shared,
     started: Instant,
     done: u64,
+    /// Events of the parts started so far, and the pass's total (the adapter's, when known).
+    started_events: u64,
+    planned: u64,
     parts: u64,
     last_log: Instant,
 }
 
 impl Progress for LoopProgress<'_> {
-    fn part_started(&mut self, _events: usize) {}
+    fn part_started(&mut self, events: usize, planned: Option<u64>) {
+        self.started_events += events as u64;
+        self.planned = planned
+            .unwrap_or(self.started_events)
+            .max(self.started_events);
+        self.shared
+            .observer
+            .pass_progress(self.name, self.done, self.planned);
+    }
 
     fn event_done(&mut self) {}
 
@@ -301,6 +312,9 @@ impl Progress for LoopProgress<'_> {
         self.done += report.events();
         self.parts += 1;
         self.shared.observer.part_committed(self.name, report);
+        self.shared
+            .observer
+            .pass_progress(self.name, self.done, self.planned);
         self.shared.board.update(self.name, |st| st.part_ok(report));
         if let Some(p) = &self.shared.poke {
             let _ = p.send(());
@@ -308,12 +322,16 @@ impl Progress for LoopProgress<'_> {
         if self.last_log.elapsed() >= PROGRESS_LOG_EVERY {
             self.last_log = Instant::now();
             let secs = self.started.elapsed().as_secs_f64().max(0.001);
+            let rate = self.done as f64 / secs;
+            let left = self.planned.saturating_sub(self.done) as f64 / rate.max(0.001);
             tracing::info!(
                 resource = %self.name,
-                "pass in progress: {} events in {} part(s), {:.0}/s",
+                "pass in progress: {}/{} events in {} part(s), {:.0}/s, about {} left",
                 self.done,
+                self.planned,
                 self.parts,
-                self.done as f64 / secs
+                rate,
+                humantime::format_duration(Duration::from_secs(left.ceil() as u64))
             );
         }
     }
@@ -349,6 +367,8 @@ fn resource_loop(shared: Shared, index: usize, accept_deletes: bool) {
             shared: &shared,
             started,
             done: 0,
+            started_events: 0,
+            planned: 0,
             parts: 0,
             last_log: started,
         };

@@ -197,6 +197,12 @@ pub trait Adapter: Send {
     fn has_more(&self) -> bool {
         false
     }
+    /// How many events the pass in hand hands out in all, parts already fetched included,
+    /// when the adapter knows (a flat-file diff does; a directory stream does not): the
+    /// total of a progress display across parts.
+    fn planned(&self) -> Option<u64> {
+        None
+    }
     /// What wakes the runner for this adapter between passes. The default: only the
     /// resource's schedule (its poll interval or cron).
     fn wakeup(&self) -> Wakeup {
