@@ -528,21 +528,47 @@ fn changed_search_refreshes_from_scratch_behind_the_delete_guard() {
     s.config(&narrow);
     let run = s.run_once(None, 3);
     assert!(
-        run.stderr.contains("would delete 10 of 12 known accounts"),
+        run.stderr.contains("would delete 10 of 12 accounts")
+            && run.stderr.contains("--accept-deletes"),
         "{}",
         run.stderr
     );
     assert_eq!(s.results(&["--situation", "deleted"]).len(), 0);
+    // Still refused at the next run: an acceptance is for one run only.
+    s.run_once(None, 3);
+    assert_eq!(s.results(&["--situation", "deleted"]).len(), 0);
 
-    // The operator agrees: the deletes are applied, each with the last known attributes.
-    s.config(&narrow.replace(
-        "      mode: syncrepl",
-        "      mode: syncrepl\n      delete_guard_percent: 100",
-    ));
-    let run = s.run_once(None, 0);
+    // The operator agrees, for this run: the deletes are applied, each with the last known
+    // attributes.
+    let run = s
+        .idsync(&["run", "--once", "--accept-deletes", "dir"])
+        .expect_code(0);
     assert!(run.stdout.contains("dir: 10 events"), "{}", run.stdout);
     let deleted = s.results(&["--situation", "deleted"]);
     assert_eq!(deleted.len(), 10);
+}
+
+#[test]
+fn the_older_guard_keys_still_set_the_shared_guard() {
+    let slapd = Slapd::start();
+    for i in 0..12 {
+        slapd.add_person(&format!("p{i}"), "P", "p@example.com");
+    }
+    let s = world(
+        &slapd,
+        "      mode: syncrepl\n      delete_guard_percent: 100",
+    );
+    s.run_once(None, 0);
+    let narrow = std::fs::read_to_string(s.path().join("idsync.yaml"))
+        .unwrap()
+        .replace(
+            "filter: (objectClass=inetOrgPerson)",
+            "filter: (|(uid=p0)(uid=p1))",
+        );
+    s.config(&narrow);
+    // 100%: no share of the accounts is too many.
+    s.run_once(None, 0);
+    assert_eq!(s.results(&["--situation", "deleted"]).len(), 10);
 }
 
 #[test]

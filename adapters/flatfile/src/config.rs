@@ -6,6 +6,8 @@ use std::fmt;
 use std::path::PathBuf;
 
 use serde::Deserialize;
+
+pub use idsync_core::DeleteGuard;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 
 /// How to read one CSV file.
@@ -153,49 +155,6 @@ pub enum Completion {
     Marker,
     /// The writer replaces the file by an atomic rename: whatever is there is complete.
     Rename,
-}
-
-/// `delete_guard`: a pass that would delete too many accounts applies nothing.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeleteGuard {
-    /// On by default.
-    #[serde(default = "default_true")]
-    pub enabled: bool,
-    /// Refuse a pass deleting more than this many accounts (default 500).
-    #[serde(default = "default_max_deletes")]
-    pub max_deletes: u64,
-    /// Refuse a pass deleting more than this share of the resource's accounts (default
-    /// 0.2), once the resource has at least `ratio_min_accounts` accounts.
-    #[serde(default = "default_max_delete_ratio")]
-    pub max_delete_ratio: f64,
-    /// Below this many known accounts only `max_deletes` and the empty-file rule apply
-    /// (default 10), so a small feed can lose one person without tripping the ratio.
-    #[serde(default = "default_ratio_min_accounts")]
-    pub ratio_min_accounts: u64,
-}
-
-impl Default for DeleteGuard {
-    fn default() -> Self {
-        DeleteGuard {
-            enabled: true,
-            max_deletes: default_max_deletes(),
-            max_delete_ratio: default_max_delete_ratio(),
-            ratio_min_accounts: default_ratio_min_accounts(),
-        }
-    }
-}
-
-fn default_max_deletes() -> u64 {
-    500
-}
-
-fn default_max_delete_ratio() -> f64 {
-    0.2
-}
-
-fn default_ratio_min_accounts() -> u64 {
-    10
 }
 
 /// 64 KiB: far above any HR attribute, far below memory trouble.

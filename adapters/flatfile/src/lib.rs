@@ -200,35 +200,21 @@ impl FlatFileAdapter {
 
     /// The guard: refuses (before anything is applied) a pass deleting too many accounts.
     fn guard(&self, stats: &DiffStats, shown_path: &str) -> Result<(), AdapterError> {
-        let g = &self.config.delete_guard;
-        if !g.enabled || self.accept_deletes || stats.deletes == 0 {
-            return Ok(());
-        }
-        let ratio = stats.deletes as f64 / stats.known.max(1) as f64;
-        let why = if stats.records == 0 {
-            Some(format!("{shown_path} has no rows"))
-        } else if stats.deletes > g.max_deletes {
-            Some(format!("more than max_deletes {}", g.max_deletes))
-        } else if stats.known >= g.ratio_min_accounts && ratio > g.max_delete_ratio {
-            Some(format!(
-                "more than max_delete_ratio {} of the accounts",
-                g.max_delete_ratio
-            ))
-        } else {
-            None
-        };
-        match why {
-            None => Ok(()),
-            Some(why) => Err(self.permanent(format!(
-                "accidental-delete guard: this pass would delete {} of {} accounts ({:.0}%; {why}); \
-                 nothing was applied. If {shown_path} is right, accept the deletes once with \
-                 `idsync run --once --accept-deletes {}`",
+        self.config
+            .delete_guard
+            .check(
                 stats.deletes,
                 stats.known,
-                ratio * 100.0,
-                self.resource
-            ))),
-        }
+                Some(stats.records),
+                self.accept_deletes,
+            )
+            .map_err(|refused| {
+                self.permanent(format!(
+                    "{refused} ({shown_path}). If {shown_path} is right, accept the deletes once \
+                     with `idsync run --once --accept-deletes {}`",
+                    self.resource
+                ))
+            })
     }
 }
 

@@ -10,7 +10,7 @@
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
-use idsync_core::{AttrMap, ChangeEvent, KeyHashes, KnownAccounts, Op};
+use idsync_core::{AttrMap, ChangeEvent, DeleteGuard, KeyHashes, KnownAccounts, Op};
 
 use crate::error::LdapError;
 
@@ -171,7 +171,7 @@ impl<'k> Collector<'k> {
 
     /// Ends a full pass: every account that exists but was not seen present is deleted,
     /// unless that is more than the guard allows. Only the first call of a batch acts.
-    pub fn delete_absent(&mut self, guard_percent: u8, guard_min: usize) -> Result<(), LdapError> {
+    pub fn delete_absent(&mut self, guard: &DeleteGuard, accepted: bool) -> Result<(), LdapError> {
         if self.absence_done {
             return Ok(());
         }
@@ -190,16 +190,9 @@ impl<'k> Collector<'k> {
             .collect();
         absent.sort();
         let known = self.load_all()?.len();
-        if !absent.is_empty()
-            && known >= guard_min
-            && absent.len() * 100 > known * usize::from(guard_percent)
-        {
-            return Err(LdapError::DeleteGuard {
-                deletes: absent.len(),
-                known,
-                percent: guard_percent,
-            });
-        }
+        guard
+            .check(absent.len() as u64, known as u64, None, accepted)
+            .map_err(LdapError::DeleteGuard)?;
         for k in absent {
             self.delete(k)?;
         }
@@ -269,14 +262,23 @@ mod tests {
         for i in 0..15 {
             c.mark_present(&format!("k{i}"));
         }
-        c.delete_absent(50, 10).unwrap();
+        let guard = DeleteGuard {
+            max_delete_ratio: 0.5,
+            ..DeleteGuard::default()
+        };
+        c.delete_absent(&guard, false).unwrap();
         assert_eq!(c.events.len(), 5);
         assert!(c.events.iter().all(|e| e.op == Op::Delete));
 
         let mut c = Collector::new("r", &k, false, "o").unwrap();
         c.mark_present("k0");
-        let e = c.delete_absent(50, 10).unwrap_err();
+        let e = c.delete_absent(&guard, false).unwrap_err();
         assert!(e.to_string().contains("delete 19 of 20"), "{e}");
         assert!(c.events.is_empty());
+        // Accepted by the operator for this run.
+        let mut c = Collector::new("r", &k, false, "o").unwrap();
+        c.mark_present("k0");
+        c.delete_absent(&guard, true).unwrap();
+        assert_eq!(c.events.len(), 19);
     }
 }

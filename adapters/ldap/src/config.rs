@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use idsync_core::DeleteGuard;
 use serde::Deserialize;
 
 /// How changes are detected.
@@ -37,7 +38,7 @@ pub enum ScopeConfig {
 }
 
 /// One LDAP resource.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LdapConfig {
     /// `ldap://host:port/` or `ldaps://host:port/`.
@@ -112,14 +113,20 @@ pub struct LdapConfig {
     /// Network timeout for connecting and each request, in seconds (default 30).
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
-    /// Accidental-delete guard: a full refresh (deletes found by absence) that would delete
-    /// more than this share of the known accounts (0–100, default 50) stops before applying
-    /// anything. Resources with fewer than `delete_guard_min` known accounts are exempt.
-    #[serde(default = "default_guard_percent")]
-    pub delete_guard_percent: u8,
-    /// See `delete_guard_percent` (default 10).
-    #[serde(default = "default_guard_min")]
-    pub delete_guard_min: usize,
+    /// The accidental-delete guard every adapter shares ([`DeleteGuard`]): a full refresh
+    /// (deletes found by absence) that would delete too many known accounts stops before
+    /// applying anything, until `--accept-deletes` accepts it once.
+    #[serde(default)]
+    pub delete_guard: DeleteGuard,
+    /// Older spelling, still read: `delete_guard.max_delete_ratio` in percent (0–100).
+    #[serde(default)]
+    pub delete_guard_percent: Option<u8>,
+    /// Older spelling, still read: `delete_guard.ratio_min_accounts`.
+    #[serde(default)]
+    pub delete_guard_min: Option<u64>,
+    /// The operator accepted this run's deletes (`--accept-deletes`); not a config key.
+    #[serde(skip)]
+    pub deletes_accepted: bool,
 }
 
 fn default_filter() -> String {
@@ -165,14 +172,20 @@ fn default_page_size() -> i32 {
 fn default_timeout() -> u64 {
     30
 }
-fn default_guard_percent() -> u8 {
-    50
-}
-fn default_guard_min() -> usize {
-    10
-}
 
 impl LdapConfig {
+    /// The guard in force: `delete_guard`, with the older keys applied when given.
+    pub fn guard(&self) -> DeleteGuard {
+        let mut g = self.delete_guard.clone();
+        if let Some(p) = self.delete_guard_percent {
+            g.max_delete_ratio = f64::from(p) / 100.0;
+        }
+        if let Some(m) = self.delete_guard_min {
+            g.ratio_min_accounts = m;
+        }
+        g
+    }
+
     /// A config for `url` and `base`, every other field at its default.
     pub fn new(url: &str, base: &str) -> Self {
         LdapConfig {
@@ -198,8 +211,10 @@ impl LdapConfig {
             full_pass_secs: default_full_pass(),
             page_size: default_page_size(),
             timeout_secs: default_timeout(),
-            delete_guard_percent: default_guard_percent(),
-            delete_guard_min: default_guard_min(),
+            delete_guard: DeleteGuard::default(),
+            delete_guard_percent: None,
+            delete_guard_min: None,
+            deletes_accepted: false,
         }
     }
 
@@ -281,7 +296,7 @@ impl LdapConfig {
         if self.timeout_secs == 0 {
             p.push("timeout_secs: must be at least 1".to_owned());
         }
-        if self.delete_guard_percent > 100 {
+        if self.delete_guard_percent.is_some_and(|p| p > 100) {
             p.push("delete_guard_percent: must be between 0 and 100".to_owned());
         }
         if self.interval_secs == Some(0) && self.mode != Mode::Persist {

@@ -62,17 +62,10 @@ pub enum LdapError {
     },
     /// The accidental-delete guard stopped a full refresh.
     #[error(
-        "a full refresh would delete {deletes} of {known} known accounts (more than {percent}%); \
-         nothing was applied. If this is right, raise delete_guard_percent for this resource"
+        "a full refresh: {0}. If this is right, accept the deletes once with \
+         `idsync run --once --accept-deletes` and this resource's name"
     )]
-    DeleteGuard {
-        /// Deletes found by absence.
-        deletes: usize,
-        /// Known accounts.
-        known: usize,
-        /// The configured share.
-        percent: u8,
-    },
+    DeleteGuard(idsync_core::GuardRefusal),
     /// The repository's known accounts could not be read.
     #[error("cannot read the known accounts: {0}")]
     Known(String),

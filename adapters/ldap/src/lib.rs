@@ -146,6 +146,13 @@ impl Adapter for LdapAdapter {
         }
     }
 
+    fn accept_deletes(&mut self) {
+        self.config.deletes_accepted = true;
+        if let Some(c) = self.client.as_mut() {
+            c.config.deletes_accepted = true;
+        }
+    }
+
     fn wakeup(&self) -> Wakeup {
         match self.config.mode {
             Mode::Persist => Wakeup::Stream,

@@ -134,7 +134,7 @@ pub(crate) fn poll<'k>(
         });
     }
     if full {
-        col.delete_absent(cfg.delete_guard_percent, cfg.delete_guard_min)?;
+        col.delete_absent(&cfg.guard(), cfg.deletes_accepted)?;
     }
     let next = Position {
         hwm,

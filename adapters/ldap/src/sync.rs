@@ -120,7 +120,7 @@ fn handle(
                 if c.is_some() {
                     *cookie = c;
                 }
-                col.delete_absent(cfg.delete_guard_percent, cfg.delete_guard_min)?;
+                col.delete_absent(&cfg.guard(), cfg.deletes_accepted)?;
                 if refresh_done {
                     return Ok(Flow::RefreshDone);
                 }
@@ -219,7 +219,7 @@ pub(crate) fn refresh_only<'k>(
                 }
                 if absent {
                     let c = &client.config;
-                    col.delete_absent(c.delete_guard_percent, c.delete_guard_min)?;
+                    col.delete_absent(&c.guard(), c.deletes_accepted)?;
                 }
                 let cp = match cookie {
                     Some(c) => Some(encode_cookie(&params, &c)),
@@ -379,8 +379,7 @@ pub(crate) fn persist<'k>(
                 p.in_refresh = false;
                 *full = false;
                 if p.from_scratch
-                    && let Err(e) =
-                        col.delete_absent(cfg.delete_guard_percent, cfg.delete_guard_min)
+                    && let Err(e) = col.delete_absent(&cfg.guard(), cfg.deletes_accepted)
                 {
                     client.disconnect();
                     return Err(e);

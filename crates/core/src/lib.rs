@@ -8,6 +8,7 @@
 pub mod attrs;
 pub mod decision;
 pub mod event;
+pub mod guard;
 pub mod identity;
 
 pub use attrs::{Attr, AttrChange, AttrMap, Value};
@@ -16,4 +17,5 @@ pub use event::{
     Adapter, AdapterError, ChangeBatch, ChangeEvent, ChangeWaiter, Checkpoint, Fetch, KeyHashes,
     KnownAccounts, Op, Reject, Wakeup,
 };
+pub use guard::{DeleteGuard, GuardRefusal};
 pub use identity::{Conditions, Identity, LinkedAccount};
