@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use idsync_core::{Adapter, AdapterError, ChangeBatch, Checkpoint, Fetch, KnownAccounts};
 
 pub use config::{LdapConfig, Mode, ScopeConfig};
+pub use conn::{check_bind, check_credentials};
 pub use error::LdapError;
 
 use crate::collect::Collector;
