@@ -311,7 +311,7 @@ fn a_closed_stdout_ends_the_output_quietly_and_every_resource_is_synchronized() 
     // first line, so every line of the pass meets a broken pipe.
     let s = Sandbox::new();
     let mut config = String::from("resources:\n");
-    for name in ["hr", "badges", "payroll"] {
+    for (key, name) in ["hr", "badges", "payroll"].into_iter().enumerate() {
         config.push_str(&format!(
             "  - name: {name}
     source: {{ type: flatfile, path: feeds/{name}.csv, key: id }}
@@ -320,7 +320,10 @@ fn a_closed_stdout_ends_the_output_quietly_and_every_resource_is_synchronized() 
       - {{ to: mail, from: email }}
 "
         ));
-        s.feed(&format!("{name}.csv"), &format!("id,email\n1,{name}@x\n"));
+        s.feed(
+            &format!("{name}.csv"),
+            &format!("id,email\n{key},{name}@x\n"),
+        );
     }
     s.config(&config);
     s.rule("corr.rhai", "#{ mail: account.email }");
@@ -337,9 +340,9 @@ fn a_closed_stdout_ends_the_output_quietly_and_every_resource_is_synchronized() 
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(stderr.is_empty(), "a closed stdout is no error: {stderr}");
-    for name in ["hr", "badges", "payroll"] {
+    for (key, name) in ["hr", "badges", "payroll"].into_iter().enumerate() {
         assert!(
-            s.owner(name, "1").is_some(),
+            s.owner(name, &key.to_string()).is_some(),
             "{name} was not synchronized: {:?}",
             s.export()
         );
