@@ -521,6 +521,10 @@ fn help_says_what_idsync_does_and_lists_global_options_once() {
         top.starts_with("Keeps your identities in step with your HR feeds"),
         "{top}"
     );
+    assert!(
+        top.contains("Usage: idsync [GLOBAL OPTIONS] <COMMAND>"),
+        "{top}"
+    );
     assert_eq!(top.matches("--config").count(), 1, "{top}");
     assert_eq!(top.matches("--log-format").count(), 1, "{top}");
     for command in [

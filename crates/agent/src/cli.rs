@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 /// What `idsync --help` says first: what idsync does for its user.
-const ABOUT: &str = "Keeps your identities in step with your HR feeds and directories: \
-reads their changes, lets your rules decide whose account each one is, and updates, \
+const ABOUT: &str = "Keeps your identities in step with your HR feeds and directories:\n\
+reads their changes, lets your rules decide whose account each one is, and updates,\n\
 creates or disables the identity, recording every decision.";
 
 /// The global options, listed once (at the top level) rather than in every command's help.
@@ -26,6 +26,7 @@ Start with `idsync check`, then `idsync run --once`; the README has a five-minut
     version,
     about = ABOUT,
     after_help = GLOBAL_OPTIONS,
+    override_usage = "idsync [GLOBAL OPTIONS] <COMMAND>",
     max_term_width = 100
 )]
 pub struct Cli {
