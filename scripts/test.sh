@@ -27,6 +27,7 @@ if ! command -v slapd >/dev/null 2>&1 && ! [ -x /usr/sbin/slapd ] || ! command -
 fi
 
 step "cargo fmt --check"
+echo "(the first build below compiles a couple of hundred crates: several minutes on a fresh machine)"
 cargo fmt --all -- --check
 
 step "cargo clippy (warnings are errors)"
@@ -40,7 +41,8 @@ else
 fi
 
 step "quickstart (smoke test with the debug binary)"
-cargo build -q
-IDSYNC_BIN="$PWD/target/debug/idsync" bash examples/quickstart/run.sh >/dev/null
+cargo build
+# Wherever cargo put it: CARGO_TARGET_DIR or .cargo/config.toml may move target/.
+IDSYNC_BIN="$(bash scripts/cargo-target-dir.sh)/debug/idsync" bash examples/quickstart/run.sh >/dev/null
 
 step "all checks passed"

@@ -192,7 +192,7 @@ fn a_recorded_decision_becomes_a_passing_fixture_with_redaction() {
     .expect_code(0);
     let text = std::fs::read_to_string(s.path().join("rules/tests/recorded.yaml")).unwrap();
     assert!(
-        text.contains("REDACTED") && !text.contains("1990-01-01"),
+        text.contains("redacted:") && !text.contains("1990-01-01"),
         "{text}"
     );
     let out = s.idsync(&["test-rules"]).expect_code(0);
@@ -264,4 +264,45 @@ expect: { action: updated, notifications: [welcome] }
         "{}",
         out.stdout
     );
+}
+
+#[test]
+fn redaction_keeps_a_birth_date_confirmation_true_to_the_decision() {
+    // Account 3 shares a mail with identity 2 but not its birth date: confirmation refused
+    // the candidate and a new identity was created. Its recording must replay that: the
+    // redacted birth dates must still differ (and equal ones still agree).
+    let s = world();
+    let three = s.results(&["--key", "3"]);
+    assert_eq!(three[0]["action"], "created", "{three:?}");
+    s.idsync(&[
+        "results",
+        "--key",
+        "3",
+        "--record",
+        "rules/tests/three.yaml",
+    ])
+    .expect_code(0);
+    let text = std::fs::read_to_string(s.path().join("rules/tests/three.yaml")).unwrap();
+    assert!(
+        !text.contains("1985-01-01") && !text.contains("1980-01-01"),
+        "{text}"
+    );
+    // Identity 2's birth date (in its attributes and its account's) and account 3's: two
+    // different values, two different placeholders, the equal ones equal.
+    let placeholders: Vec<&str> = text
+        .split_whitespace()
+        .filter(|w| w.starts_with("redacted:"))
+        .collect();
+    let distinct: std::collections::BTreeSet<&str> = placeholders.iter().copied().collect();
+    assert_eq!((placeholders.len(), distinct.len()), (3, 2), "{text}");
+    // Ann's update: her own birth date on both sides, the same placeholder twice.
+    s.feed(
+        "hr.csv",
+        "emp,mail,born,title\n1,ann@x,1990-01-01,Lead\n2,team@x,1980-01-01,Clerk\n3,team@x,1985-01-01,Cook\n",
+    );
+    s.run_once(None, 0);
+    s.idsync(&["results", "--key", "1", "--record", "rules/tests/ann.yaml"])
+        .expect_code(0);
+    let out = s.idsync(&["test-rules"]).expect_code(0);
+    assert!(out.stdout.contains("2 passed, 0 failed"), "{}", out.stdout);
 }

@@ -109,7 +109,8 @@ fn identities_list_show_and_results_filters() {
     basic(&s);
     let out = s.run_once(None, 0);
     assert!(
-        out.stdout.contains("summary: 2 events: unmatched 2"),
+        out.stdout
+            .contains("hr: 2 events; situations: unmatched 2; actions: created 2; failures: failed 0, rejected 0"),
         "{}",
         out.stdout
     );
@@ -302,4 +303,243 @@ fn control_characters_in_values_are_printed_escaped() {
         common::attr(&s.identity("1").unwrap(), "title"),
         Some("\u{1b}[31mred\u{1b}[0m\rover\u{7}\nforged: line\u{9b}x")
     );
+}
+
+#[test]
+fn a_closed_stdout_ends_the_output_quietly_and_every_resource_is_synchronized() {
+    // `idsync run --once | head -1`, deterministically: the reader has gone before the
+    // first line, so every line of the pass meets a broken pipe.
+    let s = Sandbox::new();
+    let mut config = String::from("resources:\n");
+    for (key, name) in ["hr", "badges", "payroll"].into_iter().enumerate() {
+        config.push_str(&format!(
+            "  - name: {name}
+    source: {{ type: flatfile, path: feeds/{name}.csv, key: id }}
+    rules: {{ correlation: corr.rhai }}
+    mappings:
+      - {{ to: mail, from: email }}
+"
+        ));
+        s.feed(
+            &format!("{name}.csv"),
+            &format!("id,email\n{key},{name}@x\n"),
+        );
+    }
+    s.config(&config);
+    s.rule("corr.rhai", "#{ mail: account.email }");
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .args(["run", "--once"])
+        .current_dir(s.path())
+        .env_remove("IDSYNC_LOG")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.is_empty(), "a closed stdout is no error: {stderr}");
+    for (key, name) in ["hr", "badges", "payroll"].into_iter().enumerate() {
+        assert!(
+            s.owner(name, &key.to_string()).is_some(),
+            "{name} was not synchronized: {:?}",
+            s.export()
+        );
+    }
+}
+
+#[test]
+fn check_finds_undefined_variables_with_file_line_col() {
+    let s = Sandbox::new();
+    s.config(
+        "resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: id }
+    rules: { filter: filter.rhai, correlation: corr.rhai, confirmation: confirm.rhai }
+    naming: 'account.mail'
+    mappings:
+      - { to: mail, from: email }
+      - { to: seen, expr: 'if identity == () { account.id } else { identity.attrs.seen }' }
+",
+    );
+    s.rule(
+        "filter.rhai",
+        "let kind = account.type;\nkind == () || identity != ()\n",
+    );
+    s.rule("corr.rhai", "#{ mail: acount.email }");
+    // The confirmation rule gets `identity`: no finding there.
+    s.rule("confirm.rhai", "identity.attrs.mail == account.email");
+    let out = s.idsync(&["check"]).expect_code(2);
+    assert!(
+        out.stderr
+            .contains("rules/corr.rhai:1:10: undefined variable: acount"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("rules/filter.rhai:2:15: undefined variable: identity"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("2 problem(s)"), "{}", out.stderr);
+}
+
+#[test]
+fn check_finds_missing_secrets_and_key_columns() {
+    let s = Sandbox::new();
+    s.config(
+        "resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: employee_id }
+  - name: dir
+    source:
+      type: ldap
+      url: ldap://127.0.0.1:1/
+      base: dc=example,dc=com
+      bind_dn: cn=idsync,dc=example,dc=com
+      bind_password_env: IDSYNC_TEST_UNSET_LDAP_PASSWORD
+  - name: badges
+    source:
+      type: ldap
+      url: ldap://127.0.0.1:1/
+      base: dc=example,dc=com
+      bind_dn: cn=idsync,dc=example,dc=com
+      bind_password_file: secrets/ldap
+notifications:
+  from: it@example.com
+  transport: { type: smtp, host: 127.0.0.1, tls: none, username: idsync, password_env: IDSYNC_TEST_UNSET_SMTP_PASSWORD }
+  policies: []
+",
+    );
+    s.feed("hr.csv", "empno,mail\n1,a@x\n");
+    let out = s.idsync(&["check"]).expect_code(2);
+    let err = &out.stderr;
+    assert!(err.contains("IDSYNC_TEST_UNSET_SMTP_PASSWORD"), "{err}");
+    // The SMTP problem is a config problem: fixed first, the others show.
+    s.write("smtp-password", "x");
+    let config = std::fs::read_to_string(s.path().join("idsync.yaml"))
+        .unwrap()
+        .replace(
+            "password_env: IDSYNC_TEST_UNSET_SMTP_PASSWORD",
+            "password_file: smtp-password",
+        );
+    s.config(&config);
+    let out = s.idsync(&["check"]).expect_code(2);
+    let err = &out.stderr;
+    assert!(
+        err.contains(
+            "resources[0] (hr).source.key: key column 'employee_id' is not in the header of"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("resources[1] (dir).source: cannot read the bind password from $IDSYNC_TEST_UNSET_LDAP_PASSWORD: the variable is not set"),
+        "{err}"
+    );
+    assert!(
+        err.contains("resources[2] (badges).source: cannot read the bind password from")
+            && err.contains("secrets/ldap"),
+        "{err}"
+    );
+    assert!(err.contains("3 problem(s)"), "{err}");
+}
+
+#[test]
+fn check_connect_reports_each_connection_without_its_password() {
+    let s = Sandbox::new();
+    let closed = common::free_port();
+    let mut smtp = common::SmtpServer::on_port(&s.path().join("smtp"), common::free_port());
+    smtp.start();
+    s.config(&format!(
+        "resources:
+  - name: hr
+    source: {{ type: flatfile, path: feeds/hr.csv, key: id }}
+  - name: dir
+    source:
+      type: ldap
+      url: ldap://127.0.0.1:{closed}/
+      base: dc=example,dc=com
+      bind_dn: cn=idsync,dc=example,dc=com
+      bind_password_env: IDSYNC_TEST_LDAP_PASSWORD
+notifications:
+  from: it@example.com
+  transport: {{ type: smtp, host: 127.0.0.1, port: {}, tls: none }}
+  policies: []
+",
+        smtp.port
+    ));
+    let secret = "s3cret-never-shown";
+    let out = s.idsync_env(
+        &["check", "--connect"],
+        &[("IDSYNC_TEST_LDAP_PASSWORD", secret)],
+    );
+    assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(!text.contains(secret), "{text}");
+    assert!(
+        out.stdout.contains(&format!(
+            "connect: resource dir (ldap://127.0.0.1:{closed}/): "
+        )) && !out
+            .stdout
+            .contains(&format!("resource dir (ldap://127.0.0.1:{closed}/): ok")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(&format!(
+            "connect: notifications transport (smtp 127.0.0.1:{}): ok",
+            smtp.port
+        )),
+        "{}",
+        out.stdout
+    );
+    // Without --connect nothing is contacted, and the config is fine.
+    s.idsync_env(&["check"], &[("IDSYNC_TEST_LDAP_PASSWORD", secret)])
+        .expect_code(0);
+    smtp.stop();
+    let out = s.idsync_env(
+        &["check", "--connect"],
+        &[("IDSYNC_TEST_LDAP_PASSWORD", secret)],
+    );
+    assert!(
+        out.stdout.contains(&format!(
+            "connect: notifications transport (smtp 127.0.0.1:{}): connecting to 127.0.0.1:",
+            smtp.port
+        )),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn help_says_what_idsync_does_and_lists_global_options_once() {
+    let s = Sandbox::new();
+    let top = s.idsync(&["--help"]).expect_code(0).stdout;
+    assert!(
+        top.starts_with("Keeps your identities in step with your HR feeds"),
+        "{top}"
+    );
+    assert!(
+        top.contains("Usage: idsync [GLOBAL OPTIONS] <COMMAND>"),
+        "{top}"
+    );
+    assert_eq!(top.matches("--config").count(), 1, "{top}");
+    assert_eq!(top.matches("--log-format").count(), 1, "{top}");
+    for command in [
+        &["check", "--help"][..],
+        &["run", "--help"],
+        &["results", "--help"],
+    ] {
+        let help = s.idsync(command).expect_code(0).stdout;
+        assert!(
+            !help.contains("--config") && !help.contains("--log-format"),
+            "{command:?}: {help}"
+        );
+    }
+    // Still accepted after the command.
+    s.config("resources: []\n");
+    let out = s.idsync(&["check", "--config", "other.yaml"]);
+    assert!(out.stderr.contains("other.yaml"), "{}", out.stderr);
 }

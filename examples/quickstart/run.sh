@@ -4,6 +4,9 @@
 #   bash examples/quickstart/run.sh                       # builds idsync (release) first
 #   IDSYNC_BIN=target/debug/idsync bash examples/quickstart/run.sh   # uses that binary
 #
+# The build goes wherever cargo builds (CARGO_TARGET_DIR and .cargo/config.toml are
+# honoured: scripts/cargo-target-dir.sh asks cargo where that is).
+#
 # Everything happens in examples/quickstart/work/ (deleted and recreated on every run):
 # the config and rules are copied there, and the feed the config names, feeds/hr.csv, is
 # day1.csv, then day2.csv. Day 2 brings an attribute change (Alice moves to Treasury), a
@@ -28,8 +31,9 @@ if [[ -n "${IDSYNC_BIN:-}" ]]; then
     fi
 else
     step "Building idsync (cargo build --release)"
-    (cd "$root" && cargo build --release -q)
-    bin="$root/target/release/idsync"
+    echo "The first build compiles a couple of hundred crates and takes several minutes; later runs take seconds."
+    (cd "$root" && cargo build --release)
+    bin="$(bash "$root/scripts/cargo-target-dir.sh")/release/idsync"
 fi
 
 idsync() {

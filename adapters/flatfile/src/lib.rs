@@ -43,6 +43,7 @@ mod complete;
 mod config;
 mod diff;
 mod folder;
+mod header;
 mod known;
 mod open;
 mod rows;
@@ -58,6 +59,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 pub use config::{AfterProcessing, Completion, DeleteGuard, Encoding, FlatFileConfig};
 pub use folder::might_read;
+pub use header::header_problem;
 pub use watch::Watcher;
 
 use crate::diff::{DiffStats, Target};

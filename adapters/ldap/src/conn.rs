@@ -306,3 +306,19 @@ pub(crate) fn rc_name(rc: u32) -> &'static str {
         _ => "error",
     }
 }
+
+/// Whether the bind DN and password of `config` can be read now (the variables set, the
+/// file readable and not empty), without connecting; the error names the source, never the
+/// secret. For `idsync check`.
+pub fn check_credentials(config: &LdapConfig) -> Result<(), LdapError> {
+    credentials(config).map(|_| ())
+}
+
+/// Connects to the directory of `config` and binds as it would for a pass, then unbinds.
+/// For `idsync check --connect`.
+pub fn check_bind(config: &LdapConfig) -> Result<(), LdapError> {
+    let mut client = Client::new(config.clone())?;
+    client.ldap()?;
+    client.disconnect();
+    Ok(())
+}

@@ -29,6 +29,7 @@ pub mod tools;
 use idsync_core::{Adapter, AdapterError, ChangeBatch, Checkpoint, Fetch, KnownAccounts, Wakeup};
 
 pub use config::{LdapConfig, Mode, ScopeConfig};
+pub use conn::{check_bind, check_credentials};
 pub use error::LdapError;
 
 use crate::collect::Collector;

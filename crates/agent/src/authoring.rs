@@ -174,7 +174,7 @@ pub fn record(
     };
     let repo = open_repo(loaded)?;
     let redact = &loaded.config.redact_attributes;
-    let fixture = fixture_from(&repo, stored, redact)?;
+    let fixture = fixture_from(&repo, stored, &Redaction::new(redact))?;
     let yaml = serde_yaml::to_string(&fixture).context("encoding the fixture")?;
     let header = format!(
         "# Recorded from decision #{} ({}) by `idsync results --record`.\n# Redacted attributes: {}\n",
@@ -195,10 +195,42 @@ pub fn record(
     Ok(ExitCode::SUCCESS)
 }
 
-fn redacted(mut attrs: AttrMap, redact: &[String]) -> AttrMap {
-    for name in redact {
-        if attrs.contains(name) {
-            attrs.set_text(name, "REDACTED");
+/// The redaction of one recorded fixture: the values of the named attributes become
+/// `redacted:` and 12 hex digits of a keyed hash (SipHash with a random key drawn for this
+/// recording). Equal values get equal placeholders and different values different ones
+/// (but for a 1 in 2^48 chance), so a rule comparing two of them (a confirmation on birth
+/// dates) decides as it did; the key is forgotten, so a placeholder cannot be turned back
+/// into its value by hashing guesses. A rule that parses the value (a date's year) cannot
+/// work on a placeholder: leave such an attribute out of `redact_attributes`.
+struct Redaction<'a> {
+    names: &'a [String],
+    key: std::collections::hash_map::RandomState,
+}
+
+impl<'a> Redaction<'a> {
+    fn new(names: &'a [String]) -> Redaction<'a> {
+        Redaction {
+            names,
+            key: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    fn placeholder(&self, value: &idsync_core::Value) -> idsync_core::Value {
+        use std::hash::BuildHasher as _;
+        let hash = self.key.hash_one(value);
+        idsync_core::Value::Text(format!("redacted:{:012x}", hash >> 16))
+    }
+
+    fn is_redacted(&self, name: &str) -> bool {
+        self.names.iter().any(|r| r.eq_ignore_ascii_case(name))
+    }
+}
+
+fn redacted(mut attrs: AttrMap, redact: &Redaction<'_>) -> AttrMap {
+    for name in redact.names {
+        if let Some(values) = attrs.get(name) {
+            let hidden = values.iter().map(|v| redact.placeholder(v)).collect();
+            attrs.set(name, hidden);
         }
     }
     attrs
@@ -209,7 +241,7 @@ fn redacted(mut attrs: AttrMap, redact: &[String]) -> AttrMap {
 fn fixture_from(
     repo: &Repo,
     stored: &StoredDecision,
-    redact: &[String],
+    redact: &Redaction<'_>,
 ) -> anyhow::Result<Fixture> {
     let d = &stored.decision;
     // The event: exact for failed events (stored whole), else the account as last seen.
@@ -297,9 +329,7 @@ fn fixture_from(
     }
     let mut expect_attrs = AttrMap::new();
     for c in &d.changes {
-        if c.name != idsync_engine::DISABLED_CHANGE
-            && !redact.iter().any(|r| r.eq_ignore_ascii_case(&c.name))
-        {
+        if c.name != idsync_engine::DISABLED_CHANGE && !redact.is_redacted(&c.name) {
             expect_attrs.set(&c.name, c.after.clone().unwrap_or_default());
         }
     }

@@ -4,19 +4,46 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-/// idsync: identity synchronization. Adapters detect changes, your Rhai rules decide,
-/// identities are checked in to the repository and every decision is recorded.
+/// What `idsync --help` says first: what idsync does for its user.
+const ABOUT: &str = "Keeps your identities in step with your HR feeds and directories:\n\
+reads their changes, lets your rules decide whose account each one is, and updates,\n\
+creates or disables the identity, recording every decision.";
+
+/// The global options, listed once (at the top level) rather than in every command's help.
+const GLOBAL_OPTIONS: &str = "\
+Global options (before or after the command):
+  -c, --config <FILE>        The config file [default: idsync.yaml]
+  -v, --verbose...           More log output on stderr (-v info, -vv debug); IDSYNC_LOG overrides
+      --log-format <FORMAT>  Log format on stderr: human (default) or json
+
+Start with `idsync check`, then `idsync run --once`; the README has a five-minute tour.";
+
+/// The command line. The global options are hidden from every help screen and described
+/// once in [`GLOBAL_OPTIONS`] (clap would repeat `global` options in each subcommand's help).
 #[derive(Debug, Parser)]
-#[command(name = "idsync", version, about, max_term_width = 100)]
+#[command(
+    name = "idsync",
+    version,
+    about = ABOUT,
+    after_help = GLOBAL_OPTIONS,
+    override_usage = "idsync [GLOBAL OPTIONS] <COMMAND>",
+    max_term_width = 100
+)]
 pub struct Cli {
     /// The config file.
-    #[arg(long, short = 'c', global = true, default_value = "idsync.yaml")]
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        hide = true,
+        default_value = "idsync.yaml"
+    )]
     pub config: PathBuf,
     /// More log output (-v info, -vv debug); IDSYNC_LOG overrides.
-    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    #[arg(long, short = 'v', global = true, hide = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    #[arg(long, global = true, hide = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
@@ -35,8 +62,9 @@ pub enum LogFormat {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Validate the config and compile every rule; print every problem as file:line:col.
-    Check,
+    /// Validate the config, compile every rule and look for what would fail a run: undefined
+    /// variables in rules, unreadable secrets, key columns missing from a feed's header.
+    Check(CheckArgs),
     /// Synchronize: every resource fetches its changes, the rules decide, a batch commits.
     Run(RunArgs),
     /// Identities in the repository.
@@ -68,6 +96,14 @@ pub enum Command {
     /// Benchmarks (need no config).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// `check` options.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Also bind to every LDAP directory and connect to the SMTP server, and report each.
+    #[arg(long)]
+    pub connect: bool,
 }
 
 /// `bench` subcommands.

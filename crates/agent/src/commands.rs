@@ -14,7 +14,7 @@ use idsync_rules::RuleEngine;
 
 use crate::cli::{FailedCommand, IdentitiesCommand, ResultsArgs, RunArgs};
 use crate::config::{Loaded, Problems};
-use crate::printable::inline;
+use crate::printable::{inline, line};
 use crate::setup::{Setup, compile_all, open_repo};
 
 /// Exit status: an event or retry failed.
@@ -45,26 +45,46 @@ fn setup(loaded: Loaded) -> Result<Setup, ExitCode> {
     })
 }
 
-/// `idsync check`.
-pub fn check(loaded: Loaded) -> ExitCode {
+/// `idsync check [--connect]`.
+pub fn check(loaded: Loaded, args: &crate::cli::CheckArgs) -> ExitCode {
     let rules = RuleEngine::new(&loaded.config.limits.to_limits());
-    match compile_all(&loaded, &rules) {
-        Ok(policies) => {
-            if let Some(n) = &loaded.config.notifications {
-                for w in idsync_notify::PolicyNotifier::html_warnings(n) {
-                    println!("warning: {}: {w}", loaded.file.display());
+    let policies = match compile_all(&loaded, &rules) {
+        Ok(policies) => policies,
+        Err(p) => return report_problems(&p),
+    };
+    let found = crate::preflight::problems(&loaded);
+    if !found.is_empty() {
+        return report_problems(&Problems(found));
+    }
+    if let Some(n) = &loaded.config.notifications {
+        for w in idsync_notify::PolicyNotifier::html_warnings(n) {
+            line(format_args!("warning: {}: {w}", loaded.file.display()));
+        }
+    }
+    let mut code = ExitCode::SUCCESS;
+    if args.connect {
+        for probe in crate::preflight::connect(&loaded) {
+            match probe.result {
+                Ok(()) => line(format_args!("connect: {}: ok", probe.what)),
+                Err(e) => {
+                    line(format_args!("connect: {}: {}", probe.what, inline(&e)));
+                    code = ExitCode::from(EXIT_RESOURCE);
                 }
             }
-            println!(
-                "{}: ok ({} resource(s), rules in {})",
-                loaded.file.display(),
-                policies.len(),
-                loaded.rules_dir().display()
-            );
-            ExitCode::SUCCESS
         }
-        Err(p) => report_problems(&p),
     }
+    line(format_args!(
+        "{}: {} ({} resource(s), rules in {})",
+        loaded.file.display(),
+        if code == ExitCode::SUCCESS {
+            "ok"
+        } else {
+            "config ok, a connection failed"
+        },
+        policies.len(),
+        loaded.rules_dir().display()
+    ));
+    code
 }
 
 /// `idsync run`.
@@ -142,10 +162,12 @@ pub fn adapters(setup: &Setup, accept_deletes: &[String]) -> Vec<Box<dyn Adapter
 }
 
 /// One pass of every selected resource (`idsync run --once`); prints a line per resource
-/// and a summary line. The long-running agent uses [`pass_resource`] from its own loop.
+/// and, for several, a summary line. A closed standard output ends the lines quietly; the
+/// pass goes on (see [`crate::printable`]). The long-running agent uses [`pass_resource`] from its own loop.
 pub fn pass(setup: &Setup, only: &[String], adapters: &mut [Box<dyn Adapter>]) -> ExitCode {
     let mut total = BatchReport::default();
     let mut resource_errors = 0;
+    let mut passed = 0;
     for (i, r) in setup.loaded.config.resources.iter().enumerate() {
         if !only.is_empty() && !only.contains(&r.name) {
             continue;
@@ -153,20 +175,24 @@ pub fn pass(setup: &Setup, only: &[String], adapters: &mut [Box<dyn Adapter>]) -
         let Some(policy) = setup.policy(&r.name) else {
             continue;
         };
+        passed += 1;
         match pass_resource(setup, adapters[i].as_mut(), policy) {
             Ok(Some(report)) => {
-                println!("{}: {}", r.name, describe(&report));
+                line(format_args!("{}: {}", r.name, describe(&report)));
                 total.merge(&report);
             }
-            Ok(None) => println!("{}: no changes", r.name),
+            Ok(None) => line(format_args!("{}: no changes", r.name)),
             Err(e) => {
                 eprintln!("error: {e:#}");
-                println!("{}: not synchronized (see error above)", r.name);
+                line(format_args!(
+                    "{}: not synchronized (see error above)",
+                    r.name
+                ));
                 resource_errors += 1;
             }
         }
     }
-    println!("summary: {}", describe(&total));
+    summary(passed, &total);
     if resource_errors > 0 {
         ExitCode::from(EXIT_RESOURCE)
     } else if total.failed > 0 || total.rejected > 0 {
@@ -256,7 +282,15 @@ fn progress_bar(resource: &str, events: u64) -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
-/// `3 events: unmatched 2, linked 1; created 2, updated 1; failed 0, rejected 0`.
+/// The summary line of a pass over several resources (one resource's line says it all).
+fn summary(resources: usize, total: &BatchReport) {
+    if resources > 1 {
+        line(format_args!("summary: {}", describe(total)));
+    }
+}
+
+/// `3 events; situations: unmatched 2, linked 1; actions: created 2, updated 1;
+/// failures: failed 0, rejected 0` (a group with nothing in it is left out, but failures).
 pub fn describe(r: &BatchReport) -> String {
     let situations: Vec<String> = Situation::ALL
         .iter()
@@ -270,14 +304,17 @@ pub fn describe(r: &BatchReport) -> String {
         .collect();
     let mut out = format!("{} events", r.events());
     if !situations.is_empty() {
-        out.push_str(": ");
+        out.push_str("; situations: ");
         out.push_str(&situations.join(", "));
     }
     if !actions.is_empty() {
-        out.push_str("; ");
+        out.push_str("; actions: ");
         out.push_str(&actions.join(", "));
     }
-    out.push_str(&format!("; failed {}, rejected {}", r.failed, r.rejected));
+    out.push_str(&format!(
+        "; failures: failed {}, rejected {}",
+        r.failed, r.rejected
+    ));
     out
 }
 
@@ -392,6 +429,9 @@ pub fn results(loaded: Loaded, args: &ResultsArgs) -> anyhow::Result<ExitCode> {
         return crate::authoring::record(&loaded, &records, file);
     }
     let mut out = crate::printable::stdout();
+    if !args.json && !records.is_empty() {
+        results_header(&mut out)?;
+    }
     for r in &records {
         if args.json {
             writeln!(out, "{}", serde_json::to_string(r)?)?;
@@ -407,6 +447,14 @@ pub fn results(loaded: Loaded, args: &ResultsArgs) -> anyhow::Result<ExitCode> {
     }
     eprintln!("{} record(s)", records.len());
     Ok(ExitCode::SUCCESS)
+}
+
+/// The header line of `results`: what each field of a record line is.
+fn results_header(out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "#record time resource key op situation action [identity= candidates= changed= work_item= notify= error=]"
+    )
 }
 
 /// `idsync preview`.

@@ -17,6 +17,7 @@ pub mod fixtures;
 pub mod lock;
 pub mod observe;
 pub mod outbox;
+pub mod preflight;
 pub mod printable;
 pub mod runner;
 pub mod service;
@@ -70,7 +71,7 @@ pub fn main() -> ExitCode {
         });
     }
     let result = match &cli.command {
-        Command::Check => Ok(commands::check(loaded)),
+        Command::Check(args) => Ok(commands::check(loaded, args)),
         Command::Run(args) => Ok(commands::run(loaded, args)),
         Command::Identities(cmd) => commands::identities(loaded, cmd),
         Command::Results(args) => commands::results(loaded, args),

@@ -52,10 +52,10 @@ pub fn compile(loaded: &Loaded) -> Result<Option<(PolicyNotifier, MakeDispatcher
 pub fn dispatch_round(d: &Dispatcher) -> Result<RoundReport, idsync_notify::NotifyError> {
     let r = d.round_blocking()?;
     if r != RoundReport::default() {
-        println!(
+        crate::printable::line(format_args!(
             "outbox: sent {}, retrying {}, dead-lettered {}",
             r.sent, r.retrying, r.dead
-        );
+        ));
     }
     Ok(r)
 }

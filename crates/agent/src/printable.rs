@@ -10,9 +10,17 @@
 //! still cannot reach the terminal raw. Escapes are written `\u001b`, as JSON writes them,
 //! so JSON output passes through [`Escaping`] unharmed (serde_json escapes C0 controls but
 //! leaves DEL and the C1 controls raw; this writer escapes those inside its strings).
+//!
+//! A closed standard output (`idsync run --once | head -1`) ends the output quietly:
+//! [`stdout`] and [`line`] write through [`EndQuietly`], which turns the first broken pipe
+//! into silence for the rest of the process, so a command finishes its work (every
+//! resource of a pass) instead of panicking in `println!` or failing half-way. Rust ignores
+//! SIGPIPE, so the closed pipe arrives as an `EPIPE` write error, decided on its
+//! [`io::ErrorKind::BrokenPipe`] kind.
 
 use std::borrow::Cow;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Whether `c` is escaped inside a value: C0 and C1 controls and DEL.
 fn is_control(c: char) -> bool {
@@ -108,9 +116,73 @@ impl<W: Write> Drop for Escaping<W> {
     }
 }
 
-/// The commands' human-readable standard output, escaped.
-pub fn stdout() -> Escaping<io::StdoutLock<'static>> {
-    Escaping::new(io::stdout().lock())
+/// Set once standard output turned out closed (a broken pipe): nothing more is written.
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Whether standard output was found closed; the output has ended, the work goes on.
+pub fn stdout_closed() -> bool {
+    STDOUT_CLOSED.load(Ordering::Relaxed)
+}
+
+/// A writer that treats a broken pipe as the end of the output: the failed write and every
+/// later one succeed without writing, and `closed` is set. Other errors pass through.
+pub struct EndQuietly<'a, W: Write> {
+    inner: W,
+    closed: &'a AtomicBool,
+}
+
+impl<'a, W: Write> EndQuietly<'a, W> {
+    /// Wraps `inner`; `closed` records the broken pipe (shared by every writer on the
+    /// same stream).
+    pub fn new(inner: W, closed: &'a AtomicBool) -> EndQuietly<'a, W> {
+        EndQuietly { inner, closed }
+    }
+
+    fn quiet<T>(&self, result: io::Result<T>, nothing: T) -> io::Result<T> {
+        match result {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                self.closed.store(true, Ordering::Relaxed);
+                Ok(nothing)
+            }
+            other => other,
+        }
+    }
+}
+
+impl<W: Write> Write for EndQuietly<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Ok(buf.len());
+        }
+        let result = self.inner.write(buf);
+        self.quiet(result, buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let result = self.inner.flush();
+        self.quiet(result, ())
+    }
+}
+
+/// The commands' human-readable standard output, escaped; a closed pipe ends it quietly.
+pub fn stdout() -> Escaping<EndQuietly<'static, io::StdoutLock<'static>>> {
+    Escaping::new(EndQuietly::new(io::stdout().lock(), &STDOUT_CLOSED))
+}
+
+/// Prints one line on standard output like `println!`, through [`stdout`]: escaped, and
+/// silent once the reader has gone. Another write error is reported on stderr once.
+pub fn line(args: std::fmt::Arguments<'_>) {
+    static REPORTED: AtomicBool = AtomicBool::new(false);
+    let mut out = stdout();
+    let written = out.write_fmt(args).and_then(|()| out.write_all(b"\n"));
+    if let Err(e) = written
+        && !REPORTED.swap(true, Ordering::Relaxed)
+    {
+        eprintln!("error: writing to standard output: {e}");
+    }
 }
 
 #[cfg(test)]
@@ -124,6 +196,56 @@ mod tests {
             inline("a\nb\rc\td\0e\u{1b}[31mf\u{7f}\u{9b}"),
             "a\\nb\\rc\\td\\0e\\u001b[31mf\\u007f\\u009b"
         );
+    }
+
+    /// A sink whose reader has gone after `room` bytes.
+    struct ClosesAfter {
+        room: usize,
+        got: Vec<u8>,
+    }
+
+    impl Write for ClosesAfter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.got.len() + buf.len() > self.room {
+                return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+            }
+            self.got.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_broken_pipe_ends_the_output_quietly() {
+        let closed = AtomicBool::new(false);
+        let mut sink = ClosesAfter {
+            room: 6,
+            got: Vec::new(),
+        };
+        {
+            let mut w = EndQuietly::new(&mut sink, &closed);
+            writeln!(w, "one").unwrap();
+            writeln!(w, "two").unwrap();
+            writeln!(w, "three").unwrap();
+            w.flush().unwrap();
+        }
+        assert!(closed.load(Ordering::Relaxed));
+        assert_eq!(sink.got, b"one\n");
+        // Other errors still surface.
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::from(io::ErrorKind::StorageFull))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let open = AtomicBool::new(false);
+        assert!(EndQuietly::new(Full, &open).write_all(b"x").is_err());
+        assert!(!open.load(Ordering::Relaxed));
     }
 
     #[test]

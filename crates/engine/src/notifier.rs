@@ -1,4 +1,4 @@
-//! The hook through which notification policies see each decided event (DESIGN.md, step 9).
+//! The hook through which notification policies see each decided event (docs/design.md, the decision order's step 9).
 //!
 //! Key design choice: the engine knows nothing of templates or email. It records the state
 //! of every identity an event is about to change (its *pre-image*, read inside the event's

@@ -1,4 +1,4 @@
-//! The decision for one change event, in the order DESIGN.md fixes: filter, process,
+//! The decision for one change event, in the order docs/design.md fixes: filter, process,
 //! owner by link, delete, correlation, confirmation, one/none/several candidates,
 //! mapping and checkin. Runs inside the open batch transaction; the caller brackets each
 //! event in a savepoint so a failure undoes exactly that event's effects.

@@ -1,5 +1,5 @@
-//! Notification policies and the durable email outbox (DESIGN.md, step 9 and
-//! "Durability"; the CA email-retry design).
+//! Notification policies and the durable email outbox (docs/design.md: the decision
+//! order's step 9, and "Durability"; the CA email-retry design).
 //!
 //! Key design choice: safe without configuration. A policy's message is rendered and
 //! inserted into the outbox in the same transaction as the checkin that caused it

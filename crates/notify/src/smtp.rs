@@ -215,3 +215,18 @@ pub async fn send_all(s: &Arc<SmtpSettings>, msgs: Vec<Outgoing>, out: Outcomes)
         }
     }
 }
+
+/// Connects to the server of `s` as a delivery would (TLS, STARTTLS, authentication), then
+/// says QUIT: `Ok` with nothing sent, or the failure. For `idsync check --connect`; the
+/// credentials are used, never shown.
+pub fn probe(s: &SmtpSettings) -> Result<(), SendFailure> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| SendFailure::transient(format!("cannot start the network runtime: {e}")))?;
+    rt.block_on(async {
+        let mut conn = connect_with_timeout(s).await?;
+        let _ = tokio::time::timeout(s.timeout, conn.quit()).await;
+        Ok(())
+    })
+}

@@ -10,7 +10,7 @@
 //! [`Repo::release`] or [`Repo::rollback_savepoint`], and finally [`Repo::commit_batch`],
 //! which stores the resource's new checkpoint as a compare-and-swap against the checkpoint
 //! the batch was read after, in the same transaction as the batch's effects. A crash at any
-//! point therefore leaves all of a batch or none of it (DESIGN.md, "Durability").
+//! point therefore leaves all of a batch or none of it (docs/design.md, "Durability").
 //!
 //! Because the connection is shared, an open batch transaction belongs to the whole `Repo`:
 //! [`Repo::begin`] waits (up to [`Repo::with_batch_wait`], two minutes by default) until the

@@ -1,6 +1,6 @@
 //! The notification outbox: rendered messages waiting for delivery.
 //!
-//! Key design choice (DESIGN.md, "Durability"): a message is inserted in the same
+//! Key design choice (docs/design.md, "Durability"): a message is inserted in the same
 //! transaction as the checkin that caused it, and it stays *undelivered* (status `pending`,
 //! or `dead` after a permanent failure) until the transaction that records its delivery
 //! marks it `sent`. That row is the "pending notification" mark of the identity: there is no

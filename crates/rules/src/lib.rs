@@ -12,6 +12,7 @@ mod correlation;
 mod error;
 mod host;
 mod sandbox;
+mod strict;
 mod truth;
 
 pub use convert::{
@@ -22,6 +23,7 @@ pub use error::{Pos, RuleError};
 pub use host::{Access, Context, RuleHost};
 pub use rhai;
 pub use sandbox::{Limits, RuleEngine, Script, ascii_fold};
+pub use strict::undefined_variable;
 pub use truth::truthy;
 
 #[cfg(test)]

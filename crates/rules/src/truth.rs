@@ -1,4 +1,4 @@
-//! True-like and false-like values, exactly as DESIGN.md fixes them (after the Sun docs).
+//! True-like and false-like values, exactly as docs/design.md fixes them (after the Sun docs).
 //!
 //! True: `true`, `"true"`, `"1"`, `"yes"` (any case), non-zero numbers.
 //! False: `false`, `"false"`, `"0"`, `"no"` (any case), `()`, the empty string, zero.
