@@ -530,35 +530,35 @@ pub fn failed(loaded: Loaded, cmd: &FailedCommand) -> anyhow::Result<ExitCode> {
                 match setup.engine.retry(policy, f) {
                     Ok(d) if d.error.is_none() => {
                         ok += 1;
-                        println!(
+                        crate::printable::line(format_args!(
                             "#{} {} {}: {} {}",
                             f.id,
                             f.resource,
                             d.key,
                             d.situation.map(|s| s.as_str()).unwrap_or("-"),
                             d.action
-                        );
+                        ));
                     }
                     Ok(d) => {
                         still += 1;
-                        println!(
+                        crate::printable::line(format_args!(
                             "#{} {} {}: still failing: {}",
                             f.id,
                             f.resource,
                             d.key,
                             d.error.unwrap_or_default()
-                        );
+                        ));
                     }
                     Err(e) => {
                         still += 1;
-                        println!("#{}: {e}", f.id);
+                        crate::printable::line(format_args!("#{}: {e}", f.id));
                     }
                 }
             }
-            println!(
+            crate::printable::line(format_args!(
                 "retried {}: {ok} succeeded, {still} still failing",
                 targets.len()
-            );
+            ));
             Ok(if still > 0 {
                 ExitCode::from(EXIT_FAILED)
             } else {

@@ -187,13 +187,13 @@ pub fn command(loaded: Loaded, cmd: &OutboxCommand) -> anyhow::Result<ExitCode> 
         OutboxCommand::Retry { id, dead } => {
             if *dead {
                 let n = repo.outbox_retry_dead()?;
-                println!("{n} dead-lettered message(s) due again");
+                crate::printable::line(format_args!("{n} dead-lettered message(s) due again"));
             } else if let Some(id) = id {
                 if !repo.outbox_retry(*id)? {
                     eprintln!("no undelivered outbox message #{id}");
                     return Ok(ExitCode::from(EXIT_FAILED));
                 }
-                println!("#{id} due again");
+                crate::printable::line(format_args!("#{id} due again"));
             } else {
                 eprintln!("give an outbox id, or --dead");
                 return Ok(ExitCode::from(EXIT_CONFIG));
@@ -215,7 +215,7 @@ pub fn command(loaded: Loaded, cmd: &OutboxCommand) -> anyhow::Result<ExitCode> 
                 .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
                 .unwrap_or(0);
             let n = repo.outbox_purge_sent_before(ms)?;
-            println!("purged {n} sent message(s)");
+            crate::printable::line(format_args!("purged {n} sent message(s)"));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -243,7 +243,7 @@ pub fn bench(args: &BenchOutboxArgs) -> anyhow::Result<ExitCode> {
             let _ = std::fs::remove_dir_all(&dir);
             let r = result?;
             let rate = r.messages as f64 / r.drain.as_secs_f64().max(1e-9);
-            println!(
+            crate::printable::line(format_args!(
                 "bench outbox: {} messages to {} over {} connection(s): enqueue {:.2}s, drain {:.2}s = {:.0} msg/s{}",
                 r.messages,
                 r.target,
@@ -254,7 +254,7 @@ pub fn bench(args: &BenchOutboxArgs) -> anyhow::Result<ExitCode> {
                 r.accepted
                     .map(|n| format!(" (sink accepted {n})"))
                     .unwrap_or_default()
-            );
+            ));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -388,7 +388,7 @@ fn resource_loop(shared: Shared, index: usize, accept_deletes: bool) {
             Ok(report) => {
                 failures = None;
                 if let Some(r) = &report {
-                    println!("{name}: {}", describe(r));
+                    crate::printable::line(format_args!("{name}: {}", describe(r)));
                 }
                 // A quiet persist stream is the stream waiting, not a pass.
                 if report.is_some() || !stream {
