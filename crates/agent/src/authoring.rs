@@ -11,8 +11,8 @@ use idsync_core::{Action, AttrMap, Fetch, Op};
 use idsync_repo::{DecisionFilter, Repo, StoredDecision};
 
 use crate::cli::{ExplainArgs, PreviewArgs, PreviewFormat};
-use crate::commands::{EXIT_CONFIG, EXIT_FAILED, EXIT_RESOURCE};
 use crate::config::Loaded;
+use crate::exit::Exit;
 use crate::explain::{one_line, steps};
 use crate::fixtures::{Expect, Fixture, FixtureAccount, FixtureEvent, FixtureIdentity};
 use crate::setup::{Setup, open_repo};
@@ -23,7 +23,7 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
         && setup.policy(r).is_none()
     {
         eprintln!("error: no resource named '{r}'");
-        return Ok(ExitCode::from(EXIT_CONFIG));
+        return Ok(ExitCode::from(Exit::Config));
     }
     let repo = setup.engine.repo();
     let mut out = crate::printable::stdout();
@@ -106,9 +106,9 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if errors > 0 {
-        ExitCode::from(EXIT_RESOURCE)
+        ExitCode::from(Exit::Resource)
     } else if failed > 0 {
-        ExitCode::from(EXIT_FAILED)
+        ExitCode::from(Exit::Failed)
     } else {
         ExitCode::SUCCESS
     })
@@ -129,13 +129,13 @@ pub fn explain(loaded: &Loaded, args: &ExplainArgs) -> anyhow::Result<ExitCode> 
         },
         _ => {
             eprintln!("give RESOURCE KEY, or --identity NAME");
-            return Ok(ExitCode::from(EXIT_CONFIG));
+            return Ok(ExitCode::from(Exit::Config));
         }
     };
     let records = repo.decisions(&filter)?;
     if records.is_empty() {
         eprintln!("no decision records match");
-        return Ok(ExitCode::from(EXIT_FAILED));
+        return Ok(ExitCode::from(Exit::Failed));
     }
     let mut out = crate::printable::stdout();
     for r in &records {
@@ -170,7 +170,7 @@ pub fn record(
 ) -> anyhow::Result<ExitCode> {
     let Some(stored) = records.last() else {
         eprintln!("no decision record matches: nothing to record");
-        return Ok(ExitCode::from(EXIT_FAILED));
+        return Ok(ExitCode::from(Exit::Failed));
     };
     let repo = open_repo(loaded)?;
     let redact = &loaded.config.redact_attributes;

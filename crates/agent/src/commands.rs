@@ -7,22 +7,16 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use idsync_core::{Action, Adapter, Identity, Situation};
+use idsync_core::{Adapter, Identity, Situation};
 use idsync_engine::BatchReport;
 use idsync_repo::DecisionFilter;
 use idsync_rules::RuleEngine;
 
 use crate::cli::{FailedCommand, IdentitiesCommand, ResultsArgs, RunArgs};
 use crate::config::{Loaded, Problems};
+use crate::exit::Exit;
 use crate::printable::{inline, line};
 use crate::setup::{Setup, compile_all, open_repo};
-
-/// Exit status: an event or retry failed.
-pub const EXIT_FAILED: u8 = 1;
-/// Exit status: the config or a rule is broken.
-pub const EXIT_CONFIG: u8 = 2;
-/// Exit status: a resource could not be synchronized.
-pub const EXIT_RESOURCE: u8 = 3;
 
 /// Loads the config, reporting problems on stderr.
 pub fn load(file: &std::path::Path) -> Result<Loaded, ExitCode> {
@@ -32,7 +26,7 @@ pub fn load(file: &std::path::Path) -> Result<Loaded, ExitCode> {
 fn report_problems(p: &Problems) -> ExitCode {
     eprintln!("{p}");
     eprintln!("{} problem(s) found", p.0.len());
-    ExitCode::from(EXIT_CONFIG)
+    ExitCode::from(Exit::Config)
 }
 
 fn setup(loaded: Loaded) -> Result<Setup, ExitCode> {
@@ -40,7 +34,7 @@ fn setup(loaded: Loaded) -> Result<Setup, ExitCode> {
         Some(p) => report_problems(p),
         None => {
             eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_RESOURCE)
+            ExitCode::from(Exit::Resource)
         }
     })
 }
@@ -68,7 +62,7 @@ pub fn check(loaded: Loaded, args: &crate::cli::CheckArgs) -> ExitCode {
                 Ok(()) => line(format_args!("connect: {}: ok", probe.what)),
                 Err(e) => {
                     line(format_args!("connect: {}: {}", probe.what, inline(&e)));
-                    code = ExitCode::from(EXIT_RESOURCE);
+                    code = ExitCode::from(Exit::Resource);
                 }
             }
         }
@@ -99,7 +93,7 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
                 "error: no resource named '{r}' in {}",
                 setup.loaded.file.display()
             );
-            return ExitCode::from(EXIT_CONFIG);
+            return ExitCode::from(Exit::Config);
         }
     }
     for r in &args.accept_deletes {
@@ -108,14 +102,14 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
                 "error: --accept-deletes: no resource named '{r}' in {}",
                 setup.loaded.file.display()
             );
-            return ExitCode::from(EXIT_CONFIG);
+            return ExitCode::from(Exit::Config);
         }
     }
     let _lock = match crate::lock::AgentLock::acquire(&setup.loaded.repository_path()) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e:#}");
-            return ExitCode::from(EXIT_RESOURCE);
+            return ExitCode::from(Exit::Resource);
         }
     };
     if !args.once {
@@ -130,12 +124,12 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
                     "error: outbox: {} message(s) dead-lettered (idsync outbox list --status dead)",
                     round.dead
                 );
-                code = ExitCode::from(EXIT_FAILED);
+                code = ExitCode::from(Exit::Failed);
             }
             Ok(_) => {}
             Err(e) => {
                 eprintln!("error: outbox: {e}");
-                code = ExitCode::from(EXIT_RESOURCE);
+                code = ExitCode::from(Exit::Resource);
             }
         }
     }
@@ -178,7 +172,11 @@ pub fn pass(setup: &Setup, only: &[String], adapters: &mut [Box<dyn Adapter>]) -
         passed += 1;
         match pass_resource(setup, adapters[i].as_mut(), policy) {
             Ok(Some(report)) => {
-                line(format_args!("{}: {}", r.name, describe(&report)));
+                line(format_args!(
+                    "{}: {}",
+                    r.name,
+                    crate::explain::describe(&report)
+                ));
                 total.merge(&report);
             }
             Ok(None) => line(format_args!("{}: no changes", r.name)),
@@ -194,9 +192,9 @@ pub fn pass(setup: &Setup, only: &[String], adapters: &mut [Box<dyn Adapter>]) -
     }
     summary(passed, &total);
     if resource_errors > 0 {
-        ExitCode::from(EXIT_RESOURCE)
+        ExitCode::from(Exit::Resource)
     } else if total.failed > 0 || total.rejected > 0 {
-        ExitCode::from(EXIT_FAILED)
+        ExitCode::from(Exit::Failed)
     } else {
         ExitCode::SUCCESS
     }
@@ -285,37 +283,8 @@ fn progress_bar(resource: &str, events: u64) -> Option<indicatif::ProgressBar> {
 /// The summary line of a pass over several resources (one resource's line says it all).
 fn summary(resources: usize, total: &BatchReport) {
     if resources > 1 {
-        line(format_args!("summary: {}", describe(total)));
+        line(format_args!("summary: {}", crate::explain::describe(total)));
     }
-}
-
-/// `3 events; situations: unmatched 2, linked 1; actions: created 2, updated 1;
-/// failures: failed 0, rejected 0` (a group with nothing in it is left out, but failures).
-pub fn describe(r: &BatchReport) -> String {
-    let situations: Vec<String> = Situation::ALL
-        .iter()
-        .filter_map(|s| r.situations.get(s).map(|n| format!("{s} {n}")))
-        .collect();
-    let actions: Vec<String> = r
-        .actions
-        .iter()
-        .filter(|(a, _)| **a != Action::Failed)
-        .map(|(a, n)| format!("{a} {n}"))
-        .collect();
-    let mut out = format!("{} events", r.events());
-    if !situations.is_empty() {
-        out.push_str("; situations: ");
-        out.push_str(&situations.join(", "));
-    }
-    if !actions.is_empty() {
-        out.push_str("; actions: ");
-        out.push_str(&actions.join(", "));
-    }
-    out.push_str(&format!(
-        "; failures: failed {}, rejected {}",
-        r.failed, r.rejected
-    ));
-    out
 }
 
 /// `idsync identities ...`.
@@ -342,7 +311,7 @@ pub fn identities(loaded: Loaded, cmd: &IdentitiesCommand) -> anyhow::Result<Exi
         IdentitiesCommand::Show { name } => {
             let Some(id) = repo.identity(name)? else {
                 eprintln!("no identity named '{name}'");
-                return Ok(ExitCode::from(EXIT_FAILED));
+                return Ok(ExitCode::from(Exit::Failed));
             };
             writeln!(out, "name: {}", inline(&id.name))?;
             writeln!(out, "version: {}", id.version)?;
@@ -411,7 +380,7 @@ pub fn results(loaded: Loaded, args: &ResultsArgs) -> anyhow::Result<ExitCode> {
             None => {
                 let all: Vec<&str> = Situation::ALL.iter().map(|s| s.as_str()).collect();
                 eprintln!("unknown situation '{s}'; one of: {}", all.join(", "));
-                return Ok(ExitCode::from(EXIT_CONFIG));
+                return Ok(ExitCode::from(Exit::Config));
             }
         },
         None => None,
@@ -506,7 +475,7 @@ pub fn failed(loaded: Loaded, cmd: &FailedCommand) -> anyhow::Result<ExitCode> {
                 repo.failures(resource.as_deref())?
             } else if ids.is_empty() {
                 eprintln!("give failed-event ids, or --all");
-                return Ok(ExitCode::from(EXIT_CONFIG));
+                return Ok(ExitCode::from(Exit::Config));
             } else {
                 let mut v = Vec::new();
                 for id in ids {
@@ -514,7 +483,7 @@ pub fn failed(loaded: Loaded, cmd: &FailedCommand) -> anyhow::Result<ExitCode> {
                         Some(f) => v.push(f),
                         None => {
                             eprintln!("no failed event #{id}");
-                            return Ok(ExitCode::from(EXIT_FAILED));
+                            return Ok(ExitCode::from(Exit::Failed));
                         }
                     }
                 }
@@ -560,7 +529,7 @@ pub fn failed(loaded: Loaded, cmd: &FailedCommand) -> anyhow::Result<ExitCode> {
                 targets.len()
             ));
             Ok(if still > 0 {
-                ExitCode::from(EXIT_FAILED)
+                ExitCode::from(Exit::Failed)
             } else {
                 ExitCode::SUCCESS
             })

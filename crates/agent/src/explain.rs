@@ -1,10 +1,10 @@
-//! Human renderings of decision records: one line for tables, a step-by-step account for
-//! `idsync explain` and failing rule fixtures.
+//! Human renderings of decision records — one line for tables, a step-by-step account for
+//! `idsync explain` and failing rule fixtures — and of a pass's report (the summary line).
 
 use std::fmt::Write as _;
 
 use idsync_core::{Action, AttrChange, Decision, Situation, Value};
-use idsync_engine::NOTIFICATION_RULE;
+use idsync_engine::{BatchReport, NOTIFICATION_RULE};
 
 use crate::printable::inline;
 
@@ -114,5 +114,34 @@ pub fn steps(d: &Decision) -> String {
     if let Some(e) = &d.error {
         let _ = writeln!(out, "  error: {e}");
     }
+    out
+}
+
+/// `3 events; situations: unmatched 2, linked 1; actions: created 2, updated 1;
+/// failures: failed 0, rejected 0` (a group with nothing in it is left out, but failures).
+pub fn describe(r: &BatchReport) -> String {
+    let situations: Vec<String> = Situation::ALL
+        .iter()
+        .filter_map(|s| r.situations.get(s).map(|n| format!("{s} {n}")))
+        .collect();
+    let actions: Vec<String> = r
+        .actions
+        .iter()
+        .filter(|(a, _)| **a != Action::Failed)
+        .map(|(a, n)| format!("{a} {n}"))
+        .collect();
+    let mut out = format!("{} events", r.events());
+    if !situations.is_empty() {
+        out.push_str("; situations: ");
+        out.push_str(&situations.join(", "));
+    }
+    if !actions.is_empty() {
+        out.push_str("; actions: ");
+        out.push_str(&actions.join(", "));
+    }
+    out.push_str(&format!(
+        "; failures: failed {}, rejected {}",
+        r.failed, r.rejected
+    ));
     out
 }

@@ -14,8 +14,8 @@ use idsync_engine::Engine;
 use idsync_repo::{DecisionFilter, Repo};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::commands::{EXIT_CONFIG, EXIT_FAILED};
 use crate::config::{Loaded, Problems};
+use crate::exit::Exit;
 use crate::explain::steps;
 use crate::setup::compile_all;
 
@@ -160,7 +160,7 @@ pub fn test_rules(loaded: &Loaded, paths: &[PathBuf]) -> anyhow::Result<ExitCode
             "no fixtures found (looked in {})",
             loaded.rules_dir().join("tests").display()
         );
-        return Ok(ExitCode::from(EXIT_FAILED));
+        return Ok(ExitCode::from(Exit::Failed));
     }
     let mut out = crate::printable::stdout();
     let (mut passed, mut failed) = (0, 0);
@@ -180,7 +180,7 @@ pub fn test_rules(loaded: &Loaded, paths: &[PathBuf]) -> anyhow::Result<ExitCode
                 for line in p.0 {
                     writeln!(out, "  {line}")?;
                 }
-                return Ok(ExitCode::from(EXIT_CONFIG));
+                return Ok(ExitCode::from(Exit::Config));
             }
             Err(e) => {
                 failed += 1;
@@ -190,7 +190,7 @@ pub fn test_rules(loaded: &Loaded, paths: &[PathBuf]) -> anyhow::Result<ExitCode
     }
     writeln!(out, "{passed} passed, {failed} failed")?;
     Ok(if failed > 0 {
-        ExitCode::from(EXIT_FAILED)
+        ExitCode::from(Exit::Failed)
     } else {
         ExitCode::SUCCESS
     })
@@ -219,7 +219,7 @@ fn run_fixture(loaded: &Loaded, file: &Path) -> anyhow::Result<Outcome> {
     });
     let repo = Arc::new(Repo::open_in_memory()?);
     let mut engine = Engine::new(repo.clone(), &loaded.config.limits.to_limits());
-    match crate::outbox::compile(loaded) {
+    match crate::setup::notifications(loaded) {
         Ok(Some((notifier, _))) => engine.set_notifier(Box::new(notifier)),
         Ok(None) => {}
         Err(p) => return Ok(Outcome::Broken(Problems(p))),

@@ -12,6 +12,7 @@ pub mod bench_records;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod exit;
 pub mod explain;
 pub mod fixtures;
 pub mod lock;
@@ -30,6 +31,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Command};
+use exit::Exit;
 
 /// How long a command waits for another process's write (the agent's batch in progress).
 const COMMAND_WRITE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
@@ -52,7 +54,7 @@ pub fn main() -> ExitCode {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e:#}");
-                ExitCode::from(commands::EXIT_RESOURCE)
+                ExitCode::from(Exit::Resource)
             }
         };
     }
@@ -87,7 +89,7 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(commands::EXIT_RESOURCE)
+            ExitCode::from(Exit::Resource)
         }
     }
 }

@@ -1,52 +1,20 @@
-//! Notifications in the agent: compiling the `notifications:` section into the engine's
-//! notifier and a dispatcher, one dispatch round per `idsync run` loop, the `outbox`
+//! Notifications in the agent: a dispatch round with its report line, the `outbox`
 //! commands, the pending mark in `identities show`/`export`, and `bench outbox`.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use idsync_core::Identity;
-use idsync_notify::{Dispatcher, PolicyNotifier, RoundReport, setup as nsetup};
+use idsync_notify::{Dispatcher, RoundReport};
 use idsync_repo::{OutboxFilter, OutboxMessage, OutboxStatus, Repo};
 
 use crate::cli::{BenchOutboxArgs, OutboxCommand};
-use crate::commands::{EXIT_CONFIG, EXIT_FAILED};
 use crate::config::Loaded;
+use crate::exit::Exit;
 use crate::printable::inline;
 use crate::setup::open_repo;
-
-/// Builds a dispatcher once the repository is open.
-pub type MakeDispatcher = Box<dyn FnOnce(Arc<Repo>) -> Dispatcher>;
-
-/// Compiles the notifications config: `None` when there is none; problems name the file
-/// and key.
-pub fn compile(loaded: &Loaded) -> Result<Option<(PolicyNotifier, MakeDispatcher)>, Vec<String>> {
-    let Some(cfg) = &loaded.config.notifications else {
-        return Ok(None);
-    };
-    let f = loaded.file.display().to_string();
-    let located = |v: Vec<String>| {
-        v.into_iter()
-            .map(|p| format!("{f}: {p}"))
-            .collect::<Vec<_>>()
-    };
-    let limits = loaded.config.limits.to_limits();
-    let mut problems = Vec::new();
-    let notifier = PolicyNotifier::compile(cfg, &limits).map_err(|p| problems.extend(located(p)));
-    let transport =
-        nsetup::transport(cfg, &|p| loaded.resolve(p)).map_err(|p| problems.extend(located(p)));
-    let settings = nsetup::settings(cfg).map_err(|p| problems.extend(located(p)));
-    match (notifier, transport, settings) {
-        (Ok(n), Ok(t), Ok(s)) => Ok(Some((
-            n,
-            Box::new(move |repo| Dispatcher::new(repo, t, s)) as MakeDispatcher,
-        ))),
-        _ => Err(problems),
-    }
-}
 
 /// One dispatch round; prints a line when anything happened.
 pub fn dispatch_round(d: &Dispatcher) -> Result<RoundReport, idsync_notify::NotifyError> {
@@ -141,7 +109,7 @@ pub fn command(loaded: Loaded, cmd: &OutboxCommand) -> anyhow::Result<ExitCode> 
             let status = match status.as_deref().map(|s| (s, OutboxStatus::parse(s))) {
                 Some((s, None)) => {
                     eprintln!("unknown status '{s}'; one of: pending, sent, dead");
-                    return Ok(ExitCode::from(EXIT_CONFIG));
+                    return Ok(ExitCode::from(Exit::Config));
                 }
                 Some((_, st)) => st,
                 None => None,
@@ -168,7 +136,7 @@ pub fn command(loaded: Loaded, cmd: &OutboxCommand) -> anyhow::Result<ExitCode> 
         OutboxCommand::Show { id } => {
             let Some(m) = repo.outbox_get(*id)? else {
                 eprintln!("no outbox message #{id}");
-                return Ok(ExitCode::from(EXIT_FAILED));
+                return Ok(ExitCode::from(Exit::Failed));
             };
             writeln!(out, "{}", line(&m))?;
             writeln!(
@@ -191,12 +159,12 @@ pub fn command(loaded: Loaded, cmd: &OutboxCommand) -> anyhow::Result<ExitCode> 
             } else if let Some(id) = id {
                 if !repo.outbox_retry(*id)? {
                     eprintln!("no undelivered outbox message #{id}");
-                    return Ok(ExitCode::from(EXIT_FAILED));
+                    return Ok(ExitCode::from(Exit::Failed));
                 }
                 crate::printable::line(format_args!("#{id} due again"));
             } else {
                 eprintln!("give an outbox id, or --dead");
-                return Ok(ExitCode::from(EXIT_CONFIG));
+                return Ok(ExitCode::from(Exit::Config));
             }
         }
         OutboxCommand::Purge { sent_before } => {
@@ -206,7 +174,7 @@ pub fn command(loaded: Loaded, cmd: &OutboxCommand) -> anyhow::Result<ExitCode> 
                     Ok(age) => SystemTime::now() - age,
                     Err(_) => {
                         eprintln!("--sent-before: give an RFC 3339 time or an age like 30d");
-                        return Ok(ExitCode::from(EXIT_CONFIG));
+                        return Ok(ExitCode::from(Exit::Config));
                     }
                 },
             };

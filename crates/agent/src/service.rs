@@ -29,15 +29,13 @@ use idsync_engine::BatchReport;
 use idsync_repo::Repo;
 
 use crate::cli::RunArgs;
-use crate::commands::describe;
 use crate::config::Loaded;
+use crate::exit::Exit;
+use crate::explain::describe;
 use crate::observe::{Observer, serve as serve_http};
 use crate::runner::{Failure, Progress, SLICE, Stop};
 use crate::setup::Setup;
 use crate::status::{ResourceStatus, StatusFile};
-
-/// Exit status when a second SIGTERM/SIGINT ends the agent without waiting.
-pub const EXIT_SECOND_SIGNAL: i32 = 130;
 
 /// How long a stop waits for the dispatcher's round in hand (a mail server that does not
 /// answer): its unrecorded messages are sent again after their lease.
@@ -178,7 +176,7 @@ pub fn serve(setup: Setup, args: &RunArgs) -> ExitCode {
     let reload = Arc::new(AtomicBool::new(false));
     if let Err(e) = install_signals(&stop, &reload) {
         eprintln!("error: cannot install signal handlers: {e}");
-        return ExitCode::from(crate::commands::EXIT_RESOURCE);
+        return ExitCode::from(Exit::Resource);
     }
     let names: Vec<String> = setup
         .loaded
@@ -244,12 +242,16 @@ pub fn serve(setup: Setup, args: &RunArgs) -> ExitCode {
 }
 
 /// SIGTERM and SIGINT request the stop (a second one exits at once with
-/// [`EXIT_SECOND_SIGNAL`]); SIGHUP requests a reload.
+/// [`Exit::SecondSignal`]); SIGHUP requests a reload.
 fn install_signals(stop: &Stop, reload: &Arc<AtomicBool>) -> std::io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     for sig in [SIGTERM, SIGINT] {
         // Registered first: it exits only when the flag was already set by the first signal.
-        signal_hook::flag::register_conditional_shutdown(sig, EXIT_SECOND_SIGNAL, stop.flag())?;
+        signal_hook::flag::register_conditional_shutdown(
+            sig,
+            i32::from(Exit::SecondSignal.code()),
+            stop.flag(),
+        )?;
         signal_hook::flag::register(sig, stop.flag())?;
     }
     signal_hook::flag::register(SIGHUP, reload.clone())?;

@@ -10,6 +10,7 @@ use idsync_core::Adapter;
 use idsync_engine::{DeleteAction, Engine, Mapping, MappingSource, OnError, Policy};
 use idsync_flatfile::FlatFileAdapter;
 use idsync_ldap::LdapAdapter;
+use idsync_notify::{Dispatcher, PolicyNotifier, setup as nsetup};
 use idsync_repo::Repo;
 use idsync_rules::{RuleEngine, Script};
 
@@ -167,7 +168,7 @@ pub fn compile_all(loaded: &Loaded, rules: &RuleEngine) -> Result<Vec<Policy>, P
         .enumerate()
         .map(|(i, r)| policy(loaded, i, r, rules, &scripts, &mut problems))
         .collect();
-    if let Err(p) = crate::outbox::compile(loaded) {
+    if let Err(p) = notifications(loaded) {
         problems.extend(p);
     }
     if problems.is_empty() {
@@ -195,7 +196,7 @@ impl Setup {
         let limits = loaded.config.limits.to_limits();
         let mut engine = Engine::new(repo.clone(), &limits);
         let policies = compile_all(&loaded, engine.rules())?;
-        let dispatcher = match crate::outbox::compile(&loaded).map_err(Problems)? {
+        let dispatcher = match notifications(&loaded).map_err(Problems)? {
             Some((notifier, dispatcher)) => {
                 engine.set_notifier(Box::new(notifier));
                 Some(dispatcher(repo))
@@ -278,4 +279,36 @@ pub fn open_repo(loaded: &Loaded) -> anyhow::Result<Arc<Repo>> {
         )
     })?;
     Ok(Arc::new(repo))
+}
+
+/// Builds a dispatcher once the repository is open.
+pub type MakeDispatcher = Box<dyn FnOnce(Arc<Repo>) -> Dispatcher>;
+
+/// Compiles the notifications config: `None` when there is none; problems name the file
+/// and key.
+pub fn notifications(
+    loaded: &Loaded,
+) -> Result<Option<(PolicyNotifier, MakeDispatcher)>, Vec<String>> {
+    let Some(cfg) = &loaded.config.notifications else {
+        return Ok(None);
+    };
+    let f = loaded.file.display().to_string();
+    let located = |v: Vec<String>| {
+        v.into_iter()
+            .map(|p| format!("{f}: {p}"))
+            .collect::<Vec<_>>()
+    };
+    let limits = loaded.config.limits.to_limits();
+    let mut problems = Vec::new();
+    let notifier = PolicyNotifier::compile(cfg, &limits).map_err(|p| problems.extend(located(p)));
+    let transport =
+        nsetup::transport(cfg, &|p| loaded.resolve(p)).map_err(|p| problems.extend(located(p)));
+    let settings = nsetup::settings(cfg).map_err(|p| problems.extend(located(p)));
+    match (notifier, transport, settings) {
+        (Ok(n), Ok(t), Ok(s)) => Ok(Some((
+            n,
+            Box::new(move |repo| Dispatcher::new(repo, t, s)) as MakeDispatcher,
+        ))),
+        _ => Err(problems),
+    }
 }
