@@ -159,6 +159,48 @@ impl Slapd {
         Self::start_with(false, false)
     }
 
+    /// Stops the server and saves both databases (the directory and its access log) with
+    /// slapcat, as a backup would; the server stays stopped.
+    pub fn backup(&mut self, name: &str) {
+        self.stop();
+        for (suffix, file) in [(SUFFIX, "data"), ("cn=accesslog", "accesslog")] {
+            let out = Command::new(sbin("slapcat"))
+                .args(["-f", "slapd.conf", "-b", suffix, "-l"])
+                .arg(format!("{name}-{file}.ldif"))
+                .current_dir(self.dir.path())
+                .output()
+                .expect("slapcat");
+            assert!(
+                out.status.success(),
+                "slapcat: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    /// Stops the server, replaces both databases by the backup `name` and starts it again:
+    /// a directory restored from an older backup.
+    pub fn restore(&mut self, name: &str) {
+        self.stop();
+        for (suffix, file) in [(SUFFIX, "data"), ("cn=accesslog", "accesslog")] {
+            let db = self.dir.path().join(file);
+            std::fs::remove_dir_all(&db).unwrap();
+            std::fs::create_dir_all(&db).unwrap();
+            let out = Command::new(sbin("slapadd"))
+                .args(["-f", "slapd.conf", "-q", "-b", suffix, "-l"])
+                .arg(format!("{name}-{file}.ldif"))
+                .current_dir(self.dir.path())
+                .output()
+                .expect("slapadd");
+            assert!(
+                out.status.success(),
+                "slapadd: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.launch();
+    }
+
     /// How many searches under `base` the server received so far (from its stats log).
     pub fn searches(&self, base: &str) -> usize {
         let log = std::fs::read_to_string(self.dir.path().join("slapd.log")).unwrap_or_default();

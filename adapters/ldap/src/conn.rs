@@ -21,6 +21,9 @@ pub(crate) struct Client {
     rt: Runtime,
     ldap: Option<Ldap>,
     pub config: LdapConfig,
+    /// Times the directory was found older than the stored cookie (module `stale`) and
+    /// refreshed from scratch.
+    pub stale_refreshes: u64,
 }
 
 impl Client {
@@ -36,6 +39,7 @@ impl Client {
             rt,
             ldap: None,
             config,
+            stale_refreshes: 0,
         })
     }
 
@@ -190,6 +194,28 @@ impl Client {
             self.disconnect();
         }
         result
+    }
+
+    /// The values of `attrs` of the entry `dn` (a base-scope search; an absent entry or
+    /// attribute reads as empty).
+    pub fn read_entry(
+        &mut self,
+        dn: &str,
+        attrs: &[&str],
+    ) -> Result<std::collections::HashMap<String, Vec<String>>, LdapError> {
+        let mut ldap = self.ldap()?;
+        let dn_owned = dn.to_owned();
+        let wanted: Vec<String> = attrs.iter().map(|a| (*a).to_owned()).collect();
+        let (entries, _res) = self.run("reading an entry", async move {
+            ldap.search(&dn_owned, Scope::Base, "(objectClass=*)", wanted)
+                .await?
+                .success()
+        })?;
+        Ok(entries
+            .into_iter()
+            .next()
+            .map(|e| ldap3::SearchEntry::construct(e).attrs)
+            .unwrap_or_default())
     }
 
     /// The next message of `stream` (network timeout applies).

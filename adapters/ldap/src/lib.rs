@@ -23,6 +23,7 @@ mod conn;
 mod entry;
 mod error;
 mod poll;
+mod stale;
 mod sync;
 pub mod tools;
 
@@ -152,6 +153,10 @@ impl Adapter for LdapAdapter {
         if let Some(c) = self.client.as_mut() {
             c.config.deletes_accepted = true;
         }
+    }
+
+    fn checkpoint_resets(&self) -> u64 {
+        self.client.as_ref().map_or(0, |c| c.stale_refreshes)
     }
 
     fn wakeup(&self) -> Wakeup {

@@ -22,6 +22,31 @@ use crate::error::LdapError;
 /// The result code of e-syncRefreshRequired.
 const REFRESH_REQUIRED: u32 = 4096;
 
+/// unwillingToPerform: OpenLDAP's answer to a cookie newer than its state (module `stale`).
+const UNWILLING_TO_PERFORM: u32 = 53;
+
+/// After an unwillingToPerform to a search with `cookie`: whether the directory is older
+/// than the cookie (restored from a backup). If so, logs it and counts it: the caller
+/// refreshes from scratch, deletes found by absence behind the guard.
+fn stale_cookie(
+    client: &mut Client,
+    resource: &str,
+    cookie: Option<&[u8]>,
+) -> Result<bool, LdapError> {
+    let Some(cookie) = cookie else {
+        return Ok(false);
+    };
+    if !crate::stale::server_is_older(client, cookie)? {
+        return Ok(false);
+    }
+    client.stale_refreshes += 1;
+    tracing::warn!(
+        resource,
+        "the directory's state is older than the stored cookie (restored from a backup?): refreshing from scratch; deletes are found by absence, behind the accidental-delete guard"
+    );
+    Ok(true)
+}
+
 /// Checkpoint text of a cookie for a search whose parameters hash to `params`:
 /// `sync:<params>:<cookie>` when the cookie is printable, else `sync64:<params>:<base64>`.
 pub(crate) fn encode_cookie(params: &str, cookie: &[u8]) -> Checkpoint {
@@ -234,6 +259,9 @@ pub(crate) fn refresh_only<'k>(
                 );
                 start_cookie = None;
             }
+            UNWILLING_TO_PERFORM if stale_cookie(client, resource, start_cookie.as_deref())? => {
+                start_cookie = None;
+            }
             rc => return Err(search_error(client, rc, &res.text)),
         }
     }
@@ -346,6 +374,18 @@ pub(crate) fn persist<'k>(
             Some(Ok(None)) => {
                 let res = client.finish(&mut p.stream);
                 client.disconnect();
+                if res.rc == UNWILLING_TO_PERFORM
+                    && !*full
+                    && stale_cookie(client, resource, p.cookie.as_deref())?
+                {
+                    client.disconnect();
+                    // Nothing of this stream is committed; the next fetch refreshes from scratch.
+                    *full = true;
+                    return Err(LdapError::Connection {
+                        url: cfg.url.clone(),
+                        message: "the directory is older than the stored cookie: restarting with a full refresh".to_owned(),
+                    });
+                }
                 if res.rc == REFRESH_REQUIRED {
                     tracing::warn!(
                         resource,

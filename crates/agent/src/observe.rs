@@ -41,6 +41,7 @@ pub struct Observer {
     last_pass: Family<Labels, Gauge<f64, AtomicU64>>,
     pass_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
     up: Family<Labels, Gauge>,
+    checkpoint_resets: Family<Labels, Counter>,
     pass_done_events: Family<Labels, Gauge>,
     pass_planned_events: Family<Labels, Gauge>,
     outbox_pending: Gauge,
@@ -109,6 +110,12 @@ impl Observer {
             "1 when the last pass of the resource succeeded",
             up.clone(),
         );
+        let checkpoint_resets = Family::<Labels, Counter>::default();
+        registry.register(
+            "checkpoint_resets",
+            "Times the source was found older than the committed checkpoint (a directory restored from a backup) and refreshed from scratch",
+            checkpoint_resets.clone(),
+        );
         let pass_done_events = Family::<Labels, Gauge>::default();
         registry.register(
             "pass_events_done",
@@ -151,6 +158,7 @@ impl Observer {
             last_pass,
             pass_seconds,
             up,
+            checkpoint_resets,
             pass_done_events,
             pass_planned_events,
             outbox_pending,
@@ -180,6 +188,13 @@ impl Observer {
         self.failed.get_or_create(&labels).inc_by(r.failed);
         self.rejected.get_or_create(&labels).inc_by(r.rejected);
         self.healthy(name);
+    }
+
+    /// The source was found older than the checkpoint `n` more times.
+    pub fn checkpoint_resets(&self, name: &str, n: u64) {
+        self.checkpoint_resets
+            .get_or_create(&resource(name))
+            .inc_by(n);
     }
 
     /// Where the pass in hand stands: events committed, and planned in all.

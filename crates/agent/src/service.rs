@@ -362,6 +362,7 @@ fn resource_loop(shared: Shared, index: usize, accept_deletes: bool) {
     let mut wakeup = adapter.wakeup();
     let stream = matches!(wakeup, Wakeup::Stream);
     let mut failures: Option<(Failure, u32)> = None;
+    let mut resets_seen = 0;
     while !shared.stop.requested() {
         let started = Instant::now();
         let mut progress = LoopProgress {
@@ -441,6 +442,13 @@ fn resource_loop(shared: Shared, index: usize, accept_deletes: bool) {
                 }
                 wait = Some(backoff);
             }
+        }
+        let resets = adapter.checkpoint_resets();
+        if resets > resets_seen {
+            shared
+                .observer
+                .checkpoint_resets(&name, resets - resets_seen);
+            resets_seen = resets;
         }
         retry_due(&setup, &policy, &name);
         let Some(wait) = wait else {

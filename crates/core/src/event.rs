@@ -203,6 +203,12 @@ pub trait Adapter: Send {
     fn planned(&self) -> Option<u64> {
         None
     }
+    /// How many times, since it was created, the adapter found the source older than the
+    /// committed checkpoint (a directory restored from a backup) and started over from
+    /// scratch: the agent counts it in a metric.
+    fn checkpoint_resets(&self) -> u64 {
+        0
+    }
     /// What wakes the runner for this adapter between passes. The default: only the
     /// resource's schedule (its poll interval or cron).
     fn wakeup(&self) -> Wakeup {
