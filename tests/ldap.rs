@@ -667,3 +667,28 @@ fn a_directory_restored_from_a_backup_converges() {
         12
     );
 }
+
+/// An account is found by its DN, and by the resource's naming attribute, wherever a key
+/// is accepted, not only by its entryUUID.
+#[test]
+fn accounts_are_found_by_dn_and_by_naming_attribute() {
+    let slapd = Slapd::start();
+    slapd.add_person("ann", "Ann", "ann@example.com");
+    slapd.add_person("bob", "Bob", "bob@example.com");
+    let s = world(&slapd, "      mode: syncrepl\n      name_attribute: uid");
+    s.run_once(None, 0);
+    let uuid = slapd.entry_uuid(&format!("uid=ann,{PEOPLE}"));
+    let by_uuid = s.idsync(&["explain", "dir", &uuid]).expect_code(0).stdout;
+    let dn = format!("UID=ann,{PEOPLE}");
+    let by_dn = s.idsync(&["explain", "dir", &dn]).expect_code(0).stdout;
+    let by_uid = s.idsync(&["explain", "dir", "ann"]).expect_code(0).stdout;
+    assert_eq!(by_dn, by_uuid);
+    assert_eq!(by_uid, by_uuid);
+    assert!(by_uuid.contains(&uuid), "{by_uuid}");
+    let results = s.results(&["--key", &format!("uid=ann,{PEOPLE}")]);
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["key"], uuid.as_str());
+    s.idsync(&["failed", "list", "--key", "bob"]).expect_code(0);
+    // Nobody else answers to that name.
+    s.idsync(&["explain", "dir", "carol"]).expect_code(1);
+}

@@ -86,6 +86,11 @@ pub struct LdapConfig {
     /// The account attribute that carries the entry's DN (default `dn`).
     #[serde(default = "default_dn_attribute")]
     pub dn_attribute: String,
+    /// An attribute people know accounts by (e.g. `uid`): commands that take an account key
+    /// (`explain`, `results --key`, `failed list --key`) accept its value, as they accept
+    /// the entry's DN, besides the entryUUID.
+    #[serde(default)]
+    pub name_attribute: Option<String>,
     /// How changes are detected (default `syncrepl`).
     #[serde(default)]
     pub mode: Mode,
@@ -203,6 +208,7 @@ impl LdapConfig {
             attributes: default_attributes(),
             binary_attributes: default_binary(),
             dn_attribute: default_dn_attribute(),
+            name_attribute: None,
             mode: Mode::Syncrepl,
             interval_secs: None,
             batch_size: default_batch_size(),

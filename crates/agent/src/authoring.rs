@@ -124,7 +124,12 @@ pub fn explain(loaded: &Loaded, args: &ExplainArgs) -> anyhow::Result<ExitCode> 
         },
         (None, Some(resource), Some(key)) => DecisionFilter {
             resource: Some(resource.clone()),
-            key: Some(key.clone()),
+            key: Some(crate::accounts::resolve_key(
+                loaded,
+                &repo,
+                Some(resource),
+                key,
+            )?),
             ..DecisionFilter::default()
         },
         _ => {

@@ -236,6 +236,9 @@ pub enum FailedCommand {
         /// Only this resource.
         #[arg(long, short = 'r')]
         resource: Option<String>,
+        /// Only this account (its key; for LDAP also its DN or naming attribute).
+        #[arg(long, short = 'k')]
+        key: Option<String>,
         /// JSON lines with the stored event.
         #[arg(long)]
         json: bool,

@@ -386,9 +386,14 @@ pub fn results(loaded: Loaded, args: &ResultsArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let repo = open_repo(&loaded)?;
+    let key = args
+        .key
+        .as_deref()
+        .map(|k| crate::accounts::resolve_key(&loaded, &repo, args.resource.as_deref(), k))
+        .transpose()?;
     let records = repo.decisions(&DecisionFilter {
         resource: args.resource.clone(),
-        key: args.key.clone(),
+        key,
         situation,
         failed_only: args.failed,
         identity: args.identity.clone(),
@@ -437,9 +442,20 @@ pub fn preview(loaded: Loaded, args: &crate::cli::PreviewArgs) -> anyhow::Result
 /// `idsync failed ...`.
 pub fn failed(loaded: Loaded, cmd: &FailedCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        FailedCommand::List { resource, json } => {
+        FailedCommand::List {
+            resource,
+            key,
+            json,
+        } => {
             let repo = open_repo(&loaded)?;
-            let list = repo.failures(resource.as_deref())?;
+            let key = key
+                .as_deref()
+                .map(|k| crate::accounts::resolve_key(&loaded, &repo, resource.as_deref(), k))
+                .transpose()?;
+            let mut list = repo.failures(resource.as_deref())?;
+            if let Some(k) = &key {
+                list.retain(|f| f.key.as_ref() == Some(k));
+            }
             let mut out = crate::printable::stdout();
             for f in &list {
                 if *json {

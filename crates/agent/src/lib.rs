@@ -5,6 +5,7 @@
 //! library crates below it take already-validated values, so a bad config is reported
 //! completely (`idsync check`) before any repository file is created.
 
+pub mod accounts;
 pub mod authoring;
 pub mod bench_flatfile;
 pub mod bench_ldap;

@@ -62,6 +62,30 @@ impl Repo {
             .transpose()
     }
 
+    /// The keys of the accounts of `resource` whose last seen attribute `attr` has the
+    /// text value `value`, compared without regard to ASCII case (a DN, a uid): what an
+    /// operator knows of an account whose key is a UUID. Reads every shadow of the
+    /// resource: for commands, not for passes.
+    pub fn shadow_keys_with_value(
+        &self,
+        resource: &str,
+        attr: &str,
+        value: &str,
+    ) -> Result<Vec<String>, RepoError> {
+        let conn = self.lock()?;
+        let path = format!("$.\"{}\"", attr.replace('"', ""));
+        conn.prepare_cached(
+            "SELECT DISTINCT s.key FROM shadows s, json_each(s.attrs, ?2) v \
+             WHERE s.resource = ?1 AND v.type = 'text' AND lower(v.value) = lower(?3) \
+             ORDER BY s.key",
+        )
+        .and_then(|mut st| {
+            st.query_map([resource, path.as_str(), value], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()
+        })
+        .with_ctx(|| format!("finding accounts of {resource} by {attr}"))
+    }
+
     /// Calls `each` with every account key of `resource` and the content hash of its
     /// shadow (read from the covering index `shadows_hash`).
     pub fn each_shadow_hash(
