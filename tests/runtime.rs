@@ -258,6 +258,11 @@ resources:
         code, 200,
         "ready while the first pass makes progress: {body}"
     );
+    let status = s.idsync(&["status"]).expect_code(0).stdout;
+    assert!(
+        status.contains("agent: running") && status.contains("hr: ok"),
+        "the status during the first pass: {status}"
+    );
     let (code, took) = terminate(&mut agent);
     assert_eq!(code, Some(0), "{}", log(&s));
     assert!(took < Duration::from_secs(5), "stopping took {took:?}");
