@@ -507,6 +507,18 @@ fn binary_and_multi_valued_attributes_are_carried_faithfully() {
     );
 }
 
+/// Narrows the resource's filter to p0 and p1: the cookie no longer fits, a full refresh
+/// finds the others absent.
+fn narrow_to_p0_and_p1(s: &Sandbox) {
+    let narrow = std::fs::read_to_string(s.path().join("idsync.yaml"))
+        .unwrap()
+        .replace(
+            "filter: (objectClass=inetOrgPerson)",
+            "filter: (|(uid=p0)(uid=p1))",
+        );
+    s.config(&narrow);
+}
+
 #[test]
 fn changed_search_refreshes_from_scratch_behind_the_delete_guard() {
     let slapd = Slapd::start();
@@ -519,13 +531,7 @@ fn changed_search_refreshes_from_scratch_behind_the_delete_guard() {
 
     // A narrower filter invalidates the cookie: a full refresh finds 10 accounts absent,
     // more than the guard allows, so nothing is applied.
-    let narrow = std::fs::read_to_string(s.path().join("idsync.yaml"))
-        .unwrap()
-        .replace(
-            "filter: (objectClass=inetOrgPerson)",
-            "filter: (|(uid=p0)(uid=p1))",
-        );
-    s.config(&narrow);
+    narrow_to_p0_and_p1(&s);
     let run = s.run_once(None, 3);
     assert!(
         run.stderr.contains("would delete 10 of 12 accounts")
@@ -559,13 +565,7 @@ fn the_older_guard_keys_still_set_the_shared_guard() {
         "      mode: syncrepl\n      delete_guard_percent: 100",
     );
     s.run_once(None, 0);
-    let narrow = std::fs::read_to_string(s.path().join("idsync.yaml"))
-        .unwrap()
-        .replace(
-            "filter: (objectClass=inetOrgPerson)",
-            "filter: (|(uid=p0)(uid=p1))",
-        );
-    s.config(&narrow);
+    narrow_to_p0_and_p1(&s);
     // 100%: no share of the accounts is too many.
     s.run_once(None, 0);
     assert_eq!(s.results(&["--situation", "deleted"]).len(), 10);
