@@ -194,7 +194,7 @@ pub fn serve(setup: Setup, args: &RunArgs) -> ExitCode {
     if listen != "off" {
         match listen.parse() {
             Ok(addr) => match serve_http(addr, observer.clone()) {
-                Ok(_) => endpoint = format!("http://{listen}"),
+                Ok((bound, _)) => endpoint = format!("http://{bound}"),
                 Err(e) => tracing::warn!("{e:#}; running without the status endpoint"),
             },
             Err(e) => tracing::warn!("status.listen {listen}: {e}"),
