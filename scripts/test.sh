@@ -17,6 +17,11 @@ if ! command -v sqlite3 >/dev/null 2>&1; then
   step "installing sqlite3"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sqlite3 >/dev/null
 fi
+# The JSON-log test runs the jq filter docs/operations.md shows.
+if ! command -v jq >/dev/null 2>&1; then
+  step "installing jq"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null
+fi
 # The LDAP tests run a private slapd (ldap-utils for their changes, openssl for a test CA).
 if ! command -v slapd >/dev/null 2>&1 && ! [ -x /usr/sbin/slapd ] || ! command -v ldapmodify >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
   step "installing slapd, ldap-utils and openssl"

@@ -513,16 +513,18 @@ fn retry_due(setup: &Setup, policy: &idsync_engine::Policy, resource: &str) {
         }
         match setup.engine.retry(policy, &f) {
             Ok(d) if d.error.is_none() => {
-                tracing::info!(resource, key = %d.key, "failed event #{} re-run: {}", f.id, d.action)
+                let _span = tracing::warn_span!("event", resource, key = %d.key).entered();
+                tracing::info!("failed event #{} re-run: {}", f.id, d.action)
             }
-            Ok(d) => tracing::warn!(
-                resource,
-                key = %d.key,
-                "failed event #{} still failing (attempt {}): {}",
-                f.id,
-                f.attempts + 1,
-                d.error.unwrap_or_default()
-            ),
+            Ok(d) => {
+                let _span = tracing::warn_span!("event", resource, key = %d.key).entered();
+                tracing::warn!(
+                    "failed event #{} still failing (attempt {}): {}",
+                    f.id,
+                    f.attempts + 1,
+                    d.error.unwrap_or_default()
+                )
+            }
             Err(e) => tracing::warn!(resource, "failed event #{}: {e}", f.id),
         }
     }
