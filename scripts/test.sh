@@ -44,8 +44,14 @@ else
   cargo test --workspace --no-fail-fast
 fi
 
-step "quickstart (smoke test with the debug binary)"
+step "quickstart (smoke test with the debug binary, in a temporary copy)"
 cargo build -q
-IDSYNC_BIN="$PWD/target/debug/idsync" bash examples/quickstart/run.sh >/dev/null
+# The script works in a folder beside itself: run a copy, so the source tree stays untouched
+# (and two runs of this script at once do not share a work folder).
+quickstart="$(mktemp -d)"
+trap 'rm -rf "$quickstart"' EXIT
+cp -R examples/quickstart/. "$quickstart/"
+rm -rf "$quickstart/work"
+IDSYNC_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/idsync" bash "$quickstart/run.sh" >/dev/null
 
 step "all checks passed"
