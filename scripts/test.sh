@@ -17,6 +17,11 @@ if ! command -v sqlite3 >/dev/null 2>&1; then
   step "installing sqlite3"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sqlite3 >/dev/null
 fi
+# The JSON-log test runs the jq filter docs/operations.md shows.
+if ! command -v jq >/dev/null 2>&1; then
+  step "installing jq"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null
+fi
 # The LDAP tests run a private slapd (ldap-utils for their changes, openssl for a test CA).
 if ! command -v slapd >/dev/null 2>&1 && ! [ -x /usr/sbin/slapd ] || ! command -v ldapmodify >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
   step "installing slapd, ldap-utils and openssl"
@@ -40,9 +45,15 @@ else
   cargo test --workspace --no-fail-fast
 fi
 
-step "quickstart (smoke test with the debug binary)"
-cargo build
+step "quickstart (smoke test with the debug binary, in a temporary copy)"
+cargo build -q
+# The script works in a folder beside itself: run a copy, so the source tree stays untouched
+# (and two runs of this script at once do not share a work folder).
+quickstart="$(mktemp -d)"
+trap 'rm -rf "$quickstart"' EXIT
+cp -R examples/quickstart/. "$quickstart/"
+rm -rf "$quickstart/work"
 # Wherever cargo put it: CARGO_TARGET_DIR or .cargo/config.toml may move target/.
-IDSYNC_BIN="$(bash scripts/cargo-target-dir.sh)/debug/idsync" bash examples/quickstart/run.sh >/dev/null
+IDSYNC_BIN="$(bash scripts/cargo-target-dir.sh)/debug/idsync" bash "$quickstart/run.sh" >/dev/null
 
 step "all checks passed"

@@ -168,6 +168,9 @@ fn missing_feed_is_a_resource_error_naming_it() {
 fn a_second_agent_on_the_same_repository_refuses_to_start() {
     let s = Sandbox::new();
     basic(&s);
+    // No status endpoint: parallel tests must not meet on the default port.
+    let config = std::fs::read_to_string(s.path().join("idsync.yaml")).unwrap();
+    s.config(&format!("status: {{ listen: off }}\n{config}"));
     let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
         .args(["run"])
         .current_dir(s.path())
@@ -223,9 +226,42 @@ fn json_logs_carry_resource_and_key() {
         })
         .collect();
     assert_eq!(failed.len(), 2, "{}", out.stderr);
-    assert_eq!(failed[0]["fields"]["resource"], "hr");
-    assert_eq!(failed[0]["fields"]["key"], "1");
+    assert_eq!(failed[0]["span"]["resource"], "hr");
+    assert_eq!(failed[0]["span"]["key"], "1");
+    assert_eq!(failed[1]["span"]["key"], "2");
     assert_eq!(failed[0]["level"], "WARN");
+
+    // The filter docs/operations.md gives, with the jq binary, follows one account.
+    let mut jq = std::process::Command::new("jq")
+        .args(["-c", r#"select(.span.key == "1")"#])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("jq (apt-get install jq; scripts/test.sh installs it)");
+    {
+        use std::io::Write;
+        jq.stdin
+            .take()
+            .unwrap()
+            .write_all(out.stderr.as_bytes())
+            .unwrap();
+    }
+    let picked = jq.wait_with_output().unwrap();
+    assert!(picked.status.success());
+    let picked: Vec<serde_json::Value> = String::from_utf8(picked.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(picked.len(), 1, "{picked:?}");
+    assert_eq!(picked[0]["span"]["key"], "1");
+    assert!(
+        picked[0]["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no luck"),
+        "{picked:?}"
+    );
 }
 
 #[test]

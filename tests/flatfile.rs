@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Run, Sandbox, attr, eventually, free_port};
+use common::{Run, Sandbox, attr, eventually};
 
 /// A sandbox with one resource `hr` over `feeds/hr.csv` keyed by `id`, every account
 /// attribute copied to its identity; `source_extra` is added to the source map.
@@ -14,6 +14,7 @@ fn world(source_extra: &str) -> Sandbox {
     let s = Sandbox::new();
     s.config(&format!(
         "poll_interval_secs: 60
+status: {{ listen: off }}
 resources:
   - name: hr
     source: {{ type: flatfile, path: feeds/hr.csv, key: id{source_extra} }}
@@ -618,7 +619,7 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 /// `badges` is synchronized anyway, `hr` is reported failing with `why` in the status
 /// file, `idsync status` and `/readyz`, none of which (nor the agent's log) shows
 /// [`SECRET`]; SIGTERM stops the agent promptly.
-fn agent_refuses(s: &Sandbox, port: u16, why: &str) {
+fn agent_refuses(s: &Sandbox, why: &str) {
     /// Kills the agent if the test fails before it stopped.
     struct Guard(std::process::Child);
     impl Drop for Guard {
@@ -651,6 +652,9 @@ fn agent_refuses(s: &Sandbox, port: u16, why: &str) {
     assert_no_secret("idsync status", &status.stderr);
     let json = s.idsync(&["status", "--json"]).expect_code(0);
     assert_no_secret("idsync status --json", &json.stdout);
+    let port = eventually(10, "the status endpoint", || {
+        common::endpoint_port(&std::fs::read_to_string(s.path().join("agent.log")).unwrap())
+    });
     let ready = eventually(10, "/readyz", || http_get(port, "/readyz"));
     assert!(ready.contains("503") && ready.contains("hr:"), "{ready}");
     assert_no_secret("/readyz", &ready);
@@ -674,8 +678,7 @@ fn agent_refuses(s: &Sandbox, port: u16, why: &str) {
 
 #[test]
 fn symlink_at_the_feed_path_is_refused_without_showing_its_target() {
-    let port = free_port();
-    let s = two_resources(", completion: rename", &format!("\"127.0.0.1:{port}\""));
+    let s = two_resources(", completion: rename", "\"127.0.0.1:0\"");
     let secret = secret_file(&s);
     std::os::unix::fs::symlink(&secret, s.path().join("feeds/hr.csv")).unwrap();
     let out = run_within(&s, &["run", "--once"], 10);
@@ -687,14 +690,13 @@ fn symlink_at_the_feed_path_is_refused_without_showing_its_target() {
     );
     assert_no_secret("stdout", &out.stdout);
     assert_no_secret("stderr", &out.stderr);
-    agent_refuses(&s, port, "is a symbolic link: refused");
+    agent_refuses(&s, "is a symbolic link: refused");
 }
 
 #[test]
 fn fifo_at_the_feed_path_is_refused_at_once_and_starves_nothing() {
-    let port = free_port();
     // Default completion (settle): the refusal must not wait for a settle time either.
-    let s = two_resources("", &format!("\"127.0.0.1:{port}\""));
+    let s = two_resources("", "\"127.0.0.1:0\"");
     secret_file(&s);
     mkfifo(&s.path().join("feeds/hr.csv"));
     let out = run_within(&s, &["run", "--once"], 10);
@@ -706,7 +708,7 @@ fn fifo_at_the_feed_path_is_refused_at_once_and_starves_nothing() {
         out.stderr
     );
     assert!(out.stdout.contains("badges: 1 events"), "{}", out.stdout);
-    agent_refuses(&s, port, "is a FIFO (named pipe), not a regular file");
+    agent_refuses(&s, "is a FIFO (named pipe), not a regular file");
 }
 
 #[test]

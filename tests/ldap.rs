@@ -28,6 +28,7 @@ fn world_at(_slapd: &Slapd, url: &str, source_extra: &str) -> Sandbox {
     s.write("secrets/ldap.pw", &format!("{SYNC_PW}\n"));
     s.config(&format!(
         "poll_interval_secs: 1
+status: {{ listen: off }}
 resources:
   - name: dir
     source:

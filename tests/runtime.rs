@@ -89,7 +89,6 @@ fn an_idle_agent_makes_no_passes_and_sends_no_searches() {
     let slapd = Slapd::start();
     slapd.add_person("d1", "D One", "d1@example.com");
     let s = Sandbox::new();
-    let port = free_port();
     s.write("secrets/ldap.pw", &format!("{SYNC_PW}\n"));
     let ldap = |name: &str, mode: &str| {
         format!(
@@ -109,7 +108,7 @@ fn an_idle_agent_makes_no_passes_and_sends_no_searches() {
     };
     s.config(&format!(
         "poll_interval_secs: 3600
-status: {{ listen: \"127.0.0.1:{port}\" }}
+status: {{ listen: \"127.0.0.1:0\" }}
 resources:
   - name: hr
     source: {{ type: flatfile, path: feeds/hr.csv, key: id }}
@@ -120,6 +119,9 @@ resources:
     ));
     s.feed("hr.csv", "id,title\n1,clerk\n");
     let mut agent = start(&s);
+    let port = eventually(20, "the status endpoint", || {
+        common::endpoint_port(&log(&s))
+    });
     eventually(30, "the first passes", || {
         (std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
             && s.identity("hr-1").is_some()
@@ -219,16 +221,15 @@ notifications:
 fn a_stop_during_a_long_initial_load_is_prompt_and_loses_nothing() {
     const ROWS: usize = 300_000;
     let s = Sandbox::new();
-    let port = free_port();
-    s.config(&format!(
+    s.config(
         "poll_interval_secs: 3600
-status: {{ listen: \"127.0.0.1:{port}\" }}
+status: { listen: \"127.0.0.1:0\" }
 resources:
   - name: hr
-    source: {{ type: flatfile, path: feeds/hr.csv, key: id }}
+    source: { type: flatfile, path: feeds/hr.csv, key: id }
     naming: 'account.id'
-"
-    ));
+",
+    );
     let mut csv = String::with_capacity(ROWS * 40);
     csv.push_str("id,cn,mail,title\n");
     for i in 0..ROWS {
@@ -236,6 +237,9 @@ resources:
     }
     s.feed("hr.csv", &csv);
     let mut agent = start(&s);
+    let port = eventually(20, "the status endpoint", || {
+        common::endpoint_port(&log(&s))
+    });
     // Two parts committed, the pass still going.
     let progress = eventually(60, "parts of the load", || {
         std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;

@@ -7,7 +7,7 @@ mod common;
 
 use std::process::{Child, Command, Stdio};
 
-use common::{Sandbox, eventually, free_port, http_get};
+use common::{Sandbox, eventually, http_get};
 
 fn config(s: &Sandbox, extra: &str) {
     s.config(&format!(
@@ -86,12 +86,20 @@ fn rules_reload_on_change_and_a_bad_reload_keeps_the_running_rules() {
     eventually(20, "the refused reload", || {
         log(&s).contains("reload refused").then_some(())
     });
-    s.replace_atomically("feeds/hr.csv", "id,email\n1,a@x\n2,b@x\n3,c@x\n");
-    eventually(20, "the change with the old rules", || {
-        s.results(&["--key", "3"])
-            .pop()
-            .filter(|d| d["action"] == "created")
+    // Account 3 has account 1's mail: the running rule (by mail) links it to 1's identity;
+    // the broken one would fail it, no rule at all would create an identity.
+    let owner = s.owner("hr", "1").unwrap();
+    s.replace_atomically("feeds/hr.csv", "id,email\n1,a@x\n2,b@x\n3,a@x\n");
+    let d = eventually(20, "the change with the old rules", || {
+        s.results(&["--key", "3"]).pop()
     });
+    assert_eq!(
+        (&d["situation"], &d["action"]),
+        (&"unlinked".into(), &"linked".into()),
+        "{d}"
+    );
+    assert_eq!(s.owner("hr", "3"), Some(owner));
+    assert!(s.failed().is_empty());
     // A good new rule is picked up without a restart.
     s.rule(
         "corr.rhai",
@@ -104,7 +112,7 @@ fn rules_reload_on_change_and_a_bad_reload_keeps_the_running_rules() {
         n += 1;
         s.replace_atomically(
             "feeds/hr.csv",
-            &format!("id,email\n1,a@x\n2,b@x\n3,c@x\nk{n},d{n}@x\n"),
+            &format!("id,email\n1,a@x\n2,b@x\n3,a@x\nk{n},d{n}@x\n"),
         );
         std::thread::sleep(std::time::Duration::from_millis(300));
         s.results(&["--key", &format!("k{n}")]).pop().filter(|d| {
@@ -156,9 +164,11 @@ fn failed_events_are_retried_up_to_the_limit_then_left_for_an_operator() {
 #[test]
 fn status_health_readiness_and_metrics() {
     let s = Sandbox::new();
-    let port = free_port();
-    config(&s, &format!("status: {{ listen: \"127.0.0.1:{port}\" }}\n"));
+    config(&s, "status: { listen: \"127.0.0.1:0\" }\n");
     let agent = start(&s);
+    let port = eventually(20, "the status endpoint", || {
+        common::endpoint_port(&log(&s))
+    });
     eventually(20, "ready", || {
         std::net::TcpStream::connect(("127.0.0.1", port))
             .ok()

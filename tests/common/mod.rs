@@ -286,13 +286,80 @@ pub struct SmtpServer {
     pub port: u16,
 }
 
-/// A port free right now on 127.0.0.1.
+/// Ports handed out by [`free_port`] in this process so far.
+static PORTS_TAKEN: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+/// A loopback port for a server a test starts on the command line (slapd, aiosmtpd) or
+/// names in a config before the server runs. The kernel's "any free port" (bind to port 0,
+/// release) can hand the same port to two tests running at once, and to the next client
+/// socket; so each test process takes ports from a block of its own, derived from its
+/// process id (nextest runs every test in a process of its own; two runs of the suite at
+/// once have different pids), below the kernel's ephemeral range (32768–60999) so no client
+/// socket takes them either, skipping any that is in use right now. A server that still
+/// fails to bind says so (slapd retries on another port, see `slapd.rs`).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const FIRST: u32 = 10_000;
+    const BLOCK: u32 = 24;
+    const BLOCKS: u32 = (32_000 - FIRST) / BLOCK;
+    let base = FIRST + (std::process::id() % BLOCKS) * BLOCK;
+    loop {
+        let n = PORTS_TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            u32::from(n) < BLOCK,
+            "this test process used up its {BLOCK} ports"
+        );
+        let port = u16::try_from(base + u32::from(n)).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Whether process `pid` holds a socket listening on 127.0.0.1:`port` (or on every
+/// address): `/proc/net/tcp` names the listening socket's inode, `/proc/PID/fd` the
+/// process's sockets. Tells a test's own server from another that has the port.
+pub fn listens(pid: u32, port: u16) -> bool {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || f[3] != "0A" {
+                continue;
+            }
+            let Some((_, p)) = f[1].rsplit_once(':') else {
+                continue;
+            };
+            if u16::from_str_radix(p, 16).ok() == Some(port) {
+                inodes.push(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return false;
+    }
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(Result::ok).any(|e| {
+                std::fs::read_link(e.path())
+                    .is_ok_and(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str()))
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// The port of an agent's status endpoint, read from its start-up line in its `log`
+/// (`agent started: … status endpoint http://127.0.0.1:PORT`). Tests that read the endpoint
+/// configure `status: { listen: "127.0.0.1:0" }` and let the kernel choose a free port; the
+/// others turn it off.
+pub fn endpoint_port(log: &str) -> Option<u16> {
+    let rest = log.split("status endpoint http://").nth(1)?;
+    let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+    addr.trim_end_matches(['/', ','])
+        .rsplit_once(':')?
+        .1
+        .parse()
+        .ok()
 }
 
 /// `GET path` on 127.0.0.1:`port` (HTTP/1.0): the status code and the body.
@@ -402,18 +469,38 @@ impl SmtpServer {
     /// the port accepts connections.
     fn launch(&mut self, args: &[std::ffi::OsString]) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new("/usr/bin/python3")
+        let importable = Command::new("/usr/bin/python3")
+            .args(["-c", "import aiosmtpd"])
+            .output()
+            .expect("run /usr/bin/python3 (apt-get install python3)");
+        assert!(
+            importable.status.success(),
+            "the SMTP tests need Debian's python3-aiosmtpd (apt-get install python3-aiosmtpd; \
+             scripts/test.sh installs it): {}",
+            String::from_utf8_lossy(&importable.stderr).trim()
+        );
+        let log = self.dir.join("smtp.log");
+        let mut child = Command::new("/usr/bin/python3")
             .args(args)
             .env("PYTHONPATH", &self.dir)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start /usr/bin/python3 -m aiosmtpd (apt-get install python3-aiosmtpd)");
-        self.child = Some(child);
         let port = self.port;
+        // Ready when our own process listens on the port (not another test's server that
+        // took it meanwhile); an exit (the port taken, a bad option) is reported at once
+        // with the server's own words.
         poll(20, "the SMTP server to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "the SMTP server on port {port} exited ({status}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            listens(child.id(), port).then_some(())
         });
+        self.child = Some(child);
     }
 
     /// Stops it (the port stays reserved for a restart).

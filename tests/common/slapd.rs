@@ -6,7 +6,6 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,10 +27,9 @@ fn sbin(name: &str) -> String {
     }
 }
 
-/// A free loopback TCP port (bound and released; checked free again before use).
+/// A loopback port of this test process's own block (see `common::free_port`).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    crate::common::free_port()
 }
 
 /// A generated CA and server certificate (openssl), for ldaps and StartTLS.
@@ -130,6 +128,8 @@ pub struct Slapd {
     pub tls_port: Option<u16>,
     pub tls: Option<Tls>,
     child: Option<Child>,
+    /// Whether it ran once: a restart must come back on the same ports.
+    started_once: bool,
 }
 
 const BASE_LDIF: &str = "dn: dc=example,dc=com
@@ -306,6 +306,7 @@ logsuccess TRUE
             tls,
             dir,
             child: None,
+            started_once: false,
         };
         s.launch();
         s
@@ -339,20 +340,32 @@ logsuccess TRUE
                 .stderr(log)
                 .spawn()
                 .expect("slapd");
-            // Ready when the root DSE answers, or failed when the process exits.
+            // Ready when our own process listens on the port(s) and the root DSE answers
+            // (every test slapd has the same suffix and credentials: another test's server
+            // on the port must not pass for ours); failed when the process exits.
             loop {
                 if let Some(_status) = child.try_wait().unwrap() {
                     break;
                 }
-                if self.answers() {
+                let ours = crate::common::listens(child.id(), self.port)
+                    && self
+                        .tls_port
+                        .is_none_or(|p| crate::common::listens(child.id(), p));
+                if ours && self.answers() {
                     self.child = Some(child);
+                    self.started_once = true;
                     return;
                 }
                 assert!(Instant::now() < deadline, "slapd did not start");
                 std::thread::sleep(Duration::from_millis(20));
             }
-            // The port was taken meanwhile (or is still in use after a stop): retry.
+            // The port was taken meanwhile (or is still in use after a stop): retry, on
+            // new ports unless a client already knows these (a restart).
             assert!(Instant::now() < deadline, "slapd did not start");
+            if !self.started_once {
+                self.port = 0;
+                self.tls_port = None;
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }

@@ -268,10 +268,15 @@ impl Observer {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` from a background thread.
-pub fn serve(addr: SocketAddr, observer: Arc<Observer>) -> anyhow::Result<JoinHandle<()>> {
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` from a background thread. Returns
+/// the address bound (port 0 in `addr` picks a free port) with the thread.
+pub fn serve(
+    addr: SocketAddr,
+    observer: Arc<Observer>,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let server = tiny_http::Server::http(addr)
         .map_err(|e| anyhow::anyhow!("status endpoint: cannot listen on {addr}: {e}"))?;
+    let addr = server.server_addr().to_ip().unwrap_or(addr);
     tracing::info!("status endpoint on http://{addr}/ (metrics, healthz, readyz)");
     let handle = std::thread::Builder::new()
         .name("idsync-http".to_owned())
@@ -303,5 +308,5 @@ pub fn serve(addr: SocketAddr, observer: Arc<Observer>) -> anyhow::Result<JoinHa
                 }
             }
         })?;
-    Ok(handle)
+    Ok((addr, handle))
 }

@@ -192,7 +192,7 @@ pub fn serve(setup: Setup, args: &RunArgs) -> ExitCode {
     if listen != "off" {
         match listen.parse() {
             Ok(addr) => match serve_http(addr, observer.clone()) {
-                Ok(_) => endpoint = format!("http://{listen}"),
+                Ok((bound, _)) => endpoint = format!("http://{bound}"),
                 Err(e) => tracing::warn!("{e:#}; running without the status endpoint"),
             },
             Err(e) => tracing::warn!("status.listen {listen}: {e}"),
@@ -543,16 +543,18 @@ fn retry_due(setup: &Setup, policy: &idsync_engine::Policy, resource: &str) {
         }
         match setup.engine.retry(policy, &f) {
             Ok(d) if d.error.is_none() => {
-                tracing::info!(resource, key = %d.key, "failed event #{} re-run: {}", f.id, d.action)
+                let _span = tracing::warn_span!("event", resource, key = %d.key).entered();
+                tracing::info!("failed event #{} re-run: {}", f.id, d.action)
             }
-            Ok(d) => tracing::warn!(
-                resource,
-                key = %d.key,
-                "failed event #{} still failing (attempt {}): {}",
-                f.id,
-                f.attempts + 1,
-                d.error.unwrap_or_default()
-            ),
+            Ok(d) => {
+                let _span = tracing::warn_span!("event", resource, key = %d.key).entered();
+                tracing::warn!(
+                    "failed event #{} still failing (attempt {}): {}",
+                    f.id,
+                    f.attempts + 1,
+                    d.error.unwrap_or_default()
+                )
+            }
             Err(e) => tracing::warn!(resource, "failed event #{}: {e}", f.id),
         }
     }

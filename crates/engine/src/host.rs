@@ -109,7 +109,9 @@ impl RuleHost for EventHost {
     }
 
     fn work_item(&self, message: &str) -> Result<(), String> {
-        tracing::warn!(resource = %self.resource, key = %self.key, "work item: {message}");
+        let _span =
+            tracing::warn_span!("event", resource = %self.resource, key = %self.key).entered();
+        tracing::warn!("work item: {message}");
         self.work_items.borrow_mut().push(message.to_owned());
         Ok(())
     }

@@ -297,7 +297,12 @@ impl Engine {
             let id = self.repo.record_decision(&d)?;
             if let Some(error) = &d.error {
                 if fresh {
-                    tracing::warn!(resource = %event.resource, key = %event.key, "event failed: {error}");
+                    // In the event's span (at the warning's level, so that it is there
+                    // whatever the log level): `span.resource`, `span.key` in JSON logs.
+                    let _span =
+                        tracing::warn_span!("event", resource = %event.resource, key = %event.key)
+                            .entered();
+                    tracing::warn!("event failed: {error}");
                 }
                 if policy.on_error == OnError::Halt {
                     return Err(EngineError::Halted {
