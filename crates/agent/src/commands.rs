@@ -64,7 +64,7 @@ pub fn check(loaded: Loaded) -> ExitCode {
 
 /// `idsync run`.
 pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
-    let setup = match setup(loaded) {
+    let mut setup = match setup(loaded) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -93,6 +93,10 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_RESOURCE);
         }
     };
+    if let Err(e) = crate::inflight::install(&mut setup) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(EXIT_RESOURCE);
+    }
     if !args.once {
         return crate::service::serve(setup, args);
     }

@@ -14,6 +14,7 @@ pub mod commands;
 pub mod config;
 pub mod explain;
 pub mod fixtures;
+pub mod inflight;
 pub mod lock;
 pub mod observe;
 pub mod outbox;

@@ -144,6 +144,7 @@ pub fn serve(setup: Setup, args: &RunArgs) -> ExitCode {
             match Loaded::read(&config_file)
                 .map_err(anyhow::Error::from)
                 .and_then(Setup::new)
+                .and_then(|mut new| crate::inflight::install(&mut new).map(|()| new))
             {
                 Ok(new) => {
                     tracing::warn!("reloaded {} and the rules", config_file.display());

@@ -272,7 +272,7 @@ pub(crate) fn is_memory_token(token: &Dynamic) -> bool {
 
 /// A token bucket per rule file for `print` and `debug`: at most `rate` lines a second
 /// (and a burst of as many); the lines refused are counted and announced by one line when
-/// the file may log again.
+/// the file may log again, once its bucket is full again.
 #[derive(Default)]
 pub(crate) struct LogLimiter {
     rate: u32,
@@ -309,7 +309,10 @@ impl LogLimiter {
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
         b.tokens = (b.tokens + elapsed * rate).min(rate);
         b.at = now;
-        if b.tokens >= 1.0 {
+        // Once lines were refused, the bucket refills completely before the next one:
+        // under steady pressure, a burst and one note a second.
+        let needed = if b.suppressed > 0 { rate } else { 1.0 };
+        if b.tokens >= needed {
             b.tokens -= 1.0;
             Some(std::mem::take(&mut b.suppressed))
         } else {

@@ -380,9 +380,13 @@ fn log_limiter_allows_a_burst_then_the_rate_and_counts_the_rest() {
     }
     // Another rule file has its own bucket.
     assert_eq!(l.admit(&b, t0), Some(0));
-    // A tenth of a second later one more line of a: it reports the 5 it suppressed.
-    let t1 = t0 + Duration::from_millis(100);
-    assert_eq!(l.admit(&a, t1), Some(5));
+    // After refusing, a waits for a full bucket (a second), then reports the count.
+    assert_eq!(l.admit(&a, t0 + Duration::from_millis(500)), None);
+    let t1 = t0 + Duration::from_millis(1000);
+    assert_eq!(l.admit(&a, t1), Some(6));
+    for _ in 0..9 {
+        assert_eq!(l.admit(&a, t1), Some(0));
+    }
     assert_eq!(l.admit(&a, t1), None);
     assert_eq!(crate::sandbox::LogLimiter::new(0).admit(&a, t0), Some(0));
 }
