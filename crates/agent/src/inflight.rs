@@ -9,7 +9,8 @@
 //! process, and only a machine crash can lose it); after the batch's last event it is
 //! zeroed. At the start of `idsync run`, a slot still set names the event the previous
 //! process died on: its count goes up, and the file is rewritten (temporary file, fsync,
-//! rename) with the slot zeroed. An event whose count reached [`ISOLATE_AFTER`] is handed
+//! rename) with the slot zeroed; only consecutive crashes on one event count (a crash on
+//! another event forgets the others). An event whose count reached [`ISOLATE_AFTER`] is handed
 //! to the engine as crashed ([`idsync_engine::CrashGuard`]): it becomes a failed event
 //! without running its rules, and the batch goes on. A suspect that is later applied
 //! without crashing is forgotten; an isolated one is kept until its failed event, once
@@ -137,6 +138,10 @@ impl InFlight {
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         if let Some(id) = armed {
+            // Only consecutive crashes on the same event count: an event that crashed once
+            // and was then passed by a crash elsewhere is forgotten (two operator kills
+            // landing on one event in a row are unlikely; a poison event crashes every time).
+            suspects.retain(|s| s.id == id || s.crashes >= ISOLATE_AFTER);
             let crashes = match suspects.iter_mut().find(|s| s.id == id) {
                 Some(s) => {
                     s.crashes += 1;
@@ -340,6 +345,19 @@ mod tests {
         assert_eq!(g.before(&other), None);
         // The same account with other content is another event.
         assert_eq!(g.before(&event("2", "changed")), None);
+        drop(g);
+        // Crashes that are not consecutive do not add up.
+        let g = crash_during(&db, &other, &[]);
+        drop(g);
+        let g = crash_during(&db, &event("4", "d"), &[]);
+        drop(g);
+        let g = crash_during(&db, &other, &[]);
+        assert_eq!(
+            g.before(&other),
+            None,
+            "1 crash, 1 elsewhere, 1 again: not 2 in a row"
+        );
+        assert_eq!(g.before(&k), Some(2), "an isolated event stays isolated");
         let mode = std::fs::metadata(path_for(&db)).unwrap();
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
