@@ -83,7 +83,7 @@ pub fn check(loaded: Loaded, args: &crate::cli::CheckArgs) -> ExitCode {
 
 /// `idsync run`.
 pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
-    let setup = match setup(loaded) {
+    let mut setup = match setup(loaded) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -112,8 +112,16 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
             return ExitCode::from(Exit::Resource);
         }
     };
+    let guard = match crate::inflight::open(&setup) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(Exit::Resource);
+        }
+    };
+    crate::inflight::attach(&mut setup, &guard);
     if !args.once {
-        return crate::service::serve(setup, args);
+        return crate::service::serve(setup, args, &guard);
     }
     let mut adapters = adapters(&setup, &args.accept_deletes);
     let mut code = pass(&setup, &args.resources, &mut adapters);

@@ -139,6 +139,10 @@ pub struct LimitsConfig {
     pub max_array_size: Option<usize>,
     /// Map size.
     pub max_map_size: Option<usize>,
+    /// Data one rule run may hold at once, in MiB.
+    pub max_memory_mb: Option<usize>,
+    /// `print`/`debug` lines per second per rule file.
+    pub max_log_lines_per_sec: Option<u32>,
 }
 
 impl LimitsConfig {
@@ -152,6 +156,12 @@ impl LimitsConfig {
             max_string_size: self.max_string_size.unwrap_or(d.max_string_size),
             max_array_size: self.max_array_size.unwrap_or(d.max_array_size),
             max_map_size: self.max_map_size.unwrap_or(d.max_map_size),
+            max_memory: self
+                .max_memory_mb
+                .map_or(d.max_memory, |mb| mb.saturating_mul(1 << 20)),
+            max_log_lines_per_sec: self
+                .max_log_lines_per_sec
+                .unwrap_or(d.max_log_lines_per_sec),
         }
     }
 }

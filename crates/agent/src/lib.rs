@@ -16,6 +16,7 @@ pub mod config;
 pub mod exit;
 pub mod explain;
 pub mod fixtures;
+pub mod inflight;
 pub mod lock;
 pub mod observe;
 pub mod outbox;

@@ -32,6 +32,7 @@ use crate::cli::RunArgs;
 use crate::config::Loaded;
 use crate::exit::Exit;
 use crate::explain::describe;
+use crate::inflight::InFlight;
 use crate::observe::{Observer, serve as serve_http};
 use crate::runner::{Failure, Progress, SLICE, Stop};
 use crate::setup::Setup;
@@ -79,6 +80,8 @@ struct Shared {
     board: Arc<Board>,
     /// Wakes the dispatcher after a commit (absent without notifications).
     poke: Option<Sender<()>>,
+    /// The in-flight file every loop's engine notes its event in.
+    guard: Arc<InFlight>,
 }
 
 /// The loops of one config; a reload stops them and starts the next.
@@ -96,6 +99,7 @@ impl Generation {
         names: &[String],
         observer: &Arc<Observer>,
         board: &Arc<Board>,
+        guard: &Arc<InFlight>,
     ) -> Generation {
         let stop = Stop::new();
         let repo = setup.engine.repo().clone();
@@ -113,6 +117,7 @@ impl Generation {
             observer: observer.clone(),
             board: board.clone(),
             poke: dispatcher.is_some().then_some(poke),
+            guard: guard.clone(),
         };
         let mut loops = Vec::new();
         for (index, r) in setup.loaded.config.resources.iter().enumerate() {
@@ -170,8 +175,9 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Option<JoinHandle<()>
     }
 }
 
-/// Runs until SIGTERM or SIGINT; exit status 0 after a clean stop.
-pub fn serve(setup: Setup, args: &RunArgs) -> ExitCode {
+/// Runs until SIGTERM or SIGINT; exit status 0 after a clean stop. `guard` notes the event
+/// in hand for every resource loop (poison-event protection, module `inflight`).
+pub fn serve(setup: Setup, args: &RunArgs, guard: &Arc<InFlight>) -> ExitCode {
     let stop = Stop::new();
     let reload = Arc::new(AtomicBool::new(false));
     if let Err(e) = install_signals(&stop, &reload) {
@@ -212,7 +218,7 @@ pub fn serve(setup: Setup, args: &RunArgs) -> ExitCode {
         names.len(),
         names.join(", "),
     );
-    let mut generation = Generation::start(setup, args, &names, &observer, &board);
+    let mut generation = Generation::start(setup, args, &names, &observer, &board, guard);
     let mut reload_watch = reload_watcher(&generation.loaded);
     while !stop.requested() {
         let changed = reload_watch.wait(SLICE);
@@ -228,7 +234,7 @@ pub fn serve(setup: Setup, args: &RunArgs) -> ExitCode {
         {
             Ok(new) => {
                 generation.stop();
-                generation = Generation::start(new, args, &names, &observer, &board);
+                generation = Generation::start(new, args, &names, &observer, &board, guard);
                 tracing::warn!("reloaded {} and the rules", config_file.display());
                 reload_watch = reload_watcher(&generation.loaded);
             }
@@ -342,7 +348,7 @@ impl Progress for LoopProgress<'_> {
 /// One resource's loop (module doc).
 fn resource_loop(shared: Shared, index: usize, accept_deletes: bool) {
     let name = shared.loaded.config.resources[index].name.clone();
-    let setup = match Setup::with_repo(shared.loaded.clone(), shared.repo.clone()) {
+    let mut setup = match Setup::with_repo(shared.loaded.clone(), shared.repo.clone()) {
         Ok(s) => s,
         Err(e) => {
             let msg = format!("{e:#}");
@@ -352,6 +358,7 @@ fn resource_loop(shared: Shared, index: usize, accept_deletes: bool) {
             return;
         }
     };
+    crate::inflight::attach(&mut setup, &shared.guard);
     let Some(policy) = setup.policy(&name).cloned() else {
         return;
     };

@@ -159,6 +159,7 @@ pub struct Setup {
 /// Validates the config and compiles every rule; all problems at once.
 pub fn compile_all(loaded: &Loaded, rules: &RuleEngine) -> Result<Vec<Policy>, Problems> {
     let mut problems = loaded.validate();
+    problems.extend(limit_problems(loaded));
     let (scripts, rule_problems) = compile_rules_dir(rules, &loaded.rules_dir(), &loaded.file);
     problems.extend(rule_problems);
     let policies: Vec<Policy> = loaded
@@ -176,6 +177,19 @@ pub fn compile_all(loaded: &Loaded, rules: &RuleEngine) -> Result<Vec<Policy>, P
     } else {
         Err(Problems(problems))
     }
+}
+
+/// The `limits` that contradict each other, named with the config file.
+fn limit_problems(loaded: &Loaded) -> Vec<String> {
+    let file = loaded.file.display();
+    loaded
+        .config
+        .limits
+        .to_limits()
+        .problems()
+        .into_iter()
+        .map(|p| format!("{file}: {p}"))
+        .collect()
 }
 
 impl Setup {

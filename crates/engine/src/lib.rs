@@ -17,7 +17,15 @@
 //! a notification that failed after the checkin), the batch
 //! transaction is rolled back and the batch run again with a savepoint around every
 //! event. Policies with a process rule (it writes on every event) start with savepoints.
+//!
+//! Poison events: an event that makes the process die (an abort, an out-of-memory kill)
+//! rolls its whole batch back, and the next start would apply it again. A [`CrashGuard`]
+//! set by the agent is told which event is being decided; when it says an event crashed
+//! the process twice, the engine isolates it: a failed event ("crashed the agent"),
+//! decided without running any rule, its shadow updated like any failed event's, so the
+//! batch and the resource go on.
 
+mod guard;
 mod host;
 mod notifier;
 mod pipeline;
@@ -32,6 +40,7 @@ use idsync_core::{
 use idsync_repo::{FailedEvent, NewFailure, Repo, RepoError};
 use idsync_rules::{Limits, RuleEngine};
 
+pub use guard::CrashGuard;
 pub use notifier::{IdentityChange, Notifier};
 pub use pipeline::{DISABLED_CHANGE, EventError};
 pub use policy::{DeleteAction, Mapping, MappingSource, OnError, Policy};
@@ -119,6 +128,7 @@ pub struct Engine {
     rules: RuleEngine,
     repo: Arc<Repo>,
     notifier: Option<Box<dyn Notifier>>,
+    guard: Option<Box<dyn CrashGuard>>,
 }
 
 impl Engine {
@@ -128,7 +138,14 @@ impl Engine {
             rules: RuleEngine::new(limits),
             repo,
             notifier: None,
+            guard: None,
         }
+    }
+
+    /// Sets the crash guard: told of every event before it is decided (batches and
+    /// retries), it may have the engine isolate an event that crashed the process.
+    pub fn set_crash_guard(&mut self, guard: Box<dyn CrashGuard>) {
+        self.guard = Some(guard);
     }
 
     /// Sets the notification hook: every successful event's changed identities go through
@@ -222,15 +239,31 @@ impl Engine {
         } else {
             Guard::Optimistic
         };
+        let result = self.run_batch_guarded(policy, batch, guard, &mut progress);
+        // Past the last event: a crash from here on (the commit) is no event's doing.
+        if let Some(g) = &self.guard {
+            g.idle();
+        }
+        result
+    }
+
+    /// [`Engine::run_batch`] once the guard is chosen.
+    fn run_batch_guarded(
+        &self,
+        policy: &Policy,
+        batch: &ChangeBatch,
+        guard: Guard,
+        progress: &mut Progress<'_>,
+    ) -> Result<BatchReport, EngineError> {
         self.repo.begin()?;
-        match self.apply_in_tx(policy, batch, guard, &mut progress)? {
+        match self.apply_in_tx(policy, batch, guard, progress)? {
             Some(report) => Ok(report),
             None => {
                 tracing::debug!(resource = %policy.resource, "an event failed after writing: deciding the batch again with a savepoint per event");
                 self.repo.rollback()?;
                 self.repo.begin()?;
                 progress.redo = true;
-                self.apply_in_tx(policy, batch, Guard::Savepoints, &mut progress)?
+                self.apply_in_tx(policy, batch, Guard::Savepoints, progress)?
                     .ok_or_else(|| {
                         EngineError::Repo(RepoError::Corrupt {
                             what: format!("batch of resource {}", policy.resource),
@@ -282,9 +315,11 @@ impl Engine {
         let mut failures_pending = self.repo.has_failures(&policy.resource)?;
         let needs = ScopeNeeds::of(policy);
         for (index, event) in batch.events.iter().enumerate() {
-            let d = match guard {
-                Guard::Savepoints => self.decide_event(policy, needs, event, true)?,
-                Guard::Optimistic => {
+            let crashes = self.guard.as_ref().and_then(|g| g.before(event));
+            let d = match (crashes, guard) {
+                (Some(times), _) => isolated(event, times),
+                (None, Guard::Savepoints) => self.decide_event(policy, needs, event, true)?,
+                (None, Guard::Optimistic) => {
                     let writes = self.repo.write_count()?;
                     let d = self.decide_event(policy, needs, event, false)?;
                     if d.error.is_some() && self.repo.write_count()? != writes {
@@ -293,6 +328,11 @@ impl Engine {
                     d
                 }
             };
+            if crashes.is_none()
+                && let Some(g) = &self.guard
+            {
+                g.after(event, d.error.is_none());
+            }
             let fresh = index >= progress.reported;
             let id = self.repo.record_decision(&d)?;
             if let Some(error) = &d.error {
@@ -437,7 +477,19 @@ impl Engine {
         };
         self.repo.begin()?;
         let result = (|| {
-            let d = self.decide_event(policy, ScopeNeeds::of(policy), event, true)?;
+            let d = match self.guard.as_ref().and_then(|g| g.before(event)) {
+                Some(times) => isolated(event, times),
+                None => {
+                    let d = self.decide_event(policy, ScopeNeeds::of(policy), event, true);
+                    if let Some(g) = &self.guard {
+                        if let Ok(d) = &d {
+                            g.after(event, d.error.is_none());
+                        }
+                        g.idle();
+                    }
+                    d?
+                }
+            };
             self.repo.record_decision(&d)?;
             match &d.error {
                 None => {
@@ -460,6 +512,14 @@ impl Engine {
             }
         }
     }
+}
+
+/// The failed decision of an event isolated because it crashed the process `times`
+/// times: no rule runs.
+fn isolated(event: &ChangeEvent, times: u32) -> Decision {
+    let mut d = blank_decision(event);
+    d.error = Some(EventError::Crashed { times }.to_string());
+    d
 }
 
 /// How a batch undoes the effects of a failed event (see the crate documentation).

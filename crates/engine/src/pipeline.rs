@@ -34,6 +34,15 @@ pub enum EventError {
     /// A notification policy failed for the event.
     #[error("notification: {0}")]
     Notify(String),
+    /// The event crashed the agent while it was applied, `times` times: it is isolated,
+    /// its rules are not run again.
+    #[error(
+        "crashed the agent ({times} times) while this event was applied: isolated, its rules were not run again; fix the cause, then `idsync failed retry`"
+    )]
+    Crashed {
+        /// How many times.
+        times: u32,
+    },
 }
 
 /// A fresh decision record for `event`, marked failed until decided.

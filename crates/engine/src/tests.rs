@@ -843,3 +843,93 @@ fn a_mapping_failing_after_the_link_of_an_unlinked_account_leaves_no_link() {
     assert_eq!(w.attr("bob", "title").as_deref(), Some("Clerk"));
     assert_eq!(w.attr("ann", "title"), None);
 }
+
+/// A guard that says account "2" crashed the process twice, and logs its calls.
+#[derive(Clone, Default)]
+struct FakeGuard {
+    calls: std::rc::Rc<std::cell::RefCell<Vec<String>>>,
+}
+
+impl CrashGuard for FakeGuard {
+    fn before(&self, event: &ChangeEvent) -> Option<u32> {
+        self.calls
+            .borrow_mut()
+            .push(format!("before {}", event.key));
+        (event.key == "2").then_some(2)
+    }
+    fn after(&self, event: &ChangeEvent, ok: bool) {
+        self.calls
+            .borrow_mut()
+            .push(format!("after {} {ok}", event.key));
+    }
+    fn idle(&self) {
+        self.calls.borrow_mut().push("idle".into());
+    }
+}
+
+#[test]
+fn an_event_the_guard_names_as_crashing_is_isolated_without_running_a_rule() {
+    let mut w = World::new();
+    let guard = FakeGuard::default();
+    w.engine.set_crash_guard(Box::new(guard.clone()));
+    // The correlation rule would fail every event it runs for: it does not run for "2".
+    let p = w.policy(&[
+        (
+            "correlation",
+            r#"if account.id == "2" { nosuch() } else { () }"#,
+        ),
+        ("map:title", "title"),
+    ]);
+    let r = w
+        .apply(
+            &p,
+            vec![
+                ev(Op::Create, "1", &[("id", "1"), ("title", "a")]),
+                ev(Op::Create, "2", &[("id", "2"), ("title", "b")]),
+                ev(Op::Create, "3", &[("id", "3"), ("title", "c")]),
+            ],
+        )
+        .unwrap();
+    assert_eq!(r.failed, 1);
+    assert_eq!(
+        *guard.calls.borrow(),
+        [
+            "before 1",
+            "after 1 true",
+            "before 2",
+            "before 3",
+            "after 3 true",
+            "idle"
+        ]
+    );
+    let failed = w.engine.repo().failures(Some("hr")).unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].key.as_deref(), Some("2"));
+    assert!(
+        failed[0].error.starts_with("crashed the agent (2 times)"),
+        "{}",
+        failed[0].error
+    );
+    assert!(failed[0].event.is_some(), "kept for a retry");
+    let d = &w
+        .engine
+        .repo()
+        .decisions(&DecisionFilter {
+            key: Some("2".into()),
+            ..DecisionFilter::default()
+        })
+        .unwrap()[0]
+        .decision;
+    assert_eq!(d.action, Action::Failed);
+    assert!(d.rules.is_empty(), "no rule ran: {:?}", d.rules);
+    assert_eq!(w.owner("1").as_deref(), Some("1"));
+    assert_eq!(w.owner("3").as_deref(), Some("3"));
+    // The shadow moved on, as for any failed event.
+    assert!(w.engine.repo().shadow("hr", "2").unwrap().is_some());
+    // An automatic retry through the guarded engine does not run it either.
+    guard.calls.borrow_mut().clear();
+    let d = w.engine.retry(&p, &failed[0]).unwrap();
+    assert!(d.error.unwrap().starts_with("crashed the agent (2 times)"));
+    assert_eq!(*guard.calls.borrow(), ["before 2"]);
+    assert_eq!(w.engine.repo().failures(Some("hr")).unwrap()[0].attempts, 1);
+}

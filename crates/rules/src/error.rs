@@ -23,6 +23,28 @@ impl Pos {
     }
 }
 
+/// A sandbox limit that stopped a script run. Limit errors carry no position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// `max_operations`: too many operations (a runaway loop).
+    Operations,
+    /// `max_call_levels`: calls nested too deep (runaway recursion).
+    CallDepth,
+    /// `max_string_size`, `max_array_size` or `max_map_size`: one value too large.
+    DataSize,
+    /// `max_memory_mb`: all the data the run holds together is over the budget.
+    Memory,
+}
+
+/// What kind of error a [`RuleError`] is; decisions are made on this, never on the text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RuleErrorKind {
+    /// A compile error, a runtime error of the script, or a value the engine cannot use.
+    Script,
+    /// A sandbox limit stopped the run.
+    Limit(Limit),
+}
+
 /// A rule that failed to compile or to run, or returned something the engine cannot use.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct RuleError {
@@ -32,6 +54,8 @@ pub struct RuleError {
     pub pos: Option<Pos>,
     /// What went wrong; for an error inside a script function, includes the inner position.
     pub message: String,
+    /// What kind of error it is.
+    pub kind: RuleErrorKind,
 }
 
 impl fmt::Display for RuleError {
@@ -50,6 +74,23 @@ impl RuleError {
             script: script.to_owned(),
             pos,
             message: message.into(),
+            kind: RuleErrorKind::Script,
+        }
+    }
+
+    /// A limit that stopped the run (no position: Rhai gives none for limits).
+    pub fn limit(script: &str, limit: Limit, message: impl Into<String>) -> Self {
+        RuleError {
+            kind: RuleErrorKind::Limit(limit),
+            ..RuleError::new(script, None, message)
+        }
+    }
+
+    /// The limit that stopped the run, if a limit did.
+    pub fn limit_hit(&self) -> Option<Limit> {
+        match self.kind {
+            RuleErrorKind::Limit(l) => Some(l),
+            RuleErrorKind::Script => None,
         }
     }
 
@@ -64,26 +105,40 @@ impl RuleError {
 
     /// From a runtime error. Limit errors carry no position in Rhai: they are named
     /// as limits. An error inside a script function shows the call site as the position
-    /// and the inner position in the message.
-    pub(crate) fn eval(script: &str, e: &EvalAltResult) -> Self {
+    /// and the inner position in the message. `budget` is the run's memory budget in
+    /// bytes, named when it stopped the run.
+    pub(crate) fn eval(script: &str, e: &EvalAltResult, budget: usize) -> Self {
         match e {
-            EvalAltResult::ErrorTooManyOperations(_) => RuleError::new(
+            EvalAltResult::ErrorTooManyOperations(_) => RuleError::limit(
                 script,
-                None,
+                Limit::Operations,
                 "too many operations: the operation limit stopped the script (runaway loop?)",
             ),
-            EvalAltResult::ErrorStackOverflow(_) => RuleError::new(
+            EvalAltResult::ErrorStackOverflow(_) => RuleError::limit(
                 script,
-                None,
+                Limit::CallDepth,
                 "call depth limit exceeded (runaway recursion?)",
             ),
-            EvalAltResult::ErrorDataTooLarge(what, _) => RuleError::new(
+            EvalAltResult::ErrorDataTooLarge(what, _) => RuleError::limit(
                 script,
-                None,
+                Limit::DataSize,
                 format!("size limit exceeded: {what} too large"),
             ),
+            EvalAltResult::ErrorTerminated(token, _) if crate::sandbox::is_memory_token(token) => {
+                RuleError::limit(
+                    script,
+                    Limit::Memory,
+                    format!(
+                        "memory limit exceeded: the data this run holds passed max_memory_mb ({} MiB) (a map or array growing without bound?)",
+                        budget.div_ceil(1 << 20)
+                    ),
+                )
+            }
             EvalAltResult::ErrorInFunctionCall(name, _, inner, pos) => {
-                let inner_err = RuleError::eval(script, inner);
+                let inner_err = RuleError::eval(script, inner, budget);
+                if inner_err.kind != RuleErrorKind::Script {
+                    return inner_err;
+                }
                 let at = inner_err
                     .pos
                     .map(|p| format!(" at {}:{}", p.line, p.col))

@@ -19,10 +19,10 @@ pub use convert::{
     attrs_to_dynamic, attrs_to_map, dynamic_to_values, identity_to_dynamic, map_to_attrs, render,
 };
 pub use correlation::{Correlation, parse_correlation};
-pub use error::{Pos, RuleError};
+pub use error::{Limit, Pos, RuleError, RuleErrorKind};
 pub use host::{Access, Context, RuleHost};
 pub use rhai;
-pub use sandbox::{Limits, RuleEngine, Script, ascii_fold};
+pub use sandbox::{CHECK_EVERY, Limits, MAX_LOG_LINE, RuleEngine, Script, ascii_fold};
 pub use strict::undefined_variable;
 pub use truth::truthy;
 

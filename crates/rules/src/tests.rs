@@ -253,3 +253,140 @@ fn mentions_finds_words_in_code_strings_and_comments_only() {
         assert!(!s.mentions(word), "{word}");
     }
 }
+
+/// The issue's hostile rule: a 10,000-entry map of distinct 512 KiB strings, built by
+/// index assignment (which Rhai's per-value checks do not see): 5 GiB without the budget.
+const MAP_OF_BIG_STRINGS: &str = r#"
+let m = #{};
+let s = "x";
+s.pad(524288, "x");
+let n = 0;
+for i in 0..10000 { m[`k${i}`] = s + i; n += 1; }
+n
+"#;
+
+#[test]
+fn memory_budget_stops_a_map_of_big_strings() {
+    let started = std::time::Instant::now();
+    let err = run(MAP_OF_BIG_STRINGS).unwrap_err();
+    assert_eq!(err.limit_hit(), Some(Limit::Memory), "{err}");
+    assert_eq!(err.kind, RuleErrorKind::Limit(Limit::Memory));
+    assert!(err.pos.is_none(), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "t.rhai: memory limit exceeded: the data this run holds passed max_memory_mb (64 MiB) (a map or array growing without bound?)"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[test]
+fn memory_budget_counts_every_variable_and_every_call_frame() {
+    let limits = Limits {
+        max_memory: 8 << 20,
+        ..Limits::default()
+    };
+    let e = RuleEngine::new(&limits);
+    for src in [
+        // Many variables, each within the per-value limits.
+        r#"let a = "x"; a.pad(1000000, "x");
+           let b = a + 1; let c = a + 2; let d = a + 3; let e = a + 4; let f = a + 5;
+           let g = a + 6; let h = a + 7; let i = a + 8; let j = a + 9;
+           let n = 0; for k in 0..100 { n += k; } n"#,
+        // Each frame of a recursion holds 1 MB; 32 frames deep is 32 MB.
+        r#"fn f(n) { let a = "x"; a.pad(1000000, "y"); let b = a + n; if n < 30 { f(n + 1) } else { b.len() } }
+           f(0)"#,
+        // A script cannot catch it.
+        r#"let r = 0; try { let m = #{}; let s = "x"; s.pad(900000, "x");
+           for i in 0..100 { m[`k${i}`] = s + i; } } catch (e) { r = 1; } r"#,
+    ] {
+        let s = e.compile("t.rhai", src).unwrap();
+        let err = e.run(&s, &mut Scope::new(), None).unwrap_err();
+        assert_eq!(err.limit_hit(), Some(Limit::Memory), "{src}: {err}");
+        assert!(err.to_string().contains("(8 MiB)"), "{err}");
+    }
+}
+
+#[test]
+fn memory_budget_leaves_ordinary_scripts_alone_and_resets_per_run() {
+    let limits = Limits {
+        max_memory: 8 << 20,
+        ..Limits::default()
+    };
+    let e = RuleEngine::new(&limits);
+    // 6 MB held, then dropped, run after run: each run has the whole budget. (No method
+    // call on the map: that would have Rhai check its strings against max_string_size.)
+    let s = e
+        .compile(
+            "t.rhai",
+            r#"let a = "x"; a.pad(1000000, "x"); let m = #{}; let n = 0;
+               for i in 0..6 { m[`k${i}`] = a + i; n += 1; } n"#,
+        )
+        .unwrap();
+    for _ in 0..5 {
+        assert_eq!(e.run(&s, &mut Scope::new(), None).unwrap().as_int(), Ok(6));
+    }
+    // The data handed in counts too: a scope holding 9 MB is over an 8 MB budget.
+    let mut scope = Scope::new();
+    scope.push("big", Dynamic::from("z".repeat(9 << 20)));
+    let s = e
+        .compile("t.rhai", "let n = 0; for i in 0..100 { n += i; } n")
+        .unwrap();
+    let err = e.run(&s, &mut scope, None).unwrap_err();
+    assert_eq!(err.limit_hit(), Some(Limit::Memory), "{err}");
+}
+
+#[test]
+fn limit_errors_are_typed() {
+    for (src, limit) in [
+        ("loop {}", Limit::Operations),
+        ("fn f(x) { f(x + 1) } f(0)", Limit::CallDepth),
+        (r#"let s = "x"; loop { s += s; }"#, Limit::DataSize),
+    ] {
+        assert_eq!(run(src).unwrap_err().limit_hit(), Some(limit), "{src}");
+    }
+    assert_eq!(run("nosuch()").unwrap_err().kind, RuleErrorKind::Script);
+}
+
+#[test]
+fn limits_that_contradict_the_memory_budget_are_problems() {
+    assert_eq!(Limits::default().problems(), Vec::<String>::new());
+    let p = Limits {
+        max_string_size: 100 << 20,
+        ..Limits::default()
+    }
+    .problems();
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].starts_with("limits.max_string_size: one value at this limit holds about 100 MiB, more than limits.max_memory_mb (64 MiB)"), "{p:?}");
+    let p = Limits {
+        max_memory: 0,
+        ..Limits::default()
+    }
+    .problems();
+    assert_eq!(p, ["limits.max_memory_mb: must be at least 1"]);
+}
+
+#[test]
+fn log_limiter_allows_a_burst_then_the_rate_and_counts_the_rest() {
+    use std::time::{Duration, Instant};
+    let mut l = crate::sandbox::LogLimiter::new(10);
+    let a: Rc<str> = Rc::from("a.rhai");
+    let b: Rc<str> = Rc::from("b.rhai");
+    let t0 = Instant::now();
+    for _ in 0..10 {
+        assert_eq!(l.admit(&a, t0), Some(0));
+    }
+    for _ in 0..5 {
+        assert_eq!(l.admit(&a, t0), None);
+    }
+    // Another rule file has its own bucket.
+    assert_eq!(l.admit(&b, t0), Some(0));
+    // After refusing, a waits for a full bucket (a second), then reports the count.
+    assert_eq!(l.admit(&a, t0 + Duration::from_millis(500)), None);
+    let t1 = t0 + Duration::from_millis(1000);
+    assert_eq!(l.admit(&a, t1), Some(6));
+    for _ in 0..9 {
+        assert_eq!(l.admit(&a, t1), Some(0));
+    }
+    assert_eq!(l.admit(&a, t1), None);
+    assert_eq!(crate::sandbox::LogLimiter::new(0).admit(&a, t0), Some(0));
+}
