@@ -350,3 +350,81 @@ resources:
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+/// Rejected input is cleared once the source is fixed, even when the fixed row is back to
+/// the state the repository holds (no change event): `status` stops counting it and
+/// `failed retry --all` has nothing left to fail on.
+#[test]
+fn a_fixed_source_clears_its_rejected_rows() {
+    let s = hr_sandbox();
+    s.feed("hr.csv", "id,title\n1,clerk\n2,clerk\n3,clerk\n");
+    s.run_once(None, 0);
+    // Row 2 turns malformed (held), a row without a key appears.
+    s.feed(
+        "hr.csv",
+        "id,title\n1,lead\n2,clerk,extra\n3,clerk\n,nobody\n",
+    );
+    s.run_once(None, 1);
+    assert_eq!(s.failed().len(), 2, "{:?}", s.failed());
+    // The source is fixed: row 2 as it was, the keyless row gone.
+    s.feed("hr.csv", "id,title\n1,director\n2,clerk\n3,clerk\n");
+    s.run_once(None, 0);
+    assert!(s.failed().is_empty(), "{:?}", s.failed());
+    assert_eq!(attr(&s.identity("2").unwrap(), "title"), Some("clerk"));
+    let status = s.idsync(&["status"]).expect_code(0).stdout;
+    assert!(
+        status.contains("failed 0 (0 waiting for retry)"),
+        "{status}"
+    );
+}
+
+/// An operator gives up on failed events: they leave the list and the retries, and the
+/// record of discarded events keeps each with the reason.
+#[test]
+fn discarded_failed_events_are_recorded_with_their_reason() {
+    let s = hr_sandbox();
+    s.config(
+        r#"status: { listen: off }
+resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: id }
+    naming: 'account.id'
+    rules: { correlation: corr.rhai }
+"#,
+    );
+    s.rule(
+        "corr.rhai",
+        "if account.id != \"1\" { throw \"no luck\" }\n[]",
+    );
+    s.feed("hr.csv", "id,title\n1,clerk\n2,clerk\n3,clerk\n");
+    s.run_once(None, 1);
+    let failed = s.failed();
+    assert_eq!(failed.len(), 2);
+    let first = failed[0]["id"].as_i64().unwrap().to_string();
+    // One by id, the rest by resource and key.
+    s.idsync(&["failed", "discard", &first, "--reason", "left the company"])
+        .expect_code(0);
+    s.idsync(&[
+        "failed",
+        "discard",
+        "--resource",
+        "hr",
+        "--key",
+        "3",
+        "--reason",
+        "test account",
+    ])
+    .expect_code(0);
+    assert!(s.failed().is_empty());
+    let record = s.idsync(&["failed", "discarded"]).expect_code(0).stdout;
+    assert!(
+        record.contains("left the company") && record.contains("test account"),
+        "{record}"
+    );
+    // Nothing left to retry; an unknown id is an error.
+    let retry = s.idsync(&["failed", "retry", "--all"]);
+    assert_eq!(retry.code, 0, "{}", retry.stderr);
+    s.idsync(&["failed", "discard", "999", "--reason", "x"])
+        .expect_code(1);
+    assert!(s.identity("2").is_none() && s.identity("3").is_none());
+}

@@ -106,6 +106,8 @@ struct InProgress {
     checkpoint: String,
     /// Rejects and held keys still to hand out (with the first part).
     rejects: Vec<idsync_core::Reject>,
+    /// The next part carries every reject of the file ([`ChangeBatch::rejects_complete`]).
+    rejects_complete: bool,
     held: Vec<String>,
     /// The next part's changed rows, being read while the caller applies this part.
     ahead: Option<ReadAhead>,
@@ -425,6 +427,7 @@ impl Adapter for FlatFileAdapter {
             checkpoint: String::new(),
             rejects,
             held,
+            rejects_complete: !resumed,
             ahead: None,
         };
         self.emit(ip, known)
@@ -487,6 +490,7 @@ impl FlatFileAdapter {
             rejects: std::mem::take(&mut ip.rejects),
             held_keys: std::mem::take(&mut ip.held),
             checkpoint: Some(Checkpoint(ip.checkpoint.clone())),
+            rejects_complete: std::mem::take(&mut ip.rejects_complete),
         };
         self.more = more || ip.folder_more;
         if more {

@@ -254,6 +254,24 @@ pub enum FailedCommand {
         #[arg(long, short = 'r')]
         resource: Option<String>,
     },
+    /// Give up on failed events: they leave the list and the retries, and are kept, with
+    /// the reason, in the record of discarded events (`failed discarded`).
+    Discard {
+        /// Failed-event ids.
+        ids: Vec<i64>,
+        /// Every failed event of this resource (with --key: of that account).
+        #[arg(long, short = 'r', conflicts_with = "ids")]
+        resource: Option<String>,
+        /// With --resource: only this account (its key; for LDAP also its DN or naming
+        /// attribute).
+        #[arg(long, short = 'k', requires = "resource")]
+        key: Option<String>,
+        /// Why (kept with each discarded event).
+        #[arg(long)]
+        reason: String,
+    },
+    /// The failed events discarded so far: when, and why.
+    Discarded,
 }
 
 /// `outbox` subcommands.

@@ -489,6 +489,61 @@ pub fn failed(loaded: Loaded, cmd: &FailedCommand) -> anyhow::Result<ExitCode> {
             eprintln!("{} failed event(s)", list.len());
             Ok(ExitCode::SUCCESS)
         }
+        FailedCommand::Discard {
+            ids,
+            resource,
+            key,
+            reason,
+        } => {
+            let repo = open_repo(&loaded)?;
+            let ids: Vec<i64> = match resource {
+                None => ids.clone(),
+                Some(r) => {
+                    let key = key
+                        .as_deref()
+                        .map(|k| crate::accounts::resolve_key(&loaded, &repo, Some(r), k))
+                        .transpose()?;
+                    repo.failures(Some(r))?
+                        .into_iter()
+                        .filter(|f| key.is_none() || f.key == key)
+                        .map(|f| f.id)
+                        .collect()
+                }
+            };
+            if ids.is_empty() {
+                eprintln!("no failed event to discard");
+                return Ok(ExitCode::from(Exit::Failed));
+            }
+            let done = repo.discard_failures(&ids, reason)?;
+            for id in &done {
+                tracing::warn!("failed event #{id} discarded: {reason}");
+            }
+            line(format_args!("{} failed event(s) discarded", done.len()));
+            if done.len() < ids.len() {
+                eprintln!("{} id(s) were not failed events", ids.len() - done.len());
+                return Ok(ExitCode::from(Exit::Failed));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        FailedCommand::Discarded => {
+            let repo = open_repo(&loaded)?;
+            let mut out = crate::printable::stdout();
+            let list = repo.discarded_failures()?;
+            for d in &list {
+                writeln!(
+                    out,
+                    "#{} {} {} discarded {}: {} (was: {})",
+                    d.id,
+                    d.resource,
+                    inline(d.key.as_deref().unwrap_or("-")),
+                    d.discarded_at,
+                    inline(&d.reason),
+                    inline(&d.error)
+                )?;
+            }
+            eprintln!("{} discarded failed event(s)", list.len());
+            Ok(ExitCode::SUCCESS)
+        }
         FailedCommand::Retry { ids, all, resource } => {
             let setup = match setup(loaded) {
                 Ok(s) => s,

@@ -102,6 +102,10 @@ pub struct ChangeBatch {
     pub held_keys: Vec<String>,
     /// The position after this batch, committed with it.
     pub checkpoint: Option<Checkpoint>,
+    /// `rejects` are every reject of the source as read now (the first part of a pass that
+    /// read the whole source): rejected input recorded earlier and not rejected again was
+    /// fixed at the source, and its failed-event rows are cleared.
+    pub rejects_complete: bool,
 }
 
 /// The result of asking an adapter for changes.

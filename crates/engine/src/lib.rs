@@ -297,18 +297,30 @@ impl Engine {
                 return Err(EngineError::Halted {
                     resource: policy.resource.clone(),
                     key: reject.key.clone().unwrap_or_else(|| reject.origin.clone()),
-                    error: format!("{}: {}", reject.origin, reject.reason),
+                    error: reject_error(reject),
                 });
             }
             self.repo.record_failure(&NewFailure {
                 resource: &policy.resource,
                 key: reject.key.as_deref(),
                 origin: Some(&reject.origin),
-                error: &format!("{}: {}", reject.origin, reject.reason),
+                error: &reject_error(reject),
                 event: None,
                 decision_id: None,
             })?;
             report.rejected += 1;
+        }
+        if batch.rejects_complete {
+            // Rejected input recorded before and not rejected again was fixed at the source.
+            let current: Vec<(Option<String>, Option<String>, String)> = batch
+                .rejects
+                .iter()
+                .map(|r| (r.key.clone(), Some(r.origin.clone()), reject_error(r)))
+                .collect();
+            let cleared = self.repo.clear_fixed_rejects(&policy.resource, &current)?;
+            if cleared > 0 && !progress.redo {
+                tracing::info!(resource = %policy.resource, "{cleared} rejected input row(s) fixed at the source: cleared from the failed events");
+            }
         }
         // Superseding old failed events costs a statement per event: skip it while the
         // resource has none.
@@ -552,6 +564,11 @@ fn is_infrastructure(e: &RepoError) -> bool {
             | RepoError::BinaryCondition { .. }
             | RepoError::EmptyName
     )
+}
+
+/// The error recorded for rejected input: where it came from and why.
+fn reject_error(r: &idsync_core::Reject) -> String {
+    format!("{}: {}", r.origin, r.reason)
 }
 
 #[cfg(test)]

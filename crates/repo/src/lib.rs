@@ -62,7 +62,7 @@ pub use outbox::{
     NewOutboxMessage, OutboxFilter, OutboxMessage, OutboxOutcome, OutboxStatus, RenderedMail,
     now_ms,
 };
-pub use records::{DecisionFilter, FailedEvent, NewFailure, StoredDecision};
+pub use records::{DecisionFilter, DiscardedFailure, FailedEvent, NewFailure, StoredDecision};
 pub use schema::SCHEMA_VERSION;
 pub use summary::ResourceSummary;
 
@@ -313,6 +313,22 @@ impl Repo {
         }
         self.forget_indexed();
         exec(&conn, "BEGIN IMMEDIATE", "starting a transaction")
+    }
+
+    /// Commits a transaction begun with [`Repo::begin`] when `result` is `Ok`, rolls it back
+    /// otherwise (reporting the first error).
+    pub(crate) fn finish<T>(&self, result: Result<T, RepoError>) -> Result<T, RepoError> {
+        match result {
+            Ok(v) => {
+                self.commit()?;
+                Ok(v)
+            }
+            Err(e) => {
+                // The first error is the one to report.
+                let _ = self.rollback();
+                Err(e)
+            }
+        }
     }
 
     /// Marks the start of one event's effects (`SAVEPOINT event`).

@@ -316,20 +316,6 @@ impl Repo {
         self.finish(result)
     }
 
-    fn finish<T>(&self, result: Result<T, RepoError>) -> Result<T, RepoError> {
-        match result {
-            Ok(v) => {
-                self.commit()?;
-                Ok(v)
-            }
-            Err(e) => {
-                // The first error is the one to report.
-                let _ = self.rollback();
-                Err(e)
-            }
-        }
-    }
-
     /// Outbox rows, newest first.
     pub fn outbox_list(&self, f: &OutboxFilter) -> Result<Vec<OutboxMessage>, RepoError> {
         let mut sql = format!("SELECT {COLUMNS} FROM outbox WHERE 1=1");

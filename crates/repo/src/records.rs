@@ -25,6 +25,23 @@ pub struct NewFailure<'a> {
     pub decision_id: Option<i64>,
 }
 
+/// A failed event an operator discarded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DiscardedFailure {
+    /// Its id as a failed event.
+    pub id: i64,
+    /// Resource name.
+    pub resource: String,
+    /// Account key, when known.
+    pub key: Option<String>,
+    /// Its last error.
+    pub error: String,
+    /// When it was discarded (RFC 3339).
+    pub discarded_at: String,
+    /// Why, as the operator said.
+    pub reason: String,
+}
+
 /// A stored failed event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailedEvent {
@@ -367,6 +384,96 @@ impl Repo {
         }?;
         drop(conn);
         rows.into_iter().map(RawFailure::decode).collect()
+    }
+
+    /// Clears the rejected-input rows (failed events without an event) of `resource` that
+    /// the source no longer produces: `current` holds `(key, origin, error)` of every reject
+    /// of the source as read now. Returns how many were cleared. Call inside the batch.
+    pub fn clear_fixed_rejects(
+        &self,
+        resource: &str,
+        current: &[(Option<String>, Option<String>, String)],
+    ) -> Result<u64, RepoError> {
+        let conn = self.lock()?;
+        let rows: Vec<(i64, Option<String>, Option<String>, String)> = conn
+            .prepare_cached(
+                "SELECT id, key, origin, error FROM failed_events \
+                 WHERE resource = ?1 AND event IS NULL",
+            )
+            .and_then(|mut st| {
+                st.query_map([resource], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .with_ctx(|| format!("reading the rejected input of resource {resource}"))?;
+        let mut cleared = 0;
+        for (id, key, origin, error) in rows {
+            if current
+                .iter()
+                .any(|(k, o, e)| *k == key && *o == origin && *e == error)
+            {
+                continue;
+            }
+            conn.prepare_cached("DELETE FROM failed_events WHERE id = ?1")
+                .and_then(|mut st| st.execute([id]))
+                .with_ctx(|| format!("clearing fixed rejected input #{id}"))?;
+            cleared += 1;
+        }
+        Ok(cleared)
+    }
+
+    /// Discards failed events `ids` (an operator gave up on them, for `reason`): each is
+    /// moved to the record of discarded events (`failed_discarded`) in one transaction.
+    /// Returns the ids discarded (unknown ids are skipped).
+    pub fn discard_failures(&self, ids: &[i64], reason: &str) -> Result<Vec<i64>, RepoError> {
+        self.begin()?;
+        let result = (|| {
+            let conn = self.lock()?;
+            let mut done = Vec::new();
+            for id in ids {
+                let moved = conn
+                    .prepare_cached(
+                        "INSERT INTO failed_discarded \
+                         (id, at, resource, key, origin, error, event, discarded_at, reason) \
+                         SELECT id, at, resource, key, origin, error, event, ?2, ?3 \
+                         FROM failed_events WHERE id = ?1",
+                    )
+                    .and_then(|mut st| st.execute(params![id, now(), reason]))
+                    .with_ctx(|| format!("discarding failed event #{id}"))?;
+                if moved == 0 {
+                    continue;
+                }
+                conn.prepare_cached("DELETE FROM failed_events WHERE id = ?1")
+                    .and_then(|mut st| st.execute([id]))
+                    .with_ctx(|| format!("discarding failed event #{id}"))?;
+                done.push(*id);
+            }
+            Ok(done)
+        })();
+        self.finish(result)
+    }
+
+    /// The discarded failed events, oldest first.
+    pub fn discarded_failures(&self) -> Result<Vec<DiscardedFailure>, RepoError> {
+        let conn = self.lock()?;
+        conn.prepare_cached(
+            "SELECT id, resource, key, error, discarded_at, reason FROM failed_discarded ORDER BY id",
+        )
+        .and_then(|mut st| {
+            st.query_map([], |r| {
+                Ok(DiscardedFailure {
+                    id: r.get(0)?,
+                    resource: r.get(1)?,
+                    key: r.get(2)?,
+                    error: r.get(3)?,
+                    discarded_at: r.get(4)?,
+                    reason: r.get(5)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()
+        })
+        .ctx("reading the discarded failed events")
     }
 
     /// Failed event `id`.

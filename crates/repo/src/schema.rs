@@ -154,6 +154,20 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE links_v4 RENAME TO links;
     CREATE INDEX links_identity ON links(identity_id);
     "#,
+    // 5: failed events an operator discarded, kept as a record of who gave up on what.
+    r#"
+    CREATE TABLE failed_discarded (
+        id             INTEGER PRIMARY KEY,
+        at             TEXT NOT NULL,
+        resource       TEXT NOT NULL,
+        key            TEXT,
+        origin         TEXT,
+        error          TEXT NOT NULL,
+        event          TEXT,
+        discarded_at   TEXT NOT NULL,
+        reason         TEXT NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes.
