@@ -165,6 +165,8 @@ pub struct Slapd {
     pub tls: Option<Tls>,
     log_operations: bool,
     child: Option<Child>,
+    /// Whether it ran once: a restart must come back on the same ports.
+    started_once: bool,
 }
 
 const BASE_LDIF: &str = "dn: dc=example,dc=com
@@ -300,6 +302,7 @@ logsuccess TRUE
             dir,
             log_operations: options.log_operations,
             child: None,
+            started_once: false,
         };
         s.launch()?;
         Ok(s)
@@ -387,13 +390,18 @@ logsuccess TRUE
                 .stderr(stderr)
                 .spawn()
                 .context("starting slapd (apt-get install slapd)")?;
-            // Ready when the root DSE answers, or failed when the process exits.
+            // Ready when our own process listens on the port(s) and the root DSE answers
+            // (every slapd started here has the same suffix and credentials: another
+            // one on the port must not pass for ours); failed when the process exits.
             loop {
                 if child.try_wait().context("waiting for slapd")?.is_some() {
                     break;
                 }
-                if self.answers() {
+                let ours = crate::listens(child.id(), self.port)
+                    && self.tls_port.is_none_or(|p| crate::listens(child.id(), p));
+                if ours && self.answers() {
                     self.child = Some(child);
+                    self.started_once = true;
                     return Ok(());
                 }
                 if Instant::now() > deadline {
@@ -403,11 +411,16 @@ logsuccess TRUE
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            // The port was taken meanwhile (or is still in use after a stop): retry.
+            // The port was taken meanwhile (or is still in use after a stop): retry, on
+            // new ports unless a client already knows these (a restart).
             ensure!(
                 Instant::now() < deadline,
                 "slapd did not start on {urls} within {START_PATIENCE:?}"
             );
+            if !self.started_once {
+                self.port = 0;
+                self.tls_port = None;
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }

@@ -317,22 +317,53 @@ impl SmtpServer {
     /// the port accepts connections.
     fn launch(&mut self, args: &[std::ffi::OsString]) -> anyhow::Result<()> {
         ensure!(self.child.is_none(), "the SMTP server is already running");
-        let child = Command::new("/usr/bin/python3")
+        let importable = Command::new("/usr/bin/python3")
+            .args(["-c", "import aiosmtpd"])
+            .output()
+            .context("running /usr/bin/python3 (apt-get install python3)")?;
+        ensure!(
+            importable.status.success(),
+            "the SMTP server needs Debian's python3-aiosmtpd (apt-get install python3-aiosmtpd; \
+             scripts/test.sh installs it): {}",
+            String::from_utf8_lossy(&importable.stderr).trim()
+        );
+        let log = self.dir.join("smtp.log");
+        let stderr =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut child = Command::new("/usr/bin/python3")
             .args(args)
             .env("PYTHONPATH", &self.dir)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .context("starting /usr/bin/python3 -m aiosmtpd (apt-get install python3-aiosmtpd)")?;
-        self.child = Some(child);
         let port = self.port;
-        crate::poll(
+        // Ready when our own process listens on the port (not another server that took it
+        // meanwhile); an exit (the port taken, a bad option) is reported at once with the
+        // server's own words.
+        let ready = crate::poll(
             20,
             Duration::from_millis(50),
             "the SMTP server to listen",
-            || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
-        )?;
-        Ok(())
+            || match child.try_wait() {
+                Ok(Some(status)) => Some(Err(anyhow::anyhow!(
+                    "the SMTP server on port {port} exited ({status}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ))),
+                Err(e) => Some(Err(
+                    anyhow::Error::new(e).context("waiting for the SMTP server")
+                )),
+                Ok(None) => crate::listens(child.id(), port).then_some(Ok(())),
+            },
+        )
+        .and_then(|r| r);
+        if ready.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+        } else {
+            self.child = Some(child);
+        }
+        ready
     }
 
     /// Stops it (the port stays reserved for a restart).
