@@ -270,14 +270,14 @@ resources:
 
     let t = Instant::now();
     let size = write_feed(&feed, n, 0).with_context(|| written(&feed))?;
-    println!(
+    say!(
         "feed: {n} rows x 12 columns, {:.0} MB, generated in {}",
         size as f64 / 1e6,
         secs(t.elapsed())
     );
 
     let (parsed, floor_total) = floor(&feed, &dir.join("floor.db"))?;
-    println!(
+    say!(
         "floor: {} (csv parse {}, SQLite bulk insert {}); peak RSS {}",
         secs(floor_total),
         secs(parsed),
@@ -295,7 +295,7 @@ resources:
     // own; the next pass is timed once that has caught up, as after any pause between
     // passes (the floor's file is checkpointed when its connection closes, untimed too).
     setup.engine.repo().settle();
-    println!(
+    say!(
         "initial load: {} for {events} events (fetch {}, apply {}) = {:.1}x the floor; peak RSS so far {}",
         secs(initial),
         secs(fetch_t),
@@ -314,7 +314,7 @@ resources:
         let incremental = t.elapsed();
         setup.engine.repo().settle();
         times.push(incremental);
-        println!(
+        say!(
             "incremental pass {pass} (1% changed, 0.1% added, 0.1% removed): {} for {events} events (fetch {}, apply {}); peak RSS so far {}",
             secs(incremental),
             secs(fetch_t),
@@ -323,7 +323,7 @@ resources:
         );
     }
     times.sort();
-    println!(
+    say!(
         "incremental passes: median {}, best {}, worst {}",
         secs(times[times.len() / 2]),
         secs(times[0]),
@@ -332,18 +332,18 @@ resources:
 
     let t = Instant::now();
     let (fetch_t, _, events) = pipeline_pass(&setup)?;
-    println!(
+    say!(
         "unchanged file: {} ({events} events, fetch {})",
         secs(t.elapsed()),
         secs(fetch_t)
     );
-    println!("peak RSS of the pipeline: {}", rss());
+    say!("peak RSS of the pipeline: {}", rss());
 
     // Last, so its writes do not compete with the passes: the rows the passes wrote,
     // inserted again without the pipeline (the initial load's, plus the ~1% the
     // incremental pass added).
     let records = records_floor(&dir.join("idsync.db"), &dir.join("records.db"))?;
-    println!(
+    say!(
         "records floor: {} to insert the {} rows the passes wrote (identities, correlation index, links, shadows, decision records) = {:.1}x the floor; the initial load took {:.1}x the records floor",
         secs(records.elapsed),
         records.rows,

@@ -81,7 +81,7 @@ pub fn run(args: &LdapArgs) -> anyhow::Result<()> {
     // The adapter reads the password from a secret file, as in production.
     let pw_file = scratch.path().join("pw");
     std::fs::write(&pw_file, ADMIN_PW).with_context(|| format!("writing {}", pw_file.display()))?;
-    println!(
+    say!(
         "slapd with {} entries ready in {:.1}s ({url})",
         args.entries,
         t.elapsed().as_secs_f64(),
@@ -98,7 +98,7 @@ pub fn run(args: &LdapArgs) -> anyhow::Result<()> {
     let n = idsync_ldap::tools::paged_search_count(&cfg).context("the raw paged search")?;
     let raw = t.elapsed();
     let raw_rate = n as f64 / raw.as_secs_f64();
-    println!(
+    say!(
         "raw ldap3 paged search: {n} entries in {:.2}s = {raw_rate:.0} entries/s",
         raw.as_secs_f64()
     );
@@ -123,7 +123,7 @@ pub fn run(args: &LdapArgs) -> anyhow::Result<()> {
         .context("the full sync's apply")?;
     let total = t.elapsed();
     let rate = events as f64 / total.as_secs_f64();
-    println!(
+    say!(
         "full sync: {events} events ({} failed) in {:.2}s (fetch {:.2}s, decide+commit {:.2}s) = {rate:.0} entries/s = {:.2}x the raw search",
         report.failed,
         total.as_secs_f64(),
@@ -132,7 +132,7 @@ pub fn run(args: &LdapArgs) -> anyhow::Result<()> {
         rate / raw_rate
     );
     let fetch_rate = events as f64 / fetched.as_secs_f64();
-    println!(
+    say!(
         "  (adapter fetch alone: {fetch_rate:.0} entries/s = {:.2}x the raw search)",
         fetch_rate / raw_rate
     );
@@ -140,7 +140,7 @@ pub fn run(args: &LdapArgs) -> anyhow::Result<()> {
     repo.settle();
     let records = records_floor(&db, &scratch.path().join("records.db"))?;
     let records_rate = events as f64 / records.elapsed.as_secs_f64();
-    println!(
+    say!(
         "  (records floor: the {} rows the full sync wrote, inserted again in {:.2}s = {records_rate:.0} entries/s = {:.2}x the raw search)",
         records.rows,
         records.elapsed.as_secs_f64(),
@@ -210,7 +210,7 @@ pub fn run(args: &LdapArgs) -> anyhow::Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("writer panicked"))??;
     latencies.sort();
-    println!(
+    say!(
         "persist latency (modify → identity committed), {} of {changes} changes paced {} ms: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         latencies.len(),
         args.pace_ms,

@@ -11,6 +11,15 @@
 //! read them are in docs/benchmarks.md; `tests/bench.rs` runs each benchmark on small inputs.
 //! Like the product binary, it uses mimalloc, so its figures are the product's.
 
+/// Prints one line of results on stdout through the product's `printable::line`: control
+/// characters escaped, and a closed stdout (`idsync-bench ldap | head -3`) silences the rest
+/// of the output instead of panicking, so the bench still stops what it started.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        idsync_agent::printable::line(format_args!($($arg)*))
+    };
+}
+
 mod flatfile;
 mod ldap;
 mod outbox;

@@ -50,7 +50,7 @@ pub fn run(args: &OutboxArgs) -> anyhow::Result<()> {
         args.batch,
     )?;
     let rate = r.messages as f64 / r.drain.as_secs_f64().max(1e-9);
-    println!(
+    say!(
         "bench outbox: {} messages to {} over {} connection(s): enqueue {:.2}s, drain {:.2}s = {:.0} msg/s{}",
         r.messages,
         r.target,
