@@ -1,5 +1,6 @@
-//! Helpers for the benchmark (`idsync bench ldap`): the raw paged-search floor, read the same
-//! way the adapter reads but without building accounts, and a writer that modifies entries.
+//! Helpers for the LDAP benchmark (`idsync-bench ldap`, crates/bench): the raw paged-search
+//! floor, read the same way the adapter reads but without building accounts, and a writer
+//! that modifies entries. They stay here because they use the adapter's private connection.
 
 use std::collections::HashSet;
 

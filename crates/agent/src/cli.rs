@@ -93,9 +93,6 @@ pub enum Command {
         /// Fixture files or folders.
         paths: Vec<PathBuf>,
     },
-    /// Benchmarks (need no config).
-    #[command(subcommand)]
-    Bench(BenchCommand),
 }
 
 /// `check` options.
@@ -104,35 +101,6 @@ pub struct CheckArgs {
     /// Also bind to every LDAP directory and connect to the SMTP server, and report each.
     #[arg(long)]
     pub connect: bool,
-}
-
-/// `bench` subcommands.
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Against a private slapd it starts: raw paged search (floor), full sync into a
-    /// repository, modify→committed latency in persist mode.
-    Ldap(BenchLdapArgs),
-    /// Enqueue N messages into a scratch repository and drain them through SMTP.
-    Outbox(BenchOutboxArgs),
-    /// Generate a CSV feed and measure floor, initial load, incremental pass and peak RSS.
-    Flatfile(crate::bench_flatfile::FlatfileBench),
-}
-
-/// `bench ldap` options.
-#[derive(Debug, Args)]
-pub struct BenchLdapArgs {
-    /// Entries loaded into the directory.
-    #[arg(long, default_value_t = 100_000)]
-    pub entries: usize,
-    /// Page size of the paged search.
-    #[arg(long, default_value_t = 1000)]
-    pub page_size: i32,
-    /// Modifies timed in persist mode.
-    #[arg(long, default_value_t = 500)]
-    pub changes: usize,
-    /// Milliseconds between two timed modifies.
-    #[arg(long, default_value_t = 10)]
-    pub pace_ms: u64,
 }
 
 /// `preview` options.
@@ -311,21 +279,4 @@ pub enum OutboxCommand {
         #[arg(long)]
         sent_before: String,
     },
-}
-
-/// `bench outbox` options.
-#[derive(Debug, Args)]
-pub struct BenchOutboxArgs {
-    /// Messages.
-    #[arg(long, default_value_t = 20_000)]
-    pub messages: u64,
-    /// SMTP sink HOST:PORT (default: a built-in sink on loopback).
-    #[arg(long)]
-    pub smtp: Option<std::net::SocketAddr>,
-    /// SMTP connections.
-    #[arg(long, default_value_t = 4)]
-    pub connections: usize,
-    /// Messages claimed at a time.
-    #[arg(long, default_value_t = 512)]
-    pub batch: u64,
 }

@@ -7,9 +7,6 @@
 
 pub mod accounts;
 pub mod authoring;
-pub mod bench_flatfile;
-pub mod bench_ldap;
-pub mod bench_records;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -43,23 +40,6 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let agent = matches!(&cli.command, Command::Run(args) if !args.once);
     init_logging(cli.verbose, cli.log_format, agent);
-    if let Command::Bench(cmd) = &cli.command {
-        // Benchmarks start what they measure against: no config needed.
-        let result = match cmd {
-            cli::BenchCommand::Ldap(args) => bench_ldap::ldap(args).map(|()| ExitCode::SUCCESS),
-            cli::BenchCommand::Outbox(args) => outbox::bench(args),
-            cli::BenchCommand::Flatfile(args) => {
-                bench_flatfile::flatfile(args).map(|()| ExitCode::SUCCESS)
-            }
-        };
-        return match result {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(Exit::Resource)
-            }
-        };
-    }
     let loaded = match commands::load(&cli.config) {
         Ok(l) => l,
         Err(code) => return code,
@@ -85,7 +65,6 @@ pub fn main() -> ExitCode {
         Command::TestRules { paths } => fixtures::test_rules(&loaded, paths),
         Command::Outbox(cmd) => outbox::command(loaded, cmd),
         Command::Status { json } => status::command(&loaded, *json),
-        Command::Bench(_) => Ok(ExitCode::SUCCESS), // handled above
     };
     match result {
         Ok(code) => code,

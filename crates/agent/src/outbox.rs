@@ -1,5 +1,5 @@
 //! Notifications in the agent: a dispatch round with its report line, the `outbox`
-//! commands, the pending mark in `identities show`/`export`, and `bench outbox`.
+//! commands, the pending mark in `identities show`/`export`.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -10,7 +10,7 @@ use idsync_core::Identity;
 use idsync_notify::{Dispatcher, RoundReport};
 use idsync_repo::{OutboxFilter, OutboxMessage, OutboxStatus, Repo};
 
-use crate::cli::{BenchOutboxArgs, OutboxCommand};
+use crate::cli::OutboxCommand;
 use crate::config::Loaded;
 use crate::exit::Exit;
 use crate::printable::inline;
@@ -184,45 +184,6 @@ pub fn command(loaded: Loaded, cmd: &OutboxCommand) -> anyhow::Result<ExitCode> 
                 .unwrap_or(0);
             let n = repo.outbox_purge_sent_before(ms)?;
             crate::printable::line(format_args!("purged {n} sent message(s)"));
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `idsync bench ...`.
-pub fn bench(args: &BenchOutboxArgs) -> anyhow::Result<ExitCode> {
-    let BenchOutboxArgs {
-        messages,
-        smtp,
-        connections,
-        batch,
-    } = args;
-    {
-        {
-            let dir = std::env::temp_dir().join(format!("idsync-bench-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            let result = idsync_notify::sink::bench_outbox(
-                &dir.join("bench.db"),
-                *messages,
-                *smtp,
-                *connections,
-                *batch,
-            );
-            let _ = std::fs::remove_dir_all(&dir);
-            let r = result?;
-            let rate = r.messages as f64 / r.drain.as_secs_f64().max(1e-9);
-            crate::printable::line(format_args!(
-                "bench outbox: {} messages to {} over {} connection(s): enqueue {:.2}s, drain {:.2}s = {:.0} msg/s{}",
-                r.messages,
-                r.target,
-                r.connections,
-                r.enqueue.as_secs_f64(),
-                r.drain.as_secs_f64(),
-                rate,
-                r.accepted
-                    .map(|n| format!(" (sink accepted {n})"))
-                    .unwrap_or_default()
-            ));
         }
     }
     Ok(ExitCode::SUCCESS)

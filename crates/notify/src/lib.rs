@@ -11,8 +11,7 @@
 //! Modules: `config` (the YAML section), `policy` (triggers, Rhai conditions and
 //! recipients, minijinja templates), `retry` (schedules), `message` (RFC 5322 building),
 //! `smtp` (lettre connections with `TCP_NODELAY`), `dispatch` (claim, send, record),
-//! `setup` (config to runtime values, secrets), `sink` (a minimal SMTP sink for the
-//! benchmark).
+//! `setup` (config to runtime values, secrets).
 
 pub mod config;
 pub mod dispatch;
@@ -21,7 +20,6 @@ pub mod message;
 pub mod policy;
 pub mod retry;
 pub mod setup;
-pub mod sink;
 pub mod smtp;
 
 use std::path::PathBuf;
@@ -51,7 +49,4 @@ pub enum NotifyError {
     /// The notifications config is invalid (every problem, each naming its key).
     #[error("{}", .0.join("\n"))]
     Config(Vec<String>),
-    /// The benchmark failed.
-    #[error("benchmark: {0}")]
-    Bench(String),
 }

@@ -1,12 +1,27 @@
-//! The `idsync bench` commands run end to end on small inputs, so they keep working between
+//! The `idsync-bench` benchmarks run end to end on small inputs, so they keep working between
 //! the runs that measure with them: each must finish, report every step, and (as the
-//! commands check themselves) lose nothing on the way. The figures are not asserted: speed
+//! benchmarks check themselves) lose nothing on the way. The figures are not asserted: speed
 //! is measured on full-size runs, recorded in docs/benchmarks.md.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use std::process::Command;
 
-use common::Sandbox;
+/// Runs `idsync-bench ARGS`, expects it to succeed, returns its stdout.
+fn bench(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_idsync-bench"))
+        .args(args)
+        .env_remove("IDSYNC_LOG")
+        .output()
+        .expect("run idsync-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "idsync-bench {args:?}: {}\n--- stdout\n{stdout}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
 
 /// The number after `label` in `text` (e.g. `"for 2000 events"` → 2000).
 fn number_after(text: &str, label: &str) -> u64 {
@@ -23,22 +38,18 @@ fn number_after(text: &str, label: &str) -> u64 {
 }
 
 #[test]
-fn bench_flatfile_reports_every_step_on_a_small_feed() {
-    let s = Sandbox::new();
-    let dir = s.path().join("bench");
-    let out = s
-        .idsync(&[
-            "bench",
-            "flatfile",
-            "--rows",
-            "2000",
-            "--passes",
-            "2",
-            "--dir",
-            dir.to_str().unwrap(),
-        ])
-        .expect_code(0);
-    let text = &out.stdout;
+fn flatfile_reports_every_step_on_a_small_feed() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("bench");
+    let text = &bench(&[
+        "flatfile",
+        "--rows",
+        "2000",
+        "--passes",
+        "2",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
     for step in [
         "floor:",
         "initial load:",
@@ -65,21 +76,16 @@ fn bench_flatfile_reports_every_step_on_a_small_feed() {
 }
 
 #[test]
-fn bench_ldap_reports_every_step_against_its_own_slapd() {
-    let s = Sandbox::new();
-    let out = s
-        .idsync(&[
-            "bench",
-            "ldap",
-            "--entries",
-            "300",
-            "--changes",
-            "5",
-            "--pace-ms",
-            "20",
-        ])
-        .expect_code(0);
-    let text = &out.stdout;
+fn ldap_reports_every_step_against_its_own_slapd() {
+    let text = &bench(&[
+        "ldap",
+        "--entries",
+        "300",
+        "--changes",
+        "5",
+        "--pace-ms",
+        "20",
+    ]);
     assert!(
         text.contains("raw ldap3 paged search: 300 entries"),
         "{text}"
@@ -90,14 +96,10 @@ fn bench_ldap_reports_every_step_against_its_own_slapd() {
 }
 
 #[test]
-fn bench_outbox_drains_every_message_to_its_own_sink() {
-    let s = Sandbox::new();
-    let out = s
-        .idsync(&["bench", "outbox", "--messages", "200"])
-        .expect_code(0);
+fn outbox_drains_every_message_to_its_own_sink() {
+    let text = bench(&["outbox", "--messages", "200"]);
     assert!(
-        out.stdout.contains("200 messages") && out.stdout.contains("(sink accepted 200)"),
-        "{}",
-        out.stdout
+        text.contains("200 messages") && text.contains("(sink accepted 200)"),
+        "{text}"
     );
 }

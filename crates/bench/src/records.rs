@@ -12,6 +12,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+
 use idsync_repo::Repo;
 
 /// The tables a sync pass writes one or more rows to for each account it creates.
@@ -54,32 +56,42 @@ pub fn records_floor(written: &Path, scratch: &Path) -> anyhow::Result<RecordsFl
         let _ = std::fs::remove_file(Path::new(&name));
     }
     // The real schema, from the repository's own migrations.
-    drop(Repo::open(scratch)?);
-    let mut conn = rusqlite::Connection::open(scratch)?;
-    repository_settings(&conn)?;
+    drop(
+        Repo::open(scratch)
+            .with_context(|| format!("creating the repository {}", scratch.display()))?,
+    );
+    let mut conn = rusqlite::Connection::open(scratch)
+        .with_context(|| format!("opening {}", scratch.display()))?;
+    repository_settings(&conn).with_context(|| format!("setting {} up", scratch.display()))?;
     let source = written
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("{} is not UTF-8", written.display()))?;
-    conn.execute("ATTACH DATABASE ?1 AS written", [source])?;
+    conn.execute("ATTACH DATABASE ?1 AS written", [source])
+        .with_context(|| format!("attaching {source}"))?;
     let start = Instant::now();
     let tx = conn.transaction()?;
     let mut rows = 0u64;
     for table in RECORD_TABLES {
-        let mut select = tx.prepare(&format!("SELECT * FROM written.{table}"))?;
+        let copying = || format!("copying the rows of {table}");
+        let mut select = tx
+            .prepare(&format!("SELECT * FROM written.{table}"))
+            .with_context(copying)?;
         let columns = select.column_count();
         let marks = vec!["?"; columns].join(", ");
-        let mut insert = tx.prepare(&format!("INSERT INTO main.{table} VALUES ({marks})"))?;
-        let mut found = select.query([])?;
-        while let Some(row) = found.next()? {
+        let mut insert = tx
+            .prepare(&format!("INSERT INTO main.{table} VALUES ({marks})"))
+            .with_context(copying)?;
+        let mut found = select.query([]).with_context(copying)?;
+        while let Some(row) = found.next().with_context(copying)? {
             for i in 0..columns {
                 let value = rusqlite::types::ToSqlOutput::Borrowed(row.get_ref(i)?);
                 insert.raw_bind_parameter(i + 1, value)?;
             }
-            insert.raw_execute()?;
+            insert.raw_execute().with_context(copying)?;
             rows += 1;
         }
     }
-    tx.commit()?;
+    tx.commit().context("committing the records floor")?;
     Ok(RecordsFloor {
         elapsed: start.elapsed(),
         rows,

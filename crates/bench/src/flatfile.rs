@@ -1,4 +1,4 @@
-//! `idsync bench flatfile --rows N`: the flat-file pipeline's speed and memory, in one run.
+//! `idsync-bench flatfile --rows N`: the flat-file pipeline's speed and memory, in one run.
 //!
 //! It generates a 12-column HR feed of N rows in a scratch folder, then reports:
 //! 1. the **floor**: parsing the file with the csv crate plus a bulk insert of the same rows
@@ -10,7 +10,7 @@
 //!    changing 1% of the rows, adding 0.1% and removing 0.1%;
 //! 4. the process's **peak RSS** (VmHWM) after each step; the counter is reset after the
 //!    floor, so the pipeline's figures are its own;
-//! 5. last, the **records floor** (`bench_records`): the rows the passes wrote, inserted
+//! 5. last, the **records floor** (`records.rs`): the rows the passes wrote, inserted
 //!    again row by row into a fresh file, no rules — what SQLite alone costs for them.
 //!
 //! Each pipeline step is split into the adapter's fetch (read, parse, diff) and the engine's
@@ -24,13 +24,14 @@ use anyhow::Context as _;
 use clap::Args;
 use idsync_core::Fetch;
 
-use crate::bench_records::{records_floor, repository_settings};
-use crate::config::Loaded;
-use crate::setup::Setup;
+use idsync_agent::config::Loaded;
+use idsync_agent::setup::Setup;
 
-/// `bench flatfile` options.
+use crate::records::{records_floor, repository_settings};
+
+/// `idsync-bench flatfile` options.
 #[derive(Debug, Args)]
-pub struct FlatfileBench {
+pub struct FlatfileArgs {
     /// Rows in the generated feed.
     #[arg(long, default_value_t = 1_000_000)]
     pub rows: usize,
@@ -125,29 +126,35 @@ fn rss() -> String {
 /// Returns (parse time, parse + insert time).
 fn floor(feed: &Path, db: &Path) -> anyhow::Result<(Duration, Duration)> {
     let start = Instant::now();
-    let mut reader = csv::ReaderBuilder::new().from_path(feed)?;
+    let reading = || format!("reading {}", feed.display());
+    let mut reader = csv::ReaderBuilder::new()
+        .from_path(feed)
+        .with_context(reading)?;
     let mut record = csv::ByteRecord::new();
     let mut rows = 0u64;
-    while reader.read_byte_record(&mut record)? {
+    while reader.read_byte_record(&mut record).with_context(reading)? {
         rows += 1;
     }
     let parsed = start.elapsed();
     anyhow::ensure!(rows > 0, "the generated feed is empty");
 
     let start = Instant::now();
-    let conn = rusqlite::Connection::open(db)?;
-    repository_settings(&conn)?;
+    let conn = rusqlite::Connection::open(db)
+        .with_context(|| format!("opening the floor's file {}", db.display()))?;
+    repository_settings(&conn).context("setting the floor's file up")?;
     conn.execute_batch(
         "CREATE TABLE rows (key TEXT PRIMARY KEY, attrs TEXT NOT NULL) WITHOUT ROWID",
     )?;
     conn.execute_batch("BEGIN IMMEDIATE")?;
     {
         let mut st = conn.prepare("INSERT INTO rows (key, attrs) VALUES (?1, ?2)")?;
-        let mut reader = csv::ReaderBuilder::new().from_path(feed)?;
-        let headers = reader.headers()?.clone();
+        let mut reader = csv::ReaderBuilder::new()
+            .from_path(feed)
+            .with_context(reading)?;
+        let headers = reader.headers().with_context(reading)?.clone();
         let mut record = csv::StringRecord::new();
         let mut json = String::with_capacity(512);
-        while reader.read_record(&mut record)? {
+        while reader.read_record(&mut record).with_context(reading)? {
             json.clear();
             json.push('{');
             for (i, (h, v)) in headers.iter().zip(record.iter()).enumerate() {
@@ -159,10 +166,12 @@ fn floor(feed: &Path, db: &Path) -> anyhow::Result<(Duration, Duration)> {
                 json.push_str(&serde_json::to_string(v)?);
             }
             json.push('}');
-            st.execute(rusqlite::params![record.get(0).unwrap_or_default(), json])?;
+            st.execute(rusqlite::params![record.get(0).unwrap_or_default(), json])
+                .context("inserting into the floor's file")?;
         }
     }
-    conn.execute_batch("COMMIT")?;
+    conn.execute_batch("COMMIT")
+        .context("committing the floor's file")?;
     Ok((parsed, parsed + start.elapsed()))
 }
 
@@ -203,16 +212,16 @@ fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
 
-/// Runs `idsync bench flatfile`.
-pub fn flatfile(args: &FlatfileBench) -> anyhow::Result<()> {
+/// Runs `idsync-bench flatfile`.
+pub fn run(args: &FlatfileArgs) -> anyhow::Result<()> {
     let temp;
     let dir = match &args.dir {
         Some(d) => {
-            std::fs::create_dir_all(d)?;
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
             d.clone()
         }
         None => {
-            temp = tempfile::tempdir()?;
+            temp = tempfile::tempdir().context("creating a scratch folder")?;
             temp.path().to_path_buf()
         }
     };
@@ -231,13 +240,14 @@ pub fn flatfile(args: &FlatfileBench) -> anyhow::Result<()> {
     ] {
         let _ = std::fs::remove_file(dir.join(f));
     }
-    std::fs::create_dir_all(dir.join("rules"))?;
+    let written = |path: &Path| format!("writing {}", path.display());
+    std::fs::create_dir_all(dir.join("rules")).with_context(|| written(&dir.join("rules")))?;
+    let rule = dir.join("rules/correlation.rhai");
+    std::fs::write(&rule, "// by employee number\n#{ empno: account.id }\n")
+        .with_context(|| written(&rule))?;
+    let config = dir.join("idsync.yaml");
     std::fs::write(
-        dir.join("rules/correlation.rhai"),
-        "// by employee number\n#{ empno: account.id }\n",
-    )?;
-    std::fs::write(
-        dir.join("idsync.yaml"),
+        &config,
         "repository: { path: idsync.db }
 rules_dir: rules
 resources:
@@ -255,18 +265,19 @@ resources:
       - { to: title, from: title }
       - { to: department, from: department }
 ",
-    )?;
+    )
+    .with_context(|| written(&config))?;
 
     let t = Instant::now();
-    let size = write_feed(&feed, n, 0)?;
-    println!(
+    let size = write_feed(&feed, n, 0).with_context(|| written(&feed))?;
+    say!(
         "feed: {n} rows x 12 columns, {:.0} MB, generated in {}",
         size as f64 / 1e6,
         secs(t.elapsed())
     );
 
     let (parsed, floor_total) = floor(&feed, &dir.join("floor.db"))?;
-    println!(
+    say!(
         "floor: {} (csv parse {}, SQLite bulk insert {}); peak RSS {}",
         secs(floor_total),
         secs(parsed),
@@ -275,8 +286,8 @@ resources:
     );
 
     reset_peak_rss();
-    let loaded = Loaded::read(&dir.join("idsync.yaml")).map_err(|p| anyhow::anyhow!("{p}"))?;
-    let setup = Setup::new(loaded)?;
+    let loaded = Loaded::read(&config).map_err(|p| anyhow::anyhow!("{p}"))?;
+    let setup = Setup::new(loaded).context("setting the pipeline up")?;
     let t = Instant::now();
     let (fetch_t, apply_t, events) = pipeline_pass(&setup)?;
     let initial = t.elapsed();
@@ -284,7 +295,7 @@ resources:
     // own; the next pass is timed once that has caught up, as after any pause between
     // passes (the floor's file is checkpointed when its connection closes, untimed too).
     setup.engine.repo().settle();
-    println!(
+    say!(
         "initial load: {} for {events} events (fetch {}, apply {}) = {:.1}x the floor; peak RSS so far {}",
         secs(initial),
         secs(fetch_t),
@@ -297,13 +308,13 @@ resources:
     // varies by a third from run to run.
     let mut times = Vec::new();
     for pass in 1..=args.passes.max(1) {
-        write_feed(&feed, n, pass)?;
+        write_feed(&feed, n, pass).with_context(|| written(&feed))?;
         let t = Instant::now();
         let (fetch_t, apply_t, events) = pipeline_pass(&setup)?;
         let incremental = t.elapsed();
         setup.engine.repo().settle();
         times.push(incremental);
-        println!(
+        say!(
             "incremental pass {pass} (1% changed, 0.1% added, 0.1% removed): {} for {events} events (fetch {}, apply {}); peak RSS so far {}",
             secs(incremental),
             secs(fetch_t),
@@ -312,7 +323,7 @@ resources:
         );
     }
     times.sort();
-    println!(
+    say!(
         "incremental passes: median {}, best {}, worst {}",
         secs(times[times.len() / 2]),
         secs(times[0]),
@@ -321,18 +332,18 @@ resources:
 
     let t = Instant::now();
     let (fetch_t, _, events) = pipeline_pass(&setup)?;
-    println!(
+    say!(
         "unchanged file: {} ({events} events, fetch {})",
         secs(t.elapsed()),
         secs(fetch_t)
     );
-    println!("peak RSS of the pipeline: {}", rss());
+    say!("peak RSS of the pipeline: {}", rss());
 
     // Last, so its writes do not compete with the passes: the rows the passes wrote,
     // inserted again without the pipeline (the initial load's, plus the ~1% the
     // incremental pass added).
     let records = records_floor(&dir.join("idsync.db"), &dir.join("records.db"))?;
-    println!(
+    say!(
         "records floor: {} to insert the {} rows the passes wrote (identities, correlation index, links, shadows, decision records) = {:.1}x the floor; the initial load took {:.1}x the records floor",
         secs(records.elapsed),
         records.rows,
