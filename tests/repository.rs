@@ -28,6 +28,21 @@ resources:
     s
 }
 
+/// [`hr_sandbox`] with a correlation rule, `rules/corr.rhai`, for the test to write.
+fn correlated_sandbox() -> Sandbox {
+    let s = Sandbox::new();
+    s.config(
+        r#"status: { listen: off }
+resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: id }
+    naming: 'account.id'
+    rules: { correlation: corr.rhai }
+"#,
+    );
+    s
+}
+
 /// The feed of round `round`: 300 people whose title names the round, and one more person
 /// hired in each round so far.
 fn feed_of_round(round: usize) -> String {
@@ -209,16 +224,7 @@ fn the_same_rejected_line_is_one_failed_event_across_passes() {
 /// seconds (an agent committing a large batch) waits for it, says so, and then succeeds.
 #[test]
 fn a_command_waits_visibly_for_a_long_write_of_another_process() {
-    let s = hr_sandbox();
-    s.config(
-        r#"status: { listen: off }
-resources:
-  - name: hr
-    source: { type: flatfile, path: feeds/hr.csv, key: id }
-    naming: 'account.id'
-    rules: { correlation: corr.rhai }
-"#,
-    );
+    let s = correlated_sandbox();
     s.rule(
         "corr.rhai",
         "if account.id == \"2\" { throw \"not yet\" }\n[]",
@@ -382,16 +388,7 @@ fn a_fixed_source_clears_its_rejected_rows() {
 /// record of discarded events keeps each with the reason.
 #[test]
 fn discarded_failed_events_are_recorded_with_their_reason() {
-    let s = hr_sandbox();
-    s.config(
-        r#"status: { listen: off }
-resources:
-  - name: hr
-    source: { type: flatfile, path: feeds/hr.csv, key: id }
-    naming: 'account.id'
-    rules: { correlation: corr.rhai }
-"#,
-    );
+    let s = correlated_sandbox();
     s.rule(
         "corr.rhai",
         "if account.id != \"1\" { throw \"no luck\" }\n[]",
