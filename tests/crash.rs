@@ -144,7 +144,13 @@ impl Agent {
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(s.path().join("agent.log"))
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
         Agent { child }
@@ -393,6 +399,8 @@ fn sigkill_at_random_points_changes_nothing() {
     let mut next = 0usize; // the next change to make
     let mut kills = 0usize;
     let mut fault_exits = 0usize;
+    // Fault exits the test waited for (a mail was waiting when the random kill came).
+    let mut waited_exits = 0usize;
     // Kills after which work was still outstanding (HR files, an LDAP change or a mail): the
     // ones that can have interrupted something. Too few would make the test vacuous.
     let mut interrupting = 0usize;
@@ -443,7 +451,31 @@ fn sigkill_at_random_points_changes_nothing() {
             rng.below(400).saturating_sub(before_read),
         ));
         let mut agent = agent;
-        if agent.child.try_wait().unwrap().is_some() {
+        // A faulty agent still running with a mail waiting must send it and exit (86)
+        // before recording it. (A claim left by an agent killed before lapses after its
+        // lease, 1 s.)
+        if fault
+            && agent.child.try_wait().unwrap().is_none()
+            && outbox(&crashed).iter().any(|m| m["status"] != "sent")
+        {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while agent.child.try_wait().unwrap().is_none() {
+                assert!(
+                    Instant::now() < deadline,
+                    "a faulty agent with a mail waiting did not send it and exit"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            waited_exits += 1;
+        }
+        // Only the fault exit (86, right after a send, before recording it) may end an
+        // agent before the kill; any other exit is a crash of its own.
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            assert!(
+                fault && status.code() == Some(86),
+                "start {kills} (IDSYNC_FAULT: {fault}) exited on its own ({status}):\n{}",
+                std::fs::read_to_string(crashed.path().join("agent.log")).unwrap_or_default()
+            );
             fault_exits += 1;
         }
         agent.kill();
@@ -455,8 +487,14 @@ fn sigkill_at_random_points_changes_nothing() {
     // Each LDAP change is one decision record.
     let ldap_records = plan.len();
     println!(
-        "{kills} SIGKILLs ({interrupting} with work outstanding, {fault_exits} exits after a send before) in {:?}",
+        "{kills} SIGKILLs ({interrupting} with work outstanding, {fault_exits} exits after a send before, {waited_exits} of them waited for) in {:?}",
         started.elapsed()
+    );
+    // The crash between sending a mail and recording it happened (else the "at least once,
+    // never lost" check of the outbox below proves nothing about it).
+    assert!(
+        fault_exits >= 1,
+        "no start with IDSYNC_FAULT=exit-after-send sent a mail and exited"
     );
     assert!(
         interrupting >= 10,

@@ -86,9 +86,48 @@ fn watch_scenario(env: &[(&str, &str)]) {
     agent.stop();
 }
 
+/// An in-place rewrite of the same size whose writer then puts the old modification time
+/// back (a copy with `cp -p`, `rsync -t`): the polling fallback, which compares names,
+/// sizes and times once a second, cannot see it; only the kernel's close-after-write event
+/// can wake the resource before its next periodic pass, an hour away.
+fn invisible_to_polling(s: &Sandbox) {
+    let path = s.path().join("feeds/hr.csv");
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let old = std::fs::read_to_string(&path).unwrap();
+    let new = old.replace("Bob", "Rob");
+    assert_eq!(old.len(), new.len());
+    std::fs::write(&path, new).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(
+        (meta.len(), meta.modified().unwrap()),
+        (old.len() as u64, mtime)
+    );
+}
+
 #[test]
 fn watch_atomic_rename_rewrite_delete_recreate() {
     watch_scenario(&[]);
+    // The agent really watches (inotify), not a silent fallback to polling: a change that
+    // polling cannot see wakes it.
+    let s = world(", completion: rename");
+    let yaml = std::fs::read_to_string(s.path().join("idsync.yaml")).unwrap();
+    s.config(&yaml.replace("poll_interval_secs: 60", "poll_interval_secs: 3600"));
+    s.feed("hr.csv", "id,cn\n1,Ann\n2,Bob\n");
+    let agent = s.start_agent(&[]);
+    wait_for(&s, &[("1", "Ann"), ("2", "Bob")]);
+    invisible_to_polling(&s);
+    eventually(
+        20,
+        "the change seen by the watcher (a polling agent never sees it)",
+        || (names(&s) == pairs(&[("1", "Ann"), ("2", "Rob")])).then_some(()),
+    );
+    agent.stop();
 }
 
 #[test]
@@ -812,23 +851,53 @@ fn many(n: usize) -> String {
     csv
 }
 
+/// The repository as a refused pass must leave it: every identity, every decision record
+/// and the checkpoint.
+#[derive(Debug, PartialEq)]
+struct State {
+    identities: Vec<serde_json::Value>,
+    records: usize,
+    checkpoint: Option<String>,
+}
+
+fn state(s: &Sandbox) -> State {
+    State {
+        identities: s.export(),
+        records: s.results(&["-n", "100000"]).len(),
+        checkpoint: s.checkpoint("hr"),
+    }
+}
+
+/// `run --once` refused by the guard (exit 3, the guard named in stderr) with nothing
+/// applied: no identity changed, no decision recorded, the checkpoint unmoved. The feed
+/// also changes row 1's name, so a pass that went through would show.
+fn refused(s: &Sandbox, csv: &str, why: &str) {
+    let before = state(s);
+    let csv = csv.replace("\n1,P1\n", "\n1,Renamed\n");
+    s.feed("hr.csv", &csv);
+    let out = s.run_once(None, 3);
+    assert!(
+        out.stderr.contains("accidental-delete guard")
+            && out.stderr.contains(why)
+            && out.stderr.contains("--accept-deletes hr"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(state(s), before, "a refused pass applied something");
+}
+
 #[test]
 fn empty_file_is_caught_by_the_guard_until_accepted() {
     let s = world(", completion: rename");
     s.feed("hr.csv", "id,cn\n1,Ann\n2,Bob\n");
     s.run_once(None, 0);
-    s.feed("hr.csv", "id,cn\n");
-    let out = s.run_once(None, 3);
-    assert!(
-        out.stderr.contains("accidental-delete guard")
-            && out.stderr.contains("--accept-deletes hr"),
-        "{}",
-        out.stderr
-    );
-    assert_eq!(names(&s).len(), 2, "nothing applied");
+    refused(&s, "id,cn\n", "the source has no records");
+    // Still refused at the next run.
+    refused(&s, "id,cn\n", "the source has no records");
     s.idsync(&["run", "--once", "--accept-deletes", "hr"])
         .expect_code(0);
     assert!(names(&s).is_empty());
+    assert_eq!(s.results(&["--situation", "deleted"]).len(), 2);
 }
 
 #[test]
@@ -839,14 +908,7 @@ fn truncated_file_is_caught_by_the_ratio() {
     // Cut after 20 rows: half the accounts would go.
     let full = many(40);
     let cut: String = full.lines().take(21).map(|l| format!("{l}\n")).collect();
-    s.feed("hr.csv", &cut);
-    let out = s.run_once(None, 3);
-    assert!(
-        out.stderr.contains("would delete 20 of 40 accounts"),
-        "{}",
-        out.stderr
-    );
-    assert_eq!(names(&s).len(), 40);
+    refused(&s, &cut, "would delete 20 of 40 accounts");
     // A small change passes the guard.
     let mut fewer: String = full.lines().take(38).map(|l| format!("{l}\n")).collect();
     fewer.push_str("99,New\n");
@@ -861,19 +923,19 @@ fn max_deletes_is_configurable_and_accept_applies() {
     s.feed("hr.csv", &many(10));
     s.run_once(None, 0);
     let seven: String = many(10).lines().take(8).map(|l| format!("{l}\n")).collect();
-    s.feed("hr.csv", &seven);
-    let out = s.run_once(None, 3);
-    assert!(
-        out.stderr.contains("more than max_deletes 2"),
-        "{}",
-        out.stderr
-    );
+    refused(&s, &seven, "more than max_deletes 2");
     s.idsync(&["run", "--once", "--accept-deletes", "hr"])
         .expect_code(0);
     assert_eq!(names(&s).len(), 7);
+    assert_eq!(attr(&s.identity("1").unwrap(), "cn"), Some("Renamed"));
 }
 
 // --- snapshots ------------------------------------------------------------------------
+
+/// The line the pass itself logs (at debug level) before it hands the read-ahead to a thread
+/// of its own. The thread's own line ("repository read ahead in …") may come after the
+/// process ended, so only this one can prove a read-ahead was *not* asked for.
+const READ_AHEAD: &str = "reading the repository ahead";
 
 #[test]
 fn a_changed_file_has_the_repository_read_ahead_and_an_unchanged_one_not() {
@@ -881,18 +943,19 @@ fn a_changed_file_has_the_repository_read_ahead_and_an_unchanged_one_not() {
     s.feed("hr.csv", "id,cn\n1,Ann\n");
     // A first pass knows no account: nothing to read ahead.
     let first = s.idsync(&["-vv", "run", "--once"]).expect_code(0);
-    assert!(
-        !first.stderr.contains("repository read ahead"),
-        "{}",
-        first.stderr
-    );
+    assert!(first.stdout.contains("hr: 1 events"), "{}", first.stdout);
+    assert!(!first.stderr.contains(READ_AHEAD), "{}", first.stderr);
+    assert_eq!(names(&s), pairs(&[("1", "Ann")]));
     s.feed("hr.csv", "id,cn\n1,Ann Lee\n");
     let changed = s.idsync(&["-vv", "run", "--once"]).expect_code(0);
-    assert!(
-        changed.stderr.contains("reading the repository ahead"),
+    assert_eq!(
+        changed.stderr.matches(READ_AHEAD).count(),
+        1,
         "{}",
         changed.stderr
     );
+    assert_eq!(names(&s), pairs(&[("1", "Ann Lee")]));
+    assert_eq!(ops(&s, &[]), ["upsert", "update"]);
     let unchanged = s.idsync(&["-vv", "run", "--once"]).expect_code(0);
     assert!(
         unchanged.stdout.contains("hr: no changes"),
@@ -900,10 +963,11 @@ fn a_changed_file_has_the_repository_read_ahead_and_an_unchanged_one_not() {
         unchanged.stdout
     );
     assert!(
-        !unchanged.stderr.contains("reading the repository ahead"),
+        !unchanged.stderr.contains(READ_AHEAD),
         "{}",
         unchanged.stderr
     );
+    assert_eq!(ops(&s, &[]), ["upsert", "update"], "nothing decided");
 }
 
 #[test]
@@ -1027,4 +1091,89 @@ fn large_pass_commits_in_parts_and_stays_complete() {
     let updates = s.results(&["--key", "7"]);
     let last = updates.last().unwrap();
     assert_eq!(last["op"], "update", "{last}");
+}
+
+/// `SELECT …` with the sqlite3 shell, as an operator's reader would; `None` before the
+/// repository exists or while it cannot be read.
+fn sql(s: &Sandbox, query: &str) -> Option<String> {
+    if !s.db().exists() {
+        return None;
+    }
+    let out = std::process::Command::new("sqlite3")
+        .args(["-cmd", ".timeout 5000"])
+        .arg(s.db())
+        .arg(query)
+        .output()
+        .expect("the sqlite3 shell (Debian package sqlite3) runs");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// A pass in parts killed (SIGKILL) between two parts keeps whole parts only: each committed
+/// part with its decision records and a checkpoint that counts exactly the accounts
+/// committed and says the pass is unfinished; the next run decides the rest, each row once.
+#[test]
+fn a_pass_killed_between_parts_keeps_whole_parts_and_the_next_run_finishes_it() {
+    const ROWS: usize = 5000;
+    const PART: usize = 1000;
+    let s = Sandbox::new();
+    s.config(&format!(
+        "poll_interval_secs: 3600
+status: {{ listen: off }}
+resources:
+  - name: hr
+    source: {{ type: flatfile, path: feeds/hr.csv, key: id, completion: rename, batch_size: {PART} }}
+    populate_global: true
+    rules: {{ filter: slow.rhai }}
+"
+    ));
+    // Some work per event, so that a part takes long enough to be caught between two.
+    s.rule(
+        "slow.rhai",
+        "let n = 0;\nfor i in 0..2000 { n += i; }\nn > 0",
+    );
+    s.feed("hr.csv", &many(ROWS));
+    let count = || sql(&s, "SELECT count(*) FROM identities").and_then(|n| n.parse::<usize>().ok());
+    let agent = s.start_agent(&[]);
+    let seen = eventually(120, "a first part committed", || {
+        count().filter(|n| *n > 0 && *n < ROWS)
+    });
+    agent.stop(); // SIGKILL
+    let committed = count().unwrap();
+    assert!(
+        committed >= seen && committed < ROWS,
+        "killed between parts: {committed} committed (seen {seen})"
+    );
+    assert_eq!(committed % PART, 0, "a part was committed in pieces");
+    // Each committed identity came with its decision record.
+    assert_eq!(s.results(&["-n", "100000"]).len(), committed);
+    // The checkpoint counts exactly the committed accounts and marks the pass unfinished.
+    let token = s
+        .checkpoint("hr")
+        .expect("a checkpoint with the first part");
+    let json: serde_json::Value =
+        serde_json::from_str(token.split_once(' ').expect("a token with its state").1).unwrap();
+    assert_eq!(json["n"], committed as u64, "{token}");
+    assert_eq!(json["partial"], true, "{token}");
+
+    // The next run decides the rest, and nothing twice.
+    let out = s.run_once(None, 0);
+    assert!(
+        out.stdout
+            .contains(&format!("hr: {} events", ROWS - committed)),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(count(), Some(ROWS));
+    let records = s.results(&["-n", "100000"]);
+    assert_eq!(records.len(), ROWS);
+    let mut keys: Vec<&str> = records.iter().map(|d| d["key"].as_str().unwrap()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), ROWS, "one decision record per row");
+    let token = s.checkpoint("hr").unwrap();
+    assert!(!token.contains("\"partial\""), "{token}");
+    let out = s.run_once(None, 0);
+    assert!(out.stdout.contains("hr: no changes"), "{}", out.stdout);
 }

@@ -392,11 +392,27 @@ fn ldaps_and_starttls_with_a_generated_ca() {
     s.run_once(None, 0);
     assert!(s.identity("t").is_some());
 
-    // Verification is on: without the CA the server's certificate is refused.
-    let s = world_at(&slapd, &slapd.ldaps_url(), "");
-    let run = s.run_once(None, 3);
-    assert!(run.stderr.contains("resource dir"), "{}", run.stderr);
-    assert!(s.export().is_empty());
+    // Verification is on: without the CA the server's certificate is refused, for that
+    // reason (not a refused connection or bind), over ldaps and StartTLS alike, and
+    // nothing is stored.
+    for (url, extra) in [
+        (slapd.ldaps_url(), ""),
+        (slapd.url(), "      starttls: true"),
+    ] {
+        let s = world_at(&slapd, &url, extra);
+        let run = s.run_once(None, 3);
+        assert!(
+            run.stderr.contains("resource dir")
+                && run
+                    .stderr
+                    .contains("invalid peer certificate: UnknownIssuer"),
+            "{url} {extra}: {}",
+            run.stderr
+        );
+        assert!(s.export().is_empty());
+        assert!(s.results(&[]).is_empty());
+        assert_eq!(s.checkpoint("dir"), None);
+    }
 }
 
 #[test]
@@ -531,7 +547,13 @@ fn changed_search_refreshes_from_scratch_behind_the_delete_guard() {
     assert_eq!(s.export().len(), 12);
 
     // A narrower filter invalidates the cookie: a full refresh finds 10 accounts absent,
-    // more than the guard allows, so nothing is applied.
+    // more than the guard allows, so nothing is applied: no identity, no decision record,
+    // not the cookie. p0 changed meanwhile: a refresh that went through would show it.
+    let before = (s.export(), s.results(&["-n", "1000"]), s.checkpoint("dir"));
+    assert!(before.2.is_some());
+    slapd.modify(&format!(
+        "dn: uid=p0,{PEOPLE}\nchangetype: modify\nreplace: cn\ncn: Changed\n\n"
+    ));
     narrow_to_p0_and_p1(&s);
     let run = s.run_once(None, 3);
     assert!(
@@ -540,19 +562,23 @@ fn changed_search_refreshes_from_scratch_behind_the_delete_guard() {
         "{}",
         run.stderr
     );
-    assert_eq!(s.results(&["--situation", "deleted"]).len(), 0);
+    let after = (s.export(), s.results(&["-n", "1000"]), s.checkpoint("dir"));
+    assert!(after == before, "a refused refresh applied something");
     // Still refused at the next run: an acceptance is for one run only.
     s.run_once(None, 3);
-    assert_eq!(s.results(&["--situation", "deleted"]).len(), 0);
+    let after = (s.export(), s.results(&["-n", "1000"]), s.checkpoint("dir"));
+    assert!(after == before, "a refused refresh applied something");
 
     // The operator agrees, for this run: the deletes are applied, each with the last known
     // attributes.
     let run = s
         .idsync(&["run", "--once", "--accept-deletes", "dir"])
         .expect_code(0);
-    assert!(run.stdout.contains("dir: 10 events"), "{}", run.stdout);
+    assert!(run.stdout.contains("dir: 11 events"), "{}", run.stdout);
     let deleted = s.results(&["--situation", "deleted"]);
     assert_eq!(deleted.len(), 10);
+    assert_eq!(attr(&s.identity("p0").unwrap(), "cn"), Some("Changed"));
+    assert_ne!(s.checkpoint("dir"), before.2, "the new cookie");
 }
 
 #[test]

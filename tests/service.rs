@@ -215,14 +215,53 @@ fn status_health_readiness_and_metrics() {
     assert_eq!(code, 0);
 }
 
+/// SIGHUP reloads what no watcher sees: the rules folder is a link that a deployment
+/// switches to a new release of the rules (no watched file is written, so nothing reloads
+/// them until SIGHUP). The file watch reloads on its own whenever the config or a rule
+/// file is written, so a test that only changed such a file, or only looked for "reloaded"
+/// after SIGHUP, could not tell SIGHUP did anything; here the rules in force before and
+/// after the signal are told apart by the decisions they make.
 #[test]
-fn sighup_reloads() {
+fn sighup_reloads_rules_no_watcher_sees() {
     let s = Sandbox::new();
-    config(&s, "status: { listen: off }\n");
+    s.config(
+        "poll_interval_secs: 1
+status: { listen: off }
+rules_dir: live
+resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: id, completion: rename }
+    rules: { correlation: corr.rhai }
+    mappings:
+      - { to: mail, from: email }
+",
+    );
+    // Release a correlates by mail; release b by an attribute no identity has.
+    s.write("rules-a/corr.rhai", "#{ mail: account.email }");
+    s.write("rules-b/corr.rhai", "// release b\n#{ id: account.id }");
+    std::os::unix::fs::symlink("rules-a", s.path().join("live")).unwrap();
+    s.feed("hr.csv", "id,email\n1,a@x\n2,b@x\n");
     let agent = start(&s);
     eventually(20, "the first pass", || {
         (s.export().len() == 2).then_some(())
     });
+    let owner = s.owner("hr", "1").unwrap();
+
+    // Deploy release b: the link is replaced atomically.
+    std::os::unix::fs::symlink("rules-b", s.path().join("live.new")).unwrap();
+    std::fs::rename(s.path().join("live.new"), s.path().join("live")).unwrap();
+    // Account 3 has account 1's mail: still decided by release a (by mail: linked to 1's
+    // identity).
+    s.replace_atomically("feeds/hr.csv", "id,email\n1,a@x\n2,b@x\n3,a@x\n");
+    let d = eventually(20, "account 3", || s.results(&["--key", "3"]).pop());
+    assert_eq!(
+        (&d["situation"], &d["action"]),
+        (&"unlinked".into(), &"linked".into()),
+        "{d}"
+    );
+    assert_eq!(s.owner("hr", "3").as_deref(), Some(owner.as_str()));
+    assert!(!log(&s).contains("reloaded"), "{}", log(&s));
+
     let pid = agent.id().to_string();
     assert!(
         Command::new("kill")
@@ -234,13 +273,20 @@ fn sighup_reloads() {
     eventually(20, "the reload", || {
         log(&s).contains("reloaded").then_some(())
     });
-    s.replace_atomically("feeds/hr.csv", "id,email\n1,a@x\n2,b@x\n3,c@x\n");
-    eventually(20, "the change after the reload", || {
-        (s.export().len() == 3).then_some(())
-    });
+    // Account 4, also with 1's mail, is decided by release b: no candidate, a new identity.
+    s.replace_atomically("feeds/hr.csv", "id,email\n1,a@x\n2,b@x\n3,a@x\n4,a@x\n");
+    let d = eventually(20, "account 4", || s.results(&["--key", "4"]).pop());
+    assert_eq!(
+        (&d["situation"], &d["action"]),
+        (&"unmatched".into(), &"created".into()),
+        "{d}"
+    );
+    let owner4 = s.owner("hr", "4").unwrap();
+    assert_ne!(owner4, owner);
+    assert_eq!(s.export().len(), 3);
     let (code, err) = terminate_in(&s, agent);
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("reloaded"), "{err}");
+    assert_eq!(err.matches("reloaded").count(), 1, "{err}");
 }
 
 #[test]

@@ -165,17 +165,29 @@ fn disputed_without_resolve_fails_naming_every_candidate() {
 }
 
 #[test]
-fn confirmation_keeps_one_candidate() {
+fn confirmation_keeps_one_candidate_wherever_it_stands() {
     let s = world(
         "    rules: { correlation: by_mail.rhai, confirmation: born.rhai }\n",
         &[("born.rhai", "identity.attrs.born == account.born")],
     );
-    hr(&s, "emp,mail,born,title\n77,shared@x,1980-02-02,Clerk\n", 0);
-    let d = s.last_result();
-    assert_eq!(d["situation"], "unlinked");
-    assert_eq!(d["candidates"], serde_json::json!(["bea", "bob"]));
-    assert_eq!(d["confirmed"], serde_json::json!(["bob"]));
-    assert_eq!(s.owner("hr", "77").as_deref(), Some("bob"));
+    // Both accounts find the candidates bea and bob (in that order); 78 is bea (the first),
+    // 77 is bob (the last): the one kept is the one confirmed, not one by its position.
+    hr(
+        &s,
+        "emp,mail,born,title\n78,shared@x,1985-03-03,Cook\n77,shared@x,1980-02-02,Clerk\n",
+        0,
+    );
+    for (key, who) in [("78", "bea"), ("77", "bob")] {
+        let d = s.results(&["--key", key]).pop().unwrap();
+        assert_eq!(d["situation"], "unlinked", "{d}");
+        assert_eq!(d["candidates"], serde_json::json!(["bea", "bob"]), "{d}");
+        assert_eq!(d["confirmed"], serde_json::json!([who]), "{d}");
+        assert_eq!(d["identity"], who, "{d}");
+        assert_eq!(s.owner("hr", key).as_deref(), Some(who));
+    }
+    assert_eq!(attr(&s.identity("bea").unwrap(), "title"), Some("Cook"));
+    assert_eq!(attr(&s.identity("bob").unwrap(), "title"), Some("Clerk"));
+    assert_eq!(s.export().len(), 3, "nothing created");
 }
 
 #[test]

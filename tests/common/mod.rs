@@ -151,6 +151,23 @@ impl Sandbox {
         self.results(&[]).pop().expect("a decision record")
     }
 
+    /// The stored checkpoint of `resource` (read from the repository file with SQLite, as
+    /// an operator's reader would), `None` before its first commit.
+    pub fn checkpoint(&self, resource: &str) -> Option<String> {
+        let db = rusqlite::Connection::open_with_flags(
+            self.db(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+        db.query_row(
+            "SELECT token FROM checkpoints WHERE resource = ?1",
+            [resource],
+            |r| r.get(0),
+        )
+        .ok()
+    }
+
     /// `failed list --json`, parsed.
     pub fn failed(&self) -> Vec<Value> {
         Self::json_lines(self.idsync(&["failed", "list", "--json"]))
