@@ -12,7 +12,7 @@ mod common;
 mod slapd;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, SystemTime};
 
 use common::{Sandbox, SmtpServer, attr, eventually};
@@ -59,17 +59,6 @@ fn keys(ids: impl IntoIterator<Item = usize>) -> Vec<String> {
     let mut v: Vec<String> = ids.into_iter().map(|i| i.to_string()).collect();
     v.sort();
     v
-}
-
-/// `SELECT …` with the sqlite3 shell.
-fn sql(s: &Sandbox, query: &str) -> String {
-    let out = Command::new("sqlite3")
-        .args(["-cmd", ".timeout 5000"])
-        .arg(s.db())
-        .arg(query)
-        .output()
-        .expect("the sqlite3 shell (Debian package sqlite3) runs");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 // --- the filter rule on delete events -----------------------------------------------------
@@ -307,7 +296,7 @@ fn the_guard_allows_exactly_max_deletes() {
     s.run_once(None, 0);
     assert_eq!(linked(&s, "hr"), keys(3..12), "3 deletes pass");
     let records = s.results(&[]).len();
-    let checkpoint = sql(&s, "SELECT token FROM checkpoints WHERE resource = 'hr'");
+    let checkpoint = s.sql("SELECT token FROM checkpoints WHERE resource = 'hr'");
     // 4 deletes, and a change and a new row in the same pass: none of it is applied.
     let mut csv = feed_of(7..12).replace("7,P7", "7,changed");
     csv.push_str("99,P99\n");
@@ -322,7 +311,7 @@ fn the_guard_allows_exactly_max_deletes() {
     assert_eq!(attr(&s.identity("u7").unwrap(), "cn"), Some("P7"));
     assert_eq!(s.results(&[]).len(), records, "no decision recorded");
     assert_eq!(
-        sql(&s, "SELECT token FROM checkpoints WHERE resource = 'hr'"),
+        s.sql("SELECT token FROM checkpoints WHERE resource = 'hr'"),
         checkpoint,
         "the checkpoint did not move"
     );
@@ -516,23 +505,6 @@ fn a_settle_that_gives_up_says_so_and_applies_nothing() {
 
 // --- the agent: on_error: halt, reload on a config change -----------------------------------
 
-/// Starts `idsync run`; stderr goes to `agent.log` in the sandbox.
-fn start(s: &Sandbox) -> Child {
-    let log = std::fs::File::create(s.path().join("agent.log")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_idsync"))
-        .arg("run")
-        .current_dir(s.path())
-        .env("IDSYNC_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
-fn log(s: &Sandbox) -> String {
-    std::fs::read_to_string(s.path().join("agent.log")).unwrap_or_default()
-}
-
 /// SIGTERM and wait: the exit status.
 fn terminate(child: &mut Child) -> Option<i32> {
     let ok = Command::new("kill")
@@ -569,9 +541,9 @@ resources:
     );
     s.feed("hr.csv", "id\n1\nbad\n");
     s.feed("other.csv", "id\n1\n");
-    let mut agent = start(&s);
+    let mut agent = s.start_logged(&[]);
     eventually(20, "the halt", || {
-        log(&s)
+        s.agent_log()
             .contains("resource halted until the config or rules change")
             .then_some(())
     });
@@ -584,15 +556,15 @@ resources:
     assert!(linked(&s, "hr").is_empty(), "nothing of the halted batch");
     assert!(s.results(&["--resource", "hr"]).is_empty());
     assert_eq!(
-        sql(&s, "SELECT count(*) FROM checkpoints WHERE resource = 'hr'"),
+        s.sql("SELECT count(*) FROM checkpoints WHERE resource = 'hr'"),
         "0",
         "hr's checkpoint unmoved"
     );
     assert_eq!(
-        log(&s).matches("event failed").count(),
+        s.agent_log().matches("event failed").count(),
         1,
         "the halted resource was passed again:\n{}",
-        log(&s)
+        s.agent_log()
     );
     let status: Value =
         serde_json::from_str(s.idsync(&["status", "--json"]).expect_code(0).stdout.trim()).unwrap();
@@ -609,7 +581,7 @@ resources:
     eventually(20, "hr after the fix", || {
         (linked(&s, "hr") == ["1", "2", "bad"]).then_some(())
     });
-    assert_eq!(terminate(&mut agent), Some(0), "{}", log(&s));
+    assert_eq!(terminate(&mut agent), Some(0), "{}", s.agent_log());
 }
 
 /// The agent reloads when the config file (not a rule) is written: a mapping added to the
@@ -630,16 +602,16 @@ resources:
     };
     s.config(&config(""));
     s.feed("hr.csv", "id,title\n1,clerk\n");
-    let mut agent = start(&s);
+    let mut agent = s.start_logged(&[]);
     eventually(20, "the first pass", || s.identity("u1"));
     assert_eq!(attr(&s.identity("u1").unwrap(), "title"), None);
-    assert!(!log(&s).contains("reloaded"), "{}", log(&s));
+    assert!(!s.agent_log().contains("reloaded"), "{}", s.agent_log());
     s.replace_atomically(
         "idsync.yaml",
         &config("    mappings:\n      - { to: title, from: title }\n"),
     );
     eventually(20, "the reload", || {
-        log(&s).contains("reloaded").then_some(())
+        s.agent_log().contains("reloaded").then_some(())
     });
     s.replace_atomically("feeds/hr.csv", "id,title\n1,clerk\n2,lead\n");
     let u2 = eventually(20, "the change", || s.identity("u2"));
@@ -648,7 +620,7 @@ resources:
         Some("lead"),
         "decided with the new config"
     );
-    assert_eq!(terminate(&mut agent), Some(0), "{}", log(&s));
+    assert_eq!(terminate(&mut agent), Some(0), "{}", s.agent_log());
 }
 
 // --- the outbox ------------------------------------------------------------------------------

@@ -56,22 +56,6 @@ fn feed_of_round(round: usize) -> String {
     csv
 }
 
-/// `sqlite3 DB SQL`: what an operator types to look at the repository.
-fn sqlite3(db: &std::path::Path, sql: &str) -> String {
-    let out = Command::new("sqlite3")
-        .args(["-cmd", ".timeout 5000"])
-        .arg(db)
-        .arg(sql)
-        .output()
-        .expect("the sqlite3 shell (Debian package sqlite3) runs");
-    assert!(
-        out.status.success(),
-        "sqlite3 failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 /// Readers between commits must not make the agent's later commits vanish: each round the
 /// feed changes, the agent commits, and both an outside `sqlite3` and `idsync` read the
 /// result; then SIGKILL. Every round a reader saw must be in the repository after the kill.
@@ -79,7 +63,6 @@ fn sqlite3(db: &std::path::Path, sql: &str) -> String {
 fn readers_between_commits_then_a_kill_lose_no_commit() {
     let s = hr_sandbox();
     s.feed("hr.csv", &feed_of_round(0));
-    let db = s.db();
     let agent = s.start_agent(&[]);
     for round in 0..8 {
         if round > 0 {
@@ -94,9 +77,7 @@ fn readers_between_commits_then_a_kill_lose_no_commit() {
                 .then_some(())
         });
         // ... and an outside reader sees the same.
-        let seen = sqlite3(
-            &db,
-            &format!(
+        let seen = s.sql(&format!(
                 "SELECT count(*) FROM identities WHERE name = '{hire}' OR json_extract(attrs, '$.title') = '{want_title}'"
             ),
         );
@@ -124,10 +105,7 @@ fn readers_between_commits_then_a_kill_lose_no_commit() {
         }
     }
     assert_eq!(
-        sqlite3(
-            &db,
-            "SELECT count(*) FROM identities WHERE json_extract(attrs, '$.title') = 'title-7'"
-        ),
+        s.sql("SELECT count(*) FROM identities WHERE json_extract(attrs, '$.title') = 'title-7'"),
         "300"
     );
 }
@@ -154,10 +132,7 @@ fn an_empty_file_at_the_repository_path_is_refused() {
 
     // Some other SQLite database is refused the same way.
     std::fs::remove_file(s.db()).unwrap();
-    sqlite3(
-        &s.db(),
-        "CREATE TABLE notes(x); INSERT INTO notes VALUES (1);",
-    );
+    s.sql("CREATE TABLE notes(x); INSERT INTO notes VALUES (1);");
     let run = s.idsync(&["identities", "list"]);
     assert_ne!(run.code, 0);
     assert!(
@@ -165,7 +140,7 @@ fn an_empty_file_at_the_repository_path_is_refused() {
         "{}",
         run.stderr
     );
-    assert_eq!(sqlite3(&s.db(), "SELECT count(*) FROM sqlite_master"), "1");
+    assert_eq!(s.sql("SELECT count(*) FROM sqlite_master"), "1");
 }
 
 /// The repository, its log and the status file are readable by their owner only, whatever

@@ -9,28 +9,11 @@ mod common;
 #[path = "common/slapd.rs"]
 mod slapd;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::{Sandbox, SmtpServer, eventually, free_port, http_get, metric};
 use slapd::{PEOPLE, SYNC_DN, SYNC_PW, Slapd};
-
-/// Starts `idsync run`; stderr (the log) goes to `agent.log` in the sandbox.
-fn start(s: &Sandbox) -> Child {
-    let log = std::fs::File::create(s.path().join("agent.log")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_idsync"))
-        .arg("run")
-        .current_dir(s.path())
-        .env_remove("IDSYNC_LOG")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
-fn log(s: &Sandbox) -> String {
-    std::fs::read_to_string(s.path().join("agent.log")).unwrap_or_default()
-}
 
 /// SIGTERM; the exit status and how long the agent took to exit.
 fn terminate(child: &mut Child) -> (Option<i32>, Duration) {
@@ -70,17 +53,6 @@ fn seconds_until(secs: u64, what: &str, mut check: impl FnMut() -> bool) -> f64 
     started.elapsed().as_secs_f64()
 }
 
-/// `SELECT …` with the sqlite3 shell.
-fn sql(s: &Sandbox, query: &str) -> String {
-    let out = Command::new("sqlite3")
-        .args(["-cmd", ".timeout 5000"])
-        .arg(s.db())
-        .arg(query)
-        .output()
-        .expect("the sqlite3 shell (Debian package sqlite3) runs");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 /// A CSV resource, an LDAP persist resource and an LDAP syncrepl resource with an hour's
 /// interval: once the first passes are done, 30 s of quiet make no pass and send no search;
 /// a change to the feed and one in the directory each arrive within 2 s.
@@ -118,9 +90,9 @@ resources:
         ldap("sync", "syncrepl")
     ));
     s.feed("hr.csv", "id,title\n1,clerk\n");
-    let mut agent = start(&s);
+    let mut agent = s.start_logged(&[]);
     let port = eventually(20, "the status endpoint", || {
-        common::endpoint_port(&log(&s))
+        common::endpoint_port(&s.agent_log())
     });
     eventually(30, "the first passes", || {
         (std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -163,7 +135,7 @@ resources:
         "the directory change took {directory:.2} s"
     );
     let (code, took) = terminate(&mut agent);
-    assert_eq!(code, Some(0), "{}", log(&s));
+    assert_eq!(code, Some(0), "{}", s.agent_log());
     assert!(took < Duration::from_secs(5), "stopping took {took:?}");
 }
 
@@ -195,7 +167,7 @@ notifications:
 "
     ));
     s.feed("hr.csv", "id,mail\n1,a@example.com\n");
-    let mut agent = start(&s);
+    let mut agent = s.start_logged(&[]);
     // The first attempt fails: the server is not there yet.
     eventually(20, "a failed first attempt", || {
         let out = s.idsync(&["outbox", "list", "--json"]).stdout;
@@ -210,7 +182,7 @@ notifications:
         "delivered {took:.2} s after the server came back"
     );
     let (code, _) = terminate(&mut agent);
-    assert_eq!(code, Some(0), "{}", log(&s));
+    assert_eq!(code, Some(0), "{}", s.agent_log());
 }
 
 /// SIGTERM in the middle of a 300,000-row initial load: the agent exits 0 within 5 s with
@@ -236,9 +208,9 @@ resources:
         csv.push_str(&format!("u{i},Name {i},u{i}@example.com,Engineer\n"));
     }
     s.feed("hr.csv", &csv);
-    let mut agent = start(&s);
+    let mut agent = s.start_logged(&[]);
     let port = eventually(20, "the status endpoint", || {
-        common::endpoint_port(&log(&s))
+        common::endpoint_port(&s.agent_log())
     });
     // Two parts committed, the pass still going.
     let progress = eventually(60, "parts of the load", || {
@@ -268,23 +240,23 @@ resources:
         "the status during the first pass: {status}"
     );
     let (code, took) = terminate(&mut agent);
-    assert_eq!(code, Some(0), "{}", log(&s));
+    assert_eq!(code, Some(0), "{}", s.agent_log());
     assert!(took < Duration::from_secs(5), "stopping took {took:?}");
-    let committed: usize = sql(&s, "SELECT count(*) FROM identities").parse().unwrap();
+    let committed: usize = s.sql("SELECT count(*) FROM identities").parse().unwrap();
     println!("stopped in {took:?} with {committed} of {ROWS} rows committed");
     assert!(
         (40_000..ROWS).contains(&committed),
         "{committed} rows committed when stopped"
     );
-    assert!(!log(&s).contains('\u{1b}'), "escape codes in a piped log");
+    assert!(
+        !s.agent_log().contains('\u{1b}'),
+        "escape codes in a piped log"
+    );
 
     s.run_once(None, 0);
-    assert_eq!(sql(&s, "SELECT count(*) FROM identities"), ROWS.to_string());
+    assert_eq!(s.sql("SELECT count(*) FROM identities"), ROWS.to_string());
     assert_eq!(
-        sql(
-            &s,
-            "SELECT count(*) || ' ' || count(DISTINCT key) FROM decisions WHERE resource = 'hr'"
-        ),
+        s.sql("SELECT count(*) || ' ' || count(DISTINCT key) FROM decisions WHERE resource = 'hr'"),
         format!("{ROWS} {ROWS}"),
         "one decision record per row"
     );
@@ -338,11 +310,11 @@ notifications:
 "
     ));
     s.feed("hr.csv", "id,mail\n1,a@example.com\n");
-    let mut agent = start(&s);
+    let mut agent = s.start_logged(&[]);
     eventually(20, "the first pass", || s.identity("u1"));
     // The directory is in backoff and a mail waits on the silent server.
     eventually(20, "the directory failing", || {
-        log(&s).contains("next attempt in").then_some(())
+        s.agent_log().contains("next attempt in").then_some(())
     });
     for i in 2..5 {
         s.replace_atomically(
@@ -358,7 +330,7 @@ notifications:
         assert!(took < 1.5, "the feed change took {took:.2} s");
     }
     let (code, took) = terminate(&mut agent);
-    assert_eq!(code, Some(0), "{}", log(&s));
+    assert_eq!(code, Some(0), "{}", s.agent_log());
     assert!(took < Duration::from_secs(5), "stopping took {took:?}");
     drop(held);
 }

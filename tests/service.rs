@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use common::{Sandbox, eventually, http_get};
 
@@ -24,38 +24,20 @@ fn config(s: &Sandbox, extra: &str) {
     s.feed("hr.csv", "id,email\n1,a@x\n2,b@x\n");
 }
 
-/// Starts `idsync run`; its stderr goes to `agent.log` in the sandbox (read with [`log`]).
-fn start(s: &Sandbox) -> Child {
-    let log = std::fs::File::create(s.path().join("agent.log")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_idsync"))
-        .args(["run"])
-        .current_dir(s.path())
-        .env("IDSYNC_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
-/// What the agent logged so far.
-fn log(s: &Sandbox) -> String {
-    std::fs::read_to_string(s.path().join("agent.log")).unwrap_or_default()
-}
-
 /// SIGTERM; the exit status and the agent's log.
 fn terminate_in(s: &Sandbox, mut child: Child) -> (i32, String) {
     let pid = child.id().to_string();
     let ok = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(ok.success());
     let status = child.wait().unwrap();
-    (status.code().unwrap_or(-1), log(s))
+    (status.code().unwrap_or(-1), s.agent_log())
 }
 
 #[test]
 fn sigterm_stops_cleanly_after_committing() {
     let s = Sandbox::new();
     config(&s, "status: { listen: off }\n");
-    let agent = start(&s);
+    let agent = s.start_logged(&[]);
     eventually(20, "the first pass", || {
         (s.export().len() == 2).then_some(())
     });
@@ -77,14 +59,14 @@ fn sigterm_stops_cleanly_after_committing() {
 fn rules_reload_on_change_and_a_bad_reload_keeps_the_running_rules() {
     let s = Sandbox::new();
     config(&s, "status: { listen: off }\n");
-    let agent = start(&s);
+    let agent = s.start_logged(&[]);
     eventually(20, "the first pass", || {
         (s.export().len() == 2).then_some(())
     });
     // A broken rule: the reload is refused, the agent keeps deciding with the old rules.
     s.rule("corr.rhai", "let x = ;");
     eventually(20, "the refused reload", || {
-        log(&s).contains("reload refused").then_some(())
+        s.agent_log().contains("reload refused").then_some(())
     });
     // Account 3 has account 1's mail: the running rule (by mail) links it to 1's identity;
     // the broken one would fail it, no rule at all would create an identity.
@@ -142,7 +124,7 @@ fn failed_events_are_retried_up_to_the_limit_then_left_for_an_operator() {
         "corr.rhai",
         "if account.id == \"2\" { throw \"not yet\" }\n#{ mail: account.email }",
     );
-    let agent = start(&s);
+    let agent = s.start_logged(&[]);
     eventually(20, "two automatic attempts", || {
         s.failed()
             .pop()
@@ -165,9 +147,9 @@ fn failed_events_are_retried_up_to_the_limit_then_left_for_an_operator() {
 fn status_health_readiness_and_metrics() {
     let s = Sandbox::new();
     config(&s, "status: { listen: \"127.0.0.1:0\" }\n");
-    let agent = start(&s);
+    let agent = s.start_logged(&[]);
     let port = eventually(20, "the status endpoint", || {
-        common::endpoint_port(&log(&s))
+        common::endpoint_port(&s.agent_log())
     });
     eventually(20, "ready", || {
         std::net::TcpStream::connect(("127.0.0.1", port))
@@ -241,7 +223,7 @@ resources:
     s.write("rules-b/corr.rhai", "// release b\n#{ id: account.id }");
     std::os::unix::fs::symlink("rules-a", s.path().join("live")).unwrap();
     s.feed("hr.csv", "id,email\n1,a@x\n2,b@x\n");
-    let agent = start(&s);
+    let agent = s.start_logged(&[]);
     eventually(20, "the first pass", || {
         (s.export().len() == 2).then_some(())
     });
@@ -260,7 +242,7 @@ resources:
         "{d}"
     );
     assert_eq!(s.owner("hr", "3").as_deref(), Some(owner.as_str()));
-    assert!(!log(&s).contains("reloaded"), "{}", log(&s));
+    assert!(!s.agent_log().contains("reloaded"), "{}", s.agent_log());
 
     let pid = agent.id().to_string();
     assert!(
@@ -271,7 +253,7 @@ resources:
             .success()
     );
     eventually(20, "the reload", || {
-        log(&s).contains("reloaded").then_some(())
+        s.agent_log().contains("reloaded").then_some(())
     });
     // Account 4, also with 1's mail, is decided by release b: no candidate, a new identity.
     s.replace_atomically("feeds/hr.csv", "id,email\n1,a@x\n2,b@x\n3,a@x\n4,a@x\n");
@@ -305,7 +287,7 @@ resources:
     );
     s.feed("hr.csv", "id\n1\n");
     s.feed("tick.csv", "id\nt1\n");
-    let agent = start(&s);
+    let agent = s.start_logged(&[]);
     // Both pass once at start.
     eventually(20, "the first passes", || {
         (s.export().len() == 2).then_some(())

@@ -347,6 +347,44 @@ impl Sandbox {
         }
     }
 
+    /// Starts `idsync run` as users run it (default log level) with extra environment
+    /// variables; its stderr goes to `agent.log` in the sandbox ([`Sandbox::agent_log`]), so
+    /// a chatty agent never blocks on a full pipe and tests can wait for a log line.
+    pub fn start_logged(&self, env: &[(&str, &str)]) -> std::process::Child {
+        let log = std::fs::File::create(self.path().join("agent.log")).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_idsync"))
+            .arg("run")
+            .current_dir(self.path())
+            .env_remove("IDSYNC_LOG")
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start idsync run")
+    }
+
+    /// What the agent started with [`Sandbox::start_logged`] logged so far.
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// `sqlite3 idsync.db QUERY` (5 s busy timeout), as an operator reads the repository:
+    /// the output, trimmed; panics if the shell fails.
+    pub fn sql(&self, query: &str) -> String {
+        let out = Command::new("sqlite3")
+            .args(["-cmd", ".timeout 5000"])
+            .arg(self.db())
+            .arg(query)
+            .output()
+            .expect("the sqlite3 shell (Debian package sqlite3) runs");
+        assert!(
+            out.status.success(),
+            "sqlite3 failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     /// Writes `content` beside `rel` and renames it into place (an atomic replace).
     pub fn replace_atomically(&self, rel: &str, content: &str) {
         let p = self.dir.path().join(rel);
