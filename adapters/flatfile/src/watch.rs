@@ -121,6 +121,7 @@ impl Watcher {
     pub fn new(dirs: Vec<PathBuf>, poll: Duration) -> Watcher {
         let forced_poll = std::env::var("IDSYNC_WATCH").is_ok_and(|v| v == "poll");
         let mode = if forced_poll {
+            tracing::info!(dirs = ?dirs, "polling every {poll:?} (IDSYNC_WATCH=poll)");
             None
         } else {
             match Self::notify(&dirs) {
