@@ -306,3 +306,56 @@ fn redaction_keeps_a_birth_date_confirmation_true_to_the_decision() {
     let out = s.idsync(&["test-rules"]).expect_code(0);
     assert!(out.stdout.contains("2 passed, 0 failed"), "{}", out.stdout);
 }
+
+/// A preview covers the whole pass, every part of it: with 25,000 changes and 100 removals
+/// (two parts of the default 20,000), the totals are exact, every delete is listed, the
+/// rest only up to --limit; the run that follows applies exactly that. Before the first run,
+/// a preview creates no repository file.
+#[test]
+fn a_preview_covers_every_part_of_the_pass() {
+    let s = Sandbox::new();
+    s.config(
+        "status: { listen: off }\nresources:\n  - name: hr\n    source: { type: flatfile, path: feeds/hr.csv, key: id }\n    naming: 'account.id'\n    populate_global: true\n",
+    );
+    let feed = |changed: usize, removed: usize| {
+        let mut csv = String::from("id,title\n");
+        for i in removed..50_000 {
+            let title = if i < changed { "lead" } else { "clerk" };
+            csv.push_str(&format!("{i},{title}\n"));
+        }
+        csv
+    };
+    s.feed("hr.csv", &feed(0, 0));
+    let first = s.idsync(&["preview", "--limit", "3"]).expect_code(0);
+    assert!(!s.db().exists(), "a preview created the repository");
+    assert!(
+        first.stdout.contains("50000 events") && first.stdout.contains("in 3 part(s)"),
+        "{}",
+        first.stdout
+    );
+    s.run_once(None, 0);
+    // Rows 0..99 removed, 100..25099 changed.
+    s.feed("hr.csv", &feed(25_100, 100));
+    let out = s.idsync(&["preview", "--limit", "10"]).expect_code(0);
+    let decisions: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("hr "))
+        .collect();
+    let deletes = decisions
+        .iter()
+        .filter(|l| l.split(' ').nth(2) == Some("delete"))
+        .count();
+    assert_eq!(deletes, 100, "every delete is listed");
+    assert_eq!(decisions.len(), 110, "the deletes and 10 more");
+    assert!(
+        out.stdout.contains("25100 events")
+            && out.stdout.contains("updated 25000")
+            && out.stdout.contains("in 2 part(s)")
+            && out.stdout.contains("24990 more event(s) not listed"),
+        "{}",
+        out.stdout
+    );
+    let run = s.run_once(None, 0);
+    assert!(run.stdout.contains("25100 events"), "{}", run.stdout);
+}

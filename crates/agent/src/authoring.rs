@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use idsync_core::{Action, AttrMap, Fetch, Op};
+use idsync_engine::BatchReport;
 use idsync_repo::{DecisionFilter, Repo, StoredDecision};
 
 use crate::cli::{ExplainArgs, PreviewArgs, PreviewFormat};
@@ -36,72 +37,104 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
         let Some(policy) = setup.policy(&r.name) else {
             continue;
         };
-        let expected = repo.checkpoint(&r.name)?;
-        let fetch = match setup
-            .adapter(i)
-            .next_batch(expected.as_ref(), repo.as_ref())
-        {
-            Ok(f) => f,
-            Err(e) => {
-                eprintln!("error: {e}");
-                errors += 1;
-                continue;
-            }
-        };
-        let batch = match fetch {
-            Fetch::Idle => {
-                if args.format == PreviewFormat::Table {
-                    writeln!(out, "{}: no changes", r.name)?;
+        // Every part of the pass, each fetched after the previous part's checkpoint as if
+        // it had been committed (nothing is): the totals are the whole pass's.
+        let mut adapter = setup.adapter(i);
+        let mut after = repo.checkpoint(&r.name)?;
+        let mut total = BatchReport::default();
+        let mut parts = 0u64;
+        let mut listed = 0usize;
+        let mut hidden = 0usize;
+        loop {
+            let batch = match adapter.next_batch(after.as_ref(), repo.as_ref()) {
+                Ok(Fetch::Batch(b)) => b,
+                Ok(Fetch::Idle) => break,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    errors += 1;
+                    break;
                 }
-                continue;
-            }
-            Fetch::Batch(b) => b,
-        };
-        for reject in &batch.rejects {
-            if args.format == PreviewFormat::Table {
-                writeln!(
-                    out,
-                    "{} rejected {}: {}",
-                    r.name, reject.origin, reject.reason
-                )?;
-            } else {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({"resource": r.name, "rejected": reject})
-                )?;
-            }
-        }
-        let mut write_err = None;
-        let result = setup.engine.preview_batch(policy, &batch, &mut |d| {
-            let line = match args.format {
-                PreviewFormat::Table => one_line(d),
-                PreviewFormat::Json => serde_json::to_string(d).unwrap_or_default(),
             };
-            if let Err(e) = writeln!(out, "{line}") {
-                write_err = Some(e);
-            }
-        });
-        if let Some(e) = write_err {
-            return Err(e.into());
-        }
-        match result {
-            Ok(report) => {
-                failed += report.failed + report.rejected;
+            parts += 1;
+            for reject in &batch.rejects {
                 if args.format == PreviewFormat::Table {
                     writeln!(
                         out,
-                        "{}: {} events would be applied ({} failed, {} rejected); nothing was written",
-                        r.name,
-                        report.events(),
-                        report.failed,
-                        report.rejected
+                        "{} rejected {}: {}",
+                        r.name, reject.origin, reject.reason
+                    )?;
+                } else {
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({"resource": r.name, "rejected": reject})
                     )?;
                 }
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                errors += 1;
+            let mut write_err = None;
+            let result = setup.engine.preview_batch(policy, &batch, &mut |d| {
+                // Deletes are always listed; the rest up to --limit.
+                if d.op != Op::Delete {
+                    if args.limit.is_some_and(|n| listed >= n) {
+                        hidden += 1;
+                        return;
+                    }
+                    listed += 1;
+                }
+                let line = match args.format {
+                    PreviewFormat::Table => one_line(d),
+                    PreviewFormat::Json => serde_json::to_string(d).unwrap_or_default(),
+                };
+                if let Err(e) = writeln!(out, "{line}") {
+                    write_err = Some(e);
+                }
+            });
+            if let Some(e) = write_err {
+                return Err(e.into());
+            }
+            match result {
+                Ok(report) => total.merge(&report),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    errors += 1;
+                    break;
+                }
+            }
+            // The next part of this pass only: a folder's next file is diffed against what
+            // this one leaves behind, which a preview does not write.
+            let whole = adapter.planned().is_none_or(|n| total.events() >= n);
+            if !adapter.has_more() || whole {
+                if adapter.has_more() {
+                    writeln!(
+                        out,
+                        "{}: more files wait in the folder; they are previewed once this one is applied",
+                        r.name
+                    )?;
+                }
+                break;
+            }
+            after = batch.checkpoint.clone();
+        }
+        if parts == 0 {
+            if args.format == PreviewFormat::Table && errors == 0 {
+                writeln!(out, "{}: no changes", r.name)?;
+            }
+            continue;
+        }
+        failed += total.failed + total.rejected;
+        if args.format == PreviewFormat::Table {
+            writeln!(
+                out,
+                "{}: {} in {parts} part(s) would be applied; nothing was written",
+                r.name,
+                crate::explain::describe(&total)
+            )?;
+            if hidden > 0 {
+                writeln!(
+                    out,
+                    "{}: {hidden} more event(s) not listed (--limit); the totals are the whole pass's",
+                    r.name
+                )?;
             }
         }
     }

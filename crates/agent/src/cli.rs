@@ -112,6 +112,9 @@ pub struct PreviewArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = PreviewFormat::Table)]
     pub format: PreviewFormat,
+    /// List at most N decisions (deletes are always listed; the totals are always whole).
+    #[arg(long, short = 'n')]
+    pub limit: Option<usize>,
 }
 
 /// How `preview` prints.

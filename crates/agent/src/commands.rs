@@ -30,13 +30,18 @@ fn report_problems(p: &Problems) -> ExitCode {
 }
 
 fn setup(loaded: Loaded) -> Result<Setup, ExitCode> {
-    Setup::new(loaded).map_err(|e| match e.downcast_ref::<Problems>() {
+    Setup::new(loaded).map_err(|e| setup_failed(&e))
+}
+
+/// Reports why the setup failed: every config problem, or the error.
+fn setup_failed(e: &anyhow::Error) -> ExitCode {
+    match e.downcast_ref::<Problems>() {
         Some(p) => report_problems(p),
         None => {
             eprintln!("error: {e:#}");
             ExitCode::from(Exit::Resource)
         }
-    })
+    }
 }
 
 /// `idsync check [--connect]`.
@@ -441,7 +446,14 @@ fn results_header(out: &mut impl Write) -> std::io::Result<()> {
 
 /// `idsync preview`.
 pub fn preview(loaded: Loaded, args: &crate::cli::PreviewArgs) -> anyhow::Result<ExitCode> {
-    match setup(loaded) {
+    // A preview writes nothing: without a repository yet, it decides against an empty one
+    // in memory instead of creating the file.
+    let made = if loaded.repository_path().exists() {
+        setup(loaded)
+    } else {
+        Setup::in_memory(loaded).map_err(|e| setup_failed(&e))
+    };
+    match made {
         Ok(s) => crate::authoring::preview(&s, args),
         Err(code) => Ok(code),
     }

@@ -203,6 +203,14 @@ impl Setup {
         Self::with_repo(loaded, repo)
     }
 
+    /// Everything over an empty repository in memory (a preview before the first run: it
+    /// must not create the file).
+    pub fn in_memory(loaded: Loaded) -> anyhow::Result<Setup> {
+        let probe = RuleEngine::new(&loaded.config.limits.to_limits());
+        compile_all(&loaded, &probe)?;
+        Self::with_repo(loaded, Arc::new(Repo::open_in_memory()?))
+    }
+
     /// Everything over an open repository: the engine and the compiled rules are this
     /// thread's own (a rule engine stays on the thread that built it), the repository is
     /// shared.
