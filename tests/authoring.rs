@@ -358,4 +358,28 @@ fn a_preview_covers_every_part_of_the_pass() {
     );
     let run = s.run_once(None, 0);
     assert!(run.stdout.contains("25100 events"), "{}", run.stdout);
+
+    // 600 removals: more than the guard's max_deletes (500). The preview says the run would
+    // refuse the pass and lists the 600 deletes it would apply if accepted.
+    s.feed("hr.csv", &feed(25_100, 700));
+    let out = s.idsync(&["preview", "--limit", "0"]).expect_code(3);
+    assert!(
+        out.stdout.contains("the run would refuse this pass")
+            && out.stdout.contains("would delete 600 of 49900 accounts"),
+        "{}",
+        out.stdout
+    );
+    let deletes = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("hr ") && l.split(' ').nth(2) == Some("delete"))
+        .count();
+    assert_eq!(deletes, 600);
+    let records = s.sql("SELECT count(*) FROM decisions");
+    s.run_once(None, 3);
+    assert_eq!(
+        s.sql("SELECT count(*) FROM decisions"),
+        records,
+        "the refused pass applied nothing"
+    );
 }

@@ -42,7 +42,7 @@ pub fn header_problem(resource: &str, config: &FlatFileConfig) -> Option<String>
     match Rows::open(&data, config, resource, &shown) {
         Err(AdapterError::Permanent { message, .. }) => Some(message),
         // An empty file or one being written may be complete at the next pass.
-        Err(AdapterError::Transient { .. }) | Ok(_) => None,
+        Err(AdapterError::Transient { .. } | AdapterError::DeleteGuard { .. }) | Ok(_) => None,
     }
 }
 

@@ -212,12 +212,14 @@ impl FlatFileAdapter {
                 Some(stats.records),
                 self.accept_deletes,
             )
-            .map_err(|refused| {
-                self.permanent(format!(
-                    "{refused} ({shown_path}). If {shown_path} is right, accept the deletes once \
-                     with `idsync run --once --accept-deletes {}`",
+            .map_err(|refusal| AdapterError::DeleteGuard {
+                resource: self.resource.clone(),
+                refusal,
+                advice: format!(
+                    "If {shown_path} is right, accept the deletes once with \
+                     `idsync run --once --accept-deletes {}`",
                     self.resource
-                ))
+                ),
             })
     }
 }

@@ -82,6 +82,16 @@ impl LdapError {
 
     /// The engine's error, naming the resource.
     pub fn into_adapter(self, resource: &str) -> AdapterError {
+        if let LdapError::DeleteGuard(refusal) = self {
+            return AdapterError::DeleteGuard {
+                resource: resource.to_owned(),
+                refusal,
+                advice: format!(
+                    "A full refresh found them absent. If this is right, accept the deletes \
+                     once with `idsync run --once --accept-deletes {resource}`"
+                ),
+            };
+        }
         let message = self.to_string();
         if self.is_transient() {
             AdapterError::Transient {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use idsync_core::{Action, AttrMap, Fetch, Op};
+use idsync_core::{Action, AdapterError, AttrMap, Fetch, Op};
 use idsync_engine::BatchReport;
 use idsync_repo::{DecisionFilter, Repo, StoredDecision};
 
@@ -45,10 +45,25 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
         let mut parts = 0u64;
         let mut listed = 0usize;
         let mut hidden = 0usize;
+        let mut accepted = false;
         loop {
             let batch = match adapter.next_batch(after.as_ref(), repo.as_ref()) {
                 Ok(Fetch::Batch(b)) => b,
                 Ok(Fetch::Idle) => break,
+                // The guard would refuse the pass: show what it would delete (the run
+                // still refuses it, so the preview fails like the run would).
+                Err(AdapterError::DeleteGuard { refusal, .. }) if parts == 0 && !accepted => {
+                    writeln!(
+                        out,
+                        "{}: the run would refuse this pass — {refusal}; what it would do if accepted (--accept-deletes {}):",
+                        r.name, r.name
+                    )?;
+                    errors += 1;
+                    adapter = setup.adapter(i);
+                    adapter.accept_deletes();
+                    accepted = true;
+                    continue;
+                }
                 Err(e) => {
                     eprintln!("error: {e}");
                     errors += 1;

@@ -173,6 +173,17 @@ pub enum AdapterError {
         /// What happened.
         message: String,
     },
+    /// The accidental-delete guard refused the pass before anything was applied; an
+    /// operator may accept it for one run (`--accept-deletes`).
+    #[error("resource {resource}: {refusal}. {advice}")]
+    DeleteGuard {
+        /// Resource name.
+        resource: String,
+        /// The deletes and the limit passed.
+        refusal: crate::GuardRefusal,
+        /// What the operator can do, naming the source (`If hr.csv is right, …`).
+        advice: String,
+    },
 }
 
 impl AdapterError {
