@@ -12,10 +12,9 @@ mod common;
 mod slapd;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command};
 use std::time::{Duration, SystemTime};
 
-use common::{Sandbox, SmtpServer, attr, eventually};
+use common::{Sandbox, SmtpServer, attr, eventually, terminate};
 use serde_json::Value;
 
 /// A sandbox with one flat-file resource `hr` over `feeds/hr.csv` keyed by `id`, identities
@@ -505,16 +504,6 @@ fn a_settle_that_gives_up_says_so_and_applies_nothing() {
 
 // --- the agent: on_error: halt, reload on a config change -----------------------------------
 
-/// SIGTERM and wait: the exit status.
-fn terminate(child: &mut Child) -> Option<i32> {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    child.wait().unwrap().code()
-}
-
 /// A resource with `on_error: halt` whose batch failed stays halted in the agent — nothing of
 /// the batch applied, its checkpoint unmoved, not re-run when its feed changes — while the
 /// other resource goes on; a rule change releases it.
@@ -581,7 +570,7 @@ resources:
     eventually(20, "hr after the fix", || {
         (linked(&s, "hr") == ["1", "2", "bad"]).then_some(())
     });
-    assert_eq!(terminate(&mut agent), Some(0), "{}", s.agent_log());
+    assert_eq!(terminate(&mut agent).0, Some(0), "{}", s.agent_log());
 }
 
 /// The agent reloads when the config file (not a rule) is written: a mapping added to the
@@ -620,7 +609,7 @@ resources:
         Some("lead"),
         "decided with the new config"
     );
-    assert_eq!(terminate(&mut agent), Some(0), "{}", s.agent_log());
+    assert_eq!(terminate(&mut agent).0, Some(0), "{}", s.agent_log());
 }
 
 // --- the outbox ------------------------------------------------------------------------------

@@ -9,31 +9,10 @@ mod common;
 #[path = "common/slapd.rs"]
 mod slapd;
 
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{Sandbox, SmtpServer, eventually, free_port, http_get, metric};
+use common::{Sandbox, SmtpServer, eventually, free_port, http_get, metric, terminate};
 use slapd::{PEOPLE, SYNC_DN, SYNC_PW, Slapd};
-
-/// SIGTERM; the exit status and how long the agent took to exit.
-fn terminate(child: &mut Child) -> (Option<i32>, Duration) {
-    let asked = Instant::now();
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return (st.code(), asked.elapsed());
-        }
-        assert!(
-            asked.elapsed() < Duration::from_secs(60),
-            "the agent ignored SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn metrics(port: u16) -> String {
     http_get(port, "/metrics").1

@@ -26,11 +26,8 @@ fn config(s: &Sandbox, extra: &str) {
 
 /// SIGTERM; the exit status and the agent's log.
 fn terminate_in(s: &Sandbox, mut child: Child) -> (i32, String) {
-    let pid = child.id().to_string();
-    let ok = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(ok.success());
-    let status = child.wait().unwrap();
-    (status.code().unwrap_or(-1), s.agent_log())
+    let (code, _) = common::terminate(&mut child);
+    (code.unwrap_or(-1), s.agent_log())
 }
 
 #[test]

@@ -394,6 +394,27 @@ impl Sandbox {
     }
 }
 
+/// SIGTERM to an agent, then waits for it (at most a minute): its exit status and how long
+/// it took to exit.
+pub fn terminate(child: &mut std::process::Child) -> (Option<i32>, std::time::Duration) {
+    let asked = std::time::Instant::now();
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return (st.code(), asked.elapsed());
+        }
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(60),
+            "the agent ignored SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Polls `check` until it returns `Some` or `secs` seconds pass (then panics with `what`).
 pub fn eventually<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);

@@ -316,6 +316,31 @@ impl fmt::Display for Problems {
 
 impl std::error::Error for Problems {}
 
+/// The agent lock beside the repository (`<repository>.lock`).
+pub const LOCK_SUFFIX: &str = ".lock";
+/// The status file beside the repository.
+pub const STATUS_SUFFIX: &str = ".status.json";
+/// The in-flight file (poison-event protection) beside the repository.
+pub const INFLIGHT_SUFFIX: &str = ".inflight";
+
+/// Every file written beside the repository: SQLite's log, index and rollback journal, and
+/// idsync's lock, status and in-flight files.
+pub const BESIDE_REPOSITORY: &[&str] = &[
+    "-wal",
+    "-shm",
+    "-journal",
+    LOCK_SUFFIX,
+    STATUS_SUFFIX,
+    INFLIGHT_SUFFIX,
+];
+
+/// `repository` with `suffix` appended to its file name (`idsync.db` → `idsync.db.lock`).
+pub fn beside(repository: &Path, suffix: &str) -> PathBuf {
+    let mut name = repository.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 impl Loaded {
     /// Reads and parses `file`; a parse error is reported as `file:line:col: message`.
     pub fn read(file: &Path) -> Result<Loaded, Problems> {
@@ -357,20 +382,12 @@ impl Loaded {
         self.resolve(&self.config.repository.path)
     }
 
-    /// The repository file and the files beside it that idsync and SQLite write: its log,
-    /// its index, a rollback journal, the agent lock and the status file. A feed must never
-    /// read one (reading and closing the repository would drop SQLite's locks).
+    /// The repository file and the files beside it that idsync and SQLite write
+    /// ([`BESIDE_REPOSITORY`]). A feed must never read one (reading and closing the
+    /// repository would drop SQLite's locks).
     pub fn repository_files(&self) -> Vec<PathBuf> {
         let db = self.repository_path();
-        let beside = |suffix: &str| {
-            let mut name = db.as_os_str().to_owned();
-            name.push(suffix);
-            PathBuf::from(name)
-        };
-        let mut files: Vec<PathBuf> = ["-wal", "-shm", "-journal", ".lock", ".status.json"]
-            .iter()
-            .map(|s| beside(s))
-            .collect();
+        let mut files: Vec<PathBuf> = BESIDE_REPOSITORY.iter().map(|s| beside(&db, s)).collect();
         files.insert(0, db);
         files
     }

@@ -115,9 +115,7 @@ struct State {
 
 /// `<repository>.inflight`.
 pub fn path_for(repository: &Path) -> PathBuf {
-    let mut name = repository.as_os_str().to_owned();
-    name.push(".inflight");
-    PathBuf::from(name)
+    crate::config::beside(repository, crate::config::INFLIGHT_SUFFIX)
 }
 
 impl InFlight {

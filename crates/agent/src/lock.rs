@@ -17,9 +17,7 @@ pub struct AgentLock {
 impl AgentLock {
     /// The lock file path for a repository file.
     pub fn path_for(repository: &Path) -> PathBuf {
-        let mut name = repository.as_os_str().to_owned();
-        name.push(".lock");
-        PathBuf::from(name)
+        crate::config::beside(repository, crate::config::LOCK_SUFFIX)
     }
 
     /// Takes the lock or says who holds it.

@@ -23,8 +23,6 @@ type Labels = Vec<(String, String)>;
 /// The last known state of one resource loop.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResourceState {
-    /// Whether a pass has completed (with or without changes).
-    pub synced_once: bool,
     /// The error of the last pass, if it failed.
     pub last_error: Option<String>,
 }
@@ -223,9 +221,7 @@ impl Observer {
     pub fn healthy(&self, name: &str) {
         self.up.get_or_create(&resource(name)).set(1);
         if let Ok(mut states) = self.states.lock() {
-            let s = states.entry(name.to_owned()).or_default();
-            s.synced_once = true;
-            s.last_error = None;
+            states.entry(name.to_owned()).or_default().last_error = None;
         }
     }
 

@@ -75,15 +75,6 @@ pub trait Progress {
     fn part_committed(&mut self, report: &BatchReport);
 }
 
-/// No progress reporting.
-pub struct Quiet;
-
-impl Progress for Quiet {
-    fn part_started(&mut self, _events: usize, _planned: Option<u64>) {}
-    fn event_done(&mut self) {}
-    fn part_committed(&mut self, _report: &BatchReport) {}
-}
-
 /// One pass of `policy`'s resource through `adapter`: parts until the adapter has nothing
 /// more or `stop` was requested (checked after each committed part). `None`: nothing to do.
 pub fn pass(

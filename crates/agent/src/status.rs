@@ -95,10 +95,8 @@ pub struct StatusFile {
 impl StatusFile {
     /// `<repository>.status.json`.
     pub fn for_repository(db: &Path) -> StatusFile {
-        let mut name = db.as_os_str().to_owned();
-        name.push(".status.json");
         StatusFile {
-            path: PathBuf::from(name),
+            path: crate::config::beside(db, crate::config::STATUS_SUFFIX),
         }
     }
 
