@@ -59,6 +59,28 @@ impl Slapd {
         )
     }
 
+    /// Starts a server with the base entries and `n` people `uid=p0` … under [`PEOPLE`],
+    /// bulk-loaded offline (`slapadd -q`) in that order.
+    pub fn start_with_people(n: usize) -> Slapd {
+        let dir = tempfile::tempdir().unwrap();
+        let ldif = dir.path().join("people.ldif");
+        let mut text = String::with_capacity(n * 160);
+        for i in 0..n {
+            text.push_str(&format!(
+                "dn: uid=p{i},{PEOPLE}\nobjectClass: inetOrgPerson\nuid: p{i}\ncn: P {i}\nsn: {i}\nmail: p{i}@example.com\ntitle: Engineer\n\n"
+            ));
+        }
+        std::fs::write(&ldif, text).unwrap();
+        Slapd(
+            kit::Slapd::start(&kit::Options {
+                log_operations: true,
+                entries: Some(&ldif),
+                ..kit::Options::default()
+            })
+            .unwrap(),
+        )
+    }
+
     /// Starts a server with the base entries.
     pub fn start() -> Slapd {
         Self::start_with(false, false)

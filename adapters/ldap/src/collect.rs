@@ -7,8 +7,13 @@
 //! a modify of one entry in one batch become a create and an update. An entry whose content
 //! equals its shadow produces no event: a change delivered twice (after a reconnect, or a
 //! refresh from scratch) is applied once.
+//!
+//! Memory: a streamed refresh (module `refresh`) looks the shadows of each part up in one
+//! query ([`Collector::prefetch`]) and marks keys present in a [`Present`] set of 16 bytes
+//! per entryUUID that it carries from part to part; deletes by absence read the committed
+//! keys as a stream. Nothing the collector holds grows with the directory but that set.
 
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use foldhash::{HashMap, HashMapExt, HashSet};
 
 use idsync_core::{AttrMap, ChangeEvent, DeleteGuard, KeyHashes, KnownAccounts, Op};
 
@@ -28,10 +33,15 @@ pub(crate) struct Collector<'k> {
     looked_up: HashMap<String, Option<AttrMap>>,
     /// Key → state after the events collected so far (`None`: deleted in this batch).
     overlay: HashMap<String, Option<usize>>,
+    /// Committed hashes of the keys looked up ahead by [`Collector::prefetch`] (`None`: not
+    /// known).
+    prefetched: HashMap<String, Option<u64>>,
+    /// A streamed part: never load every committed hash, whatever the number of lookups.
+    bounded: bool,
     /// No committed checkpoint: unknown accounts are upserts.
     fresh: bool,
     /// Keys seen present in the current full pass.
-    present: HashSet<String>,
+    present: Present,
     origin: String,
     /// Deletes by absence were applied in this batch (once per pass).
     absence_done: bool,
@@ -50,17 +60,56 @@ impl<'k> Collector<'k> {
             known,
             hashes: None,
             looked_up: HashMap::new(),
+            prefetched: HashMap::new(),
+            bounded: false,
             overlay: HashMap::new(),
             fresh,
-            present: HashSet::new(),
+            present: Present::default(),
             origin: origin.to_owned(),
             absence_done: false,
             events: Vec::new(),
         })
     }
 
-    /// Loads every committed shadow hash (needed for deletes by absence, and cheaper than
-    /// single lookups once many keys are involved).
+    /// A part of a streamed refresh: the keys seen present so far in the refresh are
+    /// `present`; shadows are only looked up part by part (see [`Collector::prefetch`]).
+    pub fn streamed(mut self, present: Present) -> Collector<'k> {
+        self.present = present;
+        self.bounded = true;
+        self
+    }
+
+    /// The keys seen present so far, for the next part of the refresh.
+    pub fn take_present(&mut self) -> Present {
+        std::mem::take(&mut self.present)
+    }
+
+    /// Looks up the committed hashes of `keys` in one go, ahead of the events that will
+    /// need them.
+    pub fn prefetch(&mut self, keys: &[&str]) -> Result<(), LdapError> {
+        let wanted: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| !self.prefetched.contains_key(*k) && !self.overlay.contains_key(*k))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let mut found: HashMap<String, u64> = HashMap::with_capacity(wanted.len());
+        self.known
+            .known_hashes_of(&self.resource, &wanted, &mut |k, h| {
+                found.insert(k.to_owned(), h);
+            })
+            .map_err(LdapError::Known)?;
+        for k in wanted {
+            let hash = found.get(k).copied();
+            self.prefetched.insert(k.to_owned(), hash);
+        }
+        Ok(())
+    }
+
+    /// Loads every committed shadow hash (cheaper than single lookups once many keys are
+    /// involved; not for streamed parts).
     fn load_all(&mut self) -> Result<&KeyHashes, LdapError> {
         if self.hashes.is_none() {
             // A full pass visits every known account: let the store read itself ahead.
@@ -76,7 +125,10 @@ impl<'k> Collector<'k> {
 
     /// The committed content hash of `key`, if known.
     fn committed_hash(&mut self, key: &str) -> Result<Option<u64>, LdapError> {
-        if self.hashes.is_none() && self.looked_up.len() >= SINGLE_LOOKUPS {
+        if let Some(h) = self.prefetched.get(key) {
+            return Ok(*h);
+        }
+        if !self.bounded && self.hashes.is_none() && self.looked_up.len() >= SINGLE_LOOKUPS {
             self.load_all()?;
         }
         if let Some(all) = &self.hashes {
@@ -124,12 +176,12 @@ impl<'k> Collector<'k> {
 
     /// Marks `key` present in the current full pass without content (RFC 4533 present).
     pub fn mark_present(&mut self, key: &str) {
-        self.present.insert(key.to_owned());
+        self.present.insert(key);
     }
 
     /// The entry `key` exists with `attrs`.
     pub fn put(&mut self, key: String, attrs: AttrMap) -> Result<(), LdapError> {
-        self.present.insert(key.clone());
+        self.present.insert(&key);
         let before = self.current_hash(&key)?;
         if before == Some(attrs.content_hash()) {
             return Ok(());
@@ -153,7 +205,6 @@ impl<'k> Collector<'k> {
 
     /// The entry `key` is gone. Unknown keys are ignored (already deleted, or never seen).
     pub fn delete(&mut self, key: String) -> Result<(), LdapError> {
-        self.present.remove(&key);
         let Some(last) = self.current(&key)? else {
             return Ok(());
         };
@@ -171,27 +222,32 @@ impl<'k> Collector<'k> {
 
     /// Ends a full pass: every account that exists but was not seen present is deleted,
     /// unless that is more than the guard allows. Only the first call of a batch acts.
+    /// The committed keys are read as a stream, not loaded.
     pub fn delete_absent(&mut self, guard: &DeleteGuard, accepted: bool) -> Result<(), LdapError> {
         if self.absence_done {
             return Ok(());
         }
         self.absence_done = true;
-        let mut existing: HashSet<String> = self.load_all()?.keys().cloned().collect();
-        for (k, v) in &self.overlay {
-            if v.is_some() {
-                existing.insert(k.clone());
-            } else {
-                existing.remove(k);
-            }
+        self.present.seal();
+        let mut absent: Vec<String> = Vec::new();
+        let mut known: u64 = 0;
+        {
+            let (present, overlay) = (&self.present, &self.overlay);
+            self.known
+                .each_known_hash(&self.resource, &mut |key, _| {
+                    known += 1;
+                    // Deleted earlier in this batch: already an event.
+                    let gone = matches!(overlay.get(key), Some(None));
+                    if !gone && !present.contains(key) {
+                        absent.push(key.to_owned());
+                    }
+                })
+                .map_err(LdapError::Known)?;
         }
-        let mut absent: Vec<String> = existing
-            .into_iter()
-            .filter(|k| !self.present.contains(k))
-            .collect();
         absent.sort();
-        let known = self.load_all()?.len();
+        absent.dedup();
         guard
-            .check(absent.len() as u64, known as u64, None, accepted)
+            .check(absent.len() as u64, known, None, accepted)
             .map_err(LdapError::DeleteGuard)?;
         for k in absent {
             self.delete(k)?;
@@ -199,6 +255,73 @@ impl<'k> Collector<'k> {
         self.present.clear();
         Ok(())
     }
+}
+
+/// The keys seen present in a full pass. An entryUUID (every key of a sync search) takes
+/// 16 bytes; other keys (poll mode reads entryUUID too; kept for safety) a string.
+#[derive(Debug, Default)]
+pub(crate) struct Present {
+    uuids: Vec<u128>,
+    /// `uuids` is sorted and without repeats.
+    sealed: bool,
+    other: HashSet<String>,
+}
+
+impl Present {
+    /// Notes `key` as present.
+    pub fn insert(&mut self, key: &str) {
+        match parse_uuid(key) {
+            Some(u) => {
+                self.uuids.push(u);
+                self.sealed = false;
+            }
+            None => {
+                self.other.insert(key.to_owned());
+            }
+        }
+    }
+
+    /// Sorts the set for lookups; call after the last insert of a pass.
+    pub fn seal(&mut self) {
+        if !self.sealed {
+            self.uuids.sort_unstable();
+            self.uuids.dedup();
+            self.uuids.shrink_to_fit();
+            self.sealed = true;
+        }
+    }
+
+    /// Whether `key` was noted (after [`Present::seal`]).
+    pub fn contains(&self, key: &str) -> bool {
+        match parse_uuid(key) {
+            Some(u) if self.sealed => self.uuids.binary_search(&u).is_ok(),
+            Some(u) => self.uuids.contains(&u),
+            None => self.other.contains(key),
+        }
+    }
+
+    /// Forgets every key.
+    pub fn clear(&mut self) {
+        *self = Present::default();
+    }
+}
+
+/// The 128 bits of a UUID in its canonical text form (`8-4-4-4-12` hex digits, either
+/// case); `None` for anything else.
+fn parse_uuid(text: &str) -> Option<u128> {
+    let b = text.as_bytes();
+    if b.len() != 36 || b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
+        return None;
+    }
+    let mut v: u128 = 0;
+    for (i, c) in b.iter().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            continue;
+        }
+        let d = (*c as char).to_digit(16)?;
+        v = (v << 4) | u128::from(d);
+    }
+    Some(v)
 }
 
 #[cfg(test)]

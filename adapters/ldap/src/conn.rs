@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use ldap3::controls::RawControl;
@@ -22,8 +23,8 @@ pub(crate) struct Client {
     ldap: Option<Ldap>,
     pub config: LdapConfig,
     /// Times the directory was found older than the stored cookie (module `stale`) and
-    /// refreshed from scratch.
-    pub stale_refreshes: u64,
+    /// refreshed from scratch; shared by every connection of one adapter.
+    pub stale_refreshes: Arc<AtomicU64>,
 }
 
 impl Client {
@@ -39,8 +40,15 @@ impl Client {
             rt,
             ldap: None,
             config,
-            stale_refreshes: 0,
+            stale_refreshes: Arc::default(),
         })
+    }
+
+    /// A client counting its stale refreshes in `counter` (the adapter's).
+    pub fn with_counter(config: LdapConfig, counter: &Arc<AtomicU64>) -> Result<Client, LdapError> {
+        let mut c = Client::new(config)?;
+        c.stale_refreshes = counter.clone();
+        Ok(c)
     }
 
     fn timeout(&self) -> Duration {

@@ -23,9 +23,13 @@ mod conn;
 mod entry;
 mod error;
 mod poll;
+mod refresh;
 mod stale;
 mod sync;
 pub mod tools;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use idsync_core::{Adapter, AdapterError, ChangeBatch, Checkpoint, Fetch, KnownAccounts, Wakeup};
 
@@ -45,6 +49,12 @@ pub struct LdapAdapter {
     persist: Option<sync::Persist>,
     /// Persist mode: the server asked for a refresh from scratch.
     full: bool,
+    /// Syncrepl mode: the refresh whose parts are being handed out.
+    refresh: Option<refresh::Refresh>,
+    /// Syncrepl mode: the last part handed out was not the last of its refresh.
+    more: bool,
+    /// Times the directory was found older than the committed cookie.
+    resets: Arc<AtomicU64>,
 }
 
 impl LdapAdapter {
@@ -57,6 +67,9 @@ impl LdapAdapter {
             client: None,
             persist: None,
             full: false,
+            refresh: None,
+            more: false,
+            resets: Arc::default(),
         }
     }
 
@@ -82,18 +95,31 @@ impl LdapAdapter {
             &self.config.dn_attribute,
             drop,
         );
-        if self.client.is_none() {
-            self.client = Some(Client::new(self.config.clone())?);
-        }
-        let Some(client) = self.client.as_mut() else {
-            return Err(LdapError::Config("no client".to_owned()));
-        };
         let resource = self.resource.as_str();
+        self.more = false;
         let (col, checkpoint): (Collector<'_>, Option<Checkpoint>) = match self.config.mode {
             Mode::Syncrepl => {
-                sync::refresh_only(client, &shaper, resource, after, known, &filter, &attrs)?
+                let params = sync::params_hash(&self.config, &filter);
+                let search = refresh::Search {
+                    resource,
+                    filter: &filter,
+                    attrs: &attrs,
+                    params: &params,
+                    resets: &self.resets,
+                };
+                let part = refresh::next_part(
+                    &mut self.client,
+                    &mut self.refresh,
+                    &search,
+                    &self.config,
+                    after,
+                    known,
+                )?;
+                self.more = part.more;
+                (part.col, part.checkpoint)
             }
             Mode::Persist => {
+                let client = connected(&mut self.client, &self.config, &self.resets)?;
                 let f = sync::persist(
                     client,
                     &mut self.persist,
@@ -108,20 +134,44 @@ impl LdapAdapter {
                 (f.col, f.checkpoint)
             }
             Mode::Poll => {
+                let client = connected(&mut self.client, &self.config, &self.resets)?;
                 let (col, cp) =
                     poll::poll(client, &shaper, resource, after, known, &filter, &attrs)?;
                 (col, Some(cp))
             }
         };
-        if col.events.is_empty() && checkpoint.as_ref() == after {
-            return Ok(Fetch::Idle);
-        }
-        Ok(Fetch::Batch(ChangeBatch {
-            events: col.events,
-            checkpoint,
-            ..ChangeBatch::default()
-        }))
+        Ok(batch_or_idle(col, checkpoint, after))
     }
+}
+
+/// The adapter's connection, made when there is none.
+fn connected<'c>(
+    client: &'c mut Option<Client>,
+    config: &LdapConfig,
+    resets: &Arc<AtomicU64>,
+) -> Result<&'c mut Client, LdapError> {
+    if client.is_none() {
+        *client = Some(Client::with_counter(config.clone(), resets)?);
+    }
+    client
+        .as_mut()
+        .ok_or_else(|| LdapError::Config("no connection".to_owned()))
+}
+
+/// The fetch's result: nothing when no event was found and the checkpoint did not move.
+fn batch_or_idle(
+    col: Collector<'_>,
+    checkpoint: Option<Checkpoint>,
+    after: Option<&Checkpoint>,
+) -> Fetch {
+    if col.events.is_empty() && checkpoint.as_ref() == after {
+        return Fetch::Idle;
+    }
+    Fetch::Batch(ChangeBatch {
+        events: col.events,
+        checkpoint,
+        ..ChangeBatch::default()
+    })
 }
 
 impl Adapter for LdapAdapter {
@@ -140,6 +190,8 @@ impl Adapter for LdapAdapter {
                 // The next fetch reconnects (from the committed cookie); when, is the
                 // runner's decision (it backs off without blocking other resources).
                 self.persist = None;
+                self.refresh = None;
+                self.more = false;
                 if let Some(c) = self.client.as_mut() {
                     c.disconnect();
                 }
@@ -156,7 +208,11 @@ impl Adapter for LdapAdapter {
     }
 
     fn checkpoint_resets(&self) -> u64 {
-        self.client.as_ref().map_or(0, |c| c.stale_refreshes)
+        self.resets.load(Ordering::Relaxed)
+    }
+
+    fn has_more(&self) -> bool {
+        self.more
     }
 
     fn wakeup(&self) -> Wakeup {

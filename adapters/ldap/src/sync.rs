@@ -1,5 +1,6 @@
-//! RFC 4533 content synchronization: refreshOnly (one refresh per fetch) and
-//! refreshAndPersist (one long-lived search, committed in small batches).
+//! RFC 4533 content synchronization: the cookie as a checkpoint, the handling of the
+//! protocol's messages, and refreshAndPersist (one long-lived search, committed in small
+//! batches). The streamed refreshOnly pass is in module `refresh`.
 //!
 //! The cookie is the checkpoint. It is only ever sent to the server as the engine committed it
 //! (`after`); a persist stream is kept between fetches only while `after` equals the checkpoint
@@ -20,15 +21,15 @@ use crate::entry::{self, Message, Shaper};
 use crate::error::LdapError;
 
 /// The result code of e-syncRefreshRequired.
-const REFRESH_REQUIRED: u32 = 4096;
+pub(crate) const REFRESH_REQUIRED: u32 = 4096;
 
 /// unwillingToPerform: OpenLDAP's answer to a cookie newer than its state (module `stale`).
-const UNWILLING_TO_PERFORM: u32 = 53;
+pub(crate) const UNWILLING_TO_PERFORM: u32 = 53;
 
 /// After an unwillingToPerform to a search with `cookie`: whether the directory is older
 /// than the cookie (restored from a backup). If so, logs it and counts it: the caller
 /// refreshes from scratch, deletes found by absence behind the guard.
-fn stale_cookie(
+pub(crate) fn stale_cookie(
     client: &mut Client,
     resource: &str,
     cookie: Option<&[u8]>,
@@ -39,7 +40,9 @@ fn stale_cookie(
     if !crate::stale::server_is_older(client, cookie)? {
         return Ok(false);
     }
-    client.stale_refreshes += 1;
+    client
+        .stale_refreshes
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::warn!(
         resource,
         "the directory's state is older than the stored cookie (restored from a backup?): refreshing from scratch; deletes are found by absence, behind the accidental-delete guard"
@@ -89,7 +92,7 @@ pub(crate) fn params_hash(cfg: &crate::config::LdapConfig, filter: &str) -> Stri
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
 }
 
-fn request(mode: RefreshMode, cookie: Option<Vec<u8>>) -> RawControl {
+pub(crate) fn request(mode: RefreshMode, cookie: Option<Vec<u8>>) -> RawControl {
     SyncRequest {
         mode,
         cookie,
@@ -187,7 +190,7 @@ fn handle(
     Ok(Flow::Go)
 }
 
-fn search_error(client: &Client, rc: u32, text: &str) -> LdapError {
+pub(crate) fn search_error(client: &Client, rc: u32, text: &str) -> LdapError {
     LdapError::Search {
         url: client.config.url.clone(),
         base: client.config.base.clone(),
@@ -198,78 +201,6 @@ fn search_error(client: &Client, rc: u32, text: &str) -> LdapError {
             format!("{}: {text}", rc_name(rc))
         },
     }
-}
-
-/// One refreshOnly pass after `after`: the batch and the new cookie.
-pub(crate) fn refresh_only<'k>(
-    client: &mut Client,
-    shaper: &Shaper,
-    resource: &str,
-    after: Option<&Checkpoint>,
-    known: &'k dyn KnownAccounts,
-    filter: &str,
-    attrs: &[String],
-) -> Result<(Collector<'k>, Option<Checkpoint>), LdapError> {
-    let params = params_hash(&client.config, filter);
-    let mut start_cookie = decode_cookie(&params, after);
-    let origin = client.config.url.clone();
-    for _ in 0..2 {
-        let mut col = Collector::new(resource, known, after.is_none(), &origin)?;
-        let mut cookie = start_cookie.clone();
-        let ctrl = request(RefreshMode::RefreshOnly, start_cookie.clone());
-        let mut stream = client.search(filter, attrs.to_vec(), vec![ctrl], None)?;
-        while let Some(re) = client.next(&mut stream)? {
-            let msg = entry::decode(re).map_err(|message| LdapError::Protocol {
-                url: client.config.url.clone(),
-                message,
-            })?;
-            handle(client, shaper, msg, &mut col, &mut cookie)?;
-        }
-        let res = client.finish(&mut stream);
-        match res.rc {
-            0 => {
-                let done = entry::sync_done(&res.ctrls).map_err(|message| LdapError::Protocol {
-                    url: client.config.url.clone(),
-                    message,
-                })?;
-                // Without a cookie the refresh sent the whole content (OpenLDAP then still
-                // says refreshDeletes): whatever it did not send is gone. With one, a present
-                // phase (refreshDeletes false) means the same.
-                let mut absent = start_cookie.is_none();
-                if let Some(done) = done {
-                    if done.cookie.is_some() {
-                        cookie = done.cookie;
-                    }
-                    absent |= !done.refresh_deletes;
-                }
-                if absent {
-                    let c = &client.config;
-                    col.delete_absent(&c.guard(), c.deletes_accepted)?;
-                }
-                let cp = match cookie {
-                    Some(c) => Some(encode_cookie(&params, &c)),
-                    None => after.cloned(),
-                };
-                return Ok((col, cp));
-            }
-            REFRESH_REQUIRED if start_cookie.is_some() => {
-                tracing::warn!(
-                    resource,
-                    "the server asks for a full refresh (e-syncRefreshRequired); deletes will be found by absence"
-                );
-                start_cookie = None;
-            }
-            UNWILLING_TO_PERFORM if stale_cookie(client, resource, start_cookie.as_deref())? => {
-                start_cookie = None;
-            }
-            rc => return Err(search_error(client, rc, &res.text)),
-        }
-    }
-    Err(search_error(
-        client,
-        REFRESH_REQUIRED,
-        "again after a full refresh",
-    ))
 }
 
 /// A refreshAndPersist search kept between fetches.

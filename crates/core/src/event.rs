@@ -143,6 +143,22 @@ pub trait KnownAccounts: Sync {
     }
     /// The last seen attributes of one account.
     fn known_attrs(&self, resource: &str, key: &str) -> Result<Option<AttrMap>, String>;
+    /// Calls `each` with those of `keys` that are known, and their content hashes: one
+    /// lookup for a part of a stream, so the adapter's memory stays bounded by the part
+    /// rather than by every known account. The default looks the keys up one at a time.
+    fn known_hashes_of(
+        &self,
+        resource: &str,
+        keys: &[&str],
+        each: &mut dyn FnMut(&str, u64),
+    ) -> Result<(), String> {
+        for key in keys {
+            if let Some(attrs) = self.known_attrs(resource, key)? {
+                each(key, attrs.content_hash());
+            }
+        }
+        Ok(())
+    }
     /// A pass is about to visit many of the known accounts (a full diff, a full refresh):
     /// the store may start reading its data into memory in the background. A hint; the
     /// default does nothing.

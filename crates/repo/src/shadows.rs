@@ -10,6 +10,13 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::error::{Context, RepoError, from_json, to_json};
 use crate::{Repo, now};
 
+/// Keys per query of [`Repo::shadow_hashes_of`] (SQLite allows 32,766 parameters; a part's
+/// lookups take a handful of queries, each statement kept prepared).
+const KEYS_PER_QUERY: usize = 250;
+
+/// The statement sizes [`Repo::shadow_hashes_of`] uses, the last being [`KEYS_PER_QUERY`].
+const QUERY_SIZES: [usize; 3] = [10, 50, KEYS_PER_QUERY];
+
 impl Repo {
     /// The last committed checkpoint of `resource` (`None`: never synced).
     pub fn checkpoint(&self, resource: &str) -> Result<Option<Checkpoint>, RepoError> {
@@ -86,6 +93,49 @@ impl Repo {
         .with_ctx(|| format!("finding accounts of {resource} by {attr}"))
     }
 
+    /// Calls `each` with those of `keys` that have a shadow in `resource`, and its content
+    /// hash: one query per [`KEYS_PER_QUERY`] keys (a part of a directory stream).
+    pub fn shadow_hashes_of(
+        &self,
+        resource: &str,
+        keys: &[&str],
+        each: &mut dyn FnMut(&str, u64),
+    ) -> Result<(), RepoError> {
+        let conn = self.lock()?;
+        for chunk in keys.chunks(KEYS_PER_QUERY) {
+            // A few statement sizes only, padded with the chunk's last key (an IN list
+            // ignores repeats), so the prepared statements stay in the cache.
+            let size = QUERY_SIZES
+                .iter()
+                .copied()
+                .find(|n| *n >= chunk.len())
+                .unwrap_or(KEYS_PER_QUERY);
+            let marks = vec!["?"; size].join(",");
+            let sql =
+                format!("SELECT key, hash FROM shadows WHERE resource = ? AND key IN ({marks})");
+            let mut args: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() + 1);
+            args.push(&resource);
+            for k in chunk {
+                args.push(k);
+            }
+            let Some(last) = chunk.last() else { continue };
+            while args.len() <= size {
+                args.push(last);
+            }
+            conn.prepare_cached(&sql)
+                .and_then(|mut st| {
+                    let mut rows = st.query(args.as_slice())?;
+                    while let Some(r) = rows.next()? {
+                        let key = r.get_ref(0)?.as_str()?;
+                        each(key, r.get::<_, i64>(1)? as u64);
+                    }
+                    Ok(())
+                })
+                .with_ctx(|| format!("reading shadows of resource {resource}"))?;
+        }
+        Ok(())
+    }
+
     /// Calls `each` with every account key of `resource` and the content hash of its
     /// shadow (read from the covering index `shadows_hash`).
     pub fn each_shadow_hash(
@@ -119,6 +169,16 @@ impl KnownAccounts for Repo {
 
     fn known_attrs(&self, resource: &str, key: &str) -> Result<Option<AttrMap>, String> {
         self.shadow(resource, key).map_err(|e| e.to_string())
+    }
+
+    fn known_hashes_of(
+        &self,
+        resource: &str,
+        keys: &[&str],
+        each: &mut dyn FnMut(&str, u64),
+    ) -> Result<(), String> {
+        self.shadow_hashes_of(resource, keys, each)
+            .map_err(|e| e.to_string())
     }
 
     fn warm_up(&self) {
