@@ -103,7 +103,7 @@ fn a_refresh_killed_midway_resumes_with_every_entry_once_and_every_delete() {
     let linked = count(&s, "SELECT count(*) FROM links WHERE resource = 'dir'");
     let part = part_of(&s.checkpoint("dir").unwrap()).expect("killed inside the refresh");
     assert!(
-        linked >= 3000 && linked < PEOPLE_COUNT && linked % 1000 == 0,
+        (3000..PEOPLE_COUNT).contains(&linked) && linked.is_multiple_of(1000),
         "whole parts of 1,000 committed, not the whole refresh: {linked} linked at part {part}"
     );
     assert_eq!(linked as u64, part * 1000, "one part per checkpoint");
