@@ -98,7 +98,8 @@ pub struct LdapConfig {
     /// `poll_interval_secs`; `persist` returns to its stream at once).
     #[serde(default)]
     pub interval_secs: Option<u64>,
-    /// Persist mode: the most events in one batch (default 500).
+    /// Syncrepl mode: events per part of a streamed refresh; persist mode: the most events
+    /// in one batch (default 5000).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// Persist mode: how long a batch may wait for more events after its first (default 5 ms).
@@ -160,7 +161,7 @@ fn default_dn_attribute() -> String {
     "dn".to_owned()
 }
 fn default_batch_size() -> usize {
-    500
+    5000
 }
 fn default_batch_ms() -> u64 {
     5

@@ -506,9 +506,10 @@ fn finish<'k>(
     })
 }
 
-/// Messages buffered between the reader and the engine: about one part.
+/// Messages buffered between the reader and the engine: one part, so the reader reads
+/// the whole next part while the engine applies the one in hand (memory: two parts).
 fn capacity(config: &crate::config::LdapConfig) -> usize {
-    config.batch_size.clamp(CHUNK, 10_000)
+    config.batch_size.max(CHUNK)
 }
 
 #[cfg(test)]

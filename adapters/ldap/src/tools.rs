@@ -1,6 +1,7 @@
-//! Helpers for the LDAP benchmark (`idsync-bench ldap`, crates/bench): the raw paged-search
-//! floor, read the same way the adapter reads but without building accounts, and a writer
-//! that modifies entries. They stay here because they use the adapter's private connection.
+//! Helpers for the LDAP benchmark (`idsync-bench ldap`, crates/bench): the raw floors (a
+//! paged search, and the refreshOnly content-sync search a full sync sends), read the same
+//! way the adapter reads but without building accounts, and a writer that modifies entries.
+//! They stay here because they use the adapter's private connection.
 
 use std::collections::HashSet;
 
@@ -24,6 +25,33 @@ pub fn paged_search_count(config: &LdapConfig) -> Result<usize, LdapError> {
     let mut n = 0;
     while client.next(&mut stream)?.is_some() {
         n += 1;
+    }
+    let res = client.finish(&mut stream);
+    if res.rc != 0 {
+        return Err(LdapError::Search {
+            url: config.url.clone(),
+            base: config.base.clone(),
+            rc: res.rc,
+            text: res.text,
+        });
+    }
+    Ok(n)
+}
+
+/// Sends the refreshOnly content-sync search of a full sync (no cookie) and reads every
+/// message of the response without decoding an entry: the floor of a full sync by the same
+/// client library. Returns the number of entries.
+pub fn sync_search_count(config: &LdapConfig) -> Result<usize, LdapError> {
+    let mut client = Client::new(config.clone())?;
+    let filter = config.effective_filter().map_err(LdapError::Config)?;
+    let ctrl = crate::sync::request(ldap3::controls::RefreshMode::RefreshOnly, None);
+    let mut stream = client.search(&filter, config.attributes.clone(), vec![ctrl], None)?;
+    let mut n = 0;
+    while let Some(re) = client.next(&mut stream)? {
+        // Entries are application tag 4; sync info messages are intermediate responses.
+        if re.0.id == 4 {
+            n += 1;
+        }
     }
     let res = client.finish(&mut stream);
     if res.rc != 0 {

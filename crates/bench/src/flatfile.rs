@@ -27,6 +27,7 @@ use idsync_core::Fetch;
 use idsync_agent::config::Loaded;
 use idsync_agent::setup::Setup;
 
+use crate::memory::{reset_peak_rss, rss};
 use crate::records::{records_floor, repository_settings};
 
 /// `idsync-bench flatfile` options.
@@ -108,18 +109,6 @@ fn write_feed(path: &Path, n: usize, pass: usize) -> anyhow::Result<u64> {
     Ok(std::fs::metadata(path)?.len())
 }
 
-/// Peak resident set size of this process, in MB (Linux `VmHWM`).
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-fn rss() -> String {
-    peak_rss_mb().map_or_else(|| "n/a".to_owned(), |m| format!("{m:.0} MB"))
-}
-
 /// The floor: csv parse alone, then parse + bulk insert of the same rows (key and the
 /// attributes as JSON) streaming in one transaction, with the repository's settings
 /// (WAL, `synchronous=FULL`, its page cache, checkpoints not in the commit).
@@ -173,12 +162,6 @@ fn floor(feed: &Path, db: &Path) -> anyhow::Result<(Duration, Duration)> {
     conn.execute_batch("COMMIT")
         .context("committing the floor's file")?;
     Ok((parsed, parsed + start.elapsed()))
-}
-
-/// Resets the peak RSS counter (Linux: `echo 5 > /proc/self/clear_refs`), so the figure
-/// after it is the pipeline's, not the generator's or the floor's.
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// One pipeline pass, as `idsync run --once` does it: (fetch time, apply time, events).

@@ -1,9 +1,13 @@
 //! `idsync-bench ldap`: one run that measures, against a private slapd it starts itself
 //! (idsync-testkit's, as the LDAP tests use it: generated `slapd.conf`, `slapadd` of generated
 //! entries, foreground child on a free loopback port, stopped at the end):
-//! 1. the floor: a raw ldap3 paged search of every entry;
-//! 2. a full sync (refreshOnly, no cookie) of the same entries into a fresh repository,
-//!    with its records floor (`records.rs`): the rows it wrote, inserted again alone;
+//! 1. the floors: a raw ldap3 paged search of every entry, and the raw refreshOnly
+//!    content-sync search a full sync sends (no cookie), by the same client library with no
+//!    processing;
+//! 2. a full sync (refreshOnly, no cookie) of the same entries into a fresh repository, part
+//!    by part as `idsync run` applies it (the adapter streams the refresh while the engine
+//!    applies the previous part), with the peak RSS of the process during it and its records
+//!    floor (`records.rs`): the rows it wrote, inserted again alone;
 //! 3. modify → identity-committed latency in persist mode, p50/p99 over paced modifies.
 
 use std::io::Write;
@@ -19,6 +23,7 @@ use idsync_ldap::{LdapAdapter, LdapConfig, Mode};
 use idsync_repo::Repo;
 use idsync_testkit::slapd::{ADMIN_DN, ADMIN_PW, Options, PEOPLE, Slapd};
 
+use crate::memory::{reset_peak_rss, rss};
 use crate::records::records_floor;
 
 /// `idsync-bench ldap` options.
@@ -36,6 +41,9 @@ pub struct LdapArgs {
     /// Milliseconds between two timed modifies.
     #[arg(long, default_value_t = 10)]
     pub pace_ms: u64,
+    /// Events per part of the full sync (default: the adapter's `batch_size` default).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
 }
 
 /// Writes `entries` people (`uid=u0` ...) under [`PEOPLE`] as LDIF into `path`.
@@ -93,7 +101,11 @@ pub fn run(args: &LdapArgs) -> anyhow::Result<()> {
     cfg.page_size = args.page_size;
     cfg.timeout_secs = 120;
 
-    // 1. Floor: raw paged search.
+    if let Some(n) = args.batch_size {
+        cfg.batch_size = n;
+    }
+
+    // 1. Floors: raw paged search, raw content-sync search.
     let t = Instant::now();
     let n = idsync_ldap::tools::paged_search_count(&cfg).context("the raw paged search")?;
     let raw = t.elapsed();
@@ -102,49 +114,69 @@ pub fn run(args: &LdapArgs) -> anyhow::Result<()> {
         "raw ldap3 paged search: {n} entries in {:.2}s = {raw_rate:.0} entries/s",
         raw.as_secs_f64()
     );
+    let t = Instant::now();
+    let n = idsync_ldap::tools::sync_search_count(&cfg).context("the raw sync search")?;
+    let raw_sync = t.elapsed();
+    let sync_rate = n as f64 / raw_sync.as_secs_f64();
+    say!(
+        "raw ldap3 refreshOnly sync search: {n} entries in {:.2}s = {sync_rate:.0} entries/s (the floor)",
+        raw_sync.as_secs_f64()
+    );
 
-    // 2. Full sync into a fresh repository.
+    // 2. Full sync into a fresh repository, part by part.
     let db = scratch.path().join("bench.db");
     let repo = Arc::new(Repo::open(&db).with_context(|| format!("opening {}", db.display()))?);
     let engine = Engine::new(repo.clone(), &idsync_rules::Limits::default());
     let policy = Policy::new("dir");
     let mut adapter = LdapAdapter::new("dir", cfg.clone());
+    reset_peak_rss();
     let t = Instant::now();
-    let fetch = adapter
-        .next_batch(None, repo.as_ref())
-        .context("the full sync's fetch")?;
-    let fetched = t.elapsed();
-    let Fetch::Batch(batch) = fetch else {
-        bail!("the full sync found nothing");
-    };
-    let events = batch.events.len();
-    let report = engine
-        .apply_batch(&policy, None, &batch)
-        .context("the full sync's apply")?;
+    let (mut events, mut failed, mut parts) = (0, 0, 0);
+    let mut applying = Duration::ZERO;
+    loop {
+        let expected = repo.checkpoint("dir")?;
+        let fetch = adapter
+            .next_batch(expected.as_ref(), repo.as_ref())
+            .context("the full sync's fetch")?;
+        let Fetch::Batch(batch) = fetch else {
+            break;
+        };
+        let a = Instant::now();
+        let report = engine
+            .apply_batch(&policy, expected.as_ref(), &batch)
+            .context("the full sync's apply")?;
+        applying += a.elapsed();
+        events += batch.events.len();
+        failed += report.failed;
+        parts += 1;
+        if !adapter.has_more() {
+            break;
+        }
+    }
     let total = t.elapsed();
+    let peak = rss();
+    if events == 0 {
+        bail!("the full sync found nothing");
+    }
     let rate = events as f64 / total.as_secs_f64();
     say!(
-        "full sync: {events} events ({} failed) in {:.2}s (fetch {:.2}s, decide+commit {:.2}s) = {rate:.0} entries/s = {:.2}x the raw search",
-        report.failed,
+        "full sync: {events} events ({failed} failed) in {parts} parts of {} in {:.2}s (applying {:.2}s, waiting for the directory {:.2}s) = {rate:.0} entries/s = {:.2}x the raw sync search ({:.2}x the paged search); peak RSS {peak}",
+        cfg.batch_size,
         total.as_secs_f64(),
-        fetched.as_secs_f64(),
-        (total - fetched).as_secs_f64(),
+        applying.as_secs_f64(),
+        (total - applying).as_secs_f64(),
+        rate / sync_rate,
         rate / raw_rate
-    );
-    let fetch_rate = events as f64 / fetched.as_secs_f64();
-    say!(
-        "  (adapter fetch alone: {fetch_rate:.0} entries/s = {:.2}x the raw search)",
-        fetch_rate / raw_rate
     );
     // The rows the full sync wrote, inserted again without the adapter or the engine.
     repo.settle();
     let records = records_floor(&db, &scratch.path().join("records.db"))?;
     let records_rate = events as f64 / records.elapsed.as_secs_f64();
     say!(
-        "  (records floor: the {} rows the full sync wrote, inserted again in {:.2}s = {records_rate:.0} entries/s = {:.2}x the raw search)",
+        "  (records floor: the {} rows the full sync wrote, inserted again in {:.2}s = {records_rate:.0} entries/s = {:.2}x the raw sync search)",
         records.rows,
         records.elapsed.as_secs_f64(),
-        records_rate / raw_rate
+        records_rate / sync_rate
     );
 
     // 3. Persist latency: modify → identity committed. Timed once the background

@@ -22,6 +22,7 @@ macro_rules! say {
 
 mod flatfile;
 mod ldap;
+mod memory;
 mod outbox;
 mod records;
 
