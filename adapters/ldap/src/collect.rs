@@ -38,6 +38,10 @@ pub(crate) struct Collector<'k> {
     prefetched: HashMap<String, Option<u64>>,
     /// A streamed part: never load every committed hash, whatever the number of lookups.
     bounded: bool,
+    /// A reconcile: an entry equal to its shadow is an event too.
+    force: bool,
+    /// A reconcile of some accounts: events only for these keys.
+    only: Option<std::sync::Arc<HashSet<String>>>,
     /// No committed checkpoint: unknown accounts are upserts.
     fresh: bool,
     /// Keys seen present in the current full pass.
@@ -62,6 +66,8 @@ impl<'k> Collector<'k> {
             looked_up: HashMap::new(),
             prefetched: HashMap::new(),
             bounded: false,
+            force: false,
+            only: None,
             overlay: HashMap::new(),
             fresh,
             present: Present::default(),
@@ -77,6 +83,20 @@ impl<'k> Collector<'k> {
         self.present = present;
         self.bounded = true;
         self
+    }
+
+    /// A reconcile: every entry read is an event, changed or not (an unchanged known one
+    /// an `update` with itself as `previous`); with `only`, events only for those keys.
+    pub fn reconciling(mut self, only: Option<std::sync::Arc<HashSet<String>>>) -> Collector<'k> {
+        self.force = true;
+        self.only = only;
+        self
+    }
+
+    /// Whether this batch hands out events for `key` (every key, but in a reconcile of some
+    /// accounts).
+    fn wanted(&self, key: &str) -> bool {
+        self.only.as_ref().is_none_or(|o| o.contains(key))
     }
 
     /// The keys seen present so far, for the next part of the refresh.
@@ -182,8 +202,11 @@ impl<'k> Collector<'k> {
     /// The entry `key` exists with `attrs`.
     pub fn put(&mut self, key: String, attrs: AttrMap) -> Result<(), LdapError> {
         self.present.insert(&key);
+        if !self.wanted(&key) {
+            return Ok(());
+        }
         let before = self.current_hash(&key)?;
-        if before == Some(attrs.content_hash()) {
+        if before == Some(attrs.content_hash()) && !self.force {
             return Ok(());
         }
         let (op, previous) = match before {
@@ -205,6 +228,9 @@ impl<'k> Collector<'k> {
 
     /// The entry `key` is gone. Unknown keys are ignored (already deleted, or never seen).
     pub fn delete(&mut self, key: String) -> Result<(), LdapError> {
+        if !self.wanted(&key) {
+            return Ok(());
+        }
         let Some(last) = self.current(&key)? else {
             return Ok(());
         };
@@ -232,13 +258,14 @@ impl<'k> Collector<'k> {
         let mut absent: Vec<String> = Vec::new();
         let mut known: u64 = 0;
         {
-            let (present, overlay) = (&self.present, &self.overlay);
+            let (present, overlay, only) = (&self.present, &self.overlay, &self.only);
             self.known
                 .each_known_hash(&self.resource, &mut |key, _| {
                     known += 1;
                     // Deleted earlier in this batch: already an event.
                     let gone = matches!(overlay.get(key), Some(None));
-                    if !gone && !present.contains(key) {
+                    let wanted = only.as_ref().is_none_or(|o| o.contains(key));
+                    if wanted && !gone && !present.contains(key) {
                         absent.push(key.to_owned());
                     }
                 })

@@ -22,6 +22,7 @@ mod config;
 mod conn;
 mod entry;
 mod error;
+mod keys;
 mod poll;
 mod refresh;
 mod stale;
@@ -55,6 +56,17 @@ pub struct LdapAdapter {
     more: bool,
     /// Times the directory was found older than the committed cookie.
     resets: Arc<AtomicU64>,
+    /// A reconcile asked for and not finished: of every account, or of these keys.
+    reconcile: Option<Reconcile>,
+}
+
+/// What a reconcile reads.
+#[derive(Clone, Debug)]
+enum Reconcile {
+    /// Every account: a refresh from scratch (a full pass in poll mode).
+    Every,
+    /// These accounts only, read by entryUUID.
+    Keys(Arc<foldhash::HashSet<String>>),
 }
 
 impl LdapAdapter {
@@ -70,6 +82,7 @@ impl LdapAdapter {
             refresh: None,
             more: false,
             resets: Arc::default(),
+            reconcile: None,
         }
     }
 
@@ -97,27 +110,30 @@ impl LdapAdapter {
         );
         let resource = self.resource.as_str();
         self.more = false;
+        let reconcile = self.reconcile.clone();
+        if let Some(Reconcile::Keys(keys)) = &reconcile {
+            let client = connected(&mut self.client, &self.config, &self.resets)?;
+            let col = keys::read_keys(
+                client,
+                &shaper,
+                resource,
+                after.is_none(),
+                known,
+                &filter,
+                &attrs,
+                keys,
+            )?;
+            self.reconcile = None;
+            return Ok(batch_or_idle(col, after.cloned(), after, true));
+        }
+        let every = matches!(reconcile, Some(Reconcile::Every));
         let (col, checkpoint): (Collector<'_>, Option<Checkpoint>) = match self.config.mode {
-            Mode::Syncrepl => {
-                let params = sync::params_hash(&self.config, &filter);
-                let search = refresh::Search {
-                    resource,
-                    filter: &filter,
-                    attrs: &attrs,
-                    params: &params,
-                    resets: &self.resets,
-                };
-                let part = refresh::next_part(
-                    &mut self.client,
-                    &mut self.refresh,
-                    &search,
-                    &self.config,
-                    after,
-                    known,
-                )?;
-                self.more = part.more;
-                (part.col, part.checkpoint)
+            // A reconcile in persist mode is a streamed refresh from scratch too; the stream
+            // then resumes from the cookie it committed.
+            Mode::Syncrepl | Mode::Persist if every => {
+                self.refresh_part(&filter, &attrs, after, known, true)?
             }
+            Mode::Syncrepl => self.refresh_part(&filter, &attrs, after, known, false)?,
             Mode::Persist => {
                 let client = connected(&mut self.client, &self.config, &self.resets)?;
                 let f = sync::persist(
@@ -135,12 +151,58 @@ impl LdapAdapter {
             }
             Mode::Poll => {
                 let client = connected(&mut self.client, &self.config, &self.resets)?;
-                let (col, cp) =
-                    poll::poll(client, &shaper, resource, after, known, &filter, &attrs)?;
+                let (col, cp) = poll::poll(
+                    client, &shaper, resource, after, known, &filter, &attrs, every,
+                )?;
                 (col, Some(cp))
             }
         };
-        Ok(batch_or_idle(col, checkpoint, after))
+        if !self.more {
+            self.reconcile = None;
+        }
+        Ok(batch_or_idle(col, checkpoint, after, every))
+    }
+
+    /// The next part of a streamed refresh (a reconcile's when `reconcile`).
+    fn refresh_part<'k>(
+        &mut self,
+        filter: &str,
+        attrs: &[String],
+        after: Option<&Checkpoint>,
+        known: &'k dyn KnownAccounts,
+        reconcile: bool,
+    ) -> Result<(Collector<'k>, Option<Checkpoint>), LdapError> {
+        if reconcile {
+            self.persist = None;
+        }
+        let params = sync::params_hash(&self.config, filter);
+        let search = refresh::Search {
+            resource: &self.resource,
+            filter,
+            attrs,
+            params: &params,
+            reconcile,
+            resets: &self.resets,
+        };
+        let part = refresh::next_part(
+            &mut self.client,
+            &mut self.refresh,
+            &search,
+            &self.config,
+            after,
+            known,
+        )?;
+        self.more = part.more;
+        Ok((part.col, part.checkpoint))
+    }
+
+    /// Makes the next fetches a reconcile of every account (`keys` empty) or of `keys`.
+    fn start_reconcile(&mut self, keys: Option<Vec<String>>) {
+        self.refresh = None;
+        self.reconcile = Some(match keys {
+            None => Reconcile::Every,
+            Some(k) => Reconcile::Keys(Arc::new(k.into_iter().collect())),
+        });
     }
 }
 
@@ -163,7 +225,9 @@ fn batch_or_idle(
     col: Collector<'_>,
     checkpoint: Option<Checkpoint>,
     after: Option<&Checkpoint>,
+    reconcile: bool,
 ) -> Fetch {
+    let _ = reconcile;
     if col.events.is_empty() && checkpoint.as_ref() == after {
         return Fetch::Idle;
     }
@@ -192,6 +256,7 @@ impl Adapter for LdapAdapter {
                 self.persist = None;
                 self.refresh = None;
                 self.more = false;
+                self.reconcile = None;
                 if let Some(c) = self.client.as_mut() {
                     c.disconnect();
                 }

@@ -13,7 +13,7 @@ use idsync_core::{Checkpoint, KnownAccounts};
 
 use crate::collect::Collector;
 use crate::conn::Client;
-use crate::entry::{self, Message, Shaper};
+use crate::entry::{self, Message, RawEntry, Shaper};
 use crate::error::LdapError;
 
 /// The position of a poll: high-water mark and last full pass.
@@ -49,7 +49,25 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// One poll after `after`.
+/// The text of operational attribute `name` (asked for by the adapter itself): taken out of
+/// the entry, unless the config's `attrs` asked for it too (by name or with `+`).
+pub(crate) fn operational(raw: &mut RawEntry, attrs: &[String], name: &str) -> Option<String> {
+    let asked = attrs
+        .iter()
+        .any(|a| a.eq_ignore_ascii_case(name) || a == "+");
+    if !asked {
+        return Shaper::take_text(raw, name);
+    }
+    raw.attrs
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| v.first())
+        .and_then(|v| String::from_utf8(v.clone()).ok())
+}
+
+/// One poll after `after`; a full pass that hands out every entry, changed or not, when
+/// `reconcile`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn poll<'k>(
     client: &mut Client,
     shaper: &Shaper,
@@ -58,14 +76,16 @@ pub(crate) fn poll<'k>(
     known: &'k dyn KnownAccounts,
     filter: &str,
     attrs: &[String],
+    reconcile: bool,
 ) -> Result<(Collector<'k>, Checkpoint), LdapError> {
     let cfg = client.config.clone();
     let pos = Position::parse(after);
     let now = now();
-    let full = match &pos {
-        None => true,
-        Some(p) => p.hwm.is_none() || now.saturating_sub(p.last_full) >= cfg.full_pass_secs,
-    };
+    let full = reconcile
+        || match &pos {
+            None => true,
+            Some(p) => p.hwm.is_none() || now.saturating_sub(p.last_full) >= cfg.full_pass_secs,
+        };
     let mut hwm = pos.as_ref().and_then(|p| p.hwm.clone());
     let search_filter = match (&hwm, full) {
         (Some(h), false) => format!(
@@ -78,6 +98,9 @@ pub(crate) fn poll<'k>(
     wanted.push("entryUUID".to_owned());
     wanted.push("modifyTimestamp".to_owned());
     let mut col = Collector::new(resource, known, after.is_none(), &cfg.url)?;
+    if reconcile {
+        col = col.reconciling(None);
+    }
     let mut stream = client.search(&search_filter, wanted, vec![], Some(cfg.page_size))?;
     let proto = |message: String| LdapError::Protocol {
         url: cfg.url.clone(),
@@ -87,30 +110,8 @@ pub(crate) fn poll<'k>(
         let Message::Entry(mut raw, _) = entry::decode(re).map_err(proto)? else {
             continue;
         };
-        let keep_uuid = attrs
-            .iter()
-            .any(|a| a.eq_ignore_ascii_case("entryUUID") || a == "+");
-        let keep_ts = attrs
-            .iter()
-            .any(|a| a.eq_ignore_ascii_case("modifyTimestamp") || a == "+");
-        let uuid = if keep_uuid {
-            raw.attrs
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case("entryUUID"))
-                .and_then(|(_, v)| v.first())
-                .and_then(|v| String::from_utf8(v.clone()).ok())
-        } else {
-            Shaper::take_text(&mut raw, "entryUUID")
-        };
-        let ts = if keep_ts {
-            raw.attrs
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case("modifyTimestamp"))
-                .and_then(|(_, v)| v.first())
-                .and_then(|v| String::from_utf8(v.clone()).ok())
-        } else {
-            Shaper::take_text(&mut raw, "modifyTimestamp")
-        };
+        let uuid = operational(&mut raw, attrs, "entryUUID");
+        let ts = operational(&mut raw, attrs, "modifyTimestamp");
         let Some(uuid) = uuid else {
             return Err(proto(format!(
                 "entry {} has no readable entryUUID (the bind account needs read access to it)",

@@ -134,6 +134,8 @@ pub(crate) struct Refresh {
     restarts: u32,
     /// Deletes by absence were made (after a present phase): not again at the end.
     absence_done: bool,
+    /// A reconcile: from scratch, every entry an event whether or not it changed.
+    reconcile: bool,
 }
 
 /// What one call of [`next_part`] found.
@@ -250,6 +252,9 @@ pub(crate) struct Search<'a> {
     pub filter: &'a str,
     pub attrs: &'a [String],
     pub params: &'a str,
+    /// A reconcile (`idsync reconcile`): the refresh starts from scratch and hands out
+    /// every entry, changed or not.
+    pub reconcile: bool,
     /// The adapter's count of stale cookies, for a new connection.
     pub resets: &'a std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -266,9 +271,16 @@ pub(crate) fn next_part<'k>(
     known: &'k dyn KnownAccounts,
 ) -> Result<Part<'k>, LdapError> {
     let mut r = match state.take() {
-        Some(r) if r.returned.as_ref() == after => r,
+        Some(r) if r.returned.as_ref() == after && r.reconcile == search.reconcile => r,
         _ => {
-            let start = start_after(search.params, after);
+            let start = if search.reconcile {
+                Start {
+                    cookie: None,
+                    fresh: after.is_none(),
+                }
+            } else {
+                start_after(search.params, after)
+            };
             let c = match client.take() {
                 Some(c) => c,
                 None => Client::with_counter(config.clone(), search.resets)?,
@@ -290,12 +302,16 @@ pub(crate) fn next_part<'k>(
                 parts: 0,
                 restarts: 0,
                 absence_done: false,
+                reconcile: search.reconcile,
             }
         }
     };
     let present = std::mem::take(&mut r.present);
     let mut col =
         Collector::new(search.resource, known, r.start.fresh, &config.url)?.streamed(present);
+    if r.reconcile {
+        col = col.reconciling(None);
+    }
     let wait = Duration::from_secs(config.timeout_secs.saturating_add(5));
     let mut chunk: Vec<Item> = Vec::with_capacity(CHUNK);
     loop {
