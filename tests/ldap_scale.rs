@@ -1,8 +1,10 @@
-//! The streamed LDAP refresh through the real `idsync` binary against a private slapd with
-//! 20,000 people: the refresh reaches the repository in parts of `batch_size` while the
-//! rest is still arriving, an agent killed with SIGKILL in the middle of it and started
-//! again ends with every entry once and every change made meanwhile — deletes included —
-//! and the sync cookie is committed only with the last part.
+//! The LDAP adapter at directory scale, through the real `idsync` binary against a private
+//! slapd with thousands of people: the streamed refresh reaches the repository in parts of
+//! `batch_size` while the rest is still arriving, an agent killed with SIGKILL in the middle
+//! of it and started again ends with every entry once and every change made meanwhile —
+//! deletes included — and the sync cookie is committed only with the last part; a changed
+//! mapping reaches every directory account through `idsync reconcile` (all of them, or some
+//! named by DN), deletes made meanwhile included.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -21,6 +23,13 @@ const PEOPLE_COUNT: usize = 20_000;
 fn world(slapd: &Slapd) -> Sandbox {
     let s = Sandbox::new();
     s.write("secrets/ldap.pw", &format!("{SYNC_PW}\n"));
+    configure(&s, slapd, "");
+    s.rule("has_uid.rhai", "account.uid != () && account.dn != ()");
+    s
+}
+
+/// Writes the config of [`world`] with `mappings` (YAML list items) for the resource.
+fn configure(s: &Sandbox, slapd: &Slapd, mappings: &str) {
     s.config(&format!(
         "poll_interval_secs: 3600
 status: {{ listen: off }}
@@ -38,11 +47,10 @@ resources:
     naming: 'account.uid'
     populate_global: true
     rules: {{ filter: has_uid.rhai }}
+    mappings: [{mappings}]
 ",
         slapd.url()
     ));
-    s.rule("has_uid.rhai", "account.uid != () && account.dn != ()");
-    s
 }
 
 /// The part number of a part checkpoint (`syncpart:<params>:<f|r>:<n>:…`), `None` for the
@@ -212,4 +220,65 @@ fn a_refresh_killed_midway_resumes_with_every_entry_once_and_every_delete() {
     ));
     s.run_once(None, 0);
     assert_eq!(attr(&s.identity("p500").unwrap(), "title"), Some("Later"));
+}
+
+#[test]
+fn a_changed_mapping_reaches_every_directory_account_by_reconcile() {
+    const N: usize = 3000;
+    let slapd = Slapd::start_with_people(N);
+    let s = world(&slapd);
+    s.run_once(None, 0);
+    assert_eq!(count(&s, "SELECT count(*) FROM links"), N);
+
+    // A new mapping: the directory did not change, so a pass changes nothing.
+    configure(&s, &slapd, "{ to: org, expr: '\"Example\"' }");
+    s.run_once(None, 0);
+    assert_eq!(
+        count(&s, "SELECT count(*) FROM identities WHERE attrs LIKE '%\"org\"%'"),
+        0
+    );
+    // Meanwhile on the server: two leave, one changes.
+    for i in [10, 20] {
+        slapd.modify(&format!("dn: uid=p{i},{PEOPLE}\nchangetype: delete\n\n"));
+    }
+    slapd.modify(&format!(
+        "dn: uid=p30,{PEOPLE}\nchangetype: modify\nreplace: title\ntitle: Changed\n\n"
+    ));
+
+    let run = s.idsync(&["reconcile", "dir"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let with_org = count(
+        &s,
+        "SELECT count(*) FROM identities WHERE json_extract(attrs, '$.org') IS NOT NULL",
+    );
+    assert_eq!(with_org, N, "every identity has the new mapping");
+    assert_eq!(
+        count(&s, "SELECT count(*) FROM decisions WHERE op = 'reconcile'"),
+        N,
+        "one reconcile decision per account, deletes included"
+    );
+    assert_eq!(count(&s, "SELECT count(*) FROM links"), N - 2, "the deletes");
+    let p30 = s.identity("p30").unwrap();
+    assert_eq!(attr(&p30, "title"), Some("Changed"));
+    // The reconcile committed the directory's cookie: the next pass finds nothing.
+    let cp = s.checkpoint("dir").unwrap();
+    assert!(cp.starts_with("sync:"), "{cp}");
+    let before = count(&s, "SELECT count(*) FROM decisions");
+    s.run_once(None, 0);
+    assert_eq!(count(&s, "SELECT count(*) FROM decisions"), before);
+
+    // Some accounts, named by DN: only they are decided again.
+    configure(&s, &slapd, "{ to: org, expr: '\"Example 2\"' }");
+    let dn = format!("uid=p5,{PEOPLE}");
+    let run = s.idsync(&["reconcile", "dir", "--key", &dn]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(attr(&s.identity("p5").unwrap(), "org"), Some("Example 2"));
+    assert_eq!(
+        count(
+            &s,
+            "SELECT count(*) FROM identities WHERE json_extract(attrs, '$.org') = 'Example 2'"
+        ),
+        1
+    );
+    assert_eq!(s.checkpoint("dir").unwrap(), cp, "some accounts leave the cookie");
 }
