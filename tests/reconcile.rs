@@ -83,10 +83,10 @@ fn a_changed_mapping_reaches_every_identity_through_preview_and_reconcile() {
     assert_eq!(listed.len(), 4, "{}", preview.stdout);
     for key in ["1", "2", "3", "4"] {
         assert!(
-            listed.contains(&format!(
-                "hr {key} reconcile linked updated identity={key} changed=department"
-            )
-            .as_str()),
+            listed.contains(
+                &format!("hr {key} reconcile linked updated identity={key} changed=department")
+                    .as_str()
+            ),
             "{}",
             preview.stdout
         );
@@ -129,7 +129,11 @@ fn a_changed_mapping_reaches_every_identity_through_preview_and_reconcile() {
     );
     assert_eq!(reconcile_decisions(&s), 6);
     let explain = s.idsync(&["explain", "hr", "1"]).expect_code(0);
-    assert!(explain.stdout.contains("op: reconcile"), "{}", explain.stdout);
+    assert!(
+        explain.stdout.contains("op: reconcile"),
+        "{}",
+        explain.stdout
+    );
     assert!(
         explain.stdout.contains("department: (none) → \"Sales\""),
         "{}",
@@ -154,14 +158,18 @@ fn a_changed_mapping_reaches_every_identity_through_preview_and_reconcile() {
         preview.stdout
     );
     assert_eq!(
-        preview.stdout.lines().filter(|l| l.starts_with("hr ")).count(),
+        preview
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("hr "))
+            .count(),
         0
     );
     let status = s.idsync(&["status"]).expect_code(0);
     assert!(
-        status
-            .stdout
-            .contains("reconcile: last 0s ago by command: complete, 6 events (0 changed, 6 unchanged)"),
+        status.stdout.contains(
+            "reconcile: last 0s ago by command: complete, 6 events (0 changed, 6 unchanged)"
+        ),
         "{}",
         status.stdout
     );
@@ -192,7 +200,11 @@ fn a_reconcile_of_some_keys_and_behind_the_delete_guard() {
     let out = s
         .idsync(&["reconcile", "hr", "--key", "7", "-k", "2"])
         .expect_code(0);
-    assert!(out.stdout.contains("2 changed, 0 unchanged"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("2 changed, 0 unchanged"),
+        "{}",
+        out.stdout
+    );
     let changed: Vec<String> = departments(&s)
         .into_iter()
         .filter(|(_, d)| d.is_some())
@@ -204,7 +216,9 @@ fn a_reconcile_of_some_keys_and_behind_the_delete_guard() {
     assert_eq!(s.checkpoint("hr"), checkpoint);
 
     // A key that is nowhere is named, and the command fails.
-    let out = s.idsync(&["reconcile", "hr", "--key", "404"]).expect_code(1);
+    let out = s
+        .idsync(&["reconcile", "hr", "--key", "404"])
+        .expect_code(1);
     assert!(
         out.stderr.contains("no account '404' was reconciled"),
         "{}",
@@ -244,7 +258,12 @@ fn a_reconcile_of_some_keys_and_behind_the_delete_guard() {
     let out = s
         .idsync(&["reconcile", "hr", "--accept-deletes"])
         .expect_code(0);
-    assert!(out.stdout.contains("10 events; situations: linked 7, deleted 3"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("10 events; situations: linked 7, deleted 3"),
+        "{}",
+        out.stdout
+    );
     for key in ["8", "9", "10"] {
         assert_eq!(s.owner("hr", key), None, "account {key} still linked");
         let d = s.results(&["--key", key]).pop().unwrap();
@@ -300,7 +319,10 @@ fn a_killed_reconcile_is_finished_by_running_it_again() {
     s.config(
         &std::fs::read_to_string(s.path().join("idsync.yaml"))
             .unwrap()
-            .replace("completion: rename }", "completion: rename, batch_size: 1000 }"),
+            .replace(
+                "completion: rename }",
+                "completion: rename, batch_size: 1000 }",
+            ),
     );
     s.feed("hr.csv", &big_feed(N, |i| format!("D{}", i % 7)));
     s.run_once(None, 0);
@@ -309,7 +331,10 @@ fn a_killed_reconcile_is_finished_by_running_it_again() {
         s.config(
             &std::fs::read_to_string(s.path().join("idsync.yaml"))
                 .unwrap()
-                .replace("completion: rename }", "completion: rename, batch_size: 1000 }"),
+                .replace(
+                    "completion: rename }",
+                    "completion: rename, batch_size: 1000 }",
+                ),
         );
     };
     with_batches(DEPARTMENT);
@@ -364,7 +389,11 @@ fn a_killed_reconcile_is_finished_by_running_it_again() {
             _ => format!("D{}", id % 7),
         };
         assert_eq!(attr(i, "department"), Some(dept.as_str()), "{i}");
-        assert_eq!(attr(i, "unit"), Some(format!("{dept}-{id}").as_str()), "{i}");
+        assert_eq!(
+            attr(i, "unit"),
+            Some(format!("{dept}-{id}").as_str()),
+            "{i}"
+        );
     }
     let run = s.run_once(None, 0);
     assert!(run.stdout.contains("hr: no changes"), "{}", run.stdout);
@@ -377,15 +406,14 @@ fn the_agent_reconciles_at_its_scheduled_times() {
     s.feed("hr.csv", SIX);
     s.run_once(None, 0);
     // Every two seconds (a sixth field in front is seconds), with the new mapping.
-    config(
-        &s,
-        DEPARTMENT,
-        "    reconcile: { cron: '*/2 * * * * *' }\n",
-    );
+    config(&s, DEPARTMENT, "    reconcile: { cron: '*/2 * * * * *' }\n");
     s.config(
         &std::fs::read_to_string(s.path().join("idsync.yaml"))
             .unwrap()
-            .replace("status: { listen: off }", "status: { listen: \"127.0.0.1:0\" }"),
+            .replace(
+                "status: { listen: off }",
+                "status: { listen: \"127.0.0.1:0\" }",
+            ),
     );
     let mut agent = s.start_logged(&[]);
     let port = eventually(20, "the status endpoint", || endpoint_port(&s.agent_log()));
@@ -401,8 +429,16 @@ fn the_agent_reconciles_at_its_scheduled_times() {
         1.0,
         "{text}"
     );
-    assert!(metric(&text, "idsync_last_reconcile_timestamp_seconds{resource=\"hr\"}") > 0.0);
-    assert_eq!(departments(&s)[0], ("1".to_owned(), Some("Sales".to_owned())));
+    assert!(
+        metric(
+            &text,
+            "idsync_last_reconcile_timestamp_seconds{resource=\"hr\"}"
+        ) > 0.0
+    );
+    assert_eq!(
+        departments(&s)[0],
+        ("1".to_owned(), Some("Sales".to_owned()))
+    );
     let status = s.idsync(&["status"]).expect_code(0);
     assert!(
         status.stdout.contains("by schedule: complete, 6 events")
@@ -423,8 +459,7 @@ fn the_agent_reconciles_at_its_scheduled_times() {
     let (code, _) = common::terminate(&mut agent);
     assert_eq!(code, Some(0), "{}", s.agent_log());
     assert!(
-        s.agent_log()
-            .contains("reconcile at its scheduled time"),
+        s.agent_log().contains("reconcile at its scheduled time"),
         "{}",
         s.agent_log()
     );
@@ -462,14 +497,16 @@ fn check_and_status_know_the_schedule_and_what_cannot_reconcile() {
     s.config(&format!("{good}{ldap}"));
     let out = s.idsync(&["check"]).expect_code(0);
     assert!(
-        out.stdout.contains("reconcile: hr at '0 3 * * *' (UTC), next 20"),
+        out.stdout
+            .contains("reconcile: hr at '0 3 * * *' (UTC), next 20"),
         "{}",
         out.stdout
     );
     s.run_once(Some("hr"), 0);
     let out = s.idsync(&["reconcile", "dir"]).expect_code(3);
     assert!(
-        out.stderr.contains("reconcile is not supported by this adapter"),
+        out.stderr
+            .contains("reconcile is not supported by this adapter"),
         "{}",
         out.stderr
     );
@@ -477,7 +514,8 @@ fn check_and_status_know_the_schedule_and_what_cannot_reconcile() {
         .idsync(&["preview", "--reconcile", "--resource", "dir"])
         .expect_code(3);
     assert!(
-        out.stderr.contains("reconcile is not supported by this adapter"),
+        out.stderr
+            .contains("reconcile is not supported by this adapter"),
         "{}",
         out.stderr
     );

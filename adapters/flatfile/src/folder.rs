@@ -181,7 +181,10 @@ pub(crate) fn reconcile_file(
             "reconcile: {last}, the last file applied, is no longer in the folder {}{}; a reconcile re-reads the file the repository was last synchronized with",
             dir.display(),
             if config.after == AfterProcessing::Archive {
-                format!(" nor in the archive folder {}", archive_dir(config).display())
+                format!(
+                    " nor in the archive folder {}",
+                    archive_dir(config).display()
+                )
             } else {
                 String::new()
             }

@@ -412,11 +412,11 @@ impl FlatFileAdapter {
         };
         let unchanged = self.reconcile.is_none()
             && previous.as_ref().is_some_and(|p| {
-            !p.partial
-                && p.content == content
-                && p.cfg.as_deref().is_none_or(|c| c == cfg)
-                && p.file == folder_file
-        });
+                !p.partial
+                    && p.content == content
+                    && p.cfg.as_deref().is_none_or(|c| c == cfg)
+                    && p.file == folder_file
+            });
         if unchanged {
             let snapshot_matches = match expected {
                 Some(n) => count()?.is_none_or(|c| c == n),

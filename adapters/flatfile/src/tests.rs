@@ -916,13 +916,25 @@ fn a_reconcile_hands_out_every_account_in_parts_then_passes_go_on() {
         assert!(b.reconcile, "every part of a reconcile says so");
         known.commit(&b);
         after = b.checkpoint.clone().unwrap();
-        parts.push(summary(&b).into_iter().map(|(op, k, _)| (op, k.to_owned())).collect::<Vec<_>>());
+        parts.push(
+            summary(&b)
+                .into_iter()
+                .map(|(op, k, _)| (op, k.to_owned()))
+                .collect::<Vec<_>>(),
+        );
         if !f.adapter.has_more() {
             break;
         }
     }
     let up = |k: &str| (Op::Update, k.to_owned());
-    assert_eq!(parts, [vec![up("E1"), up("E2")], vec![up("E3"), up("E4")], vec![up("E5")]]);
+    assert_eq!(
+        parts,
+        [
+            vec![up("E1"), up("E2")],
+            vec![up("E3"), up("E4")],
+            vec![up("E5")]
+        ]
+    );
     assert_eq!(f.adapter.planned(), Some(5));
     // Back to passes: the file is what the reconcile committed.
     assert_eq!(f.fetch(Some(&after), &known), Fetch::Idle);
@@ -953,8 +965,14 @@ fn a_reconcile_hands_out_every_account_in_parts_then_passes_go_on() {
             (Op::Delete, "E5"),
         ]
     );
-    assert_eq!(events[1].previous, Some(attrs(&[("id", "E2"), ("cn", "B")])));
-    assert_eq!(events[0].previous, Some(attrs(&[("id", "E1"), ("cn", "A")])));
+    assert_eq!(
+        events[1].previous,
+        Some(attrs(&[("id", "E2"), ("cn", "B")]))
+    );
+    assert_eq!(
+        events[0].previous,
+        Some(attrs(&[("id", "E1"), ("cn", "A")]))
+    );
     assert_eq!(f.fetch(Some(&after), &known), Fetch::Idle);
 }
 
@@ -978,7 +996,10 @@ fn an_interrupted_reconcile_resumes_after_its_committed_parts() {
     assert!(second.reconcile);
     assert_eq!(
         summary(&second),
-        [(Op::Update, "E3", "hr.csv:4"), (Op::Update, "E4", "hr.csv:5")]
+        [
+            (Op::Update, "E3", "hr.csv:4"),
+            (Op::Update, "E4", "hr.csv:5")
+        ]
     );
     assert!(second.rejects.is_empty() && !second.rejects_complete);
 
@@ -999,7 +1020,10 @@ fn an_interrupted_reconcile_resumes_after_its_committed_parts() {
     };
     assert_eq!(
         summary(&restart),
-        [(Op::Update, "E1", "hr.csv:2"), (Op::Update, "E2", "hr.csv:3")]
+        [
+            (Op::Update, "E1", "hr.csv:2"),
+            (Op::Update, "E2", "hr.csv:3")
+        ]
     );
 }
 
@@ -1015,9 +1039,16 @@ fn a_reconcile_of_some_keys_keeps_the_checkpoint() {
     assert!(b.reconcile && !f.adapter.has_more());
     assert_eq!(
         summary(&b),
-        [(Op::Update, "E2", "hr.csv:3"), (Op::Update, "E4", "hr.csv:5")]
+        [
+            (Op::Update, "E2", "hr.csv:3"),
+            (Op::Update, "E4", "hr.csv:5")
+        ]
     );
-    assert_eq!(b.checkpoint.as_ref(), Some(&loaded), "nothing said about the others");
+    assert_eq!(
+        b.checkpoint.as_ref(),
+        Some(&loaded),
+        "nothing said about the others"
+    );
     assert!(b.rejects.is_empty() && !b.rejects_complete);
     known.commit(&b);
     assert_eq!(f.fetch(Some(&loaded), &known), Fetch::Idle);
@@ -1025,9 +1056,7 @@ fn a_reconcile_of_some_keys_keeps_the_checkpoint() {
     // A key missing from the file is a delete; the count in the checkpoint follows it, and
     // the other changes of the file wait for the next pass.
     f.write(b"id,cn\nE1,A2\nE2,B\nE3,C\nE4,D\n");
-    f.adapter
-        .begin_reconcile(Some(vec!["E5".into()]))
-        .unwrap();
+    f.adapter.begin_reconcile(Some(vec!["E5".into()])).unwrap();
     let b = f.batch(Some(&loaded), &known);
     assert_eq!(summary(&b), [(Op::Delete, "E5", "hr.csv")]);
     let kept = Token::decode(&b.checkpoint.as_ref().unwrap().0).unwrap();
@@ -1049,7 +1078,10 @@ fn a_reconcile_is_behind_the_delete_guard() {
     f.write(b"id\nE1\nE2\nE3\nE4\nE5\nE6\nE7\n");
     f.adapter.begin_reconcile(None).unwrap();
     let refused = f.error(Some(&c), &known);
-    let AdapterError::DeleteGuard { refusal, advice, .. } = &refused else {
+    let AdapterError::DeleteGuard {
+        refusal, advice, ..
+    } = &refused
+    else {
         panic!("expected the guard, got {refused}");
     };
     assert_eq!(refusal.deletes, 3);
@@ -1062,15 +1094,15 @@ fn a_reconcile_is_behind_the_delete_guard() {
     let AdapterError::DeleteGuard { advice, .. } = f.error(Some(&c), &known) else {
         panic!("expected the guard");
     };
-    assert!(advice.contains("idsync run --once --accept-deletes hr"), "{advice}");
+    assert!(
+        advice.contains("idsync run --once --accept-deletes hr"),
+        "{advice}"
+    );
     f.adapter.accept_deletes();
     f.adapter.begin_reconcile(None).unwrap();
     let b = f.batch(Some(&c), &known);
     assert_eq!(b.events.len(), 10);
-    assert_eq!(
-        b.events.iter().filter(|e| e.op == Op::Delete).count(),
-        3
-    );
+    assert_eq!(b.events.iter().filter(|e| e.op == Op::Delete).count(), 3);
 }
 
 #[test]
@@ -1102,7 +1134,10 @@ fn a_folder_reconcile_rereads_the_last_file_applied() {
         after = b.checkpoint;
     }
     assert_eq!(a.next_batch(after.as_ref(), &known).unwrap(), Fetch::Idle);
-    assert!(feeds.join("archive/hr-2.csv").exists(), "archived once committed");
+    assert!(
+        feeds.join("archive/hr-2.csv").exists(),
+        "archived once committed"
+    );
 
     // The reconcile reads the last file applied, from the archive.
     a.begin_reconcile(None).unwrap();
@@ -1112,7 +1147,10 @@ fn a_folder_reconcile_rereads_the_last_file_applied() {
     assert!(b.reconcile && !a.has_more());
     assert_eq!(
         summary(&b),
-        [(Op::Update, "E1", "hr-2.csv:2"), (Op::Update, "E2", "hr-2.csv:3")]
+        [
+            (Op::Update, "E1", "hr-2.csv:2"),
+            (Op::Update, "E2", "hr-2.csv:3")
+        ]
     );
     known.commit(&b);
     let after = b.checkpoint;

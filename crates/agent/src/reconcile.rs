@@ -67,8 +67,7 @@ pub fn run(
         inner: progress,
         report: BatchReport::default(),
     };
-    let result =
-        crate::runner::reconcile(setup, adapter, policy, keys, stop, &mut seen);
+    let result = crate::runner::reconcile(setup, adapter, policy, keys, stop, &mut seen);
     let report = match &result {
         Ok(r) => r.report.clone().unwrap_or_default(),
         Err(_) => seen.report,
@@ -124,7 +123,9 @@ impl Progress for Counting<'_> {
 /// unchanged; situations: …`.
 pub fn describe(resource: &str, reconciled: &Reconciled) -> String {
     let Some(report) = &reconciled.report else {
-        return format!("{resource}: nothing to reconcile (the resource holds no account and none is known)");
+        return format!(
+            "{resource}: nothing to reconcile (the resource holds no account and none is known)"
+        );
     };
     let events = report.events();
     format!(

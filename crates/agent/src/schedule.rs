@@ -54,7 +54,10 @@ impl Schedule {
 
 /// The current time in UTC, to the millisecond.
 pub fn utc_now() -> Option<DateTime<Utc>> {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_millis();
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()?
+        .as_millis();
     DateTime::<Utc>::from_timestamp_millis(i64::try_from(ms).ok()?)
 }
 

@@ -308,12 +308,14 @@ fn reconcile_problems(loaded: &Loaded) -> Vec<String> {
         .filter_map(|(i, r)| {
             let refused = adapter_for(loaded, i).begin_reconcile(None).err()?;
             let why = match refused {
-                AdapterError::Permanent { message, .. } | AdapterError::Transient { message, .. } => {
-                    message
-                }
+                AdapterError::Permanent { message, .. }
+                | AdapterError::Transient { message, .. } => message,
                 other => other.to_string(),
             };
-            Some(format!("{file}: resources[{i}] ({}).reconcile: {why}", r.name))
+            Some(format!(
+                "{file}: resources[{i}] ({}).reconcile: {why}",
+                r.name
+            ))
         })
         .collect()
 }
