@@ -1,6 +1,7 @@
 //! `idsync status`: per resource, what the running agent last did (from the status file it
 //! rewrites after every turn of its loop, `<repository>.status.json`) and what the
-//! repository holds (checkpoint age, events processed, failed events); the outbox counts.
+//! repository holds (checkpoint age, events processed, failed events, the last reconcile and
+//! the reconcile schedule); the outbox counts.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
