@@ -36,6 +36,13 @@
 //! the snapshot's expected account count (a snapshot that does not match means a full pass of
 //! upserts, never silently lost changes), the header's columns and, in folder mode, the file.
 //!
+//! A **reconcile** ([`Adapter::begin_reconcile`]) reads the file the same way but plans every
+//! row (or the rows of the keys asked for), changed or not, and never takes the unchanged-
+//! file shortcut. Its parts' checkpoints say how many rows it has committed (`rec`), so a
+//! reconcile begun again on the same bytes resumes there; a reconcile of some keys is one
+//! part that leaves the checkpoint as it was (its account count aside). In folder mode it
+//! re-reads the last file committed, and is refused while newer files wait.
+//!
 //! [`Watcher`] (module `watch`) wakes the agent when a watched file is replaced, rewritten,
 //! deleted or created, with a polling fallback.
 
