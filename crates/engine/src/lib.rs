@@ -18,6 +18,9 @@
 //! transaction is rolled back and the batch run again with a savepoint around every
 //! event. Policies with a process rule (it writes on every event) start with savepoints.
 //!
+//! A batch marked `reconcile` (a part of a reconcile) is decided exactly like any other;
+//! its decision records say op `reconcile`, while the rules saw the event's own op.
+//!
 //! Poison events: an event that makes the process die (an abort, an out-of-memory kill)
 //! rolls its whole batch back, and the next start would apply it again. A [`CrashGuard`]
 //! set by the agent is told which event is being decided; when it says an event crashed
