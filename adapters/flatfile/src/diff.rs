@@ -12,6 +12,10 @@
 //!    attribute map (on the adapter's read-ahead thread, for the part after the one being
 //!    applied), and [`events`] adds the previous attributes and makes the change events.
 //!    The caller takes the plan in slices of `batch_size` events, each committed on its own.
+//!
+//! A reconcile ([`Emit::Every`], [`Emit::Only`]) plans every row (or the rows of the keys
+//! asked for), changed or not, with the same ops, previous attributes, rejects, held keys
+//! and deletes as a pass.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashSet};
@@ -41,6 +45,19 @@ pub(crate) struct Target<'a> {
     /// upsert, unchanged or not, so nothing the snapshot lost is skipped. [`plan`] also
     /// sets it when the accounts it loads are not as many as the checkpoint expects.
     pub full_pass: bool,
+    /// Which accounts the plan hands out.
+    pub emit: Emit<'a>,
+}
+
+/// Which accounts a plan hands out.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Emit<'a> {
+    /// A pass: the new, changed and missing accounts.
+    Changes,
+    /// A reconcile: every account, changed or not (and the missing ones).
+    Every,
+    /// A reconcile of these accounts only.
+    Only(&'a HashSet<String>),
 }
 
 /// Counts the accidental-delete guard and the checkpoint need.
@@ -159,12 +176,17 @@ impl Differ<'_> {
         let target = self.target;
         self.stats.records += 1;
         let known_hash = self.seen.note(key, line);
+        let wanted = match target.emit {
+            Emit::Changes => target.full_pass || known_hash.is_none_or(|known| known != hash),
+            Emit::Every => true,
+            Emit::Only(keys) => keys.contains(key),
+        };
         let op = match known_hash {
+            _ if !wanted => None,
             None if target.fresh || target.full_pass => Some(Op::Upsert),
             None => Some(Op::Create),
             Some(_) if target.full_pass => Some(Op::Upsert),
-            Some(known) if known != hash => Some(Op::Update),
-            Some(_) => None,
+            Some(_) => Some(Op::Update),
         };
         if let Some(op) = op {
             self.pending.push(Pending {
@@ -427,6 +449,9 @@ pub(crate) fn plan(
         .filter(|(key, k)| k.first == 0 && !held.contains(*key))
         .map(|(key, _)| key.to_owned())
         .collect();
+    if let Emit::Only(keys) = target.emit {
+        deletes.retain(|key| keys.contains(key));
+    }
     deletes.sort();
     // A rejected record whose key could not be read, or that spans lines, may be any of
     // the accounts missing from the file: none of them is deleted this pass.

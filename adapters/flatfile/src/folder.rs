@@ -8,6 +8,10 @@
 //! The checkpoint remembers the last committed file. Files up to it are done: left in place,
 //! or, with `after: archive`, moved to the archive folder at the next fetch — only then is
 //! their batch known to be committed, so a crash never archives an unapplied file.
+//!
+//! A reconcile re-reads the last committed file ([`reconcile_file`]), found in the folder
+//! or, once archived, in the archive folder; it is refused while newer files wait, which a
+//! pass must apply first.
 
 use std::path::PathBuf;
 
@@ -71,32 +75,15 @@ pub(crate) fn next_file(
     resume: bool,
 ) -> Result<Option<Pick>, String> {
     let dir = &config.path;
-    let pattern = config.pattern.as_deref().unwrap_or("*");
     let entries = std::fs::read_dir(dir)
         .map_err(|e| format!("cannot read the folder {}: {e}", dir.display()))?;
-    // Every matching name but folders: a symbolic link, a FIFO or a device dropped here is
-    // picked like a file and refused when opened (`open`), not skipped in silence.
-    let mut names: Vec<String> = entries
-        .filter_map(Result::ok)
-        .filter(|e| {
-            let is_folder = |t: std::fs::FileType| {
-                t.is_dir()
-                    || (t.is_symlink() && std::fs::metadata(e.path()).is_ok_and(|m| m.is_dir()))
-            };
-            e.file_type().is_ok_and(|t| !is_folder(t))
-        })
-        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-        .filter(|n| matches(pattern, n) && !n.starts_with('.'))
-        .collect();
+    let mut names = matching_names(config, entries);
     names.sort();
 
     if config.after == AfterProcessing::Archive
         && let Some(last) = last
     {
-        let archive = config
-            .archive_dir
-            .clone()
-            .unwrap_or_else(|| dir.join("archive"));
+        let archive = archive_dir(config);
         let done = |n: &&String| n.as_str() < last || (!resume && n.as_str() == last);
         for name in names.iter().filter(done) {
             std::fs::create_dir_all(&archive).map_err(|e| {
@@ -131,6 +118,102 @@ pub(crate) fn next_file(
         more: after.next().is_some(),
         name,
     }))
+}
+
+/// The archive folder of `config` (`archive_dir`, or `archive` in the folder).
+fn archive_dir(config: &FlatFileConfig) -> PathBuf {
+    config
+        .archive_dir
+        .clone()
+        .unwrap_or_else(|| config.path.join("archive"))
+}
+
+/// Why a reconcile cannot read a file of the folder.
+#[derive(Debug)]
+pub(crate) enum ReconcilePick {
+    /// The folder could not be read (may work later).
+    Unreadable(String),
+    /// The folder is not in a state to reconcile (needs a pass or an operator first).
+    Refused(String),
+}
+
+/// The file a reconcile re-reads: `last`, the last file a pass committed (in the folder, or
+/// in the archive folder once archived). Refused before any file was applied, while newer
+/// files wait (a pass applies them first), or when `last` is gone. Archives nothing.
+pub(crate) fn reconcile_file(
+    config: &FlatFileConfig,
+    resource: &str,
+    last: Option<&str>,
+) -> Result<Pick, ReconcilePick> {
+    let dir = &config.path;
+    let pass = format!("`idsync run --once --resource {resource}`");
+    let Some(last) = last else {
+        return Err(ReconcilePick::Refused(format!(
+            "reconcile: no file of the folder {} has been applied yet; a pass applies the first one ({pass}), a reconcile then re-reads the last one applied",
+            dir.display()
+        )));
+    };
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        ReconcilePick::Unreadable(format!("cannot read the folder {}: {e}", dir.display()))
+    })?;
+    let mut waiting: Vec<String> = matching_names(config, entries)
+        .into_iter()
+        .filter(|n| n.as_str() > last)
+        .collect();
+    waiting.sort();
+    if let Some(first) = waiting.first() {
+        return Err(ReconcilePick::Refused(format!(
+            "reconcile: {} file(s) of the folder {} wait to be applied (the first: {first}); a pass applies them first ({pass}), a reconcile then re-reads the last one",
+            waiting.len(),
+            dir.display()
+        )));
+    }
+    let in_folder = dir.join(last);
+    let archived = archive_dir(config).join(last);
+    let path = if std::fs::symlink_metadata(&in_folder).is_ok() {
+        in_folder
+    } else if config.after == AfterProcessing::Archive
+        && std::fs::symlink_metadata(&archived).is_ok()
+    {
+        archived
+    } else {
+        return Err(ReconcilePick::Refused(format!(
+            "reconcile: {last}, the last file applied, is no longer in the folder {}{}; a reconcile re-reads the file the repository was last synchronized with",
+            dir.display(),
+            if config.after == AfterProcessing::Archive {
+                format!(
+                    " nor in the archive folder {}",
+                    archive_dir(config).display()
+                )
+            } else {
+                String::new()
+            }
+        )));
+    };
+    Ok(Pick {
+        path,
+        name: last.to_owned(),
+        more: false,
+    })
+}
+
+/// The names in `entries` that the pattern picks: every matching name but folders and
+/// hidden names. A symbolic link, a FIFO or a device dropped here is picked like a file and
+/// refused when opened (`open`), not skipped in silence.
+fn matching_names(config: &FlatFileConfig, entries: std::fs::ReadDir) -> Vec<String> {
+    let pattern = config.pattern.as_deref().unwrap_or("*");
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let is_folder = |t: std::fs::FileType| {
+                t.is_dir()
+                    || (t.is_symlink() && std::fs::metadata(e.path()).is_ok_and(|m| m.is_dir()))
+            };
+            e.file_type().is_ok_and(|t| !is_folder(t))
+        })
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|n| matches(pattern, n) && !n.starts_with('.'))
+        .collect()
 }
 
 #[cfg(test)]

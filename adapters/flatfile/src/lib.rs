@@ -36,6 +36,13 @@
 //! the snapshot's expected account count (a snapshot that does not match means a full pass of
 //! upserts, never silently lost changes), the header's columns and, in folder mode, the file.
 //!
+//! A **reconcile** ([`Adapter::begin_reconcile`]) reads the file the same way but plans every
+//! row (or the rows of the keys asked for), changed or not, and never takes the unchanged-
+//! file shortcut. Its parts' checkpoints say how many rows it has committed (`rec`), so a
+//! reconcile begun again on the same bytes resumes there; a reconcile of some keys is one
+//! part that leaves the checkpoint as it was (its account count aside). In folder mode it
+//! re-reads the last file committed, and is refused while newer files wait.
+//!
 //! [`Watcher`] (module `watch`) wakes the agent when a watched file is replaced, rewritten,
 //! deleted or created, with a polling fallback.
 
@@ -50,6 +57,7 @@ mod rows;
 mod token;
 mod watch;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -62,7 +70,7 @@ pub use folder::might_read;
 pub use header::header_problem;
 pub use watch::Watcher;
 
-use crate::diff::{DiffStats, Target};
+use crate::diff::{DiffStats, Emit, Target};
 use crate::open::FeedError;
 use crate::rows::{Row, Rows};
 use crate::token::{Token, hex};
@@ -82,6 +90,33 @@ pub struct FlatFileAdapter {
     in_progress: Option<InProgress>,
     /// Events of the pass in hand in all ([`Adapter::planned`]).
     planned: Option<u64>,
+    /// A reconcile asked for ([`Adapter::begin_reconcile`]) and not yet handed out whole.
+    reconcile: Option<Scope>,
+}
+
+/// What a reconcile covers.
+#[derive(Clone, Debug)]
+enum Scope {
+    /// Every account.
+    Every,
+    /// These accounts only.
+    Only(HashSet<String>),
+}
+
+/// What the pass in hand is.
+#[derive(Clone, Debug)]
+enum Mode {
+    /// An ordinary pass: what changed.
+    Pass,
+    /// A reconcile of every account: each part's checkpoint says how many rows it has
+    /// committed (`rec`), so that a reconcile begun again on the same file resumes there.
+    Reconcile,
+    /// A reconcile of some accounts, in one part: the checkpoint stays the committed one
+    /// (`base`), its account count moved by the accounts added or removed.
+    Keys {
+        /// The committed checkpoint when the reconcile read the file.
+        base: Option<Checkpoint>,
+    },
 }
 
 /// A pass handed out in parts.
@@ -103,7 +138,9 @@ struct InProgress {
     shown_path: String,
     file_name: String,
     /// The checkpoint of the part handed out last.
-    checkpoint: String,
+    checkpoint: Option<String>,
+    /// A pass or a reconcile.
+    mode: Mode,
     /// Rejects and held keys still to hand out (with the first part).
     rejects: Vec<idsync_core::Reject>,
     /// The next part carries every reject of the file ([`ChangeBatch::rejects_complete`]).
@@ -134,6 +171,7 @@ impl FlatFileAdapter {
             more: false,
             in_progress: None,
             planned: None,
+            reconcile: None,
         }
     }
 
@@ -204,6 +242,11 @@ impl FlatFileAdapter {
 
     /// The guard: refuses (before anything is applied) a pass deleting too many accounts.
     fn guard(&self, stats: &DiffStats, shown_path: &str) -> Result<(), AdapterError> {
+        let accept = if self.reconcile.is_some() {
+            format!("idsync reconcile {} --accept-deletes", self.resource)
+        } else {
+            format!("idsync run --once --accept-deletes {}", self.resource)
+        };
         self.config
             .delete_guard
             .check(
@@ -216,9 +259,7 @@ impl FlatFileAdapter {
                 resource: self.resource.clone(),
                 refusal,
                 advice: format!(
-                    "If {shown_path} is right, accept the deletes once with \
-                     `idsync run --once --accept-deletes {}`",
-                    self.resource
+                    "If {shown_path} is right, accept the deletes once with `{accept}`"
                 ),
             })
     }
@@ -262,7 +303,45 @@ impl Adapter for FlatFileAdapter {
         Wakeup::Watch(Box::new(self.watcher(std::time::Duration::from_secs(1))))
     }
 
+    fn begin_reconcile(&mut self, keys: Option<Vec<String>>) -> Result<(), AdapterError> {
+        // A pass left in parts is not continued: the reconcile reads the file afresh.
+        self.in_progress = None;
+        self.planned = None;
+        self.reconcile = Some(match keys {
+            None => Scope::Every,
+            Some(keys) => Scope::Only(keys.into_iter().collect()),
+        });
+        Ok(())
+    }
+
+    fn end_reconcile(&mut self) {
+        self.reconcile = None;
+        if self
+            .in_progress
+            .as_ref()
+            .is_some_and(|ip| !matches!(ip.mode, Mode::Pass))
+        {
+            self.in_progress = None;
+        }
+    }
+
     fn next_batch(
+        &mut self,
+        after: Option<&Checkpoint>,
+        known: &dyn KnownAccounts,
+    ) -> Result<Fetch, AdapterError> {
+        let fetched = self.fetch(after, known);
+        if fetched.is_err() {
+            // A reconcile that could not be read ends here; the caller begins it again.
+            self.end_reconcile();
+        }
+        fetched
+    }
+}
+
+impl FlatFileAdapter {
+    /// [`Adapter::next_batch`].
+    fn fetch(
         &mut self,
         after: Option<&Checkpoint>,
         known: &dyn KnownAccounts,
@@ -275,8 +354,16 @@ impl Adapter for FlatFileAdapter {
         let previous = after.and_then(|c| Token::decode(&c.0));
         let cfg = hex(self.config.parse_fingerprint());
 
-        // Which file: the configured one, or the next one of the folder.
-        let (path, folder_file) = if self.config.pattern.is_some() {
+        // Which file: the configured one, or the next one of the folder (a reconcile: the
+        // last one committed).
+        let (path, folder_file) = if self.config.pattern.is_some() && self.reconcile.is_some() {
+            let last = previous.as_ref().and_then(|t| t.file.as_deref());
+            match folder::reconcile_file(&self.config, &self.resource, last) {
+                Ok(pick) => (pick.path, Some(pick.name)),
+                Err(folder::ReconcilePick::Unreadable(e)) => return Err(self.transient(e)),
+                Err(folder::ReconcilePick::Refused(e)) => return Err(self.permanent(e)),
+            }
+        } else if self.config.pattern.is_some() {
             let last = previous.as_ref().and_then(|t| t.file.as_deref());
             let resume = previous.as_ref().is_some_and(|t| t.partial);
             let pick =
@@ -296,6 +383,11 @@ impl Adapter for FlatFileAdapter {
         // A link, a FIFO or a device at the path is refused before any wait.
         open::preflight(&self.config, &path).map_err(|e| self.feed_error(&e, &shown_path))?;
         if !complete::is_complete(&self.config, &path).map_err(|e| self.transient(e))? {
+            if self.reconcile.is_some() {
+                return Err(self.transient(format!(
+                    "{shown_path} is not complete yet; the reconcile reads it once it is"
+                )));
+            }
             tracing::info!(resource = %self.resource, "{shown_path} is not complete yet");
             self.more = false;
             return Ok(Fetch::Idle);
@@ -305,7 +397,7 @@ impl Adapter for FlatFileAdapter {
         // The next part of a pass in progress, if its last part was committed and the file
         // was not touched since: no need to read, hash and count again.
         if let Some(ip) = self.in_progress.take()
-            && after.is_some_and(|c| c.0 == ip.checkpoint)
+            && after.map(|c| c.0.as_str()) == ip.checkpoint.as_deref()
             && ip.signature == signature
         {
             return self.emit(ip, known);
@@ -325,12 +417,13 @@ impl Adapter for FlatFileAdapter {
                 .known_count(&self.resource)
                 .map_err(|e| self.transient(format!("cannot count the known accounts: {e}")))
         };
-        let unchanged = previous.as_ref().is_some_and(|p| {
-            !p.partial
-                && p.content == content
-                && p.cfg.as_deref().is_none_or(|c| c == cfg)
-                && p.file == folder_file
-        });
+        let unchanged = self.reconcile.is_none()
+            && previous.as_ref().is_some_and(|p| {
+                !p.partial
+                    && p.content == content
+                    && p.cfg.as_deref().is_none_or(|c| c == cfg)
+                    && p.file == folder_file
+            });
         if unchanged {
             let snapshot_matches = match expected {
                 Some(n) => count()?.is_none_or(|c| c == n),
@@ -360,6 +453,12 @@ impl Adapter for FlatFileAdapter {
         };
         let fresh = after.is_none() || previous.as_ref().is_some_and(|t| t.fresh);
         let file_name = file_name(&path);
+        let scope = self.reconcile.clone();
+        let emit = match &scope {
+            None => Emit::Changes,
+            Some(Scope::Every) => Emit::Every,
+            Some(Scope::Only(keys)) => Emit::Only(keys),
+        };
         let (plan, columns) = {
             let mut rows = Rows::open(&data, &self.config, &self.resource, &shown_path)?;
             // A removed or renamed column stops the resource until the config is changed.
@@ -391,6 +490,7 @@ impl Adapter for FlatFileAdapter {
                 shown_path: &shown_path,
                 fresh,
                 full_pass: false,
+                emit,
             };
             (
                 diff::plan(&target, &mut rows, known, expected_accounts)?,
@@ -399,8 +499,52 @@ impl Adapter for FlatFileAdapter {
         };
         self.guard(&plan.stats, &shown_path)?;
         let full_pass = plan.full_pass;
-        // Rejects were handed out with the first part of an interrupted pass already.
-        let resumed = previous.as_ref().is_some_and(|t| t.partial);
+        let mode = match &scope {
+            None => Mode::Pass,
+            Some(Scope::Every) => Mode::Reconcile,
+            Some(Scope::Only(keys)) => {
+                let held: Vec<&String> = plan.held.iter().filter(|k| keys.contains(*k)).collect();
+                if !held.is_empty() {
+                    tracing::warn!(
+                        resource = %self.resource,
+                        "{shown_path}: {} account(s) asked for are held, not reconciled: their rows are rejected (idsync failed list)",
+                        held.len()
+                    );
+                }
+                Mode::Keys {
+                    base: after.cloned(),
+                }
+            }
+        };
+        // A reconcile begun again on the file it was interrupted on resumes after the rows
+        // it committed (the plan of the same bytes lists them in the same order).
+        let resume_at = match (&mode, &previous) {
+            (Mode::Reconcile, Some(p))
+                if p.partial
+                    && p.content == content
+                    && p.cfg.as_deref() == Some(cfg.as_str())
+                    && p.file == folder_file =>
+            {
+                p.rec
+                    .and_then(|n| usize::try_from(n).ok())
+                    .map(|n| n.min(plan.changes.len()))
+            }
+            _ => None,
+        };
+        if let Some(n) = resume_at {
+            tracing::info!(
+                resource = %self.resource,
+                "{shown_path}: resuming the interrupted reconcile after its {n} committed row(s)"
+            );
+        }
+        // Rejects were handed out with the first part of an interrupted pass already; a
+        // reconcile of some accounts hands out none (it reads the others only to judge
+        // the keys).
+        let resumed = match mode {
+            Mode::Pass => previous.as_ref().is_some_and(|t| t.partial),
+            Mode::Reconcile => resume_at.is_some(),
+            Mode::Keys { .. } => true,
+        };
         let (rejects, held) = if resumed {
             (Vec::new(), Vec::new())
         } else {
@@ -411,7 +555,7 @@ impl Adapter for FlatFileAdapter {
             signature,
             n: plan.stats.known,
             plan,
-            next: 0,
+            next: resume_at.unwrap_or(0),
             token: Token {
                 content,
                 cfg: Some(cfg),
@@ -420,13 +564,15 @@ impl Adapter for FlatFileAdapter {
                 file: folder_file,
                 fresh: false,
                 partial: false,
+                rec: None,
             },
-            folder_more: self.more,
+            folder_more: self.more && matches!(mode, Mode::Pass),
             fresh,
             full_pass,
             shown_path,
             file_name,
-            checkpoint: String::new(),
+            checkpoint: None,
+            mode,
             rejects,
             held,
             rejects_complete: !resumed,
@@ -445,7 +591,7 @@ impl FlatFileAdapter {
         known: &dyn KnownAccounts,
     ) -> Result<Fetch, AdapterError> {
         let from = ip.next;
-        let batch_size = self.config.batch_size;
+        let batch_size = part_size(&self.config, &ip);
         let read = match ip.ahead.take() {
             Some(ahead) if ahead.from == from => ahead.thread.join().map_err(|_| {
                 self.transient(format!("{}: the read-ahead thread failed", ip.shown_path))
@@ -468,6 +614,7 @@ impl FlatFileAdapter {
                 shown_path: &ip.shown_path,
                 fresh: ip.fresh,
                 full_pass: ip.full_pass,
+                emit: Emit::Changes,
             };
             diff::events(&target, known, &ip.plan, from, batch_size, read)?
         };
@@ -482,22 +629,34 @@ impl FlatFileAdapter {
         ip.next = end;
         self.planned = Some(ip.plan.len() as u64);
         let more = ip.next < ip.plan.len();
-        let mut token = ip.token.clone();
-        token.n = Some(ip.n);
-        token.fresh = ip.fresh && more;
-        token.partial = more;
-        ip.checkpoint = token.encode();
+        ip.checkpoint = match &ip.mode {
+            Mode::Keys { base } => keys_checkpoint(base.as_ref(), ip.n, ip.plan.stats.known),
+            mode => {
+                let mut token = ip.token.clone();
+                token.n = Some(ip.n);
+                token.fresh = ip.fresh && more;
+                token.partial = more;
+                if matches!(mode, Mode::Reconcile) && more {
+                    token.rec = Some(ip.next.min(ip.plan.changes.len()) as u64);
+                }
+                Some(token.encode())
+            }
+        };
         let batch = ChangeBatch {
             events,
             rejects: std::mem::take(&mut ip.rejects),
             held_keys: std::mem::take(&mut ip.held),
-            checkpoint: Some(Checkpoint(ip.checkpoint.clone())),
+            checkpoint: ip.checkpoint.clone().map(Checkpoint),
             rejects_complete: std::mem::take(&mut ip.rejects_complete),
+            reconcile: !matches!(ip.mode, Mode::Pass),
         };
         self.more = more || ip.folder_more;
         if more {
             ip.ahead = self.read_ahead(&ip);
             self.in_progress = Some(ip);
+        } else {
+            // The reconcile is handed out whole: the next fetch is an ordinary pass.
+            self.reconcile = None;
         }
         Ok(Fetch::Batch(batch))
     }
@@ -505,7 +664,7 @@ impl FlatFileAdapter {
     /// Starts reading the changed rows of the part after the one just handed out; `None`
     /// if it has none or no thread could be started (the part is then read when asked for).
     fn read_ahead(&self, ip: &InProgress) -> Option<ReadAhead> {
-        let range = diff::change_range(&ip.plan, ip.next, self.config.batch_size);
+        let range = diff::change_range(&ip.plan, ip.next, part_size(&self.config, ip));
         let planned = ip.plan.changes.get(range)?.to_vec();
         if planned.is_empty() {
             return None;
@@ -528,6 +687,29 @@ impl FlatFileAdapter {
             }
         }
     }
+}
+
+/// How many events a part of `ip` holds: `batch_size`, but a reconcile of some accounts
+/// is one part (its checkpoint does not move, so parts could not be told apart).
+fn part_size(config: &FlatFileConfig, ip: &InProgress) -> usize {
+    match ip.mode {
+        Mode::Keys { .. } => ip.plan.len().max(1),
+        _ => config.batch_size,
+    }
+}
+
+/// The checkpoint of a reconcile of some accounts: the committed one (`base`), with the
+/// account count it holds moved from `known` (before) to `n` (after); a checkpoint this
+/// adapter cannot read is kept as it is.
+fn keys_checkpoint(base: Option<&Checkpoint>, n: u64, known: u64) -> Option<String> {
+    let base = base?;
+    let Some(mut token) = Token::decode(&base.0) else {
+        return Some(base.0.clone());
+    };
+    token.n = token
+        .n
+        .map(|count| (i128::from(count) + i128::from(n) - i128::from(known)).max(0) as u64);
+    Some(token.encode())
 }
 
 #[cfg(test)]

@@ -877,3 +877,315 @@ fn multi_valued_hash_matches_the_map() {
     let batch = f.batch(Some(&c), &known);
     assert!(batch.events.is_empty(), "{:?}", batch.events);
 }
+
+// --- Reconcile ---------------------------------------------------------------------------
+
+/// Five accounts loaded and committed by ordinary passes in parts of two; the last
+/// checkpoint.
+fn five_loaded(f: &mut Fixture, known: &mut Known) -> Checkpoint {
+    let mut after = None;
+    loop {
+        let b = f.batch(after.as_ref(), known);
+        known.commit(&b);
+        after = b.checkpoint.clone();
+        if !f.adapter.has_more() {
+            return after.unwrap();
+        }
+    }
+}
+
+fn five() -> Fixture {
+    Fixture::with_config(b"id,cn\nE1,A\nE2,B\nE3,C\nE4,D\nE5,E\n", |c| {
+        c.batch_size = 2;
+    })
+}
+
+#[test]
+fn a_reconcile_hands_out_every_account_in_parts_then_passes_go_on() {
+    let mut f = five();
+    let mut known = Known::default();
+    let loaded = five_loaded(&mut f, &mut known);
+    assert_eq!(f.fetch(Some(&loaded), &known), Fetch::Idle);
+
+    // Unchanged file: a pass is idle, a reconcile hands out every account.
+    f.adapter.begin_reconcile(None).unwrap();
+    let mut after = loaded.clone();
+    let mut parts = Vec::new();
+    loop {
+        let b = f.batch(Some(&after), &known);
+        assert!(b.reconcile, "every part of a reconcile says so");
+        known.commit(&b);
+        after = b.checkpoint.clone().unwrap();
+        parts.push(
+            summary(&b)
+                .into_iter()
+                .map(|(op, k, _)| (op, k.to_owned()))
+                .collect::<Vec<_>>(),
+        );
+        if !f.adapter.has_more() {
+            break;
+        }
+    }
+    let up = |k: &str| (Op::Update, k.to_owned());
+    assert_eq!(
+        parts,
+        [
+            vec![up("E1"), up("E2")],
+            vec![up("E3"), up("E4")],
+            vec![up("E5")]
+        ]
+    );
+    assert_eq!(f.adapter.planned(), Some(5));
+    // Back to passes: the file is what the reconcile committed.
+    assert_eq!(f.fetch(Some(&after), &known), Fetch::Idle);
+
+    // A changed file: a changed row is an update with its previous attributes, a new one a
+    // create, a missing one a delete (last), the unchanged ones updates too.
+    f.write(b"id,cn\nE1,A\nE2,B2\nE3,C\nE4,D\nE6,F\n");
+    f.adapter.begin_reconcile(None).unwrap();
+    let mut events = Vec::new();
+    loop {
+        let b = f.batch(Some(&after), &known);
+        known.commit(&b);
+        after = b.checkpoint.clone().unwrap();
+        events.extend(b.events);
+        if !f.adapter.has_more() {
+            break;
+        }
+    }
+    let ops: Vec<(Op, &str)> = events.iter().map(|e| (e.op, e.key.as_str())).collect();
+    assert_eq!(
+        ops,
+        [
+            (Op::Update, "E1"),
+            (Op::Update, "E2"),
+            (Op::Update, "E3"),
+            (Op::Update, "E4"),
+            (Op::Create, "E6"),
+            (Op::Delete, "E5"),
+        ]
+    );
+    assert_eq!(
+        events[1].previous,
+        Some(attrs(&[("id", "E2"), ("cn", "B")]))
+    );
+    assert_eq!(
+        events[0].previous,
+        Some(attrs(&[("id", "E1"), ("cn", "A")]))
+    );
+    assert_eq!(f.fetch(Some(&after), &known), Fetch::Idle);
+}
+
+#[test]
+fn an_interrupted_reconcile_resumes_after_its_committed_parts() {
+    let mut f = five();
+    let mut known = Known::default();
+    let loaded = five_loaded(&mut f, &mut known);
+    f.adapter.begin_reconcile(None).unwrap();
+    let first = f.batch(Some(&loaded), &known);
+    known.commit(&first);
+    let c1 = first.checkpoint.clone().unwrap();
+
+    // Killed after its first part: a reconcile begun again (a new process) resumes.
+    let config = f.adapter.config().clone();
+    let mut again = FlatFileAdapter::new("hr", config.clone());
+    again.begin_reconcile(None).unwrap();
+    let Fetch::Batch(second) = again.next_batch(Some(&c1), &known).unwrap() else {
+        panic!("expected the rest of the reconcile");
+    };
+    assert!(second.reconcile);
+    assert_eq!(
+        summary(&second),
+        [
+            (Op::Update, "E3", "hr.csv:4"),
+            (Op::Update, "E4", "hr.csv:5")
+        ]
+    );
+    assert!(second.rejects.is_empty() && !second.rejects_complete);
+
+    // An ordinary pass from the interrupted reconcile's checkpoint is no shortcut: it
+    // diffs the file (unchanged here: nothing to do), never skips a change.
+    let mut pass = FlatFileAdapter::new("hr", config.clone());
+    let Fetch::Batch(diffed) = pass.next_batch(Some(&c1), &known).unwrap() else {
+        panic!("the pass must diff the file, not call it idle");
+    };
+    assert!(diffed.events.is_empty() && !diffed.reconcile);
+
+    // The file changed meanwhile: the reconcile starts over on it, the change included.
+    f.write(b"id,cn\nE1,A\nE2,B\nE3,C\nE4,D2\nE5,E\n");
+    let mut fresh = FlatFileAdapter::new("hr", config);
+    fresh.begin_reconcile(None).unwrap();
+    let Fetch::Batch(restart) = fresh.next_batch(Some(&c1), &known).unwrap() else {
+        panic!("expected the reconcile again");
+    };
+    assert_eq!(
+        summary(&restart),
+        [
+            (Op::Update, "E1", "hr.csv:2"),
+            (Op::Update, "E2", "hr.csv:3")
+        ]
+    );
+}
+
+#[test]
+fn a_reconcile_of_some_keys_keeps_the_checkpoint() {
+    let mut f = five();
+    let mut known = Known::default();
+    let loaded = five_loaded(&mut f, &mut known);
+    f.adapter
+        .begin_reconcile(Some(vec!["E4".into(), "E2".into(), "E9".into()]))
+        .unwrap();
+    let b = f.batch(Some(&loaded), &known);
+    assert!(b.reconcile && !f.adapter.has_more());
+    assert_eq!(
+        summary(&b),
+        [
+            (Op::Update, "E2", "hr.csv:3"),
+            (Op::Update, "E4", "hr.csv:5")
+        ]
+    );
+    assert_eq!(
+        b.checkpoint.as_ref(),
+        Some(&loaded),
+        "nothing said about the others"
+    );
+    assert!(b.rejects.is_empty() && !b.rejects_complete);
+    known.commit(&b);
+    assert_eq!(f.fetch(Some(&loaded), &known), Fetch::Idle);
+
+    // A key missing from the file is a delete; the count in the checkpoint follows it, and
+    // the other changes of the file wait for the next pass.
+    f.write(b"id,cn\nE1,A2\nE2,B\nE3,C\nE4,D\n");
+    f.adapter.begin_reconcile(Some(vec!["E5".into()])).unwrap();
+    let b = f.batch(Some(&loaded), &known);
+    assert_eq!(summary(&b), [(Op::Delete, "E5", "hr.csv")]);
+    let kept = Token::decode(&b.checkpoint.as_ref().unwrap().0).unwrap();
+    assert_eq!(kept.n, Some(4));
+    assert_eq!(kept.content, Token::decode(&loaded.0).unwrap().content);
+    known.commit(&b);
+    let next = f.batch(b.checkpoint.as_ref(), &known);
+    assert_eq!(summary(&next), [(Op::Update, "E1", "hr.csv:2")]);
+    assert!(!next.reconcile);
+}
+
+#[test]
+fn a_reconcile_is_behind_the_delete_guard() {
+    let mut f = Fixture::with_config(b"id\nE1\nE2\nE3\nE4\nE5\nE6\nE7\nE8\nE9\nE10\n", |_| {});
+    let mut known = Known::default();
+    let first = f.batch(None, &known);
+    known.commit(&first);
+    let c = first.checkpoint.unwrap();
+    f.write(b"id\nE1\nE2\nE3\nE4\nE5\nE6\nE7\n");
+    f.adapter.begin_reconcile(None).unwrap();
+    let refused = f.error(Some(&c), &known);
+    let AdapterError::DeleteGuard {
+        refusal, advice, ..
+    } = &refused
+    else {
+        panic!("expected the guard, got {refused}");
+    };
+    assert_eq!(refusal.deletes, 3);
+    assert!(
+        advice.contains("`idsync reconcile hr --accept-deletes`"),
+        "{advice}"
+    );
+    // The refusal ended the reconcile: the next fetch is a pass (refused too, with its own
+    // advice).
+    let AdapterError::DeleteGuard { advice, .. } = f.error(Some(&c), &known) else {
+        panic!("expected the guard");
+    };
+    assert!(
+        advice.contains("idsync run --once --accept-deletes hr"),
+        "{advice}"
+    );
+    f.adapter.accept_deletes();
+    f.adapter.begin_reconcile(None).unwrap();
+    let b = f.batch(Some(&c), &known);
+    assert_eq!(b.events.len(), 10);
+    assert_eq!(b.events.iter().filter(|e| e.op == Op::Delete).count(), 3);
+}
+
+#[test]
+fn a_folder_reconcile_rereads_the_last_file_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let feeds = dir.path().join("feeds");
+    std::fs::create_dir_all(&feeds).unwrap();
+    std::fs::write(feeds.join("hr-1.csv"), b"id,cn\nE1,A\nE2,B\n").unwrap();
+    std::fs::write(feeds.join("hr-2.csv"), b"id,cn\nE1,A\nE2,B2\n").unwrap();
+    let mut config = FlatFileConfig::new(&feeds, &["id"]);
+    config.pattern = Some("hr-*.csv".into());
+    config.after = AfterProcessing::Archive;
+    config.completion = Completion::Rename;
+    let mut a = FlatFileAdapter::new("hr", config);
+    let mut known = Known::default();
+
+    // Before any file was applied there is nothing to reconcile against.
+    a.begin_reconcile(None).unwrap();
+    let err = a.next_batch(None, &known).unwrap_err();
+    assert!(err.to_string().contains("no file of the folder"), "{err}");
+
+    // Both files applied (the first archived once the second was fetched).
+    let mut after = None;
+    for _ in 0..2 {
+        let Fetch::Batch(b) = a.next_batch(after.as_ref(), &known).unwrap() else {
+            panic!("expected a file");
+        };
+        known.commit(&b);
+        after = b.checkpoint;
+    }
+    assert_eq!(a.next_batch(after.as_ref(), &known).unwrap(), Fetch::Idle);
+    assert!(
+        feeds.join("archive/hr-2.csv").exists(),
+        "archived once committed"
+    );
+
+    // The reconcile reads the last file applied, from the archive.
+    a.begin_reconcile(None).unwrap();
+    let Fetch::Batch(b) = a.next_batch(after.as_ref(), &known).unwrap() else {
+        panic!("expected the reconcile");
+    };
+    assert!(b.reconcile && !a.has_more());
+    assert_eq!(
+        summary(&b),
+        [
+            (Op::Update, "E1", "hr-2.csv:2"),
+            (Op::Update, "E2", "hr-2.csv:3")
+        ]
+    );
+    known.commit(&b);
+    let after = b.checkpoint;
+    assert_eq!(a.next_batch(after.as_ref(), &known).unwrap(), Fetch::Idle);
+
+    // A newer file waits: a pass applies it first.
+    std::fs::write(feeds.join("hr-3.csv"), b"id,cn\nE1,A\n").unwrap();
+    a.begin_reconcile(None).unwrap();
+    let err = a.next_batch(after.as_ref(), &known).unwrap_err();
+    assert!(!err.is_transient());
+    assert!(
+        err.to_string().contains("1 file(s)") && err.to_string().contains("hr-3.csv"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_adapter_without_reconcile_refuses_it() {
+    struct Plain;
+    impl Adapter for Plain {
+        fn resource(&self) -> &str {
+            "dir"
+        }
+        fn next_batch(
+            &mut self,
+            _: Option<&Checkpoint>,
+            _: &dyn KnownAccounts,
+        ) -> Result<Fetch, AdapterError> {
+            Ok(Fetch::Idle)
+        }
+    }
+    let err = Plain.begin_reconcile(None).unwrap_err();
+    assert!(!err.is_transient());
+    assert_eq!(
+        err.to_string(),
+        "resource dir: reconcile is not supported by this adapter"
+    );
+}

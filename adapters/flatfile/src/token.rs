@@ -4,8 +4,10 @@
 //! the parse-config fingerprint (`cfg`), the number of accounts the snapshot holds after
 //! the batch (`n`, to detect a missing or damaged snapshot), the header's columns (`cols`, to
 //! detect a removed or renamed column), the file name in folder mode (`file`), and whether an
-//! initial load is still in progress (`fresh`). A bare `xxh3:<hex>` (written by older
-//! versions) is still understood: the missing parts are simply not checked.
+//! initial load is still in progress (`fresh`), whether the batch was one part of a pass
+//! (`partial`) and, for a part of a reconcile, how many rows it has committed (`rec`). A
+//! bare `xxh3:<hex>` (written by older versions) is still understood: the missing parts are
+//! simply not checked.
 
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +36,10 @@ pub(crate) struct Token {
     /// The batch was one part of a file's pass; the rest follows.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub partial: bool,
+    /// A reconcile of this file is under way (with `partial`): how many of the plan's rows
+    /// it has committed, so that a reconcile begun again on the same file resumes there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rec: Option<u64>,
 }
 
 impl Token {
@@ -85,6 +91,7 @@ mod tests {
             file: None,
             fresh: true,
             partial: false,
+            rec: None,
         };
         let text = t.encode();
         assert!(text.starts_with("xxh3:00000000000000ab {"), "{text}");
@@ -94,5 +101,15 @@ mod tests {
         assert_eq!(bare.n, None);
         assert_eq!(Token::decode("cookie:1"), None);
         assert_eq!(Token::decode("xxh3:zz"), None);
+        let reconciling = Token {
+            partial: true,
+            rec: Some(3000),
+            ..Token::default()
+        };
+        assert_eq!(
+            Token::decode(&reconciling.encode()),
+            Some(reconciling.clone())
+        );
+        assert!(reconciling.encode().contains("\"rec\":3000"));
     }
 }

@@ -1,4 +1,5 @@
-//! Rule authoring commands: `preview` (a dry run of the next pass), `explain` (the decision
+//! Rule authoring commands: `preview` (a dry run of the next pass, or with `--reconcile` of
+//! a reconcile), `explain` (the decision
 //! records of one account or identity, step by step) and `results --record` (a decision
 //! captured as a rule fixture).
 
@@ -7,7 +8,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use idsync_core::{Action, AdapterError, AttrMap, Fetch, Op};
+use idsync_core::{Action, Adapter, AdapterError, AttrMap, Decision, Fetch, Op, Situation};
 use idsync_engine::BatchReport;
 use idsync_repo::{DecisionFilter, Repo, StoredDecision};
 
@@ -18,7 +19,14 @@ use crate::explain::{one_line, steps};
 use crate::fixtures::{Expect, Fixture, FixtureAccount, FixtureEvent, FixtureIdentity};
 use crate::setup::{Setup, open_repo};
 
-/// `idsync preview`: what the next pass would do, writing nothing.
+/// Whether a preview lists `d`: deletes always; the rest up to `--limit`, and in a
+/// reconcile only the decisions that change something.
+fn always_listed(d: &Decision) -> bool {
+    d.op == Op::Delete || (d.op == Op::Reconcile && d.situation == Some(Situation::Deleted))
+}
+
+/// `idsync preview`: what the next pass (or with `--reconcile`, a reconcile) would do,
+/// writing nothing.
 pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
     if let Some(r) = &args.resource
         && setup.policy(r).is_none()
@@ -27,6 +35,35 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(Exit::Config));
     }
     let repo = setup.engine.repo();
+    // A reconcile of the keys asked for (with --reconcile), named as `idsync reconcile`
+    // takes them.
+    let keys = |resource: &str| -> anyhow::Result<Option<Vec<String>>> {
+        if args.keys.is_empty() {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        for k in &args.keys {
+            out.push(crate::accounts::resolve_key(
+                &setup.loaded,
+                repo,
+                Some(resource),
+                k,
+            )?);
+        }
+        Ok(Some(out))
+    };
+    // A fresh adapter for the resource at `i`, asked for a reconcile when previewing one.
+    let adapter_for = |i: usize, accept: bool| -> anyhow::Result<Box<dyn Adapter>> {
+        let mut adapter = setup.adapter(i);
+        if accept {
+            adapter.accept_deletes();
+        }
+        if args.reconcile {
+            let name = &setup.loaded.config.resources[i].name;
+            adapter.begin_reconcile(keys(name)?)?;
+        }
+        Ok(adapter)
+    };
     let mut out = crate::printable::stdout();
     let mut failed = 0;
     let mut errors = 0;
@@ -39,7 +76,14 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
         };
         // Every part of the pass, each fetched after the previous part's checkpoint as if
         // it had been committed (nothing is): the totals are the whole pass's.
-        let mut adapter = setup.adapter(i);
+        let mut adapter = match adapter_for(i, false) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                errors += 1;
+                continue;
+            }
+        };
         let mut after = repo.checkpoint(&r.name)?;
         let mut total = BatchReport::default();
         let mut parts = 0u64;
@@ -53,14 +97,21 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
                 // The guard would refuse the pass: show what it would delete (the run
                 // still refuses it, so the preview fails like the run would).
                 Err(AdapterError::DeleteGuard { refusal, .. }) if parts == 0 && !accepted => {
-                    writeln!(
-                        out,
-                        "{}: the run would refuse this pass — {refusal}; what it would do if accepted (--accept-deletes {}):",
-                        r.name, r.name
-                    )?;
+                    if args.reconcile {
+                        writeln!(
+                            out,
+                            "{}: the reconcile would be refused — {refusal}; what it would do if accepted (idsync reconcile {} --accept-deletes):",
+                            r.name, r.name
+                        )?;
+                    } else {
+                        writeln!(
+                            out,
+                            "{}: the run would refuse this pass — {refusal}; what it would do if accepted (--accept-deletes {}):",
+                            r.name, r.name
+                        )?;
+                    }
                     errors += 1;
-                    adapter = setup.adapter(i);
-                    adapter.accept_deletes();
+                    adapter = adapter_for(i, true)?;
                     accepted = true;
                     continue;
                 }
@@ -88,8 +139,12 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
             }
             let mut write_err = None;
             let result = setup.engine.preview_batch(policy, &batch, &mut |d| {
-                // Deletes are always listed; the rest up to --limit.
-                if d.op != Op::Delete {
+                // Deletes are always listed; the rest up to --limit (a reconcile lists only
+                // what would change).
+                if !always_listed(d) {
+                    if args.reconcile && d.changed_nothing() {
+                        return;
+                    }
                     if args.limit.is_some_and(|n| listed >= n) {
                         hidden += 1;
                         return;
@@ -132,12 +187,33 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
         }
         if parts == 0 {
             if args.format == PreviewFormat::Table && errors == 0 {
-                writeln!(out, "{}: no changes", r.name)?;
+                if args.reconcile {
+                    writeln!(out, "{}: nothing to reconcile", r.name)?;
+                } else {
+                    writeln!(out, "{}: no changes", r.name)?;
+                }
             }
             continue;
         }
         failed += total.failed + total.rejected;
-        if args.format == PreviewFormat::Table {
+        if args.format == PreviewFormat::Table && args.reconcile {
+            let events = total.events();
+            writeln!(
+                out,
+                "{}: reconcile: {} would change, {} unchanged; {} in {parts} part(s); nothing was written",
+                r.name,
+                events - total.unchanged.min(events),
+                total.unchanged,
+                crate::explain::describe(&total)
+            )?;
+            if hidden > 0 {
+                writeln!(
+                    out,
+                    "{}: {hidden} more change(s) not listed (--limit); the totals are the whole reconcile's",
+                    r.name
+                )?;
+            }
+        } else if args.format == PreviewFormat::Table {
             writeln!(
                 out,
                 "{}: {} in {parts} part(s) would be applied; nothing was written",

@@ -86,6 +86,9 @@ pub enum Command {
     },
     /// Dry run of the next pass: every event's planned decision; writes nothing.
     Preview(PreviewArgs),
+    /// Decide every account of a resource (or the given keys) again with the current rules
+    /// and mappings, against what the resource holds now; recorded as op `reconcile`.
+    Reconcile(ReconcileArgs),
     /// The decision records of one account (RESOURCE KEY) or identity, step by step.
     Explain(ExplainArgs),
     /// Run the rule fixtures (YAML) in <rules_dir>/tests or the given files and folders.
@@ -115,6 +118,27 @@ pub struct PreviewArgs {
     /// List at most N decisions (deletes are always listed; the totals are always whole).
     #[arg(long, short = 'n')]
     pub limit: Option<usize>,
+    /// What `idsync reconcile` would do instead of the next pass: every account decided
+    /// again, only those whose decision changes something listed.
+    #[arg(long)]
+    pub reconcile: bool,
+    /// With --reconcile: only these accounts (repeatable).
+    #[arg(long = "key", short = 'k', value_name = "KEY", requires = "reconcile")]
+    pub keys: Vec<String>,
+}
+
+/// `reconcile` options.
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// The resource.
+    pub resource: String,
+    /// Only these accounts (repeatable; for LDAP also the DN or naming attribute).
+    #[arg(long = "key", short = 'k', value_name = "KEY")]
+    pub keys: Vec<String>,
+    /// Apply the deletes the accidental-delete guard refuses: the operator checked the
+    /// source (this run only).
+    #[arg(long)]
+    pub accept_deletes: bool,
 }
 
 /// How `preview` prints.

@@ -29,7 +29,7 @@ fn report_problems(p: &Problems) -> ExitCode {
     ExitCode::from(Exit::Config)
 }
 
-fn setup(loaded: Loaded) -> Result<Setup, ExitCode> {
+pub(crate) fn setup(loaded: Loaded) -> Result<Setup, ExitCode> {
     Setup::new(loaded).map_err(|e| setup_failed(&e))
 }
 
@@ -59,6 +59,21 @@ pub fn check(loaded: Loaded, args: &crate::cli::CheckArgs) -> ExitCode {
         for w in idsync_notify::PolicyNotifier::html_warnings(n) {
             line(format_args!("warning: {}: {w}", loaded.file.display()));
         }
+    }
+    for r in &loaded.config.resources {
+        let Some(rc) = &r.reconcile else {
+            continue;
+        };
+        let next = crate::schedule::Schedule::parse(&rc.cron)
+            .ok()
+            .zip(crate::schedule::utc_now())
+            .and_then(|(s, now)| s.next_after(now))
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_else(|| "never".to_owned());
+        line(format_args!(
+            "reconcile: {} at '{}' (UTC), next {next}",
+            r.name, rc.cron
+        ));
     }
     let mut code = ExitCode::SUCCESS;
     if args.connect {
@@ -221,11 +236,7 @@ pub fn pass_resource(
     adapter: &mut dyn Adapter,
     policy: &idsync_engine::Policy,
 ) -> anyhow::Result<Option<BatchReport>> {
-    let mut bar = TerminalBar {
-        resource: policy.resource.clone(),
-        bar: None,
-        seen: 0,
-    };
+    let mut bar = TerminalBar::new(&policy.resource);
     crate::runner::pass(
         setup,
         adapter,
@@ -237,11 +248,22 @@ pub fn pass_resource(
 
 /// One progress bar per pass across its parts (the adapter's total when it knows it), on
 /// a terminal only.
-struct TerminalBar {
+pub(crate) struct TerminalBar {
     resource: String,
     bar: Option<indicatif::ProgressBar>,
     /// Events of the parts started so far.
     seen: u64,
+}
+
+impl TerminalBar {
+    /// No bar yet: it appears with the first part of a long pass.
+    pub(crate) fn new(resource: &str) -> TerminalBar {
+        TerminalBar {
+            resource: resource.to_owned(),
+            bar: None,
+            seen: 0,
+        }
+    }
 }
 
 impl crate::runner::Progress for TerminalBar {
@@ -254,7 +276,7 @@ impl crate::runner::Progress for TerminalBar {
         }
     }
 
-    fn event_done(&mut self) {
+    fn event_done(&mut self, _decision: &idsync_core::Decision) {
         if let Some(b) = &self.bar {
             b.inc(1);
         }

@@ -199,6 +199,17 @@ pub struct ResourceConfig {
     /// The input form: identity attributes filled from the account.
     #[serde(default)]
     pub mappings: Vec<MappingConfig>,
+    /// A scheduled reconcile (`idsync run` re-decides every account at these times).
+    #[serde(default)]
+    pub reconcile: Option<ReconcileConfig>,
+}
+
+/// `reconcile:` of a resource.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// When `idsync run` reconciles the resource: a cron expression, UTC (`0 3 * * *`).
+    pub cron: String,
 }
 
 fn default_true() -> bool {
@@ -456,9 +467,17 @@ impl Loaded {
                 }
             }
             if let Some(c) = &r.cron
-                && let Err(e) = <croner::Cron as std::str::FromStr>::from_str(c)
+                && let Err(e) = crate::schedule::Schedule::parse(c)
             {
                 out.push(format!("{at}.cron: '{c}' is not a cron expression: {e}"));
+            }
+            if let Some(rc) = &r.reconcile
+                && let Err(e) = crate::schedule::Schedule::parse(&rc.cron)
+            {
+                out.push(format!(
+                    "{at}.reconcile.cron: '{}' is not a cron expression: {e}",
+                    rc.cron
+                ));
             }
             for (j, m) in r.mappings.iter().enumerate() {
                 match (&m.from, &m.expr) {

@@ -19,7 +19,9 @@ pub mod observe;
 pub mod outbox;
 pub mod preflight;
 pub mod printable;
+pub mod reconcile;
 pub mod runner;
+pub mod schedule;
 pub mod service;
 pub mod setup;
 pub mod status;
@@ -61,6 +63,7 @@ pub fn main() -> ExitCode {
         Command::Results(args) => commands::results(loaded, args),
         Command::Failed(cmd) => commands::failed(loaded, cmd),
         Command::Preview(args) => commands::preview(loaded, args),
+        Command::Reconcile(args) => reconcile::command(loaded, args),
         Command::Explain(args) => authoring::explain(&loaded, args),
         Command::TestRules { paths } => fixtures::test_rules(&loaded, paths),
         Command::Outbox(cmd) => outbox::command(loaded, cmd),

@@ -42,6 +42,9 @@ pub struct Observer {
     checkpoint_resets: Family<Labels, Counter>,
     pass_done_events: Family<Labels, Gauge>,
     pass_planned_events: Family<Labels, Gauge>,
+    reconciles: Family<Labels, Counter>,
+    reconcile_errors: Family<Labels, Counter>,
+    last_reconcile: Family<Labels, Gauge<f64, AtomicU64>>,
     outbox_pending: Gauge,
     outbox_dead: Gauge,
     states: Mutex<BTreeMap<String, ResourceState>>,
@@ -126,6 +129,24 @@ impl Observer {
             "Events the pass in hand (or the last pass) hands out in all, as far as known",
             pass_planned_events.clone(),
         );
+        let reconciles = Family::<Labels, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Completed reconciles (every account decided again), by resource",
+            reconciles.clone(),
+        );
+        let reconcile_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that could not be completed",
+            reconcile_errors.clone(),
+        );
+        let last_reconcile = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "last_reconcile_timestamp_seconds",
+            "Unix time of the last completed reconcile",
+            last_reconcile.clone(),
+        );
         let outbox_pending = Gauge::default();
         registry.register(
             "outbox_pending",
@@ -159,6 +180,9 @@ impl Observer {
             checkpoint_resets,
             pass_done_events,
             pass_planned_events,
+            reconciles,
+            reconcile_errors,
+            last_reconcile,
             outbox_pending,
             outbox_dead,
             states: Mutex::new(states),
@@ -215,6 +239,19 @@ impl Observer {
             .get_or_create(&labels)
             .set(took.as_secs_f64());
         self.healthy(name);
+    }
+
+    /// A completed reconcile (its parts were counted by [`Observer::part_committed`]).
+    pub fn reconcile_done(&self, name: &str) {
+        let labels = resource(name);
+        self.reconciles.get_or_create(&labels).inc();
+        self.last_reconcile.get_or_create(&labels).set(now_secs());
+        self.healthy(name);
+    }
+
+    /// A reconcile that could not be completed (counted besides the failed pass).
+    pub fn reconcile_failed(&self, name: &str) {
+        self.reconcile_errors.get_or_create(&resource(name)).inc();
     }
 
     /// The resource works (a part committed, a pass ended, a stream is open and quiet).

@@ -6,13 +6,16 @@
 //! checkpoint. Between parts the runner looks at its [`Stop`]: a stop request ends the pass
 //! after the part in hand, which is committed (a part is atomic: a kill at any point loses at
 //! most the uncommitted part, which the next start reads again).
+//!
+//! A reconcile ([`reconcile`]) is a pass the adapter was asked to make of every account
+//! ([`Adapter::begin_reconcile`]): the same parts, checkpoints and stops.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use idsync_core::{Adapter, AdapterError, Fetch};
+use idsync_core::{Adapter, AdapterError, Decision, Fetch};
 use idsync_engine::{BatchReport, EngineError, Policy};
 use idsync_repo::RepoError;
 
@@ -69,8 +72,9 @@ pub trait Progress {
     /// A part of `events` events is about to be applied; the pass hands out `planned`
     /// events in all, when known.
     fn part_started(&mut self, events: usize, planned: Option<u64>);
-    /// One more event of the part in hand was decided.
-    fn event_done(&mut self);
+    /// One more event of the part in hand was decided (`decision`; the part may still be
+    /// rolled back).
+    fn event_done(&mut self, decision: &Decision);
     /// The part was committed.
     fn part_committed(&mut self, report: &BatchReport);
 }
@@ -95,8 +99,8 @@ pub fn pass(
                 progress.part_started(batch.events.len(), adapter.planned());
                 let report = setup
                     .engine
-                    .apply_batch_with(policy, expected.as_ref(), &batch, &mut |_| {
-                        progress.event_done();
+                    .apply_batch_with(policy, expected.as_ref(), &batch, &mut |d| {
+                        progress.event_done(d);
                     })
                     .with_context(|| format!("resource {}", policy.resource))?;
                 progress.part_committed(&report);
@@ -116,6 +120,41 @@ pub fn pass(
             }
         }
     }
+}
+
+/// What a reconcile did: its report (`None`: the resource holds nothing and nothing is
+/// known), and whether it was handed out whole (`false`: stopped between parts; begun
+/// again, it goes on from the committed parts).
+#[derive(Debug)]
+pub struct Reconciled {
+    /// The merged report of its parts.
+    pub report: Option<BatchReport>,
+    /// Every part was committed.
+    pub complete: bool,
+}
+
+/// A reconcile of `policy`'s resource through `adapter`: every account (or only `keys`)
+/// decided again with the current rules, part by part, as [`pass`] does. On an error or a
+/// stop between parts the adapter is told to end the reconcile, so that its next fetch is
+/// an ordinary pass; what was committed stays.
+pub fn reconcile(
+    setup: &Setup,
+    adapter: &mut dyn Adapter,
+    policy: &Policy,
+    keys: Option<Vec<String>>,
+    stop: &Stop,
+    progress: &mut dyn Progress,
+) -> anyhow::Result<Reconciled> {
+    adapter
+        .begin_reconcile(keys)
+        .with_context(|| format!("resource {}: reconcile", policy.resource))?;
+    let _span = tracing::info_span!("reconcile", resource = %policy.resource).entered();
+    let result = pass(setup, adapter, policy, stop, progress);
+    let complete = result.is_ok() && !adapter.has_more();
+    if !complete {
+        adapter.end_reconcile();
+    }
+    result.map(|report| Reconciled { report, complete })
 }
 
 /// What a failed pass means for its resource's schedule, decided on the error's type.

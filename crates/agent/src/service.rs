@@ -5,7 +5,8 @@
 //!   the shared repository, runs passes through [`crate::runner::pass`], and between passes
 //!   waits only for what its adapter declares ([`Wakeup`]): a flat file's own feed, folder or
 //!   marker file; an LDAP persist stream (the fetch itself waits on the server); otherwise
-//!   the poll interval or cron. Never the repository, its log or the status file. A failing
+//!   the poll interval or cron. Never the repository, its log or the status file. At the
+//!   times of its `reconcile: { cron }` a loop runs a reconcile instead of a pass. A failing
 //!   source backs off on its own loop; a slow resource never holds the others. Fetches of
 //!   different resources overlap; commits serialize in the repository.
 //! - **The dispatcher** (`dispatcher_loop`) sends mail when a loop committed something and
@@ -314,7 +315,7 @@ impl Progress for LoopProgress<'_> {
             .pass_progress(self.name, self.done, self.planned);
     }
 
-    fn event_done(&mut self) {}
+    fn event_done(&mut self, _decision: &idsync_core::Decision) {}
 
     fn part_committed(&mut self, report: &BatchReport) {
         self.done += report.events();
@@ -370,7 +371,24 @@ fn resource_loop(shared: Shared, index: usize, accept_deletes: bool) {
     let stream = matches!(wakeup, Wakeup::Stream);
     let mut failures: Option<(Failure, u32)> = None;
     let mut resets_seen = 0;
+    // The scheduled reconcile (`reconcile: { cron }`): its next time (a time missed while
+    // the agent was down is not made up for), and whether one is due and not yet done (a
+    // transient failure tries again after its backoff, any other waits for the next time).
+    let reconcile_schedule = setup.reconcile_schedule(index);
+    let next_time = || {
+        reconcile_schedule
+            .as_ref()
+            .and_then(|s| s.wait())
+            .map(|w| Instant::now() + w)
+    };
+    let mut next_reconcile = next_time();
+    let mut reconcile_due = false;
     while !shared.stop.requested() {
+        if next_reconcile.is_some_and(|t| Instant::now() >= t) {
+            reconcile_due = true;
+            next_reconcile = next_time();
+        }
+        let reconciling = reconcile_due;
         let started = Instant::now();
         let mut progress = LoopProgress {
             name: &name,
@@ -382,13 +400,36 @@ fn resource_loop(shared: Shared, index: usize, accept_deletes: bool) {
             parts: 0,
             last_log: started,
         };
-        let result = crate::runner::pass(
-            &setup,
-            adapter.as_mut(),
-            &policy,
-            &shared.stop,
-            &mut progress,
-        );
+        let result = if reconciling {
+            tracing::info!(resource = %name, "reconcile at its scheduled time: every account is decided again");
+            crate::reconcile::run(
+                &setup,
+                adapter.as_mut(),
+                &policy,
+                None,
+                crate::reconcile::StartedBy::Schedule,
+                &shared.stop,
+                &mut progress,
+            )
+            .map(|done| {
+                crate::printable::line(format_args!(
+                    "{}",
+                    crate::reconcile::describe(&name, &done)
+                ));
+                if done.complete {
+                    shared.observer.reconcile_done(&name);
+                }
+                done.report
+            })
+        } else {
+            crate::runner::pass(
+                &setup,
+                adapter.as_mut(),
+                &policy,
+                &shared.stop,
+                &mut progress,
+            )
+        };
         // Whether file changes may cut the wait short, and how long it is (`None`: fetch
         // again at once).
         // A resource on a cron schedule runs at its times only.
@@ -397,15 +438,20 @@ fn resource_loop(shared: Shared, index: usize, accept_deletes: bool) {
         match result {
             Ok(report) => {
                 failures = None;
-                if let Some(r) = &report {
-                    crate::printable::line(format_args!("{name}: {}", describe(r)));
-                }
-                // A quiet persist stream is the stream waiting, not a pass.
-                if report.is_some() || !stream {
-                    shared.observer.pass_done(&name, started.elapsed());
-                    shared.board.update(&name, |st| st.pass_ok(report.as_ref()));
+                if reconciling {
+                    reconcile_due = false;
+                    shared.board.update(&name, |st| st.reconcile_ok());
                 } else {
-                    shared.observer.healthy(&name);
+                    if let Some(r) = &report {
+                        crate::printable::line(format_args!("{name}: {}", describe(r)));
+                    }
+                    // A quiet persist stream is the stream waiting, not a pass.
+                    if report.is_some() || !stream {
+                        shared.observer.pass_done(&name, started.elapsed());
+                        shared.board.update(&name, |st| st.pass_ok(report.as_ref()));
+                    } else {
+                        shared.observer.healthy(&name);
+                    }
                 }
             }
             Err(e) => {
@@ -414,6 +460,11 @@ fn resource_loop(shared: Shared, index: usize, accept_deletes: bool) {
                 shared.observer.pass_failed(&name, &msg);
                 shared.board.update(&name, |st| st.pass_failed(&msg));
                 let kind = Failure::of(&e);
+                if reconciling {
+                    shared.observer.reconcile_failed(&name);
+                    // Only a failure that may pass soon is tried again before the next time.
+                    reconcile_due = matches!(kind, Failure::Transient | Failure::Storage);
+                }
                 let n = match failures {
                     Some((k, n)) if k == kind => n.saturating_add(1),
                     _ => 1,
@@ -461,7 +512,13 @@ fn resource_loop(shared: Shared, index: usize, accept_deletes: bool) {
         let Some(wait) = wait else {
             continue;
         };
-        let deadline = Instant::now() + wait;
+        // The next reconcile ends the wait too.
+        let mut deadline = Instant::now() + wait;
+        if let Some(t) = next_reconcile
+            && !reconcile_due
+        {
+            deadline = deadline.min(t);
+        }
         match &mut wakeup {
             Wakeup::Watch(w) if woken_by_changes => {
                 while !shared.stop.requested() {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use idsync_core::Adapter;
+use idsync_core::{Adapter, AdapterError};
 use idsync_engine::{DeleteAction, Engine, Mapping, MappingSource, OnError, Policy};
 use idsync_flatfile::FlatFileAdapter;
 use idsync_ldap::LdapAdapter;
@@ -160,6 +160,7 @@ pub struct Setup {
 pub fn compile_all(loaded: &Loaded, rules: &RuleEngine) -> Result<Vec<Policy>, Problems> {
     let mut problems = loaded.validate();
     problems.extend(limit_problems(loaded));
+    problems.extend(reconcile_problems(loaded));
     let (scripts, rule_problems) = compile_rules_dir(rules, &loaded.rules_dir(), &loaded.file);
     problems.extend(rule_problems);
     let policies: Vec<Policy> = loaded
@@ -236,14 +237,13 @@ impl Setup {
     /// For a resource with a `cron` schedule: the time until its next occurrence.
     pub fn until_cron(&self, index: usize) -> Option<std::time::Duration> {
         let expr = self.loaded.config.resources[index].cron.as_deref()?;
-        let cron = <croner::Cron as std::str::FromStr>::from_str(expr).ok()?;
-        let ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()?
-            .as_millis();
-        let now = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(i64::try_from(ms).ok()?)?;
-        let next = cron.find_next_occurrence(&now, false).ok()?;
-        Some((next - now).to_std().unwrap_or_default())
+        crate::schedule::Schedule::parse(expr).ok()?.wait()
+    }
+
+    /// The reconcile schedule of the resource at `index` (`reconcile: { cron }`), if any.
+    pub fn reconcile_schedule(&self, index: usize) -> Option<crate::schedule::Schedule> {
+        let r = self.loaded.config.resources[index].reconcile.as_ref()?;
+        crate::schedule::Schedule::parse(&r.cron).ok()
     }
 
     /// The policy of `resource`.
@@ -253,21 +253,7 @@ impl Setup {
 
     /// A fresh adapter for the resource at `index`.
     pub fn adapter(&self, index: usize) -> Box<dyn Adapter> {
-        let r = &self.loaded.config.resources[index];
-        match &r.source {
-            SourceConfig::Flatfile(ff) => {
-                let mut ff = ff.clone();
-                ff.path = self.loaded.resolve(&ff.path);
-                ff.archive_dir = ff.archive_dir.map(|p| self.loaded.resolve(&p));
-                Box::new(FlatFileAdapter::new(&r.name, ff))
-            }
-            SourceConfig::Ldap(l) => {
-                let mut l = (**l).clone();
-                l.ca_file = l.ca_file.map(|p| self.loaded.resolve(&p));
-                l.bind_password_file = l.bind_password_file.map(|p| self.loaded.resolve(&p));
-                Box::new(LdapAdapter::new(&r.name, l))
-            }
-        }
+        adapter_for(&self.loaded, index)
     }
 
     /// How long `idsync run` waits between passes of the resource at `index`: its own
@@ -288,6 +274,50 @@ impl Setup {
         };
         std::time::Duration::from_secs(secs)
     }
+}
+
+/// A fresh adapter for the resource at `index` of `loaded` (connects to nothing yet).
+pub fn adapter_for(loaded: &Loaded, index: usize) -> Box<dyn Adapter> {
+    let r = &loaded.config.resources[index];
+    match &r.source {
+        SourceConfig::Flatfile(ff) => {
+            let mut ff = ff.clone();
+            ff.path = loaded.resolve(&ff.path);
+            ff.archive_dir = ff.archive_dir.map(|p| loaded.resolve(&p));
+            Box::new(FlatFileAdapter::new(&r.name, ff))
+        }
+        SourceConfig::Ldap(l) => {
+            let mut l = (**l).clone();
+            l.ca_file = l.ca_file.map(|p| loaded.resolve(&p));
+            l.bind_password_file = l.bind_password_file.map(|p| loaded.resolve(&p));
+            Box::new(LdapAdapter::new(&r.name, l))
+        }
+    }
+}
+
+/// A resource with `reconcile:` whose adapter cannot reconcile, named with the config file
+/// and key (the adapter says so when asked to begin one; nothing is read).
+fn reconcile_problems(loaded: &Loaded) -> Vec<String> {
+    let file = loaded.file.display();
+    loaded
+        .config
+        .resources
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.reconcile.is_some())
+        .filter_map(|(i, r)| {
+            let refused = adapter_for(loaded, i).begin_reconcile(None).err()?;
+            let why = match refused {
+                AdapterError::Permanent { message, .. }
+                | AdapterError::Transient { message, .. } => message,
+                other => other.to_string(),
+            };
+            Some(format!(
+                "{file}: resources[{i}] ({}).reconcile: {why}",
+                r.name
+            ))
+        })
+        .collect()
 }
 
 /// Opens the repository named in the config.

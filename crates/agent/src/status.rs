@@ -1,6 +1,7 @@
 //! `idsync status`: per resource, what the running agent last did (from the status file it
 //! rewrites after every turn of its loop, `<repository>.status.json`) and what the
-//! repository holds (checkpoint age, events processed, failed events); the outbox counts.
+//! repository holds (checkpoint age, events processed, failed events, the last reconcile and
+//! the reconcile schedule); the outbox counts.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -8,6 +9,7 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use idsync_engine::BatchReport;
+use idsync_repo::ReconcileRun;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Loaded;
@@ -68,6 +70,13 @@ impl ResourceStatus {
             self.last_change_at = Some(t.clone());
         }
         self.last_pass_at = Some(t);
+    }
+
+    /// A scheduled reconcile that worked (its parts were counted by
+    /// [`ResourceStatus::part_ok`]); not counted as a pass.
+    pub fn reconcile_ok(&mut self) {
+        self.state = "ok".to_owned();
+        self.last_error = None;
     }
 
     /// A pass that could not synchronize the resource.
@@ -159,6 +168,7 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
     let snapshot = StatusFile::for_repository(&db).read();
     let repo = open_repo(loaded)?;
     let mut rows = Vec::new();
+    let mut reconciles = Vec::new();
     for r in &loaded.config.resources {
         let summary = repo.resource_summary(&r.name)?;
         let live = snapshot
@@ -166,13 +176,17 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
             .filter(|_| running)
             .and_then(|s| s.resources.iter().find(|x| x.resource == r.name).cloned());
         rows.push((r.name.clone(), summary, live));
+        reconciles.push((
+            repo.last_reconcile(&r.name)?,
+            r.reconcile.as_ref().map(|c| c.cron.clone()),
+        ));
     }
     let (pending, sent, dead) = repo.outbox_counts()?;
     let mut out = crate::printable::stdout();
     if json {
         let value = serde_json::json!({
             "agent": { "running": running, "pid": snapshot.as_ref().filter(|_| running).map(|s| s.pid) },
-            "resources": rows.iter().map(|(name, summary, live)| serde_json::json!({
+            "resources": rows.iter().zip(&reconciles).map(|((name, summary, live), (last, cron))| serde_json::json!({
                 "resource": name,
                 "state": live.as_ref().map(|l| l.state.as_str()).unwrap_or(if running { "starting" } else { "stopped" }),
                 "checkpoint_at": summary.checkpoint_at,
@@ -181,6 +195,8 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
                 "processed": summary.decisions,
                 "failed": summary.failed_decisions,
                 "failed_pending": summary.failed_pending,
+                "last_reconcile": last,
+                "reconcile_cron": cron,
             })).collect::<Vec<_>>(),
             "outbox": { "pending": pending, "sent": sent, "dead": dead },
         });
@@ -196,7 +212,7 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
         )?,
         None => writeln!(out, "agent: not running")?,
     }
-    for (name, summary, live) in &rows {
+    for ((name, summary, live), (last, cron)) in rows.iter().zip(&reconciles) {
         let state = live.as_ref().map(|l| l.state.clone()).unwrap_or_else(|| {
             if running {
                 "starting".into()
@@ -216,9 +232,56 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
         if let Some(e) = live.as_ref().and_then(|l| l.last_error.as_ref()) {
             writeln!(out, "  last error: {e}")?;
         }
+        if last.is_some() || cron.is_some() {
+            writeln!(out, "  {}", reconcile_line(last.as_ref(), cron.as_deref()))?;
+        }
     }
     writeln!(out, "outbox: {pending} pending, {sent} sent, {dead} dead")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `reconcile: last 3h ago by command: complete, 6 events (4 changed, 2 unchanged); at
+/// '0 3 * * *' (UTC), next in 5h`.
+fn reconcile_line(last: Option<&ReconcileRun>, cron: Option<&str>) -> String {
+    let mut out = String::from("reconcile: ");
+    match last {
+        Some(r) => {
+            out.push_str(&format!(
+                "last {} by {}: {}, {} events ({} changed, {} unchanged",
+                age(Some(&r.ended_at)),
+                r.started_by,
+                r.outcome.as_str(),
+                r.events,
+                r.changed,
+                r.unchanged
+            ));
+            if r.failed > 0 || r.rejected > 0 {
+                out.push_str(&format!(", failed {}, rejected {}", r.failed, r.rejected));
+            }
+            if let Some(k) = r.keys {
+                out.push_str(&format!("; {k} key(s) asked for"));
+            }
+            out.push(')');
+            if let Some(e) = &r.error {
+                out.push_str(&format!("; error: {e}"));
+            }
+        }
+        None => out.push_str("never"),
+    }
+    if let Some(cron) = cron {
+        let next = crate::schedule::Schedule::parse(cron)
+            .ok()
+            .and_then(|s| s.wait())
+            .map(|w| {
+                format!(
+                    ", next in {}",
+                    humantime::format_duration(std::time::Duration::from_secs(w.as_secs()))
+                )
+            })
+            .unwrap_or_default();
+        out.push_str(&format!("; scheduled at '{cron}' (UTC){next}"));
+    }
+    out
 }
 
 /// Writes `bytes` to a file readable by its owner only (it names resources and errors).

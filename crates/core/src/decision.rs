@@ -177,3 +177,15 @@ pub struct Decision {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
+
+impl Decision {
+    /// Whether the decision left everything as it was: an owned account whose mappings
+    /// give the identity it already has, a filtered event, a delete that no identity owns.
+    /// A failed decision, a link, a creation, a delete action and whatever a process or
+    /// resolve rule did count as changes.
+    pub fn changed_nothing(&self) -> bool {
+        self.error.is_none()
+            && self.changes.is_empty()
+            && matches!(self.action, Action::Updated | Action::Ignored)
+    }
+}

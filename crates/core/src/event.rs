@@ -24,6 +24,10 @@ pub enum Op {
     Delete,
     /// Created or updated; the resource cannot tell which.
     Upsert,
+    /// Only in decision records: the decision of a reconcile (`idsync reconcile`, a
+    /// scheduled reconcile), whatever the event's own op was. Events never carry it: the
+    /// rules of a reconcile see the event's op (`create`, `update`, `delete`, `upsert`).
+    Reconcile,
 }
 
 impl Op {
@@ -34,6 +38,7 @@ impl Op {
             Op::Update => "update",
             Op::Delete => "delete",
             Op::Upsert => "upsert",
+            Op::Reconcile => "reconcile",
         }
     }
 
@@ -44,6 +49,7 @@ impl Op {
             "update" => Op::Update,
             "delete" => Op::Delete,
             "upsert" => Op::Upsert,
+            "reconcile" => Op::Reconcile,
             _ => return None,
         })
     }
@@ -106,6 +112,9 @@ pub struct ChangeBatch {
     /// read the whole source): rejected input recorded earlier and not rejected again was
     /// fixed at the source, and its failed-event rows are cleared.
     pub rejects_complete: bool,
+    /// The batch is a part of a reconcile ([`Adapter::begin_reconcile`]): its decisions are
+    /// recorded with op [`Op::Reconcile`].
+    pub reconcile: bool,
 }
 
 /// The result of asking an adapter for changes.
@@ -245,6 +254,45 @@ pub trait Adapter: Send {
     fn wakeup(&self) -> Wakeup {
         Wakeup::Schedule
     }
+    /// Makes the next fetches a **reconcile**: every account the resource holds now (or,
+    /// with `keys`, only those accounts) handed out again, changed or not, so that the
+    /// current rules and mappings decide each one again. Called between passes; what the
+    /// adapter must then do:
+    ///
+    /// - [`Adapter::next_batch`] hands out the reconcile in parts, each a [`ChangeBatch`]
+    ///   with `reconcile: true`, while [`Adapter::has_more`] says more parts follow. Every
+    ///   account present on the resource is an event whether or not it changed, its op
+    ///   classified against the known accounts as in a pass (`update` with the last seen
+    ///   attributes as `previous` for a known account, `create` for an unknown one, `upsert`
+    ///   where the adapter cannot tell); every known account absent from the resource is a
+    ///   `delete`, behind the accidental-delete guard ([`Adapter::accept_deletes`] lifts it).
+    ///   No shortcut for an unchanged source: a reconcile is never [`Fetch::Idle`] unless
+    ///   the resource holds nothing and nothing is known.
+    /// - Each part's checkpoint must be one a later ordinary pass can start from without
+    ///   losing anything: the source's position as of the reconcile's read (for a flat
+    ///   file, the file it read, marked unfinished until the last part; for a directory, the
+    ///   cookie or high-water mark its full refresh returned, not the old one). A reconcile
+    ///   interrupted between parts (a kill, a failed commit) is finished by calling this
+    ///   again: the adapter resumes or starts over, either is safe.
+    /// - With `keys`: only those accounts (present: `create`/`update`; absent but known:
+    ///   `delete`; neither: no event), and the checkpoint stays what it was (adjusted only
+    ///   in what it says about the accounts added or removed): a reconcile of some accounts
+    ///   says nothing about the others.
+    /// - After the last part has been handed out, or when a fetch fails, the adapter is
+    ///   back to ordinary passes ([`Adapter::end_reconcile`] also ends it).
+    ///
+    /// The default refuses: the adapter cannot reconcile.
+    fn begin_reconcile(&mut self, keys: Option<Vec<String>>) -> Result<(), AdapterError> {
+        let _ = keys;
+        Err(AdapterError::Permanent {
+            resource: self.resource().to_owned(),
+            message: "reconcile is not supported by this adapter".to_owned(),
+        })
+    }
+    /// Abandons a reconcile begun by [`Adapter::begin_reconcile`] (the caller stopped
+    /// between parts or a commit failed): the next fetch is an ordinary pass. The default
+    /// does nothing.
+    fn end_reconcile(&mut self) {}
 }
 
 /// What makes a resource's loop fetch again (beside the schedule, which always applies).

@@ -18,6 +18,9 @@
 //! transaction is rolled back and the batch run again with a savepoint around every
 //! event. Policies with a process rule (it writes on every event) start with savepoints.
 //!
+//! A batch marked `reconcile` (a part of a reconcile) is decided exactly like any other;
+//! its decision records say op `reconcile`, while the rules saw the event's own op.
+//!
 //! Poison events: an event that makes the process die (an abort, an out-of-memory kill)
 //! rolls its whole batch back, and the next start would apply it again. A [`CrashGuard`]
 //! set by the agent is told which event is being decided; when it says an event crashed
@@ -91,6 +94,9 @@ pub struct BatchReport {
     pub failed: u64,
     /// Input the adapter could not read (malformed rows).
     pub rejected: u64,
+    /// Events whose decision changed nothing ([`Decision::changed_nothing`]), e.g. the
+    /// unchanged accounts of a reconcile.
+    pub unchanged: u64,
 }
 
 impl BatchReport {
@@ -104,6 +110,7 @@ impl BatchReport {
         }
         self.failed += other.failed;
         self.rejected += other.rejected;
+        self.unchanged += other.unchanged;
     }
 
     /// Total events decided.
@@ -118,6 +125,9 @@ impl BatchReport {
         *self.actions.entry(d.action).or_default() += 1;
         if d.action == Action::Failed {
             self.failed += 1;
+        }
+        if d.changed_nothing() {
+            self.unchanged += 1;
         }
     }
 }
@@ -328,7 +338,7 @@ impl Engine {
         let needs = ScopeNeeds::of(policy);
         for (index, event) in batch.events.iter().enumerate() {
             let crashes = self.guard.as_ref().and_then(|g| g.before(event));
-            let d = match (crashes, guard) {
+            let mut d = match (crashes, guard) {
                 (Some(times), _) => isolated(event, times),
                 (None, Guard::Savepoints) => self.decide_event(policy, needs, event, true)?,
                 (None, Guard::Optimistic) => {
@@ -344,6 +354,10 @@ impl Engine {
                 && let Some(g) = &self.guard
             {
                 g.after(event, d.error.is_none());
+            }
+            if batch.reconcile {
+                // The rules saw the event's own op; the record says a reconcile decided it.
+                d.op = Op::Reconcile;
             }
             let fresh = index >= progress.reported;
             let id = self.repo.record_decision(&d)?;

@@ -933,3 +933,52 @@ fn an_event_the_guard_names_as_crashing_is_isolated_without_running_a_rule() {
     assert_eq!(*guard.calls.borrow(), ["before 2"]);
     assert_eq!(w.engine.repo().failures(Some("hr")).unwrap()[0].attempts, 1);
 }
+
+#[test]
+fn a_reconcile_batch_is_recorded_as_op_reconcile_and_counts_what_did_not_change() {
+    let w = World::new()
+        .identity("ann", &[("mail", "ann@x")])
+        .linked("ann", "1")
+        .identity("bo", &[("mail", "bo@x"), ("dept", "IT")])
+        .linked("bo", "2");
+    // The rules see the event's op; the record says reconcile.
+    let p = w.policy(&[("map:dept", "dept"), ("expr:seenOp", "op")]);
+    let expected = w.engine.repo().checkpoint("hr").unwrap();
+    let batch = ChangeBatch {
+        events: vec![
+            ev(Op::Update, "1", &[("dept", "Sales")]),
+            ev(Op::Update, "2", &[("dept", "IT")]),
+        ],
+        checkpoint: Some(Checkpoint("cp-reconcile".into())),
+        reconcile: true,
+        ..ChangeBatch::default()
+    };
+    let report = w.engine.apply_batch(&p, expected.as_ref(), &batch).unwrap();
+    assert_eq!(report.unchanged, 0, "seenOp is new on both");
+    assert_eq!(w.attr("ann", "seenOp").as_deref(), Some("update"));
+    let records = w
+        .engine
+        .repo()
+        .decisions(&DecisionFilter::default())
+        .unwrap();
+    assert!(records.iter().all(|r| r.decision.op == Op::Reconcile));
+    // Again: nothing changes, both counted unchanged, still recorded.
+    let batch = ChangeBatch {
+        checkpoint: Some(Checkpoint("cp-reconcile-2".into())),
+        ..batch
+    };
+    let report = w
+        .engine
+        .apply_batch(&p, Some(&Checkpoint("cp-reconcile".into())), &batch)
+        .unwrap();
+    assert_eq!((report.events(), report.unchanged), (2, 2));
+    let last = w.last();
+    assert_eq!(last.op, Op::Reconcile);
+    assert!(last.changed_nothing() && last.changes.is_empty());
+    // A pass's batch keeps the event's op.
+    let report = w
+        .apply(&p, vec![ev(Op::Update, "1", &[("dept", "Ops")])])
+        .unwrap();
+    assert_eq!(report.unchanged, 0);
+    assert_eq!(w.last().op, Op::Update);
+}

@@ -41,6 +41,7 @@ mod error;
 mod file;
 mod identities;
 mod outbox;
+mod reconciles;
 mod records;
 mod schema;
 mod shadows;
@@ -62,6 +63,7 @@ pub use outbox::{
     NewOutboxMessage, OutboxFilter, OutboxMessage, OutboxOutcome, OutboxStatus, RenderedMail,
     now_ms,
 };
+pub use reconciles::{ReconcileOutcome, ReconcileRun};
 pub use records::{DecisionFilter, DiscardedFailure, FailedEvent, NewFailure, StoredDecision};
 pub use schema::SCHEMA_VERSION;
 pub use summary::ResourceSummary;

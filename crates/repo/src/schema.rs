@@ -168,6 +168,25 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         reason         TEXT NOT NULL
     );
     "#,
+    // 6: reconcile runs (`idsync reconcile`, scheduled reconciles), for `idsync status`.
+    r#"
+    CREATE TABLE IF NOT EXISTS reconciles (
+        id          INTEGER PRIMARY KEY,
+        resource    TEXT NOT NULL,
+        started_at  TEXT NOT NULL,
+        ended_at    TEXT NOT NULL,
+        started_by  TEXT NOT NULL,
+        key_count   INTEGER,
+        events      INTEGER NOT NULL,
+        changed     INTEGER NOT NULL,
+        unchanged   INTEGER NOT NULL,
+        failed      INTEGER NOT NULL,
+        rejected    INTEGER NOT NULL,
+        outcome     TEXT NOT NULL,
+        error       TEXT
+    );
+    CREATE INDEX IF NOT EXISTS reconciles_resource ON reconciles(resource, id);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -979,3 +979,33 @@ fn decision_records_store_the_header_once_and_old_records_still_read() {
     assert_eq!(read.len(), 2);
     assert!(read.iter().all(|s| s.decision == d), "{read:?}");
 }
+
+#[test]
+fn the_last_reconcile_of_each_resource_is_kept() {
+    let repo = Repo::open_in_memory().unwrap();
+    assert_eq!(repo.last_reconcile("hr").unwrap(), None);
+    let run = |started_by: &str, outcome, events| ReconcileRun {
+        resource: "hr".into(),
+        started_at: "2026-01-01T03:00:00.000Z".into(),
+        ended_at: String::new(),
+        started_by: started_by.into(),
+        keys: None,
+        events,
+        changed: 2,
+        unchanged: events - 2,
+        failed: 0,
+        rejected: 1,
+        outcome,
+        error: None,
+    };
+    repo.record_reconcile(&run("schedule", ReconcileOutcome::Failed, 5))
+        .unwrap();
+    repo.record_reconcile(&run("command", ReconcileOutcome::Complete, 7))
+        .unwrap();
+    let last = repo.last_reconcile("hr").unwrap().unwrap();
+    assert_eq!(last.started_by, "command");
+    assert_eq!(last.outcome, ReconcileOutcome::Complete);
+    assert_eq!((last.events, last.changed, last.unchanged), (7, 2, 5));
+    assert!(last.ended_at.starts_with("20"), "{}", last.ended_at);
+    assert_eq!(repo.last_reconcile("dir").unwrap(), None);
+}
