@@ -478,21 +478,22 @@ fn check_and_status_know_the_schedule_and_what_cannot_reconcile() {
         "{}",
         out.stderr
     );
-    // A directory cannot reconcile yet: refused by check, by the command and the preview.
+    // A directory reconciles too (a refresh from scratch): check accepts its schedule;
+    // an unreachable one fails the command and the preview as a resource error (exit 3).
     let ldap = "  - name: dir
-    source: { type: ldap, url: 'ldap://127.0.0.1:9/', base: 'dc=example,dc=com' }
+    source: { type: ldap, url: 'ldap://127.0.0.1:9/', base: 'dc=example,dc=com', timeout_secs: 2 }
 ";
     config(&s, "", "    reconcile: { cron: '0 3 * * *' }\n");
     let good = std::fs::read_to_string(s.path().join("idsync.yaml")).unwrap();
     s.config(&format!(
         "{good}{ldap}    reconcile: {{ cron: '0 3 * * *' }}\n"
     ));
-    let out = s.idsync(&["check"]).expect_code(2);
+    let out = s.idsync(&["check"]).expect_code(0);
     assert!(
-        out.stderr
-            .contains("resources[1] (dir).reconcile: reconcile is not supported by this adapter"),
+        out.stdout
+            .contains("reconcile: dir at '0 3 * * *' (UTC), next 20"),
         "{}",
-        out.stderr
+        out.stdout
     );
     s.config(&format!("{good}{ldap}"));
     let out = s.idsync(&["check"]).expect_code(0);
@@ -504,21 +505,11 @@ fn check_and_status_know_the_schedule_and_what_cannot_reconcile() {
     );
     s.run_once(Some("hr"), 0);
     let out = s.idsync(&["reconcile", "dir"]).expect_code(3);
-    assert!(
-        out.stderr
-            .contains("reconcile is not supported by this adapter"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("resource dir"), "{}", out.stderr);
     let out = s
         .idsync(&["preview", "--reconcile", "--resource", "dir"])
         .expect_code(3);
-    assert!(
-        out.stderr
-            .contains("reconcile is not supported by this adapter"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("resource dir"), "{}", out.stderr);
     s.idsync(&["reconcile", "nosuch"]).expect_code(2);
     let status = s.idsync(&["status"]).expect_code(0);
     assert!(

@@ -196,7 +196,7 @@ impl LdapAdapter {
         Ok((part.col, part.checkpoint))
     }
 
-    /// Makes the next fetches a reconcile of every account (`keys` empty) or of `keys`.
+    /// Makes the next fetches a reconcile of every account (`keys` `None`) or of `keys`.
     fn start_reconcile(&mut self, keys: Option<Vec<String>>) {
         self.refresh = None;
         self.reconcile = Some(match keys {
@@ -227,13 +227,13 @@ fn batch_or_idle(
     after: Option<&Checkpoint>,
     reconcile: bool,
 ) -> Fetch {
-    let _ = reconcile;
     if col.events.is_empty() && checkpoint.as_ref() == after {
         return Fetch::Idle;
     }
     Fetch::Batch(ChangeBatch {
         events: col.events,
         checkpoint,
+        reconcile,
         ..ChangeBatch::default()
     })
 }
@@ -278,6 +278,17 @@ impl Adapter for LdapAdapter {
 
     fn has_more(&self) -> bool {
         self.more
+    }
+
+    fn begin_reconcile(&mut self, keys: Option<Vec<String>>) -> Result<(), AdapterError> {
+        self.start_reconcile(keys);
+        Ok(())
+    }
+
+    fn end_reconcile(&mut self) {
+        self.reconcile = None;
+        self.refresh = None;
+        self.more = false;
     }
 
     fn wakeup(&self) -> Wakeup {
