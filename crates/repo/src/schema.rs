@@ -168,6 +168,26 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         reason         TEXT NOT NULL
     );
     "#,
+    // Erasure requests carried out (`identities erase`): when, the operator's reference and
+    // how many rows of each kind went, never whose (module `erasure`).
+    r#"
+    CREATE TABLE IF NOT EXISTS erasures (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        at         TEXT NOT NULL,
+        reference  TEXT,
+        removed    TEXT NOT NULL
+    );
+    "#,
+    // The last pass of each resource by `run --once` (the agent reports its own in the
+    // status file): when it last passed, when it last failed and why (module `passes`).
+    r#"
+    CREATE TABLE IF NOT EXISTS last_passes (
+        resource   TEXT PRIMARY KEY,
+        passed_at  TEXT,
+        failed_at  TEXT,
+        error      TEXT
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.
