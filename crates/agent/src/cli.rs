@@ -419,7 +419,7 @@ mod tests {
         let mut found = BTreeMap::new();
         short_flags(&Cli::command(), "idsync", &mut found);
         for (short, uses) in &found {
-            let long = uses[0].rsplit_once(": ").map(|(_, l)| l).unwrap_or("");
+            let long = uses[0].rsplit_once(": --").map(|(_, l)| l).unwrap_or("");
             assert!(
                 doc.contains(&format!("| `-{short}` | `{long}` |")),
                 "docs/operations.md, Command-line conventions: no row for -{short} ({long})"
