@@ -226,3 +226,113 @@ impl Repo {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    /// `n` decision records of accounts `k0`..`k49` of resource hr recorded at `at`.
+    fn records(repo: &Repo, n: usize, at: &str) {
+        let conn = repo.lock().unwrap();
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
+             INSERT INTO decisions (at, resource, key, op, situation, action, identity, record) \
+             SELECT ?2, 'hr', 'k' || (i % 50), 'upsert', 'unmatched', 'created', NULL, '{}' FROM n",
+            params![n as i64, at],
+        )
+        .unwrap();
+    }
+
+    fn count(repo: &Repo, sql: &str) -> i64 {
+        repo.lock().unwrap().query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn purges_in_chunks_keeps_what_is_needed_and_reads_no_further_than_a_chunk_past_the_cutoff() {
+        let repo = Repo::open_in_memory().unwrap();
+        records(&repo, 25_000, "2020-01-01T00:00:00.000Z");
+        records(&repo, 30_000, "2099-01-01T00:00:00.000Z");
+        repo.lock()
+            .unwrap()
+            .execute(
+                "INSERT INTO failed_events (at, resource, key, error) \
+                 VALUES ('2020-01-01T00:00:00.000Z', 'hr', 'k7', 'no luck')",
+                [],
+            )
+            .unwrap();
+        let chunks = Cell::new(0);
+        let cutoff = humantime::parse_rfc3339("2021-01-01T00:00:00Z").unwrap();
+        let r = repo
+            .purge_decisions_before(cutoff, &|| {
+                chunks.set(chunks.get() + 1);
+                false
+            })
+            .unwrap();
+        // k7 is every 50th record: 500 of the old ones, kept for its open failed event.
+        assert_eq!(r.removed, 24_500);
+        assert_eq!(r.kept, vec![(KEEP[0].reason, 500)]);
+        assert!(!r.interrupted);
+        assert_eq!(count(&repo, "SELECT count(*) FROM decisions"), 30_500);
+        assert_eq!(
+            count(&repo, "SELECT count(*) FROM decisions WHERE at < '2021'"),
+            500
+        );
+        // Chunks of 10,000: two old, one across the cutoff, one new (nothing older: stop),
+        // not the three more the 30,000 new records would take.
+        assert_eq!(chunks.get(), 4);
+    }
+
+    #[test]
+    fn a_stop_ends_the_purge_between_chunks() {
+        let repo = Repo::open_in_memory().unwrap();
+        records(&repo, 25_000, "2020-01-01T00:00:00.000Z");
+        let asked = Cell::new(0);
+        let r = repo
+            .purge_decisions_before(SystemTime::now(), &|| {
+                asked.set(asked.get() + 1);
+                asked.get() > 1
+            })
+            .unwrap();
+        assert!(r.interrupted);
+        assert_eq!(r.removed, PURGE_CHUNK as u64);
+        let r = repo
+            .purge_decisions_before(SystemTime::now(), &|| false)
+            .unwrap();
+        assert_eq!(r.removed, 15_000);
+        assert_eq!(count(&repo, "SELECT count(*) FROM decisions"), 0);
+    }
+
+    #[test]
+    fn only_sent_notifications_and_old_discarded_events_go() {
+        let repo = Repo::open_in_memory().unwrap();
+        repo.lock()
+            .unwrap()
+            .execute_batch(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 12000) \
+                 INSERT INTO outbox (created_at, policy, status, next_attempt_at, expires_at, \
+                 sent_at, message) SELECT 1000, 'welcome', 'sent', 1000, 9000, 2000, '{}' FROM n;
+                 INSERT INTO outbox (created_at, policy, status, next_attempt_at, expires_at, message)
+                 VALUES (1000, 'welcome', 'pending', 1000, 9000, '{}'),
+                        (1000, 'welcome', 'dead', 1000, 9000, '{}');
+                 INSERT INTO failed_discarded (at, resource, error, discarded_at, reason) VALUES
+                   ('2020-01-01T00:00:00.000Z', 'hr', 'x', '2020-01-01T00:00:00.000Z', 'old'),
+                   ('2020-01-01T00:00:00.000Z', 'hr', 'x', '2099-01-01T00:00:00.000Z', 'new');",
+            )
+            .unwrap();
+        let (n, stopped) = repo
+            .purge_sent_outbox_before(SystemTime::now(), &|| false)
+            .unwrap();
+        assert_eq!((n, stopped), (12_000, false));
+        assert_eq!(count(&repo, "SELECT count(*) FROM outbox"), 2);
+        let (n, _) = repo
+            .purge_discarded_failures_before(SystemTime::now(), &|| false)
+            .unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(
+            count(&repo, "SELECT count(*) FROM failed_discarded WHERE reason = 'new'"),
+            1
+        );
+    }
+}
