@@ -81,8 +81,10 @@ fn every_listing_prints_json_lines() {
     let s = Sandbox::new();
     world(&s);
     s.run_once(None, 1);
-    s.idsync(&["failed", "discard", "-r", "hr", "-k", "4", "--reason", "left"])
-        .expect_code(0);
+    s.idsync(&[
+        "failed", "discard", "-r", "hr", "-k", "4", "--reason", "left",
+    ])
+    .expect_code(0);
     // A change for preview to show.
     s.feed(
         "hr.csv",
@@ -109,7 +111,10 @@ fn every_listing_prints_json_lines() {
         );
         let objects = jq(&out.stdout);
         assert_eq!(objects.len(), n, "{args:?}: one object per line");
-        assert!(objects.iter().all(Value::is_object), "{args:?}: {objects:?}");
+        assert!(
+            objects.iter().all(Value::is_object),
+            "{args:?}: {objects:?}"
+        );
     }
     let list = jq(&s.idsync(&["identities", "list", "--json"]).stdout);
     assert_eq!(list[0]["name"], "b1");
@@ -143,7 +148,8 @@ fn an_unknown_resource_is_refused_by_every_command_that_takes_one() {
         let out = s.idsync(args);
         assert_eq!(out.code, 2, "{args:?}\n{}", out.stderr);
         assert!(
-            out.stderr.contains("no resource named 'hrr' in idsync.yaml (configured: hr, badges)"),
+            out.stderr
+                .contains("no resource named 'hrr' in idsync.yaml (configured: hr, badges)"),
             "{args:?}: {}",
             out.stderr
         );
@@ -161,15 +167,34 @@ fn a_short_flag_means_one_thing() {
     world(&s);
     s.run_once(None, 1);
     // -s is --situation; outbox list's --status has no short form.
-    let out = s.idsync(&["outbox", "list", "-s", "pending"]).expect_code(2);
-    assert!(out.stderr.contains("unexpected argument '-s'"), "{}", out.stderr);
+    let out = s
+        .idsync(&["outbox", "list", "-s", "pending"])
+        .expect_code(2);
+    assert!(
+        out.stderr.contains("unexpected argument '-s'"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(
-        jq(&s.idsync(&["outbox", "list", "--status", "pending", "-n", "1", "--json"]).stdout)
-            .len(),
+        jq(&s
+            .idsync(&["outbox", "list", "--status", "pending", "-n", "1", "--json"])
+            .stdout)
+        .len(),
         1
     );
     let one = jq(&s
-        .idsync(&["results", "-r", "hr", "-k", "2", "-s", "unmatched", "-n", "1", "--json"])
+        .idsync(&[
+            "results",
+            "-r",
+            "hr",
+            "-k",
+            "2",
+            "-s",
+            "unmatched",
+            "-n",
+            "1",
+            "--json",
+        ])
         .expect_code(0)
         .stdout);
     assert_eq!(one.len(), 1);
@@ -191,18 +216,30 @@ fn ids_and_names_are_repeatable() {
     let show = s
         .idsync(&["outbox", "show", &ids[0], &ids[1]])
         .expect_code(0);
-    assert_eq!(show.stdout.matches("message-id: ").count(), 2, "{}", show.stdout);
+    assert_eq!(
+        show.stdout.matches("message-id: ").count(),
+        2,
+        "{}",
+        show.stdout
+    );
     let retry = s
         .idsync(&["outbox", "retry", &ids[0], &ids[1]])
         .expect_code(0);
-    assert_eq!(retry.stdout.matches(" due again").count(), 2, "{}", retry.stdout);
+    assert_eq!(
+        retry.stdout.matches(" due again").count(),
+        2,
+        "{}",
+        retry.stdout
+    );
     // One that does not exist: the others are handled, the status says one was missing.
     let show = s.idsync(&["outbox", "show", &ids[0], "999"]).expect_code(1);
     assert_eq!(show.stdout.matches("message-id: ").count(), 1);
-    assert!(show.stderr.contains("no outbox message #999"), "{}", show.stderr);
-    let people = s
-        .idsync(&["identities", "show", "u1", "u2"])
-        .expect_code(0);
+    assert!(
+        show.stderr.contains("no outbox message #999"),
+        "{}",
+        show.stderr
+    );
+    let people = s.idsync(&["identities", "show", "u1", "u2"]).expect_code(0);
     assert!(
         people.stdout.contains("name: u1") && people.stdout.contains("name: u2"),
         "{}",

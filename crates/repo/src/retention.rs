@@ -246,7 +246,10 @@ mod tests {
     }
 
     fn count(repo: &Repo, sql: &str) -> i64 {
-        repo.lock().unwrap().query_row(sql, [], |r| r.get(0)).unwrap()
+        repo.lock()
+            .unwrap()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap()
     }
 
     #[test]
@@ -331,7 +334,10 @@ mod tests {
             .unwrap();
         assert_eq!(n, 1);
         assert_eq!(
-            count(&repo, "SELECT count(*) FROM failed_discarded WHERE reason = 'new'"),
+            count(
+                &repo,
+                "SELECT count(*) FROM failed_discarded WHERE reason = 'new'"
+            ),
             1
         );
     }
