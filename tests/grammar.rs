@@ -294,3 +294,38 @@ fn status_shows_the_last_pass_and_error_of_run_once() {
         first[0]["resources"][0]["last_pass_at"]
     );
 }
+
+/// `preview --json` prints only the records on stdout; its notes (the accidental-delete
+/// guard would refuse the pass) go to stderr, and the exit status says it as the run would.
+#[test]
+fn preview_json_keeps_its_notes_on_stderr() {
+    let s = Sandbox::new();
+    s.config(
+        "resources:\n  - name: hr\n    source: { type: flatfile, path: feeds/hr.csv, key: id }\n",
+    );
+    let rows = |n: usize| {
+        let mut csv = String::from("id\n");
+        for i in 0..n {
+            csv.push_str(&format!("{i}\n"));
+        }
+        csv
+    };
+    s.feed("hr.csv", &rows(10));
+    s.run_once(None, 0);
+    s.feed("hr.csv", &rows(6));
+    let out = s.idsync(&["preview", "--json"]).expect_code(3);
+    let records = jq(&out.stdout);
+    assert_eq!(records.len(), 4, "{}", out.stdout);
+    assert!(records.iter().all(|r| r["op"] == "delete"), "{records:?}");
+    assert!(
+        out.stderr.contains("hr: the run would refuse this pass"),
+        "{}",
+        out.stderr
+    );
+    let table = s.idsync(&["preview"]).expect_code(3);
+    assert!(
+        table.stdout.contains("hr: the run would refuse this pass"),
+        "{}",
+        table.stdout
+    );
+}

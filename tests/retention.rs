@@ -364,10 +364,15 @@ notifications:
     let out = s.idsync(&["identities", "erase", "nobody"]).expect_code(1);
     assert!(
         out.stderr
-            .contains("nothing in the repository names 'nobody'"),
+            .contains("nothing in the repository is about an identity named 'nobody'"),
         "{}",
         out.stderr
     );
+    // A word the records mention that was never an identity's name is no one's.
+    let before = dump(&s);
+    s.idsync(&["identities", "erase", "resolve"]).expect_code(1);
+    s.idsync(&["identities", "erase", "#"]).expect_code(1);
+    assert_eq!(dump(&s), before);
     let out = s.idsync(&["identities", "erase", "bob"]).expect_code(2);
     assert!(out.stderr.contains("still exists"), "{}", out.stderr);
     assert!(s.identity("bob").is_some());

@@ -46,8 +46,8 @@ pub fn erase(repo: &Repo, names: &[String], reference: Option<&str>) -> anyhow::
             Erasure::NothingHeld => {
                 unknown = true;
                 eprintln!(
-                    "error: nothing in the repository names '{shown}' (no identity, decision \
-                     record or notification): nothing to erase"
+                    "error: nothing in the repository is about an identity named '{shown}' (no \
+                     identity, decision record or notification): nothing to erase"
                 );
             }
         }

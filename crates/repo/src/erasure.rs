@@ -17,6 +17,9 @@
 //!   (delivered or not);
 //! - its name where other records mention it (a candidate of another account's decision, a
 //!   rule's result, an error message) is replaced by `(erased)` ([`ERASED`]);
+//!
+//! A name is erased only when a decision record or a notification is about an identity of
+//! that name: any other word (`#`, `admin`) is not a person's, and its mentions stay.
 //! - index rows left behind by deleted identities.
 //!
 //! The erasure itself is recorded in `erasures` without personal data: the time, the
@@ -86,7 +89,8 @@ pub enum Erasure {
         /// Whether it is disabled.
         disabled: bool,
     },
-    /// Nothing in the repository names it: nothing changed, nothing recorded.
+    /// No decision record or notification is about an identity of that name (never one,
+    /// or already erased, or its records purged): nothing changed, nothing recorded.
     NothingHeld,
 }
 
@@ -191,6 +195,18 @@ fn still_exists(conn: &Connection, name: &str) -> Result<Option<Erasure>, RepoEr
 fn erase(conn: &Connection, name: &str) -> Result<ErasureReport, RepoError> {
     let mut report = ErasureReport::default();
     let ctx = |what: &str| format!("erasing: {what}");
+    // Only a name the records know as an identity's is erased: the mentions of any other
+    // word in the records of others (`#`, `admin`) are not a person's.
+    let known = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM decisions WHERE identity = ?1) \
+             OR EXISTS (SELECT 1 FROM outbox WHERE identity = ?1)",
+        )
+        .and_then(|mut st| st.query_row([name], |r| r.get::<_, bool>(0)))
+        .with_ctx(|| ctx("looking for its records"))?;
+    if !known {
+        return Ok(report);
+    }
     let former: Vec<(String, String)> = conn
         .prepare_cached(
             "SELECT resource, key FROM decisions WHERE identity = ?1 \
