@@ -12,7 +12,7 @@ use idsync_core::{Action, Adapter, AdapterError, AttrMap, Decision, Fetch, Op, S
 use idsync_engine::BatchReport;
 use idsync_repo::{DecisionFilter, Repo, StoredDecision};
 
-use crate::cli::{ExplainArgs, PreviewArgs, PreviewFormat};
+use crate::cli::{ExplainArgs, PreviewArgs};
 use crate::config::Loaded;
 use crate::exit::Exit;
 use crate::explain::{one_line, steps};
@@ -28,12 +28,6 @@ fn always_listed(d: &Decision) -> bool {
 /// `idsync preview`: what the next pass (or with `--reconcile`, a reconcile) would do,
 /// writing nothing.
 pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
-    if let Some(r) = &args.resource
-        && setup.policy(r).is_none()
-    {
-        eprintln!("error: no resource named '{r}'");
-        return Ok(ExitCode::from(Exit::Config));
-    }
     let repo = setup.engine.repo();
     // A reconcile of the keys asked for (with --reconcile), named as `idsync reconcile`
     // takes them.
@@ -97,19 +91,18 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
                 // The guard would refuse the pass: show what it would delete (the run
                 // still refuses it, so the preview fails like the run would).
                 Err(AdapterError::DeleteGuard { refusal, .. }) if parts == 0 && !accepted => {
-                    if args.reconcile {
-                        writeln!(
-                            out,
-                            "{}: the reconcile would be refused — {refusal}; what it would do if accepted (idsync reconcile {} --accept-deletes):",
-                            r.name, r.name
-                        )?;
+                    let doing = if args.reconcile {
+                        format!(
+                            "the reconcile would be refused — {refusal}; what it would do if accepted (idsync reconcile {} --accept-deletes):",
+                            r.name
+                        )
                     } else {
-                        writeln!(
-                            out,
-                            "{}: the run would refuse this pass — {refusal}; what it would do if accepted (--accept-deletes {}):",
-                            r.name, r.name
-                        )?;
-                    }
+                        format!(
+                            "the run would refuse this pass — {refusal}; what it would do if accepted (--accept-deletes {}):",
+                            r.name
+                        )
+                    };
+                    note(&mut out, args.json(), format_args!("{}: {doing}", r.name))?;
                     errors += 1;
                     adapter = adapter_for(i, true)?;
                     accepted = true;
@@ -123,7 +116,7 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
             };
             parts += 1;
             for reject in &batch.rejects {
-                if args.format == PreviewFormat::Table {
+                if !args.json() {
                     writeln!(
                         out,
                         "{} rejected {}: {}",
@@ -151,9 +144,10 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
                     }
                     listed += 1;
                 }
-                let line = match args.format {
-                    PreviewFormat::Table => one_line(d),
-                    PreviewFormat::Json => serde_json::to_string(d).unwrap_or_default(),
+                let line = if args.json() {
+                    serde_json::to_string(d).unwrap_or_default()
+                } else {
+                    one_line(d)
                 };
                 if let Err(e) = writeln!(out, "{line}") {
                     write_err = Some(e);
@@ -175,10 +169,13 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
             let whole = adapter.planned().is_none_or(|n| total.events() >= n);
             if !adapter.has_more() || whole {
                 if adapter.has_more() {
-                    writeln!(
-                        out,
-                        "{}: more files wait in the folder; they are previewed once this one is applied",
-                        r.name
+                    note(
+                        &mut out,
+                        args.json(),
+                        format_args!(
+                            "{}: more files wait in the folder; they are previewed once this one is applied",
+                            r.name
+                        ),
                     )?;
                 }
                 break;
@@ -186,7 +183,7 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
             after = batch.checkpoint.clone();
         }
         if parts == 0 {
-            if args.format == PreviewFormat::Table && errors == 0 {
+            if !args.json() && errors == 0 {
                 if args.reconcile {
                     writeln!(out, "{}: nothing to reconcile", r.name)?;
                 } else {
@@ -196,7 +193,7 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
             continue;
         }
         failed += total.failed + total.rejected;
-        if args.format == PreviewFormat::Table && args.reconcile {
+        if !args.json() && args.reconcile {
             let events = total.events();
             writeln!(
                 out,
@@ -213,7 +210,7 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
                     r.name
                 )?;
             }
-        } else if args.format == PreviewFormat::Table {
+        } else if !args.json() {
             writeln!(
                 out,
                 "{}: {} in {parts} part(s) would be applied; nothing was written",
@@ -236,6 +233,17 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// A note about a resource's preview: a line of the listing, or with `--json` a line on
+/// stderr, so that standard output holds only the JSON lines of the records.
+fn note(out: &mut impl Write, json: bool, text: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    if json {
+        eprintln!("{text}");
+        Ok(())
+    } else {
+        writeln!(out, "{text}")
+    }
 }
 
 /// `idsync explain RESOURCE KEY` or `idsync explain --identity NAME`.

@@ -70,7 +70,7 @@ pub enum Command {
     /// Identities in the repository.
     #[command(subcommand)]
     Identities(IdentitiesCommand),
-    /// Decision records, one per change event (oldest first).
+    /// Decision records, one per change event (oldest first); `results purge` removes old ones.
     Results(ResultsArgs),
     /// Failed events: list them, re-run them.
     #[command(subcommand)]
@@ -112,7 +112,10 @@ pub struct PreviewArgs {
     /// Only this resource.
     #[arg(long, short = 'r')]
     pub resource: Option<String>,
-    /// Output format.
+    /// JSON lines: the full planned decision records.
+    #[arg(long)]
+    pub json: bool,
+    /// Output format (`--format json` is the older spelling of `--json`).
     #[arg(long, value_enum, default_value_t = PreviewFormat::Table)]
     pub format: PreviewFormat,
     /// List at most N decisions (deletes are always listed; the totals are always whole).
@@ -150,6 +153,13 @@ pub enum PreviewFormat {
     Json,
 }
 
+impl PreviewArgs {
+    /// Whether to print JSON lines (`--json`, or `--format json`).
+    pub fn json(&self) -> bool {
+        self.json || self.format == PreviewFormat::Json
+    }
+}
+
 /// `explain` options.
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
@@ -183,19 +193,46 @@ pub struct RunArgs {
 #[derive(Debug, Subcommand)]
 pub enum IdentitiesCommand {
     /// One line per identity: name, state, linked accounts.
-    List,
-    /// One identity: attributes and linked accounts.
+    List {
+        /// JSON lines: name, state and linked accounts of each identity.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Identities with their attributes and linked accounts.
     Show {
-        /// Identity name.
-        name: String,
+        /// Identity names.
+        #[arg(required = true)]
+        names: Vec<String>,
     },
     /// JSON lines: one identity per line with its attributes and linked accounts.
     Export,
+    /// Erase deleted identities: their decision records, the shadows and failed events of
+    /// their former accounts, their notifications (an erasure request). Refuses an
+    /// identity that still exists.
+    Erase {
+        /// Names of deleted identities.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// The request's reference (a ticket number, not the name), kept with the record of
+        /// the erasure.
+        #[arg(long)]
+        reference: Option<String>,
+    },
+    /// The erasures carried out: when, the reference, what was removed (never whose).
+    Erasures {
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `results` options.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ResultsArgs {
+    /// `results purge`.
+    #[command(subcommand)]
+    pub command: Option<ResultsCommand>,
     /// Only this resource.
     #[arg(long, short = 'r')]
     pub resource: Option<String>,
@@ -221,6 +258,18 @@ pub struct ResultsArgs {
     /// config's `redact_attributes`).
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+}
+
+/// `results` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ResultsCommand {
+    /// Remove the decision records recorded before a time, but those an open failed event
+    /// still needs; says how many went and how many were kept, and why.
+    Purge {
+        /// RFC 3339 time (2026-01-31T00:00:00Z), a date (2026-01-31) or an age (90d).
+        #[arg(long)]
+        before: String,
+    },
 }
 
 /// `failed` subcommands.
@@ -266,7 +315,11 @@ pub enum FailedCommand {
         reason: String,
     },
     /// The failed events discarded so far: when, and why.
-    Discarded,
+    Discarded {
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `outbox` subcommands.
@@ -275,7 +328,7 @@ pub enum OutboxCommand {
     /// Messages, newest first: id, status, attempts, policy, identity, recipients, subject.
     List {
         /// Only this status (pending, sent, dead).
-        #[arg(long, short = 's')]
+        #[arg(long)]
         status: Option<String>,
         /// Only messages about this identity.
         #[arg(long, short = 'i')]
@@ -287,23 +340,115 @@ pub enum OutboxCommand {
         #[arg(long)]
         json: bool,
     },
-    /// One message with its text and HTML parts and its last error.
+    /// Messages with their text and HTML parts and their last error.
     Show {
-        /// Outbox id.
-        id: i64,
+        /// Outbox ids.
+        #[arg(required = true)]
+        ids: Vec<i64>,
     },
     /// Make undelivered messages due now (fresh maximum age).
     Retry {
-        /// Outbox id.
-        id: Option<i64>,
+        /// Outbox ids.
+        ids: Vec<i64>,
         /// Every dead-lettered message.
-        #[arg(long, conflicts_with = "id")]
+        #[arg(long, conflicts_with = "ids")]
         dead: bool,
     },
     /// Delete sent messages delivered before a time (never undelivered ones).
     Purge {
-        /// RFC 3339 time (2026-01-31T00:00:00Z) or an age (30d).
+        /// RFC 3339 time (2026-01-31T00:00:00Z), a date (2026-01-31) or an age (30d).
         #[arg(long)]
         sent_before: String,
     },
+}
+
+impl Command {
+    /// Every resource named on the command line, with the option or argument that named
+    /// it (`--resource`, `--accept-deletes`, `RESOURCE`): each must be configured
+    /// (`commands::check_resources`). A command that takes a resource lists it here.
+    pub fn named_resources(&self) -> Vec<(&'static str, &str)> {
+        match self {
+            Command::Run(a) => a
+                .resources
+                .iter()
+                .map(|r| ("--resource", r.as_str()))
+                .chain(
+                    a.accept_deletes
+                        .iter()
+                        .map(|r| ("--accept-deletes", r.as_str())),
+                )
+                .collect(),
+            Command::Results(ResultsArgs { resource, .. })
+            | Command::Preview(PreviewArgs { resource, .. })
+            | Command::Failed(FailedCommand::List { resource, .. })
+            | Command::Failed(FailedCommand::Retry { resource, .. })
+            | Command::Failed(FailedCommand::Discard { resource, .. }) => resource
+                .iter()
+                .map(|r| ("--resource", r.as_str()))
+                .collect(),
+            Command::Explain(a) => a
+                .resource
+                .iter()
+                .map(|r| ("RESOURCE", r.as_str()))
+                .collect(),
+            Command::Reconcile(a) => vec![("RESOURCE", a.resource.as_str())],
+            Command::Failed(FailedCommand::Discarded { .. })
+            | Command::Check(_)
+            | Command::Identities(_)
+            | Command::Outbox(_)
+            | Command::Status { .. }
+            | Command::TestRules { .. } => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every short flag of every command, with the long option it stands for there.
+    fn short_flags(cmd: &clap::Command, path: &str, found: &mut BTreeMap<char, Vec<String>>) {
+        for arg in cmd.get_arguments() {
+            if let (Some(short), Some(long)) = (arg.get_short(), arg.get_long()) {
+                found
+                    .entry(short)
+                    .or_default()
+                    .push(format!("{path}: --{long}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            short_flags(sub, &format!("{path} {}", sub.get_name()), found);
+        }
+    }
+
+    #[test]
+    fn a_short_flag_means_one_thing_everywhere() {
+        let mut found = BTreeMap::new();
+        short_flags(&Cli::command(), "idsync", &mut found);
+        for (short, uses) in &found {
+            let longs: std::collections::BTreeSet<&str> = uses
+                .iter()
+                .filter_map(|u| u.rsplit_once(": ").map(|(_, l)| l))
+                .collect();
+            assert_eq!(longs.len(), 1, "-{short} means several things: {uses:?}");
+        }
+    }
+
+    #[test]
+    fn the_short_flags_are_the_documented_ones() {
+        let doc = include_str!("../../../docs/operations.md");
+        let mut found = BTreeMap::new();
+        short_flags(&Cli::command(), "idsync", &mut found);
+        for (short, uses) in &found {
+            let long = uses[0].rsplit_once(": --").map(|(_, l)| l).unwrap_or("");
+            assert!(
+                doc.contains(&format!("| `-{short}` | `{long}` |")),
+                "docs/operations.md, Command-line conventions: no row for -{short} ({long})"
+            );
+        }
+    }
 }

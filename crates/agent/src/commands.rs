@@ -12,7 +12,7 @@ use idsync_engine::BatchReport;
 use idsync_repo::DecisionFilter;
 use idsync_rules::RuleEngine;
 
-use crate::cli::{FailedCommand, IdentitiesCommand, ResultsArgs, RunArgs};
+use crate::cli::{Command, FailedCommand, IdentitiesCommand, ResultsArgs, ResultsCommand, RunArgs};
 use crate::config::{Loaded, Problems};
 use crate::exit::Exit;
 use crate::printable::{inline, line};
@@ -42,6 +42,42 @@ fn setup_failed(e: &anyhow::Error) -> ExitCode {
             ExitCode::from(Exit::Resource)
         }
     }
+}
+
+/// Refuses a resource named on the command line (`--resource`, `--accept-deletes`, the
+/// `RESOURCE` of `explain`) that the config does not have: exit status 2, naming it and the
+/// configured ones. The one place every command's resources are checked.
+pub fn check_resources(loaded: &Loaded, command: &Command) -> Result<(), ExitCode> {
+    let configured: Vec<&str> = loaded
+        .config
+        .resources
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    let unknown: Vec<String> = command
+        .named_resources()
+        .into_iter()
+        .filter(|(_, name)| !configured.contains(name))
+        .map(|(flag, name)| {
+            format!(
+                "error: {flag}: no resource named '{}' in {} (configured: {})",
+                inline(name),
+                loaded.file.display(),
+                if configured.is_empty() {
+                    "none".to_owned()
+                } else {
+                    configured.join(", ")
+                }
+            )
+        })
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    for line in unknown {
+        eprintln!("{line}");
+    }
+    Err(ExitCode::from(Exit::Config))
 }
 
 /// `idsync check [--connect]`.
@@ -107,24 +143,6 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    for r in &args.resources {
-        if setup.policy(r).is_none() {
-            eprintln!(
-                "error: no resource named '{r}' in {}",
-                setup.loaded.file.display()
-            );
-            return ExitCode::from(Exit::Config);
-        }
-    }
-    for r in &args.accept_deletes {
-        if setup.policy(r).is_none() {
-            eprintln!(
-                "error: --accept-deletes: no resource named '{r}' in {}",
-                setup.loaded.file.display()
-            );
-            return ExitCode::from(Exit::Config);
-        }
-    }
     let _lock = match crate::lock::AgentLock::acquire(&setup.loaded.repository_path()) {
         Ok(l) => l,
         Err(e) => {
@@ -157,6 +175,20 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
             Ok(_) => {}
             Err(e) => {
                 eprintln!("error: outbox: {e}");
+                code = ExitCode::from(Exit::Resource);
+            }
+        }
+    }
+    let ages = crate::retention::Ages::of(&setup.loaded.config.retention);
+    if !ages.is_empty() {
+        match crate::retention::apply(setup.engine.repo(), &ages, &|| false) {
+            Ok(applied) => {
+                if let Some(what) = applied.describe() {
+                    line(format_args!("retention: {what}"));
+                }
+            }
+            Err(e) => {
+                eprintln!("error: retention: {e}");
                 code = ExitCode::from(Exit::Resource);
             }
         }
@@ -198,7 +230,9 @@ pub fn pass(setup: &Setup, only: &[String], adapters: &mut [Box<dyn Adapter>]) -
             continue;
         };
         passed += 1;
-        match pass_resource(setup, adapters[i].as_mut(), policy) {
+        let result = pass_resource(setup, adapters[i].as_mut(), policy);
+        let error = result.as_ref().err().map(|e| format!("{e:#}"));
+        match result {
             Ok(Some(report)) => {
                 line(format_args!(
                     "{}: {}",
@@ -216,6 +250,10 @@ pub fn pass(setup: &Setup, only: &[String], adapters: &mut [Box<dyn Adapter>]) -
                 ));
                 resource_errors += 1;
             }
+        }
+        // For `idsync status` once this process has gone (the agent has its status file).
+        if let Err(e) = setup.engine.repo().record_pass(&r.name, error.as_deref()) {
+            tracing::warn!(resource = %r.name, "cannot record the pass for `idsync status`: {e}");
         }
     }
     summary(passed, &total);
@@ -327,68 +365,47 @@ pub fn identities(loaded: Loaded, cmd: &IdentitiesCommand) -> anyhow::Result<Exi
     let repo = open_repo(&loaded)?;
     let mut out = crate::printable::stdout();
     match cmd {
-        IdentitiesCommand::List => {
+        IdentitiesCommand::List { json } => {
             let mut n = 0;
             repo.for_each_identity(&mut |id: Identity| {
                 n += 1;
+                let state = if id.disabled { "disabled" } else { "enabled" };
+                // A closed stdout (e.g. `| head`) must not become an error here.
+                if *json {
+                    let accounts: Vec<serde_json::Value> = id
+                        .accounts
+                        .iter()
+                        .map(|a| serde_json::json!({"resource": a.resource, "key": a.key}))
+                        .collect();
+                    let _ = writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({"name": id.name, "state": state, "accounts": accounts})
+                    );
+                    return Ok(());
+                }
                 let accounts: Vec<String> = id
                     .accounts
                     .iter()
                     .map(|a| format!("{}:{}", a.resource, inline(&a.key)))
                     .collect();
-                let state = if id.disabled { "disabled" } else { "enabled" };
-                // A closed stdout (e.g. `| head`) must not become an error here.
                 let _ = writeln!(out, "{}\t{state}\t{}", inline(&id.name), accounts.join(","));
                 Ok(())
             })?;
             eprintln!("{n} identities");
         }
-        IdentitiesCommand::Show { name } => {
-            let Some(id) = repo.identity(name)? else {
-                eprintln!("no identity named '{name}'");
-                return Ok(ExitCode::from(Exit::Failed));
-            };
-            writeln!(out, "name: {}", inline(&id.name))?;
-            writeln!(out, "version: {}", id.version)?;
-            writeln!(
-                out,
-                "state: {}",
-                if id.disabled { "disabled" } else { "enabled" }
-            )?;
-            writeln!(out, "attributes:")?;
-            for a in id.attrs.iter() {
-                let values: Vec<String> = a
-                    .values
-                    .iter()
-                    .map(|v| inline(&v.to_string()).into_owned())
-                    .collect();
-                writeln!(out, "  {}: {}", a.name, values.join(" | "))?;
-            }
-            writeln!(out, "accounts:")?;
-            if id.accounts.is_empty() {
-                writeln!(out, "  (none)")?;
-            }
-            for acc in &id.accounts {
-                writeln!(out, "  {}:{}", acc.resource, inline(&acc.key))?;
-            }
-            let failures: Vec<_> = repo
-                .failures(None)?
-                .into_iter()
-                .filter(|f| {
-                    f.key.as_ref().is_some_and(|k| {
-                        id.accounts
-                            .iter()
-                            .any(|a| &a.key == k && a.resource == f.resource)
-                    })
-                })
-                .collect();
-            if !failures.is_empty() {
-                writeln!(out, "failed events of its accounts:")?;
-                for f in failures {
-                    writeln!(out, "  #{} {}: {}", f.id, f.at, inline(&f.error))?;
+        IdentitiesCommand::Show { names } => {
+            let mut code = ExitCode::SUCCESS;
+            for (i, name) in names.iter().enumerate() {
+                if i > 0 {
+                    writeln!(out)?;
+                }
+                if !show_identity(&repo, name, &mut out)? {
+                    eprintln!("no identity named '{}'", inline(name));
+                    code = ExitCode::from(Exit::Failed);
                 }
             }
-            crate::outbox::show_pending(&repo, &id.name, &mut out)?;
+            return Ok(code);
         }
         IdentitiesCommand::Export => {
             let pending = crate::outbox::pending_counts(&repo)?;
@@ -403,12 +420,75 @@ pub fn identities(loaded: Loaded, cmd: &IdentitiesCommand) -> anyhow::Result<Exi
                 Ok(())
             })?;
         }
+        IdentitiesCommand::Erase { names, reference } => {
+            return crate::erase::erase(&repo, names, reference.as_deref());
+        }
+        IdentitiesCommand::Erasures { json } => {
+            return crate::erase::list(&repo, *json);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// `identities show NAME`: one identity's attributes, accounts, failed events and pending
+/// notifications; false when there is no such identity.
+fn show_identity(
+    repo: &idsync_repo::Repo,
+    name: &str,
+    out: &mut impl Write,
+) -> anyhow::Result<bool> {
+    let Some(id) = repo.identity(name)? else {
+        return Ok(false);
+    };
+    writeln!(out, "name: {}", inline(&id.name))?;
+    writeln!(out, "version: {}", id.version)?;
+    writeln!(
+        out,
+        "state: {}",
+        if id.disabled { "disabled" } else { "enabled" }
+    )?;
+    writeln!(out, "attributes:")?;
+    for a in id.attrs.iter() {
+        let values: Vec<String> = a
+            .values
+            .iter()
+            .map(|v| inline(&v.to_string()).into_owned())
+            .collect();
+        writeln!(out, "  {}: {}", a.name, values.join(" | "))?;
+    }
+    writeln!(out, "accounts:")?;
+    if id.accounts.is_empty() {
+        writeln!(out, "  (none)")?;
+    }
+    for acc in &id.accounts {
+        writeln!(out, "  {}:{}", acc.resource, inline(&acc.key))?;
+    }
+    let failures: Vec<_> = repo
+        .failures(None)?
+        .into_iter()
+        .filter(|f| {
+            f.key.as_ref().is_some_and(|k| {
+                id.accounts
+                    .iter()
+                    .any(|a| &a.key == k && a.resource == f.resource)
+            })
+        })
+        .collect();
+    if !failures.is_empty() {
+        writeln!(out, "failed events of its accounts:")?;
+        for f in failures {
+            writeln!(out, "  #{} {}: {}", f.id, f.at, inline(&f.error))?;
+        }
+    }
+    crate::outbox::show_pending(repo, &id.name, out)?;
+    Ok(true)
+}
+
 /// `idsync results`.
 pub fn results(loaded: Loaded, args: &ResultsArgs) -> anyhow::Result<ExitCode> {
+    if let Some(ResultsCommand::Purge { before }) = &args.command {
+        return purge_results(&loaded, before);
+    }
     let situation = match &args.situation {
         Some(s) => match Situation::parse(s) {
             Some(s) => Some(s),
@@ -455,6 +535,27 @@ pub fn results(loaded: Loaded, args: &ResultsArgs) -> anyhow::Result<ExitCode> {
         )?;
     }
     eprintln!("{} record(s)", records.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `idsync results purge --before WHEN`: removes the older decision records but those
+/// `idsync_repo::KEEP` holds, and says what went and what stayed.
+fn purge_results(loaded: &Loaded, before: &str) -> anyhow::Result<ExitCode> {
+    let cutoff = match crate::when::parse_cutoff(before) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: --before: {e}");
+            return Ok(ExitCode::from(Exit::Config));
+        }
+    };
+    let repo = open_repo(loaded)?;
+    let report = repo.purge_decisions_before(cutoff, &|| false)?;
+    line(format_args!(
+        "removed {} decision record(s) recorded before {}{}",
+        report.removed,
+        humantime::format_rfc3339_seconds(cutoff),
+        crate::retention::describe_kept(&report)
+    ));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -559,11 +660,15 @@ pub fn failed(loaded: Loaded, cmd: &FailedCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        FailedCommand::Discarded => {
+        FailedCommand::Discarded { json } => {
             let repo = open_repo(&loaded)?;
             let mut out = crate::printable::stdout();
             let list = repo.discarded_failures()?;
             for d in &list {
+                if *json {
+                    writeln!(out, "{}", serde_json::to_string(d)?)?;
+                    continue;
+                }
                 writeln!(
                     out,
                     "#{} {} {} discarded {}: {} (was: {})",

@@ -44,6 +44,36 @@ pub struct Config {
     /// Notification policies and the outbox transport (docs/notifications.md).
     #[serde(default)]
     pub notifications: Option<idsync_notify::NotificationsConfig>,
+    /// How long records are kept (none of them is removed by default).
+    #[serde(default)]
+    pub retention: RetentionConfig,
+}
+
+/// `retention`: how long each kind of record is kept, as an age (`90d`, `12h`); a kind left
+/// out is kept for ever. Applied by `idsync run` (module `retention`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Decision records (those an open failed event needs are kept).
+    pub decisions: Option<String>,
+    /// Sent notifications (undelivered ones are never removed).
+    pub outbox: Option<String>,
+    /// Failed events an operator discarded.
+    pub failed_discarded: Option<String>,
+}
+
+impl RetentionConfig {
+    /// `(key, value)` of every age given.
+    pub fn entries(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("decisions", &self.decisions),
+            ("outbox", &self.outbox),
+            ("failed_discarded", &self.failed_discarded),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+        .collect()
+    }
 }
 
 /// `status`: where the running agent serves health and metrics.
@@ -502,6 +532,11 @@ impl Loaded {
         }
         if self.config.poll_interval_secs == 0 {
             out.push(format!("{f}: poll_interval_secs: must be at least 1"));
+        }
+        for (key, value) in self.config.retention.entries() {
+            if let Err(e) = crate::when::parse_age(value) {
+                out.push(format!("{f}: retention.{key}: {e}"));
+            }
         }
         out
     }

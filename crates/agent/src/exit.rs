@@ -11,7 +11,8 @@ pub enum Exit {
     /// An event, a retry or a fixture failed; a mail was dead-lettered in the round of
     /// `run --once`; a thing asked for does not exist.
     Failed = 1,
-    /// The config or a rule is broken (every problem is listed).
+    /// The config or a rule is broken (every problem is listed); the command line is wrong
+    /// (an unknown option, value or resource); an erasure was refused.
     Config = 2,
     /// A resource could not be synchronized (unreadable feed, unreachable server, halted
     /// batch, repository error), or another agent holds the repository.

@@ -10,6 +10,7 @@ pub mod authoring;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod erase;
 pub mod exit;
 pub mod explain;
 pub mod fixtures;
@@ -20,11 +21,13 @@ pub mod outbox;
 pub mod preflight;
 pub mod printable;
 pub mod reconcile;
+pub mod retention;
 pub mod runner;
 pub mod schedule;
 pub mod service;
 pub mod setup;
 pub mod status;
+pub mod when;
 
 use std::process::ExitCode;
 
@@ -46,6 +49,9 @@ pub fn main() -> ExitCode {
         Ok(l) => l,
         Err(code) => return code,
     };
+    if let Err(code) = commands::check_resources(&loaded, &cli.command) {
+        return code;
+    }
     if !matches!(cli.command, Command::Run(_)) {
         // A command that writes while the agent commits a large batch waits for it, and
         // says so, instead of failing after the agent's own five seconds.

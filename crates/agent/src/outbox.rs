@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use idsync_core::Identity;
 use idsync_notify::{Dispatcher, RoundReport};
@@ -133,50 +133,60 @@ pub fn command(loaded: Loaded, cmd: &OutboxCommand) -> anyhow::Result<ExitCode> 
                 list.len()
             );
         }
-        OutboxCommand::Show { id } => {
-            let Some(m) = repo.outbox_get(*id)? else {
-                eprintln!("no outbox message #{id}");
-                return Ok(ExitCode::from(Exit::Failed));
-            };
-            writeln!(out, "{}", line(&m))?;
-            writeln!(
-                out,
-                "message-id: {}",
-                idsync_notify::message::message_id(&m)
-            )?;
-            writeln!(out, "from: {}", m.mail.from)?;
-            writeln!(out, "to: {}", inline(&m.mail.to.join(", ")))?;
-            writeln!(out, "subject: {}", inline(&m.mail.subject))?;
-            writeln!(out, "--- text\n{}", m.mail.text)?;
-            if let Some(h) = &m.mail.html {
-                writeln!(out, "--- html\n{h}")?;
+        OutboxCommand::Show { ids } => {
+            let mut code = ExitCode::SUCCESS;
+            for (i, id) in ids.iter().enumerate() {
+                let Some(m) = repo.outbox_get(*id)? else {
+                    eprintln!("no outbox message #{id}");
+                    code = ExitCode::from(Exit::Failed);
+                    continue;
+                };
+                if i > 0 {
+                    writeln!(out)?;
+                }
+                writeln!(out, "{}", line(&m))?;
+                writeln!(
+                    out,
+                    "message-id: {}",
+                    idsync_notify::message::message_id(&m)
+                )?;
+                writeln!(out, "from: {}", m.mail.from)?;
+                writeln!(out, "to: {}", inline(&m.mail.to.join(", ")))?;
+                writeln!(out, "subject: {}", inline(&m.mail.subject))?;
+                writeln!(out, "--- text\n{}", m.mail.text)?;
+                if let Some(h) = &m.mail.html {
+                    writeln!(out, "--- html\n{h}")?;
+                }
             }
+            return Ok(code);
         }
-        OutboxCommand::Retry { id, dead } => {
+        OutboxCommand::Retry { ids, dead } => {
             if *dead {
                 let n = repo.outbox_retry_dead()?;
                 crate::printable::line(format_args!("{n} dead-lettered message(s) due again"));
-            } else if let Some(id) = id {
-                if !repo.outbox_retry(*id)? {
-                    eprintln!("no undelivered outbox message #{id}");
-                    return Ok(ExitCode::from(Exit::Failed));
-                }
-                crate::printable::line(format_args!("#{id} due again"));
-            } else {
-                eprintln!("give an outbox id, or --dead");
+            } else if ids.is_empty() {
+                eprintln!("give outbox ids, or --dead");
                 return Ok(ExitCode::from(Exit::Config));
+            } else {
+                let mut code = ExitCode::SUCCESS;
+                for id in ids {
+                    if repo.outbox_retry(*id)? {
+                        crate::printable::line(format_args!("#{id} due again"));
+                    } else {
+                        eprintln!("no undelivered outbox message #{id}");
+                        code = ExitCode::from(Exit::Failed);
+                    }
+                }
+                return Ok(code);
             }
         }
         OutboxCommand::Purge { sent_before } => {
-            let cutoff = match humantime::parse_rfc3339_weak(sent_before) {
+            let cutoff = match crate::when::parse_cutoff(sent_before) {
                 Ok(t) => t,
-                Err(_) => match humantime::parse_duration(sent_before) {
-                    Ok(age) => SystemTime::now() - age,
-                    Err(_) => {
-                        eprintln!("--sent-before: give an RFC 3339 time or an age like 30d");
-                        return Ok(ExitCode::from(Exit::Config));
-                    }
-                },
+                Err(e) => {
+                    eprintln!("error: --sent-before: {e}");
+                    return Ok(ExitCode::from(Exit::Config));
+                }
             };
             let ms = cutoff
                 .duration_since(UNIX_EPOCH)

@@ -13,9 +13,10 @@
 //!   at the earliest next attempt the outbox holds, so a retry schedule holds whatever the
 //!   resources do, and a stalled mail server holds up nothing but mail.
 //! - **The main thread** watches only the config file and the rule files (and SIGHUP) to
-//!   reload, writes the status file, and on SIGTERM/SIGINT stops every loop after the part
-//!   in hand (committed with its checkpoint). A second signal exits at once: every part is
-//!   atomic, so that is as safe as a crash.
+//!   reload, writes the status file, starts the retention job when it is due (module
+//!   `retention`), and on SIGTERM/SIGINT stops every loop after the part in hand (committed
+//!   with its checkpoint). A second signal exits at once: every part is atomic, so that is
+//!   as safe as a crash.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -91,6 +92,8 @@ struct Generation {
     loops: Vec<JoinHandle<()>>,
     dispatcher: Option<JoinHandle<()>>,
     loaded: Loaded,
+    /// The repository the loops share (the retention job works on it too).
+    repo: Arc<Repo>,
 }
 
 impl Generation {
@@ -113,7 +116,7 @@ impl Generation {
         });
         let shared = Shared {
             loaded: setup.loaded.clone(),
-            repo,
+            repo: repo.clone(),
             stop: stop.clone(),
             observer: observer.clone(),
             board: board.clone(),
@@ -138,6 +141,7 @@ impl Generation {
             loops,
             dispatcher,
             loaded: setup.loaded,
+            repo,
         }
     }
 
@@ -221,11 +225,14 @@ pub fn serve(setup: Setup, args: &RunArgs, guard: &Arc<InFlight>) -> ExitCode {
     );
     let mut generation = Generation::start(setup, args, &names, &observer, &board, guard);
     let mut reload_watch = reload_watcher(&generation.loaded);
+    let mut retention = crate::retention::Job::new();
+    let mut ages = crate::retention::Ages::of(&generation.loaded.config.retention);
     while !stop.requested() {
         let changed = reload_watch.wait(SLICE);
         if board.dirty.swap(false, Ordering::SeqCst) {
             status_file.write(&board.snapshot());
         }
+        retention.tick(&generation.repo, &ages, &generation.stop);
         if !(changed || reload.swap(false, Ordering::SeqCst)) || stop.requested() {
             continue;
         }
@@ -235,6 +242,8 @@ pub fn serve(setup: Setup, args: &RunArgs, guard: &Arc<InFlight>) -> ExitCode {
         {
             Ok(new) => {
                 generation.stop();
+                retention.restart();
+                ages = crate::retention::Ages::of(&new.loaded.config.retention);
                 generation = Generation::start(new, args, &names, &observer, &board, guard);
                 tracing::warn!("reloaded {} and the rules", config_file.display());
                 reload_watch = reload_watcher(&generation.loaded);
@@ -243,6 +252,7 @@ pub fn serve(setup: Setup, args: &RunArgs, guard: &Arc<InFlight>) -> ExitCode {
         }
     }
     generation.stop();
+    retention.join();
     tracing::info!("stopping: the last batch was committed");
     status_file.write_stopped(&board.snapshot());
     ExitCode::SUCCESS

@@ -1,7 +1,8 @@
 //! `idsync status`: per resource, what the running agent last did (from the status file it
-//! rewrites after every turn of its loop, `<repository>.status.json`) and what the
-//! repository holds (checkpoint age, events processed, failed events, the last reconcile and
-//! the reconcile schedule); the outbox counts.
+//! rewrites after every turn of its loop, `<repository>.status.json`) or, when no agent
+//! runs, what the last `idsync run --once` recorded in the repository (its last pass and
+//! last error), and what the repository holds (checkpoint age, events processed, failed
+//! events, the last reconcile and the reconcile schedule); the outbox counts.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -175,7 +176,9 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
             .as_ref()
             .filter(|_| running)
             .and_then(|s| s.resources.iter().find(|x| x.resource == r.name).cloned());
-        rows.push((r.name.clone(), summary, live));
+        let recorded = repo.last_pass(&r.name)?.unwrap_or_default();
+        let passes = Passes::of(live.as_ref(), recorded);
+        rows.push((r.name.clone(), summary, live, passes));
         reconciles.push((
             repo.last_reconcile(&r.name)?,
             r.reconcile.as_ref().map(|c| c.cron.clone()),
@@ -186,12 +189,12 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         let value = serde_json::json!({
             "agent": { "running": running, "pid": snapshot.as_ref().filter(|_| running).map(|s| s.pid) },
-            "resources": rows.iter().zip(&reconciles).map(|((name, summary, live), (last, cron))| serde_json::json!({
+            "resources": rows.iter().zip(&reconciles).map(|((name, summary, live, passes), (last, cron))| serde_json::json!({
                 "resource": name,
                 "state": live.as_ref().map(|l| l.state.as_str()).unwrap_or(if running { "starting" } else { "stopped" }),
                 "checkpoint_at": summary.checkpoint_at,
-                "last_pass_at": live.as_ref().and_then(|l| l.last_pass_at.clone()),
-                "last_error": live.as_ref().and_then(|l| l.last_error.clone()),
+                "last_pass_at": passes.last_pass_at,
+                "last_error": passes.last_error,
                 "processed": summary.decisions,
                 "failed": summary.failed_decisions,
                 "failed_pending": summary.failed_pending,
@@ -212,7 +215,7 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
         )?,
         None => writeln!(out, "agent: not running")?,
     }
-    for ((name, summary, live), (last, cron)) in rows.iter().zip(&reconciles) {
+    for ((name, summary, live, passes), (last, cron)) in rows.iter().zip(&reconciles) {
         let state = live.as_ref().map(|l| l.state.clone()).unwrap_or_else(|| {
             if running {
                 "starting".into()
@@ -223,14 +226,14 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
         writeln!(
             out,
             "{name}: {state}; last pass {}; checkpoint committed {}; processed {}, failed {} ({} waiting for retry)",
-            age(live.as_ref().and_then(|l| l.last_pass_at.as_deref())),
+            age(passes.last_pass_at.as_deref()),
             age(summary.checkpoint_at.as_deref()),
             summary.decisions,
             summary.failed_decisions,
             summary.failed_pending
         )?;
-        if let Some(e) = live.as_ref().and_then(|l| l.last_error.as_ref()) {
-            writeln!(out, "  last error: {e}")?;
+        if let Some(e) = &passes.last_error {
+            writeln!(out, "  last error: {}", crate::printable::inline(e))?;
         }
         if last.is_some() || cron.is_some() {
             writeln!(out, "  {}", reconcile_line(last.as_ref(), cron.as_deref()))?;
@@ -282,6 +285,31 @@ fn reconcile_line(last: Option<&ReconcileRun>, cron: Option<&str>) -> String {
         out.push_str(&format!("; scheduled at '{cron}' (UTC){next}"));
     }
     out
+}
+
+/// A resource's last pass and last error as `status` shows them.
+#[derive(Debug)]
+struct Passes {
+    last_pass_at: Option<String>,
+    last_error: Option<String>,
+}
+
+impl Passes {
+    /// While an agent runs, its own report (`live`; the last pass of an earlier
+    /// `run --once` until its first pass ends); otherwise what the last `run --once`
+    /// recorded.
+    fn of(live: Option<&ResourceStatus>, recorded: idsync_repo::LastPass) -> Passes {
+        match live {
+            Some(l) => Passes {
+                last_pass_at: l.last_pass_at.clone().or(recorded.passed_at),
+                last_error: l.last_error.clone(),
+            },
+            None => Passes {
+                last_pass_at: recorded.passed_at,
+                last_error: recorded.error,
+            },
+        }
+    }
 }
 
 /// Writes `bytes` to a file readable by its owner only (it names resources and errors).

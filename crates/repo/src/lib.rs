@@ -32,17 +32,23 @@
 //! - Notification messages wait in the `outbox` table (module `outbox`): inserted in the
 //!   batch transaction, claimed with a lease, marked sent in the transaction that records
 //!   delivery.
+//! - Old records are purged a chunk per transaction, keeping what open items need (module
+//!   `retention`, its `KEEP` list); a deleted identity's traces are erased on request
+//!   (module `erasure`).
 //! - The file runs in WAL mode with `synchronous=FULL`: a committed batch survives a power
 //!   loss. The schema is versioned with `PRAGMA user_version` (see the `schema` module).
 
 mod busy;
 mod checkpointer;
+mod erasure;
 mod error;
 mod file;
 mod identities;
 mod outbox;
+mod passes;
 mod reconciles;
 mod records;
+mod retention;
 mod schema;
 mod shadows;
 mod summary;
@@ -58,13 +64,16 @@ use rusqlite::Connection;
 
 pub use busy::wait_for_other_writers;
 pub use checkpointer::WAL_SAFETY_NET_PAGES;
+pub use erasure::{ERASED, Erasure, ErasureRecord, ErasureReport};
 pub use error::RepoError;
 pub use outbox::{
     NewOutboxMessage, OutboxFilter, OutboxMessage, OutboxOutcome, OutboxStatus, RenderedMail,
     now_ms,
 };
+pub use passes::LastPass;
 pub use reconciles::{ReconcileOutcome, ReconcileRun};
 pub use records::{DecisionFilter, DiscardedFailure, FailedEvent, NewFailure, StoredDecision};
+pub use retention::{KEEP, Keep, PURGE_CHUNK, PurgeReport};
 pub use schema::SCHEMA_VERSION;
 pub use summary::ResourceSummary;
 

@@ -187,6 +187,26 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX IF NOT EXISTS reconciles_resource ON reconciles(resource, id);
     "#,
+    // 7: erasure requests carried out (`identities erase`): when, the operator's reference and
+    // how many rows of each kind went, never whose (module `erasure`).
+    r#"
+    CREATE TABLE IF NOT EXISTS erasures (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        at         TEXT NOT NULL,
+        reference  TEXT,
+        removed    TEXT NOT NULL
+    );
+    "#,
+    // 8: the last pass of each resource by `run --once` (the agent reports its own in the
+    // status file): when it last passed, when it last failed and why (module `passes`).
+    r#"
+    CREATE TABLE IF NOT EXISTS last_passes (
+        resource   TEXT PRIMARY KEY,
+        passed_at  TEXT,
+        failed_at  TEXT,
+        error      TEXT
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.
