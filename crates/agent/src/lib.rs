@@ -23,6 +23,7 @@ pub mod runner;
 pub mod service;
 pub mod setup;
 pub mod status;
+pub mod work_items;
 
 use std::process::ExitCode;
 
@@ -65,6 +66,9 @@ pub fn main() -> ExitCode {
         Command::TestRules { paths } => fixtures::test_rules(&loaded, paths),
         Command::Outbox(cmd) => outbox::command(loaded, cmd),
         Command::Status { json } => status::command(&loaded, *json),
+        Command::WorkItems(cmd) => work_items::command(loaded, cmd),
+        Command::Link(args) => work_items::link(loaded, args),
+        Command::Unlink(args) => work_items::unlink(loaded, args),
     };
     match result {
         Ok(code) => code,

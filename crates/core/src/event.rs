@@ -24,6 +24,9 @@ pub enum Op {
     Delete,
     /// Created or updated; the resource cannot tell which.
     Upsert,
+    /// Not a change on the resource: an operator decided about the account (`idsync link`,
+    /// `unlink`, `work-items resolve`), with its attributes as last seen.
+    Operator,
 }
 
 impl Op {
@@ -34,6 +37,7 @@ impl Op {
             Op::Update => "update",
             Op::Delete => "delete",
             Op::Upsert => "upsert",
+            Op::Operator => "operator",
         }
     }
 
@@ -44,6 +48,7 @@ impl Op {
             "update" => Op::Update,
             "delete" => Op::Delete,
             "upsert" => Op::Upsert,
+            "operator" => Op::Operator,
             _ => return None,
         })
     }
