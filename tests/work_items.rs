@@ -624,3 +624,77 @@ fn check_refuses_contradicting_unmatched_settings() {
         run.stderr
     );
 }
+
+/// `idsync run --once` killed with SIGKILL after `after`, unless it ended first: whether it
+/// was killed.
+fn run_once_killed_after(s: &Sandbox, after: std::time::Duration) -> bool {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .args(["run", "--once", "--resource", "hr"])
+        .current_dir(s.path())
+        .env_remove("IDSYNC_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + after;
+    while std::time::Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let killed = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    killed
+}
+
+#[test]
+fn a_kill_never_leaves_a_decision_without_its_item_or_an_item_twice() {
+    const ACCOUNTS: usize = 4000;
+    let s = world(DISPUTED_BY_MAIL, None, &[]);
+    // Parts of 100 events, each committed on its own: a kill lands between and inside them.
+    let config = std::fs::read_to_string(s.path().join("idsync.yaml")).unwrap();
+    s.config(&config.replace(
+        "path: feeds/hr.csv, key: emp }",
+        "path: feeds/hr.csv, key: emp, batch_size: 100 }",
+    ));
+    // Every account is disputed (two seed identities share the mail). Two passes: every
+    // account raises its item, then raises it again (changed rows).
+    for title in ["Clerk", "Lead"] {
+        let mut csv = String::from("emp,mail,title\n");
+        for i in 0..ACCOUNTS {
+            csv.push_str(&format!("{i},shared@example.com,{title}\n"));
+        }
+        s.feed("hr.csv", &csv);
+        let mut kills = 0;
+        for ms in [40, 90, 160, 250, 400, 600, 900, 1300] {
+            if run_once_killed_after(&s, std::time::Duration::from_millis(ms)) {
+                kills += 1;
+            }
+        }
+        eprintln!("{title}: {kills} run(s) killed");
+        assert!(kills > 0, "no run was cut short: make the feed larger");
+        s.run_once(Some("hr"), 0);
+    }
+    let count = |sql: &str| s.sql(sql).parse::<u64>().unwrap();
+    let decided = count(
+        "SELECT count(*) FROM decisions WHERE resource = 'hr' AND action = 'work_item'",
+    );
+    assert_eq!(decided, 2 * ACCOUNTS as u64, "one decision per event");
+    assert_eq!(count("SELECT count(*) FROM work_items"), ACCOUNTS as u64);
+    assert_eq!(
+        count("SELECT count(*) FROM work_items WHERE seen = 2 AND state = 'open'"),
+        ACCOUNTS as u64
+    );
+    // Every decision that left its account to an operator is the one that raised or last
+    // raised its account's item.
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM decisions d WHERE d.action = 'work_item' AND NOT EXISTS \
+             (SELECT 1 FROM work_items w WHERE w.resource = d.resource AND w.key = d.key \
+              AND d.id IN (w.decision_id, w.last_decision_id))"
+        ),
+        0
+    );
+}
