@@ -258,7 +258,7 @@ fn a_disputed_event_raises_a_work_item_that_resolve_link_closes() {
         "  action: linked (identity bob)",
         "    title: (none) → \"Senior Clerk\"",
         &format!("closed work item #{id} (disputed, hr 15)"),
-        &format!("linked to bob at "),
+        "linked to bob at ",
         &format!("by decision #{}", d["id"]),
     ] {
         assert!(
@@ -678,9 +678,8 @@ fn a_kill_never_leaves_a_decision_without_its_item_or_an_item_twice() {
         s.run_once(Some("hr"), 0);
     }
     let count = |sql: &str| s.sql(sql).parse::<u64>().unwrap();
-    let decided = count(
-        "SELECT count(*) FROM decisions WHERE resource = 'hr' AND action = 'work_item'",
-    );
+    let decided =
+        count("SELECT count(*) FROM decisions WHERE resource = 'hr' AND action = 'work_item'");
     assert_eq!(decided, 2 * ACCOUNTS as u64, "one decision per event");
     assert_eq!(count("SELECT count(*) FROM work_items"), ACCOUNTS as u64);
     assert_eq!(
@@ -697,4 +696,42 @@ fn a_kill_never_leaves_a_decision_without_its_item_or_an_item_twice() {
         ),
         0
     );
+}
+
+/// An operator's command waits for a write of another process (an agent committing a large
+/// batch) instead of failing with "database is locked", says so, then applies.
+#[test]
+fn an_operator_command_waits_visibly_for_a_long_write_of_another_process() {
+    let s = world(DISPUTED_BY_MAIL, None, &[]);
+    s.feed("hr.csv", "emp,mail,title\n15,shared@example.com,Clerk\n");
+    s.run_once(Some("hr"), 0);
+    let id = only_open(&s)["id"].as_i64().unwrap().to_string();
+    // Another process holds the write lock for 7 s, beyond SQLite's own 5 s.
+    let mut holder = std::process::Command::new("sqlite3")
+        .arg(s.db())
+        .args([
+            "BEGIN IMMEDIATE;",
+            "UPDATE identities SET version = version WHERE 0;",
+            ".shell sleep 7",
+            "COMMIT;",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let run = s
+        .idsync(&["work-items", "resolve", &id, "--link", "bea"])
+        .expect_code(0);
+    let waited = started.elapsed();
+    holder.wait().unwrap();
+    assert!(
+        waited >= std::time::Duration::from_secs(5),
+        "it waited for the lock ({waited:?})"
+    );
+    assert!(
+        run.stderr.contains("repository is busy") && run.stderr.contains("waiting"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(s.owner("hr", "15").as_deref(), Some("bea"));
 }
