@@ -11,7 +11,9 @@ pub enum Exit {
     /// An event, a retry or a fixture failed; a mail was dead-lettered in the round of
     /// `run --once`; a thing asked for does not exist.
     Failed = 1,
-    /// The config or a rule is broken (every problem is listed).
+    /// The config or a rule is broken (every problem is listed); an operator command named
+    /// a work item, identity, account or resource that does not exist, or asked what cannot
+    /// apply.
     Config = 2,
     /// A resource could not be synchronized (unreadable feed, unreachable server, halted
     /// batch, repository error), or another agent holds the repository.
