@@ -9,6 +9,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "common/slapd.rs"]
+mod slapd;
 
 use common::{Sandbox, SmtpServer, attr};
 use serde_json::Value;
@@ -734,4 +736,66 @@ fn an_operator_command_waits_visibly_for_a_long_write_of_another_process() {
         run.stderr
     );
     assert_eq!(s.owner("hr", "15").as_deref(), Some("bea"));
+}
+
+/// `link` and `unlink` name an LDAP account by its DN or its naming attribute (`uid`), as
+/// `explain` does; the decisions are recorded under the entryUUID.
+#[test]
+fn ldap_accounts_are_linked_and_unlinked_by_dn_and_naming_attribute() {
+    use slapd::{PEOPLE, SYNC_DN, SYNC_PW, Slapd};
+    let slapd = Slapd::start();
+    slapd.add_person("ann", "Ann", "ann@example.com");
+    slapd.add_person("bob", "Bob", "bob@example.com");
+    let s = Sandbox::new();
+    s.write("secrets/ldap.pw", &format!("{SYNC_PW}\n"));
+    s.config(&format!(
+        "status: {{ listen: off }}
+resources:
+  - name: dir
+    source:
+      type: ldap
+      url: {url}
+      base: {PEOPLE}
+      filter: (objectClass=inetOrgPerson)
+      bind_dn: {SYNC_DN}
+      bind_password_file: secrets/ldap.pw
+      timeout_secs: 5
+      mode: syncrepl
+      name_attribute: uid
+    naming: 'account.uid'
+    mappings:
+      - {{ to: mail, from: mail }}
+",
+        url = slapd.url()
+    ));
+    s.run_once(None, 0);
+    let ann = slapd.entry_uuid(&format!("uid=ann,{PEOPLE}"));
+    let bob = slapd.entry_uuid(&format!("uid=bob,{PEOPLE}"));
+    assert_eq!(s.owner("dir", &ann).as_deref(), Some("ann"));
+
+    // By DN (any case).
+    s.idsync(&["unlink", "dir", &format!("UID=ann,{PEOPLE}")])
+        .expect_code(0);
+    assert_eq!(s.owner("dir", &ann), None);
+    let d = s.last_result();
+    assert_eq!(
+        (d["key"].as_str(), d["op"].as_str()),
+        (Some(ann.as_str()), Some("operator"))
+    );
+
+    // By the naming attribute: bob's entry moves to identity ann, whose mail follows it.
+    s.idsync(&["link", "dir", "bob", "ann"]).expect_code(0);
+    assert_eq!(s.owner("dir", &bob).as_deref(), Some("ann"));
+    assert_eq!(
+        attr(&s.identity("ann").unwrap(), "mail"),
+        Some("bob@example.com")
+    );
+    assert_eq!(s.last_result()["key"], bob.as_str());
+    // Nobody answers to that name.
+    let run = s.idsync(&["link", "dir", "carol", "ann"]).expect_code(2);
+    assert!(
+        run.stderr.contains("resource dir has no account 'carol'"),
+        "{}",
+        run.stderr
+    );
 }
