@@ -157,6 +157,8 @@ pub struct Engine {
     repo: Arc<Repo>,
     notifier: Option<Box<dyn Notifier>>,
     guard: Option<Box<dyn CrashGuard>>,
+    /// Deciding for a preview (everything is rolled back): nothing is logged as done.
+    previewing: std::cell::Cell<bool>,
 }
 
 impl Engine {
@@ -167,6 +169,7 @@ impl Engine {
             repo,
             notifier: None,
             guard: None,
+            previewing: std::cell::Cell::new(false),
         }
     }
 
@@ -242,7 +245,9 @@ impl Engine {
         batch: &ChangeBatch,
         each: &mut dyn FnMut(&Decision),
     ) -> Result<BatchReport, EngineError> {
+        self.previewing.set(true);
         let result = self.run_batch(policy, batch, each);
+        self.previewing.set(false);
         self.repo.rollback()?;
         result
     }
@@ -497,11 +502,17 @@ impl Engine {
                 candidates: &candidates,
             })?;
             raised.push(r.id);
+            // (In the event's span: `span.resource`, `span.key` in JSON logs.)
+            if !self.previewing.get() {
+                if r.new {
+                    tracing::info!("work item #{} opened: {reason}", r.id);
+                } else {
+                    tracing::info!("work item #{} raised again (still open)", r.id);
+                }
+            }
             if !r.new {
-                tracing::info!(resource = %event.resource, key = %event.key, "work item #{} raised again (still open)", r.id);
                 continue;
             }
-            tracing::warn!(resource = %event.resource, key = %event.key, "work item #{} opened: {reason}", r.id);
             let Some(notifier) = &self.notifier else {
                 continue;
             };
