@@ -43,8 +43,9 @@ const POLICIES: &str = r#"
       text: 'Title: {{ identity.attrs.title }}'
 "#;
 
-/// A sandbox whose `hr` resource has `hr_extra` (YAML lines of the resource entry), the
-/// rule `by_mail.rhai` (correlation by mail) and `rules`, and, with `smtp_port`,
+/// A sandbox whose `hr` resource has `hr_extra` (YAML lines of the resource entry; without
+/// a process rule also a naming and a mapping of `title`), the rule `by_mail.rhai`
+/// (correlation by mail) and `rules`, and, with `smtp_port`,
 /// notifications to an SMTP server on that port. The seed identities are created.
 fn world(hr_extra: &str, smtp_port: Option<u16>, rules: &[(&str, &str)]) -> Sandbox {
     let s = Sandbox::new();
@@ -70,10 +71,13 @@ resources:
       - {{ to: mail, from: mail }}
   - name: hr
     source: {{ type: flatfile, path: feeds/hr.csv, key: emp }}
-    naming: '\"p\" + account.emp'
-    mappings:
-      - {{ to: title, from: title }}
-{hr_extra}{notifications}"
+{naming}{hr_extra}{notifications}",
+        // A process rule sets attributes itself: naming and mappings would be refused.
+        naming = if hr_extra.contains("process:") {
+            ""
+        } else {
+            "    naming: '\"p\" + account.emp'\n    mappings:\n      - { to: title, from: title }\n"
+        }
     ));
     s.rule("by_mail.rhai", "#{ mail: account.mail }");
     s.feed("seed.csv", SEED);
@@ -798,4 +802,35 @@ resources:
         "{}",
         run.stderr
     );
+}
+
+/// A process rule raises work items too, and an operator's link on its resource links
+/// (a process-rule resource has no mappings: the identity is left as it is).
+#[test]
+fn a_process_rule_raises_work_items_and_an_operator_link_only_links() {
+    let s = world(
+        "    rules: { process: process.rhai }\n",
+        None,
+        &[(
+            "process.rhai",
+            "if account.title == \"Contractor\" { ctx.work_item(`contractor ${key}: who sponsors them?`); }",
+        )],
+    );
+    s.feed(
+        "hr.csv",
+        "emp,mail,title\n15,c@example.com,Contractor\n16,d@example.com,Clerk\n",
+    );
+    s.run_once(Some("hr"), 0);
+    let item = only_open(&s);
+    assert_eq!(item["kind"], "rule");
+    assert_eq!(item["key"], "15");
+    assert_eq!(item["reason"], "contractor 15: who sponsors them?");
+    assert_eq!(s.results(&["--key", "15"])[0]["action"], "processed");
+
+    let id = item["id"].as_i64().unwrap().to_string();
+    s.idsync(&["work-items", "resolve", &id, "--link", "ann"])
+        .expect_code(0);
+    assert_eq!(s.owner("hr", "15").as_deref(), Some("ann"));
+    assert_eq!(attr(&s.identity("ann").unwrap(), "title"), None);
+    assert!(items(&s, "open").is_empty());
 }
