@@ -296,6 +296,8 @@ pub fn explain(loaded: &Loaded, args: &ExplainArgs) -> anyhow::Result<ExitCode> 
             )?;
         }
     }
+    let account = filter.resource.as_deref().zip(filter.key.as_deref());
+    crate::work_items::explain(&repo, account, args.identity.as_deref(), &records, &mut out)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -91,6 +91,15 @@ pub enum Command {
     Reconcile(ReconcileArgs),
     /// The decision records of one account (RESOURCE KEY) or identity, step by step.
     Explain(ExplainArgs),
+    /// Work items: what the engine or a rule left to an operator (list, show, resolve).
+    #[command(subcommand)]
+    WorkItems(WorkItemsCommand),
+    /// Link an account to an identity (the resource's mappings apply); recorded as an
+    /// operator decision.
+    Link(LinkArgs),
+    /// Remove an account's link (the identity stays as it is); recorded as an operator
+    /// decision.
+    Unlink(UnlinkArgs),
     /// Run the rule fixtures (YAML) in <rules_dir>/tests or the given files and folders.
     TestRules {
         /// Fixture files or folders.
@@ -362,6 +371,86 @@ pub enum OutboxCommand {
     },
 }
 
+/// `work-items` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum WorkItemsCommand {
+    /// Work items, oldest first: id, state, kind, account, candidates, reason.
+    List {
+        /// Only items in this state: open (default), closed or all.
+        #[arg(long, value_enum, default_value_t = WorkItemStateArg::Open)]
+        state: WorkItemStateArg,
+        /// Only this resource.
+        #[arg(long, short = 'r')]
+        resource: Option<String>,
+        /// JSON lines with every field.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One work item: the account as last seen, the candidates, the reason, the history.
+    Show {
+        /// Work-item id.
+        id: i64,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Settle a work item: link the account, create an identity for it, or ignore it.
+    #[command(group(clap::ArgGroup::new("decision").required(true).args(["link", "create", "ignore"])))]
+    Resolve {
+        /// Work-item id.
+        id: i64,
+        /// Link the account to this identity (the resource's mappings apply).
+        #[arg(long, value_name = "IDENTITY")]
+        link: Option<String>,
+        /// Create an identity for the account (the resource's naming and mappings).
+        #[arg(long)]
+        create: bool,
+        /// Close the item without changing anything.
+        #[arg(long)]
+        ignore: bool,
+        /// Why (kept in the decision record and the closed item).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+/// `work-items list --state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkItemStateArg {
+    /// Waiting for an operator.
+    Open,
+    /// Settled.
+    Closed,
+    /// Both.
+    All,
+}
+
+/// `link` options.
+#[derive(Debug, Args)]
+pub struct LinkArgs {
+    /// The account's resource.
+    pub resource: String,
+    /// The account key (for LDAP also its DN or naming attribute).
+    pub key: String,
+    /// The identity to link it to.
+    pub identity: String,
+    /// Why (kept in the decision record).
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+/// `unlink` options.
+#[derive(Debug, Args)]
+pub struct UnlinkArgs {
+    /// The account's resource.
+    pub resource: String,
+    /// The account key (for LDAP also its DN or naming attribute).
+    pub key: String,
+    /// Why (kept in the decision record).
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
 impl Command {
     /// Every resource named on the command line, with the option or argument that named
     /// it (`--resource`, `--accept-deletes`, `RESOURCE`): each must be configured
@@ -392,6 +481,14 @@ impl Command {
                 .map(|r| ("RESOURCE", r.as_str()))
                 .collect(),
             Command::Reconcile(a) => vec![("RESOURCE", a.resource.as_str())],
+            Command::Link(a) => vec![("RESOURCE", a.resource.as_str())],
+            Command::Unlink(a) => vec![("RESOURCE", a.resource.as_str())],
+            Command::WorkItems(WorkItemsCommand::List { resource, .. }) => resource
+                .iter()
+                .map(|r| ("--resource", r.as_str()))
+                .collect(),
+            Command::WorkItems(WorkItemsCommand::Show { .. })
+            | Command::WorkItems(WorkItemsCommand::Resolve { .. }) => Vec::new(),
             Command::Failed(FailedCommand::Discarded { .. })
             | Command::Check(_)
             | Command::Identities(_)

@@ -29,6 +29,8 @@ fn report_problems(p: &Problems) -> ExitCode {
     ExitCode::from(Exit::Config)
 }
 
+/// The setup of a command that decides (run, retry, operator commands): the config's
+/// problems are reported as `check` reports them.
 pub(crate) fn setup(loaded: Loaded) -> Result<Setup, ExitCode> {
     Setup::new(loaded).map_err(|e| setup_failed(&e))
 }
@@ -563,7 +565,7 @@ fn purge_results(loaded: &Loaded, before: &str) -> anyhow::Result<ExitCode> {
 fn results_header(out: &mut impl Write) -> std::io::Result<()> {
     writeln!(
         out,
-        "#record time resource key op situation action [identity= candidates= changed= work_item= notify= error=]"
+        "#record time resource key op situation action [identity= candidates= changed= operator= work_item= notify= error=]"
     )
 }
 

@@ -210,9 +210,18 @@ pub struct ResourceConfig {
     /// Rhai expression naming a new identity (default: the account key).
     #[serde(default)]
     pub naming: Option<String>,
-    /// Create an identity when nothing matches (default true).
-    #[serde(default = "default_true")]
-    pub create_unmatched: bool,
+    /// Create an identity when nothing matches (default true; `on_unmatched` says the
+    /// same in another way, see [`ResourceConfig::creates_unmatched`]).
+    #[serde(default)]
+    pub create_unmatched: Option<bool>,
+    /// Who settles a disputed event (several candidates): the resolve rule (default) or
+    /// an operator through a work item.
+    #[serde(default)]
+    pub on_disputed: OnDisputedConfig,
+    /// What an unmatched event does: create an identity, the resolve rule, or a work item
+    /// (default: `create`, or `resolve` with `create_unmatched: false`).
+    #[serde(default)]
+    pub on_unmatched: Option<OnUnmatchedConfig>,
     /// Copy every account attribute into the identity; rules also get `global`.
     #[serde(default)]
     pub populate_global: bool,
@@ -242,8 +251,39 @@ pub struct ReconcileConfig {
     pub cron: String,
 }
 
-fn default_true() -> bool {
-    true
+impl ResourceConfig {
+    /// Whether an unmatched account creates an identity: `on_unmatched: create`, or
+    /// `create_unmatched` (default true) when `on_unmatched` is not given.
+    pub fn creates_unmatched(&self) -> bool {
+        match self.on_unmatched {
+            Some(OnUnmatchedConfig::Create) => true,
+            Some(_) => false,
+            None => self.create_unmatched.unwrap_or(true),
+        }
+    }
+}
+
+/// `on_disputed`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDisputedConfig {
+    /// The resolve rule; without one the event fails.
+    #[default]
+    Resolve,
+    /// A work item for an operator.
+    WorkItem,
+}
+
+/// `on_unmatched`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnmatchedConfig {
+    /// Create an identity (naming, mappings) and link the account.
+    Create,
+    /// The resolve rule; without one the event fails.
+    Resolve,
+    /// A work item for an operator.
+    WorkItem,
 }
 
 /// The adapter of a resource, chosen by `type`.
@@ -486,6 +526,25 @@ impl Loaded {
                 out.push(format!(
                     "{at}: naming and mappings do not apply with a process rule (it sets attributes itself); remove them"
                 ));
+            }
+            if r.rules.process.is_some()
+                && (r.on_disputed != OnDisputedConfig::Resolve || r.on_unmatched.is_some())
+            {
+                out.push(format!(
+                    "{at}: on_disputed and on_unmatched do not apply with a process rule (it decides every event itself; it may call ctx.work_item); remove them"
+                ));
+            }
+            match (r.on_unmatched, r.create_unmatched) {
+                (Some(OnUnmatchedConfig::Create), Some(false)) => out.push(format!(
+                    "{at}.on_unmatched: 'create' contradicts create_unmatched: false; keep one of them"
+                )),
+                (Some(u @ (OnUnmatchedConfig::Resolve | OnUnmatchedConfig::WorkItem)), Some(true)) => {
+                    out.push(format!(
+                        "{at}.on_unmatched: '{}' contradicts create_unmatched: true; keep one of them",
+                        if u == OnUnmatchedConfig::Resolve { "resolve" } else { "work_item" }
+                    ))
+                }
+                _ => {}
             }
             if r.rules.process.is_some() {
                 for (role, _) in r.rules.entries() {

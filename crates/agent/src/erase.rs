@@ -72,13 +72,14 @@ fn describe(r: &ErasureReport) -> String {
     }
     s.push_str(&format!(
         "; removed {} decision record(s), {} shadow(s), {} notification(s) ({} undelivered), \
-         {} failed event(s), {} discarded failed event(s), {} index row(s)",
+         {} failed event(s), {} discarded failed event(s), {} work item(s), {} index row(s)",
         r.decisions,
         r.shadows,
         r.notifications,
         r.undelivered_notifications,
         r.failed_events,
         r.failed_discarded,
+        r.work_items,
         r.index_rows
     ));
     if r.redacted > 0 {

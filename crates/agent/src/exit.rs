@@ -12,7 +12,9 @@ pub enum Exit {
     /// `run --once`; a thing asked for does not exist.
     Failed = 1,
     /// The config or a rule is broken (every problem is listed); the command line is wrong
-    /// (an unknown option, value or resource); an erasure was refused.
+    /// (an unknown option, value or resource); an erasure was refused; an operator command
+    /// named a work item, identity, account or resource that does not exist, or asked what
+    /// cannot apply.
     Config = 2,
     /// A resource could not be synchronized (unreadable feed, unreachable server, halted
     /// batch, repository error), or another agent holds the repository.

@@ -3,8 +3,8 @@
 
 use std::fmt::Write as _;
 
-use idsync_core::{Action, AttrChange, Decision, Situation, Value};
-use idsync_engine::{BatchReport, NOTIFICATION_RULE};
+use idsync_core::{Action, AttrChange, Decision, Op, Situation, Value};
+use idsync_engine::{BatchReport, NOTIFICATION_RULE, OPERATOR_RULE, WORK_ITEM_RULE};
 
 use crate::printable::inline;
 
@@ -28,7 +28,10 @@ pub fn one_line(d: &Decision) -> String {
         let names: Vec<&str> = d.changes.iter().map(|c| c.name.as_str()).collect();
         let _ = write!(line, " changed={}", names.join(","));
     }
-    for w in d.rules.iter().filter(|o| o.rule == "work_item") {
+    for o in d.rules.iter().filter(|o| o.rule == OPERATOR_RULE) {
+        let _ = write!(line, " operator={:?}", o.result);
+    }
+    for w in d.rules.iter().filter(|o| o.rule == WORK_ITEM_RULE) {
         let _ = write!(line, " work_item={:?}", w.result);
     }
     for n in d.rules.iter().filter(|o| o.rule == NOTIFICATION_RULE) {
@@ -60,21 +63,24 @@ pub fn steps(d: &Decision) -> String {
     let mut out = String::new();
     let situation = d.situation.map(|s| s.as_str()).unwrap_or("(not reached)");
     let _ = writeln!(out, "  op: {}", d.op);
-    for r in d
-        .rules
-        .iter()
-        .filter(|r| r.rule != "work_item" && r.rule != NOTIFICATION_RULE)
-    {
+    for o in d.rules.iter().filter(|o| o.rule == OPERATOR_RULE) {
+        let _ = writeln!(out, "  operator: {}", o.result);
+    }
+    for r in d.rules.iter().filter(|r| {
+        r.rule != WORK_ITEM_RULE && r.rule != NOTIFICATION_RULE && r.rule != OPERATOR_RULE
+    }) {
         let _ = writeln!(
             out,
             "  {} rule ({}) returned {}",
             r.rule, r.script, r.result
         );
     }
-    let correlated = matches!(
-        d.situation,
-        Some(Situation::Unlinked | Situation::Unmatched | Situation::Disputed)
-    );
+    // An operator's decision runs no correlation: its situation is what the operator found.
+    let correlated = d.op != Op::Operator
+        && matches!(
+            d.situation,
+            Some(Situation::Unlinked | Situation::Unmatched | Situation::Disputed)
+        );
     if correlated || !d.candidates.is_empty() {
         if d.candidates.is_empty() {
             let _ = writeln!(out, "  candidates: none");
@@ -105,7 +111,7 @@ pub fn steps(d: &Decision) -> String {
     } else if matches!(d.action, Action::Updated | Action::Linked) {
         let _ = writeln!(out, "  changes: none");
     }
-    for w in d.rules.iter().filter(|o| o.rule == "work_item") {
+    for w in d.rules.iter().filter(|o| o.rule == WORK_ITEM_RULE) {
         let _ = writeln!(out, "  work item: {}", w.result);
     }
     for n in d.rules.iter().filter(|o| o.rule == NOTIFICATION_RULE) {

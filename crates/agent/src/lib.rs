@@ -28,6 +28,7 @@ pub mod service;
 pub mod setup;
 pub mod status;
 pub mod when;
+pub mod work_items;
 
 use std::process::ExitCode;
 
@@ -74,6 +75,9 @@ pub fn main() -> ExitCode {
         Command::TestRules { paths } => fixtures::test_rules(&loaded, paths),
         Command::Outbox(cmd) => outbox::command(loaded, cmd),
         Command::Status { json } => status::command(&loaded, *json),
+        Command::WorkItems(cmd) => work_items::command(loaded, cmd),
+        Command::Link(args) => work_items::link(loaded, args),
+        Command::Unlink(args) => work_items::unlink(loaded, args),
     };
     match result {
         Ok(code) => code,

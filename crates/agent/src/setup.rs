@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use idsync_core::{Adapter, AdapterError};
-use idsync_engine::{DeleteAction, Engine, Mapping, MappingSource, OnError, Policy};
+use idsync_engine::{DeleteAction, Engine, Escalation, Mapping, MappingSource, OnError, Policy};
 use idsync_flatfile::FlatFileAdapter;
 use idsync_ldap::LdapAdapter;
 use idsync_notify::{Dispatcher, PolicyNotifier, setup as nsetup};
@@ -15,7 +15,8 @@ use idsync_repo::Repo;
 use idsync_rules::{RuleEngine, Script};
 
 use crate::config::{
-    DeleteActionConfig, Loaded, OnErrorConfig, Problems, ResourceConfig, SourceConfig,
+    DeleteActionConfig, Loaded, OnDisputedConfig, OnErrorConfig, OnUnmatchedConfig, Problems,
+    ResourceConfig, SourceConfig,
 };
 
 /// Compiles every `*.rhai` file of the rules folder: file name → script, plus problems.
@@ -110,7 +111,13 @@ fn policy(
             Err(e) => problems.push(e.to_string()),
         }
     }
-    p.create_unmatched = r.create_unmatched;
+    p.create_unmatched = r.creates_unmatched();
+    if r.on_disputed == OnDisputedConfig::WorkItem {
+        p.on_disputed = Escalation::WorkItem;
+    }
+    if r.on_unmatched == Some(OnUnmatchedConfig::WorkItem) {
+        p.on_unmatched = Escalation::WorkItem;
+    }
     p.populate_global = r.populate_global;
     p.delete_action = match r.delete_action {
         DeleteActionConfig::Unlink => DeleteAction::Unlink,

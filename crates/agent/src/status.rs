@@ -2,7 +2,8 @@
 //! rewrites after every turn of its loop, `<repository>.status.json`) or, when no agent
 //! runs, what the last `idsync run --once` recorded in the repository (its last pass and
 //! last error), and what the repository holds (checkpoint age, events processed, failed
-//! events, the last reconcile and the reconcile schedule); the outbox counts.
+//! events, the last reconcile and the reconcile schedule); the outbox counts and the open
+//! work items.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -185,6 +186,7 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
         ));
     }
     let (pending, sent, dead) = repo.outbox_counts()?;
+    let open_items = repo.open_work_item_count()?;
     let mut out = crate::printable::stdout();
     if json {
         let value = serde_json::json!({
@@ -202,6 +204,7 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
                 "reconcile_cron": cron,
             })).collect::<Vec<_>>(),
             "outbox": { "pending": pending, "sent": sent, "dead": dead },
+            "work_items_open": open_items,
         });
         writeln!(out, "{value}")?;
         return Ok(ExitCode::SUCCESS);
@@ -240,6 +243,12 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
         }
     }
     writeln!(out, "outbox: {pending} pending, {sent} sent, {dead} dead")?;
+    if open_items > 0 {
+        writeln!(
+            out,
+            "work items: {open_items} open (idsync work-items list)"
+        )?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

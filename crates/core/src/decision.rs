@@ -89,11 +89,14 @@ pub enum Action {
     DeletedIdentity,
     /// A rule or a check failed; the event is in the failed-event list.
     Failed,
+    /// The situation was left to an operator: a work item was opened (the resource's
+    /// `on_disputed` or `on_unmatched` is `work_item`).
+    WorkItem,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 10] = [
+    pub const ALL: [Action; 11] = [
         Action::Ignored,
         Action::Updated,
         Action::Linked,
@@ -104,6 +107,7 @@ impl Action {
         Action::Disabled,
         Action::DeletedIdentity,
         Action::Failed,
+        Action::WorkItem,
     ];
 
     /// The action named `s` ([`Action::as_str`]).
@@ -124,6 +128,7 @@ impl Action {
             Action::Disabled => "disabled",
             Action::DeletedIdentity => "deleted_identity",
             Action::Failed => "failed",
+            Action::WorkItem => "work_item",
         }
     }
 }

@@ -28,6 +28,9 @@ pub enum Op {
     /// scheduled reconcile), whatever the event's own op was. Events never carry it: the
     /// rules of a reconcile see the event's op (`create`, `update`, `delete`, `upsert`).
     Reconcile,
+    /// Not a change on the resource: an operator decided about the account (`idsync link`,
+    /// `unlink`, `work-items resolve`), with its attributes as last seen.
+    Operator,
 }
 
 impl Op {
@@ -39,6 +42,7 @@ impl Op {
             Op::Delete => "delete",
             Op::Upsert => "upsert",
             Op::Reconcile => "reconcile",
+            Op::Operator => "operator",
         }
     }
 
@@ -50,6 +54,7 @@ impl Op {
             "delete" => Op::Delete,
             "upsert" => Op::Upsert,
             "reconcile" => Op::Reconcile,
+            "operator" => Op::Operator,
             _ => return None,
         })
     }

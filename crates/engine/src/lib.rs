@@ -21,6 +21,14 @@
 //! A batch marked `reconcile` (a part of a reconcile) is decided exactly like any other;
 //! its decision records say op `reconcile`, while the rules saw the event's own op.
 //!
+//! Work items: an event that leaves its situation to an operator (`on_disputed` /
+//! `on_unmatched: work_item`, or a rule's `ctx.work_item`) raises a work item in the same
+//! transaction, inside the event's guard like any of its writes, and the item notes its
+//! decision record's id once that is written; a crash leaves both or neither. Operators
+//! act through [`Engine::apply_operator`]: the same pipeline with the outcome forced
+//! (module `pipeline`), recorded as a decision of op `operator`, its notifications queued
+//! like a rule's, the work items it settles closed, all in one transaction.
+//!
 //! Poison events: an event that makes the process die (an abort, an out-of-memory kill)
 //! rolls its whole batch back, and the next start would apply it again. A [`CrashGuard`]
 //! set by the agent is told which event is being decided; when it says an event crashed
@@ -40,13 +48,18 @@ use std::sync::Arc;
 use idsync_core::{
     Action, ChangeBatch, ChangeEvent, Checkpoint, Decision, Op, RuleOutcome, Situation,
 };
-use idsync_repo::{FailedEvent, NewFailure, Repo, RepoError};
+use idsync_repo::{
+    FailedEvent, NewFailure, NewWorkItem, Repo, RepoError, Resolution, WorkItemFilter,
+    WorkItemKind, WorkItemState,
+};
 use idsync_rules::{Limits, RuleEngine};
 
 pub use guard::CrashGuard;
-pub use notifier::{IdentityChange, Notifier};
-pub use pipeline::{DISABLED_CHANGE, EventError};
-pub use policy::{DeleteAction, Mapping, MappingSource, OnError, Policy};
+pub use notifier::{IdentityChange, Notifier, WorkItemNotice};
+pub use pipeline::{
+    DISABLED_CHANGE, EventError, OPERATOR_RULE, OperatorAction, Refusal, WORK_ITEM_RULE,
+};
+pub use policy::{DeleteAction, Escalation, Mapping, MappingSource, OnError, Policy};
 
 use pipeline::{Decider, blank_decision};
 use policy::ScopeNeeds;
@@ -69,6 +82,21 @@ pub enum EngineError {
         /// The failing account key (or origin for unreadable input).
         key: String,
         /// Why it failed.
+        error: String,
+    },
+    /// An operator's request was refused before anything changed (an unknown identity,
+    /// account or work item, a closed item, an account linked already).
+    #[error("{0}")]
+    Refused(Refusal),
+    /// An operator's request failed while it was applied (a mapping or naming rule failed,
+    /// the name is taken, a notification policy failed): nothing of it was kept.
+    #[error("account {key} of {resource}: {error}")]
+    OperatorFailed {
+        /// Resource.
+        resource: String,
+        /// Account key.
+        key: String,
+        /// Why.
         error: String,
     },
     /// A failed event that cannot be re-run (its input was unreadable).
@@ -139,6 +167,8 @@ pub struct Engine {
     repo: Arc<Repo>,
     notifier: Option<Box<dyn Notifier>>,
     guard: Option<Box<dyn CrashGuard>>,
+    /// Deciding for a preview (everything is rolled back): nothing is logged as done.
+    previewing: std::cell::Cell<bool>,
 }
 
 impl Engine {
@@ -149,6 +179,7 @@ impl Engine {
             repo,
             notifier: None,
             guard: None,
+            previewing: std::cell::Cell::new(false),
         }
     }
 
@@ -224,7 +255,9 @@ impl Engine {
         batch: &ChangeBatch,
         each: &mut dyn FnMut(&Decision),
     ) -> Result<BatchReport, EngineError> {
+        self.previewing.set(true);
         let result = self.run_batch(policy, batch, each);
+        self.previewing.set(false);
         self.repo.rollback()?;
         result
     }
@@ -338,16 +371,16 @@ impl Engine {
         let needs = ScopeNeeds::of(policy);
         for (index, event) in batch.events.iter().enumerate() {
             let crashes = self.guard.as_ref().and_then(|g| g.before(event));
-            let mut d = match (crashes, guard) {
-                (Some(times), _) => isolated(event, times),
+            let (mut d, raised) = match (crashes, guard) {
+                (Some(times), _) => (isolated(event, times), Vec::new()),
                 (None, Guard::Savepoints) => self.decide_event(policy, needs, event, true)?,
                 (None, Guard::Optimistic) => {
                     let writes = self.repo.write_count()?;
-                    let d = self.decide_event(policy, needs, event, false)?;
-                    if d.error.is_some() && self.repo.write_count()? != writes {
+                    let decided = self.decide_event(policy, needs, event, false)?;
+                    if decided.0.error.is_some() && self.repo.write_count()? != writes {
                         return Ok(None);
                     }
-                    d
+                    decided
                 }
             };
             if crashes.is_none()
@@ -361,6 +394,9 @@ impl Engine {
             }
             let fresh = index >= progress.reported;
             let id = self.repo.record_decision(&d)?;
+            for item in raised {
+                self.repo.note_work_item_decision(item, id)?;
+            }
             if let Some(error) = &d.error {
                 if fresh {
                     // In the event's span (at the warning's level, so that it is there
@@ -408,14 +444,15 @@ impl Engine {
 
     /// Decides one event; with `savepoint`, inside a savepoint so that its effects stay
     /// only if it succeeds. Repository failures other than refusals (IO, SQL) abort the
-    /// batch.
+    /// batch. Returns the decision and the ids of the work items it raised (to note the
+    /// decision record on once it is written).
     fn decide_event(
         &self,
         policy: &Policy,
         needs: ScopeNeeds,
         event: &ChangeEvent,
         savepoint: bool,
-    ) -> Result<Decision, EngineError> {
+    ) -> Result<(Decision, Vec<i64>), EngineError> {
         let _span =
             tracing::info_span!("event", resource = %event.resource, key = %event.key).entered();
         if savepoint {
@@ -424,8 +461,10 @@ impl Engine {
         let mut d = blank_decision(event);
         let mut decider = Decider::new(&self.rules, &self.repo, policy, needs, event);
         decider.host.capture.set(self.notifier.is_some());
+        let mut raised = Vec::new();
         let outcome = decider
             .decide(&mut d)
+            .and_then(|()| self.raise_work_items(&decider.raise, event, &mut d, &mut raised))
             .and_then(|()| self.notify(&decider.host.pre_images.borrow(), &mut d));
         match outcome {
             Ok(()) => {
@@ -446,9 +485,63 @@ impl Engine {
                 d.action = Action::Failed;
                 d.error = Some(e.to_string());
                 d.changes.clear();
+                raised.clear();
             }
         }
-        Ok(d)
+        Ok((d, raised))
+    }
+
+    /// Writes the work items the event raised (module doc): a new one is handed to the
+    /// notifier, one seen again only refreshed. Their ids go to `raised`.
+    fn raise_work_items(
+        &self,
+        items: &[(WorkItemKind, String)],
+        event: &ChangeEvent,
+        d: &mut Decision,
+        raised: &mut Vec<i64>,
+    ) -> Result<(), EventError> {
+        for (kind, reason) in items {
+            // The candidates that made the situation (confirmation's survivors), else those
+            // correlation found (an unmatched account whose candidates were all dropped).
+            let candidates = if d.confirmed.is_empty() {
+                d.candidates.clone()
+            } else {
+                d.confirmed.clone()
+            };
+            let r = self.repo.raise_work_item(&NewWorkItem {
+                resource: &event.resource,
+                key: &event.key,
+                kind: *kind,
+                reason,
+                candidates: &candidates,
+            })?;
+            raised.push(r.id);
+            // (In the event's span: `span.resource`, `span.key` in JSON logs.)
+            if !self.previewing.get() {
+                if r.new {
+                    tracing::info!("work item #{} opened: {reason}", r.id);
+                } else {
+                    tracing::info!("work item #{} raised again (still open)", r.id);
+                }
+            }
+            if !r.new {
+                continue;
+            }
+            let Some(notifier) = &self.notifier else {
+                continue;
+            };
+            let notice = WorkItemNotice {
+                id: r.id,
+                kind: *kind,
+                reason,
+                candidates: &candidates,
+                account: &event.attrs,
+                decision: d,
+            };
+            let messages = notifier.work_item(&notice).map_err(EventError::Notify)?;
+            self.enqueue(messages, d)?;
+        }
+        Ok(())
     }
 
     /// Step 9: hands each identity the event changed to the notifier and enqueues the
@@ -472,18 +565,28 @@ impl Engine {
                 decision: d,
             };
             let messages = notifier.messages(&change).map_err(EventError::Notify)?;
-            for m in messages {
-                self.repo.outbox_insert(&m)?;
-                // Recorded in the decision, so preview, explain and fixtures show it.
-                d.rules.push(RuleOutcome {
-                    rule: NOTIFICATION_RULE.to_owned(),
-                    script: m.policy.clone(),
-                    result: match &m.dead {
-                        None => format!("to {}: {}", m.mail.to.join(", "), m.mail.subject),
-                        Some(why) => format!("not sendable ({why}): {}", m.mail.subject),
-                    },
-                });
-            }
+            self.enqueue(messages, d)?;
+        }
+        Ok(())
+    }
+
+    /// Inserts `messages` into the outbox and records each in the decision, so preview,
+    /// explain and fixtures show it.
+    fn enqueue(
+        &self,
+        messages: Vec<idsync_repo::NewOutboxMessage>,
+        d: &mut Decision,
+    ) -> Result<(), EventError> {
+        for m in messages {
+            self.repo.outbox_insert(&m)?;
+            d.rules.push(RuleOutcome {
+                rule: NOTIFICATION_RULE.to_owned(),
+                script: m.policy.clone(),
+                result: match &m.dead {
+                    None => format!("to {}: {}", m.mail.to.join(", "), m.mail.subject),
+                    Some(why) => format!("not sendable ({why}): {}", m.mail.subject),
+                },
+            });
         }
         Ok(())
     }
@@ -504,11 +607,11 @@ impl Engine {
         self.repo.begin()?;
         let result = (|| {
             let d = match self.guard.as_ref().and_then(|g| g.before(event)) {
-                Some(times) => isolated(event, times),
+                Some(times) => (isolated(event, times), Vec::new()),
                 None => {
                     let d = self.decide_event(policy, ScopeNeeds::of(policy), event, true);
                     if let Some(g) = &self.guard {
-                        if let Ok(d) = &d {
+                        if let Ok((d, _)) = &d {
                             g.after(event, d.error.is_none());
                         }
                         g.idle();
@@ -516,7 +619,11 @@ impl Engine {
                     d?
                 }
             };
-            self.repo.record_decision(&d)?;
+            let (d, raised) = d;
+            let id = self.repo.record_decision(&d)?;
+            for item in raised {
+                self.repo.note_work_item_decision(item, id)?;
+            }
             match &d.error {
                 None => {
                     self.repo.remove_failure(failure.id)?;
@@ -537,6 +644,186 @@ impl Engine {
                 Err(e)
             }
         }
+    }
+}
+
+/// An operator's request about one account ([`Engine::apply_operator`]).
+#[derive(Clone, Copy, Debug)]
+pub struct OperatorRequest<'a> {
+    /// Resource.
+    pub resource: &'a str,
+    /// Account key.
+    pub key: &'a str,
+    /// What to do.
+    pub action: &'a OperatorAction,
+    /// The work item this settles (`work-items resolve ID`), which must be open and about
+    /// this account.
+    pub work_item: Option<i64>,
+    /// Why, as the operator said (kept in the decision and the closed items).
+    pub reason: Option<&'a str>,
+}
+
+/// What an operator's request did.
+#[derive(Clone, Debug)]
+pub struct OperatorOutcome {
+    /// The decision record's id.
+    pub decision_id: i64,
+    /// The decision (op `operator`).
+    pub decision: Decision,
+    /// The work items it closed.
+    pub closed: Vec<i64>,
+}
+
+impl Engine {
+    /// Applies an operator's decision about one account in one transaction: the pipeline
+    /// with the outcome forced (the account's last seen attributes through the resource's
+    /// mappings and naming), its notifications queued, one decision record of op
+    /// `operator`, and the work items it settles closed: the one named, and for a link or
+    /// a create every open disputed or unmatched item of the account. A link or create
+    /// also supersedes the account's failed events. A refusal or failure changes nothing.
+    pub fn apply_operator(
+        &self,
+        policy: &Policy,
+        req: &OperatorRequest<'_>,
+    ) -> Result<OperatorOutcome, EngineError> {
+        self.repo.begin()?;
+        match self.operate_in_tx(policy, req) {
+            Ok(outcome) => {
+                self.repo.commit()?;
+                Ok(outcome)
+            }
+            Err(e) => {
+                if let Err(rb) = self.repo.rollback() {
+                    tracing::error!("rollback failed: {rb}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Engine::apply_operator`] inside its transaction.
+    fn operate_in_tx(
+        &self,
+        policy: &Policy,
+        req: &OperatorRequest<'_>,
+    ) -> Result<OperatorOutcome, EngineError> {
+        let item = match req.work_item {
+            None => None,
+            Some(id) => {
+                let item = self
+                    .repo
+                    .work_item(id)?
+                    .filter(|i| i.resource == req.resource && i.key == req.key)
+                    .ok_or(EngineError::Refused(Refusal::NoSuchWorkItem { id }))?;
+                if let Some(c) = &item.closed {
+                    let how = match (c.resolution, &c.identity) {
+                        (Resolution::Linked, Some(i)) => format!("linked to {i} at {}", c.at),
+                        (Resolution::Created, Some(i)) => format!("created {i} at {}", c.at),
+                        (r, _) => format!("{} at {}", r.as_str(), c.at),
+                    };
+                    return Err(EngineError::Refused(Refusal::WorkItemClosed { id, how }));
+                }
+                Some(item)
+            }
+        };
+        let attrs = self.repo.shadow(req.resource, req.key)?;
+        if attrs.is_none() && matches!(req.action, OperatorAction::Link(_) | OperatorAction::Create)
+        {
+            return Err(EngineError::Refused(Refusal::NoSuchAccount {
+                resource: req.resource.to_owned(),
+                key: req.key.to_owned(),
+            }));
+        }
+        let event = ChangeEvent {
+            resource: req.resource.to_owned(),
+            key: req.key.to_owned(),
+            op: Op::Operator,
+            attrs: attrs.unwrap_or_default(),
+            previous: None,
+            origin: None,
+        };
+        let mut d = blank_decision(&event);
+        let mut request = req.action.describe();
+        if let Some(id) = req.work_item {
+            request = format!("work item #{id}: {request}");
+        }
+        if let Some(reason) = req.reason {
+            request = format!("{request} (reason: {reason})");
+        }
+        d.rules.push(RuleOutcome {
+            rule: OPERATOR_RULE.to_owned(),
+            script: String::new(),
+            result: request,
+        });
+        // What an ignored item's account is, when no identity owns it.
+        let fallback = match item.as_ref().map(|i| (i.kind, i.candidates.len())) {
+            Some((WorkItemKind::Disputed, _)) => Situation::Disputed,
+            Some((WorkItemKind::Rule, n)) if n > 1 => Situation::Disputed,
+            _ => Situation::Unmatched,
+        };
+        let needs = ScopeNeeds::of(policy);
+        let mut decider = Decider::new(&self.rules, &self.repo, policy, needs, &event);
+        decider.host.capture.set(self.notifier.is_some());
+        let outcome = decider
+            .operate(req.action, fallback, &mut d)
+            .and_then(|()| self.notify(&decider.host.pre_images.borrow(), &mut d));
+        match outcome {
+            Ok(()) => {}
+            Err(EventError::Refused(r)) => return Err(EngineError::Refused(r)),
+            Err(EventError::Repo(e)) if is_infrastructure(&e) => return Err(e.into()),
+            Err(e) => {
+                return Err(EngineError::OperatorFailed {
+                    resource: req.resource.to_owned(),
+                    key: req.key.to_owned(),
+                    error: e.to_string(),
+                });
+            }
+        }
+        let decision_id = self.repo.record_decision(&d)?;
+        let resolution = match req.action {
+            OperatorAction::Link(_) => Some(Resolution::Linked),
+            OperatorAction::Create => Some(Resolution::Created),
+            OperatorAction::Ignore => Some(Resolution::Ignored),
+            OperatorAction::Unlink => None,
+        };
+        let mut closed = Vec::new();
+        if let Some(resolution) = resolution {
+            let mut ids: Vec<i64> = item.iter().map(|i| i.id).collect();
+            if resolution != Resolution::Ignored {
+                // The account is settled: its open disputed/unmatched items with it.
+                let open = self.repo.work_items(&WorkItemFilter {
+                    state: Some(WorkItemState::Open),
+                    resource: Some(req.resource.to_owned()),
+                    key: Some(req.key.to_owned()),
+                })?;
+                ids.extend(
+                    open.iter()
+                        .filter(|i| i.kind != WorkItemKind::Rule && !ids.contains(&i.id))
+                        .map(|i| i.id)
+                        .collect::<Vec<_>>(),
+                );
+            }
+            for id in ids {
+                let closure = idsync_repo::NewClosure {
+                    resolution,
+                    identity: d.identity.as_deref(),
+                    decision_id: Some(decision_id),
+                    reason: req.reason,
+                };
+                if self.repo.close_work_item(id, &closure)? {
+                    closed.push(id);
+                }
+            }
+            if resolution != Resolution::Ignored {
+                // Re-running an older failed event of the account would apply stale data.
+                self.repo.supersede_failures(req.resource, req.key)?;
+            }
+        }
+        Ok(OperatorOutcome {
+            decision_id,
+            decision: d,
+            closed,
+        })
     }
 }
 

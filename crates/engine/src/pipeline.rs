@@ -2,6 +2,11 @@
 //! owner by link, delete, correlation, confirmation, one/none/several candidates,
 //! mapping and checkin. Runs inside the open batch transaction; the caller brackets each
 //! event in a savepoint so a failure undoes exactly that event's effects.
+//!
+//! An operator's decision about one account ([`OperatorAction`]: link, create, ignore,
+//! unlink) runs through the same steps with the situation's outcome forced: the same
+//! linking, naming, mappings and unlinking code, so an operator's link fills the identity
+//! exactly as a rule's link would.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -9,7 +14,7 @@ use std::sync::Arc;
 use idsync_core::{
     Action, AttrChange, AttrMap, ChangeEvent, Decision, Identity, Op, RuleOutcome, Situation, Value,
 };
-use idsync_repo::{Repo, RepoError};
+use idsync_repo::{Repo, RepoError, WorkItemKind};
 use idsync_rules::rhai::{Dynamic, Scope};
 use idsync_rules::{
     Access, Context, Correlation, RuleEngine, RuleError, RuleHost, Script, attrs_to_dynamic,
@@ -17,7 +22,7 @@ use idsync_rules::{
 };
 
 use crate::host::EventHost;
-use crate::policy::{DeleteAction, MappingSource, Policy, ScopeNeeds};
+use crate::policy::{DeleteAction, Escalation, MappingSource, Policy, ScopeNeeds};
 
 /// Why one event failed. It becomes a failed-event row; the batch goes on.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +39,9 @@ pub enum EventError {
     /// A notification policy failed for the event.
     #[error("notification: {0}")]
     Notify(String),
+    /// An operator's request cannot apply as asked (nothing was changed).
+    #[error("{0}")]
+    Refused(#[from] Refusal),
     /// The event crashed the agent while it was applied, `times` times: it is isolated,
     /// its rules are not run again.
     #[error(
@@ -42,6 +50,89 @@ pub enum EventError {
     Crashed {
         /// How many times.
         times: u32,
+    },
+}
+
+/// What an operator decides about one account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OperatorAction {
+    /// Link the account to this identity (moving it from another owner, if any) and apply
+    /// the resource's mappings from the account's last seen attributes.
+    Link(String),
+    /// Create an identity for the account through the resource's naming and mappings, as
+    /// an unmatched account with `create_unmatched` would.
+    Create,
+    /// Change nothing (closes a work item).
+    Ignore,
+    /// Remove the account's link; the identity stays as it is.
+    Unlink,
+}
+
+impl OperatorAction {
+    /// The request in words, for the decision record.
+    pub fn describe(&self) -> String {
+        match self {
+            OperatorAction::Link(name) => format!("link to {name}"),
+            OperatorAction::Create => "create an identity".to_owned(),
+            OperatorAction::Ignore => "ignore".to_owned(),
+            OperatorAction::Unlink => "unlink".to_owned(),
+        }
+    }
+}
+
+/// Why an operator's request was refused before anything changed. Each names what the
+/// operator typed, never attribute values.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The identity to link to does not exist.
+    #[error("no identity named '{name}' (idsync identities list)")]
+    NoSuchIdentity {
+        /// The name given.
+        name: String,
+    },
+    /// idsync has no record of the account on the resource (no shadow).
+    #[error(
+        "resource {resource} has no account '{key}' (idsync has not seen it there, or it was deleted)"
+    )]
+    NoSuchAccount {
+        /// Resource.
+        resource: String,
+        /// The key given.
+        key: String,
+    },
+    /// `--create` for an account that an identity owns.
+    #[error(
+        "account {key} of {resource} is linked to {owner}; unlink it first (idsync unlink {resource} {key})"
+    )]
+    AlreadyLinked {
+        /// Resource.
+        resource: String,
+        /// Account key.
+        key: String,
+        /// Its owner.
+        owner: String,
+    },
+    /// `unlink` of an account no identity owns.
+    #[error("account {key} of {resource} is not linked to any identity")]
+    NotLinked {
+        /// Resource.
+        resource: String,
+        /// Account key.
+        key: String,
+    },
+    /// No work item has this id.
+    #[error("no work item #{id} (idsync work-items list --state all)")]
+    NoSuchWorkItem {
+        /// The id given.
+        id: i64,
+    },
+    /// The work item was closed already.
+    #[error("work item #{id} is closed already ({how})")]
+    WorkItemClosed {
+        /// The id given.
+        id: i64,
+        /// How and when it was closed.
+        how: String,
     },
 }
 
@@ -62,6 +153,13 @@ pub(crate) fn blank_decision(event: &ChangeEvent) -> Decision {
     }
 }
 
+/// The `rule` of the [`RuleOutcome`] that records a work item (its `result` is the reason).
+pub const WORK_ITEM_RULE: &str = "work_item";
+
+/// The `rule` of the [`RuleOutcome`] that records an operator's request (its `result` is
+/// the request in words).
+pub const OPERATOR_RULE: &str = "operator";
+
 /// The name of the pseudo-attribute that records enabling and disabling in changes.
 pub const DISABLED_CHANGE: &str = "(disabled)";
 
@@ -72,6 +170,9 @@ pub(crate) struct Decider<'a> {
     pub event: &'a ChangeEvent,
     pub host: Rc<EventHost>,
     pub scope: Scope<'static>,
+    /// The work items this event raises (kind, reason), in order; written by the caller
+    /// once the event succeeded.
+    pub raise: Vec<(WorkItemKind, String)>,
     needs: ScopeNeeds,
 }
 
@@ -121,6 +222,7 @@ impl<'a> Decider<'a> {
             event,
             host,
             scope,
+            raise: Vec::new(),
             needs,
         }
     }
@@ -181,7 +283,7 @@ impl<'a> Decider<'a> {
                 None => d.action = Action::Ignored,
                 Some(name) => {
                     d.identity = Some(name.clone());
-                    self.delete_action(&name, d)?;
+                    self.withdraw(&name, policy.delete_action, d)?;
                 }
             }
             return Ok(());
@@ -219,6 +321,12 @@ impl<'a> Decider<'a> {
                 d.situation = Some(Situation::Unmatched);
                 if policy.create_unmatched {
                     self.create(d)?;
+                } else if policy.on_unmatched == Escalation::WorkItem {
+                    let reason = format!(
+                        "no identity matches account {} of {}",
+                        self.event.key, self.event.resource
+                    );
+                    self.hand_over(WorkItemKind::Unmatched, reason, d);
                 } else if let Some(r) = &policy.resolve {
                     self.resolve(r, &confirmed, d)?;
                 } else {
@@ -230,7 +338,16 @@ impl<'a> Decider<'a> {
             }
             several => {
                 d.situation = Some(Situation::Disputed);
-                if let Some(r) = &policy.resolve {
+                if policy.on_disputed == Escalation::WorkItem {
+                    let reason = format!(
+                        "account {} of {} matches {} identities: {}",
+                        self.event.key,
+                        self.event.resource,
+                        several.len(),
+                        several.join(", ")
+                    );
+                    self.hand_over(WorkItemKind::Disputed, reason, d);
+                } else if let Some(r) = &policy.resolve {
                     self.resolve(r, several, d)?;
                 } else {
                     return Err(EventError::Unresolved(format!(
@@ -246,18 +363,108 @@ impl<'a> Decider<'a> {
         Ok(())
     }
 
-    fn finish_scripted(&self, d: &mut Decision, action: Action) {
+    fn finish_scripted(&mut self, d: &mut Decision, action: Action) {
         d.action = action;
         if let Some(name) = self.host.touched.borrow().clone() {
             d.identity = Some(name);
         }
         for w in self.host.work_items.borrow().iter() {
             d.rules.push(RuleOutcome {
-                rule: "work_item".into(),
+                rule: WORK_ITEM_RULE.into(),
                 script: String::new(),
                 result: w.clone(),
             });
+            self.raise.push((WorkItemKind::Rule, w.clone()));
         }
+    }
+
+    /// Leaves the situation to an operator: a work item (`on_disputed` / `on_unmatched`).
+    fn hand_over(&mut self, kind: WorkItemKind, reason: String, d: &mut Decision) {
+        d.action = Action::WorkItem;
+        d.rules.push(RuleOutcome {
+            rule: WORK_ITEM_RULE.into(),
+            script: String::new(),
+            result: reason.clone(),
+        });
+        self.raise.push((kind, reason));
+    }
+
+    /// Applies an operator's decision about the account, with the situation it finds
+    /// (`fallback`: the situation to record when it changes nothing and finds no owner).
+    pub fn operate(
+        &mut self,
+        action: &OperatorAction,
+        fallback: Situation,
+        d: &mut Decision,
+    ) -> Result<(), EventError> {
+        let event = self.event;
+        let (resource, key) = (&event.resource, &event.key);
+        let owner = self.repo.owner_of(resource, key)?;
+        match action {
+            OperatorAction::Link(name) => {
+                if self.repo.identity_without_accounts(name)?.is_none() {
+                    return Err(Refusal::NoSuchIdentity { name: name.clone() }.into());
+                }
+                d.identity = Some(name.clone());
+                match owner {
+                    Some(o) if o == *name => {
+                        d.situation = Some(Situation::Linked);
+                        self.update(name, false, d)?;
+                        d.action = Action::Updated;
+                        return Ok(());
+                    }
+                    Some(o) => {
+                        d.situation = Some(Situation::Linked);
+                        self.host.pre_image(&o)?;
+                        self.repo.unlink(resource, key)?;
+                        d.rules.push(RuleOutcome {
+                            rule: OPERATOR_RULE.into(),
+                            script: String::new(),
+                            result: format!("unlinked from {o}"),
+                        });
+                    }
+                    None => d.situation = Some(Situation::Unlinked),
+                }
+                self.host.pre_image(name)?;
+                self.repo.link(name, resource, key)?;
+                self.update(name, true, d)?;
+                d.action = Action::Linked;
+            }
+            OperatorAction::Create => {
+                if let Some(owner) = owner {
+                    return Err(Refusal::AlreadyLinked {
+                        resource: resource.clone(),
+                        key: key.clone(),
+                        owner,
+                    }
+                    .into());
+                }
+                d.situation = Some(Situation::Unmatched);
+                self.create(d)?;
+            }
+            OperatorAction::Ignore => {
+                d.situation = Some(if owner.is_some() {
+                    Situation::Linked
+                } else {
+                    fallback
+                });
+                d.identity = owner;
+                d.action = Action::Ignored;
+            }
+            OperatorAction::Unlink => {
+                let Some(owner) = owner else {
+                    return Err(Refusal::NotLinked {
+                        resource: resource.clone(),
+                        key: key.clone(),
+                    }
+                    .into());
+                };
+                d.situation = Some(Situation::Linked);
+                d.identity = Some(owner.clone());
+                self.withdraw(&owner, DeleteAction::Unlink, d)?;
+            }
+        }
+        Ok(())
     }
 
     fn correlate(&mut self, script: &Script, d: &mut Decision) -> Result<Vec<String>, EventError> {
@@ -467,11 +674,18 @@ impl<'a> Decider<'a> {
         Ok(())
     }
 
-    fn delete_action(&mut self, name: &str, d: &mut Decision) -> Result<(), EventError> {
+    /// Withdraws the account from its owner `name`: unlinks it, then applies `action` (the
+    /// resource's `delete_action` for a delete; `Unlink` for an operator's unlink).
+    fn withdraw(
+        &mut self,
+        name: &str,
+        action: DeleteAction,
+        d: &mut Decision,
+    ) -> Result<(), EventError> {
         self.host.pre_image(name)?;
         self.repo.unlink(&self.event.resource, &self.event.key)?;
         d.action = Action::Unlinked;
-        if self.policy.delete_action == DeleteAction::Unlink {
+        if action == DeleteAction::Unlink {
             return Ok(());
         }
         let view = self.view(name)?;
@@ -495,7 +709,7 @@ impl<'a> Decider<'a> {
             });
             return Ok(());
         }
-        match self.policy.delete_action {
+        match action {
             DeleteAction::Unlink => {}
             DeleteAction::Disable => {
                 if !view.disabled {

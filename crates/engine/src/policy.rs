@@ -24,6 +24,19 @@ pub enum OnError {
     Halt,
 }
 
+/// Who settles an event that correlation left disputed (several candidates) or unmatched
+/// (none, with `create_unmatched` off).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Escalation {
+    /// The resolve rule; without one the event fails (a failed event naming the
+    /// candidates).
+    #[default]
+    ResolveRule,
+    /// An operator: the engine opens a work item (action `work_item`); the resolve rule
+    /// does not run for this situation.
+    WorkItem,
+}
+
 /// Where a mapped identity attribute gets its value.
 #[derive(Clone, Debug)]
 pub enum MappingSource {
@@ -63,6 +76,11 @@ pub struct Policy {
     pub naming: Option<Script>,
     /// Create an identity when nothing matches (default true).
     pub create_unmatched: bool,
+    /// Who settles a disputed event (default: the resolve rule).
+    pub on_disputed: Escalation,
+    /// Who settles an unmatched event when `create_unmatched` is off (default: the resolve
+    /// rule).
+    pub on_unmatched: Escalation,
     /// Copy every account attribute into the identity and give rules `global`.
     pub populate_global: bool,
     /// The delete action.
@@ -86,6 +104,8 @@ impl Policy {
             resolve: None,
             naming: None,
             create_unmatched: true,
+            on_disputed: Escalation::ResolveRule,
+            on_unmatched: Escalation::ResolveRule,
             populate_global: false,
             delete_action: DeleteAction::Unlink,
             on_error: OnError::Continue,

@@ -169,6 +169,10 @@ pub enum Trigger {
     Linked,
     /// An account was unlinked from an identity.
     Unlinked,
+    /// A work item was opened for an operator (a disputed or unmatched account, a rule's
+    /// `ctx.work_item`); the message has no identity.
+    #[serde(rename = "work_item")]
+    WorkItem,
 }
 
 impl Trigger {
@@ -180,6 +184,7 @@ impl Trigger {
             Trigger::Deleted => "deleted",
             Trigger::Linked => "linked",
             Trigger::Unlinked => "unlinked",
+            Trigger::WorkItem => "work_item",
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Notification policies compiled once and evaluated on the engine's thread: which identity
-//! events trigger them, the Rhai condition and recipient expressions, and the minijinja
-//! subject, text and HTML templates.
+//! events (and new work items) trigger them, the Rhai condition and recipient expressions,
+//! and the minijinja subject, text and HTML templates.
 //!
 //! Key design choice: a message is rendered completely when it is enqueued (inside the
 //! batch transaction), so the dispatcher only sends stored bytes: it needs no Rhai engine
@@ -10,11 +10,13 @@
 //! (otherwise the message is dead-lettered with the reason), and the HTML part autoescapes
 //! every value.
 
-use idsync_core::{AttrMap, Identity, Value};
-use idsync_engine::{IdentityChange, Notifier};
+use idsync_core::{AttrMap, Decision, Identity, Value};
+use idsync_engine::{IdentityChange, Notifier, WorkItemNotice};
 use idsync_repo::{NewOutboxMessage, RenderedMail};
 use idsync_rules::rhai::{Dynamic, Scope};
-use idsync_rules::{Limits, RuleEngine, Script, identity_to_dynamic, render, truthy};
+use idsync_rules::{
+    Limits, RuleEngine, Script, attrs_to_dynamic, identity_to_dynamic, render, truthy,
+};
 use lettre::message::Mailbox;
 use minijinja::{AutoEscape, Environment};
 
@@ -270,20 +272,6 @@ impl Compiled {
 /// An identity as templates see it: `name`, `disabled`, `attrs` (one value: a string;
 /// several: a list; binary: a size note), `accounts` (`resource`, `key`).
 fn identity_value(id: &Identity) -> serde_json::Value {
-    let mut attrs = serde_json::Map::new();
-    for a in id.attrs.iter() {
-        let vals: Vec<serde_json::Value> = a
-            .values
-            .iter()
-            .map(|v| serde_json::Value::String(v.to_string()))
-            .collect();
-        let v = if vals.len() == 1 {
-            vals.into_iter().next().unwrap_or(serde_json::Value::Null)
-        } else {
-            serde_json::Value::Array(vals)
-        };
-        attrs.insert(a.name.clone(), v);
-    }
     let accounts: Vec<serde_json::Value> = id
         .accounts
         .iter()
@@ -292,7 +280,7 @@ fn identity_value(id: &Identity) -> serde_json::Value {
     serde_json::json!({
         "name": id.name,
         "disabled": id.disabled,
-        "attrs": attrs,
+        "attrs": attrs_value(&id.attrs),
         "accounts": accounts,
     })
 }
@@ -341,6 +329,96 @@ fn recipients(v: &Dynamic, out: &mut Vec<String>) -> Result<(), String> {
     ))
 }
 
+/// What one policy renders a message about: the scope its expressions see and the
+/// context its templates see.
+struct Subject<'a> {
+    scope: Scope<'static>,
+    context: serde_json::Value,
+    /// The identity the message is about (none for a work item).
+    identity: Option<&'a str>,
+    decision: &'a Decision,
+}
+
+impl PolicyNotifier {
+    /// The message of policy `p` about `subject`, if its condition holds and it has a
+    /// recipient.
+    fn message(
+        &self,
+        p: &Compiled,
+        subject: &mut Subject<'_>,
+    ) -> Result<Option<NewOutboxMessage>, String> {
+        let scope = &mut subject.scope;
+        if let Some(c) = &p.condition {
+            let v = self.rules.run(c, scope, None).map_err(|e| e.to_string())?;
+            let go = truthy(&v)
+                .map_err(|m| format!("{}: condition returned {}: {m}", c.label(), render(&v)))?;
+            if !go {
+                return Ok(None);
+            }
+        }
+        let mut to = Vec::new();
+        for s in &p.to {
+            let v = self.rules.run(s, scope, None).map_err(|e| e.to_string())?;
+            recipients(&v, &mut to).map_err(|m| format!("{}: {m}", s.label()))?;
+        }
+        if to.is_empty() {
+            tracing::info!(policy = %p.name, identity = subject.identity.unwrap_or("-"), "no recipient: nothing sent");
+            return Ok(None);
+        }
+        let dead = to.iter().find_map(|r| check_recipient(r).err());
+        let ctx = minijinja::Value::from(minijinja::value::Serde(&subject.context));
+        let render_part = |part: &str| -> Result<String, String> {
+            let t = self
+                .jinja
+                .get_template(&format!("{}.{part}", p.name))
+                .map_err(|e| format!("policy {}: {part}: {e}", p.name))?;
+            t.render(&ctx)
+                .map_err(|e| format!("policy {}: rendering the {part}: {e}", p.name))
+        };
+        let mail = RenderedMail {
+            from: p.from.clone(),
+            to,
+            subject: one_line(&render_part("subject")?),
+            text: render_part("text")?,
+            html: if p.html {
+                Some(render_part("html")?)
+            } else {
+                None
+            },
+            retry: serde_json::to_value(&p.retry).map_err(|e| e.to_string())?,
+        };
+        let d = subject.decision;
+        Ok(Some(NewOutboxMessage {
+            policy: p.name.clone(),
+            identity: subject.identity.map(str::to_owned),
+            resource: Some(d.resource.clone()),
+            key: Some(d.key.clone()),
+            mail,
+            max_age_ms: p.max_age_ms,
+            dead,
+        }))
+    }
+}
+
+/// Attributes as templates see them: one value a string, several a list, binary a note.
+fn attrs_value(attrs: &AttrMap) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for a in attrs.iter() {
+        let vals: Vec<serde_json::Value> = a
+            .values
+            .iter()
+            .map(|v| serde_json::Value::String(v.to_string()))
+            .collect();
+        let v = if vals.len() == 1 {
+            vals.into_iter().next().unwrap_or(serde_json::Value::Null)
+        } else {
+            serde_json::Value::Array(vals)
+        };
+        out.insert(a.name.clone(), v);
+    }
+    serde_json::Value::Object(out)
+}
+
 impl Notifier for PolicyNotifier {
     fn messages(&self, change: &IdentityChange<'_>) -> Result<Vec<NewOutboxMessage>, String> {
         let ev = events(change.before, change.after);
@@ -368,36 +446,11 @@ impl Notifier for PolicyNotifier {
             scope.push("event", trigger.as_str().to_owned());
             scope.push("resource", d.resource.clone());
             scope.push("key", d.key.clone());
-            if let Some(c) = &p.condition {
-                let v = self
-                    .rules
-                    .run(c, &mut scope, None)
-                    .map_err(|e| e.to_string())?;
-                let go = truthy(&v).map_err(|m| {
-                    format!("{}: condition returned {}: {m}", c.label(), render(&v))
-                })?;
-                if !go {
-                    continue;
-                }
-            }
-            let mut to = Vec::new();
-            for s in &p.to {
-                let v = self
-                    .rules
-                    .run(s, &mut scope, None)
-                    .map_err(|e| e.to_string())?;
-                recipients(&v, &mut to).map_err(|m| format!("{}: {m}", s.label()))?;
-            }
-            if to.is_empty() {
-                tracing::info!(policy = %p.name, identity = %subject_id.name, "no recipient: nothing sent");
-                continue;
-            }
-            let dead = to.iter().find_map(|r| check_recipient(r).err());
             let changed: Vec<String> = match (change.before, change.after) {
                 (Some(b), Some(a)) => b.attrs.diff(&a.attrs).into_iter().map(|c| c.name).collect(),
                 _ => Vec::new(),
             };
-            let ctx = serde_json::json!({
+            let context = serde_json::json!({
                 "identity": identity_value(subject_id),
                 "before": change.before.map(identity_value),
                 "event": trigger.as_str(),
@@ -406,36 +459,64 @@ impl Notifier for PolicyNotifier {
                 "policy": p.name,
                 "changed": changed,
             });
-            let ctx = minijinja::Value::from(minijinja::value::Serde(ctx));
-            let render_part = |part: &str| -> Result<String, String> {
-                let t = self
-                    .jinja
-                    .get_template(&format!("{}.{part}", p.name))
-                    .map_err(|e| format!("policy {}: {part}: {e}", p.name))?;
-                t.render(&ctx)
-                    .map_err(|e| format!("policy {}: rendering the {part}: {e}", p.name))
+            let mut subject = Subject {
+                scope,
+                context,
+                identity: Some(&subject_id.name),
+                decision: d,
             };
-            let mail = RenderedMail {
-                from: p.from.clone(),
-                to,
-                subject: one_line(&render_part("subject")?),
-                text: render_part("text")?,
-                html: if p.html {
-                    Some(render_part("html")?)
-                } else {
-                    None
+            out.extend(self.message(p, &mut subject)?);
+        }
+        Ok(out)
+    }
+
+    fn work_item(&self, item: &WorkItemNotice<'_>) -> Result<Vec<NewOutboxMessage>, String> {
+        let d = item.decision;
+        let mut out = Vec::new();
+        for p in self
+            .policies
+            .iter()
+            .filter(|p| p.on.contains(&Trigger::WorkItem))
+        {
+            let mut map = idsync_rules::rhai::Map::new();
+            map.insert("id".into(), Dynamic::from(item.id));
+            map.insert("kind".into(), Dynamic::from(item.kind.as_str().to_owned()));
+            map.insert("reason".into(), Dynamic::from(item.reason.to_owned()));
+            map.insert(
+                "candidates".into(),
+                Dynamic::from_array(item.candidates.iter().cloned().map(Dynamic::from).collect()),
+            );
+            map.insert("account".into(), attrs_to_dynamic(item.account));
+            let mut scope = Scope::new();
+            scope.push("identity", Dynamic::UNIT);
+            scope.push("before", Dynamic::UNIT);
+            scope.push("event", Trigger::WorkItem.as_str().to_owned());
+            scope.push("resource", d.resource.clone());
+            scope.push("key", d.key.clone());
+            scope.push("work_item", Dynamic::from_map(map));
+            let context = serde_json::json!({
+                "identity": null,
+                "before": null,
+                "event": Trigger::WorkItem.as_str(),
+                "resource": d.resource,
+                "key": d.key,
+                "policy": p.name,
+                "changed": [],
+                "work_item": {
+                    "id": item.id,
+                    "kind": item.kind.as_str(),
+                    "reason": item.reason,
+                    "candidates": item.candidates,
+                    "account": attrs_value(item.account),
                 },
-                retry: serde_json::to_value(&p.retry).map_err(|e| e.to_string())?,
-            };
-            out.push(NewOutboxMessage {
-                policy: p.name.clone(),
-                identity: Some(subject_id.name.clone()),
-                resource: Some(d.resource.clone()),
-                key: Some(d.key.clone()),
-                mail,
-                max_age_ms: p.max_age_ms,
-                dead,
             });
+            let mut subject = Subject {
+                scope,
+                context,
+                identity: None,
+                decision: d,
+            };
+            out.extend(self.message(p, &mut subject)?);
         }
         Ok(out)
     }

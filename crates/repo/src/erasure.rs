@@ -20,7 +20,10 @@
 //!
 //! A name is erased only when a decision record or a notification is about an identity of
 //! that name: any other word (`#`, `admin`) is not a person's, and its mentions stay.
-//! - index rows left behind by deleted identities.
+//! - index rows left behind by deleted identities;
+//! - the work items of its former accounts (no identity links them any more), and its name
+//!   where other work items mention it (a candidate, the identity an item was linked to, a
+//!   reason) replaced by `(erased)`.
 //!
 //! The erasure itself is recorded in `erasures` without personal data: the time, the
 //! operator's reference and the counts. A new table that holds personal data of
@@ -58,6 +61,8 @@ pub struct ErasureReport {
     pub failed_events: u64,
     /// Discarded failed events removed.
     pub failed_discarded: u64,
+    /// Work items of its former accounts removed.
+    pub work_items: u64,
     /// Index rows of deleted identities removed.
     pub index_rows: u64,
     /// Other records (decisions, failed events) where the name was replaced by [`ERASED`].
@@ -72,6 +77,7 @@ impl ErasureReport {
             + self.notifications
             + self.failed_events
             + self.failed_discarded
+            + self.work_items
             + self.redacted
             > 0
     }
@@ -251,6 +257,10 @@ fn erase(conn: &Connection, name: &str) -> Result<ErasureReport, RepoError> {
             "DELETE FROM failed_discarded WHERE resource = ?1 AND key = ?2",
             "removing the discarded failed events of a former account",
         )?;
+        report.work_items += run(
+            "DELETE FROM work_items WHERE resource = ?1 AND key = ?2",
+            "removing the work items of a former account",
+        )?;
     }
     report.decisions += conn
         .prepare_cached("DELETE FROM decisions WHERE identity = ?1")
@@ -326,6 +336,64 @@ fn redact_records(conn: &Connection, name: &str) -> Result<u64, RepoError> {
                 .with_ctx(|| format!("erasing the name from {table} #{id}"))?;
             changed += 1;
         }
+    }
+    changed += redact_work_items(conn, name, json_name)?;
+    Ok(changed)
+}
+
+/// Replaces `name` by [`ERASED`] in the work items of others: candidates, the identity an
+/// item was settled with, its reason and the operator's reason. Returns how many changed.
+fn redact_work_items(conn: &Connection, name: &str, json_name: &str) -> Result<u64, RepoError> {
+    type Row = (i64, String, String, Option<String>, Option<String>);
+    let rows: Vec<Row> = conn
+        .prepare_cached(
+            "SELECT id, candidates, reason, resolved_identity, closed_reason FROM work_items \
+             WHERE instr(candidates, ?1) > 0 OR instr(reason, ?2) > 0 \
+             OR resolved_identity = ?2 OR instr(closed_reason, ?2) > 0",
+        )
+        .and_then(|mut st| {
+            st.query_map([json_name, name], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()
+        })
+        .ctx("erasing: finding work items that mention the name")?;
+    let mut changed = 0;
+    for (id, candidates, reason, resolved, closed_reason) in rows {
+        let mut list: Json = from_json(&candidates, || format!("work item {id}"))?;
+        let mut any = redact_json(&mut list, name);
+        let reason = match redact_text(&reason, name) {
+            Some(r) => {
+                any = true;
+                r
+            }
+            None => reason,
+        };
+        let resolved = match resolved {
+            Some(r) if r == name => {
+                any = true;
+                Some(ERASED.to_owned())
+            }
+            other => other,
+        };
+        let closed_reason = match closed_reason.as_deref().and_then(|r| redact_text(r, name)) {
+            Some(r) => {
+                any = true;
+                Some(r)
+            }
+            None => closed_reason,
+        };
+        if !any {
+            continue;
+        }
+        let candidates = to_json(&list, || format!("work item {id}"))?;
+        conn.prepare_cached(
+            "UPDATE work_items SET candidates = ?2, reason = ?3, resolved_identity = ?4, \
+             closed_reason = ?5 WHERE id = ?1",
+        )
+        .and_then(|mut st| st.execute(params![id, candidates, reason, resolved, closed_reason]))
+        .with_ctx(|| format!("erasing the name from work item #{id}"))?;
+        changed += 1;
     }
     Ok(changed)
 }

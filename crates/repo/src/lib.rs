@@ -1,5 +1,6 @@
 //! idsync's identity repository: identities and their attributes, account links, account
-//! shadows, resource checkpoints, decision records and failed events, in one SQLite file.
+//! shadows, resource checkpoints, decision records, failed events and work items, in one
+//! SQLite file.
 //!
 //! # Key design choice: one connection, transactions bracketed by the caller
 //!
@@ -55,6 +56,7 @@ mod summary;
 #[cfg(test)]
 mod tests;
 mod warm;
+mod work_items;
 
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -76,6 +78,10 @@ pub use records::{DecisionFilter, DiscardedFailure, FailedEvent, NewFailure, Sto
 pub use retention::{KEEP, Keep, PURGE_CHUNK, PurgeReport};
 pub use schema::SCHEMA_VERSION;
 pub use summary::ResourceSummary;
+pub use work_items::{
+    Closure, NewClosure, NewWorkItem, Raised, Resolution, WorkItem, WorkItemFilter, WorkItemKind,
+    WorkItemState,
+};
 
 use error::Context;
 

@@ -5,8 +5,8 @@
 //! Key design choice: what must be kept past its age is said in ONE place, [`KEEP`]: each
 //! reason with the SQL condition that holds for the decision records it needs. The purge
 //! (`results purge`, the agent's `retention`) keeps every record one of them holds for and
-//! reports how many each kept. A new kind of open item (a work item) that needs the
-//! records of its account adds its line there.
+//! reports how many each kept: open failed events and open work items keep the records of
+//! their account. A new kind of open item that needs them adds its line there.
 //!
 //! Decision ids grow with time (they are `AUTOINCREMENT` and recorded as they are decided),
 //! so the purge walks them in id order from the oldest and stops after a chunk holding no
@@ -33,11 +33,18 @@ pub struct Keep {
 
 /// What must be kept: the decision records that something still open needs. The first
 /// reason that holds is the one counted.
-pub const KEEP: &[Keep] = &[Keep {
-    reason: "an open failed event of their account needs them",
-    condition: "EXISTS (SELECT 1 FROM failed_events f \
-                WHERE f.resource = d.resource AND f.key = d.key)",
-}];
+pub const KEEP: &[Keep] = &[
+    Keep {
+        reason: "an open failed event of their account needs them",
+        condition: "EXISTS (SELECT 1 FROM failed_events f \
+                    WHERE f.resource = d.resource AND f.key = d.key)",
+    },
+    Keep {
+        reason: "an open work item of their account needs them",
+        condition: "EXISTS (SELECT 1 FROM work_items w \
+                    WHERE w.state = 'open' AND w.resource = d.resource AND w.key = d.key)",
+    },
+];
 
 /// Rows removed per transaction.
 pub const PURGE_CHUNK: usize = 10_000;

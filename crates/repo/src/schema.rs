@@ -207,6 +207,36 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         error      TEXT
     ) WITHOUT ROWID;
     "#,
+    // 9: work items: what the engine or a rule left to an operator (a disputed or unmatched
+    // account, `ctx.work_item`), open until an operator links, creates or ignores. Written
+    // in the batch transaction with the decision that raised them. At most one open item
+    // per account and kind (for rule items: per message), enforced by the partial index.
+    r#"
+    CREATE TABLE IF NOT EXISTS work_items (
+        id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at         TEXT NOT NULL,
+        resource           TEXT NOT NULL,
+        key                TEXT NOT NULL,
+        kind               TEXT NOT NULL,
+        reason             TEXT NOT NULL,
+        candidates         TEXT NOT NULL,
+        decision_id        INTEGER,
+        seen               INTEGER NOT NULL DEFAULT 1,
+        last_seen_at       TEXT NOT NULL,
+        last_decision_id   INTEGER,
+        state              TEXT NOT NULL,
+        closed_at          TEXT,
+        resolution         TEXT,
+        resolved_identity  TEXT,
+        closed_by_decision INTEGER,
+        closed_reason      TEXT
+    );
+    CREATE UNIQUE INDEX IF NOT EXISTS work_items_one_open ON work_items
+        (resource, key, kind, CASE WHEN kind = 'rule' THEN reason ELSE '' END)
+        WHERE state = 'open';
+    CREATE INDEX IF NOT EXISTS work_items_account ON work_items(resource, key);
+    CREATE INDEX IF NOT EXISTS work_items_state ON work_items(state, id);
+    "#,
 ];
 
 /// The schema version this build writes.

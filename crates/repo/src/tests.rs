@@ -1009,3 +1009,89 @@ fn the_last_reconcile_of_each_resource_is_kept() {
     assert!(last.ended_at.starts_with("20"), "{}", last.ended_at);
     assert_eq!(repo.last_reconcile("dir").unwrap(), None);
 }
+
+#[test]
+fn work_items_are_refreshed_while_open_and_closed_once() {
+    let repo = Repo::open_in_memory().unwrap();
+    let candidates = vec!["ann".to_owned(), "bea".to_owned()];
+    let item = |kind, reason| NewWorkItem {
+        resource: "hr",
+        key: "15",
+        kind,
+        reason,
+        candidates: &candidates,
+    };
+    let first = repo
+        .raise_work_item(&item(WorkItemKind::Disputed, "2 candidates"))
+        .unwrap();
+    assert!(first.new);
+    repo.note_work_item_decision(first.id, 7).unwrap();
+    // The same account and kind, another wording: the open item, refreshed.
+    let again = repo
+        .raise_work_item(&item(WorkItemKind::Disputed, "still 2 candidates"))
+        .unwrap();
+    assert_eq!(
+        again,
+        Raised {
+            id: first.id,
+            new: false
+        }
+    );
+    repo.note_work_item_decision(first.id, 9).unwrap();
+    // Rule items are one per message.
+    let a = repo
+        .raise_work_item(&item(WorkItemKind::Rule, "a"))
+        .unwrap();
+    let b = repo
+        .raise_work_item(&item(WorkItemKind::Rule, "b"))
+        .unwrap();
+    assert!(a.new && b.new && a.id != b.id);
+    assert!(
+        !repo
+            .raise_work_item(&item(WorkItemKind::Rule, "a"))
+            .unwrap()
+            .new
+    );
+
+    let stored = repo.work_item(first.id).unwrap().unwrap();
+    assert_eq!(stored.seen, 2);
+    assert_eq!(stored.reason, "still 2 candidates");
+    assert_eq!(
+        (stored.decision_id, stored.last_decision_id),
+        (Some(7), Some(9))
+    );
+    assert_eq!(stored.candidates, candidates);
+
+    let closure = NewClosure {
+        resolution: Resolution::Linked,
+        identity: Some("bea"),
+        decision_id: Some(11),
+        reason: Some("checked"),
+    };
+    assert!(repo.close_work_item(first.id, &closure).unwrap());
+    assert!(
+        !repo.close_work_item(first.id, &closure).unwrap(),
+        "closed once"
+    );
+    let closed = repo.work_item(first.id).unwrap().unwrap();
+    assert_eq!(closed.state, WorkItemState::Closed);
+    let c = closed.closed.unwrap();
+    assert_eq!(
+        (c.resolution, c.identity.as_deref()),
+        (Resolution::Linked, Some("bea"))
+    );
+    // Closed items do not absorb new events: the account raises a new item.
+    assert!(
+        repo.raise_work_item(&item(WorkItemKind::Disputed, "2 candidates"))
+            .unwrap()
+            .new
+    );
+    let open = repo
+        .work_items(&WorkItemFilter {
+            state: Some(WorkItemState::Open),
+            ..WorkItemFilter::default()
+        })
+        .unwrap();
+    assert_eq!(open.len(), 3);
+    assert_eq!(repo.open_work_item_count().unwrap(), 3);
+}
