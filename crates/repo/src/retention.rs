@@ -282,7 +282,7 @@ mod tests {
             .unwrap();
         // k7 is every 50th record: 500 of the old ones, kept for its open failed event.
         assert_eq!(r.removed, 24_500);
-        assert_eq!(r.kept, vec![(KEEP[0].reason, 500)]);
+        assert_eq!(r.kept, vec![(KEEP[0].reason, 500), (KEEP[1].reason, 0)]);
         assert!(!r.interrupted);
         assert_eq!(count(&repo, "SELECT count(*) FROM decisions"), 30_500);
         assert_eq!(
