@@ -239,6 +239,21 @@ impl Client {
     pub fn finish(&self, stream: &mut Stream) -> ldap3::LdapResult {
         self.rt.block_on(stream.finish())
     }
+
+    /// Ends a finished plain search: an error naming the server, base and result code
+    /// unless it succeeded.
+    pub fn finish_ok(&self, stream: &mut Stream) -> Result<(), LdapError> {
+        let res = self.finish(stream);
+        if res.rc == 0 {
+            return Ok(());
+        }
+        Err(LdapError::Search {
+            url: self.config.url.clone(),
+            base: self.config.base.clone(),
+            rc: res.rc,
+            text: res.text,
+        })
+    }
 }
 
 /// `(bind DN, password)` from the config's sources, or `None` for an anonymous bind.

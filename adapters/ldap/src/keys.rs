@@ -15,7 +15,7 @@ use crate::collect::Collector;
 use crate::conn::Client;
 use crate::entry::{self, Message, Shaper};
 use crate::error::LdapError;
-use crate::poll::operational;
+use crate::poll::entry_uuid;
 
 /// Keys per search (each an equality in one OR filter).
 const KEYS_PER_SEARCH: usize = 200;
@@ -57,23 +57,10 @@ pub(crate) fn read_keys<'k>(
             let Message::Entry(mut raw, _) = entry::decode(re).map_err(proto)? else {
                 continue;
             };
-            let Some(uuid) = operational(&mut raw, attrs, "entryUUID") else {
-                return Err(proto(format!(
-                    "entry {} has no readable entryUUID (the bind account needs read access to it)",
-                    raw.dn
-                )));
-            };
+            let uuid = entry_uuid(&mut raw, attrs, &cfg.url)?;
             col.put(uuid, shaper.attrs(raw))?;
         }
-        let res = client.finish(&mut stream);
-        if res.rc != 0 {
-            return Err(LdapError::Search {
-                url: cfg.url.clone(),
-                base: cfg.base.clone(),
-                rc: res.rc,
-                text: res.text,
-            });
-        }
+        client.finish_ok(&mut stream)?;
     }
     col.delete_absent(&cfg.guard(), cfg.deletes_accepted)?;
     Ok(col)

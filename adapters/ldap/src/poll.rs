@@ -65,6 +65,22 @@ pub(crate) fn operational(raw: &mut RawEntry, attrs: &[String], name: &str) -> O
         .and_then(|v| String::from_utf8(v.clone()).ok())
 }
 
+/// The entryUUID of `raw` (the account key), taken out as [`operational`] does; an error
+/// naming the entry when the bind account cannot read it.
+pub(crate) fn entry_uuid(
+    raw: &mut RawEntry,
+    attrs: &[String],
+    url: &str,
+) -> Result<String, LdapError> {
+    operational(raw, attrs, "entryUUID").ok_or_else(|| LdapError::Protocol {
+        url: url.to_owned(),
+        message: format!(
+            "entry {} has no readable entryUUID (the bind account needs read access to it)",
+            raw.dn
+        ),
+    })
+}
+
 /// One poll after `after`; a full pass that hands out every entry, changed or not, when
 /// `reconcile`.
 #[allow(clippy::too_many_arguments)]
@@ -110,14 +126,8 @@ pub(crate) fn poll<'k>(
         let Message::Entry(mut raw, _) = entry::decode(re).map_err(proto)? else {
             continue;
         };
-        let uuid = operational(&mut raw, attrs, "entryUUID");
+        let uuid = entry_uuid(&mut raw, attrs, &cfg.url)?;
         let ts = operational(&mut raw, attrs, "modifyTimestamp");
-        let Some(uuid) = uuid else {
-            return Err(proto(format!(
-                "entry {} has no readable entryUUID (the bind account needs read access to it)",
-                raw.dn
-            )));
-        };
         if let Some(ts) = ts
             && hwm.as_ref().is_none_or(|h| ts > *h)
         {
@@ -125,15 +135,7 @@ pub(crate) fn poll<'k>(
         }
         col.put(uuid, shaper.attrs(raw))?;
     }
-    let res = client.finish(&mut stream);
-    if res.rc != 0 {
-        return Err(LdapError::Search {
-            url: cfg.url.clone(),
-            base: cfg.base.clone(),
-            rc: res.rc,
-            text: res.text,
-        });
-    }
+    client.finish_ok(&mut stream)?;
     if full {
         col.delete_absent(&cfg.guard(), cfg.deletes_accepted)?;
     }

@@ -26,15 +26,7 @@ pub fn paged_search_count(config: &LdapConfig) -> Result<usize, LdapError> {
     while client.next(&mut stream)?.is_some() {
         n += 1;
     }
-    let res = client.finish(&mut stream);
-    if res.rc != 0 {
-        return Err(LdapError::Search {
-            url: config.url.clone(),
-            base: config.base.clone(),
-            rc: res.rc,
-            text: res.text,
-        });
-    }
+    client.finish_ok(&mut stream)?;
     Ok(n)
 }
 
@@ -53,15 +45,7 @@ pub fn sync_search_count(config: &LdapConfig) -> Result<usize, LdapError> {
             n += 1;
         }
     }
-    let res = client.finish(&mut stream);
-    if res.rc != 0 {
-        return Err(LdapError::Search {
-            url: config.url.clone(),
-            base: config.base.clone(),
-            rc: res.rc,
-            text: res.text,
-        });
-    }
+    client.finish_ok(&mut stream)?;
     Ok(n)
 }
 

@@ -165,22 +165,7 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
     }
     let mut adapters = adapters(&setup, &args.accept_deletes);
     let mut code = pass(&setup, &args.resources, &mut adapters);
-    if let Some(d) = &setup.dispatcher {
-        match crate::outbox::dispatch_round(d) {
-            Ok(round) if round.dead > 0 && code == ExitCode::SUCCESS => {
-                eprintln!(
-                    "error: outbox: {} message(s) dead-lettered (idsync outbox list --status dead)",
-                    round.dead
-                );
-                code = ExitCode::from(Exit::Failed);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                eprintln!("error: outbox: {e}");
-                code = ExitCode::from(Exit::Resource);
-            }
-        }
-    }
+    code = crate::outbox::round_after_command(&setup, code);
     let ages = crate::retention::Ages::of(&setup.loaded.config.retention);
     if !ages.is_empty() {
         match crate::retention::apply(setup.engine.repo(), &ages, &|| false) {

@@ -16,6 +16,29 @@ use crate::exit::Exit;
 use crate::printable::inline;
 use crate::setup::open_repo;
 
+/// The dispatch round that ends a command which may have queued mail (`run --once`,
+/// `reconcile`): the command's exit status `code`, turned into "failed" when a message was
+/// dead-lettered and into "resource error" when the outbox could not be read.
+pub fn round_after_command(setup: &crate::setup::Setup, code: ExitCode) -> ExitCode {
+    let Some(d) = &setup.dispatcher else {
+        return code;
+    };
+    match dispatch_round(d) {
+        Ok(round) if round.dead > 0 && code == ExitCode::SUCCESS => {
+            eprintln!(
+                "error: outbox: {} message(s) dead-lettered (idsync outbox list --status dead)",
+                round.dead
+            );
+            ExitCode::from(Exit::Failed)
+        }
+        Ok(_) => code,
+        Err(e) => {
+            eprintln!("error: outbox: {e}");
+            ExitCode::from(Exit::Resource)
+        }
+    }
+}
+
 /// One dispatch round; prints a line when anything happened.
 pub fn dispatch_round(d: &Dispatcher) -> Result<RoundReport, idsync_notify::NotifyError> {
     let r = d.round_blocking()?;

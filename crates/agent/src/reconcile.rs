@@ -267,21 +267,6 @@ pub fn command(loaded: Loaded, args: &ReconcileArgs) -> anyhow::Result<ExitCode>
         }
     }
     // The notifications the reconcile queued, as after `run --once`.
-    if let Some(d) = &setup.dispatcher {
-        match crate::outbox::dispatch_round(d) {
-            Ok(round) if round.dead > 0 && code == ExitCode::SUCCESS => {
-                eprintln!(
-                    "error: outbox: {} message(s) dead-lettered (idsync outbox list --status dead)",
-                    round.dead
-                );
-                code = ExitCode::from(Exit::Failed);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                eprintln!("error: outbox: {e}");
-                code = ExitCode::from(Exit::Resource);
-            }
-        }
-    }
+    code = crate::outbox::round_after_command(&setup, code);
     Ok(code)
 }
