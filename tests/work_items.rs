@@ -290,8 +290,8 @@ fn a_disputed_event_raises_a_work_item_that_resolve_link_closes() {
     assert_eq!(closed[0]["closed"]["decision_id"], d["id"]);
     assert_eq!(closed[0]["closed"]["reason"], "checked with HR");
 
-    // The link notification reaches the SMTP server through the outbox.
-    s.run_once(None, 0);
+    // The link notification reached the SMTP server through the outbox: the command
+    // dispatched what it queued, as `run --once` does.
     let got = smtp.wait_for(2);
     assert_eq!(got[1].rcpt, vec!["shared@example.com"]);
     assert_eq!(

@@ -405,12 +405,14 @@ fn apply(setup: &Setup, req: &OperatorRequest<'_>) -> anyhow::Result<ExitCode> {
                 .iter()
                 .filter(|r| r.rule == idsync_engine::NOTIFICATION_RULE)
                 .count();
-            if queued > 0 {
-                eprintln!(
-                    "{queued} notification(s) queued: the running agent sends them (idsync run --once does too)"
-                );
+            if queued == 0 {
+                return Ok(ExitCode::SUCCESS);
             }
-            Ok(ExitCode::SUCCESS)
+            // Sent now, as `run --once` sends what its pass queued (a running agent's
+            // dispatcher claims with a lease: no message goes out twice); what cannot go
+            // now stays queued for the agent's retries.
+            eprintln!("{queued} notification(s) queued");
+            Ok(crate::outbox::round_after_command(setup, ExitCode::SUCCESS))
         }
         Err(EngineError::Refused(r)) => {
             eprintln!("error: {}", inline(&r.to_string()));
