@@ -31,6 +31,15 @@ if ! command -v slapd >/dev/null 2>&1 && ! [ -x /usr/sbin/slapd ] || ! command -
   (service slapd stop || true) >/dev/null 2>&1
 fi
 
+# The PostgreSQL harness (crates/testkit) runs a private server: Debian's server programs.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  step "installing postgresql"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+  # Only the tests' private clusters are wanted; stop the one the package may start.
+  (service postgresql stop || true) >/dev/null 2>&1
+fi
+
 step "cargo fmt --check"
 echo "(the first build below compiles a couple of hundred crates: several minutes on a fresh machine)"
 cargo fmt --all -- --check

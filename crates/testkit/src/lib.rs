@@ -5,12 +5,15 @@
 //! - [`slapd`]: a private OpenLDAP server (generated `slapd.conf`, offline `slapadd`,
 //!   foreground child), optionally with TLS and bulk-loaded entries;
 //! - [`smtp`]: a real SMTP server (Debian's python3-aiosmtpd) that keeps what it receives,
-//!   and a minimal in-process SMTP sink that only counts.
+//!   and a minimal in-process SMTP sink that only counts;
+//! - [`postgres`]: a private PostgreSQL server (`initdb`, `pg_ctl`), for the repository on
+//!   PostgreSQL.
 //!
 //! Not part of the product: only the root package's tests and the bench crate use it.
 //! Every launcher returns errors with their context instead of panicking, so the bench
 //! binary can report them; `tests/common` turns them into test failures.
 
+pub mod postgres;
 pub mod slapd;
 pub mod smtp;
 
