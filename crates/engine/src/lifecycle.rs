@@ -359,10 +359,10 @@ impl Decider<'_> {
             Some(Lifecycle {
                 valid_from: Some(a),
                 ..
-            }) if kind == TimerKind::Enable => format!("valid_from (attribute {a})"),
+            }) if kind == TimerKind::Enable => format!("valid_from, attribute {a}"),
             Some(Lifecycle {
                 valid_to: Some(a), ..
-            }) if kind == TimerKind::Disable => format!("valid_to (attribute {a})"),
+            }) if kind == TimerKind::Disable => format!("valid_to, attribute {a}"),
             _ => date.to_owned(),
         };
         let planned = self.repo.plan_timer(&NewTimer {
@@ -383,7 +383,7 @@ impl Decider<'_> {
                 d,
                 TIMER_RULE,
                 format!(
-                    "{kind} of {name} moved from {} to {} ({reason} changed)",
+                    "{kind} of {name} moved from {} to {} ({reason}: the date changed)",
                     format_time(from),
                     format_time(due)
                 ),
