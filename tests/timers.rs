@@ -69,7 +69,9 @@ fn millis(at: &str) -> i64 {
     let ms = if frac.is_empty() {
         0
     } else {
-        format!("{:0<3}", &frac[1..frac.len().min(4)]).parse::<i64>().unwrap()
+        format!("{:0<3}", &frac[1..frac.len().min(4)])
+            .parse::<i64>()
+            .unwrap()
     };
     secs * 1000 + ms
 }
@@ -154,7 +156,9 @@ fn a_grace_period_delete_is_carried_out_by_the_running_agent_after_its_delay() {
     let mut agent = s.start_logged(&[]);
     eventually(20, "the first pass", || s.identity("u2").map(|_| ()));
     s.replace_atomically("feeds/hr.csv", "id,mail\n2,b@example.com\n");
-    eventually(10, "u1 disabled", || (disabled(&s, "u1") == Some(true)).then_some(()));
+    eventually(10, "u1 disabled", || {
+        (disabled(&s, "u1") == Some(true)).then_some(())
+    });
     assert_eq!(pending_timers(&s), 1);
     eventually(10, "u1 deleted by its timer", || {
         s.identity("u1").is_none().then_some(())
@@ -188,7 +192,10 @@ fn a_grace_period_delete_is_carried_out_by_the_running_agent_after_its_delay() {
     let (code, _) = terminate(&mut agent);
     assert_eq!(code, Some(0), "{}", s.agent_log());
     let log = s.agent_log();
-    assert!(log.contains("(delete of u1) fired: deleted_identity"), "{log}");
+    assert!(
+        log.contains("(delete of u1) fired: deleted_identity"),
+        "{log}"
+    );
 }
 
 /// Two leavers come back before their grace period ends: one under the same key (a rehire:
@@ -251,7 +258,10 @@ fn a_valid_from_in_the_future_enables_the_identity_on_time() {
     eventually(20, "u1 created disabled", || {
         (disabled(&s, "u1") == Some(true)).then_some(())
     });
-    let listed = s.idsync(&["preview", "--timers", "1d"]).expect_code(0).stdout;
+    let listed = s
+        .idsync(&["preview", "--timers", "1d"])
+        .expect_code(0)
+        .stdout;
     assert!(
         listed.contains(&format!("enable u1 at {}", rfc3339(start))),
         "{listed}"
@@ -264,7 +274,10 @@ fn a_valid_from_in_the_future_enables_the_identity_on_time() {
     assert_eq!(fired[0]["action"], "updated");
     let late = millis(fired[0]["at"].as_str().unwrap()) - start * 1000;
     println!("enabled {late} ms after valid_from");
-    assert!((0..2000).contains(&late), "enabled {late} ms after valid_from");
+    assert!(
+        (0..2000).contains(&late),
+        "enabled {late} ms after valid_from"
+    );
     // The policies see the change like any update.
     eventually(10, "the mail about the enable", || {
         sent(&s)
@@ -348,8 +361,14 @@ fn valid_to_disables_and_a_changed_date_replans_its_timer() {
     assert_eq!(timers[1]["kind"], "enable");
     assert_eq!(timers[1]["due_at"], format!("{tomorrow}T00:00:00Z"));
     // Within 5 minutes: only... nothing; within 11 minutes: u1's.
-    let soon = s.idsync(&["preview", "--timers", "5m"]).expect_code(0).stdout;
-    assert!(soon.contains("timers: 0 due within 5m, 2 pending in all"), "{soon}");
+    let soon = s
+        .idsync(&["preview", "--timers", "5m"])
+        .expect_code(0)
+        .stdout;
+    assert!(
+        soon.contains("timers: 0 due within 5m, 2 pending in all"),
+        "{soon}"
+    );
     let status = s.idsync(&["status"]).expect_code(0).stdout;
     assert!(status.contains("timers: 2 pending, next in"), "{status}");
 
@@ -381,7 +400,8 @@ fn valid_to_disables_and_a_changed_date_replans_its_timer() {
     }
     let run = s.run_once(None, 0);
     assert!(
-        run.stdout.contains("timers: 1 fired; actions: disabled 1; failed 0"),
+        run.stdout
+            .contains("timers: 1 fired; actions: disabled 1; failed 0"),
         "{}",
         run.stdout
     );
@@ -389,7 +409,10 @@ fn valid_to_disables_and_a_changed_date_replans_its_timer() {
     let fired = firings(&s);
     assert_eq!(fired.len(), 1);
     assert_eq!(fired[0]["key"], "1");
-    let explain = s.idsync(&["explain", "--identity", "u1"]).expect_code(0).stdout;
+    let explain = s
+        .idsync(&["explain", "--identity", "u1"])
+        .expect_code(0)
+        .stdout;
     assert!(explain.contains("op: timer"), "{explain}");
     assert!(
         explain.contains("lifecycle: valid_to") && explain.contains("has passed: disabled"),
@@ -449,7 +472,8 @@ resources:
     );
     let run = s.idsync(&["check"]).expect_code(2);
     assert!(
-        run.stderr.contains("unknown variant `archive`, expected `delete`"),
+        run.stderr
+            .contains("unknown variant `archive`, expected `delete`"),
         "{}",
         run.stderr
     );
@@ -489,15 +513,15 @@ fn a_kill_while_timers_fire_loses_none_and_fires_none_twice() {
 
     let db = s.db();
     let fired = || -> i64 {
-        let conn = rusqlite::Connection::open_with_flags(
-            &db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
+        let conn =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap();
         conn.busy_timeout(Duration::from_secs(5)).unwrap();
-        conn.query_row("SELECT count(*) FROM decisions WHERE op = 'timer'", [], |r| {
-            r.get(0)
-        })
+        conn.query_row(
+            "SELECT count(*) FROM decisions WHERE op = 'timer'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap()
     };
     let mut kills_mid_way = 0;

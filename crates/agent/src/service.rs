@@ -130,7 +130,14 @@ impl Generation {
             // Timers of every resource, unless the agent runs only some (`--resource`).
             let only = (!args.resources.is_empty()).then(|| names.to_vec());
             spawn("idsync-timers", move || {
-                timer_thread(loaded, repo, only, &timers_poked, &stop, dispatcher.as_ref())
+                timer_thread(
+                    loaded,
+                    repo,
+                    only,
+                    &timers_poked,
+                    &stop,
+                    dispatcher.as_ref(),
+                )
             })
         };
         let shared = Shared {

@@ -54,8 +54,7 @@ impl Fired {
         if f.decision.error.is_some() {
             self.failed += 1;
         }
-        if f
-            .decision
+        if f.decision
             .rules
             .iter()
             .any(|r| r.rule == idsync_engine::NOTIFICATION_RULE)
@@ -91,9 +90,7 @@ pub fn fire_due(
 ) -> Result<Fired, EngineError> {
     let mut fired = Fired::default();
     loop {
-        let round = setup
-            .engine
-            .fire_due_timers(&setup.policies, only, ROUND)?;
+        let round = setup.engine.fire_due_timers(&setup.policies, only, ROUND)?;
         for f in &round {
             fired.add(f);
         }

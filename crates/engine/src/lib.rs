@@ -63,12 +63,12 @@ use idsync_repo::{
 use idsync_rules::{Limits, RuleEngine};
 
 pub use guard::CrashGuard;
+pub use lifecycle::{
+    Bound, LIFECYCLE_RULE, Lifecycle, TIMER_RULE, format_delay, format_time, parse_date,
+};
 pub use notifier::{IdentityChange, Notifier, WorkItemNotice};
 pub use pipeline::{
     DISABLED_CHANGE, EventError, OPERATOR_RULE, OperatorAction, Refusal, WORK_ITEM_RULE,
-};
-pub use lifecycle::{
-    Bound, LIFECYCLE_RULE, Lifecycle, TIMER_RULE, format_delay, format_time, parse_date,
 };
 pub use policy::{DeleteAction, Escalation, Mapping, MappingSource, OnError, Policy};
 pub use timers::FiredTimer;

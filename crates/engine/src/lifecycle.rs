@@ -272,7 +272,10 @@ impl Decider<'_> {
                 note(
                     d,
                     LIFECYCLE_RULE,
-                    format!("valid_from {} is still to come: disabled until then", format_time(from)),
+                    format!(
+                        "valid_from {} is still to come: disabled until then",
+                        format_time(from)
+                    ),
                 );
             }
             Window::After(to) if !disabled => {
@@ -377,7 +380,10 @@ impl Decider<'_> {
             Planned::New(_) => note(
                 d,
                 TIMER_RULE,
-                format!("{kind} of {name} planned for {} ({reason})", format_time(due)),
+                format!(
+                    "{kind} of {name} planned for {} ({reason})",
+                    format_time(due)
+                ),
             ),
             Planned::Moved { from, .. } => note(
                 d,
@@ -455,7 +461,10 @@ impl Decider<'_> {
 
     /// The identities a process or resolve rule linked this event's account to: their
     /// grace-period deletes are cancelled.
-    pub(crate) fn cancel_grace_of_rule_links(&mut self, d: &mut Decision) -> Result<(), EventError> {
+    pub(crate) fn cancel_grace_of_rule_links(
+        &mut self,
+        d: &mut Decision,
+    ) -> Result<(), EventError> {
         let linked: Vec<String> = self.host.linked.borrow().clone();
         for name in linked {
             self.cancel_grace(&name, d)?;
@@ -482,7 +491,150 @@ impl Decider<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use idsync_core::{ChangeBatch, ChangeEvent, Checkpoint, Op};
+    use idsync_repo::Repo;
+
     use super::*;
+    use crate::{Engine, Mapping, MappingSource, Policy};
+
+    /// An engine over an in-memory repository and the policy of `hr` with `date` mapped
+    /// to `attr` and `lifecycle: { <bound>: attr }`.
+    fn engine(attr: &str, bound: Bound) -> (Engine, Policy) {
+        let repo = Arc::new(Repo::open_in_memory().expect("a repository"));
+        let engine = Engine::new(repo, &idsync_rules::Limits::default());
+        let mut p = Policy::new("hr");
+        p.mappings.push(Mapping {
+            attribute: attr.to_owned(),
+            source: MappingSource::Attribute("date".to_owned()),
+        });
+        let attr = Some(attr.to_owned());
+        p.lifecycle = Some(match bound {
+            Bound::From => Lifecycle {
+                valid_from: attr,
+                valid_to: None,
+            },
+            Bound::To => Lifecycle {
+                valid_from: None,
+                valid_to: attr,
+            },
+        });
+        (engine, p)
+    }
+
+    /// Applies one event of account `key` whose `date` is `date`.
+    fn apply(engine: &Engine, p: &Policy, op: Op, key: &str, date: &str) {
+        let expected = engine.repo().checkpoint("hr").expect("the checkpoint");
+        let n = expected.as_ref().map_or(0, |c| c.0.len());
+        let mut attrs = AttrMap::new();
+        attrs.set("date", vec![Value::Text(date.to_owned())]);
+        let batch = ChangeBatch {
+            events: vec![ChangeEvent {
+                resource: "hr".to_owned(),
+                key: key.to_owned(),
+                op,
+                attrs,
+                previous: None,
+                origin: None,
+            }],
+            checkpoint: Some(Checkpoint(format!("cp{}", n + 1))),
+            ..ChangeBatch::default()
+        };
+        let report = engine
+            .apply_batch(p, expected.as_ref(), &batch)
+            .expect("the batch");
+        assert_eq!(report.failed, 0, "{report:?}");
+    }
+
+    fn disabled(engine: &Engine, name: &str) -> bool {
+        engine
+            .repo()
+            .identity(name)
+            .expect("the repository")
+            .expect("the identity")
+            .disabled
+    }
+
+    fn kinds(engine: &Engine, name: &str) -> Vec<TimerKind> {
+        engine
+            .repo()
+            .timers_of_identity(name)
+            .expect("timers")
+            .iter()
+            .map(|t| t.kind)
+            .collect()
+    }
+
+    #[test]
+    fn the_dates_enable_only_what_they_disabled() {
+        let (engine, p) = engine("end", Bound::To);
+        apply(&engine, &p, Op::Create, "1", "2999-01-01");
+        assert!(!disabled(&engine, "1"));
+        // Something else disables it (a rule, an operator): dates that still say
+        // "valid" leave it disabled, event after event.
+        let repo = engine.repo();
+        let view = repo.identity("1").expect("read").expect("there");
+        repo.begin().expect("begin");
+        repo.checkin("1", view.version, &view.attrs, true)
+            .expect("checkin");
+        repo.commit().expect("commit");
+        apply(&engine, &p, Op::Update, "1", "2999-01-01");
+        assert!(disabled(&engine, "1"), "enabled by unchanged dates");
+        apply(&engine, &p, Op::Update, "1", "2998-12-31");
+        assert!(disabled(&engine, "1"), "enabled by dates valid before too");
+        // The dates end it, then give it a new end: they enable what they disabled.
+        apply(&engine, &p, Op::Update, "1", "2020-01-01");
+        assert!(disabled(&engine, "1"));
+        assert!(kinds(&engine, "1").is_empty());
+        apply(&engine, &p, Op::Update, "1", "2999-01-01");
+        assert!(!disabled(&engine, "1"));
+        assert_eq!(kinds(&engine, "1"), [TimerKind::Disable]);
+    }
+
+    #[test]
+    fn a_leaver_in_its_grace_period_is_not_enabled_by_its_valid_from() {
+        let (engine, mut p) = engine("start", Bound::From);
+        p.delete_action = DeleteAction::Disable;
+        p.delete_after = Some(Duration::from_secs(3600));
+        let soon = format_time(idsync_repo::now_ms() + 200);
+        apply(&engine, &p, Op::Create, "1", &soon);
+        assert!(disabled(&engine, "1"));
+        assert_eq!(kinds(&engine, "1"), [TimerKind::Enable]);
+        // It also has an account elsewhere, which a delete on hr does not count.
+        let repo = engine.repo();
+        repo.begin().expect("begin");
+        repo.link("1", "dir", "x").expect("link");
+        repo.commit().expect("commit");
+        apply(&engine, &p, Op::Delete, "1", &soon);
+        let mut planned = kinds(&engine, "1");
+        planned.sort();
+        assert_eq!(planned, [TimerKind::Delete, TimerKind::Enable]);
+        std::thread::sleep(Duration::from_millis(300));
+        let fired = engine
+            .fire_due_timers(std::slice::from_ref(&p), None, 10)
+            .expect("a round");
+        assert_eq!(fired.len(), 1);
+        let d = &fired[0].decision;
+        assert_eq!(d.op, Op::Timer);
+        assert_eq!(d.action, idsync_core::Action::Ignored, "{d:#?}");
+        assert!(
+            d.rules
+                .iter()
+                .any(|r| r.result.contains("its grace-period delete is pending")),
+            "{d:#?}"
+        );
+        assert!(disabled(&engine, "1"));
+        assert_eq!(kinds(&engine, "1"), [TimerKind::Delete]);
+        // The rehire links it back, enabled, its delete cancelled.
+        apply(&engine, &p, Op::Create, "1", &soon);
+        assert!(!disabled(&engine, "1"));
+        assert_eq!(
+            engine.repo().owner_of("hr", "1").expect("owner").as_deref(),
+            Some("1")
+        );
+        assert!(kinds(&engine, "1").is_empty());
+    }
 
     fn at(text: &str) -> i64 {
         DateTime::parse_from_rfc3339(text)
@@ -494,7 +646,10 @@ mod tests {
     fn dates_in_every_accepted_form() {
         let nine = at("2026-07-01T09:00:00Z");
         assert_eq!(parse_date("2026-07-01T09:00:00Z", Bound::From), Some(nine));
-        assert_eq!(parse_date(" 2026-07-01T11:00:00+02:00 ", Bound::To), Some(nine));
+        assert_eq!(
+            parse_date(" 2026-07-01T11:00:00+02:00 ", Bound::To),
+            Some(nine)
+        );
         assert_eq!(parse_date("2026-07-01T09:00:00", Bound::From), Some(nine));
         assert_eq!(parse_date("2026-07-01 09:00:00", Bound::From), Some(nine));
         assert_eq!(parse_date("20260701090000Z", Bound::From), Some(nine));
@@ -512,7 +667,14 @@ mod tests {
             parse_date("2026-07-31", Bound::To),
             Some(at("2026-08-01T00:00:00Z"))
         );
-        for bad in ["", "tomorrow", "2026-13-01", "01/07/2026", "2026-07-01T25:00:00Z", "20260701"] {
+        for bad in [
+            "",
+            "tomorrow",
+            "2026-13-01",
+            "01/07/2026",
+            "2026-07-01T25:00:00Z",
+            "20260701",
+        ] {
             assert_eq!(parse_date(bad, Bound::From), None, "{bad}");
         }
     }
@@ -534,7 +696,10 @@ mod tests {
             to: Some(from),
         };
         assert_eq!(reversed.window(0), Window::Empty);
-        assert_eq!(format_time(at("2026-07-01T09:00:00Z")), "2026-07-01T09:00:00Z");
+        assert_eq!(
+            format_time(at("2026-07-01T09:00:00Z")),
+            "2026-07-01T09:00:00Z"
+        );
         assert_eq!(format_delay(Duration::from_secs(30 * 86_400)), "30d");
         assert_eq!(format_delay(Duration::from_secs(5_400)), "1h 30m");
     }
@@ -547,14 +712,21 @@ mod tests {
         };
         let mut attrs = AttrMap::new();
         attrs.set("start_date", vec![Value::Text("31/12/2026".to_owned())]);
-        let err = dates_of(&lc, &attrs, "ada").expect_err("not a date").to_string();
+        let err = dates_of(&lc, &attrs, "ada")
+            .expect_err("not a date")
+            .to_string();
         assert!(err.contains("'start_date' of ada is not a date"), "{err}");
         assert!(!err.contains("31/12/2026"), "{err}");
         attrs.set(
             "start_date",
-            vec![Value::Text("2026-01-01".into()), Value::Text("2026-02-01".into())],
+            vec![
+                Value::Text("2026-01-01".into()),
+                Value::Text("2026-02-01".into()),
+            ],
         );
-        let err = dates_of(&lc, &attrs, "ada").expect_err("two dates").to_string();
+        let err = dates_of(&lc, &attrs, "ada")
+            .expect_err("two dates")
+            .to_string();
         assert!(err.contains("has 2 values"), "{err}");
     }
 }

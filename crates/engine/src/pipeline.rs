@@ -315,7 +315,8 @@ impl<'a> Decider<'a> {
                 ),
             });
             self.host.pre_image(&name)?;
-            self.repo.link(&name, &self.event.resource, &self.event.key)?;
+            self.repo
+                .link(&name, &self.event.resource, &self.event.key)?;
             self.cancel_grace(&name, d)?;
             self.update(&name, true, d)?;
             d.action = Action::Linked;

@@ -77,7 +77,13 @@ impl Engine {
             let _span =
                 tracing::info_span!("event", resource = %t.resource, key = %t.key).entered();
             match &d.error {
-                None => tracing::info!("timer #{} ({} of {}) fired: {}", t.id, t.kind, t.identity, d.action),
+                None => tracing::info!(
+                    "timer #{} ({} of {}) fired: {}",
+                    t.id,
+                    t.kind,
+                    t.identity,
+                    d.action
+                ),
                 Some(e) => {
                     let wait = RETRY_FIRST
                         .saturating_mul(1 << t.attempts.clamp(0, 16))
@@ -326,8 +332,7 @@ impl Decider<'_> {
         };
         self.host.pre_image(name)?;
         let linked = !view.accounts.is_empty();
-        let disabled =
-            self.apply_dates(name, dates, was, view.disabled, linked, now, d)?;
+        let disabled = self.apply_dates(name, dates, was, view.disabled, linked, now, d)?;
         if disabled != view.disabled {
             self.repo
                 .checkin(name, view.version, &view.attrs, disabled)?;

@@ -219,7 +219,11 @@ impl Repo {
 
     /// Removes the identity's pending timer of `kind` and returns it (a rehire cancels the
     /// grace-period delete; dates that no longer call for it cancel a date timer).
-    pub fn cancel_timer(&self, identity: &str, kind: TimerKind) -> Result<Option<Timer>, RepoError> {
+    pub fn cancel_timer(
+        &self,
+        identity: &str,
+        kind: TimerKind,
+    ) -> Result<Option<Timer>, RepoError> {
         let conn = self.lock()?;
         let found = select(
             &conn,
@@ -289,9 +293,11 @@ impl Repo {
         let mut args: Vec<&dyn ToSql> = Vec::new();
         let clause = only_clause(only, &mut args);
         let conn = self.lock()?;
-        conn.prepare_cached(&format!("SELECT min(due_at) FROM timers WHERE 1 = 1{clause}"))
-            .and_then(|mut st| st.query_row(params_from_iter(args.iter()), |r| r.get(0)))
-            .ctx("finding the next due timer")
+        conn.prepare_cached(&format!(
+            "SELECT min(due_at) FROM timers WHERE 1 = 1{clause}"
+        ))
+        .and_then(|mut st| st.query_row(params_from_iter(args.iter()), |r| r.get(0)))
+        .ctx("finding the next due timer")
     }
 
     /// How many timers are pending.
@@ -340,4 +346,95 @@ fn remove(conn: &Connection, id: i64) -> Result<bool, RepoError> {
         .and_then(|mut st| st.execute([id]))
         .with_ctx(|| format!("removing timer #{id}"))?;
     Ok(n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timer<'a>(
+        identity: &'a str,
+        kind: TimerKind,
+        due_at: i64,
+        resource: &'a str,
+    ) -> NewTimer<'a> {
+        NewTimer {
+            identity,
+            kind,
+            due_at,
+            resource,
+            key: "k",
+            reason: "why",
+        }
+    }
+
+    #[test]
+    fn one_pending_timer_per_identity_and_kind_moved_by_planning_again() {
+        let repo = Repo::open_in_memory().expect("a repository");
+        repo.begin().expect("begin");
+        let Planned::New(id) = repo
+            .plan_timer(&timer("ann", TimerKind::Delete, 5_000, "hr"))
+            .expect("planned")
+        else {
+            panic!("a new timer");
+        };
+        assert_eq!(
+            repo.plan_timer(&timer("ann", TimerKind::Delete, 5_000, "hr"))
+                .expect("planned"),
+            Planned::Unchanged(id)
+        );
+        assert_eq!(
+            repo.plan_timer(&timer("ann", TimerKind::Delete, 7_000, "dir"))
+                .expect("planned"),
+            Planned::Moved { id, from: 5_000 }
+        );
+        repo.plan_timer(&timer("ann", TimerKind::Enable, 6_000, "hr"))
+            .expect("planned");
+        repo.plan_timer(&timer("bob", TimerKind::Disable, 1_000, "dir"))
+            .expect("planned");
+        repo.commit().expect("commit");
+        assert_eq!(repo.timer_count().expect("count"), 3);
+        let ann = repo.timers_of_identity("ann").expect("ann's");
+        assert_eq!(ann.len(), 2);
+        assert_eq!(
+            (ann[1].kind, ann[1].due_at, ann[1].resource.as_str()),
+            (TimerKind::Delete, 7_000, "dir")
+        );
+        // Due ones earliest first, of some resources or all; the next due time.
+        let due: Vec<i64> = repo
+            .due_timers(6_500, 10, None)
+            .expect("due")
+            .iter()
+            .map(|t| t.due_at)
+            .collect();
+        assert_eq!(due, [1_000, 6_000]);
+        let hr = ["hr".to_owned()];
+        let due = repo.due_timers(10_000, 10, Some(&hr)).expect("due");
+        assert_eq!(due.len(), 1);
+        assert_eq!(repo.next_timer_due(None).expect("next"), Some(1_000));
+        assert_eq!(repo.next_timer_due(Some(&hr)).expect("next"), Some(6_000));
+        // A failed firing puts it off; a cancel or a firing removes it.
+        repo.postpone_timer(due[0].id, 60_000, "boom")
+            .expect("postponed");
+        let t = &repo.timers_of_identity("ann").expect("ann's")[1];
+        assert_eq!(
+            (t.kind, t.attempts, t.last_error.as_deref()),
+            (TimerKind::Enable, 1, Some("boom"))
+        );
+        assert!(
+            repo.cancel_timer("ann", TimerKind::Delete)
+                .expect("cancel")
+                .is_some()
+        );
+        assert!(
+            repo.cancel_timer("ann", TimerKind::Delete)
+                .expect("cancel")
+                .is_none()
+        );
+        let bob = repo.timers_of_account("dir", "k").expect("bob's");
+        assert!(repo.remove_timer(bob[0].id).expect("removed"));
+        assert_eq!(repo.cancel_timers_of("ann").expect("ann's").len(), 1);
+        assert_eq!(repo.timer_count().expect("count"), 0);
+        assert_eq!(repo.next_timer_due(None).expect("next"), None);
+    }
 }
