@@ -32,6 +32,12 @@ const ROUND: usize = 64;
 /// The longest the timer thread sleeps without looking at the repository.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 
+/// After a round that could not be applied (the repository's storage failed), the next
+/// attempt waits this long, doubled after each failure up to [`MAX_BACKOFF`]: a timer that
+/// stays due must not spin the thread.
+const FIRST_BACKOFF: Duration = Duration::from_secs(2);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
 /// What firing the due timers came to.
 #[derive(Clone, Debug, Default)]
 pub struct Fired {
@@ -151,28 +157,41 @@ pub fn timer_loop(
     dispatcher: Option<&Sender<()>>,
 ) {
     let repo = setup.engine.repo().clone();
+    let mut backoff: Option<Duration> = None;
     while !stop.requested() {
         match fire_due(setup, only, &|| stop.requested()) {
-            Ok(fired) if fired.count() > 0 => {
-                tracing::info!("timers: {}", fired.describe());
+            Ok(fired) => {
+                backoff = None;
+                if fired.count() > 0 {
+                    tracing::info!("timers: {}", fired.describe());
+                }
                 if fired.notified
                     && let Some(d) = dispatcher
                 {
                     let _ = d.send(());
                 }
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("timers: {e}"),
-        }
-        let sleep = match repo.next_timer_due(only) {
-            Ok(Some(due)) => Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)),
-            Ok(None) => MAX_SLEEP,
             Err(e) => {
+                let wait = backoff.map_or(FIRST_BACKOFF, |b| (b * 2).min(MAX_BACKOFF));
+                backoff = Some(wait);
+                tracing::warn!(
+                    "timers: {e}; next attempt in {}",
+                    humantime::format_duration(wait)
+                );
+            }
+        }
+        let sleep = match (backoff, repo.next_timer_due(only)) {
+            (Some(wait), _) => wait,
+            (None, Ok(Some(due))) => {
+                Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0))
+            }
+            (None, Ok(None)) => MAX_SLEEP,
+            (None, Err(e)) => {
                 tracing::warn!("timers: {e}");
                 MAX_SLEEP
             }
         };
-        let deadline = Instant::now() + sleep.min(MAX_SLEEP);
+        let deadline = Instant::now() + sleep.min(MAX_SLEEP.max(backoff.unwrap_or_default()));
         while !stop.requested() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
