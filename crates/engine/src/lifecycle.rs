@@ -473,8 +473,13 @@ impl Decider<'_> {
     }
 
     /// A rehire: this account left its identity within a grace period that has not ended
-    /// (its delete timer is pending) and came back. The identity, if it still exists.
+    /// (its delete timer is pending) and came back. The identity's timer, if the identity
+    /// still exists. Looked up only on a resource with a grace period (one lookup by
+    /// account per unowned account).
     pub(crate) fn rehire(&self) -> Result<Option<Timer>, EventError> {
+        if self.policy.delete_after.is_none() {
+            return Ok(None);
+        }
         let timers = self
             .repo
             .timers_of_account(&self.event.resource, &self.event.key)?;
