@@ -137,6 +137,10 @@ pub struct PreviewArgs {
     /// With --reconcile: only these accounts (repeatable).
     #[arg(long = "key", short = 'k', value_name = "KEY", requires = "reconcile")]
     pub keys: Vec<String>,
+    /// Instead of a pass: the lifecycle timers due within this time from now (`7d`, `12h`),
+    /// those already due included.
+    #[arg(long, value_name = "WITHIN", conflicts_with = "reconcile")]
+    pub timers: Option<String>,
 }
 
 /// `reconcile` options.

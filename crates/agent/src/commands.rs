@@ -164,7 +164,17 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
         return crate::service::serve(setup, args, &guard);
     }
     let mut adapters = adapters(&setup, &args.accept_deletes);
+    // Lifecycle timers due by now: before the passes (their time came first) and after
+    // them; before the mail round, which sends their mail.
+    let mut timers = crate::timers::OnceRounds::default();
+    timers.fire(&setup, &args.resources);
     let mut code = pass(&setup, &args.resources, &mut adapters);
+    timers.fire(&setup, &args.resources);
+    if let Some(timers) = timers.finish()
+        && (code == ExitCode::SUCCESS || timers == ExitCode::from(Exit::Resource))
+    {
+        code = timers;
+    }
     code = crate::outbox::round_after_command(&setup, code);
     let ages = crate::retention::Ages::of(&setup.loaded.config.retention);
     if !ages.is_empty() {
@@ -550,12 +560,15 @@ fn purge_results(loaded: &Loaded, before: &str) -> anyhow::Result<ExitCode> {
 fn results_header(out: &mut impl Write) -> std::io::Result<()> {
     writeln!(
         out,
-        "#record time resource key op situation action [identity= candidates= changed= operator= work_item= notify= error=]"
+        "#record time resource key op situation action [identity= candidates= changed= operator= work_item= lifecycle= timer= notify= error=]"
     )
 }
 
 /// `idsync preview`.
 pub fn preview(loaded: Loaded, args: &crate::cli::PreviewArgs) -> anyhow::Result<ExitCode> {
+    if let Some(within) = &args.timers {
+        return crate::timers::preview(&loaded, args, within);
+    }
     // A preview writes nothing: without a repository yet, it decides against an empty one
     // in memory instead of creating the file.
     let made = if loaded.repository_path().exists() {

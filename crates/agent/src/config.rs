@@ -47,6 +47,23 @@ pub struct Config {
     /// How long records are kept (none of them is removed by default).
     #[serde(default)]
     pub retention: RetentionConfig,
+    /// Date-driven state for the identities of every resource (a resource may give its
+    /// own `lifecycle`).
+    #[serde(default)]
+    pub lifecycle: Option<LifecycleConfig>,
+}
+
+/// `lifecycle`: the identity attributes holding the dates between which an identity is
+/// enabled (module `idsync_engine::lifecycle`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleConfig {
+    /// The identity attribute holding the date from which the identity is enabled.
+    #[serde(default)]
+    pub valid_from: Option<String>,
+    /// The identity attribute holding the date from which the identity is disabled.
+    #[serde(default)]
+    pub valid_to: Option<String>,
 }
 
 /// `retention`: how long each kind of record is kept, as an age (`90d`, `12h`); a kind left
@@ -225,9 +242,9 @@ pub struct ResourceConfig {
     /// Copy every account attribute into the identity; rules also get `global`.
     #[serde(default)]
     pub populate_global: bool,
-    /// What an account delete does to its owner.
+    /// What an account delete does to its owner (a word, or a map with a grace period).
     #[serde(default)]
-    pub delete_action: DeleteActionConfig,
+    pub delete_action: DeleteActionSetting,
     /// What a failed event does to its batch.
     #[serde(default)]
     pub on_error: OnErrorConfig,
@@ -241,6 +258,10 @@ pub struct ResourceConfig {
     /// A scheduled reconcile (`idsync run` re-decides every account at these times).
     #[serde(default)]
     pub reconcile: Option<ReconcileConfig>,
+    /// Date-driven state for the identities this resource checks in (instead of the
+    /// top-level `lifecycle`).
+    #[serde(default)]
+    pub lifecycle: Option<LifecycleConfig>,
 }
 
 /// `reconcile:` of a resource.
@@ -332,8 +353,8 @@ impl RulesConfig {
     }
 }
 
-/// `delete_action`.
-#[derive(Clone, Copy, Debug, Default, Deserialize)]
+/// `delete_action` (its word, or the map's `action`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeleteActionConfig {
     /// Unlink the account.
@@ -343,6 +364,70 @@ pub enum DeleteActionConfig {
     Disable,
     /// Delete the identity.
     Delete,
+}
+
+/// `delete_action`: a word (`unlink`, `disable`, `delete`), or a map that adds a grace
+/// period: `{ action: disable, then: delete, after: 30d }`.
+#[derive(Clone, Debug, Default)]
+pub struct DeleteActionSetting {
+    /// What happens when the account is deleted.
+    pub action: DeleteActionConfig,
+    /// What happens at the end of the grace period (`then: delete`).
+    pub then: Option<ThenActionConfig>,
+    /// The grace period, as an age (`30d`); checked by validation.
+    pub after: Option<String>,
+}
+
+/// `delete_action.then`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThenActionConfig {
+    /// Delete the identity.
+    Delete,
+}
+
+/// The map form of `delete_action`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StagedDeleteAction {
+    action: DeleteActionConfig,
+    #[serde(default)]
+    then: Option<ThenActionConfig>,
+    #[serde(default)]
+    after: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for DeleteActionSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        use serde::de::{self, IntoDeserializer, MapAccess, Visitor};
+        struct Either;
+        impl<'de> Visitor<'de> for Either {
+            type Value = DeleteActionSetting;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "unlink, disable or delete, or a map like { action: disable, then: delete, after: 30d }",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                let action = DeleteActionConfig::deserialize(v.into_deserializer())?;
+                Ok(DeleteActionSetting {
+                    action,
+                    then: None,
+                    after: None,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                let staged =
+                    StagedDeleteAction::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(DeleteActionSetting {
+                    action: staged.action,
+                    then: staged.then,
+                    after: staged.after,
+                })
+            }
+        }
+        de.deserialize_any(Either)
+    }
 }
 
 /// `on_error`.
@@ -595,6 +680,60 @@ impl Loaded {
         for (key, value) in self.config.retention.entries() {
             if let Err(e) = crate::when::parse_age(value) {
                 out.push(format!("{f}: retention.{key}: {e}"));
+            }
+        }
+        out.extend(self.lifecycle_problems());
+        out
+    }
+
+    /// The problems of `delete_action`'s grace period and of every `lifecycle`.
+    fn lifecycle_problems(&self) -> Vec<String> {
+        let f = self.file.display();
+        let mut out = Vec::new();
+        let dates = |at: &str, lc: &LifecycleConfig, out: &mut Vec<String>| {
+            if lc.valid_from.is_none() && lc.valid_to.is_none() {
+                out.push(format!(
+                    "{at}: name valid_from, valid_to or both (identity attributes holding dates)"
+                ));
+            }
+            for (key, attr) in [("valid_from", &lc.valid_from), ("valid_to", &lc.valid_to)] {
+                if attr.as_ref().is_some_and(|a| a.trim().is_empty()) {
+                    out.push(format!("{at}.{key}: must not be empty"));
+                }
+            }
+        };
+        if let Some(lc) = &self.config.lifecycle {
+            dates(&format!("{f}: lifecycle"), lc, &mut out);
+        }
+        for (i, r) in self.config.resources.iter().enumerate() {
+            let at = format!("{f}: resources[{i}]");
+            if let Some(lc) = &r.lifecycle {
+                dates(&format!("{at}.lifecycle"), lc, &mut out);
+                if r.rules.process.is_some() {
+                    out.push(format!(
+                        "{at}.lifecycle: does not apply with a process rule (it sets the state itself); remove it"
+                    ));
+                }
+            }
+            let da = &r.delete_action;
+            match (&da.then, &da.after) {
+                (Some(_), None) => out.push(format!(
+                    "{at}.delete_action.after: required with then: delete (e.g. after: 30d)"
+                )),
+                (None, Some(_)) => out.push(format!(
+                    "{at}.delete_action.after: a grace period needs then: delete"
+                )),
+                _ => {}
+            }
+            if da.then.is_some() && da.action != DeleteActionConfig::Disable {
+                out.push(format!(
+                    "{at}.delete_action.then: needs action: disable (the identity stays disabled during the grace period)"
+                ));
+            }
+            if let Some(after) = &da.after
+                && let Err(e) = crate::when::parse_age(after)
+            {
+                out.push(format!("{at}.delete_action.after: {e}"));
             }
         }
         out

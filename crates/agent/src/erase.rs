@@ -82,6 +82,9 @@ fn describe(r: &ErasureReport) -> String {
         r.work_items,
         r.index_rows
     ));
+    if r.timers > 0 {
+        s.push_str(&format!(", {} timer(s)", r.timers));
+    }
     if r.redacted > 0 {
         s.push_str(&format!(
             "; the name replaced by {ERASED} in {} other record(s)",

@@ -4,7 +4,9 @@
 use std::fmt::Write as _;
 
 use idsync_core::{Action, AttrChange, Decision, Op, Situation, Value};
-use idsync_engine::{BatchReport, NOTIFICATION_RULE, OPERATOR_RULE, WORK_ITEM_RULE};
+use idsync_engine::{
+    BatchReport, LIFECYCLE_RULE, NOTIFICATION_RULE, OPERATOR_RULE, TIMER_RULE, WORK_ITEM_RULE,
+};
 
 use crate::printable::inline;
 
@@ -33,6 +35,13 @@ pub fn one_line(d: &Decision) -> String {
     }
     for w in d.rules.iter().filter(|o| o.rule == WORK_ITEM_RULE) {
         let _ = write!(line, " work_item={:?}", w.result);
+    }
+    for o in d
+        .rules
+        .iter()
+        .filter(|o| o.rule == LIFECYCLE_RULE || o.rule == TIMER_RULE)
+    {
+        let _ = write!(line, " {}={:?}", o.rule, o.result);
     }
     for n in d.rules.iter().filter(|o| o.rule == NOTIFICATION_RULE) {
         let _ = write!(line, " notify={}", n.script);
@@ -69,6 +78,11 @@ pub fn steps(d: &Decision) -> String {
     for r in d.rules.iter().filter(|r| {
         r.rule != WORK_ITEM_RULE && r.rule != NOTIFICATION_RULE && r.rule != OPERATOR_RULE
     }) {
+        if r.rule == TIMER_RULE || r.rule == LIFECYCLE_RULE {
+            // What the engine itself did about timers and dates, not a rule's result.
+            let _ = writeln!(out, "  {}: {}", r.rule, r.result);
+            continue;
+        }
         let _ = writeln!(
             out,
             "  {} rule ({}) returned {}",
@@ -77,6 +91,7 @@ pub fn steps(d: &Decision) -> String {
     }
     // An operator's decision runs no correlation: its situation is what the operator found.
     let correlated = d.op != Op::Operator
+        && d.op != Op::Timer
         && matches!(
             d.situation,
             Some(Situation::Unlinked | Situation::Unmatched | Situation::Disputed)

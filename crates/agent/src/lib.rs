@@ -27,6 +27,7 @@ pub mod schedule;
 pub mod service;
 pub mod setup;
 pub mod status;
+pub mod timers;
 pub mod when;
 pub mod work_items;
 

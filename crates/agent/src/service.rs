@@ -12,6 +12,10 @@
 //! - **The dispatcher** (`dispatcher_loop`) sends mail when a loop committed something and
 //!   at the earliest next attempt the outbox holds, so a retry schedule holds whatever the
 //!   resources do, and a stalled mail server holds up nothing but mail.
+//! - **The timer thread** (`crate::timers::timer_loop`) fires the lifecycle timers that
+//!   are due (at start-up, those that came due while the agent was down), then sleeps until
+//!   the next one is due, a loop committed a batch that planned one (it is poked like the
+//!   dispatcher), or a minute; it never passes a resource.
 //! - **The main thread** watches only the config file and the rule files (and SIGHUP) to
 //!   reload, writes the status file, starts the retention job when it is due (module
 //!   `retention`), and on SIGTERM/SIGINT stops every loop after the part in hand (committed
@@ -82,6 +86,8 @@ struct Shared {
     board: Arc<Board>,
     /// Wakes the dispatcher after a commit (absent without notifications).
     poke: Option<Sender<()>>,
+    /// Wakes the timer thread after a commit that planned or moved a timer.
+    timers_poke: Option<Sender<()>>,
     /// The in-flight file every loop's engine notes its event in.
     guard: Arc<InFlight>,
 }
@@ -91,6 +97,8 @@ struct Generation {
     stop: Stop,
     loops: Vec<JoinHandle<()>>,
     dispatcher: Option<JoinHandle<()>>,
+    /// The timer thread.
+    timers: Option<JoinHandle<()>>,
     loaded: Loaded,
     /// The repository the loops share (the retention job works on it too).
     repo: Arc<Repo>,
@@ -114,13 +122,32 @@ impl Generation {
                 dispatcher_loop(&d, &repo, &poked, &stop, &observer)
             })
         });
+        let poke = dispatcher.is_some().then_some(poke);
+        let (timers_poke, timers_poked) = channel();
+        let timers = {
+            let (loaded, repo, stop) = (setup.loaded.clone(), repo.clone(), stop.clone());
+            let dispatcher = poke.clone();
+            // Timers of every resource, unless the agent runs only some (`--resource`).
+            let only = (!args.resources.is_empty()).then(|| names.to_vec());
+            spawn("idsync-timers", move || {
+                timer_thread(
+                    loaded,
+                    repo,
+                    only,
+                    &timers_poked,
+                    &stop,
+                    dispatcher.as_ref(),
+                )
+            })
+        };
         let shared = Shared {
             loaded: setup.loaded.clone(),
             repo: repo.clone(),
             stop: stop.clone(),
             observer: observer.clone(),
             board: board.clone(),
-            poke: dispatcher.is_some().then_some(poke),
+            poke,
+            timers_poke: timers.is_some().then_some(timers_poke),
             guard: guard.clone(),
         };
         let mut loops = Vec::new();
@@ -140,6 +167,7 @@ impl Generation {
             stop,
             loops,
             dispatcher,
+            timers,
             loaded: setup.loaded,
             repo,
         }
@@ -153,6 +181,11 @@ impl Generation {
             if h.join().is_err() {
                 tracing::error!("a resource loop panicked");
             }
+        }
+        if let Some(h) = self.timers
+            && h.join().is_err()
+        {
+            tracing::error!("the timer thread panicked");
         }
         if let Some(d) = self.dispatcher {
             let until = Instant::now() + DISPATCHER_STOP_WAIT;
@@ -338,6 +371,11 @@ impl Progress for LoopProgress<'_> {
         if let Some(p) = &self.shared.poke {
             let _ = p.send(());
         }
+        if report.timers > 0
+            && let Some(p) = &self.shared.timers_poke
+        {
+            let _ = p.send(());
+        }
         if self.last_log.elapsed() >= PROGRESS_LOG_EVERY {
             self.last_log = Instant::now();
             let secs = self.started.elapsed().as_secs_f64().max(0.001);
@@ -518,7 +556,11 @@ fn resource_loop(shared: Shared, index: usize, accept_deletes: bool) {
                 .checkpoint_resets(&name, resets - resets_seen);
             resets_seen = resets;
         }
-        retry_due(&setup, &policy, &name);
+        if retry_due(&setup, &policy, &name)
+            && let Some(p) = &shared.timers_poke
+        {
+            let _ = p.send(());
+        }
         let Some(wait) = wait else {
             continue;
         };
@@ -592,16 +634,34 @@ fn dispatcher_loop(
     }
 }
 
-/// Re-runs the failed events of `resource` whose backoff has passed.
-fn retry_due(setup: &Setup, policy: &idsync_engine::Policy, resource: &str) {
+/// The timer thread of one generation: its own engine over the shared repository (a rule
+/// engine stays on the thread that built it), then [`crate::timers::timer_loop`].
+fn timer_thread(
+    loaded: Loaded,
+    repo: Arc<Repo>,
+    only: Option<Vec<String>>,
+    woken: &Receiver<()>,
+    stop: &Stop,
+    dispatcher: Option<&Sender<()>>,
+) {
+    match Setup::with_repo(loaded, repo) {
+        Ok(setup) => crate::timers::timer_loop(&setup, only.as_deref(), woken, stop, dispatcher),
+        Err(e) => tracing::error!("timers: {e:#}"),
+    }
+}
+
+/// Re-runs the failed events of `resource` whose backoff has passed; true when one of
+/// them planned, moved or cancelled a lifecycle timer.
+fn retry_due(setup: &Setup, policy: &idsync_engine::Policy, resource: &str) -> bool {
     let cfg = &setup.loaded.config.failed_retry;
     if cfg.max_attempts <= 0 {
-        return;
+        return false;
     }
     let repo = setup.engine.repo();
     let Ok(failures) = repo.failures(Some(resource)) else {
-        return;
+        return false;
     };
+    let mut timers = false;
     let now = SystemTime::now();
     for f in failures {
         if f.event.is_none() || f.attempts >= cfg.max_attempts {
@@ -615,7 +675,11 @@ fn retry_due(setup: &Setup, policy: &idsync_engine::Policy, resource: &str) {
         if now.duration_since(last).unwrap_or_default() < wait {
             continue;
         }
-        match setup.engine.retry(policy, &f) {
+        let result = setup.engine.retry(policy, &f);
+        if let Ok(d) = &result {
+            timers |= d.rules.iter().any(|r| r.rule == idsync_engine::TIMER_RULE);
+        }
+        match result {
             Ok(d) if d.error.is_none() => {
                 let _span = tracing::warn_span!("event", resource, key = %d.key).entered();
                 tracing::info!("failed event #{} re-run: {}", f.id, d.action)
@@ -632,4 +696,5 @@ fn retry_due(setup: &Setup, policy: &idsync_engine::Policy, resource: &str) {
             Err(e) => tracing::warn!(resource, "failed event #{}: {e}", f.id),
         }
     }
+    timers
 }

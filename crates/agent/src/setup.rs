@@ -119,11 +119,30 @@ fn policy(
         p.on_unmatched = Escalation::WorkItem;
     }
     p.populate_global = r.populate_global;
-    p.delete_action = match r.delete_action {
+    p.delete_action = match r.delete_action.action {
         DeleteActionConfig::Unlink => DeleteAction::Unlink,
         DeleteActionConfig::Disable => DeleteAction::Disable,
         DeleteActionConfig::Delete => DeleteAction::Delete,
     };
+    // The grace period (`then: delete, after`) and the dates; validation reports what is
+    // wrong with them.
+    if r.delete_action.then.is_some() {
+        p.delete_after = r
+            .delete_action
+            .after
+            .as_deref()
+            .and_then(|a| crate::when::parse_age(a).ok());
+    }
+    if r.rules.process.is_none() {
+        p.lifecycle = r
+            .lifecycle
+            .as_ref()
+            .or(loaded.config.lifecycle.as_ref())
+            .map(|lc| idsync_engine::Lifecycle {
+                valid_from: lc.valid_from.clone().filter(|a| !a.trim().is_empty()),
+                valid_to: lc.valid_to.clone().filter(|a| !a.trim().is_empty()),
+            });
+    }
     p.on_error = match r.on_error {
         OnErrorConfig::Continue => OnError::Continue,
         OnErrorConfig::Halt => OnError::Halt,

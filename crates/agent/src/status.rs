@@ -187,6 +187,7 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
     }
     let (pending, sent, dead) = repo.outbox_counts()?;
     let open_items = repo.open_work_item_count()?;
+    let (timers, next_timer) = crate::timers::status(&repo)?;
     let mut out = crate::printable::stdout();
     if json {
         let value = serde_json::json!({
@@ -205,6 +206,7 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
             })).collect::<Vec<_>>(),
             "outbox": { "pending": pending, "sent": sent, "dead": dead },
             "work_items_open": open_items,
+            "timers": { "pending": timers, "next_due": next_timer.map(idsync_engine::format_time) },
         });
         writeln!(out, "{value}")?;
         return Ok(ExitCode::SUCCESS);
@@ -248,6 +250,9 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
             out,
             "work items: {open_items} open (idsync work-items list)"
         )?;
+    }
+    if timers > 0 {
+        writeln!(out, "{}", crate::timers::status_line(timers, next_timer))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -31,6 +31,9 @@ pub enum Op {
     /// Not a change on the resource: an operator decided about the account (`idsync link`,
     /// `unlink`, `work-items resolve`), with its attributes as last seen.
     Operator,
+    /// Only in decision records: a lifecycle timer fired (a grace-period delete, a
+    /// `valid_from` or `valid_to` date), decided again with the current rules and config.
+    Timer,
 }
 
 impl Op {
@@ -43,6 +46,7 @@ impl Op {
             Op::Upsert => "upsert",
             Op::Reconcile => "reconcile",
             Op::Operator => "operator",
+            Op::Timer => "timer",
         }
     }
 
@@ -55,6 +59,7 @@ impl Op {
             "upsert" => Op::Upsert,
             "reconcile" => Op::Reconcile,
             "operator" => Op::Operator,
+            "timer" => Op::Timer,
             _ => return None,
         })
     }

@@ -21,6 +21,9 @@ pub(crate) struct EventHost {
     pub capture: Cell<bool>,
     /// Each identity this event changed, as it was before its first change.
     pub pre_images: RefCell<Vec<(String, Option<Identity>)>>,
+    /// The identities a process or resolve rule linked the account to (their
+    /// grace-period deletes are cancelled).
+    pub linked: RefCell<Vec<String>>,
 }
 
 impl EventHost {
@@ -33,6 +36,7 @@ impl EventHost {
             touched: RefCell::new(None),
             capture: Cell::new(false),
             pre_images: RefCell::new(Vec::new()),
+            linked: RefCell::new(Vec::new()),
         }
     }
 
@@ -91,6 +95,7 @@ impl RuleHost for EventHost {
             .link(name, &self.resource, &self.key)
             .map_err(|e| e.to_string())?;
         self.touch(name);
+        self.linked.borrow_mut().push(name.to_owned());
         Ok(())
     }
 

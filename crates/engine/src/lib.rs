@@ -29,6 +29,12 @@
 //! (module `pipeline`), recorded as a decision of op `operator`, its notifications queued
 //! like a rule's, the work items it settles closed, all in one transaction.
 //!
+//! Lifecycle (modules `lifecycle`, `timers`): a leaver's grace-period delete and the
+//! `valid_from` / `valid_to` dates are timers in the repository, planned, moved or
+//! cancelled in the transaction of the decision, and fired later by
+//! [`Engine::fire_due_timers`] as decisions of op `timer`, each with the removal of its
+//! timer in one transaction.
+//!
 //! Poison events: an event that makes the process die (an abort, an out-of-memory kill)
 //! rolls its whole batch back, and the next start would apply it again. A [`CrashGuard`]
 //! set by the agent is told which event is being decided; when it says an event crashed
@@ -38,9 +44,11 @@
 
 mod guard;
 mod host;
+mod lifecycle;
 mod notifier;
 mod pipeline;
 mod policy;
+mod timers;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -55,11 +63,15 @@ use idsync_repo::{
 use idsync_rules::{Limits, RuleEngine};
 
 pub use guard::CrashGuard;
+pub use lifecycle::{
+    Bound, LIFECYCLE_RULE, Lifecycle, TIMER_RULE, format_delay, format_time, parse_date,
+};
 pub use notifier::{IdentityChange, Notifier, WorkItemNotice};
 pub use pipeline::{
     DISABLED_CHANGE, EventError, OPERATOR_RULE, OperatorAction, Refusal, WORK_ITEM_RULE,
 };
 pub use policy::{DeleteAction, Escalation, Mapping, MappingSource, OnError, Policy};
+pub use timers::FiredTimer;
 
 use pipeline::{Decider, blank_decision};
 use policy::ScopeNeeds;
@@ -125,6 +137,9 @@ pub struct BatchReport {
     /// Events whose decision changed nothing ([`Decision::changed_nothing`]), e.g. the
     /// unchanged accounts of a reconcile.
     pub unchanged: u64,
+    /// Lifecycle timers the batch planned, moved or cancelled (the agent's timer thread
+    /// looks at its next due time again when this is not zero).
+    pub timers: u64,
 }
 
 impl BatchReport {
@@ -139,6 +154,7 @@ impl BatchReport {
         self.failed += other.failed;
         self.rejected += other.rejected;
         self.unchanged += other.unchanged;
+        self.timers += other.timers;
     }
 
     /// Total events decided.
@@ -157,6 +173,7 @@ impl BatchReport {
         if d.changed_nothing() {
             self.unchanged += 1;
         }
+        self.timers += d.rules.iter().filter(|r| r.rule == TIMER_RULE).count() as u64;
     }
 }
 

@@ -39,6 +39,9 @@ pub enum EventError {
     /// A notification policy failed for the event.
     #[error("notification: {0}")]
     Notify(String),
+    /// An identity's lifecycle dates cannot be read (the message names the attribute).
+    #[error("{0}")]
+    Lifecycle(String),
     /// An operator's request cannot apply as asked (nothing was changed).
     #[error("{0}")]
     Refused(#[from] Refusal),
@@ -233,7 +236,7 @@ impl<'a> Decider<'a> {
             .run(script, &mut self.scope, Some((host, access)))
     }
 
-    fn run_truthy(
+    pub(crate) fn run_truthy(
         &mut self,
         role: &str,
         script: &Script,
@@ -268,6 +271,7 @@ impl<'a> Decider<'a> {
             let v = self.run(p, Access::ReadWrite)?;
             d.rules.push(outcome("process", p, render(&v)));
             self.finish_scripted(d, Action::Processed);
+            self.cancel_grace_of_rule_links(d)?;
             return Ok(());
         }
         // 3. Owner by link.
@@ -295,6 +299,29 @@ impl<'a> Decider<'a> {
             d.action = Action::Updated;
             return Ok(());
         }
+        // 4b. A rehire: the account left within a grace period and came back.
+        if let Some(t) = self.rehire()? {
+            let name = t.identity;
+            d.situation = Some(Situation::Unlinked);
+            d.identity = Some(name.clone());
+            d.candidates = vec![name.clone()];
+            d.confirmed = vec![name.clone()];
+            d.rules.push(RuleOutcome {
+                rule: crate::lifecycle::TIMER_RULE.into(),
+                script: String::new(),
+                result: format!(
+                    "rehire: account {} of {} left {name} within its grace period and came back: linked back",
+                    self.event.key, self.event.resource
+                ),
+            });
+            self.host.pre_image(&name)?;
+            self.repo
+                .link(&name, &self.event.resource, &self.event.key)?;
+            self.cancel_grace(&name, d)?;
+            self.update(&name, true, d)?;
+            d.action = Action::Linked;
+            return Ok(());
+        }
         // 5. Correlation.
         let candidates = match &policy.correlation {
             Some(c) => self.correlate(c, d)?,
@@ -314,6 +341,7 @@ impl<'a> Decider<'a> {
                 d.identity = Some(one.clone());
                 self.host.pre_image(one)?;
                 self.repo.link(one, &self.event.resource, &self.event.key)?;
+                self.cancel_grace(one, d)?;
                 self.update(one, true, d)?;
                 d.action = Action::Linked;
             }
@@ -427,6 +455,7 @@ impl<'a> Decider<'a> {
                 }
                 self.host.pre_image(name)?;
                 self.repo.link(name, resource, key)?;
+                self.cancel_grace(name, d)?;
                 self.update(name, true, d)?;
                 d.action = Action::Linked;
             }
@@ -552,6 +581,7 @@ impl<'a> Decider<'a> {
         let v = result?;
         d.rules.push(outcome("resolve", script, render(&v)));
         self.finish_scripted(d, Action::Resolved);
+        self.cancel_grace_of_rule_links(d)?;
         Ok(())
     }
 
@@ -627,10 +657,12 @@ impl<'a> Decider<'a> {
         };
         let attrs = self.map_attrs(&view.attrs, Some(&view))?;
         let mut changes = view.attrs.diff(&attrs);
-        let mut disabled = view.disabled;
-        if relink && disabled {
-            disabled = false;
-            changes.push(disabled_change(true, false));
+        // A link re-enables; then the lifecycle dates, if any, have their say.
+        let disabled = view.disabled && !relink;
+        let before = (!relink).then_some(&view.attrs);
+        let disabled = self.settle_dates(name, before, &attrs, disabled, d)?;
+        if disabled != view.disabled {
+            changes.push(disabled_change(view.disabled, disabled));
         }
         if !changes.is_empty() {
             self.repo.checkin(name, view.version, &attrs, disabled)?;
@@ -669,6 +701,11 @@ impl<'a> Decider<'a> {
             Some((&self.event.resource, &self.event.key)),
         )?;
         d.changes = AttrMap::new().diff(&attrs);
+        // A new identity whose dates say it is not valid yet (or any more).
+        if self.settle_dates(&name, None, &attrs, false, d)? {
+            self.repo.checkin(&name, 1, &attrs, true)?;
+            d.changes.push(disabled_change(false, true));
+        }
         d.identity = Some(name);
         d.action = Action::Created;
         Ok(())
@@ -717,10 +754,26 @@ impl<'a> Decider<'a> {
                     d.changes.push(disabled_change(false, true));
                 }
                 d.action = Action::Disabled;
+                self.plan_grace_delete(name, d)?;
             }
             DeleteAction::Delete => {
                 self.repo.delete_identity(name)?;
                 d.action = Action::DeletedIdentity;
+                let cancelled = self.repo.cancel_timers_of(name)?;
+                if !cancelled.is_empty() {
+                    let which: Vec<String> = cancelled
+                        .iter()
+                        .map(|t| format!("#{} {}", t.id, t.kind))
+                        .collect();
+                    d.rules.push(RuleOutcome {
+                        rule: crate::lifecycle::TIMER_RULE.into(),
+                        script: String::new(),
+                        result: format!(
+                            "the timers of {name} cancelled (it was deleted): {}",
+                            which.join(", ")
+                        ),
+                    });
+                }
             }
         }
         Ok(())
@@ -735,7 +788,7 @@ fn outcome(role: &str, script: &Script, result: String) -> RuleOutcome {
     }
 }
 
-fn disabled_change(before: bool, after: bool) -> AttrChange {
+pub(crate) fn disabled_change(before: bool, after: bool) -> AttrChange {
     AttrChange {
         name: DISABLED_CHANGE.to_owned(),
         before: Some(vec![Value::Text(before.to_string())]),

@@ -1,6 +1,10 @@
 //! A resource's compiled sync policy: which rules run, and what the engine does by default.
 
+use std::time::Duration;
+
 use idsync_rules::Script;
+
+pub use crate::lifecycle::Lifecycle;
 
 /// What the engine does to the owner when its account is deleted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,6 +89,12 @@ pub struct Policy {
     pub populate_global: bool,
     /// The delete action.
     pub delete_action: DeleteAction,
+    /// With [`DeleteAction::Disable`]: the identity is deleted this long after it was
+    /// disabled (a lifecycle timer), unless the account comes back or the identity gets a
+    /// new link first (`delete_action: { action: disable, then: delete, after: 30d }`).
+    pub delete_after: Option<Duration>,
+    /// Date-driven state: the identity attributes holding `valid_from` and `valid_to`.
+    pub lifecycle: Option<Lifecycle>,
     /// What a failed event does.
     pub on_error: OnError,
     /// The input form.
@@ -108,6 +118,8 @@ impl Policy {
             on_unmatched: Escalation::ResolveRule,
             populate_global: false,
             delete_action: DeleteAction::Unlink,
+            delete_after: None,
+            lifecycle: None,
             on_error: OnError::Continue,
             mappings: Vec::new(),
         }

@@ -446,6 +446,7 @@ impl Notifier for PolicyNotifier {
             scope.push("event", trigger.as_str().to_owned());
             scope.push("resource", d.resource.clone());
             scope.push("key", d.key.clone());
+            scope.push("op", d.op.as_str().to_owned());
             let changed: Vec<String> = match (change.before, change.after) {
                 (Some(b), Some(a)) => b.attrs.diff(&a.attrs).into_iter().map(|c| c.name).collect(),
                 _ => Vec::new(),
@@ -456,6 +457,7 @@ impl Notifier for PolicyNotifier {
                 "event": trigger.as_str(),
                 "resource": d.resource,
                 "key": d.key,
+                "op": d.op.as_str(),
                 "policy": p.name,
                 "changed": changed,
             });

@@ -23,7 +23,8 @@
 //! - index rows left behind by deleted identities;
 //! - the work items of its former accounts (no identity links them any more), and its name
 //!   where other work items mention it (a candidate, the identity an item was linked to, a
-//!   reason) replaced by `(erased)`.
+//!   reason) replaced by `(erased)`;
+//! - its lifecycle timers (a deleted identity keeps none, but the step makes sure).
 //!
 //! The erasure itself is recorded in `erasures` without personal data: the time, the
 //! operator's reference and the counts. A new table that holds personal data of
@@ -63,6 +64,8 @@ pub struct ErasureReport {
     pub failed_discarded: u64,
     /// Work items of its former accounts removed.
     pub work_items: u64,
+    /// Lifecycle timers of the identity removed.
+    pub timers: u64,
     /// Index rows of deleted identities removed.
     pub index_rows: u64,
     /// Other records (decisions, failed events) where the name was replaced by [`ERASED`].
@@ -78,6 +81,7 @@ impl ErasureReport {
             + self.failed_events
             + self.failed_discarded
             + self.work_items
+            + self.timers
             + self.redacted
             > 0
     }
@@ -277,6 +281,11 @@ fn erase(conn: &Connection, name: &str) -> Result<ErasureReport, RepoError> {
         .and_then(|mut st| st.execute([name]))
         .map(count)
         .with_ctx(|| ctx("removing its notifications"))?;
+    report.timers = conn
+        .prepare_cached("DELETE FROM timers WHERE identity = ?1")
+        .and_then(|mut st| st.execute([name]))
+        .map(count)
+        .with_ctx(|| ctx("removing its timers"))?;
     report.index_rows = conn
         .prepare_cached(
             "DELETE FROM identity_values WHERE identity_id NOT IN (SELECT id FROM identities)",

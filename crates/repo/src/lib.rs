@@ -1,6 +1,6 @@
 //! idsync's identity repository: identities and their attributes, account links, account
-//! shadows, resource checkpoints, decision records, failed events and work items, in one
-//! SQLite file.
+//! shadows, resource checkpoints, decision records, failed events, work items and lifecycle
+//! timers, in one SQLite file.
 //!
 //! # Key design choice: one connection, transactions bracketed by the caller
 //!
@@ -55,6 +55,7 @@ mod shadows;
 mod summary;
 #[cfg(test)]
 mod tests;
+mod timers;
 mod warm;
 mod work_items;
 
@@ -78,6 +79,7 @@ pub use records::{DecisionFilter, DiscardedFailure, FailedEvent, NewFailure, Sto
 pub use retention::{KEEP, Keep, PURGE_CHUNK, PurgeReport};
 pub use schema::SCHEMA_VERSION;
 pub use summary::ResourceSummary;
+pub use timers::{NewTimer, Planned, Timer, TimerKind};
 pub use work_items::{
     Closure, NewClosure, NewWorkItem, Raised, Resolution, WorkItem, WorkItemFilter, WorkItemKind,
     WorkItemState,

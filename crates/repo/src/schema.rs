@@ -237,6 +237,27 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX IF NOT EXISTS work_items_account ON work_items(resource, key);
     CREATE INDEX IF NOT EXISTS work_items_state ON work_items(state, id);
     "#,
+    // lifecycle timers: a grace-period delete, a valid_from / valid_to date, planned in the
+    // transaction of the decision that planned them and removed in that of the decision
+    // that fired or cancelled them (module `timers`). At most one pending timer per
+    // identity and kind; due times in Unix ms, indexed for the agent's next wake-up.
+    r#"
+    CREATE TABLE IF NOT EXISTS timers (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        identity    TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        due_at      INTEGER NOT NULL,
+        planned_at  INTEGER NOT NULL,
+        resource    TEXT NOT NULL,
+        key         TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        last_error  TEXT
+    );
+    CREATE UNIQUE INDEX IF NOT EXISTS timers_one_per_kind ON timers(identity, kind);
+    CREATE INDEX IF NOT EXISTS timers_due ON timers(due_at);
+    CREATE INDEX IF NOT EXISTS timers_account ON timers(resource, key);
+    "#,
 ];
 
 /// The schema version this build writes.
