@@ -47,6 +47,9 @@ pub struct Config {
     /// How long records are kept (none of them is removed by default).
     #[serde(default)]
     pub retention: RetentionConfig,
+    /// How identity attributes compare in correlation queries (module `correlation`).
+    #[serde(default)]
+    pub correlation: crate::correlation::CorrelationConfig,
 }
 
 /// `retention`: how long each kind of record is kept, as an age (`90d`, `12h`); a kind left
@@ -241,6 +244,9 @@ pub struct ResourceConfig {
     /// A scheduled reconcile (`idsync run` re-decides every account at these times).
     #[serde(default)]
     pub reconcile: Option<ReconcileConfig>,
+    /// Fuzzy correlation candidates (module `correlation`).
+    #[serde(default)]
+    pub fuzzy: Option<crate::correlation::FuzzyConfig>,
 }
 
 /// `reconcile:` of a resource.
@@ -568,6 +574,7 @@ impl Loaded {
                     rc.cron
                 ));
             }
+            out.extend(crate::correlation::fuzzy_problems(&at, r));
             for (j, m) in r.mappings.iter().enumerate() {
                 match (&m.from, &m.expr) {
                     (Some(_), Some(_)) => out.push(format!(
@@ -583,6 +590,10 @@ impl Loaded {
                 }
             }
         }
+        out.extend(crate::correlation::correlation_problems(
+            &f.to_string(),
+            &self.config.correlation,
+        ));
         let listen = &self.config.status.listen;
         if listen != "off" && listen.parse::<std::net::SocketAddr>().is_err() {
             out.push(format!(

@@ -4,7 +4,9 @@
 use std::fmt::Write as _;
 
 use idsync_core::{Action, AttrChange, Decision, Op, Situation, Value};
-use idsync_engine::{BatchReport, NOTIFICATION_RULE, OPERATOR_RULE, WORK_ITEM_RULE};
+use idsync_engine::{
+    BatchReport, FUZZY_RULE, NORMALISED_RULE, NOTIFICATION_RULE, OPERATOR_RULE, WORK_ITEM_RULE,
+};
 
 use crate::printable::inline;
 
@@ -69,11 +71,15 @@ pub fn steps(d: &Decision) -> String {
     for r in d.rules.iter().filter(|r| {
         r.rule != WORK_ITEM_RULE && r.rule != NOTIFICATION_RULE && r.rule != OPERATOR_RULE
     }) {
-        let _ = writeln!(
-            out,
-            "  {} rule ({}) returned {}",
-            r.rule, r.script, r.result
-        );
+        let _ = match r.rule.as_str() {
+            NORMALISED_RULE => writeln!(out, "  compared in normalised form: {}", r.result),
+            FUZZY_RULE => writeln!(out, "  fuzzy candidates: {}", r.result),
+            _ => writeln!(
+                out,
+                "  {} rule ({}) returned {}",
+                r.rule, r.script, r.result
+            ),
+        };
     }
     // An operator's decision runs no correlation: its situation is what the operator found.
     let correlated = d.op != Op::Operator

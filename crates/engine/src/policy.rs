@@ -2,6 +2,8 @@
 
 use idsync_rules::Script;
 
+use crate::fuzzy::Fuzzy;
+
 /// What the engine does to the owner when its account is deleted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DeleteAction {
@@ -89,6 +91,9 @@ pub struct Policy {
     pub on_error: OnError,
     /// The input form.
     pub mappings: Vec<Mapping>,
+    /// Fuzzy correlation candidates: an account no identity matches, but that resembles
+    /// some, opens a `similar` work item instead of being created or resolved.
+    pub fuzzy: Option<Fuzzy>,
 }
 
 impl Policy {
@@ -110,6 +115,7 @@ impl Policy {
             delete_action: DeleteAction::Unlink,
             on_error: OnError::Continue,
             mappings: Vec::new(),
+            fuzzy: None,
         }
     }
 

@@ -237,6 +237,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX IF NOT EXISTS work_items_account ON work_items(resource, key);
     CREATE INDEX IF NOT EXISTS work_items_state ON work_items(state, id);
     "#,
+    // 10: the normalisation each attribute's correlation index was built with (module
+    // `index`): step names joined by commas, e.g. 'case,spaces'. An attribute listed in
+    // indexed_attributes without a row here holds exact values, as every index did before.
+    r#"
+    CREATE TABLE IF NOT EXISTS index_normalisations (
+        attr   TEXT PRIMARY KEY,
+        steps  TEXT NOT NULL
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.
