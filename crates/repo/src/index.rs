@@ -98,6 +98,10 @@ impl Repo {
             let folded = attr.to_lowercase();
             let n = declared.of(&folded);
             let normalised = n.apply(text).into_owned();
+            if normalised.is_empty() && !n.is_exact() {
+                // Nothing but spaces: a missing value, which matches nothing.
+                return Ok(Vec::new());
+            }
             pairs.push((folded, n, normalised));
         }
         let conn = self.lock()?;
@@ -362,7 +366,8 @@ fn build_index(
     Ok(())
 }
 
-/// The text values of attribute `folded` of `attrs`, normalised, without repeats, sorted.
+/// The text values of attribute `folded` of `attrs`, normalised, without repeats, sorted;
+/// a value that normalises to nothing (only spaces) is left out.
 fn normalised_texts(attrs: &AttrMap, folded: &str, n: Normalisation) -> Vec<String> {
     let mut out: Vec<String> = attrs
         .get(folded)
@@ -370,6 +375,7 @@ fn normalised_texts(attrs: &AttrMap, folded: &str, n: Normalisation) -> Vec<Stri
         .iter()
         .filter_map(Value::as_text)
         .map(|t| n.apply(t).into_owned())
+        .filter(|t| !t.is_empty() || n.is_exact())
         .collect();
     if out.len() > 1 {
         out.sort();

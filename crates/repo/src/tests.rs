@@ -939,6 +939,20 @@ fn normalised_attributes_match_however_either_side_is_written() {
     assert!(repo.find(&q).unwrap().is_empty());
     assert_eq!(repo.find(&conds(&[("mail", "a.LOVELACE@example.com")])).unwrap(), ["ada"]);
     repo.commit().unwrap();
+
+    // A value of nothing but spaces is a missing value: never indexed, never matched.
+    let zoe = repo.identity("zoe").unwrap().unwrap();
+    let mut blank = zoe.attrs.clone();
+    blank.set("mail", vec!["   ".into()]);
+    repo.checkin("zoe", zoe.version, &blank, false).unwrap();
+    assert_eq!(
+        index_rows(&repo, "mail"),
+        pairs(&[("a.lovelace@example.com", "ada")])
+    );
+    repo.begin().unwrap();
+    assert!(repo.find(&conds(&[("mail", " ")])).unwrap().is_empty());
+    repo.commit().unwrap();
+    assert!(repo.find(&conds(&[("mail", " ")])).unwrap().is_empty());
 }
 
 #[test]
