@@ -229,5 +229,11 @@ mod tests {
         assert_eq!(best(&s(&["smith"]), &s(&[])), 0.0);
         // Different people with one surname stay apart at the usual thresholds.
         assert!(best(&s(&["john"]), &s(&["jane"])) < 0.8);
+        // The figures docs/rules.md quotes for `Jonathon` against other first names.
+        let vs = |other: &str| format!("{:.3}", best(&s(&["jonathon"]), &s(&[other])));
+        assert_eq!(
+            [vs("jonathan"), vs("john"), vs("jane")],
+            ["0.950", "0.800", "0.597"]
+        );
     }
 }
