@@ -105,7 +105,8 @@ fn a_mixed_case_accented_value_finds_its_identity_once_normalisation_is_declared
     s.feed("hr.csv", HR);
     let run = s.run_once(Some("hr"), 0);
     assert!(
-        run.stdout.contains("situations: unlinked 2; actions: linked 2"),
+        run.stdout
+            .contains("situations: unlinked 2; actions: linked 2"),
         "{}",
         run.stdout
     );
@@ -154,29 +155,43 @@ fn a_changed_normalisation_declaration_rebuilds_the_attribute_index() {
         )
     };
     // 1. Exact: a shouted mail matches nobody; the index holds the value as written.
-    s.feed("hr.csv", "emp,first,last,email,display,title\n1,Ada,L,ADA.LOVELACE@EXAMPLE.COM,,x\n");
+    s.feed(
+        "hr.csv",
+        "emp,first,last,email,display,title\n1,Ada,L,ADA.LOVELACE@EXAMPLE.COM,,x\n",
+    );
     s.run_once(Some("hr"), 0);
     assert_eq!(s.owner("hr", "1").as_deref(), Some("p1"));
-    assert_eq!(index(&s), ("ada.lovelace@example.com".into(), String::new()));
+    assert_eq!(
+        index(&s),
+        ("ada.lovelace@example.com".into(), String::new())
+    );
 
     // 2. Declared [case]: the next query rebuilds the index, and the next account matches.
     s.config(
         &std::fs::read_to_string(s.path().join("idsync.yaml"))
             .unwrap()
-            .replace("resources:", "correlation: { normalise: { Mail: [case] } }\nresources:"),
+            .replace(
+                "resources:",
+                "correlation: { normalise: { Mail: [case] } }\nresources:",
+            ),
     );
     s.feed(
         "hr.csv",
         "emp,first,last,email,display,title\n1,Ada,L,ADA.LOVELACE@EXAMPLE.COM,,x\n2,Ada,L,Ada.Lovelace@EXAMPLE.com,,x\n",
     );
-    let run = s.idsync(&["-v", "run", "--once", "--resource", "hr"]).expect_code(0);
+    let run = s
+        .idsync(&["-v", "run", "--once", "--resource", "hr"])
+        .expect_code(0);
     assert!(
         run.stderr.contains("re-indexing identity attribute for correlation queries: its normalisation changed (was exact)"),
         "{}",
         run.stderr
     );
     assert_eq!(s.owner("hr", "2").as_deref(), Some("ada.lovelace"));
-    assert_eq!(index(&s), ("ada.lovelace@example.com".into(), "case".into()));
+    assert_eq!(
+        index(&s),
+        ("ada.lovelace@example.com".into(), "case".into())
+    );
     // p1's shouted mail is not mapped by hr: its index rows are those of the seed only.
     assert_eq!(
         s.sql("SELECT count(*) FROM identity_values WHERE attr = 'mail'"),
@@ -232,7 +247,8 @@ fn a_near_miss_name_opens_a_similar_work_item_with_scores_instead_of_a_duplicate
     );
     let run = s.run_once(Some("hr"), 0);
     assert!(
-        run.stdout.contains("situations: unmatched 2; actions: created 1, work_item 1"),
+        run.stdout
+            .contains("situations: unmatched 2; actions: created 1, work_item 1"),
         "{}",
         run.stdout
     );
@@ -262,7 +278,11 @@ fn a_near_miss_name_opens_a_similar_work_item_with_scores_instead_of_a_duplicate
         "{}",
         explain.stdout
     );
-    assert!(explain.stdout.contains("action: work_item"), "{}", explain.stdout);
+    assert!(
+        explain.stdout.contains("action: work_item"),
+        "{}",
+        explain.stdout
+    );
 
     // The account changing again refreshes the item, still no duplicate.
     s.feed(
@@ -294,7 +314,10 @@ fn a_surname_typo_is_compared_only_within_a_block_prefix() {
         FUZZY,
         "    fuzzy: { attributes: [givenName, sn], threshold: 0.9, block: sn, block_prefix: 2 }\n",
     );
-    s.feed("hr.csv", "emp,first,last,email,display,title\n9,Jonathan,Smiht,,,x\n");
+    s.feed(
+        "hr.csv",
+        "emp,first,last,email,display,title\n9,Jonathan,Smiht,,,x\n",
+    );
     s.run_once(Some("hr"), 0);
     let open = items(&s, "open");
     assert_eq!(open.len(), 1, "{open:?}");
@@ -320,7 +343,10 @@ fn a_surname_typo_is_compared_only_within_a_block_prefix() {
         FUZZY,
         "    fuzzy: { attributes: [givenName, sn], threshold: 0.9, block: sn }\n",
     );
-    whole.feed("hr.csv", "emp,first,last,email,display,title\n9,Jonathan,Smiht,,,x\n");
+    whole.feed(
+        "hr.csv",
+        "emp,first,last,email,display,title\n9,Jonathan,Smiht,,,x\n",
+    );
     whole.run_once(Some("hr"), 0);
     assert_eq!(whole.owner("hr", "9").as_deref(), Some("p9"));
     assert!(items(&whole, "open").is_empty());

@@ -251,7 +251,10 @@ mod tests {
         assert_eq!(norm(&[Step::Spaces], "  Zoë \t Brontë\n"), "Zoë Brontë");
         assert_eq!(norm(&[Step::Diacritics], "Zoë Brontë"), "Zoe Bronte");
         assert_eq!(
-            norm(&[Step::Diacritics], "Søren Łukasz Đorđe Ștefan Nguyễn Straße Æsa"),
+            norm(
+                &[Step::Diacritics],
+                "Søren Łukasz Đorđe Ștefan Nguyễn Straße Æsa"
+            ),
             "Soren Lukasz Dorde Stefan Nguyen Strasse AEsa"
         );
         // Scripts without marks are left alone (and recomposed).

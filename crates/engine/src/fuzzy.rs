@@ -174,7 +174,10 @@ impl Fuzzy {
                 None => String::new(),
             };
             let cut = if s.truncated {
-                format!(", the block's first {} only (block_limit)", self.block_limit)
+                format!(
+                    ", the block's first {} only (block_limit)",
+                    self.block_limit
+                )
             } else {
                 String::new()
             };

@@ -56,9 +56,9 @@ use idsync_repo::{
 };
 use idsync_rules::{Limits, RuleEngine};
 
+pub use fuzzy::{DEFAULT_BLOCK_LIMIT, Fuzzy, MAX_SIMILAR};
 pub use guard::CrashGuard;
 pub use notifier::{IdentityChange, Notifier, WorkItemNotice};
-pub use fuzzy::{DEFAULT_BLOCK_LIMIT, Fuzzy, MAX_SIMILAR};
 pub use pipeline::{
     DISABLED_CHANGE, EventError, FUZZY_RULE, NORMALISED_RULE, OPERATOR_RULE, OperatorAction,
     Refusal, WORK_ITEM_RULE,

@@ -987,8 +987,18 @@ fn a_reconcile_batch_is_recorded_as_op_reconcile_and_counts_what_did_not_change(
 /// normalised in the repository.
 fn fuzzy_world() -> World {
     let w = World::new()
-        .identity("jonathan", &[("givenName", "Jonathan"), ("sn", "Smith"), ("birth", "1970")])
-        .identity("joanna", &[("givenName", "Joanna"), ("sn", "Smith"), ("birth", "1990")]);
+        .identity(
+            "jonathan",
+            &[
+                ("givenName", "Jonathan"),
+                ("sn", "Smith"),
+                ("birth", "1970"),
+            ],
+        )
+        .identity(
+            "joanna",
+            &[("givenName", "Joanna"), ("sn", "Smith"), ("birth", "1990")],
+        );
     let mut n = idsync_core::Normalisations::default();
     n.declare("givenName", idsync_core::Normalisation::FULL);
     n.declare("sn", idsync_core::Normalisation::FULL);
@@ -1013,7 +1023,13 @@ fn fuzzy_candidates_preempt_create_and_resolve_but_not_a_confirmation_that_dropp
     let base = [("map:givenName", "first"), ("map:sn", "last")];
     let account = [("first", "JONATHON"), ("last", "smith "), ("birth", "1970")];
     // Unmatched with create_unmatched, and with a resolve rule: a similar item either way.
-    for extra in [&[][..], &[("create_unmatched", "false"), ("resolve", "ctx.link(\"joanna\")")]] {
+    for extra in [
+        &[][..],
+        &[
+            ("create_unmatched", "false"),
+            ("resolve", "ctx.link(\"joanna\")"),
+        ],
+    ] {
         let mut rules = base.to_vec();
         rules.extend_from_slice(extra);
         let p = with_fuzzy(w.policy(&rules), 0.92, 1000);
@@ -1024,7 +1040,9 @@ fn fuzzy_candidates_preempt_create_and_resolve_but_not_a_confirmation_that_dropp
         assert_eq!(w.owner("7"), None);
         let fuzzy = d.rules.iter().find(|r| r.rule == FUZZY_RULE).unwrap();
         assert!(
-            fuzzy.result.ends_with("at or above 0.92: jonathan 0.975 (givenName 0.950, sn 1.000)"),
+            fuzzy
+                .result
+                .ends_with("at or above 0.92: jonathan 0.975 (givenName 0.950, sn 1.000)"),
             "{}",
             fuzzy.result
         );
@@ -1056,15 +1074,26 @@ fn fuzzy_candidates_preempt_create_and_resolve_but_not_a_confirmation_that_dropp
     assert_eq!(w.owner("8").as_deref(), Some("new"));
     assert_eq!(w.attr("new", "givenName").as_deref(), Some("JONATHON"));
     let fuzzy = d.rules.iter().find(|r| r.rule == FUZZY_RULE).unwrap();
-    assert!(fuzzy.result.ends_with("none at or above 0.92"), "{}", fuzzy.result);
+    assert!(
+        fuzzy.result.ends_with("none at or above 0.92"),
+        "{}",
+        fuzzy.result
+    );
 }
 
 #[test]
 fn a_fuzzy_block_larger_than_its_limit_is_cut_and_says_so() {
     let w = fuzzy_world();
-    let p = with_fuzzy(w.policy(&[("map:givenName", "first"), ("map:sn", "last")]), 0.5, 1);
-    w.apply(&p, vec![ev(Op::Create, "9", &[("first", "Jo"), ("last", "Smith")])])
-        .unwrap();
+    let p = with_fuzzy(
+        w.policy(&[("map:givenName", "first"), ("map:sn", "last")]),
+        0.5,
+        1,
+    );
+    w.apply(
+        &p,
+        vec![ev(Op::Create, "9", &[("first", "Jo"), ("last", "Smith")])],
+    )
+    .unwrap();
     let d = w.last();
     let fuzzy = d.rules.iter().find(|r| r.rule == FUZZY_RULE).unwrap();
     assert!(

@@ -294,10 +294,7 @@ impl Repo {
     /// once and kept: only this connection can change it then (it holds the write lock),
     /// by building an index ([`Repo::forget_indexed`] after) or by rolling back (every end
     /// of a transaction or savepoint forgets it). Outside one it is read every time.
-    pub(crate) fn indexed(
-        &self,
-        conn: &Connection,
-    ) -> Result<Arc<Vec<index::Indexed>>, RepoError> {
+    pub(crate) fn indexed(&self, conn: &Connection) -> Result<Arc<Vec<index::Indexed>>, RepoError> {
         if conn.is_autocommit() {
             return Ok(Arc::new(index::indexed_attrs(conn)?));
         }

@@ -907,28 +907,40 @@ fn normalised_attributes_match_however_either_side_is_written() {
     repo.commit().unwrap();
     assert_eq!(stored_normalisation(&repo, "mail").as_deref(), Some(""));
 
-    declare(&repo, &[("MAIL", &[Case, Spaces]), ("cn", &[Case, Spaces, Diacritics])]);
+    declare(
+        &repo,
+        &[
+            ("MAIL", &[Case, Spaces]),
+            ("cn", &[Case, Spaces, Diacritics]),
+        ],
+    );
     // Outside a transaction: a scan with the declared normalisation, nothing rebuilt.
     assert_eq!(repo.find(&q).unwrap(), ["ada"]);
     assert_eq!(stored_normalisation(&repo, "mail").as_deref(), Some(""));
     // Inside: the index is rebuilt with it, and stays so.
     repo.begin().unwrap();
     assert_eq!(repo.find(&q).unwrap(), ["ada"]);
-    assert_eq!(repo.find(&conds(&[("cn", " zoe bronte ")])).unwrap(), ["zoe"]);
+    assert_eq!(
+        repo.find(&conds(&[("cn", " zoe bronte ")])).unwrap(),
+        ["zoe"]
+    );
     assert!(repo.find(&conds(&[("sn", "bronte")])).unwrap().is_empty());
     repo.commit().unwrap();
-    assert_eq!(stored_normalisation(&repo, "mail").as_deref(), Some("case,spaces"));
     assert_eq!(
-        index_rows(&repo, "cn"),
-        pairs(&[("zoe bronte", "zoe")])
+        stored_normalisation(&repo, "mail").as_deref(),
+        Some("case,spaces")
     );
+    assert_eq!(index_rows(&repo, "cn"), pairs(&[("zoe bronte", "zoe")]));
 
     // Checkins keep the normalised rows current; two values with one form are one row.
     let ada = repo.identity("ada").unwrap().unwrap();
     let mut changed = ada.attrs.clone();
     changed.set(
         "mail",
-        vec!["A.Lovelace@Example.com".into(), "a.lovelace@example.com ".into()],
+        vec![
+            "A.Lovelace@Example.com".into(),
+            "a.lovelace@example.com ".into(),
+        ],
     );
     repo.checkin("ada", ada.version, &changed, false).unwrap();
     assert_eq!(
@@ -937,7 +949,11 @@ fn normalised_attributes_match_however_either_side_is_written() {
     );
     repo.begin().unwrap();
     assert!(repo.find(&q).unwrap().is_empty());
-    assert_eq!(repo.find(&conds(&[("mail", "a.LOVELACE@example.com")])).unwrap(), ["ada"]);
+    assert_eq!(
+        repo.find(&conds(&[("mail", "a.LOVELACE@example.com")]))
+            .unwrap(),
+        ["ada"]
+    );
     repo.commit().unwrap();
 
     // A value of nothing but spaces is a missing value: never indexed, never matched.
@@ -969,7 +985,8 @@ fn a_changed_declaration_rebuilds_the_index_at_the_next_query_and_a_rollback_kee
     );
     // Until a query uses the attribute, checkins keep the rows in their stored form.
     declare(&repo, &[("sn", &[])]);
-    repo.create_identity("dan", &attrs(&[("sn", "ROE")])).unwrap();
+    repo.create_identity("dan", &attrs(&[("sn", "ROE")]))
+        .unwrap();
     assert_eq!(stored_normalisation(&repo, "sn").as_deref(), Some("case"));
     assert!(index_rows(&repo, "sn").contains(&("roe".to_owned(), "dan".to_owned())));
     // A batch that queries it rebuilds; rolled back, the old index is intact.
@@ -985,14 +1002,25 @@ fn a_changed_declaration_rebuilds_the_index_at_the_next_query_and_a_rollback_kee
     assert_eq!(stored_normalisation(&repo, "sn").as_deref(), Some(""));
     assert_eq!(
         index_rows(&repo, "sn"),
-        pairs(&[("Lee", "ann"), ("Lee", "bob"), ("ROE", "dan"), ("Roe", "cat")])
+        pairs(&[
+            ("Lee", "ann"),
+            ("Lee", "bob"),
+            ("ROE", "dan"),
+            ("Roe", "cat")
+        ])
     );
     // And to another normalisation again.
     declare(&repo, &[("sn", &[Case, Spaces])]);
     repo.begin().unwrap();
-    assert_eq!(repo.find(&conds(&[("sn", " roe")])).unwrap(), ["cat", "dan"]);
+    assert_eq!(
+        repo.find(&conds(&[("sn", " roe")])).unwrap(),
+        ["cat", "dan"]
+    );
     repo.commit().unwrap();
-    assert_eq!(stored_normalisation(&repo, "sn").as_deref(), Some("case,spaces"));
+    assert_eq!(
+        stored_normalisation(&repo, "sn").as_deref(),
+        Some("case,spaces")
+    );
 }
 
 #[test]
@@ -1025,7 +1053,11 @@ fn blocks_are_read_through_the_index_by_value_or_prefix_and_bounded() {
     repo.begin().unwrap();
     assert_eq!(
         block(" smith ", None, 10),
-        ("smith".to_owned(), vec!["a1".into(), "a2".into(), "a4".into()], false)
+        (
+            "smith".to_owned(),
+            vec!["a1".into(), "a2".into(), "a4".into()],
+            false
+        )
     );
     assert_eq!(
         block("Smith", None, 2),
@@ -1035,7 +1067,13 @@ fn blocks_are_read_through_the_index_by_value_or_prefix_and_bounded() {
         block("Smithers", Some(2), 10),
         (
             "sm".to_owned(),
-            vec!["a6".into(), "a1".into(), "a2".into(), "a4".into(), "a3".into()],
+            vec![
+                "a6".into(),
+                "a1".into(),
+                "a2".into(),
+                "a4".into(),
+                "a3".into()
+            ],
             false
         )
     );
