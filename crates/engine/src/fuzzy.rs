@@ -8,6 +8,8 @@
 //! the correlation index, and at most `block_limit` of them. An event never scans the
 //! identities.
 
+use std::collections::HashSet;
+
 use idsync_core::{AttrMap, Normalisation, Value};
 use idsync_repo::{BlockQuery, Repo, RepoError};
 
@@ -93,7 +95,7 @@ impl Fuzzy {
             .iter()
             .filter_map(Value::as_text)
             .collect();
-        let mut seen: Vec<String> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
         for value in block_values {
             let left = self.block_limit.saturating_sub(found.compared);
             let block = repo.block(&BlockQuery {
@@ -108,10 +110,9 @@ impl Fuzzy {
             found.keys.push(block.key);
             found.truncated |= block.truncated;
             for identity in block.identities {
-                if seen.contains(&identity.name) {
+                if !seen.insert(identity.name.clone()) {
                     continue;
                 }
-                seen.push(identity.name.clone());
                 found.compared += 1;
                 if exclude.contains(&identity.name) {
                     continue;

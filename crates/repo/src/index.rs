@@ -171,9 +171,10 @@ impl Repo {
         drop(conn);
         let truncated = rows.len() > q.limit;
         let mut identities: Vec<Identity> = Vec::with_capacity(rows.len().min(q.limit));
+        // A multi-valued attribute may put one identity in a prefix block twice.
+        let mut seen = std::collections::HashSet::new();
         for (name, version, disabled, json) in rows.into_iter().take(q.limit) {
-            // A multi-valued attribute may put one identity in a prefix block twice.
-            if identities.iter().any(|i| i.name == name) {
+            if q.prefix.is_some() && !seen.insert(name.clone()) {
                 continue;
             }
             let attrs = from_json(&json, || format!("attributes of identity {name}"))?;
