@@ -47,6 +47,9 @@ pub struct Config {
     /// How long records are kept (none of them is removed by default).
     #[serde(default)]
     pub retention: RetentionConfig,
+    /// How identity attributes compare in correlation queries (module `correlation`).
+    #[serde(default)]
+    pub correlation: crate::correlation::CorrelationConfig,
     /// Date-driven state for the identities of every resource (a resource may give its
     /// own `lifecycle`).
     #[serde(default)]
@@ -262,6 +265,9 @@ pub struct ResourceConfig {
     /// top-level `lifecycle`).
     #[serde(default)]
     pub lifecycle: Option<LifecycleConfig>,
+    /// Fuzzy correlation candidates (module `correlation`).
+    #[serde(default)]
+    pub fuzzy: Option<crate::correlation::FuzzyConfig>,
 }
 
 /// `reconcile:` of a resource.
@@ -653,6 +659,7 @@ impl Loaded {
                     rc.cron
                 ));
             }
+            out.extend(crate::correlation::fuzzy_problems(&at, r));
             for (j, m) in r.mappings.iter().enumerate() {
                 match (&m.from, &m.expr) {
                     (Some(_), Some(_)) => out.push(format!(
@@ -668,6 +675,10 @@ impl Loaded {
                 }
             }
         }
+        out.extend(crate::correlation::correlation_problems(
+            &f.to_string(),
+            &self.config.correlation,
+        ));
         let listen = &self.config.status.listen;
         if listen != "off" && listen.parse::<std::net::SocketAddr>().is_err() {
             out.push(format!(

@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 
 use idsync_core::{Action, AttrChange, Decision, Op, Situation, Value};
 use idsync_engine::{
-    BatchReport, LIFECYCLE_RULE, NOTIFICATION_RULE, OPERATOR_RULE, TIMER_RULE, WORK_ITEM_RULE,
+    BatchReport, FUZZY_RULE, LIFECYCLE_RULE, NORMALISED_RULE, NOTIFICATION_RULE, OPERATOR_RULE,
+    TIMER_RULE, WORK_ITEM_RULE,
 };
 
 use crate::printable::inline;
@@ -78,16 +79,17 @@ pub fn steps(d: &Decision) -> String {
     for r in d.rules.iter().filter(|r| {
         r.rule != WORK_ITEM_RULE && r.rule != NOTIFICATION_RULE && r.rule != OPERATOR_RULE
     }) {
-        if r.rule == TIMER_RULE || r.rule == LIFECYCLE_RULE {
+        let _ = match r.rule.as_str() {
             // What the engine itself did about timers and dates, not a rule's result.
-            let _ = writeln!(out, "  {}: {}", r.rule, r.result);
-            continue;
-        }
-        let _ = writeln!(
-            out,
-            "  {} rule ({}) returned {}",
-            r.rule, r.script, r.result
-        );
+            TIMER_RULE | LIFECYCLE_RULE => writeln!(out, "  {}: {}", r.rule, r.result),
+            NORMALISED_RULE => writeln!(out, "  compared in normalised form: {}", r.result),
+            FUZZY_RULE => writeln!(out, "  fuzzy candidates: {}", r.result),
+            _ => writeln!(
+                out,
+                "  {} rule ({}) returned {}",
+                r.rule, r.script, r.result
+            ),
+        };
     }
     // An operator's decision runs no correlation: its situation is what the operator found.
     let correlated = d.op != Op::Operator

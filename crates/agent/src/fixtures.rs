@@ -218,6 +218,7 @@ fn run_fixture(loaded: &Loaded, file: &Path) -> anyhow::Result<Outcome> {
             .unwrap_or_default()
     });
     let repo = Arc::new(Repo::open_in_memory()?);
+    repo.declare_normalisations(crate::correlation::normalisations(&loaded.config))?;
     let mut engine = Engine::new(repo.clone(), &loaded.config.limits.to_limits());
     match crate::setup::notifications(loaded) {
         Ok(Some((notifier, _))) => engine.set_notifier(Box::new(notifier)),

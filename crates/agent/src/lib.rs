@@ -10,6 +10,7 @@ pub mod authoring;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod correlation;
 pub mod erase;
 pub mod exit;
 pub mod explain;

@@ -119,6 +119,7 @@ fn policy(
         p.on_unmatched = Escalation::WorkItem;
     }
     p.populate_global = r.populate_global;
+    p.fuzzy = crate::correlation::fuzzy(r);
     p.delete_action = match r.delete_action.action {
         DeleteActionConfig::Unlink => DeleteAction::Unlink,
         DeleteActionConfig::Disable => DeleteAction::Disable,
@@ -243,6 +244,7 @@ impl Setup {
     /// shared.
     pub fn with_repo(loaded: Loaded, repo: Arc<Repo>) -> anyhow::Result<Setup> {
         let limits = loaded.config.limits.to_limits();
+        repo.declare_normalisations(crate::correlation::normalisations(&loaded.config))?;
         let mut engine = Engine::new(repo.clone(), &limits);
         let policies = compile_all(&loaded, engine.rules())?;
         let dispatcher = match notifications(&loaded).map_err(Problems)? {

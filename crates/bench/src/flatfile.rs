@@ -42,6 +42,11 @@ pub struct FlatfileArgs {
     /// Incremental passes after the initial load (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub passes: usize,
+    /// Declare the correlation attribute normalised (`correlation: { normalise: { empno:
+    /// [case, spaces, diacritics] } }`): the index holds folded values and every query
+    /// value is folded, for the cost of normalisation against exact comparison.
+    #[arg(long)]
+    pub normalise: bool,
 }
 
 const COLUMNS: &str = "id,first_name,last_name,email,department,title,manager,location,phone,start_date,status,cost_center";
@@ -229,27 +234,37 @@ pub fn run(args: &FlatfileArgs) -> anyhow::Result<()> {
     std::fs::write(&rule, "// by employee number\n#{ empno: account.id }\n")
         .with_context(|| written(&rule))?;
     let config = dir.join("idsync.yaml");
+    let correlation = if args.normalise {
+        "correlation: { normalise: { empno: [case, spaces, diacritics] } }\n"
+    } else {
+        ""
+    };
     std::fs::write(
         &config,
-        "repository: { path: idsync.db }
+        format!(
+            "repository: {{ path: idsync.db }}
 rules_dir: rules
-resources:
+{correlation}resources:
   - name: hr
     source:
       type: flatfile
       path: hr.csv
       key: id
       completion: rename
-      delete_guard: { max_deletes: 100000 }
-    rules: { correlation: correlation.rhai }
+      delete_guard: {{ max_deletes: 100000 }}
+    rules: {{ correlation: correlation.rhai }}
     mappings:
-      - { to: empno, from: id }
-      - { to: mail, expr: 'account.email.to_lower()' }
-      - { to: title, from: title }
-      - { to: department, from: department }
-",
+      - {{ to: empno, from: id }}
+      - {{ to: mail, expr: 'account.email.to_lower()' }}
+      - {{ to: title, from: title }}
+      - {{ to: department, from: department }}
+"
+        ),
     )
     .with_context(|| written(&config))?;
+    if args.normalise {
+        say!("correlation: empno compared in normalised form (case, spaces, diacritics)");
+    }
 
     let t = Instant::now();
     let size = write_feed(&feed, n, 0).with_context(|| written(&feed))?;

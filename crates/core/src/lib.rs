@@ -10,6 +10,7 @@ pub mod decision;
 pub mod event;
 pub mod guard;
 pub mod identity;
+pub mod normalise;
 
 pub use attrs::{Attr, AttrChange, AttrMap, Value};
 pub use decision::{Action, Decision, RuleOutcome, Situation};
@@ -19,3 +20,4 @@ pub use event::{
 };
 pub use guard::{DeleteGuard, GuardRefusal};
 pub use identity::{Conditions, Identity, LinkedAccount};
+pub use normalise::{Normalisation, Normalisations, Step};

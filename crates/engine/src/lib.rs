@@ -22,7 +22,8 @@
 //! its decision records say op `reconcile`, while the rules saw the event's own op.
 //!
 //! Work items: an event that leaves its situation to an operator (`on_disputed` /
-//! `on_unmatched: work_item`, or a rule's `ctx.work_item`) raises a work item in the same
+//! `on_unmatched: work_item`, fuzzy candidates (module `fuzzy`), or a rule's
+//! `ctx.work_item`) raises a work item in the same
 //! transaction, inside the event's guard like any of its writes, and the item notes its
 //! decision record's id once that is written; a crash leaves both or neither. Operators
 //! act through [`Engine::apply_operator`]: the same pipeline with the outcome forced
@@ -42,6 +43,7 @@
 //! decided without running any rule, its shadow updated like any failed event's, so the
 //! batch and the resource go on.
 
+mod fuzzy;
 mod guard;
 mod host;
 mod lifecycle;
@@ -62,13 +64,15 @@ use idsync_repo::{
 };
 use idsync_rules::{Limits, RuleEngine};
 
+pub use fuzzy::{DEFAULT_BLOCK_LIMIT, Fuzzy, MAX_SIMILAR};
 pub use guard::CrashGuard;
 pub use lifecycle::{
     Bound, LIFECYCLE_RULE, Lifecycle, TIMER_RULE, format_delay, format_time, parse_date,
 };
 pub use notifier::{IdentityChange, Notifier, WorkItemNotice};
 pub use pipeline::{
-    DISABLED_CHANGE, EventError, OPERATOR_RULE, OperatorAction, Refusal, WORK_ITEM_RULE,
+    DISABLED_CHANGE, EventError, FUZZY_RULE, NORMALISED_RULE, OPERATOR_RULE, OperatorAction,
+    Refusal, WORK_ITEM_RULE,
 };
 pub use policy::{DeleteAction, Escalation, Mapping, MappingSource, OnError, Policy};
 pub use timers::FiredTimer;
@@ -481,7 +485,9 @@ impl Engine {
         let mut raised = Vec::new();
         let outcome = decider
             .decide(&mut d)
-            .and_then(|()| self.raise_work_items(&decider.raise, event, &mut d, &mut raised))
+            .and_then(|()| {
+                self.raise_work_items(&decider.raise, &decider.similar, event, &mut d, &mut raised)
+            })
             .and_then(|()| self.notify(&decider.host.pre_images.borrow(), &mut d));
         match outcome {
             Ok(()) => {
@@ -509,18 +515,23 @@ impl Engine {
     }
 
     /// Writes the work items the event raised (module doc): a new one is handed to the
-    /// notifier, one seen again only refreshed. Their ids go to `raised`.
+    /// notifier, one seen again only refreshed. Their ids go to `raised`. `similar`: the
+    /// fuzzy candidates, the candidates of a `similar` item.
     fn raise_work_items(
         &self,
         items: &[(WorkItemKind, String)],
+        similar: &[String],
         event: &ChangeEvent,
         d: &mut Decision,
         raised: &mut Vec<i64>,
     ) -> Result<(), EventError> {
         for (kind, reason) in items {
             // The candidates that made the situation (confirmation's survivors), else those
-            // correlation found (an unmatched account whose candidates were all dropped).
-            let candidates = if d.confirmed.is_empty() {
+            // correlation found (an unmatched account whose candidates were all dropped);
+            // for a similar item, the fuzzy candidates.
+            let candidates = if *kind == WorkItemKind::Similar {
+                similar.to_vec()
+            } else if d.confirmed.is_empty() {
                 d.candidates.clone()
             } else {
                 d.confirmed.clone()

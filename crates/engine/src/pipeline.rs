@@ -21,6 +21,7 @@ use idsync_rules::{
     dynamic_to_values, identity_to_dynamic, parse_correlation, render, truthy,
 };
 
+use crate::fuzzy::Fuzzy;
 use crate::host::EventHost;
 use crate::policy::{DeleteAction, Escalation, MappingSource, Policy, ScopeNeeds};
 
@@ -163,6 +164,14 @@ pub const WORK_ITEM_RULE: &str = "work_item";
 /// the request in words).
 pub const OPERATOR_RULE: &str = "operator";
 
+/// The `rule` of the [`RuleOutcome`] that records the correlation conditions compared in
+/// normalised form (its `result`: each such condition, as returned and as compared).
+pub const NORMALISED_RULE: &str = "normalised";
+
+/// The `rule` of the [`RuleOutcome`] that records a fuzzy candidate search (its `result`:
+/// the block, the account's values and the candidates with their scores).
+pub const FUZZY_RULE: &str = "fuzzy";
+
 /// The name of the pseudo-attribute that records enabling and disabling in changes.
 pub const DISABLED_CHANGE: &str = "(disabled)";
 
@@ -176,6 +185,11 @@ pub(crate) struct Decider<'a> {
     /// The work items this event raises (kind, reason), in order; written by the caller
     /// once the event succeeded.
     pub raise: Vec<(WorkItemKind, String)>,
+    /// The fuzzy candidates of a `similar` work item, best first.
+    pub similar: Vec<String>,
+    /// The attributes the mappings give a new identity for this account, once computed
+    /// (a fuzzy search computes them before a create would).
+    new_attrs: Option<AttrMap>,
     needs: ScopeNeeds,
 }
 
@@ -226,6 +240,8 @@ impl<'a> Decider<'a> {
             host,
             scope,
             raise: Vec::new(),
+            similar: Vec::new(),
+            new_attrs: None,
             needs,
         }
     }
@@ -347,7 +363,13 @@ impl<'a> Decider<'a> {
             }
             [] => {
                 d.situation = Some(Situation::Unmatched);
-                if policy.create_unmatched {
+                let similar = match &policy.fuzzy {
+                    Some(f) => self.similar(f, d)?,
+                    None => None,
+                };
+                if let Some(reason) = similar {
+                    self.hand_over(WorkItemKind::Similar, reason, d);
+                } else if policy.create_unmatched {
                     self.create(d)?;
                 } else if policy.on_unmatched == Escalation::WorkItem {
                     let reason = format!(
@@ -512,6 +534,7 @@ impl<'a> Decider<'a> {
                 }
             }
             Correlation::Queries(queries) => {
+                self.note_normalised(&queries, d)?;
                 for q in &queries {
                     names.extend(self.repo.find(q)?);
                 }
@@ -520,6 +543,57 @@ impl<'a> Decider<'a> {
         names.sort();
         names.dedup();
         Ok(names)
+    }
+
+    /// Records, for `explain`, each condition compared in normalised form: the value as the
+    /// rule returned it and as compared (the identities' side is indexed in that form).
+    fn note_normalised(
+        &self,
+        queries: &[idsync_core::Conditions],
+        d: &mut Decision,
+    ) -> Result<(), EventError> {
+        let mut noted = Vec::new();
+        for (attr, value) in queries.iter().flat_map(|q| q.0.iter()) {
+            let Value::Text(text) = value else { continue };
+            let n = self.repo.normalisation(attr)?;
+            if n.is_exact() {
+                continue;
+            }
+            noted.push(format!("{attr} {text:?} → {:?} ({n})", n.apply(text)));
+        }
+        if !noted.is_empty() {
+            d.rules.push(RuleOutcome {
+                rule: NORMALISED_RULE.into(),
+                script: String::new(),
+                result: noted.join("; "),
+            });
+        }
+        Ok(())
+    }
+
+    /// The fuzzy candidates of an account correlation found no identity for (leaving out
+    /// those the confirmation dropped), recorded in the decision: `Some(reason)` of the
+    /// `similar` work item when there are any, `self.similar` their names.
+    fn similar(&mut self, fuzzy: &Fuzzy, d: &mut Decision) -> Result<Option<String>, EventError> {
+        let mapped = self.map_attrs(&AttrMap::new(), None)?;
+        let found = fuzzy.search(self.repo, &mapped, &d.candidates)?;
+        self.new_attrs = Some(mapped);
+        d.rules.push(RuleOutcome {
+            rule: FUZZY_RULE.into(),
+            script: String::new(),
+            result: fuzzy.report(&found),
+        });
+        if found.candidates.is_empty() {
+            return Ok(None);
+        }
+        let listed: Vec<String> = found.candidates.iter().map(|c| fuzzy.describe(c)).collect();
+        self.similar = found.candidates.into_iter().map(|c| c.name).collect();
+        Ok(Some(format!(
+            "account {} of {} matches no identity exactly; similar: {}",
+            self.event.key,
+            self.event.resource,
+            listed.join("; ")
+        )))
     }
 
     fn confirm(
@@ -693,7 +767,10 @@ impl<'a> Decider<'a> {
             }
             None => self.event.key.clone(),
         };
-        let attrs = self.map_attrs(&AttrMap::new(), None)?;
+        let attrs = match self.new_attrs.take() {
+            Some(attrs) => attrs,
+            None => self.map_attrs(&AttrMap::new(), None)?,
+        };
         self.host.pre_image(&name)?;
         self.repo.create_identity_with_account(
             &name,

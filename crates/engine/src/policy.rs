@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use idsync_rules::Script;
 
+use crate::fuzzy::Fuzzy;
 pub use crate::lifecycle::Lifecycle;
 
 /// What the engine does to the owner when its account is deleted.
@@ -99,6 +100,9 @@ pub struct Policy {
     pub on_error: OnError,
     /// The input form.
     pub mappings: Vec<Mapping>,
+    /// Fuzzy correlation candidates: an account no identity matches, but that resembles
+    /// some, opens a `similar` work item instead of being created or resolved.
+    pub fuzzy: Option<Fuzzy>,
 }
 
 impl Policy {
@@ -122,6 +126,7 @@ impl Policy {
             lifecycle: None,
             on_error: OnError::Continue,
             mappings: Vec::new(),
+            fuzzy: None,
         }
     }
 

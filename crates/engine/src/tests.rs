@@ -982,3 +982,125 @@ fn a_reconcile_batch_is_recorded_as_op_reconcile_and_counts_what_did_not_change(
     assert_eq!(report.unchanged, 0);
     assert_eq!(w.last().op, Op::Update);
 }
+
+/// A policy comparing mapped `givenName` and `sn`, blocked on `sn`, with the names
+/// normalised in the repository.
+fn fuzzy_world() -> World {
+    let w = World::new()
+        .identity(
+            "jonathan",
+            &[
+                ("givenName", "Jonathan"),
+                ("sn", "Smith"),
+                ("birth", "1970"),
+            ],
+        )
+        .identity(
+            "joanna",
+            &[("givenName", "Joanna"), ("sn", "Smith"), ("birth", "1990")],
+        );
+    let mut n = idsync_core::Normalisations::default();
+    n.declare("givenName", idsync_core::Normalisation::FULL);
+    n.declare("sn", idsync_core::Normalisation::FULL);
+    w.engine.repo().declare_normalisations(n).unwrap();
+    w
+}
+
+fn with_fuzzy(mut p: Policy, threshold: f64, limit: usize) -> Policy {
+    p.fuzzy = Some(Fuzzy {
+        attributes: vec!["givenName".into(), "sn".into()],
+        threshold,
+        block: "sn".into(),
+        block_prefix: None,
+        block_limit: limit,
+    });
+    p
+}
+
+#[test]
+fn fuzzy_candidates_preempt_create_and_resolve_but_not_a_confirmation_that_dropped_them() {
+    let w = fuzzy_world();
+    let base = [("map:givenName", "first"), ("map:sn", "last")];
+    let account = [("first", "JONATHON"), ("last", "smith "), ("birth", "1970")];
+    // Unmatched with create_unmatched, and with a resolve rule: a similar item either way.
+    for extra in [
+        &[][..],
+        &[
+            ("create_unmatched", "false"),
+            ("resolve", "ctx.link(\"joanna\")"),
+        ],
+    ] {
+        let mut rules = base.to_vec();
+        rules.extend_from_slice(extra);
+        let p = with_fuzzy(w.policy(&rules), 0.92, 1000);
+        w.apply(&p, vec![ev(Op::Create, "7", &account)]).unwrap();
+        let d = w.last();
+        assert_eq!(d.action, Action::WorkItem, "{d:?}");
+        assert_eq!(d.situation, Some(Situation::Unmatched));
+        assert_eq!(w.owner("7"), None);
+        let fuzzy = d.rules.iter().find(|r| r.rule == FUZZY_RULE).unwrap();
+        assert!(
+            fuzzy
+                .result
+                .ends_with("at or above 0.92: jonathan 0.975 (givenName 0.950, sn 1.000)"),
+            "{}",
+            fuzzy.result
+        );
+    }
+    let items = w
+        .engine
+        .repo()
+        .work_items(&idsync_repo::WorkItemFilter::default())
+        .unwrap();
+    assert_eq!(items.len(), 1, "raised again, not twice: {items:?}");
+    assert_eq!(items[0].kind, idsync_repo::WorkItemKind::Similar);
+    assert_eq!(items[0].candidates, ["jonathan"]);
+    assert_eq!(items[0].seen, 2);
+
+    // Correlation found jonathan, the confirmation dropped him (another birth year): he is
+    // not proposed again, and the account is created.
+    let mut rules = base.to_vec();
+    rules.extend_from_slice(&[
+        ("correlation", "#{ sn: account.last }"),
+        ("confirmation", "identity.attrs.birth == \"1999\""),
+        ("naming", "\"new\""),
+    ]);
+    let p = with_fuzzy(w.policy(&rules), 0.92, 1000);
+    w.apply(&p, vec![ev(Op::Create, "8", &account)]).unwrap();
+    let d = w.last();
+    assert_eq!(d.candidates, ["joanna", "jonathan"]);
+    assert!(d.confirmed.is_empty());
+    assert_eq!(d.action, Action::Created, "{d:?}");
+    assert_eq!(w.owner("8").as_deref(), Some("new"));
+    assert_eq!(w.attr("new", "givenName").as_deref(), Some("JONATHON"));
+    let fuzzy = d.rules.iter().find(|r| r.rule == FUZZY_RULE).unwrap();
+    assert!(
+        fuzzy.result.ends_with("none at or above 0.92"),
+        "{}",
+        fuzzy.result
+    );
+}
+
+#[test]
+fn a_fuzzy_block_larger_than_its_limit_is_cut_and_says_so() {
+    let w = fuzzy_world();
+    let p = with_fuzzy(
+        w.policy(&[("map:givenName", "first"), ("map:sn", "last")]),
+        0.5,
+        1,
+    );
+    w.apply(
+        &p,
+        vec![ev(Op::Create, "9", &[("first", "Jo"), ("last", "Smith")])],
+    )
+    .unwrap();
+    let d = w.last();
+    let fuzzy = d.rules.iter().find(|r| r.rule == FUZZY_RULE).unwrap();
+    assert!(
+        fuzzy.result.starts_with(
+            "block sn = \"smith\": 1 identity compared, the block's first 1 only (block_limit)"
+        ),
+        "{}",
+        fuzzy.result
+    );
+}

@@ -1,9 +1,10 @@
-//! Identities, their indexed attribute values, and account links.
+//! Identities and account links (the correlation index of their values: module `index`).
 
-use idsync_core::{AttrMap, Conditions, Identity, LinkedAccount, Value};
-use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
+use idsync_core::{AttrMap, Identity, LinkedAccount};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::error::{Context, RepoError, from_json, to_json};
+use crate::index::reindex_values;
 use crate::{Repo, atomic, now};
 
 /// Identities loaded per lock in [`Repo::for_each_identity`].
@@ -61,46 +62,6 @@ impl Repo {
     /// The name of the identity linked to account `key` of `resource`.
     pub fn owner_of(&self, resource: &str, key: &str) -> Result<Option<String>, RepoError> {
         owner_of(&*self.lock()?, resource, key)
-    }
-
-    /// Names of the identities whose attributes match every condition: attribute names
-    /// compare case-insensitively, values exactly, and a multi-valued attribute matches if
-    /// any of its values does. Sorted by name. Answered from the `identity_values` index.
-    /// No condition, or a binary value, is an error.
-    pub fn find(&self, conds: &Conditions) -> Result<Vec<String>, RepoError> {
-        if conds.0.is_empty() {
-            return Err(RepoError::EmptyQuery);
-        }
-        let mut args = Vec::with_capacity(conds.0.len() * 2);
-        for (attr, value) in &conds.0 {
-            let Value::Text(text) = value else {
-                return Err(RepoError::BinaryCondition { attr: attr.clone() });
-            };
-            args.push(attr.to_lowercase());
-            args.push(text.clone());
-        }
-        let conn = self.lock()?;
-        for folded in args.iter().step_by(2) {
-            if self.indexed(&conn)?.iter().any(|a| a == folded) {
-                continue;
-            }
-            if conn.is_autocommit() {
-                // No transaction to build the index in (a read-only command): answer
-                // by scanning, correct if slower.
-                return scan_find(&conn, &args);
-            }
-            build_index(&conn, folded)?;
-            self.forget_indexed();
-        }
-        let sql = find_sql(conds.0.len());
-        let names = conn
-            .prepare_cached(&sql)
-            .and_then(|mut st| {
-                st.query_map(params_from_iter(&args), |r| r.get::<_, String>(0))?
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .ctx("searching identities")?;
-        Ok(names)
     }
 
     /// Every identity name, sorted.
@@ -303,30 +264,6 @@ impl Repo {
     }
 }
 
-/// `SELECT` for [`Repo::find`] with `n` conditions: the intersection of one index lookup
-/// per condition, then the names by rowid.
-pub(crate) fn find_sql(n: usize) -> String {
-    if n == 1 {
-        // The common case (one correlation key): a join, no subquery and no sorter.
-        return "SELECT i.name FROM identity_values v JOIN identities i ON i.id = v.identity_id \
-                WHERE v.attr = ?1 AND v.value = ?2 ORDER BY v.identity_id"
-            .to_owned();
-    }
-    let parts: Vec<String> = (0..n)
-        .map(|i| {
-            format!(
-                "SELECT identity_id FROM identity_values WHERE attr = ?{} AND value = ?{}",
-                2 * i + 1,
-                2 * i + 2
-            )
-        })
-        .collect();
-    format!(
-        "SELECT name FROM identities WHERE id IN ({}) ORDER BY name",
-        parts.join(" INTERSECT ")
-    )
-}
-
 /// Links account `key` of `resource` to identity `id` (named `name`); idempotent for the
 /// same identity, refused when another one owns the account.
 fn link_id(
@@ -374,112 +311,6 @@ fn owner_of(conn: &Connection, resource: &str, key: &str) -> Result<Option<Strin
     )
     .and_then(|mut st| st.query_row([resource, key], |r| r.get(0)).optional())
     .with_ctx(|| format!("reading the owner of account {resource}/{key}"))
-}
-
-/// The attributes (lowercased) whose values `identity_values` holds.
-pub(crate) fn indexed_attrs(conn: &Connection) -> Result<Vec<String>, RepoError> {
-    conn.prepare_cached("SELECT attr FROM indexed_attributes")
-        .and_then(|mut st| {
-            st.query_map([], |r| r.get::<_, String>(0))?
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .ctx("reading the indexed attributes")
-}
-
-/// Indexes attribute `folded` of every identity and lists it as indexed, inside the
-/// caller's transaction (undone with it). One scan of the identities, once per attribute.
-fn build_index(conn: &Connection, folded: &str) -> Result<(), RepoError> {
-    tracing::info!(
-        attribute = folded,
-        "indexing identity attribute for correlation queries"
-    );
-    let only = [folded.to_owned()];
-    let mut scan = conn
-        .prepare("SELECT id, name, attrs FROM identities")
-        .ctx("reading identities to index")?;
-    let mut rows = scan.query([]).ctx("reading identities to index")?;
-    while let Some(r) = rows.next().ctx("reading identities to index")? {
-        let id: i64 = r.get(0).ctx("reading identities to index")?;
-        let name: String = r.get(1).ctx("reading identities to index")?;
-        let json: String = r.get(2).ctx("reading identities to index")?;
-        let attrs: AttrMap = from_json(&json, || format!("attributes of identity {name}"))?;
-        reindex_values(conn, id, &name, &AttrMap::new(), &attrs, &only)?;
-    }
-    conn.prepare_cached("INSERT INTO indexed_attributes (attr, built_at) VALUES (?1, ?2)")
-        .and_then(|mut st| st.execute(params![folded, now()]))
-        .with_ctx(|| format!("listing attribute {folded} as indexed"))?;
-    Ok(())
-}
-
-/// [`Repo::find`] without the index: every identity whose attributes hold each
-/// (attribute, value) pair of `args` (flattened, attribute names lowercased), by name.
-fn scan_find(conn: &Connection, args: &[String]) -> Result<Vec<String>, RepoError> {
-    let mut scan = conn
-        .prepare_cached("SELECT name, attrs FROM identities ORDER BY name")
-        .ctx("searching identities")?;
-    let mut rows = scan.query([]).ctx("searching identities")?;
-    let mut names = Vec::new();
-    while let Some(r) = rows.next().ctx("searching identities")? {
-        let name: String = r.get(0).ctx("searching identities")?;
-        let json: String = r.get(1).ctx("searching identities")?;
-        let attrs: AttrMap = from_json(&json, || format!("attributes of identity {name}"))?;
-        let all = args.chunks(2).all(|pair| {
-            attrs
-                .get(&pair[0])
-                .is_some_and(|vs| vs.iter().any(|v| v.as_text() == Some(pair[1].as_str())))
-        });
-        if all {
-            names.push(name);
-        }
-    }
-    Ok(names)
-}
-
-/// Brings the index rows of identity `id` from `old` to `new` attributes: deletes the
-/// values that went, inserts the ones that came, for the `indexed` attributes only. A new
-/// identity goes from an empty map, a deleted one to an empty map.
-fn reindex_values(
-    conn: &Connection,
-    id: i64,
-    name: &str,
-    old: &AttrMap,
-    new: &AttrMap,
-    indexed: &[String],
-) -> Result<(), RepoError> {
-    let texts = |m: &'_ AttrMap, a: &str| -> Vec<String> {
-        m.get(a)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|v| v.as_text().map(str::to_owned))
-            .collect()
-    };
-    for folded in indexed {
-        let (before, after) = (texts(old, folded), texts(new, folded));
-        if before == after {
-            continue;
-        }
-        let mut delete = conn
-            .prepare_cached(
-                "DELETE FROM identity_values WHERE attr = ?1 AND value = ?2 AND identity_id = ?3",
-            )
-            .ctx("re-indexing identity attributes")?;
-        for gone in before.iter().filter(|v| !after.contains(v)) {
-            delete
-                .execute(params![folded, gone, id])
-                .with_ctx(|| format!("re-indexing attribute {folded} of identity {name}"))?;
-        }
-        let mut insert = conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO identity_values (attr, value, identity_id) VALUES (?1, ?2, ?3)",
-            )
-            .ctx("re-indexing identity attributes")?;
-        for came in after.iter().filter(|v| !before.contains(v)) {
-            insert
-                .execute(params![folded, came, id])
-                .with_ctx(|| format!("re-indexing attribute {folded} of identity {name}"))?;
-        }
-    }
-    Ok(())
 }
 
 /// The linked accounts of identity `id`, sorted by resource and key.

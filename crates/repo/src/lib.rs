@@ -26,7 +26,9 @@
 //!   [`Repo::find`] without scanning identities. An attribute is indexed the first time a
 //!   query inside a transaction asks for it (listed in `indexed_attributes` from then on),
 //!   so identities with fifty attributes cost index writes only for the two or three that
-//!   correlation uses.
+//!   correlation uses. Values are kept in the normalised form declared for their attribute
+//!   (case, spaces, diacritics), and the index rebuilt when that declaration changes
+//!   (module `index`).
 //! - Shadows (the last seen attributes of each account) store the JSON and
 //!   [`content_hash`](idsync_core::AttrMap::content_hash); a covering index on
 //!   (resource, key, hash) lets diffing adapters read a million hashes without the JSON.
@@ -45,6 +47,7 @@ mod erasure;
 mod error;
 mod file;
 mod identities;
+mod index;
 mod outbox;
 mod passes;
 mod reconciles;
@@ -69,6 +72,7 @@ pub use busy::wait_for_other_writers;
 pub use checkpointer::WAL_SAFETY_NET_PAGES;
 pub use erasure::{ERASED, Erasure, ErasureRecord, ErasureReport};
 pub use error::RepoError;
+pub use index::{Block, BlockQuery};
 pub use outbox::{
     NewOutboxMessage, OutboxFilter, OutboxMessage, OutboxOutcome, OutboxStatus, RenderedMail,
     now_ms,
@@ -102,7 +106,10 @@ pub struct Repo {
     conn: Mutex<Connection>,
     /// The indexed attributes as read inside the open transaction (see
     /// [`Repo::indexed`]); cleared whenever a transaction or savepoint ends.
-    indexed: Mutex<Option<Arc<Vec<String>>>>,
+    indexed: Mutex<Option<Arc<Vec<index::Indexed>>>>,
+    /// How each identity attribute compares in correlation queries, as the config declares
+    /// ([`Repo::declare_normalisations`]; module `index`).
+    declared: Mutex<Arc<idsync_core::Normalisations>>,
     /// Signalled whenever a transaction ends, for [`Repo::begin`] waiting its turn.
     idle: Condvar,
     batch_wait: Duration,
@@ -237,6 +244,7 @@ impl Repo {
         Ok(Repo {
             conn: Mutex::new(conn),
             indexed: Mutex::new(None),
+            declared: Mutex::new(Arc::default()),
             idle: Condvar::new(),
             batch_wait: DEFAULT_BATCH_WAIT,
             checkpointer: None,
@@ -288,15 +296,15 @@ impl Repo {
     /// once and kept: only this connection can change it then (it holds the write lock),
     /// by building an index ([`Repo::forget_indexed`] after) or by rolling back (every end
     /// of a transaction or savepoint forgets it). Outside one it is read every time.
-    pub(crate) fn indexed(&self, conn: &Connection) -> Result<Arc<Vec<String>>, RepoError> {
+    pub(crate) fn indexed(&self, conn: &Connection) -> Result<Arc<Vec<index::Indexed>>, RepoError> {
         if conn.is_autocommit() {
-            return Ok(Arc::new(identities::indexed_attrs(conn)?));
+            return Ok(Arc::new(index::indexed_attrs(conn)?));
         }
         let mut cache = self.indexed.lock().map_err(|_| RepoError::Poisoned)?;
         if let Some(list) = &*cache {
             return Ok(list.clone());
         }
-        let list = Arc::new(identities::indexed_attrs(conn)?);
+        let list = Arc::new(index::indexed_attrs(conn)?);
         *cache = Some(list.clone());
         Ok(list)
     }

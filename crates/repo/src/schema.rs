@@ -237,7 +237,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX IF NOT EXISTS work_items_account ON work_items(resource, key);
     CREATE INDEX IF NOT EXISTS work_items_state ON work_items(state, id);
     "#,
-    // lifecycle timers: a grace-period delete, a valid_from / valid_to date, planned in the
+    // 10: lifecycle timers: a grace-period delete, a valid_from / valid_to date, planned in the
     // transaction of the decision that planned them and removed in that of the decision
     // that fired or cancelled them (module `timers`). At most one pending timer per
     // identity and kind; due times in Unix ms, indexed for the agent's next wake-up.
@@ -257,6 +257,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX IF NOT EXISTS timers_one_per_kind ON timers(identity, kind);
     CREATE INDEX IF NOT EXISTS timers_due ON timers(due_at);
     CREATE INDEX IF NOT EXISTS timers_account ON timers(resource, key);
+    "#,
+    // 11: the normalisation each attribute's correlation index was built with (module
+    // `index`): step names joined by commas, e.g. 'case,spaces'. An attribute listed in
+    // indexed_attributes without a row here holds exact values, as every index did before.
+    r#"
+    CREATE TABLE IF NOT EXISTS index_normalisations (
+        attr   TEXT PRIMARY KEY,
+        steps  TEXT NOT NULL
+    ) WITHOUT ROWID;
     "#,
 ];
 

@@ -174,7 +174,7 @@ fn find_uses_the_index() {
     let repo = people();
     let conn = repo.lock().unwrap();
     for n in 1..=3 {
-        let sql = format!("EXPLAIN QUERY PLAN {}", identities::find_sql(n));
+        let sql = format!("EXPLAIN QUERY PLAN {}", index::find_sql(n));
         let mut st = conn.prepare(&sql).unwrap();
         let args: Vec<String> = (0..2 * n).map(|i| i.to_string()).collect();
         let plan: Vec<String> = st
@@ -859,6 +859,253 @@ fn attributes_are_indexed_on_first_query_in_a_transaction_and_kept_current() {
         repo.commit().unwrap();
         assert_eq!(indexed, scanned, "query {q:?}");
     }
+}
+
+fn declare(repo: &Repo, list: &[(&str, &[idsync_core::Step])]) {
+    let mut d = idsync_core::Normalisations::default();
+    for (attr, steps) in list {
+        d.declare(attr, idsync_core::Normalisation::of(steps));
+    }
+    repo.declare_normalisations(d).unwrap();
+}
+
+/// What `indexed_attributes` and `index_normalisations` say of `attr`.
+fn stored_normalisation(repo: &Repo, attr: &str) -> Option<String> {
+    let conn = repo.lock().unwrap();
+    let listed: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM indexed_attributes WHERE attr = ?1",
+            [attr],
+            |r| r.get(0),
+        )
+        .unwrap();
+    (listed == 1).then(|| {
+        conn.query_row(
+            "SELECT coalesce((SELECT steps FROM index_normalisations WHERE attr = ?1), '')",
+            [attr],
+            |r| r.get(0),
+        )
+        .unwrap()
+    })
+}
+
+#[test]
+fn normalised_attributes_match_however_either_side_is_written() {
+    use idsync_core::Step::{Case, Diacritics, Spaces};
+    let repo = Repo::open_in_memory().unwrap();
+    repo.create_identity(
+        "ada",
+        &attrs(&[("mail", "ada.lovelace@example.com"), ("sn", "Lovelace")]),
+    )
+    .unwrap();
+    repo.create_identity("zoe", &attrs(&[("cn", "Zoë  Brontë"), ("sn", "Brontë")]))
+        .unwrap();
+    // Exact, as ever, until a normalisation is declared.
+    let q = conds(&[("mail", "Ada.LOVELACE@Example.com")]);
+    repo.begin().unwrap();
+    assert!(repo.find(&q).unwrap().is_empty());
+    repo.commit().unwrap();
+    assert_eq!(stored_normalisation(&repo, "mail").as_deref(), Some(""));
+
+    declare(
+        &repo,
+        &[
+            ("MAIL", &[Case, Spaces]),
+            ("cn", &[Case, Spaces, Diacritics]),
+        ],
+    );
+    // Outside a transaction: a scan with the declared normalisation, nothing rebuilt.
+    assert_eq!(repo.find(&q).unwrap(), ["ada"]);
+    assert_eq!(stored_normalisation(&repo, "mail").as_deref(), Some(""));
+    // Inside: the index is rebuilt with it, and stays so.
+    repo.begin().unwrap();
+    assert_eq!(repo.find(&q).unwrap(), ["ada"]);
+    assert_eq!(
+        repo.find(&conds(&[("cn", " zoe bronte ")])).unwrap(),
+        ["zoe"]
+    );
+    assert!(repo.find(&conds(&[("sn", "bronte")])).unwrap().is_empty());
+    repo.commit().unwrap();
+    assert_eq!(
+        stored_normalisation(&repo, "mail").as_deref(),
+        Some("case,spaces")
+    );
+    assert_eq!(index_rows(&repo, "cn"), pairs(&[("zoe bronte", "zoe")]));
+
+    // Checkins keep the normalised rows current; two values with one form are one row.
+    let ada = repo.identity("ada").unwrap().unwrap();
+    let mut changed = ada.attrs.clone();
+    changed.set(
+        "mail",
+        vec![
+            "A.Lovelace@Example.com".into(),
+            "a.lovelace@example.com ".into(),
+        ],
+    );
+    repo.checkin("ada", ada.version, &changed, false).unwrap();
+    assert_eq!(
+        index_rows(&repo, "mail"),
+        pairs(&[("a.lovelace@example.com", "ada")])
+    );
+    repo.begin().unwrap();
+    assert!(repo.find(&q).unwrap().is_empty());
+    assert_eq!(
+        repo.find(&conds(&[("mail", "a.LOVELACE@example.com")]))
+            .unwrap(),
+        ["ada"]
+    );
+    repo.commit().unwrap();
+
+    // A value of nothing but spaces is a missing value: never indexed, never matched.
+    let zoe = repo.identity("zoe").unwrap().unwrap();
+    let mut blank = zoe.attrs.clone();
+    blank.set("mail", vec!["   ".into()]);
+    repo.checkin("zoe", zoe.version, &blank, false).unwrap();
+    assert_eq!(
+        index_rows(&repo, "mail"),
+        pairs(&[("a.lovelace@example.com", "ada")])
+    );
+    repo.begin().unwrap();
+    assert!(repo.find(&conds(&[("mail", " ")])).unwrap().is_empty());
+    repo.commit().unwrap();
+    assert!(repo.find(&conds(&[("mail", " ")])).unwrap().is_empty());
+}
+
+#[test]
+fn a_changed_declaration_rebuilds_the_index_at_the_next_query_and_a_rollback_keeps_the_old() {
+    use idsync_core::Step::{Case, Spaces};
+    let repo = people();
+    declare(&repo, &[("sn", &[Case])]);
+    repo.begin().unwrap();
+    assert_eq!(repo.find(&conds(&[("sn", "LEE")])).unwrap(), ["ann", "bob"]);
+    repo.commit().unwrap();
+    assert_eq!(
+        index_rows(&repo, "sn"),
+        pairs(&[("lee", "ann"), ("lee", "bob"), ("roe", "cat")])
+    );
+    // Until a query uses the attribute, checkins keep the rows in their stored form.
+    declare(&repo, &[("sn", &[])]);
+    repo.create_identity("dan", &attrs(&[("sn", "ROE")]))
+        .unwrap();
+    assert_eq!(stored_normalisation(&repo, "sn").as_deref(), Some("case"));
+    assert!(index_rows(&repo, "sn").contains(&("roe".to_owned(), "dan".to_owned())));
+    // A batch that queries it rebuilds; rolled back, the old index is intact.
+    repo.begin().unwrap();
+    assert!(repo.find(&conds(&[("sn", "LEE")])).unwrap().is_empty());
+    assert_eq!(repo.find(&conds(&[("sn", "ROE")])).unwrap(), ["dan"]);
+    repo.rollback().unwrap();
+    assert_eq!(stored_normalisation(&repo, "sn").as_deref(), Some("case"));
+    // Committed, the rows are exact again and no normalisation is stored.
+    repo.begin().unwrap();
+    assert_eq!(repo.find(&conds(&[("sn", "ROE")])).unwrap(), ["dan"]);
+    repo.commit().unwrap();
+    assert_eq!(stored_normalisation(&repo, "sn").as_deref(), Some(""));
+    assert_eq!(
+        index_rows(&repo, "sn"),
+        pairs(&[
+            ("Lee", "ann"),
+            ("Lee", "bob"),
+            ("ROE", "dan"),
+            ("Roe", "cat")
+        ])
+    );
+    // And to another normalisation again.
+    declare(&repo, &[("sn", &[Case, Spaces])]);
+    repo.begin().unwrap();
+    assert_eq!(
+        repo.find(&conds(&[("sn", " roe")])).unwrap(),
+        ["cat", "dan"]
+    );
+    repo.commit().unwrap();
+    assert_eq!(
+        stored_normalisation(&repo, "sn").as_deref(),
+        Some("case,spaces")
+    );
+}
+
+#[test]
+fn blocks_are_read_through_the_index_by_value_or_prefix_and_bounded() {
+    use idsync_core::Step::{Case, Diacritics, Spaces};
+    let repo = Repo::open_in_memory().unwrap();
+    for (name, sn) in [
+        ("a1", "Smith"),
+        ("a2", "SMITH"),
+        ("a3", "Smyth"),
+        ("a4", "Smith"),
+        ("a5", "Jones"),
+        ("a6", "Śmigły"),
+    ] {
+        repo.create_identity(name, &attrs(&[("sn", sn)])).unwrap();
+    }
+    declare(&repo, &[("sn", &[Case, Spaces, Diacritics])]);
+    let block = |value: &str, prefix: Option<usize>, limit: usize| {
+        let b = repo
+            .block(&BlockQuery {
+                attribute: "SN",
+                value,
+                prefix,
+                limit,
+            })
+            .unwrap();
+        let names: Vec<String> = b.identities.iter().map(|i| i.name.clone()).collect();
+        (b.key, names, b.truncated)
+    };
+    repo.begin().unwrap();
+    assert_eq!(
+        block(" smith ", None, 10),
+        (
+            "smith".to_owned(),
+            vec!["a1".into(), "a2".into(), "a4".into()],
+            false
+        )
+    );
+    assert_eq!(
+        block("Smith", None, 2),
+        ("smith".to_owned(), vec!["a1".into(), "a2".into()], true)
+    );
+    assert_eq!(
+        block("Smithers", Some(2), 10),
+        (
+            "sm".to_owned(),
+            vec![
+                "a6".into(),
+                "a1".into(),
+                "a2".into(),
+                "a4".into(),
+                "a3".into()
+            ],
+            false
+        )
+    );
+    assert_eq!(block("", None, 10), (String::new(), vec![], false));
+    // Every block query is an index search, never a scan of the identities.
+    let conn = repo.lock().unwrap();
+    for (prefix, bounded, n) in [(false, false, 3), (true, true, 4), (true, false, 3)] {
+        let sql = format!("EXPLAIN QUERY PLAN {}", index::block_sql(prefix, bounded));
+        let args: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+        let plan: Vec<String> = conn
+            .prepare(&sql)
+            .unwrap()
+            .query_map(rusqlite::params_from_iter(&args), |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter().all(|step| !step.starts_with("SCAN")),
+            "{sql}: {plan:?}"
+        );
+    }
+    drop(conn);
+    repo.commit().unwrap();
+    // Outside a transaction the scan gives the same block.
+    repo.begin().unwrap();
+    let indexed = block("Smithers", Some(2), 10);
+    repo.commit().unwrap();
+    let mut scanned = block("Smithers", Some(2), 10);
+    scanned.1.sort();
+    let mut sorted = indexed.1.clone();
+    sorted.sort();
+    assert_eq!(scanned.1, sorted);
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Work items: what the engine or a rule left to an operator — an account with several
-//! candidate identities (disputed) or none (unmatched), when the resource says so, or a
+//! candidate identities (disputed) or none (unmatched), when the resource says so, one
+//! that matches no identity exactly but resembles some (similar: fuzzy candidates), or a
 //! rule's `ctx.work_item(...)` — kept until an operator acts on it.
 //!
 //! Items are written in the batch transaction of the event that raised them, so a crash
@@ -24,6 +25,9 @@ pub enum WorkItemKind {
     Unmatched,
     /// A rule called `ctx.work_item(text)`.
     Rule,
+    /// No identity matches exactly, but some are similar (fuzzy correlation candidates,
+    /// listed with their scores in the reason): an operator links, creates or ignores.
+    Similar,
 }
 
 impl WorkItemKind {
@@ -33,6 +37,7 @@ impl WorkItemKind {
             WorkItemKind::Disputed => "disputed",
             WorkItemKind::Unmatched => "unmatched",
             WorkItemKind::Rule => "rule",
+            WorkItemKind::Similar => "similar",
         }
     }
 
@@ -41,6 +46,7 @@ impl WorkItemKind {
             WorkItemKind::Disputed,
             WorkItemKind::Unmatched,
             WorkItemKind::Rule,
+            WorkItemKind::Similar,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
