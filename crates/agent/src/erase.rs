@@ -82,6 +82,9 @@ fn describe(r: &ErasureReport) -> String {
         r.work_items,
         r.index_rows
     ));
+    if r.attribute_sources > 0 {
+        s.push_str(&format!(", {} attribute source(s)", r.attribute_sources));
+    }
     if r.redacted > 0 {
         s.push_str(&format!(
             "; the name replaced by {ERASED} in {} other record(s)",

@@ -4,7 +4,9 @@
 use std::fmt::Write as _;
 
 use idsync_core::{Action, AttrChange, Decision, Op, Situation, Value};
-use idsync_engine::{BatchReport, NOTIFICATION_RULE, OPERATOR_RULE, WORK_ITEM_RULE};
+use idsync_engine::{
+    AUTHORITY_RULE, BatchReport, NOTIFICATION_RULE, OPERATOR_RULE, WORK_ITEM_RULE,
+};
 
 use crate::printable::inline;
 
@@ -67,7 +69,13 @@ pub fn steps(d: &Decision) -> String {
         let _ = writeln!(out, "  operator: {}", o.result);
     }
     for r in d.rules.iter().filter(|r| {
-        r.rule != WORK_ITEM_RULE && r.rule != NOTIFICATION_RULE && r.rule != OPERATOR_RULE
+        ![
+            WORK_ITEM_RULE,
+            NOTIFICATION_RULE,
+            OPERATOR_RULE,
+            AUTHORITY_RULE,
+        ]
+        .contains(&r.rule.as_str())
     }) {
         let _ = writeln!(
             out,
@@ -110,6 +118,9 @@ pub fn steps(d: &Decision) -> String {
         }
     } else if matches!(d.action, Action::Updated | Action::Linked) {
         let _ = writeln!(out, "  changes: none");
+    }
+    for a in d.rules.iter().filter(|o| o.rule == AUTHORITY_RULE) {
+        let _ = writeln!(out, "  authority: {}", a.result);
     }
     for w in d.rules.iter().filter(|o| o.rule == WORK_ITEM_RULE) {
         let _ = writeln!(out, "  work item: {}", w.result);

@@ -21,8 +21,9 @@ use idsync_rules::{
     dynamic_to_values, identity_to_dynamic, parse_correlation, render, truthy,
 };
 
+use crate::authority::{Authority, Offer};
 use crate::host::EventHost;
-use crate::policy::{DeleteAction, Escalation, MappingSource, Policy, ScopeNeeds};
+use crate::policy::{DeleteAction, Escalation, MappingSource, Policy, ScopeNeeds, Strength};
 
 /// Why one event failed. It becomes a failed-event row; the batch goes on.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +174,11 @@ pub(crate) struct Decider<'a> {
     /// The work items this event raises (kind, reason), in order; written by the caller
     /// once the event succeeded.
     pub raise: Vec<(WorkItemKind, String)>,
-    needs: ScopeNeeds,
+    pub needs: ScopeNeeds,
+    /// The attributes `authority:` governs (module `authority`), when any.
+    pub authority: Option<&'a Authority>,
+    /// What the account's mappings offer for governed attributes (they do not set them).
+    pub offers: Vec<Offer>,
 }
 
 impl<'a> Decider<'a> {
@@ -224,6 +229,8 @@ impl<'a> Decider<'a> {
             scope,
             raise: Vec::new(),
             needs,
+            authority: None,
+            offers: Vec::new(),
         }
     }
 
@@ -422,6 +429,12 @@ impl<'a> Decider<'a> {
                             script: String::new(),
                             result: format!("unlinked from {o}"),
                         });
+                        if self.authority.is_some_and(|a| !a.is_empty()) {
+                            // Its values go with it (their changes are the other
+                            // identity's: noted, not among this decision's changes).
+                            let previous = self.view(&o)?;
+                            self.take_back(&previous, false, Some(&o), d)?;
+                        }
                     }
                     None => d.situation = Some(Situation::Unlinked),
                 }
@@ -564,7 +577,8 @@ impl<'a> Decider<'a> {
     ) -> Result<AttrMap, EventError> {
         let mut attrs = base.clone();
         if self.policy.populate_global {
-            for a in self.event.attrs.iter() {
+            // A governed attribute comes from mappings only (docs/rules.md).
+            for a in self.event.attrs.iter().filter(|a| !self.governed(&a.name)) {
                 attrs.set(&a.name, a.values.clone());
             }
         }
@@ -575,31 +589,60 @@ impl<'a> Decider<'a> {
                 identity.map(identity_to_dynamic).unwrap_or(Dynamic::UNIT),
             );
         }
-        let result = self.apply_mappings(&mut attrs);
+        let result = self.apply_mappings(&mut attrs, identity.is_none());
         self.scope.rewind(mark);
         result?;
         Ok(attrs)
     }
 
-    fn apply_mappings(&mut self, attrs: &mut AttrMap) -> Result<(), EventError> {
+    /// Each mapping in list order, by its strength (`creating`: the event creates the
+    /// identity). A governed attribute is not set but offered (module `authority`).
+    fn apply_mappings(&mut self, attrs: &mut AttrMap, creating: bool) -> Result<(), EventError> {
+        self.offers.clear();
         for m in &self.policy.mappings {
-            let values: Vec<Value> = match &m.source {
-                MappingSource::Attribute(src) => self
-                    .event
-                    .attrs
-                    .get(src)
-                    .map(<[Value]>::to_vec)
-                    .unwrap_or_default(),
-                MappingSource::Expr(script) => {
-                    let v = self.run(script, Access::ReadOnly)?;
-                    dynamic_to_values(&v).map_err(|msg| {
-                        RuleError::new(script.label(), RuleEngine::result_pos(script), msg)
-                    })?
-                }
-            };
-            attrs.set(&m.attribute, values);
+            if m.strength == Strength::Initial && !creating {
+                continue;
+            }
+            let governed = self.governed(&m.attribute);
+            if m.strength == Strength::Weak && !governed && attrs.contains(&m.attribute) {
+                continue;
+            }
+            let values = self.mapping_values(&m.source)?;
+            if governed {
+                let attr = m.attribute.to_lowercase();
+                self.offers.retain(|o| o.attr != attr);
+                self.offers.push(Offer {
+                    attr,
+                    name: m.attribute.clone(),
+                    strength: m.strength,
+                    values,
+                });
+            } else {
+                attrs.set(&m.attribute, values);
+            }
         }
         Ok(())
+    }
+
+    /// The values one mapping gives for the account in hand.
+    pub(crate) fn mapping_values(
+        &mut self,
+        source: &MappingSource,
+    ) -> Result<Vec<Value>, EventError> {
+        Ok(match source {
+            MappingSource::Attribute(src) => self
+                .event
+                .attrs
+                .get(src)
+                .map(<[Value]>::to_vec)
+                .unwrap_or_default(),
+            MappingSource::Expr(script) => {
+                let v = self.run(script, Access::ReadOnly)?;
+                dynamic_to_values(&v).map_err(|msg| {
+                    RuleError::new(script.label(), RuleEngine::result_pos(script), msg)
+                })?
+            }
+        })
     }
 
     /// The identity view of `name`, which must exist.
@@ -625,7 +668,8 @@ impl<'a> Decider<'a> {
                     name: name.to_owned(),
                 })?
         };
-        let attrs = self.map_attrs(&view.attrs, Some(&view))?;
+        let mut attrs = self.map_attrs(&view.attrs, Some(&view))?;
+        let sources = self.settle(&view, &mut attrs, d)?;
         let mut changes = view.attrs.diff(&attrs);
         let mut disabled = view.disabled;
         if relink && disabled {
@@ -635,6 +679,7 @@ impl<'a> Decider<'a> {
         if !changes.is_empty() {
             self.repo.checkin(name, view.version, &attrs, disabled)?;
         }
+        self.write_sources(name, sources)?;
         d.changes = changes;
         Ok(())
     }
@@ -661,21 +706,24 @@ impl<'a> Decider<'a> {
             }
             None => self.event.key.clone(),
         };
-        let attrs = self.map_attrs(&AttrMap::new(), None)?;
+        let mut attrs = self.map_attrs(&AttrMap::new(), None)?;
+        let sources = self.settle_new(&mut attrs);
         self.host.pre_image(&name)?;
         self.repo.create_identity_with_account(
             &name,
             &attrs,
             Some((&self.event.resource, &self.event.key)),
         )?;
+        self.write_sources(&name, sources)?;
         d.changes = AttrMap::new().diff(&attrs);
         d.identity = Some(name);
         d.action = Action::Created;
         Ok(())
     }
 
-    /// Withdraws the account from its owner `name`: unlinks it, then applies `action` (the
-    /// resource's `delete_action` for a delete; `Unlink` for an operator's unlink).
+    /// Withdraws the account from its owner `name`: unlinks it, takes back the governed
+    /// values it gave (module `authority`), then applies `action` (the resource's
+    /// `delete_action` for a delete; `Unlink` for an operator's unlink).
     fn withdraw(
         &mut self,
         name: &str,
@@ -685,7 +733,8 @@ impl<'a> Decider<'a> {
         self.host.pre_image(name)?;
         self.repo.unlink(&self.event.resource, &self.event.key)?;
         d.action = Action::Unlinked;
-        if action == DeleteAction::Unlink {
+        let governs = self.authority.is_some_and(|a| !a.is_empty());
+        if action == DeleteAction::Unlink && !governs {
             return Ok(());
         }
         let view = self.view(name)?;
@@ -697,7 +746,8 @@ impl<'a> Decider<'a> {
             .filter(|a| a.resource == self.event.resource)
             .map(|a| a.key.as_str())
             .collect();
-        if !others.is_empty() {
+        let mut disable = false;
+        if action != DeleteAction::Unlink && !others.is_empty() {
             d.rules.push(RuleOutcome {
                 rule: "delete_action".into(),
                 script: String::new(),
@@ -707,23 +757,46 @@ impl<'a> Decider<'a> {
                     self.event.resource
                 ),
             });
-            return Ok(());
-        }
-        match action {
-            DeleteAction::Unlink => {}
-            DeleteAction::Disable => {
-                if !view.disabled {
-                    self.repo.checkin(name, view.version, &view.attrs, true)?;
-                    d.changes.push(disabled_change(false, true));
+        } else {
+            match action {
+                DeleteAction::Unlink => {}
+                DeleteAction::Disable => {
+                    disable = true;
+                    d.action = Action::Disabled;
                 }
-                d.action = Action::Disabled;
-            }
-            DeleteAction::Delete => {
-                self.repo.delete_identity(name)?;
-                d.action = Action::DeletedIdentity;
+                DeleteAction::Delete => {
+                    self.repo.delete_identity(name)?;
+                    d.action = Action::DeletedIdentity;
+                    return Ok(());
+                }
             }
         }
+        d.changes = self.take_back(&view, disable, None, d)?;
         Ok(())
+    }
+
+    /// Checks identity `view` in without the governed values the account in hand gave it
+    /// (it is unlinked from it already), disabled too with `disable`; returns the changes.
+    fn take_back(
+        &mut self,
+        view: &Identity,
+        disable: bool,
+        from: Option<&str>,
+        d: &mut Decision,
+    ) -> Result<Vec<AttrChange>, EventError> {
+        let mut attrs = view.attrs.clone();
+        let sources = self.withdraw_values(view, &mut attrs, from, d)?;
+        let mut changes = view.attrs.diff(&attrs);
+        let disabled = view.disabled || disable;
+        if disabled != view.disabled {
+            changes.push(disabled_change(false, true));
+        }
+        if !changes.is_empty() {
+            self.repo
+                .checkin(&view.name, view.version, &attrs, disabled)?;
+        }
+        self.write_sources(&view.name, sources)?;
+        Ok(changes)
     }
 }
 

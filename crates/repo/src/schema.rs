@@ -237,6 +237,21 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX IF NOT EXISTS work_items_account ON work_items(resource, key);
     CREATE INDEX IF NOT EXISTS work_items_state ON work_items(state, id);
     "#,
+    // attribute authority: for each attribute `authority:` governs, which linked account
+    // gave the identity its current value (module `sources`). Written in the batch
+    // transaction with the checkin; removed with the identity (foreign key). attr is
+    // lowercased.
+    r#"
+    CREATE TABLE IF NOT EXISTS attribute_sources (
+        identity_id  INTEGER NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
+        attr         TEXT NOT NULL,
+        resource     TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        given_at     TEXT NOT NULL,
+        PRIMARY KEY (identity_id, attr)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS attribute_sources_account ON attribute_sources(resource, key);
+    "#,
 ];
 
 /// The schema version this build writes.
