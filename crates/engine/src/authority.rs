@@ -460,3 +460,6 @@ fn push_write(
         _ => {}
     }
 }
+
+#[cfg(test)]
+mod tests;
