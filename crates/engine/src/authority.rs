@@ -15,8 +15,8 @@
 //! not only from what changed, so the result depends on the accounts and the config alone
 //! (a reconcile of any resource that maps the attribute converges to it); the cost, one
 //! read of the linked accounts and of the recorded sources, is paid only by events of
-//! resources that map a governed attribute or gave one. Attributes `authority:` does not
-//! name are untouched by all this (docs/rules.md, "Attribute authority").
+//! resources that map a governed attribute, and by unlinks. Attributes `authority:` does
+//! not name are untouched by all this (docs/rules.md, "Attribute authority").
 
 use std::collections::HashMap;
 
@@ -189,10 +189,16 @@ impl Decider<'_> {
             return Ok(Vec::new());
         };
         let offers = std::mem::take(&mut self.offers);
+        if offers.is_empty() {
+            // The resource maps no governed attribute: nothing to read. (Values it gave
+            // before its mapping was removed are decided again by the next account that
+            // maps the attribute, or by a reconcile.)
+            return Ok(Vec::new());
+        }
         let (resource, key) = (&self.event.resource, &self.event.key);
         let sources = self.repo.attribute_sources(&view.name)?;
-        // What the account offers, and what it gave before but offers no more (its
-        // resource's mapping of it was removed).
+        // What the account offers, and what else it gave before (its resource's mapping
+        // of it was removed).
         let mut attributes: Vec<(String, Option<Offer>)> = offers
             .into_iter()
             .map(|o| (o.attr.clone(), Some(o)))
