@@ -79,3 +79,88 @@ impl Repo {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use idsync_core::{Action, AttrMap, Decision, Op, Situation};
+
+    use crate::{Erasure, Repo};
+
+    fn sources(repo: &Repo, name: &str) -> Vec<(String, String, String)> {
+        repo.attribute_sources(name)
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.attr, s.resource, s.key))
+            .collect()
+    }
+
+    fn row(attr: &str, resource: &str, key: &str) -> (String, String, String) {
+        (attr.to_owned(), resource.to_owned(), key.to_owned())
+    }
+
+    #[test]
+    fn a_source_is_replaced_forgotten_and_goes_with_its_identity() {
+        let repo = Repo::open_in_memory().unwrap();
+        repo.begin().unwrap();
+        repo.create_identity("ada", &AttrMap::new()).unwrap();
+        repo.set_attribute_source("ada", "Title", "hr", "1")
+            .unwrap();
+        repo.set_attribute_source("ada", "agency", "contractors", "C1")
+            .unwrap();
+        assert_eq!(
+            sources(&repo, "ada"),
+            [row("agency", "contractors", "C1"), row("title", "hr", "1")]
+        );
+        repo.set_attribute_source("ada", "title", "contractors", "C1")
+            .unwrap();
+        repo.clear_attribute_source("ada", "AGENCY").unwrap();
+        assert_eq!(sources(&repo, "ada"), [row("title", "contractors", "C1")]);
+        // No such identity: nothing is written.
+        repo.set_attribute_source("nobody", "title", "hr", "1")
+            .unwrap();
+        assert!(sources(&repo, "nobody").is_empty());
+        repo.delete_identity("ada").unwrap();
+        repo.commit().unwrap();
+        let left: i64 = repo
+            .lock()
+            .unwrap()
+            .query_row("SELECT count(*) FROM attribute_sources", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0, "the foreign key removes them with the identity");
+    }
+
+    #[test]
+    fn an_erasure_removes_the_sources_naming_a_former_account() {
+        let repo = Repo::open_in_memory().unwrap();
+        repo.begin().unwrap();
+        repo.create_identity("ann", &AttrMap::new()).unwrap();
+        repo.create_identity("bob", &AttrMap::new()).unwrap();
+        repo.link("ann", "hr", "7").unwrap();
+        repo.record_decision(&Decision {
+            resource: "hr".into(),
+            key: "7".into(),
+            op: Op::Upsert,
+            situation: Some(Situation::Unmatched),
+            action: Action::Created,
+            identity: Some("ann".into()),
+            candidates: vec![],
+            confirmed: vec![],
+            rules: vec![],
+            changes: vec![],
+            error: None,
+        })
+        .unwrap();
+        // A row left naming ann's account on another identity (written outside the engine).
+        repo.set_attribute_source("bob", "title", "hr", "7")
+            .unwrap();
+        repo.set_attribute_source("bob", "mail", "dir", "b")
+            .unwrap();
+        repo.delete_identity("ann").unwrap();
+        repo.commit().unwrap();
+        let Erasure::Erased(report) = repo.erase_identity("ann", None).unwrap() else {
+            panic!("not erased");
+        };
+        assert_eq!(report.attribute_sources, 1, "{report:?}");
+        assert_eq!(sources(&repo, "bob"), [row("mail", "dir", "b")]);
+    }
+}
