@@ -18,6 +18,7 @@
 //! resources that map a governed attribute, and by unlinks. Attributes `authority:` does
 //! not name are untouched by all this (docs/rules.md, "Attribute authority").
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use idsync_core::{
@@ -28,7 +29,7 @@ use idsync_rules::identity_to_dynamic;
 
 use crate::EventError;
 use crate::pipeline::Decider;
-use crate::policy::{Mapping, Policy, ScopeNeeds, Strength};
+use crate::policy::{Mapping, MappingSource, Policy, ScopeNeeds, Strength};
 
 /// The `rule` of the [`RuleOutcome`] that records an authority decision (its `script` is
 /// the attribute, its `result` what was decided and why).
@@ -42,6 +43,8 @@ pub struct Authority {
     precedence: HashMap<String, Vec<String>>,
     /// Resource → its policy and the variables its scripts read.
     sources: HashMap<String, (Policy, ScopeNeeds)>,
+    /// The resources that map a governed attribute.
+    mapping: Vec<String>,
 }
 
 impl Authority {
@@ -51,16 +54,32 @@ impl Authority {
         precedence: impl IntoIterator<Item = (String, Vec<String>)>,
         policies: &[Policy],
     ) -> Authority {
+        let precedence: HashMap<String, Vec<String>> = precedence
+            .into_iter()
+            .map(|(attr, order)| (attr.to_lowercase(), order))
+            .collect();
+        let mapping = policies
+            .iter()
+            .filter(|p| {
+                p.mappings
+                    .iter()
+                    .any(|m| precedence.contains_key(&*fold(&m.attribute)))
+            })
+            .map(|p| p.resource.clone())
+            .collect();
         Authority {
-            precedence: precedence
-                .into_iter()
-                .map(|(attr, order)| (attr.to_lowercase(), order))
-                .collect(),
+            precedence,
             sources: policies
                 .iter()
                 .map(|p| (p.resource.clone(), (p.clone(), ScopeNeeds::of(p))))
                 .collect(),
+            mapping,
         }
+    }
+
+    /// Whether `resource` maps a governed attribute.
+    pub fn mapped_by(&self, resource: &str) -> bool {
+        self.mapping.iter().any(|r| r == resource)
     }
 
     /// Whether no attribute is governed.
@@ -70,7 +89,7 @@ impl Authority {
 
     /// Whether attribute `attr` is governed.
     pub fn governs(&self, attr: &str) -> bool {
-        self.precedence.contains_key(&attr.to_lowercase())
+        self.precedence.contains_key(&*fold(attr))
     }
 
     /// The place of `resource` in the precedence of `attr` (0 first); a resource not
@@ -90,7 +109,20 @@ impl Authority {
             .mappings
             .iter()
             .rev()
-            .find(|m| m.attribute.to_lowercase() == attr)
+            .find(|m| fold(&m.attribute) == attr)
+    }
+}
+
+/// An attribute name lowercased (as `AttrMap` folds names), without a copy for a name in
+/// lowercase ASCII already.
+fn fold(name: &str) -> Cow<'_, str> {
+    if name
+        .bytes()
+        .any(|b| b.is_ascii_uppercase() || !b.is_ascii())
+    {
+        Cow::Owned(name.to_lowercase())
+    } else {
+        Cow::Borrowed(name)
     }
 }
 
@@ -387,19 +419,14 @@ impl Decider<'_> {
         if mapping.strength == Strength::Initial {
             return Ok(None);
         }
-        let event = ChangeEvent {
-            resource: account.resource.clone(),
-            key: account.key.clone(),
-            op: Op::Update,
-            attrs: account.attrs.clone(),
-            previous: Some(account.attrs.clone()),
-            origin: None,
+        let values = match &mapping.source {
+            MappingSource::Attribute(from) => account
+                .attrs
+                .get(from)
+                .map(<[Value]>::to_vec)
+                .unwrap_or_default(),
+            MappingSource::Expr(_) => self.run_for(account, policy, *needs, mapping, view)?,
         };
-        let mut other = Decider::new(self.rules, self.repo, policy, *needs, &event);
-        if needs.mapping_identity {
-            other.scope.push("identity", identity_to_dynamic(view));
-        }
-        let values = other.mapping_values(&mapping.source)?;
         if values.is_empty() {
             return Ok(None);
         }
@@ -411,6 +438,33 @@ impl Decider<'_> {
             values,
             in_hand: false,
         }))
+    }
+
+    /// Runs `mapping` (an expression) of `policy` for linked `account`, as [`claim_of`]
+    /// says.
+    ///
+    /// [`claim_of`]: Decider::claim_of
+    fn run_for(
+        &self,
+        account: &LinkedAccount,
+        policy: &Policy,
+        needs: ScopeNeeds,
+        mapping: &Mapping,
+        view: &Identity,
+    ) -> Result<Vec<Value>, EventError> {
+        let event = ChangeEvent {
+            resource: account.resource.clone(),
+            key: account.key.clone(),
+            op: Op::Update,
+            attrs: account.attrs.clone(),
+            previous: Some(account.attrs.clone()),
+            origin: None,
+        };
+        let mut other = Decider::new(self.rules, self.repo, policy, needs, &event);
+        if needs.mapping_identity {
+            other.scope.push("identity", identity_to_dynamic(view));
+        }
+        other.mapping_values(&mapping.source)
     }
 }
 

@@ -658,8 +658,12 @@ impl<'a> Decider<'a> {
     fn update(&mut self, name: &str, relink: bool, d: &mut Decision) -> Result<(), EventError> {
         self.host.pre_image(name)?;
         // The linked accounts (with their last seen attributes) are read only if a
-        // mapping can see them through `identity`.
-        let view = if self.needs.mapping_identity {
+        // mapping can see them through `identity`, or governed attributes are decided
+        // from them (module `authority`).
+        let governs = self
+            .authority
+            .is_some_and(|a| a.mapped_by(&self.policy.resource));
+        let view = if self.needs.mapping_identity || governs {
             self.view(name)?
         } else {
             self.repo

@@ -250,7 +250,6 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         given_at     TEXT NOT NULL,
         PRIMARY KEY (identity_id, attr)
     ) WITHOUT ROWID;
-    CREATE INDEX IF NOT EXISTS attribute_sources_account ON attribute_sources(resource, key);
     "#,
 ];
 
