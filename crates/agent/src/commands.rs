@@ -445,13 +445,20 @@ fn show_identity(
         if id.disabled { "disabled" } else { "enabled" }
     )?;
     writeln!(out, "attributes:")?;
+    // Which account gave each attribute `authority:` governs.
+    let sources = repo.attribute_sources(name)?;
     for a in id.attrs.iter() {
         let values: Vec<String> = a
             .values
             .iter()
             .map(|v| inline(&v.to_string()).into_owned())
             .collect();
-        writeln!(out, "  {}: {}", a.name, values.join(" | "))?;
+        let given = sources
+            .iter()
+            .find(|s| s.attr == a.name.to_lowercase())
+            .map(|s| format!("  (from {}:{})", s.resource, inline(&s.key)))
+            .unwrap_or_default();
+        writeln!(out, "  {}: {}{given}", a.name, values.join(" | "))?;
     }
     writeln!(out, "accounts:")?;
     if id.accounts.is_empty() {

@@ -47,6 +47,10 @@ pub struct Config {
     /// How long records are kept (none of them is removed by default).
     #[serde(default)]
     pub retention: RetentionConfig,
+    /// Attribute authority: identity attribute → the resources that give it, first ranked
+    /// first (module `authority`; docs/rules.md, "Attribute authority").
+    #[serde(default)]
+    pub authority: std::collections::BTreeMap<String, Vec<String>>,
     /// How identity attributes compare in correlation queries (module `correlation`).
     #[serde(default)]
     pub correlation: crate::correlation::CorrelationConfig,
@@ -457,6 +461,22 @@ pub struct MappingConfig {
     pub from: Option<String>,
     /// Rhai expression.
     pub expr: Option<String>,
+    /// How strongly it gives its value (default `strong`).
+    #[serde(default)]
+    pub strength: StrengthConfig,
+}
+
+/// `strength` of a mapping.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StrengthConfig {
+    /// Always (subject to `authority` precedence).
+    #[default]
+    Strong,
+    /// Only when no other source gives a value.
+    Weak,
+    /// Only when the event creates the identity.
+    Initial,
 }
 
 /// A loaded config: the parsed file and where it is.
@@ -693,6 +713,7 @@ impl Loaded {
                 out.push(format!("{f}: retention.{key}: {e}"));
             }
         }
+        out.extend(crate::authority::problems(self));
         out.extend(self.lifecycle_problems());
         out
     }

@@ -85,6 +85,9 @@ fn describe(r: &ErasureReport) -> String {
     if r.timers > 0 {
         s.push_str(&format!(", {} timer(s)", r.timers));
     }
+    if r.attribute_sources > 0 {
+        s.push_str(&format!(", {} attribute source(s)", r.attribute_sources));
+    }
     if r.redacted > 0 {
         s.push_str(&format!(
             "; the name replaced by {ERASED} in {} other record(s)",

@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 
 use idsync_core::{Action, AttrChange, Decision, Op, Situation, Value};
 use idsync_engine::{
-    BatchReport, FUZZY_RULE, LIFECYCLE_RULE, NORMALISED_RULE, NOTIFICATION_RULE, OPERATOR_RULE,
-    TIMER_RULE, WORK_ITEM_RULE,
+    AUTHORITY_RULE, BatchReport, FUZZY_RULE, LIFECYCLE_RULE, NORMALISED_RULE, NOTIFICATION_RULE,
+    OPERATOR_RULE, TIMER_RULE, WORK_ITEM_RULE,
 };
 
 use crate::printable::inline;
@@ -77,7 +77,13 @@ pub fn steps(d: &Decision) -> String {
         let _ = writeln!(out, "  operator: {}", o.result);
     }
     for r in d.rules.iter().filter(|r| {
-        r.rule != WORK_ITEM_RULE && r.rule != NOTIFICATION_RULE && r.rule != OPERATOR_RULE
+        ![
+            WORK_ITEM_RULE,
+            NOTIFICATION_RULE,
+            OPERATOR_RULE,
+            AUTHORITY_RULE,
+        ]
+        .contains(&r.rule.as_str())
     }) {
         let _ = match r.rule.as_str() {
             // What the engine itself did about timers and dates, not a rule's result.
@@ -127,6 +133,9 @@ pub fn steps(d: &Decision) -> String {
         }
     } else if matches!(d.action, Action::Updated | Action::Linked) {
         let _ = writeln!(out, "  changes: none");
+    }
+    for a in d.rules.iter().filter(|o| o.rule == AUTHORITY_RULE) {
+        let _ = writeln!(out, "  authority: {}", a.result);
     }
     for w in d.rules.iter().filter(|o| o.rule == WORK_ITEM_RULE) {
         let _ = writeln!(out, "  work item: {}", w.result);

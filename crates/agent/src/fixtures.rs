@@ -229,6 +229,9 @@ fn run_fixture(loaded: &Loaded, file: &Path) -> anyhow::Result<Outcome> {
         Ok(p) => p,
         Err(p) => return Ok(Outcome::Broken(p)),
     };
+    if let Some(authority) = crate::authority::build(loaded, &policies) {
+        engine.set_authority(authority);
+    }
     let Some(policy) = policies.iter().find(|p| p.resource == fx.resource) else {
         anyhow::bail!(
             "resource '{}' is not in {}",

@@ -7,6 +7,7 @@
 
 pub mod accounts;
 pub mod authoring;
+pub mod authority;
 pub mod cli;
 pub mod commands;
 pub mod config;

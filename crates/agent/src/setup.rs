@@ -7,7 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use idsync_core::{Adapter, AdapterError};
-use idsync_engine::{DeleteAction, Engine, Escalation, Mapping, MappingSource, OnError, Policy};
+use idsync_engine::{
+    DeleteAction, Engine, Escalation, Mapping, MappingSource, OnError, Policy, Strength,
+};
 use idsync_flatfile::FlatFileAdapter;
 use idsync_ldap::LdapAdapter;
 use idsync_notify::{Dispatcher, PolicyNotifier, setup as nsetup};
@@ -16,7 +18,7 @@ use idsync_rules::{RuleEngine, Script};
 
 use crate::config::{
     DeleteActionConfig, Loaded, OnDisputedConfig, OnErrorConfig, OnUnmatchedConfig, Problems,
-    ResourceConfig, SourceConfig,
+    ResourceConfig, SourceConfig, StrengthConfig,
 };
 
 /// Compiles every `*.rhai` file of the rules folder: file name → script, plus problems.
@@ -166,6 +168,11 @@ fn policy(
         p.mappings.push(Mapping {
             attribute: m.to.clone(),
             source,
+            strength: match m.strength {
+                StrengthConfig::Strong => Strength::Strong,
+                StrengthConfig::Weak => Strength::Weak,
+                StrengthConfig::Initial => Strength::Initial,
+            },
         });
     }
     p
@@ -247,6 +254,9 @@ impl Setup {
         repo.declare_normalisations(crate::correlation::normalisations(&loaded.config))?;
         let mut engine = Engine::new(repo.clone(), &limits);
         let policies = compile_all(&loaded, engine.rules())?;
+        if let Some(authority) = crate::authority::build(&loaded, &policies) {
+            engine.set_authority(authority);
+        }
         let dispatcher = match notifications(&loaded).map_err(Problems)? {
             Some((notifier, dispatcher)) => {
                 engine.set_notifier(Box::new(notifier));

@@ -43,6 +43,7 @@
 //! decided without running any rule, its shadow updated like any failed event's, so the
 //! batch and the resource go on.
 
+mod authority;
 mod fuzzy;
 mod guard;
 mod host;
@@ -64,6 +65,7 @@ use idsync_repo::{
 };
 use idsync_rules::{Limits, RuleEngine};
 
+pub use authority::{AUTHORITY_RULE, Authority};
 pub use fuzzy::{DEFAULT_BLOCK_LIMIT, Fuzzy, MAX_SIMILAR};
 pub use guard::CrashGuard;
 pub use lifecycle::{
@@ -74,7 +76,7 @@ pub use pipeline::{
     DISABLED_CHANGE, EventError, FUZZY_RULE, NORMALISED_RULE, OPERATOR_RULE, OperatorAction,
     Refusal, WORK_ITEM_RULE,
 };
-pub use policy::{DeleteAction, Escalation, Mapping, MappingSource, OnError, Policy};
+pub use policy::{DeleteAction, Escalation, Mapping, MappingSource, OnError, Policy, Strength};
 pub use timers::FiredTimer;
 
 use pipeline::{Decider, blank_decision};
@@ -188,6 +190,8 @@ pub struct Engine {
     repo: Arc<Repo>,
     notifier: Option<Box<dyn Notifier>>,
     guard: Option<Box<dyn CrashGuard>>,
+    /// The attributes `authority:` governs and every resource's mappings.
+    authority: Option<Authority>,
     /// Deciding for a preview (everything is rolled back): nothing is logged as done.
     previewing: std::cell::Cell<bool>,
 }
@@ -200,6 +204,7 @@ impl Engine {
             repo,
             notifier: None,
             guard: None,
+            authority: None,
             previewing: std::cell::Cell::new(false),
         }
     }
@@ -208,6 +213,13 @@ impl Engine {
     /// retries), it may have the engine isolate an event that crashed the process.
     pub fn set_crash_guard(&mut self, guard: Box<dyn CrashGuard>) {
         self.guard = Some(guard);
+    }
+
+    /// Sets the attribute authority (module `authority`): the governed attributes'
+    /// precedence and every resource's policy, to decide those attributes from all of an
+    /// identity's linked accounts.
+    pub fn set_authority(&mut self, authority: Authority) {
+        self.authority = Some(authority);
     }
 
     /// Sets the notification hook: every successful event's changed identities go through
@@ -482,6 +494,7 @@ impl Engine {
         let mut d = blank_decision(event);
         let mut decider = Decider::new(&self.rules, &self.repo, policy, needs, event);
         decider.host.capture.set(self.notifier.is_some());
+        decider.authority = self.authority.as_ref();
         let mut raised = Vec::new();
         let outcome = decider
             .decide(&mut d)
@@ -792,6 +805,7 @@ impl Engine {
         let needs = ScopeNeeds::of(policy);
         let mut decider = Decider::new(&self.rules, &self.repo, policy, needs, &event);
         decider.host.capture.set(self.notifier.is_some());
+        decider.authority = self.authority.as_ref();
         let outcome = decider
             .operate(req.action, fallback, &mut d)
             .and_then(|()| self.notify(&decider.host.pre_images.borrow(), &mut d));

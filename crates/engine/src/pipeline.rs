@@ -21,9 +21,10 @@ use idsync_rules::{
     dynamic_to_values, identity_to_dynamic, parse_correlation, render, truthy,
 };
 
+use crate::authority::{Authority, Offer};
 use crate::fuzzy::Fuzzy;
 use crate::host::EventHost;
-use crate::policy::{DeleteAction, Escalation, MappingSource, Policy, ScopeNeeds};
+use crate::policy::{DeleteAction, Escalation, MappingSource, Policy, ScopeNeeds, Strength};
 
 /// Why one event failed. It becomes a failed-event row; the batch goes on.
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +191,11 @@ pub(crate) struct Decider<'a> {
     /// The attributes the mappings give a new identity for this account, once computed
     /// (a fuzzy search computes them before a create would).
     new_attrs: Option<AttrMap>,
-    needs: ScopeNeeds,
+    pub needs: ScopeNeeds,
+    /// The attributes `authority:` governs (module `authority`), when any.
+    pub authority: Option<&'a Authority>,
+    /// What the account's mappings offer for governed attributes (they do not set them).
+    pub offers: Vec<Offer>,
 }
 
 impl<'a> Decider<'a> {
@@ -243,6 +248,8 @@ impl<'a> Decider<'a> {
             similar: Vec::new(),
             new_attrs: None,
             needs,
+            authority: None,
+            offers: Vec::new(),
         }
     }
 
@@ -472,6 +479,12 @@ impl<'a> Decider<'a> {
                             script: String::new(),
                             result: format!("unlinked from {o}"),
                         });
+                        if self.authority.is_some_and(|a| !a.is_empty()) {
+                            // Its values go with it (their changes are the other
+                            // identity's: noted, not among this decision's changes).
+                            let previous = self.view(&o)?;
+                            self.take_back(&previous, false, Some(&o), d)?;
+                        }
                     }
                     None => d.situation = Some(Situation::Unlinked),
                 }
@@ -576,7 +589,13 @@ impl<'a> Decider<'a> {
     /// `similar` work item when there are any, `self.similar` their names.
     fn similar(&mut self, fuzzy: &Fuzzy, d: &mut Decision) -> Result<Option<String>, EventError> {
         let mapped = self.map_attrs(&AttrMap::new(), None)?;
-        let found = fuzzy.search(self.repo, &mapped, &d.candidates)?;
+        // Governed attributes are offered, not set (module `authority`): the account's
+        // offers count for the comparison as the values a new identity would get.
+        let mut compared = mapped.clone();
+        for offer in self.offers.iter().filter(|o| !o.values.is_empty()) {
+            compared.set(&offer.name, offer.values.clone());
+        }
+        let found = fuzzy.search(self.repo, &compared, &d.candidates)?;
         self.new_attrs = Some(mapped);
         d.rules.push(RuleOutcome {
             rule: FUZZY_RULE.into(),
@@ -668,7 +687,8 @@ impl<'a> Decider<'a> {
     ) -> Result<AttrMap, EventError> {
         let mut attrs = base.clone();
         if self.policy.populate_global {
-            for a in self.event.attrs.iter() {
+            // A governed attribute comes from mappings only (docs/rules.md).
+            for a in self.event.attrs.iter().filter(|a| !self.governed(&a.name)) {
                 attrs.set(&a.name, a.values.clone());
             }
         }
@@ -679,31 +699,60 @@ impl<'a> Decider<'a> {
                 identity.map(identity_to_dynamic).unwrap_or(Dynamic::UNIT),
             );
         }
-        let result = self.apply_mappings(&mut attrs);
+        let result = self.apply_mappings(&mut attrs, identity.is_none());
         self.scope.rewind(mark);
         result?;
         Ok(attrs)
     }
 
-    fn apply_mappings(&mut self, attrs: &mut AttrMap) -> Result<(), EventError> {
+    /// Each mapping in list order, by its strength (`creating`: the event creates the
+    /// identity). A governed attribute is not set but offered (module `authority`).
+    fn apply_mappings(&mut self, attrs: &mut AttrMap, creating: bool) -> Result<(), EventError> {
+        self.offers.clear();
         for m in &self.policy.mappings {
-            let values: Vec<Value> = match &m.source {
-                MappingSource::Attribute(src) => self
-                    .event
-                    .attrs
-                    .get(src)
-                    .map(<[Value]>::to_vec)
-                    .unwrap_or_default(),
-                MappingSource::Expr(script) => {
-                    let v = self.run(script, Access::ReadOnly)?;
-                    dynamic_to_values(&v).map_err(|msg| {
-                        RuleError::new(script.label(), RuleEngine::result_pos(script), msg)
-                    })?
-                }
-            };
-            attrs.set(&m.attribute, values);
+            if m.strength == Strength::Initial && !creating {
+                continue;
+            }
+            let governed = self.governed(&m.attribute);
+            if m.strength == Strength::Weak && !governed && attrs.contains(&m.attribute) {
+                continue;
+            }
+            let values = self.mapping_values(&m.source)?;
+            if governed {
+                let attr = m.attribute.to_lowercase();
+                self.offers.retain(|o| o.attr != attr);
+                self.offers.push(Offer {
+                    attr,
+                    name: m.attribute.clone(),
+                    strength: m.strength,
+                    values,
+                });
+            } else {
+                attrs.set(&m.attribute, values);
+            }
         }
         Ok(())
+    }
+
+    /// The values one mapping gives for the account in hand.
+    pub(crate) fn mapping_values(
+        &mut self,
+        source: &MappingSource,
+    ) -> Result<Vec<Value>, EventError> {
+        Ok(match source {
+            MappingSource::Attribute(src) => self
+                .event
+                .attrs
+                .get(src)
+                .map(<[Value]>::to_vec)
+                .unwrap_or_default(),
+            MappingSource::Expr(script) => {
+                let v = self.run(script, Access::ReadOnly)?;
+                dynamic_to_values(&v).map_err(|msg| {
+                    RuleError::new(script.label(), RuleEngine::result_pos(script), msg)
+                })?
+            }
+        })
     }
 
     /// The identity view of `name`, which must exist.
@@ -719,8 +768,12 @@ impl<'a> Decider<'a> {
     fn update(&mut self, name: &str, relink: bool, d: &mut Decision) -> Result<(), EventError> {
         self.host.pre_image(name)?;
         // The linked accounts (with their last seen attributes) are read only if a
-        // mapping can see them through `identity`.
-        let view = if self.needs.mapping_identity {
+        // mapping can see them through `identity`, or governed attributes are decided
+        // from them (module `authority`).
+        let governs = self
+            .authority
+            .is_some_and(|a| a.mapped_by(&self.policy.resource));
+        let view = if self.needs.mapping_identity || governs {
             self.view(name)?
         } else {
             self.repo
@@ -729,7 +782,8 @@ impl<'a> Decider<'a> {
                     name: name.to_owned(),
                 })?
         };
-        let attrs = self.map_attrs(&view.attrs, Some(&view))?;
+        let mut attrs = self.map_attrs(&view.attrs, Some(&view))?;
+        let sources = self.settle(&view, &mut attrs, d)?;
         let mut changes = view.attrs.diff(&attrs);
         // A link re-enables; then the lifecycle dates, if any, have their say.
         let disabled = view.disabled && !relink;
@@ -741,6 +795,7 @@ impl<'a> Decider<'a> {
         if !changes.is_empty() {
             self.repo.checkin(name, view.version, &attrs, disabled)?;
         }
+        self.write_sources(name, sources)?;
         d.changes = changes;
         Ok(())
     }
@@ -767,16 +822,18 @@ impl<'a> Decider<'a> {
             }
             None => self.event.key.clone(),
         };
-        let attrs = match self.new_attrs.take() {
+        let mut attrs = match self.new_attrs.take() {
             Some(attrs) => attrs,
             None => self.map_attrs(&AttrMap::new(), None)?,
         };
+        let sources = self.settle_new(&mut attrs);
         self.host.pre_image(&name)?;
         self.repo.create_identity_with_account(
             &name,
             &attrs,
             Some((&self.event.resource, &self.event.key)),
         )?;
+        self.write_sources(&name, sources)?;
         d.changes = AttrMap::new().diff(&attrs);
         // A new identity whose dates say it is not valid yet (or any more).
         if self.settle_dates(&name, None, &attrs, false, d)? {
@@ -788,8 +845,9 @@ impl<'a> Decider<'a> {
         Ok(())
     }
 
-    /// Withdraws the account from its owner `name`: unlinks it, then applies `action` (the
-    /// resource's `delete_action` for a delete; `Unlink` for an operator's unlink).
+    /// Withdraws the account from its owner `name`: unlinks it, takes back the governed
+    /// values it gave (module `authority`), then applies `action` (the resource's
+    /// `delete_action` for a delete; `Unlink` for an operator's unlink).
     fn withdraw(
         &mut self,
         name: &str,
@@ -799,7 +857,8 @@ impl<'a> Decider<'a> {
         self.host.pre_image(name)?;
         self.repo.unlink(&self.event.resource, &self.event.key)?;
         d.action = Action::Unlinked;
-        if action == DeleteAction::Unlink {
+        let governs = self.authority.is_some_and(|a| !a.is_empty());
+        if action == DeleteAction::Unlink && !governs {
             return Ok(());
         }
         let view = self.view(name)?;
@@ -811,7 +870,8 @@ impl<'a> Decider<'a> {
             .filter(|a| a.resource == self.event.resource)
             .map(|a| a.key.as_str())
             .collect();
-        if !others.is_empty() {
+        let mut disable = false;
+        if action != DeleteAction::Unlink && !others.is_empty() {
             d.rules.push(RuleOutcome {
                 rule: "delete_action".into(),
                 script: String::new(),
@@ -821,39 +881,64 @@ impl<'a> Decider<'a> {
                     self.event.resource
                 ),
             });
-            return Ok(());
+        } else {
+            match action {
+                DeleteAction::Unlink => {}
+                DeleteAction::Disable => {
+                    disable = true;
+                    d.action = Action::Disabled;
+                }
+                DeleteAction::Delete => {
+                    self.repo.delete_identity(name)?;
+                    d.action = Action::DeletedIdentity;
+                    let cancelled = self.repo.cancel_timers_of(name)?;
+                    if !cancelled.is_empty() {
+                        let which: Vec<String> = cancelled
+                            .iter()
+                            .map(|t| format!("#{} {}", t.id, t.kind))
+                            .collect();
+                        d.rules.push(RuleOutcome {
+                            rule: crate::lifecycle::TIMER_RULE.into(),
+                            script: String::new(),
+                            result: format!(
+                                "the timers of {name} cancelled (it was deleted): {}",
+                                which.join(", ")
+                            ),
+                        });
+                    }
+                    return Ok(());
+                }
+            }
         }
-        match action {
-            DeleteAction::Unlink => {}
-            DeleteAction::Disable => {
-                if !view.disabled {
-                    self.repo.checkin(name, view.version, &view.attrs, true)?;
-                    d.changes.push(disabled_change(false, true));
-                }
-                d.action = Action::Disabled;
-                self.plan_grace_delete(name, d)?;
-            }
-            DeleteAction::Delete => {
-                self.repo.delete_identity(name)?;
-                d.action = Action::DeletedIdentity;
-                let cancelled = self.repo.cancel_timers_of(name)?;
-                if !cancelled.is_empty() {
-                    let which: Vec<String> = cancelled
-                        .iter()
-                        .map(|t| format!("#{} {}", t.id, t.kind))
-                        .collect();
-                    d.rules.push(RuleOutcome {
-                        rule: crate::lifecycle::TIMER_RULE.into(),
-                        script: String::new(),
-                        result: format!(
-                            "the timers of {name} cancelled (it was deleted): {}",
-                            which.join(", ")
-                        ),
-                    });
-                }
-            }
+        d.changes = self.take_back(&view, disable, None, d)?;
+        if disable {
+            self.plan_grace_delete(name, d)?;
         }
         Ok(())
+    }
+
+    /// Checks identity `view` in without the governed values the account in hand gave it
+    /// (it is unlinked from it already), disabled too with `disable`; returns the changes.
+    fn take_back(
+        &mut self,
+        view: &Identity,
+        disable: bool,
+        from: Option<&str>,
+        d: &mut Decision,
+    ) -> Result<Vec<AttrChange>, EventError> {
+        let mut attrs = view.attrs.clone();
+        let sources = self.withdraw_values(view, &mut attrs, from, d)?;
+        let mut changes = view.attrs.diff(&attrs);
+        let disabled = view.disabled || disable;
+        if disabled != view.disabled {
+            changes.push(disabled_change(false, true));
+        }
+        if !changes.is_empty() {
+            self.repo
+                .checkin(&view.name, view.version, &attrs, disabled)?;
+        }
+        self.write_sources(&view.name, sources)?;
+        Ok(changes)
     }
 }
 

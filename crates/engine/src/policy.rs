@@ -51,6 +51,33 @@ pub enum MappingSource {
     Expr(Script),
 }
 
+/// How strongly a mapping gives its value (docs/rules.md, "Attribute authority").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Strength {
+    /// Always (what every mapping did before strengths): the value is set whenever the
+    /// mapping runs; for an attribute `authority` governs, unless a source ranked higher
+    /// gives a value.
+    #[default]
+    Strong,
+    /// Only when no other source gives a value: for an attribute `authority` governs, when
+    /// no linked account's strong mapping gives one; otherwise when the identity has no
+    /// value for the attribute.
+    Weak,
+    /// Only when the event creates the identity; later passes leave the value alone.
+    Initial,
+}
+
+impl Strength {
+    /// Its name in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strength::Strong => "strong",
+            Strength::Weak => "weak",
+            Strength::Initial => "initial",
+        }
+    }
+}
+
 /// One attribute mapping of the input form.
 #[derive(Clone, Debug)]
 pub struct Mapping {
@@ -58,6 +85,8 @@ pub struct Mapping {
     pub attribute: String,
     /// Its source.
     pub source: MappingSource,
+    /// How strongly it gives its value.
+    pub strength: Strength,
 }
 
 /// Everything the engine needs to decide the events of one resource.

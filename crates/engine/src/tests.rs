@@ -67,10 +67,12 @@ impl World {
                 m if m.starts_with("map:") => p.mappings.push(Mapping {
                     attribute: m[4..].to_owned(),
                     source: MappingSource::Attribute((*src).to_owned()),
+                    strength: Strength::Strong,
                 }),
                 m if m.starts_with("expr:") => p.mappings.push(Mapping {
                     attribute: m[5..].to_owned(),
                     source: MappingSource::Expr(c(&format!("mapping.{}", &m[5..]), src)),
+                    strength: Strength::Strong,
                 }),
                 other => panic!("unknown role {other}"),
             }

@@ -20,7 +20,8 @@
 //!
 //! A name is erased only when a decision record or a notification is about an identity of
 //! that name: any other word (`#`, `admin`) is not a person's, and its mentions stay.
-//! - index rows left behind by deleted identities;
+//! - index rows left behind by deleted identities, and attribute-source rows (module
+//!   `sources`) of deleted identities or naming a former account no identity links;
 //! - the work items of its former accounts (no identity links them any more), and its name
 //!   where other work items mention it (a candidate, the identity an item was linked to, a
 //!   reason) replaced by `(erased)`;
@@ -68,6 +69,9 @@ pub struct ErasureReport {
     pub timers: u64,
     /// Index rows of deleted identities removed.
     pub index_rows: u64,
+    /// Attribute-source rows removed: of deleted identities (the foreign key normally
+    /// removes them with the identity), or naming a former account.
+    pub attribute_sources: u64,
     /// Other records (decisions, failed events) where the name was replaced by [`ERASED`].
     pub redacted: u64,
 }
@@ -265,6 +269,10 @@ fn erase(conn: &Connection, name: &str) -> Result<ErasureReport, RepoError> {
             "DELETE FROM work_items WHERE resource = ?1 AND key = ?2",
             "removing the work items of a former account",
         )?;
+        report.attribute_sources += run(
+            "DELETE FROM attribute_sources WHERE resource = ?1 AND key = ?2",
+            "removing the attribute sources naming a former account",
+        )?;
     }
     report.decisions += conn
         .prepare_cached("DELETE FROM decisions WHERE identity = ?1")
@@ -293,6 +301,13 @@ fn erase(conn: &Connection, name: &str) -> Result<ErasureReport, RepoError> {
         .and_then(|mut st| st.execute([]))
         .map(count)
         .with_ctx(|| ctx("removing index rows of deleted identities"))?;
+    report.attribute_sources += conn
+        .prepare_cached(
+            "DELETE FROM attribute_sources WHERE identity_id NOT IN (SELECT id FROM identities)",
+        )
+        .and_then(|mut st| st.execute([]))
+        .map(count)
+        .with_ctx(|| ctx("removing attribute sources of deleted identities"))?;
     report.redacted = redact_records(conn, name)?;
     Ok(report)
 }

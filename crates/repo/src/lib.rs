@@ -35,6 +35,9 @@
 //! - Notification messages wait in the `outbox` table (module `outbox`): inserted in the
 //!   batch transaction, claimed with a lease, marked sent in the transaction that records
 //!   delivery.
+//! - For the attributes `authority:` governs, `attribute_sources` remembers which linked
+//!   account gave each current value (module `sources`), so that an account unlinked or
+//!   deleted takes its values with it.
 //! - Old records are purged a chunk per transaction, keeping what open items need (module
 //!   `retention`, its `KEEP` list); a deleted identity's traces are erased on request
 //!   (module `erasure`).
@@ -55,6 +58,7 @@ mod records;
 mod retention;
 mod schema;
 mod shadows;
+mod sources;
 mod summary;
 #[cfg(test)]
 mod tests;
@@ -82,6 +86,7 @@ pub use reconciles::{ReconcileOutcome, ReconcileRun};
 pub use records::{DecisionFilter, DiscardedFailure, FailedEvent, NewFailure, StoredDecision};
 pub use retention::{KEEP, Keep, PURGE_CHUNK, PurgeReport};
 pub use schema::SCHEMA_VERSION;
+pub use sources::AttributeSource;
 pub use summary::ResourceSummary;
 pub use timers::{NewTimer, Planned, Timer, TimerKind};
 pub use work_items::{

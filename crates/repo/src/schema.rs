@@ -267,6 +267,20 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         steps  TEXT NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 12: attribute authority: for each attribute `authority:` governs, which linked account
+    // gave the identity its current value (module `sources`). Written in the batch
+    // transaction with the checkin; removed with the identity (foreign key). attr is
+    // lowercased.
+    r#"
+    CREATE TABLE IF NOT EXISTS attribute_sources (
+        identity_id  INTEGER NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
+        attr         TEXT NOT NULL,
+        resource     TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        given_at     TEXT NOT NULL,
+        PRIMARY KEY (identity_id, attr)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.
