@@ -513,6 +513,7 @@ mod tests {
         p.mappings.push(Mapping {
             attribute: attr.to_owned(),
             source: MappingSource::Attribute("date".to_owned()),
+            strength: crate::Strength::Strong,
         });
         let attr = Some(attr.to_owned());
         p.lifecycle = Some(match bound {
