@@ -13,6 +13,9 @@ fn attrs(pairs: &[(&str, &str)]) -> AttrMap {
     pairs.iter().copied().collect()
 }
 
+/// A mapping of a test resource: `(to, from-or-expr, strength)`.
+type TestMapping<'a> = (&'a str, &'a str, Strength);
+
 struct World {
     engine: Engine,
     policies: Vec<Policy>,
@@ -21,10 +24,7 @@ struct World {
 impl World {
     /// Resources `(name, [(to, from-or-expr, strength)])`, keys correlated by `mail`, and
     /// the authority over them.
-    fn new(
-        resources: &[(&str, &[(&str, &str, Strength)])],
-        precedence: &[(&str, &[&str])],
-    ) -> World {
+    fn new(resources: &[(&str, &[TestMapping<'_>])], precedence: &[(&str, &[&str])]) -> World {
         let repo = Arc::new(Repo::open_in_memory().unwrap());
         let mut engine = Engine::new(repo, &Limits::default());
         let mut policies = Vec::new();
