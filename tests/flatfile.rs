@@ -154,6 +154,25 @@ fn folder_of_dated_files_in_order_then_archived() {
     s.write("feeds/in/hr-2026-11-02.csv", "id,cn\n1,Ann Lee\n2,Bob\n");
     s.write("feeds/in/hr-2026-11-01.csv", "id,cn\n1,Ann\n");
     s.write("feeds/in/other.csv", "id,cn\n9,Not me\n");
+    // The preview covers both files, the second diffed against what the first leaves (Ann
+    // renamed is an update, not a create), and writes nothing.
+    let preview = s.idsync(&["preview"]).expect_code(0);
+    assert!(
+        preview.stdout.contains("hr 1 upsert") && preview.stdout.contains("hr 1 update"),
+        "{}",
+        preview.stdout
+    );
+    assert!(preview.stdout.contains("hr 2 "), "{}", preview.stdout);
+    assert!(
+        preview.stdout.contains("hr: 3 events"),
+        "{}",
+        preview.stdout
+    );
+    assert!(!s.db().exists(), "a preview creates no repository");
+    assert!(
+        s.path().join("feeds/in/hr-2026-11-01.csv").exists(),
+        "nor archives"
+    );
     let out = s.run_once(None, 0);
     assert!(out.stdout.contains("hr: 3 events"), "{}", out.stdout);
     // Day 1 created Ann, day 2 renamed her and added Bob: in that order.

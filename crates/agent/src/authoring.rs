@@ -13,11 +13,34 @@ use idsync_engine::BatchReport;
 use idsync_repo::{DecisionFilter, Repo, StoredDecision};
 
 use crate::cli::{ExplainArgs, PreviewArgs};
-use crate::config::Loaded;
+use crate::config::{Loaded, SourceConfig};
 use crate::exit::Exit;
 use crate::explain::{one_line, steps};
 use crate::fixtures::{Expect, Fixture, FixtureAccount, FixtureEvent, FixtureIdentity};
 use crate::setup::{Setup, open_repo};
+
+/// A scratch copy of the repository in a temporary folder, with a setup over it, for a
+/// preview that must apply what it previewed to preview what follows (a folder's next
+/// files). Removed when dropped.
+struct Scratch {
+    setup: Setup,
+    _dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    /// Copies `setup`'s repository (as committed now) and sets up over the copy.
+    fn of(setup: &Setup) -> anyhow::Result<Scratch> {
+        let dir = tempfile::Builder::new()
+            .prefix("idsync-preview-")
+            .tempdir()
+            .context("creating a folder for the preview's scratch copy")?;
+        let path = dir.path().join("preview.db");
+        setup.engine.repo().copy_into(&path)?;
+        let repo = Repo::open(&path)?;
+        let setup = Setup::with_repo(setup.loaded.clone(), std::sync::Arc::new(repo))?;
+        Ok(Scratch { setup, _dir: dir })
+    }
+}
 
 /// Whether a preview lists `d`: deletes always; the rest up to `--limit`, and in a
 /// reconcile only the decisions that change something.
@@ -46,9 +69,18 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(Some(out))
     };
+    // A preview moves no file: folder resources leave processed files where they are (an
+    // adapter archives a file once its checkpoint says it was applied, which the scratch
+    // copy below does say).
+    let mut leave = setup.loaded.clone();
+    for r in &mut leave.config.resources {
+        if let SourceConfig::Flatfile(ff) = &mut r.source {
+            ff.after = idsync_flatfile::AfterProcessing::Leave;
+        }
+    }
     // A fresh adapter for the resource at `i`, asked for a reconcile when previewing one.
     let adapter_for = |i: usize, accept: bool| -> anyhow::Result<Box<dyn Adapter>> {
-        let mut adapter = setup.adapter(i);
+        let mut adapter = crate::setup::adapter_for(&leave, i);
         if accept {
             adapter.accept_deletes();
         }
@@ -84,8 +116,21 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
         let mut listed = 0usize;
         let mut hidden = 0usize;
         let mut accepted = false;
+        // A folder of files: each file is diffed against what the previous one leaves, so
+        // each previewed part is applied to a scratch copy of the repository (the real one
+        // is never written).
+        let scratch: std::cell::OnceCell<Scratch> = std::cell::OnceCell::new();
+        let folder = matches!(&r.source, SourceConfig::Flatfile(ff) if ff.pattern.is_some());
+        if folder && !args.reconcile {
+            let _ = scratch.set(Scratch::of(setup)?);
+        }
         loop {
-            let batch = match adapter.next_batch(after.as_ref(), repo.as_ref()) {
+            let (cur, cur_policy) = match scratch.get() {
+                Some(sc) => (&sc.setup, sc.setup.policy(&r.name).unwrap_or(policy)),
+                None => (setup, policy),
+            };
+            let cur_repo = cur.engine.repo();
+            let batch = match adapter.next_batch(after.as_ref(), cur_repo.as_ref()) {
                 Ok(Fetch::Batch(b)) => b,
                 Ok(Fetch::Idle) => break,
                 // The guard would refuse the pass: show what it would delete (the run
@@ -131,7 +176,7 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             let mut write_err = None;
-            let result = setup.engine.preview_batch(policy, &batch, &mut |d| {
+            let result = cur.engine.preview_batch(cur_policy, &batch, &mut |d| {
                 // Deletes are always listed; the rest up to --limit (a reconcile lists only
                 // what would change).
                 if !always_listed(d) {
@@ -164,23 +209,24 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
                     break;
                 }
             }
-            // The next part of this pass only: a folder's next file is diffed against what
-            // this one leaves behind, which a preview does not write.
-            let whole = adapter.planned().is_none_or(|n| total.events() >= n);
-            if !adapter.has_more() || whole {
-                if adapter.has_more() {
-                    note(
-                        &mut out,
-                        args.json(),
-                        format_args!(
-                            "{}: more files wait in the folder; they are previewed once this one is applied",
-                            r.name
-                        ),
-                    )?;
+            if let Some(sc) = scratch.get() {
+                if let Err(e) = sc
+                    .setup
+                    .engine
+                    .apply_batch(cur_policy, after.as_ref(), &batch)
+                {
+                    eprintln!("error: applying a part to the preview's scratch copy: {e}");
+                    errors += 1;
+                    break;
                 }
+                after = sc.setup.engine.repo().checkpoint(&r.name)?;
+            } else {
+                // The next part is fetched as if this one had been committed.
+                after = batch.checkpoint.clone();
+            }
+            if !adapter.has_more() {
                 break;
             }
-            after = batch.checkpoint.clone();
         }
         if parts == 0 {
             if !args.json() && errors == 0 {

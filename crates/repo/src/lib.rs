@@ -277,6 +277,20 @@ impl Repo {
         }
     }
 
+    /// Writes a consistent copy of the repository to a new file at `path` (`VACUUM
+    /// INTO`): a scratch copy a dry run may change (a preview of several files). Not inside
+    /// a batch.
+    pub fn copy_into(&self, path: &Path) -> Result<(), RepoError> {
+        let target = path.to_str().ok_or_else(|| RepoError::Corrupt {
+            what: "scratch copy".to_owned(),
+            message: format!("{} is not valid UTF-8", path.display()),
+        })?;
+        let conn = self.lock()?;
+        conn.execute("VACUUM INTO ?1", [target])
+            .with_ctx(|| format!("copying the repository to {}", path.display()))?;
+        Ok(())
+    }
+
     /// Sets the log size from which a transaction waits for the checkpoint (tests).
     #[cfg(test)]
     pub(crate) fn set_wal_restart_pages(&mut self, pages: i64) {
