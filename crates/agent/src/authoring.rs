@@ -38,6 +38,7 @@ impl Scratch {
         setup.engine.repo().copy_into(&path)?;
         let repo = Repo::open(&path)?;
         let setup = Setup::with_repo(setup.loaded.clone(), std::sync::Arc::new(repo))?;
+        setup.engine.mark_dry_run();
         Ok(Scratch { setup, _dir: dir })
     }
 }
@@ -176,7 +177,7 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             let mut write_err = None;
-            let result = cur.engine.preview_batch(cur_policy, &batch, &mut |d| {
+            let mut list = |d: &Decision| {
                 // Deletes are always listed; the rest up to --limit (a reconcile lists only
                 // what would change).
                 if !always_listed(d) {
@@ -197,7 +198,15 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
                 if let Err(e) = writeln!(out, "{line}") {
                     write_err = Some(e);
                 }
-            });
+            };
+            // With a scratch copy each part is decided once, applied to the copy; else it
+            // is decided and rolled back, and the next part fetched as if it was committed.
+            let result = if scratch.get().is_some() {
+                cur.engine
+                    .apply_batch_with(cur_policy, after.as_ref(), &batch, &mut list)
+            } else {
+                cur.engine.preview_batch(cur_policy, &batch, &mut list)
+            };
             if let Some(e) = write_err {
                 return Err(e.into());
             }
@@ -209,21 +218,10 @@ pub fn preview(setup: &Setup, args: &PreviewArgs) -> anyhow::Result<ExitCode> {
                     break;
                 }
             }
-            if let Some(sc) = scratch.get() {
-                if let Err(e) = sc
-                    .setup
-                    .engine
-                    .apply_batch(cur_policy, after.as_ref(), &batch)
-                {
-                    eprintln!("error: applying a part to the preview's scratch copy: {e}");
-                    errors += 1;
-                    break;
-                }
-                after = sc.setup.engine.repo().checkpoint(&r.name)?;
-            } else {
-                // The next part is fetched as if this one had been committed.
-                after = batch.checkpoint.clone();
-            }
+            after = match scratch.get() {
+                Some(_) => cur_repo.checkpoint(&r.name)?,
+                None => batch.checkpoint.clone(),
+            };
             if !adapter.has_more() {
                 break;
             }

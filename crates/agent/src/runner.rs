@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -48,6 +49,29 @@ impl Stop {
     /// Whether a stop was requested.
     pub fn requested(&self) -> bool {
         self.0.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `deadline`, a poke on `poked` (several pokes count as one) or a stop
+    /// request, whichever comes first. A poker gone (the loops ended) leaves the deadline
+    /// and the stop.
+    pub fn wait_poked(&self, poked: &Receiver<()>, deadline: Instant) {
+        while !self.requested() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match poked.recv_timeout(left.min(SLICE)) {
+                Ok(()) => {
+                    while poked.try_recv().is_ok() {}
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.sleep_until(deadline);
+                    return;
+                }
+            }
+        }
     }
 
     /// Sleeps until `deadline` or a stop request, whichever comes first; whether the stop

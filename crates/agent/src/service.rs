@@ -25,7 +25,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -614,23 +614,7 @@ fn dispatcher_loop(
             }
         };
         let deadline = Instant::now() + sleep.min(DISPATCHER_MAX_SLEEP);
-        while !stop.requested() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match poked.recv_timeout(left.min(SLICE)) {
-                Ok(()) => {
-                    while poked.try_recv().is_ok() {}
-                    break;
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    stop.sleep_until(deadline);
-                    break;
-                }
-            }
-        }
+        stop.wait_poked(poked, deadline);
     }
 }
 

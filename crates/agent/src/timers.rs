@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use idsync_core::Action;
@@ -23,7 +23,7 @@ use crate::cli::PreviewArgs;
 use crate::config::Loaded;
 use crate::exit::Exit;
 use crate::printable::inline;
-use crate::runner::{SLICE, Stop};
+use crate::runner::Stop;
 use crate::setup::{Setup, open_repo};
 
 /// Timers fired per transaction.
@@ -192,23 +192,7 @@ pub fn timer_loop(
             }
         };
         let deadline = Instant::now() + sleep.min(MAX_SLEEP.max(backoff.unwrap_or_default()));
-        while !stop.requested() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match woken.recv_timeout(left.min(SLICE)) {
-                Ok(()) => {
-                    while woken.try_recv().is_ok() {}
-                    break;
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    stop.sleep_until(deadline);
-                    break;
-                }
-            }
-        }
+        stop.wait_poked(woken, deadline);
     }
 }
 

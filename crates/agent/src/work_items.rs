@@ -458,28 +458,25 @@ pub fn explain(
         (None, None) => Vec::new(),
     };
     for i in &items {
-        match &i.closed {
-            None => writeln!(
-                out,
-                "open work item #{} ({}, {} {}): {}; settle it with `idsync work-items resolve {} --link IDENTITY | --create | --ignore`",
-                i.id,
-                i.kind.as_str(),
-                i.resource,
-                inline(&i.key),
-                inline(&i.reason),
-                i.id
-            )?,
-            Some(c) => writeln!(
-                out,
-                "closed work item #{} ({}, {} {}): {}; {}",
-                i.id,
-                i.kind.as_str(),
-                i.resource,
-                inline(&i.key),
-                inline(&i.reason),
-                closure(c)
-            )?,
-        }
+        let (state, then) = match &i.closed {
+            None => (
+                "open",
+                format!(
+                    "settle it with `idsync work-items resolve {} --link IDENTITY | --create | --ignore`",
+                    i.id
+                ),
+            ),
+            Some(c) => ("closed", closure(c)),
+        };
+        writeln!(
+            out,
+            "{state} work item #{} ({}, {} {}): {}; {then}",
+            i.id,
+            i.kind.as_str(),
+            i.resource,
+            inline(&i.key),
+            inline(&i.reason),
+        )?;
     }
     Ok(())
 }

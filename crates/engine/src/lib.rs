@@ -288,11 +288,17 @@ impl Engine {
         batch: &ChangeBatch,
         each: &mut dyn FnMut(&Decision),
     ) -> Result<BatchReport, EngineError> {
-        self.previewing.set(true);
+        let before = self.previewing.replace(true);
         let result = self.run_batch(policy, batch, each);
-        self.previewing.set(false);
+        self.previewing.set(before);
         self.repo.rollback()?;
         result
+    }
+
+    /// This engine decides for a dry run only (a preview applying parts to a scratch copy
+    /// of the repository): what it raises is not logged as if it had happened.
+    pub fn mark_dry_run(&self) {
+        self.previewing.set(true);
     }
 
     /// Opens the batch transaction and decides every event in it, optimistically first
