@@ -17,6 +17,29 @@ pub mod postgres;
 pub mod slapd;
 pub mod smtp;
 
+/// Runs `cmd` in `dir` to its end (the servers' offline tools: openssl, slapadd, initdb,
+/// pg_ctl, psql): its standard output, or an error naming `what` with what it printed.
+/// `setup` says how to get the program when it cannot be started.
+pub(crate) fn run_tool(
+    cmd: &mut std::process::Command,
+    dir: &std::path::Path,
+    what: &str,
+    setup: &str,
+) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let out = cmd
+        .current_dir(dir)
+        .output()
+        .with_context(|| format!("running {what} ({setup})"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Ports handed out by [`free_port`] in this process so far.
 static PORTS_TAKEN: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
 

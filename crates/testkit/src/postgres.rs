@@ -146,18 +146,12 @@ impl Postgres {
         } else {
             Command::new(&program)
         };
-        let out = cmd
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .with_context(|| format!("running {}", program.display()))?;
-        ensure!(
-            out.status.success(),
-            "{name}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        crate::run_tool(
+            cmd.args(args),
+            self.dir.path(),
+            name,
+            "apt-get install postgresql",
+        )
     }
 
     /// A connection URL for database `db` as the superuser.

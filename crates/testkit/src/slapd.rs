@@ -53,17 +53,14 @@ pub struct Tls {
 }
 
 fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .context("running openssl (apt-get install openssl)")?;
-    ensure!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    let what = format!("openssl {args:?}");
+    crate::run_tool(
+        Command::new("openssl").args(args),
+        dir,
+        &what,
+        "apt-get install openssl",
+    )
+    .map(|_| ())
 }
 
 impl Tls {
@@ -192,17 +189,13 @@ userPassword: sync-secret
 
 /// Runs `slapadd` in `dir` with `args`.
 fn slapadd(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(sbin("slapadd"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .context("running slapadd (apt-get install slapd)")?;
-    ensure!(
-        out.status.success(),
-        "slapadd: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    crate::run_tool(
+        Command::new(sbin("slapadd")).args(args),
+        dir,
+        "slapadd",
+        "apt-get install slapd",
+    )
+    .map(|_| ())
 }
 
 impl Slapd {
