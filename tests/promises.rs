@@ -471,10 +471,13 @@ fn a_marker_older_than_the_feed_does_not_release_it() {
 }
 
 /// `completion: settle`: a file that keeps changing for more than 30 settle times is reported
-/// as still being written, and nothing of it is applied.
+/// as still being written, and nothing of it is applied. The writer rewrites the file in
+/// place (truncate, then write) every 20 ms; the settle time leaves room for that thread to
+/// be descheduled on a loaded machine, and a read that catches the file between a pause and
+/// the next write is refused by the signature check after the read.
 #[test]
 fn a_settle_that_gives_up_says_so_and_applies_nothing() {
-    let s = hr_world(", settle_ms: 100", "");
+    let s = hr_world(", settle_ms: 250", "");
     s.feed("hr.csv", "id,cn\n1,Ann\n");
     s.run_once(None, 0);
     let path = s.path().join("feeds/hr.csv");

@@ -23,32 +23,51 @@ pub(crate) fn marker_path(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Size and modification time, the settle signature.
-fn signature(path: &Path) -> Result<(u64, Option<SystemTime>), String> {
-    let m = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Ok((m.len(), m.modified().ok()))
+/// Size and modification time: what must not change while a file settles and is read.
+pub(crate) type Signature = (u64, Option<SystemTime>);
+
+/// The signature of a file's metadata.
+pub(crate) fn signature_of(meta: &std::fs::Metadata) -> Signature {
+    (meta.len(), meta.modified().ok())
 }
 
-/// Whether the file at `path` is complete. `Ok(false)`: not yet (no marker). `Err`: the file
-/// cannot be read, or it kept changing for too long.
-pub(crate) fn is_complete(config: &FlatFileConfig, path: &Path) -> Result<bool, String> {
+fn signature(path: &Path) -> Result<Signature, String> {
+    let m = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(signature_of(&m))
+}
+
+/// Whether a file can be read now.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Readiness {
+    /// Not yet (no marker, or an older one).
+    NotYet,
+    /// Complete. `Some`: the signature it settled at, which the file must still have once it
+    /// is read (a writer that paused longer than the settle time and went on is caught).
+    Ready(Option<Signature>),
+}
+
+/// Whether the file at `path` is complete. `Err`: the file cannot be read, or it kept
+/// changing for too long.
+pub(crate) fn is_complete(config: &FlatFileConfig, path: &Path) -> Result<Readiness, String> {
     match config.completion {
-        Completion::Rename => Ok(true),
+        Completion::Rename => Ok(Readiness::Ready(None)),
         Completion::Marker => {
             let (_, file_time) = signature(path)?;
             let marker = marker_path(path, &config.marker_suffix);
             match std::fs::metadata(&marker) {
                 Ok(m) => Ok(match (m.modified().ok(), file_time) {
-                    (Some(marker_time), Some(file_time)) => marker_time >= file_time,
-                    _ => true,
+                    (Some(marker_time), Some(file_time)) if marker_time < file_time => {
+                        Readiness::NotYet
+                    }
+                    _ => Readiness::Ready(None),
                 }),
-                Err(_) => Ok(false),
+                Err(_) => Ok(Readiness::NotYet),
             }
         }
         Completion::Settle => {
             let settle = Duration::from_millis(config.settle_ms);
             if settle.is_zero() {
-                return Ok(true);
+                return Ok(Readiness::Ready(None));
             }
             let step = (settle / 4).max(Duration::from_millis(10));
             let started = Instant::now();
@@ -60,7 +79,7 @@ pub(crate) fn is_complete(config: &FlatFileConfig, path: &Path) -> Result<bool, 
                     .and_then(|t| SystemTime::now().duration_since(t).ok())
                     .unwrap_or_default();
                 if age >= settle || unchanged_since.elapsed() >= settle {
-                    return Ok(true);
+                    return Ok(Readiness::Ready(Some(last)));
                 }
                 if started.elapsed() >= settle * MAX_WAIT_FACTOR {
                     return Err(format!(

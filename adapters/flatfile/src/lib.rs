@@ -382,18 +382,22 @@ impl FlatFileAdapter {
 
         // A link, a FIFO or a device at the path is refused before any wait.
         open::preflight(&self.config, &path).map_err(|e| self.feed_error(&e, &shown_path))?;
-        if !complete::is_complete(&self.config, &path).map_err(|e| self.transient(e))? {
-            if self.reconcile.is_some() {
-                return Err(self.transient(format!(
-                    "{shown_path} is not complete yet; the reconcile reads it once it is"
-                )));
-            }
-            tracing::info!(resource = %self.resource, "{shown_path} is not complete yet");
-            self.more = false;
-            return Ok(Fetch::Idle);
-        }
+        let settled =
+            match complete::is_complete(&self.config, &path).map_err(|e| self.transient(e))? {
+                complete::Readiness::Ready(settled) => settled,
+                complete::Readiness::NotYet => {
+                    if self.reconcile.is_some() {
+                        return Err(self.transient(format!(
+                            "{shown_path} is not complete yet; the reconcile reads it once it is"
+                        )));
+                    }
+                    tracing::info!(resource = %self.resource, "{shown_path} is not complete yet");
+                    self.more = false;
+                    return Ok(Fetch::Idle);
+                }
+            };
         let feed = open::open(&self.config, &path).map_err(|e| self.feed_error(&e, &shown_path))?;
-        let signature = (feed.meta.len(), feed.meta.modified().ok());
+        let signature = complete::signature_of(&feed.meta);
         // The next part of a pass in progress, if its last part was committed and the file
         // was not touched since: no need to read, hash and count again.
         if let Some(ip) = self.in_progress.take()
@@ -403,7 +407,7 @@ impl FlatFileAdapter {
             return self.emit(ip, known);
         }
         let bytes = feed
-            .read(&self.config)
+            .read(&self.config, settled)
             .map_err(|e| self.feed_error(&e, &shown_path))?;
         let content = xxh3_64(&bytes);
 

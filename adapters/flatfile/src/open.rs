@@ -19,6 +19,7 @@ use std::path::Path;
 
 use rustix::fs::OFlags;
 
+use crate::complete::{Signature, signature_of};
 use crate::config::FlatFileConfig;
 
 /// Why a feed was not read. No variant holds file content.
@@ -34,12 +35,18 @@ pub(crate) enum FeedError {
     TooLarge { size: Option<u64>, max: u64 },
     /// The last line has no line ending: cut short or still being written.
     NoFinalNewline { size: u64, line: u64 },
+    /// Its size or modification time changed between the moment it was found complete and
+    /// the end of the read: a writer is still at work.
+    ChangedWhileRead,
 }
 
 impl FeedError {
     /// Whether the next pass may find the file fine without anyone changing anything.
     pub fn is_transient(&self) -> bool {
-        matches!(self, FeedError::Io(_) | FeedError::NoFinalNewline { .. })
+        matches!(
+            self,
+            FeedError::Io(_) | FeedError::NoFinalNewline { .. } | FeedError::ChangedWhileRead
+        )
     }
 
     /// The message for the user, naming the file by `shown_path`.
@@ -65,6 +72,10 @@ impl FeedError {
                  ({size} bytes); it is cut short or still being written, and is read again at \
                  the next pass. If this feed never ends with a line ending, set \
                  `require_final_newline: false`"
+            ),
+            FeedError::ChangedWhileRead => format!(
+                "{shown_path} is still being written: it changed while it was read; nothing of \
+                 it is applied, and it is read again at the next pass"
             ),
         }
     }
@@ -155,8 +166,14 @@ pub(crate) fn open(config: &FlatFileConfig, path: &Path) -> Result<Feed, FeedErr
 
 impl Feed {
     /// The file's bytes, at most `max_file_bytes` of them; with `require_final_newline`,
-    /// a last line without a line ending is [`FeedError::NoFinalNewline`].
-    pub fn read(mut self, config: &FlatFileConfig) -> Result<Vec<u8>, FeedError> {
+    /// a last line without a line ending is [`FeedError::NoFinalNewline`]. The file must
+    /// end the read with the signature it `settled` at (without one, the signature it had
+    /// when opened), else it is [`FeedError::ChangedWhileRead`].
+    pub fn read(
+        mut self,
+        config: &FlatFileConfig,
+        settled: Option<Signature>,
+    ) -> Result<Vec<u8>, FeedError> {
         let max = config.max_file_bytes;
         let expected = usize::try_from(self.meta.len().min(max)).unwrap_or(0);
         let mut bytes = Vec::with_capacity(expected.saturating_add(1));
@@ -166,6 +183,11 @@ impl Feed {
             .map_err(FeedError::Io)?;
         if bytes.len() as u64 > max {
             return Err(FeedError::TooLarge { size: None, max });
+        }
+        let expected = settled.unwrap_or_else(|| signature_of(&self.meta));
+        let after = signature_of(&self.file.metadata().map_err(FeedError::Io)?);
+        if after != expected || bytes.len() as u64 != after.0 {
+            return Err(FeedError::ChangedWhileRead);
         }
         if config.require_final_newline
             && let Some(last) = bytes.last()
@@ -196,7 +218,7 @@ mod tests {
         std::fs::write(&path, "id\n1\n").unwrap();
         let mut c = config(dir.path());
         preflight(&c, &path).unwrap();
-        assert_eq!(open(&c, &path).unwrap().read(&c).unwrap(), b"id\n1\n");
+        assert_eq!(open(&c, &path).unwrap().read(&c, None).unwrap(), b"id\n1\n");
 
         c.max_file_bytes = 4;
         assert!(matches!(
@@ -221,7 +243,7 @@ mod tests {
         let path = dir.path().join("hr.csv");
         std::fs::write(&path, "id,title\n1,Engineer\n2,Engin").unwrap();
         let mut c = config(dir.path());
-        let err = open(&c, &path).unwrap().read(&c).unwrap_err();
+        let err = open(&c, &path).unwrap().read(&c, None).unwrap_err();
         assert!(matches!(
             err,
             FeedError::NoFinalNewline { size: 27, line: 3 }
@@ -229,7 +251,43 @@ mod tests {
         assert!(err.is_transient());
         assert!(!err.message("hr.csv").contains("Engin"));
         c.require_final_newline = false;
-        assert_eq!(open(&c, &path).unwrap().read(&c).unwrap().len(), 27);
+        assert_eq!(open(&c, &path).unwrap().read(&c, None).unwrap().len(), 27);
+    }
+
+    #[test]
+    fn a_file_that_changes_after_it_settled_or_opened_is_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hr.csv");
+        std::fs::write(&path, "id\n1\n").unwrap();
+        let c = config(dir.path());
+        let settled = signature_of(&std::fs::metadata(&path).unwrap());
+        // A writer that paused past the settle time truncates the file and goes on: the
+        // empty file read now is not what settled.
+        std::fs::write(&path, "").unwrap();
+        let err = open(&c, &path)
+            .unwrap()
+            .read(&c, Some(settled))
+            .unwrap_err();
+        assert!(matches!(err, FeedError::ChangedWhileRead));
+        assert!(err.is_transient());
+        // Without a settled signature, a file that grows after it was opened.
+        std::fs::write(&path, "id\n1\n").unwrap();
+        let feed = open(&c, &path).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"2\n"))
+            .unwrap();
+        assert!(matches!(
+            feed.read(&c, None),
+            Err(FeedError::ChangedWhileRead)
+        ));
+        // Unchanged: read.
+        let settled = signature_of(&std::fs::metadata(&path).unwrap());
+        assert_eq!(
+            open(&c, &path).unwrap().read(&c, Some(settled)).unwrap(),
+            b"id\n1\n2\n"
+        );
     }
 
     #[test]
@@ -247,7 +305,7 @@ mod tests {
         ));
         // Allowed: read through the link.
         c.follow_symlinks = true;
-        assert_eq!(open(&c, &path).unwrap().read(&c).unwrap().len(), 21);
+        assert_eq!(open(&c, &path).unwrap().read(&c, None).unwrap().len(), 21);
 
         // A link to a device: followed, and refused as not a regular file.
         std::fs::remove_file(&path).unwrap();
