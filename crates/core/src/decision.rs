@@ -181,6 +181,11 @@ pub struct Decision {
     /// The error, for a failed event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// When deciding began: the record's time, and the time delays planned by the decision
+    /// (a grace period) count from, so the two agree to the millisecond. `None`: the time it
+    /// is recorded.
+    #[serde(skip)]
+    pub at: Option<std::time::SystemTime>,
 }
 
 impl Decision {

@@ -412,7 +412,12 @@ impl Decider<'_> {
             return Ok(());
         };
         let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
-        let due = idsync_repo::now_ms().saturating_add(after_ms);
+        // From the decision's own time, which its record carries.
+        let decided = d.at.map_or_else(idsync_repo::now_ms, |t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        });
+        let due = decided.saturating_add(after_ms);
         let reason = format!(
             "delete_action of {}: disable, then delete after {}",
             self.event.resource,

@@ -155,6 +155,7 @@ pub(crate) fn blank_decision(event: &ChangeEvent) -> Decision {
         rules: Vec::new(),
         changes: Vec::new(),
         error: None,
+        at: Some(std::time::SystemTime::now()),
     }
 }
 

@@ -545,5 +545,11 @@ fn atomic<T>(
 
 /// The current time as stored in the repository (RFC 3339, UTC, milliseconds).
 fn now() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+    stored_time(SystemTime::now())
+}
+
+/// The form of `decisions.at` (and of every time the repository stores as text): RFC 3339
+/// in UTC with milliseconds, so that text order is time order.
+fn stored_time(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
 }

@@ -5,7 +5,7 @@ use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, RepoError, from_json, to_json};
-use crate::{Repo, now};
+use crate::{Repo, now, stored_time};
 
 /// A failed event to record. `event` is `None` for input that never became an event
 /// (a rejected CSV row).
@@ -170,6 +170,8 @@ impl DecisionRow {
                 rules: body.rules,
                 changes: body.changes,
                 error: body.error,
+                // The stored time is the record's `at`.
+                at: None,
             },
         })
     }
@@ -195,7 +197,7 @@ impl Repo {
         )
         .and_then(|mut st| {
             st.execute(params![
-                now(),
+                d.at.map_or_else(now, stored_time),
                 d.resource,
                 d.key,
                 d.op.as_str(),

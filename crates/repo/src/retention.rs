@@ -18,8 +18,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{ToSql, params};
 use serde::Serialize;
 
-use crate::Repo;
 use crate::error::{Context, RepoError};
+use crate::{Repo, stored_time};
 
 /// One reason to keep a decision record past its retention: why (said to the operator) and
 /// the SQL condition on the record, which the statement names `d` (a row of `decisions`).
@@ -66,12 +66,6 @@ impl PurgeReport {
     pub fn kept_total(&self) -> u64 {
         self.kept.iter().map(|(_, n)| n).sum()
     }
-}
-
-/// The form of `decisions.at` (and of every time the repository stores as text): RFC 3339
-/// in UTC with milliseconds, so that text order is time order.
-fn stored_time(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// `t` as Unix milliseconds (the outbox's times); times before 1970 are 0.

@@ -148,6 +148,7 @@ mod tests {
             rules: vec![],
             changes: vec![],
             error: None,
+            at: None,
         })
         .unwrap();
         // A row left naming ann's account on another identity (written outside the engine).

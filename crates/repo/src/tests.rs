@@ -41,6 +41,7 @@ fn decision(resource: &str, key: &str, situation: Option<Situation>, action: Act
         rules: vec![],
         changes: vec![],
         error: None,
+        at: None,
     }
 }
 
