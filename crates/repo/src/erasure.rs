@@ -131,7 +131,8 @@ impl Repo {
     ) -> Result<Erasure, RepoError> {
         self.begin()?;
         let result = (|| {
-            let conn = self.lock()?;
+            let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
             if let Some(live) = still_exists(&conn, name)? {
                 return Ok(live);
             }
@@ -160,7 +161,8 @@ impl Repo {
 
     /// The erasures carried out, oldest first.
     pub fn erasures(&self) -> Result<Vec<ErasureRecord>, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let rows: Vec<(i64, String, Option<String>, String)> = conn
             .prepare_cached("SELECT id, at, reference, removed FROM erasures ORDER BY id")
             .and_then(|mut st| {

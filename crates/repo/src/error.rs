@@ -7,17 +7,19 @@ use std::time::Duration;
 
 use idsync_core::Checkpoint;
 
+use crate::db::DbError;
+
 /// Everything that can go wrong in the repository.
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
-    /// SQLite reported an error while doing `context`.
+    /// The database (SQLite or PostgreSQL) reported an error while doing `context`.
     #[error("repository: {context}: {source}")]
-    Sqlite {
+    Database {
         /// What the repository was doing, e.g. `storing shadow hr/42`.
         context: String,
-        /// The SQLite error.
+        /// The driver's error.
         #[source]
-        source: rusqlite::Error,
+        source: DbError,
     },
     /// The stored checkpoint is not the one the batch was read after: another agent (or a
     /// second run) committed this resource meanwhile. The whole batch was rolled back.
@@ -149,6 +151,15 @@ pub enum RepoError {
         #[source]
         source: std::io::Error,
     },
+    /// What was asked for exists only for a repository of the other kind (e.g. a scratch
+    /// copy of a PostgreSQL repository).
+    #[error("{what} is not available for a {dialect} repository")]
+    Unsupported {
+        /// What was asked for.
+        what: String,
+        /// The repository's kind (`SQLite`, `PostgreSQL`).
+        dialect: &'static str,
+    },
     /// A thread panicked while holding the repository lock.
     #[error("repository unusable: a thread panicked while using it; restart idsync")]
     Poisoned,
@@ -162,10 +173,17 @@ impl RepoError {
             RepoError::CheckpointConflict { .. }
             | RepoError::VersionConflict { .. }
             | RepoError::Busy { .. } => true,
-            RepoError::Sqlite { source, .. } => matches!(
-                source.sqlite_error_code(),
+            RepoError::Database {
+                source: DbError::Sqlite(e),
+                ..
+            } => matches!(
+                e.sqlite_error_code(),
                 Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
             ),
+            // Serialization failure, deadlock, lock not available.
+            RepoError::Database { source, .. } => {
+                matches!(source.sqlstate(), Some("40001" | "40P01" | "55P03"))
+            }
             _ => false,
         }
     }
@@ -178,8 +196,11 @@ impl RepoError {
     pub fn is_storage_failure(&self) -> bool {
         match self {
             RepoError::File { .. } => true,
-            RepoError::Sqlite { source, .. } => matches!(
-                source.sqlite_error_code(),
+            RepoError::Database {
+                source: DbError::Sqlite(e),
+                ..
+            } => matches!(
+                e.sqlite_error_code(),
                 Some(
                     rusqlite::ErrorCode::DiskFull
                         | rusqlite::ErrorCode::SystemIoFailure
@@ -187,6 +208,22 @@ impl RepoError {
                         | rusqlite::ErrorCode::CannotOpen
                 )
             ),
+            // The server is unreachable or went away (no SQLSTATE: the connection failed),
+            // a connection exception (08…), insufficient resources (53…: disk full, out of
+            // memory, too many connections), the server shutting down (57P…), a read-only
+            // server (25006: a standby after a fail-over).
+            RepoError::Database {
+                source: DbError::Postgres(e),
+                ..
+            } => match e.code().map(|c| c.code()) {
+                None => e.is_closed() || e.as_db_error().is_none(),
+                Some(code) => {
+                    code.starts_with("08")
+                        || code.starts_with("53")
+                        || code.starts_with("57P")
+                        || code == "25006"
+                }
+            },
             _ => false,
         }
     }
@@ -199,7 +236,7 @@ fn show_checkpoint(c: &Option<Checkpoint>) -> String {
     }
 }
 
-/// Attaches a context to SQLite errors.
+/// Attaches a context to database errors.
 pub(crate) trait Context<T> {
     /// With a fixed context.
     fn ctx(self, context: &str) -> Result<T, RepoError>;
@@ -207,18 +244,18 @@ pub(crate) trait Context<T> {
     fn with_ctx(self, context: impl FnOnce() -> String) -> Result<T, RepoError>;
 }
 
-impl<T> Context<T> for Result<T, rusqlite::Error> {
+impl<T, E: Into<DbError>> Context<T> for Result<T, E> {
     fn ctx(self, context: &str) -> Result<T, RepoError> {
-        self.map_err(|source| RepoError::Sqlite {
+        self.map_err(|source| RepoError::Database {
             context: context.to_owned(),
-            source,
+            source: source.into(),
         })
     }
 
     fn with_ctx(self, context: impl FnOnce() -> String) -> Result<T, RepoError> {
-        self.map_err(|source| RepoError::Sqlite {
+        self.map_err(|source| RepoError::Database {
             context: context(),
-            source,
+            source: source.into(),
         })
     }
 }

@@ -1,11 +1,11 @@
 //! Identities and account links (the correlation index of their values: module `index`).
 
 use idsync_core::{AttrMap, Identity, LinkedAccount};
-use rusqlite::{Connection, OptionalExtension, params};
+use crate::db::Conn;
 
 use crate::error::{Context, RepoError, from_json, to_json};
 use crate::index::reindex_values;
-use crate::{Repo, atomic, now};
+use crate::{Repo, args, atomic, now};
 
 /// Identities loaded per lock in [`Repo::for_each_identity`].
 pub(crate) const PAGE: usize = 256;
@@ -30,18 +30,18 @@ impl Repo {
     ) -> Result<Option<Identity>, RepoError> {
         let conn = self.lock()?;
         let row = conn
-            .prepare_cached("SELECT id, version, disabled, attrs FROM identities WHERE name = ?1")
-            .and_then(|mut st| {
-                st.query_row([name], |r| {
+            .query_row(
+                "SELECT id, version, disabled, attrs FROM identities WHERE name = ?1",
+                args![name],
+                |r| {
                     Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, bool>(2)?,
-                        r.get::<_, String>(3)?,
+                        r.get::<i64>(0)?,
+                        r.get::<i64>(1)?,
+                        r.get::<bool>(2)?,
+                        r.get::<String>(3)?,
                     ))
-                })
-                .optional()
-            })
+                },
+            )
             .with_ctx(|| format!("reading identity {name}"))?;
         let Some((id, version, disabled, attrs)) = row else {
             return Ok(None);
@@ -66,11 +66,9 @@ impl Repo {
 
     /// Every identity name, sorted.
     pub fn identity_names(&self) -> Result<Vec<String>, RepoError> {
-        let conn = self.lock()?;
-        conn.prepare_cached("SELECT name FROM identities ORDER BY name")
-            .and_then(|mut st| {
-                st.query_map([], |r| r.get::<_, String>(0))?
-                    .collect::<Result<Vec<_>, _>>()
+        self.lock()?
+            .query_map("SELECT name FROM identities ORDER BY name", args![], |r| {
+                r.get::<String>(0)
             })
             .ctx("listing identities")
     }
@@ -120,19 +118,19 @@ impl Repo {
         let json = to_json(attrs, || format!("attributes of identity {name}"))?;
         let conn = self.lock()?;
         atomic(self, &conn, |c| {
-            let inserted = c
-                .prepare_cached(
+            let inserted: Option<i64> = c
+                .query_row(
                     "INSERT INTO identities (name, version, disabled, attrs, created_at, updated_at) \
-                     VALUES (?1, 1, 0, ?2, ?3, ?3) ON CONFLICT (name) DO NOTHING",
+                     VALUES (?1, 1, 0, ?2, ?3, ?3) ON CONFLICT (name) DO NOTHING RETURNING id",
+                    args![name, json, now()],
+                    |r| r.get(0),
                 )
-                .and_then(|mut st| st.execute(params![name, json, now()]))
                 .with_ctx(|| format!("creating identity {name}"))?;
-            if inserted == 0 {
+            let Some(id) = inserted else {
                 return Err(RepoError::NameTaken {
                     name: name.to_owned(),
                 });
-            }
-            let id = c.last_insert_rowid();
+            };
             let indexed = self.indexed(c)?;
             reindex_values(c, id, name, &AttrMap::new(), attrs, &indexed)?;
             if let Some((resource, key)) = account {
@@ -169,17 +167,11 @@ impl Repo {
         let conn = self.lock()?;
         atomic(self, &conn, |c| {
             let row = c
-                .prepare_cached("SELECT id, version, attrs FROM identities WHERE name = ?1")
-                .and_then(|mut st| {
-                    st.query_row([name], |r| {
-                        Ok((
-                            r.get::<_, i64>(0)?,
-                            r.get::<_, i64>(1)?,
-                            r.get::<_, String>(2)?,
-                        ))
-                    })
-                    .optional()
-                })
+                .query_row(
+                    "SELECT id, version, attrs FROM identities WHERE name = ?1",
+                    args![name],
+                    |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?, r.get::<String>(2)?)),
+                )
                 .with_ctx(|| format!("reading identity {name}"))?;
             let Some((id, version, old_json)) = row else {
                 return Err(RepoError::NoSuchIdentity {
@@ -194,11 +186,11 @@ impl Repo {
                 });
             }
             let new_version = version + 1;
-            c.prepare_cached(
+            c.execute(
                 "UPDATE identities SET version = ?2, disabled = ?3, attrs = ?4, updated_at = ?5 \
                  WHERE id = ?1",
+                args![id, new_version, disabled, json, now()],
             )
-            .and_then(|mut st| st.execute(params![id, new_version, disabled, json, now()]))
             .with_ctx(|| format!("checking in identity {name}"))?;
             // The JSON of an AttrMap is canonical (sorted by folded name), so equal text
             // means the indexed values are already right.
@@ -220,13 +212,11 @@ impl Repo {
         let conn = self.lock()?;
         atomic(self, &conn, |c| {
             let row = c
-                .prepare_cached("SELECT id, attrs FROM identities WHERE name = ?1")
-                .and_then(|mut st| {
-                    st.query_row([name], |r| {
-                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-                    })
-                    .optional()
-                })
+                .query_row(
+                    "SELECT id, attrs FROM identities WHERE name = ?1",
+                    args![name],
+                    |r| Ok((r.get::<i64>(0)?, r.get::<String>(1)?)),
+                )
                 .with_ctx(|| format!("reading identity {name}"))?;
             let Some((id, json)) = row else {
                 return Ok(false);
@@ -236,8 +226,7 @@ impl Repo {
                 let old: AttrMap = from_json(&json, || format!("attributes of identity {name}"))?;
                 reindex_values(c, id, name, &old, &AttrMap::new(), &indexed)?;
             }
-            c.prepare_cached("DELETE FROM identities WHERE id = ?1")
-                .and_then(|mut st| st.execute([id]))
+            c.execute("DELETE FROM identities WHERE id = ?1", args![id])
                 .with_ctx(|| format!("deleting identity {name}"))?;
             Ok(true)
         })
@@ -255,10 +244,12 @@ impl Repo {
 
     /// Removes the link of account `key` of `resource`; false if it was not linked.
     pub fn unlink(&self, resource: &str, key: &str) -> Result<bool, RepoError> {
-        let conn = self.lock()?;
-        let n = conn
-            .prepare_cached("DELETE FROM links WHERE resource = ?1 AND key = ?2")
-            .and_then(|mut st| st.execute([resource, key]))
+        let n = self
+            .lock()?
+            .execute(
+                "DELETE FROM links WHERE resource = ?1 AND key = ?2",
+                args![resource, key],
+            )
             .with_ctx(|| format!("unlinking account {resource}/{key}"))?;
         Ok(n > 0)
     }
@@ -267,18 +258,18 @@ impl Repo {
 /// Links account `key` of `resource` to identity `id` (named `name`); idempotent for the
 /// same identity, refused when another one owns the account.
 fn link_id(
-    conn: &Connection,
+    conn: &Conn,
     id: i64,
     name: &str,
     resource: &str,
     key: &str,
 ) -> Result<(), RepoError> {
     let inserted = conn
-        .prepare_cached(
+        .execute(
             "INSERT INTO links (resource, key, identity_id, linked_at) VALUES (?1, ?2, ?3, ?4) \
              ON CONFLICT (resource, key) DO NOTHING",
+            args![resource, key, id, now()],
         )
-        .and_then(|mut st| st.execute(params![resource, key, id, now()]))
         .with_ctx(|| format!("linking account {resource}/{key} to identity {name}"))?;
     if inserted > 0 {
         return Ok(());
@@ -298,39 +289,41 @@ fn link_id(
     }
 }
 
-fn identity_id(conn: &Connection, name: &str) -> Result<Option<i64>, RepoError> {
-    conn.prepare_cached("SELECT id FROM identities WHERE name = ?1")
-        .and_then(|mut st| st.query_row([name], |r| r.get(0)).optional())
-        .with_ctx(|| format!("reading identity {name}"))
+fn identity_id(conn: &Conn, name: &str) -> Result<Option<i64>, RepoError> {
+    conn.query_row(
+        "SELECT id FROM identities WHERE name = ?1",
+        args![name],
+        |r| r.get(0),
+    )
+    .with_ctx(|| format!("reading identity {name}"))
 }
 
-fn owner_of(conn: &Connection, resource: &str, key: &str) -> Result<Option<String>, RepoError> {
-    conn.prepare_cached(
+fn owner_of(conn: &Conn, resource: &str, key: &str) -> Result<Option<String>, RepoError> {
+    conn.query_row(
         "SELECT i.name FROM links l JOIN identities i ON i.id = l.identity_id \
          WHERE l.resource = ?1 AND l.key = ?2",
+        args![resource, key],
+        |r| r.get(0),
     )
-    .and_then(|mut st| st.query_row([resource, key], |r| r.get(0)).optional())
     .with_ctx(|| format!("reading the owner of account {resource}/{key}"))
 }
 
 /// The linked accounts of identity `id`, sorted by resource and key.
-fn accounts(conn: &Connection, id: i64, name: &str) -> Result<Vec<LinkedAccount>, RepoError> {
+fn accounts(conn: &Conn, id: i64, name: &str) -> Result<Vec<LinkedAccount>, RepoError> {
     let rows = conn
-        .prepare_cached(
+        .query_map(
             "SELECT l.resource, l.key, s.attrs FROM links l \
              LEFT JOIN shadows s ON s.resource = l.resource AND s.key = l.key \
              WHERE l.identity_id = ?1 ORDER BY l.resource, l.key",
-        )
-        .and_then(|mut st| {
-            st.query_map([id], |r| {
+            args![id],
+            |r| {
                 Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?,
+                    r.get::<String>(0)?,
+                    r.get::<String>(1)?,
+                    r.get::<Option<String>>(2)?,
                 ))
-            })?
-            .collect::<Result<Vec<_>, _>>()
-        })
+            },
+        )
         .with_ctx(|| format!("reading the accounts of identity {name}"))?;
     rows.into_iter()
         .map(|(resource, key, attrs)| {
@@ -348,28 +341,25 @@ fn accounts(conn: &Connection, id: i64, name: &str) -> Result<Vec<LinkedAccount>
 }
 
 /// Up to [`PAGE`] identities with names after `after` (from the first when `None`).
-fn identity_page(conn: &Connection, after: Option<&str>) -> Result<Vec<Identity>, RepoError> {
+fn identity_page(conn: &Conn, after: Option<&str>) -> Result<Vec<Identity>, RepoError> {
     const COLS: &str = "SELECT id, name, version, disabled, attrs FROM identities";
     let limit = i64::try_from(PAGE).unwrap_or(i64::MAX);
-    let map = |r: &rusqlite::Row<'_>| {
+    let map = |r: &crate::db::Row<'_>| {
         Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, bool>(3)?,
-            r.get::<_, String>(4)?,
+            r.get::<i64>(0)?,
+            r.get::<String>(1)?,
+            r.get::<i64>(2)?,
+            r.get::<bool>(3)?,
+            r.get::<String>(4)?,
         ))
     };
     let rows = match after {
-        None => conn
-            .prepare_cached(&format!("{COLS} ORDER BY name LIMIT ?1"))
-            .and_then(|mut st| st.query_map([limit], map)?.collect::<Result<Vec<_>, _>>()),
-        Some(after) => conn
-            .prepare_cached(&format!("{COLS} WHERE name > ?1 ORDER BY name LIMIT ?2"))
-            .and_then(|mut st| {
-                st.query_map(params![after, limit], map)?
-                    .collect::<Result<Vec<_>, _>>()
-            }),
+        None => conn.query_map(&format!("{COLS} ORDER BY name LIMIT ?1"), args![limit], map),
+        Some(after) => conn.query_map(
+            &format!("{COLS} WHERE name > ?1 ORDER BY name LIMIT ?2"),
+            args![after, limit],
+            map,
+        ),
     }
     .ctx("reading identities")?;
     rows.into_iter()

@@ -19,10 +19,10 @@
 use std::sync::Arc;
 
 use idsync_core::{AttrMap, Conditions, Identity, Normalisation, Normalisations, Value};
-use rusqlite::{Connection, params, params_from_iter};
+use crate::db::{Arg, Conn, ToArg};
 
 use crate::error::{Context, RepoError, from_json};
-use crate::{Repo, now};
+use crate::{Repo, args, now};
 
 /// An indexed attribute (lower-cased) and the normalisation its rows hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,13 +113,12 @@ impl Repo {
             }
         }
         let sql = find_sql(pairs.len());
-        let args = pairs.iter().flat_map(|(a, _, v)| [a, v]);
+        let args: Vec<Arg<'_>> = pairs
+            .iter()
+            .flat_map(|(a, _, v)| [a.to_arg(), v.to_arg()])
+            .collect();
         let names = conn
-            .prepare_cached(&sql)
-            .and_then(|mut st| {
-                st.query_map(params_from_iter(args), |r| r.get::<_, String>(0))?
-                    .collect::<Result<Vec<_>, _>>()
-            })
+            .query_map(&sql, &args, |r| r.get::<String>(0))
             .ctx("searching identities")?;
         Ok(names)
     }
@@ -149,24 +148,20 @@ impl Repo {
         } else {
             let end = q.prefix.and_then(|_| prefix_end(&key));
             let sql = block_sql(q.prefix.is_some(), end.is_some());
-            let mut args: Vec<&dyn rusqlite::ToSql> = vec![&folded, &key];
+            let mut args: Vec<Arg<'_>> = vec![folded.to_arg(), key.to_arg()];
             if let Some(end) = &end {
-                args.push(end);
+                args.push(end.to_arg());
             }
-            args.push(&limit);
-            conn.prepare_cached(&sql)
-                .and_then(|mut st| {
-                    st.query_map(params_from_iter(args), |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, i64>(1)?,
-                            r.get::<_, bool>(2)?,
-                            r.get::<_, String>(3)?,
-                        ))
-                    })?
-                    .collect::<Result<Vec<_>, _>>()
-                })
-                .with_ctx(|| format!("reading the block of {folded} for fuzzy candidates"))?
+            args.push(limit.to_arg());
+            conn.query_map(&sql, &args, |r| {
+                Ok((
+                    r.get::<String>(0)?,
+                    r.get::<i64>(1)?,
+                    r.get::<bool>(2)?,
+                    r.get::<String>(3)?,
+                ))
+            })
+            .with_ctx(|| format!("reading the block of {folded} for fuzzy candidates"))?
         };
         drop(conn);
         let truncated = rows.len() > q.limit;
@@ -198,7 +193,7 @@ impl Repo {
     /// False: no transaction, and the index is missing or was built otherwise.
     fn usable_index(
         &self,
-        conn: &Connection,
+        conn: &Conn,
         folded: &str,
         declared: Normalisation,
     ) -> Result<bool, RepoError> {
@@ -210,7 +205,7 @@ impl Repo {
         if found == Some(declared) {
             return Ok(true);
         }
-        if conn.is_autocommit() {
+        if !conn.in_transaction() {
             return Ok(false);
         }
         build_index(conn, folded, declared, found)?;
@@ -279,16 +274,14 @@ fn prefix_end(prefix: &str) -> Option<String> {
 
 /// The attributes (lowercased) whose values `identity_values` holds, with the
 /// normalisation of their rows.
-pub(crate) fn indexed_attrs(conn: &Connection) -> Result<Vec<Indexed>, RepoError> {
+pub(crate) fn indexed_attrs(conn: &Conn) -> Result<Vec<Indexed>, RepoError> {
     let rows = conn
-        .prepare_cached(
+        .query_map(
             "SELECT a.attr, coalesce(n.steps, '') FROM indexed_attributes a \
              LEFT JOIN index_normalisations n ON n.attr = a.attr",
+            args![],
+            |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)),
         )
-        .and_then(|mut st| {
-            st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
-                .collect::<Result<Vec<_>, _>>()
-        })
         .ctx("reading the indexed attributes")?;
     rows.into_iter()
         .map(|(attr, steps)| {
@@ -310,7 +303,7 @@ pub(crate) fn indexed_attrs(conn: &Connection) -> Result<Vec<Indexed>, RepoError
 /// once per attribute and declaration: `previous` is the normalisation of rows built
 /// before, removed first.
 fn build_index(
-    conn: &Connection,
+    conn: &Conn,
     folded: &str,
     normalisation: Normalisation,
     previous: Option<Normalisation>,
@@ -327,41 +320,47 @@ fn build_index(
                 normalisation = %normalisation,
                 "re-indexing identity attribute for correlation queries: its normalisation changed (was {before})"
             );
-            conn.prepare_cached("DELETE FROM identity_values WHERE attr = ?1")
-                .and_then(|mut st| st.execute([folded]))
-                .with_ctx(|| format!("removing the index rows of attribute {folded}"))?;
+            conn.execute(
+                "DELETE FROM identity_values WHERE attr = ?1",
+                args![folded],
+            )
+            .with_ctx(|| format!("removing the index rows of attribute {folded}"))?;
         }
     }
     let only = [Indexed {
         attr: folded.to_owned(),
         normalisation,
     }];
-    let mut scan = conn
-        .prepare("SELECT id, name, attrs FROM identities")
-        .ctx("reading identities to index")?;
-    let mut rows = scan.query([]).ctx("reading identities to index")?;
-    while let Some(r) = rows.next().ctx("reading identities to index")? {
-        let id: i64 = r.get(0).ctx("reading identities to index")?;
-        let name: String = r.get(1).ctx("reading identities to index")?;
-        let json: String = r.get(2).ctx("reading identities to index")?;
-        let attrs: AttrMap = from_json(&json, || format!("attributes of identity {name}"))?;
-        reindex_values(conn, id, &name, &AttrMap::new(), &attrs, &only)?;
-    }
-    conn.prepare_cached(
+    let reading = || "reading identities to index".to_owned();
+    conn.each(
+        "SELECT id, name, attrs FROM identities",
+        args![],
+        &reading,
+        |r| {
+            let id: i64 = r.get(0).with_ctx(reading)?;
+            let name: String = r.get(1).with_ctx(reading)?;
+            let json: &str = r.str(2).with_ctx(reading)?;
+            let attrs: AttrMap = from_json(json, || format!("attributes of identity {name}"))?;
+            reindex_values(conn, id, &name, &AttrMap::new(), &attrs, &only)
+        },
+    )?;
+    conn.execute(
         "INSERT INTO indexed_attributes (attr, built_at) VALUES (?1, ?2) \
          ON CONFLICT (attr) DO UPDATE SET built_at = excluded.built_at",
+        args![folded, now()],
     )
-    .and_then(|mut st| st.execute(params![folded, now()]))
     .with_ctx(|| format!("listing attribute {folded} as indexed"))?;
     let stored = if normalisation.is_exact() {
-        conn.prepare_cached("DELETE FROM index_normalisations WHERE attr = ?1")
-            .and_then(|mut st| st.execute([folded]))
+        conn.execute(
+            "DELETE FROM index_normalisations WHERE attr = ?1",
+            args![folded],
+        )
     } else {
-        conn.prepare_cached(
+        conn.execute(
             "INSERT INTO index_normalisations (attr, steps) VALUES (?1, ?2) \
              ON CONFLICT (attr) DO UPDATE SET steps = excluded.steps",
+            args![folded, normalisation.token()],
         )
-        .and_then(|mut st| st.execute(params![folded, normalisation.token()]))
     };
     stored.with_ctx(|| format!("storing the normalisation of attribute {folded}'s index"))?;
     Ok(())
@@ -388,62 +387,68 @@ fn normalised_texts(attrs: &AttrMap, folded: &str, n: Normalisation) -> Vec<Stri
 /// [`Repo::find`] without the index: every identity whose attributes hold each
 /// (attribute, normalisation, normalised value) of `pairs`, by name.
 fn scan_find(
-    conn: &Connection,
+    conn: &Conn,
     pairs: &[(String, Normalisation, String)],
 ) -> Result<Vec<String>, RepoError> {
-    let mut scan = conn
-        .prepare_cached("SELECT name, attrs FROM identities ORDER BY name")
-        .ctx("searching identities")?;
-    let mut rows = scan.query([]).ctx("searching identities")?;
+    let searching = || "searching identities".to_owned();
     let mut names = Vec::new();
-    while let Some(r) = rows.next().ctx("searching identities")? {
-        let name: String = r.get(0).ctx("searching identities")?;
-        let json: String = r.get(1).ctx("searching identities")?;
-        let attrs: AttrMap = from_json(&json, || format!("attributes of identity {name}"))?;
-        let all = pairs
-            .iter()
-            .all(|(attr, n, value)| normalised_texts(&attrs, attr, *n).contains(value));
-        if all {
-            names.push(name);
-        }
-    }
+    conn.each(
+        "SELECT name, attrs FROM identities ORDER BY name",
+        args![],
+        &searching,
+        |r| {
+            let name: String = r.get(0).with_ctx(searching)?;
+            let json: &str = r.str(1).with_ctx(searching)?;
+            let attrs: AttrMap = from_json(json, || format!("attributes of identity {name}"))?;
+            let all = pairs
+                .iter()
+                .all(|(attr, n, value)| normalised_texts(&attrs, attr, *n).contains(value));
+            if all {
+                names.push(name);
+            }
+            Ok(())
+        },
+    )?;
     Ok(names)
 }
 
 /// [`Repo::block`] without the index (a read-only command): the rows of at most `limit`
 /// matching identities, by name.
 fn scan_block(
-    conn: &Connection,
+    conn: &Conn,
     folded: &str,
     n: Normalisation,
     key: &str,
     prefix: bool,
     limit: usize,
 ) -> Result<Vec<(String, i64, bool, String)>, RepoError> {
-    let mut scan = conn
-        .prepare_cached("SELECT name, version, disabled, attrs FROM identities ORDER BY name")
-        .ctx("searching identities")?;
-    let mut rows = scan.query([]).ctx("searching identities")?;
+    let searching = || "searching identities".to_owned();
     let mut out = Vec::new();
-    while let Some(r) = rows.next().ctx("searching identities")? {
-        let name: String = r.get(0).ctx("searching identities")?;
-        let json: String = r.get(3).ctx("searching identities")?;
-        let attrs: AttrMap = from_json(&json, || format!("attributes of identity {name}"))?;
-        let hit = normalised_texts(&attrs, folded, n)
-            .iter()
-            .any(|v| if prefix { v.starts_with(key) } else { v == key });
-        if hit {
-            out.push((
-                name,
-                r.get(1).ctx("searching identities")?,
-                r.get(2).ctx("searching identities")?,
-                json,
-            ));
+    conn.each(
+        "SELECT name, version, disabled, attrs FROM identities ORDER BY name",
+        args![],
+        &searching,
+        |r| {
             if out.len() >= limit {
-                break;
+                return Ok(());
             }
-        }
-    }
+            let name: String = r.get(0).with_ctx(searching)?;
+            let json: String = r.get(3).with_ctx(searching)?;
+            let attrs: AttrMap = from_json(&json, || format!("attributes of identity {name}"))?;
+            let hit = normalised_texts(&attrs, folded, n)
+                .iter()
+                .any(|v| if prefix { v.starts_with(key) } else { v == key });
+            if hit {
+                out.push((
+                    name,
+                    r.get(1).with_ctx(searching)?,
+                    r.get(2).with_ctx(searching)?,
+                    json,
+                ));
+            }
+            Ok(())
+        },
+    )?;
     Ok(out)
 }
 
@@ -452,7 +457,7 @@ fn scan_block(
 /// in the normalised form its index holds (two values with one normalised form are one
 /// row). A new identity goes from an empty map, a deleted one to an empty map.
 pub(crate) fn reindex_values(
-    conn: &Connection,
+    conn: &Conn,
     id: i64,
     name: &str,
     old: &AttrMap,
@@ -466,25 +471,20 @@ pub(crate) fn reindex_values(
         if before == after {
             continue;
         }
-        let mut delete = conn
-            .prepare_cached(
-                "DELETE FROM identity_values WHERE attr = ?1 AND value = ?2 AND identity_id = ?3",
-            )
-            .ctx("re-indexing identity attributes")?;
         for gone in before.iter().filter(|v| !after.contains(v)) {
-            delete
-                .execute(params![folded, gone, id])
-                .with_ctx(|| format!("re-indexing attribute {folded} of identity {name}"))?;
-        }
-        let mut insert = conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO identity_values (attr, value, identity_id) VALUES (?1, ?2, ?3)",
+            conn.execute(
+                "DELETE FROM identity_values WHERE attr = ?1 AND value = ?2 AND identity_id = ?3",
+                args![folded, gone, id],
             )
-            .ctx("re-indexing identity attributes")?;
+            .with_ctx(|| format!("re-indexing attribute {folded} of identity {name}"))?;
+        }
         for came in after.iter().filter(|v| !before.contains(v)) {
-            insert
-                .execute(params![folded, came, id])
-                .with_ctx(|| format!("re-indexing attribute {folded} of identity {name}"))?;
+            conn.execute(
+                "INSERT INTO identity_values (attr, value, identity_id) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT DO NOTHING",
+                args![folded, came, id],
+            )
+            .with_ctx(|| format!("re-indexing attribute {folded} of identity {name}"))?;
         }
     }
     Ok(())

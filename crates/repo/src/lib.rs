@@ -46,6 +46,7 @@
 
 mod busy;
 mod checkpointer;
+pub(crate) mod db;
 mod erasure;
 mod error;
 mod file;
@@ -108,7 +109,7 @@ const EVENT_SAVEPOINT: &str = "event";
 
 /// The identity repository. `Send + Sync`; share it as `Arc<Repo>`.
 pub struct Repo {
-    conn: Mutex<Connection>,
+    conn: Mutex<db::Conn>,
     /// The indexed attributes as read inside the open transaction (see
     /// [`Repo::indexed`]); cleared whenever a transaction or savepoint ends.
     indexed: Mutex<Option<Arc<Vec<index::Indexed>>>>,
@@ -155,8 +156,8 @@ impl Repo {
         let mut repo = Self::setup(conn, true)?;
         repo.warmer = Some(warm::Warmer::new(path, held));
         let wal = {
-            let conn = repo.lock()?;
-            let mode: String = conn
+            let guard = repo.lock()?;
+            let mode: String = sqlite_only(&guard, "the journal mode")?
                 .query_row("PRAGMA journal_mode", [], |r| r.get(0))
                 .ctx("reading the journal mode")?;
             mode.eq_ignore_ascii_case("wal")
@@ -164,7 +165,9 @@ impl Repo {
         if wal {
             match checkpointer::Checkpointer::start(path) {
                 Ok(c) => {
-                    c.hook(&mut *repo.lock()?)?;
+                    if let db::Conn::Sqlite(conn) = &mut *repo.lock()? {
+                        c.hook(conn)?;
+                    }
                     repo.checkpointer = Some(c);
                 }
                 Err(e) => tracing::warn!(
@@ -247,7 +250,7 @@ impl Repo {
         schema::migrate(&mut conn)?;
         conn.set_prepared_statement_cache_capacity(64);
         Ok(Repo {
-            conn: Mutex::new(conn),
+            conn: Mutex::new(db::Conn::Sqlite(conn)),
             indexed: Mutex::new(None),
             declared: Mutex::new(Arc::default()),
             idle: Condvar::new(),
@@ -285,8 +288,9 @@ impl Repo {
             what: "scratch copy".to_owned(),
             message: format!("{} is not valid UTF-8", path.display()),
         })?;
-        let conn = self.lock()?;
-        conn.execute("VACUUM INTO ?1", [target])
+        let guard = self.lock()?;
+        sqlite_only(&guard, "a scratch copy")?
+            .execute("VACUUM INTO ?1", [target])
             .with_ctx(|| format!("copying the repository to {}", path.display()))?;
         Ok(())
     }
@@ -306,8 +310,14 @@ impl Repo {
         self
     }
 
+    /// The SQLite connection of a test repository, locked.
+    #[cfg(test)]
+    pub(crate) fn sqlite_for_tests(&self) -> SqliteGuard<'_> {
+        SqliteGuard(self.conn.lock().expect("repository lock"))
+    }
+
     /// Locks the connection; a poisoned lock becomes [`RepoError::Poisoned`].
-    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Connection>, RepoError> {
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, db::Conn>, RepoError> {
         self.conn.lock().map_err(|_| RepoError::Poisoned)
     }
 
@@ -315,8 +325,8 @@ impl Repo {
     /// once and kept: only this connection can change it then (it holds the write lock),
     /// by building an index ([`Repo::forget_indexed`] after) or by rolling back (every end
     /// of a transaction or savepoint forgets it). Outside one it is read every time.
-    pub(crate) fn indexed(&self, conn: &Connection) -> Result<Arc<Vec<index::Indexed>>, RepoError> {
-        if conn.is_autocommit() {
+    pub(crate) fn indexed(&self, conn: &db::Conn) -> Result<Arc<Vec<index::Indexed>>, RepoError> {
+        if !conn.in_transaction() {
             return Ok(Arc::new(index::indexed_attrs(conn)?));
         }
         let mut cache = self.indexed.lock().map_err(|_| RepoError::Poisoned)?;
@@ -346,7 +356,7 @@ impl Repo {
         }
         let mut conn = self.lock()?;
         let start = Instant::now();
-        while !conn.is_autocommit() {
+        while conn.in_transaction() {
             let waited = start.elapsed();
             if waited >= self.batch_wait {
                 return Err(RepoError::Busy { waited });
@@ -358,7 +368,7 @@ impl Repo {
                 .0;
         }
         self.forget_indexed();
-        exec(&conn, "BEGIN IMMEDIATE", "starting a transaction")
+        exec(&conn, begin_sql(conn.dialect()), "starting a transaction")
     }
 
     /// Commits a transaction begun with [`Repo::begin`] when `result` is `Ok`, rolls it back
@@ -457,7 +467,7 @@ impl Repo {
     /// Rolls back the open transaction, if any.
     pub fn rollback(&self) -> Result<(), RepoError> {
         let conn = self.lock()?;
-        if conn.is_autocommit() {
+        if !conn.in_transaction() {
             return Ok(());
         }
         let result = exec(&conn, "ROLLBACK", "rolling back");
@@ -473,18 +483,18 @@ impl Repo {
 
     /// Whether a transaction is open on this `Repo`.
     pub fn in_transaction(&self) -> Result<bool, RepoError> {
-        Ok(!self.lock()?.is_autocommit())
+        Ok(self.lock()?.in_transaction())
     }
 
     /// After COMMIT or ROLLBACK: on error, rolls back whatever is still open; then wakes
     /// anyone waiting in [`Repo::begin`].
     fn end_tx(
         &self,
-        conn: MutexGuard<'_, Connection>,
+        conn: MutexGuard<'_, db::Conn>,
         result: Result<(), RepoError>,
     ) -> Result<(), RepoError> {
         self.forget_indexed();
-        if result.is_err() && !conn.is_autocommit() {
+        if result.is_err() && conn.in_transaction() {
             // The first error is the one to report; this one would only hide it.
             let _ = exec(&conn, "ROLLBACK", "rolling back after an error");
         }
@@ -494,16 +504,24 @@ impl Repo {
     }
 }
 
-/// Runs one statement without parameters through the statement cache.
-fn exec(conn: &Connection, sql: &str, context: &str) -> Result<(), RepoError> {
-    conn.prepare_cached(sql)
-        .and_then(|mut st| st.execute([]))
-        .ctx(context)?;
-    Ok(())
+/// How a transaction that writes begins.
+fn begin_sql(dialect: db::Dialect) -> &'static str {
+    match dialect {
+        db::Dialect::Sqlite => "BEGIN IMMEDIATE",
+        // One writing transaction at a time across every agent sharing the database, as
+        // SQLite's write lock gives: correlation reads and the identities it creates must
+        // not interleave with another agent's (two creations of one person).
+        db::Dialect::Postgres => "BEGIN; SELECT pg_advisory_xact_lock(7262100312313447239)",
+    }
 }
 
-fn require_tx(conn: &Connection, op: &'static str) -> Result<(), RepoError> {
-    if conn.is_autocommit() {
+/// Runs one transaction control statement (`BEGIN`, `COMMIT`, a savepoint).
+fn exec(conn: &db::Conn, sql: &str, context: &str) -> Result<(), RepoError> {
+    conn.control(sql).ctx(context)
+}
+
+fn require_tx(conn: &db::Conn, op: &'static str) -> Result<(), RepoError> {
+    if !conn.in_transaction() {
         Err(RepoError::NoTransaction { op })
     } else {
         Ok(())
@@ -518,11 +536,24 @@ fn require_tx(conn: &Connection, op: &'static str) -> Result<(), RepoError> {
 /// from journaling every page the write touches a second time.
 fn atomic<T>(
     repo: &Repo,
-    conn: &Connection,
-    f: impl FnOnce(&Connection) -> Result<T, RepoError>,
+    conn: &db::Conn,
+    f: impl FnOnce(&db::Conn) -> Result<T, RepoError>,
 ) -> Result<T, RepoError> {
-    if !conn.is_autocommit() {
+    if conn.in_transaction() {
         return f(conn);
+    }
+    if conn.dialect() == db::Dialect::Postgres {
+        // A savepoint needs a transaction there: a transaction of its own.
+        exec(conn, begin_sql(conn.dialect()), "starting a transaction")?;
+        let result = f(conn);
+        repo.forget_indexed();
+        return match result {
+            Ok(v) => exec(conn, "COMMIT", "committing").map(|()| v),
+            Err(e) => {
+                let _ = exec(conn, "ROLLBACK", "rolling back");
+                Err(e)
+            }
+        };
     }
     exec(conn, "SAVEPOINT idsync_op", "starting a savepoint")?;
     let result = f(conn);
@@ -552,4 +583,28 @@ fn now() -> String {
 /// in UTC with milliseconds, so that text order is time order.
 fn stored_time(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// The SQLite connection of `conn`, for what only SQLite does; a PostgreSQL repository gets
+/// [`RepoError::Unsupported`] naming `what`.
+pub(crate) fn sqlite_only<'c>(
+    conn: &'c db::Conn,
+    what: &str,
+) -> Result<&'c Connection, RepoError> {
+    conn.sqlite().ok_or_else(|| RepoError::Unsupported {
+        what: what.to_owned(),
+        dialect: "PostgreSQL",
+    })
+}
+
+/// A locked SQLite connection, for tests that look at the file's tables directly.
+#[cfg(test)]
+pub(crate) struct SqliteGuard<'a>(MutexGuard<'a, db::Conn>);
+
+#[cfg(test)]
+impl std::ops::Deref for SqliteGuard<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.0.sqlite().expect("an SQLite repository")
+    }
 }

@@ -211,7 +211,8 @@ impl Repo {
         } else {
             OutboxStatus::Pending
         };
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         conn.prepare_cached(
             "INSERT INTO outbox (created_at, policy, identity, resource, key, status, \
              next_attempt_at, expires_at, last_error, message) \
@@ -240,7 +241,8 @@ impl Repo {
         self.begin()?;
         let result = (|| {
             let now = now_ms();
-            let conn = self.lock()?;
+            let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
             let rows = conn
                 .prepare_cached(&format!(
                     "SELECT {COLUMNS} FROM outbox WHERE status = 'pending' \
@@ -265,7 +267,7 @@ impl Repo {
                         .with_ctx(|| format!("claiming outbox message {}", m.id))?;
                 }
             }
-            drop(conn);
+            drop(guard);
             decode(rows)
         })();
         self.finish(result)
@@ -280,8 +282,9 @@ impl Repo {
         self.begin()?;
         let result = (|| {
             let now = now_ms();
-            let conn = self.lock()?;
-            require_tx(&conn, "outbox_record")?;
+            let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
+            require_tx(&guard, "outbox_record")?;
             for (id, outcome) in outcomes {
                 let (sql, args): (&str, Vec<rusqlite::types::Value>) = match outcome {
                     OutboxOutcome::Sent => (
@@ -335,7 +338,8 @@ impl Repo {
         if let Some(l) = f.limit {
             sql.push_str(&format!(" LIMIT {l}"));
         }
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let rows = conn
             .prepare(&sql)
             .and_then(|mut st| {
@@ -343,25 +347,27 @@ impl Repo {
                     .collect::<Result<Vec<_>, _>>()
             })
             .ctx("listing the outbox")?;
-        drop(conn);
+        drop(guard);
         decode(rows)
     }
 
     /// One outbox row.
     pub fn outbox_get(&self, id: i64) -> Result<Option<OutboxMessage>, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let row = conn
             .prepare_cached(&format!("SELECT {COLUMNS} FROM outbox WHERE id = ?1"))
             .and_then(|mut st| st.query_row([id], read_row).optional())
             .with_ctx(|| format!("reading outbox message {id}"))?;
-        drop(conn);
+        drop(guard);
         Ok(decode(row.into_iter().collect())?.pop())
     }
 
     /// Makes an undelivered message due now again, with a fresh maximum age. Returns false
     /// when there is no such undelivered message.
     pub fn outbox_retry(&self, id: i64) -> Result<bool, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let n = conn
             .prepare_cached(
                 "UPDATE outbox SET status = 'pending', next_attempt_at = ?2, \
@@ -375,7 +381,8 @@ impl Repo {
 
     /// Makes every dead-lettered message due again. Returns how many.
     pub fn outbox_retry_dead(&self) -> Result<u64, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let n = conn
             .prepare_cached(
                 "UPDATE outbox SET status = 'pending', next_attempt_at = ?1, \
@@ -390,7 +397,8 @@ impl Repo {
     /// Deletes sent messages delivered before `before_ms`. Undelivered ones are never
     /// purged. Returns how many.
     pub fn outbox_purge_sent_before(&self, before_ms: i64) -> Result<u64, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let n = conn
             .prepare_cached("DELETE FROM outbox WHERE status = 'sent' AND sent_at < ?1")
             .and_then(|mut st| st.execute(params![before_ms]))
@@ -402,7 +410,8 @@ impl Repo {
     pub fn outbox_undelivered_counts(
         &self,
     ) -> Result<std::collections::HashMap<String, u64>, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let rows = conn
             .prepare_cached(
                 "SELECT identity, COUNT(*) FROM outbox WHERE status != 'sent' \
@@ -422,7 +431,8 @@ impl Repo {
     /// When the next pending message becomes due (Unix milliseconds; its next attempt or
     /// the end of its claim, whichever is later), `None` when nothing is pending.
     pub fn outbox_next_due(&self) -> Result<Option<i64>, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         conn.prepare_cached(
             "SELECT min(max(next_attempt_at, claimed_until)) FROM outbox WHERE status = 'pending'",
         )
@@ -432,7 +442,8 @@ impl Repo {
 
     /// Counts by status: (pending, sent, dead).
     pub fn outbox_counts(&self) -> Result<(u64, u64, u64), RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let mut counts = (0, 0, 0);
         let rows = conn
             .prepare_cached("SELECT status, COUNT(*) FROM outbox GROUP BY status")

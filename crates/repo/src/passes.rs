@@ -35,7 +35,8 @@ impl Repo {
                  error = excluded.error"
             }
         };
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let args = match error {
             None => conn
                 .prepare_cached(sql)
@@ -50,7 +51,8 @@ impl Repo {
 
     /// What `run --once` last recorded of `resource`'s passes.
     pub fn last_pass(&self, resource: &str) -> Result<Option<LastPass>, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         conn.prepare_cached(
             "SELECT passed_at, failed_at, error FROM last_passes WHERE resource = ?1",
         )

@@ -76,7 +76,8 @@ impl Repo {
     pub fn record_reconcile(&self, run: &ReconcileRun) -> Result<(), RepoError> {
         self.begin()?;
         let result = (|| {
-            let conn = self.lock()?;
+            let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
             conn.prepare_cached(
                 "INSERT INTO reconciles (resource, started_at, ended_at, started_by, key_count, \
                  events, changed, unchanged, failed, rejected, outcome, error) \
@@ -106,7 +107,8 @@ impl Repo {
 
     /// The last reconcile run of `resource`, if any.
     pub fn last_reconcile(&self, resource: &str) -> Result<Option<ReconcileRun>, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let row = conn
             .prepare_cached(
                 "SELECT started_at, ended_at, started_by, key_count, events, changed, unchanged, \

@@ -190,7 +190,8 @@ impl Repo {
         let record = to_json(&body, || {
             format!("decision for account {}/{}", d.resource, d.key)
         })?;
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         conn.prepare_cached(
             "INSERT INTO decisions (at, resource, key, op, situation, action, identity, record) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -253,7 +254,8 @@ impl Repo {
             Some(n) => sql.push_str(&format!(" ORDER BY id DESC LIMIT {n}")),
             None => sql.push_str(" ORDER BY id"),
         }
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let rows = conn
             .prepare_cached(&sql)
             .and_then(|mut st| {
@@ -273,7 +275,7 @@ impl Repo {
                 .collect::<Result<Vec<_>, _>>()
             })
             .ctx("listing decisions")?;
-        drop(conn);
+        drop(guard);
         let mut out = rows
             .into_iter()
             .map(DecisionRow::into_stored)
@@ -295,7 +297,8 @@ impl Repo {
             )
         };
         let event = f.event.map(|e| to_json(e, what)).transpose()?;
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         if event.is_none() {
             // Rejected input (no event to re-run): the same line rejected again by a later
             // pass is the same failure, seen again, not a new one.
@@ -334,7 +337,8 @@ impl Repo {
 
     /// Whether `resource` has failed events waiting.
     pub fn has_failures(&self, resource: &str) -> Result<bool, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         conn.prepare_cached("SELECT 1 FROM failed_events WHERE resource = ?1 LIMIT 1")
             .and_then(|mut st| st.exists([resource]))
             .with_ctx(|| format!("reading failed events of resource {resource}"))
@@ -343,7 +347,8 @@ impl Repo {
     /// Deletes the failed events of account `key` of `resource`: a newer event for it
     /// succeeded, so re-running the old ones would apply stale data. Returns how many.
     pub fn supersede_failures(&self, resource: &str, key: &str) -> Result<u64, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let n = conn
             .prepare_cached("DELETE FROM failed_events WHERE resource = ?1 AND key = ?2")
             .and_then(|mut st| st.execute([resource, key]))
@@ -353,7 +358,8 @@ impl Repo {
 
     /// Deletes failed event `id` (it was re-run successfully); false if it did not exist.
     pub fn remove_failure(&self, id: i64) -> Result<bool, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let n = conn
             .prepare_cached("DELETE FROM failed_events WHERE id = ?1")
             .and_then(|mut st| st.execute([id]))
@@ -363,7 +369,8 @@ impl Repo {
 
     /// Notes that re-running failed event `id` failed again with `error`.
     pub fn note_retry_failure(&self, id: i64, error: &str) -> Result<(), RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let n = conn
             .prepare_cached(
                 "UPDATE failed_events SET attempts = attempts + 1, error = ?2, \
@@ -379,12 +386,13 @@ impl Repo {
 
     /// Failed events, of one resource or all, oldest first.
     pub fn failures(&self, resource: Option<&str>) -> Result<Vec<FailedEvent>, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let rows = match resource {
             Some(r) => query_failures(&conn, "WHERE resource = ?1 ORDER BY id", &[&r]),
             None => query_failures(&conn, "ORDER BY id", &[]),
         }?;
-        drop(conn);
+        drop(guard);
         rows.into_iter().map(RawFailure::decode).collect()
     }
 
@@ -396,7 +404,8 @@ impl Repo {
         resource: &str,
         current: &[(Option<String>, Option<String>, String)],
     ) -> Result<u64, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let rows: Vec<(i64, Option<String>, Option<String>, String)> = conn
             .prepare_cached(
                 "SELECT id, key, origin, error FROM failed_events \
@@ -431,7 +440,8 @@ impl Repo {
     pub fn discard_failures(&self, ids: &[i64], reason: &str) -> Result<Vec<i64>, RepoError> {
         self.begin()?;
         let result = (|| {
-            let conn = self.lock()?;
+            let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
             let mut done = Vec::new();
             for id in ids {
                 let moved = conn
@@ -458,7 +468,8 @@ impl Repo {
 
     /// The discarded failed events, oldest first.
     pub fn discarded_failures(&self) -> Result<Vec<DiscardedFailure>, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         conn.prepare_cached(
             "SELECT id, resource, key, error, discarded_at, reason FROM failed_discarded ORDER BY id",
         )
@@ -480,9 +491,10 @@ impl Repo {
 
     /// Failed event `id`.
     pub fn failure(&self, id: i64) -> Result<Option<FailedEvent>, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let rows = query_failures(&conn, "WHERE id = ?1", &[&id])?;
-        drop(conn);
+        drop(guard);
         rows.into_iter().next().map(RawFailure::decode).transpose()
     }
 }

@@ -106,7 +106,8 @@ impl Repo {
             }
             self.begin()?;
             let chunk = (|| {
-                let conn = self.lock()?;
+                let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
                 let rows: Vec<(i64, i64)> = conn
                     .prepare_cached(&select)
                     .and_then(|mut st| {
@@ -203,7 +204,8 @@ impl Repo {
             }
             self.begin()?;
             let chunk = (|| {
-                let conn = self.lock()?;
+                let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
                 let ids: Vec<i64> = conn
                     .prepare_cached(select)
                     .and_then(|mut st| {
@@ -236,7 +238,7 @@ mod tests {
 
     /// `n` decision records of accounts `k0`..`k49` of resource hr recorded at `at`.
     fn records(repo: &Repo, n: usize, at: &str) {
-        let conn = repo.lock().unwrap();
+        let conn = repo.sqlite_for_tests();
         conn.execute(
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
              INSERT INTO decisions (at, resource, key, op, situation, action, identity, record) \
@@ -247,8 +249,7 @@ mod tests {
     }
 
     fn count(repo: &Repo, sql: &str) -> i64 {
-        repo.lock()
-            .unwrap()
+        repo.sqlite_for_tests()
             .query_row(sql, [], |r| r.get(0))
             .unwrap()
     }
@@ -258,8 +259,7 @@ mod tests {
         let repo = Repo::open_in_memory().unwrap();
         records(&repo, 25_000, "2020-01-01T00:00:00.000Z");
         records(&repo, 30_000, "2099-01-01T00:00:00.000Z");
-        repo.lock()
-            .unwrap()
+        repo.sqlite_for_tests()
             .execute(
                 "INSERT INTO failed_events (at, resource, key, error) \
                  VALUES ('2020-01-01T00:00:00.000Z', 'hr', 'k7', 'no luck')",
@@ -311,8 +311,7 @@ mod tests {
     #[test]
     fn only_sent_notifications_and_old_discarded_events_go() {
         let repo = Repo::open_in_memory().unwrap();
-        repo.lock()
-            .unwrap()
+        repo.sqlite_for_tests()
             .execute_batch(
                 "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 12000) \
                  INSERT INTO outbox (created_at, policy, status, next_attempt_at, expires_at, \

@@ -5,10 +5,10 @@
 //! together with the checkpoint.
 
 use idsync_core::{AttrMap, Checkpoint, KnownAccounts};
-use rusqlite::{Connection, OptionalExtension, params};
+use crate::db::{Arg, Conn, Dialect, ToArg};
 
 use crate::error::{Context, RepoError, from_json, to_json};
-use crate::{Repo, now};
+use crate::{Repo, args, now};
 
 /// Keys per query of [`Repo::shadow_hashes_of`] (SQLite allows 32,766 parameters; a part's
 /// lookups take a handful of queries, each statement kept prepared).
@@ -29,41 +29,49 @@ impl Repo {
         let json = to_json(attrs, || format!("shadow of account {resource}/{key}"))?;
         // Stored as the i64 with the same bits: SQLite integers are signed.
         let hash = attrs.content_hash() as i64;
-        let conn = self.lock()?;
-        conn.prepare_cached(
-            "INSERT INTO shadows (resource, key, hash, attrs) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (resource, key) DO UPDATE SET hash = excluded.hash, attrs = excluded.attrs",
-        )
-        .and_then(|mut st| st.execute(params![resource, key, hash, json]))
+        self.lock()?
+            .execute(
+                "INSERT INTO shadows (resource, key, hash, attrs) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (resource, key) DO UPDATE SET hash = excluded.hash, attrs = excluded.attrs",
+                args![resource, key, hash, json],
+            )
         .with_ctx(|| format!("storing shadow of account {resource}/{key}"))?;
         Ok(())
     }
 
     /// Forgets account `key` of `resource` (it was deleted there).
     pub fn delete_shadow(&self, resource: &str, key: &str) -> Result<(), RepoError> {
-        let conn = self.lock()?;
-        conn.prepare_cached("DELETE FROM shadows WHERE resource = ?1 AND key = ?2")
-            .and_then(|mut st| st.execute([resource, key]))
+        self.lock()?
+            .execute(
+                "DELETE FROM shadows WHERE resource = ?1 AND key = ?2",
+                args![resource, key],
+            )
             .with_ctx(|| format!("deleting shadow of account {resource}/{key}"))?;
         Ok(())
     }
 
     /// How many accounts of `resource` have a shadow (for the accidental-delete guard).
     pub fn shadow_count(&self, resource: &str) -> Result<u64, RepoError> {
-        let conn = self.lock()?;
-        let n: i64 = conn
-            .prepare_cached("SELECT count(*) FROM shadows WHERE resource = ?1")
-            .and_then(|mut st| st.query_row([resource], |r| r.get(0)))
+        let n: i64 = self
+            .lock()?
+            .query_one(
+                "SELECT count(*) FROM shadows WHERE resource = ?1",
+                args![resource],
+                |r| r.get(0),
+            )
             .with_ctx(|| format!("counting shadows of resource {resource}"))?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// The last seen attributes of account `key` of `resource`.
     pub fn shadow(&self, resource: &str, key: &str) -> Result<Option<AttrMap>, RepoError> {
-        let conn = self.lock()?;
-        let json: Option<String> = conn
-            .prepare_cached("SELECT attrs FROM shadows WHERE resource = ?1 AND key = ?2")
-            .and_then(|mut st| st.query_row([resource, key], |r| r.get(0)).optional())
+        let json: Option<String> = self
+            .lock()?
+            .query_row(
+                "SELECT attrs FROM shadows WHERE resource = ?1 AND key = ?2",
+                args![resource, key],
+                |r| r.get(0),
+            )
             .with_ctx(|| format!("reading shadow of account {resource}/{key}"))?;
         json.map(|j| from_json(&j, || format!("shadow of account {resource}/{key}")))
             .transpose()
@@ -80,17 +88,27 @@ impl Repo {
         value: &str,
     ) -> Result<Vec<String>, RepoError> {
         let conn = self.lock()?;
-        let path = format!("$.\"{}\"", attr.replace('"', ""));
-        conn.prepare_cached(
-            "SELECT DISTINCT s.key FROM shadows s, json_each(s.attrs, ?2) v \
-             WHERE s.resource = ?1 AND v.type = 'text' AND lower(v.value) = lower(?3) \
-             ORDER BY s.key",
-        )
-        .and_then(|mut st| {
-            st.query_map([resource, path.as_str(), value], |r| r.get(0))?
-                .collect::<Result<Vec<String>, _>>()
-        })
-        .with_ctx(|| format!("finding accounts of {resource} by {attr}"))
+        let (sql, path) = match conn.dialect() {
+            Dialect::Sqlite => (
+                "SELECT DISTINCT s.key FROM shadows s, json_each(s.attrs, ?2) v \
+                 WHERE s.resource = ?1 AND v.type = 'text' AND lower(v.value) = lower(?3) \
+                 ORDER BY s.key",
+                format!("$.\"{}\"", attr.replace('"', "")),
+            ),
+            // The attribute's values: a JSON string, or an array of them; an attribute
+            // name as a key of the object (`->` takes it as a parameter, no path syntax).
+            Dialect::Postgres => (
+                "SELECT DISTINCT s.key FROM shadows s, \
+                 jsonb_array_elements(CASE jsonb_typeof(s.attrs::jsonb -> ?2) \
+                   WHEN 'array' THEN s.attrs::jsonb -> ?2 \
+                   ELSE jsonb_build_array(s.attrs::jsonb -> ?2) END) v \
+                 WHERE s.resource = ?1 AND jsonb_typeof(v) = 'string' \
+                 AND lower(v #>> '{}') = lower(?3) ORDER BY s.key",
+                attr.to_owned(),
+            ),
+        };
+        conn.query_map(sql, args![resource, path, value], |r| r.get(0))
+            .with_ctx(|| format!("finding accounts of {resource} by {attr}"))
     }
 
     /// Calls `each` with those of `keys` that have a shadow in `resource`, and its content
@@ -113,25 +131,21 @@ impl Repo {
             let marks = vec!["?"; size].join(",");
             let sql =
                 format!("SELECT key, hash FROM shadows WHERE resource = ? AND key IN ({marks})");
-            let mut args: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() + 1);
-            args.push(&resource);
+            let mut args: Vec<Arg<'_>> = Vec::with_capacity(size + 1);
+            args.push(resource.to_arg());
             for k in chunk {
-                args.push(k);
+                args.push(k.to_arg());
             }
             let Some(last) = chunk.last() else { continue };
             while args.len() <= size {
-                args.push(last);
+                args.push(last.to_arg());
             }
-            conn.prepare_cached(&sql)
-                .and_then(|mut st| {
-                    let mut rows = st.query(args.as_slice())?;
-                    while let Some(r) = rows.next()? {
-                        let key = r.get_ref(0)?.as_str()?;
-                        each(key, r.get::<_, i64>(1)? as u64);
-                    }
-                    Ok(())
-                })
-                .with_ctx(|| format!("reading shadows of resource {resource}"))?;
+            let reading = || format!("reading shadows of resource {resource}");
+            conn.each(&sql, &args, &reading, |r| {
+                let key = r.str(0).with_ctx(reading)?;
+                each(key, r.get::<i64>(1).with_ctx(reading)? as u64);
+                Ok(())
+            })?;
         }
         Ok(())
     }
@@ -143,17 +157,17 @@ impl Repo {
         resource: &str,
         each: &mut dyn FnMut(&str, u64),
     ) -> Result<(), RepoError> {
-        let conn = self.lock()?;
-        conn.prepare_cached("SELECT key, hash FROM shadows WHERE resource = ?1")
-            .and_then(|mut st| {
-                let mut rows = st.query([resource])?;
-                while let Some(r) = rows.next()? {
-                    let key = r.get_ref(0)?.as_str()?;
-                    each(key, r.get::<_, i64>(1)? as u64);
-                }
+        let reading = || format!("reading shadows of resource {resource}");
+        self.lock()?.each(
+            "SELECT key, hash FROM shadows WHERE resource = ?1",
+            args![resource],
+            &reading,
+            |r| {
+                let key = r.str(0).with_ctx(reading)?;
+                each(key, r.get::<i64>(1).with_ctx(reading)? as u64);
                 Ok(())
-            })
-            .with_ctx(|| format!("reading shadows of resource {resource}"))
+            },
+        )
     }
 }
 
@@ -193,25 +207,28 @@ impl KnownAccounts for Repo {
 }
 
 pub(crate) fn read_checkpoint(
-    conn: &Connection,
+    conn: &Conn,
     resource: &str,
 ) -> Result<Option<Checkpoint>, RepoError> {
-    conn.prepare_cached("SELECT token FROM checkpoints WHERE resource = ?1")
-        .and_then(|mut st| st.query_row([resource], |r| r.get(0)).optional())
+    conn.query_row(
+        "SELECT token FROM checkpoints WHERE resource = ?1",
+        args![resource],
+        |r| r.get(0),
+    )
         .with_ctx(|| format!("reading the checkpoint of resource {resource}"))
         .map(|token| token.map(Checkpoint))
 }
 
 pub(crate) fn write_checkpoint(
-    conn: &Connection,
+    conn: &Conn,
     resource: &str,
     checkpoint: &Checkpoint,
 ) -> Result<(), RepoError> {
-    conn.prepare_cached(
+    conn.execute(
         "INSERT INTO checkpoints (resource, token, updated_at) VALUES (?1, ?2, ?3) \
          ON CONFLICT (resource) DO UPDATE SET token = excluded.token, updated_at = excluded.updated_at",
+        args![resource, checkpoint.0, now()],
     )
-    .and_then(|mut st| st.execute(params![resource, checkpoint.0, now()]))
     .with_ctx(|| format!("storing the checkpoint of resource {resource}"))?;
     Ok(())
 }

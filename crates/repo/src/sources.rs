@@ -26,7 +26,8 @@ impl Repo {
     /// The recorded sources of identity `name`'s attributes, sorted by attribute; empty for
     /// an identity without any (or without such an identity).
     pub fn attribute_sources(&self, name: &str) -> Result<Vec<AttributeSource>, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         conn.prepare_cached(
             "SELECT s.attr, s.resource, s.key FROM attribute_sources s \
              JOIN identities i ON i.id = s.identity_id WHERE i.name = ?1 ORDER BY s.attr",
@@ -54,7 +55,8 @@ impl Repo {
         resource: &str,
         key: &str,
     ) -> Result<(), RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         conn.prepare_cached(
             "INSERT INTO attribute_sources (identity_id, attr, resource, key, given_at) \
              SELECT id, ?2, ?3, ?4, ?5 FROM identities WHERE name = ?1 \
@@ -69,7 +71,8 @@ impl Repo {
     /// Forgets the source of attribute `attr` of identity `name` (no account gives it a
     /// value any more).
     pub fn clear_attribute_source(&self, name: &str, attr: &str) -> Result<(), RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         conn.prepare_cached(
             "DELETE FROM attribute_sources WHERE attr = ?2 \
              AND identity_id = (SELECT id FROM identities WHERE name = ?1)",
@@ -122,8 +125,7 @@ mod tests {
         repo.delete_identity("ada").unwrap();
         repo.commit().unwrap();
         let left: i64 = repo
-            .lock()
-            .unwrap()
+            .sqlite_for_tests()
             .query_row("SELECT count(*) FROM attribute_sources", [], |r| r.get(0))
             .unwrap();
         assert_eq!(left, 0, "the foreign key removes them with the identity");

@@ -22,7 +22,8 @@ pub struct ResourceSummary {
 impl Repo {
     /// The summary of `resource`.
     pub fn resource_summary(&self, resource: &str) -> Result<ResourceSummary, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let ctx = || format!("summarizing resource {resource}");
         let checkpoint_at: Option<String> = conn
             .query_row(

@@ -96,7 +96,7 @@ fn open_twice_on_a_file_keeps_data_and_sets_pragmas() {
     assert_eq!(repo.checkpoint("hr").unwrap(), Some(cp("t1")));
     assert_eq!(repo.find(&conds(&[("mail", "j@x.org")])).unwrap(), ["jdoe"]);
 
-    let conn = repo.lock().unwrap();
+    let conn = repo.sqlite_for_tests();
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -173,7 +173,7 @@ fn find_refuses_empty_and_binary_conditions() {
 #[test]
 fn find_uses_the_index() {
     let repo = people();
-    let conn = repo.lock().unwrap();
+    let conn = repo.sqlite_for_tests();
     for n in 1..=3 {
         let sql = format!("EXPLAIN QUERY PLAN {}", index::find_sql(n));
         let mut st = conn.prepare(&sql).unwrap();
@@ -324,7 +324,7 @@ fn delete_identity_removes_links_and_index() {
     // The shadow describes the resource and stays.
     assert_eq!(repo.shadow_count("hr").unwrap(), 1);
     repo.link("bob", "hr", "1").unwrap();
-    let conn = repo.lock().unwrap();
+    let conn = repo.sqlite_for_tests();
     let values: i64 = conn
         .query_row(
             "SELECT count(*) FROM identity_values v LEFT JOIN identities i ON i.id = v.identity_id \
@@ -527,8 +527,7 @@ fn poisoned_lock_is_an_error() {
 #[test]
 fn damaged_json_is_reported() {
     let repo = people();
-    repo.lock()
-        .unwrap()
+    repo.sqlite_for_tests()
         .execute(
             "UPDATE identities SET attrs = '{oops' WHERE name = 'bob'",
             [],
@@ -778,7 +777,7 @@ fn a_reader_opens_while_a_batch_transaction_is_open() {
 
 /// Index rows of `attr` as (value, identity name), sorted.
 fn index_rows(repo: &Repo, attr: &str) -> Vec<(String, String)> {
-    let conn = repo.lock().unwrap();
+    let conn = repo.sqlite_for_tests();
     let mut st = conn
         .prepare(
             "SELECT v.value, i.name FROM identity_values v JOIN identities i ON i.id = v.identity_id \
@@ -872,7 +871,7 @@ fn declare(repo: &Repo, list: &[(&str, &[idsync_core::Step])]) {
 
 /// What `indexed_attributes` and `index_normalisations` say of `attr`.
 fn stored_normalisation(repo: &Repo, attr: &str) -> Option<String> {
-    let conn = repo.lock().unwrap();
+    let conn = repo.sqlite_for_tests();
     let listed: i64 = conn
         .query_row(
             "SELECT count(*) FROM indexed_attributes WHERE attr = ?1",
@@ -1080,7 +1079,7 @@ fn blocks_are_read_through_the_index_by_value_or_prefix_and_bounded() {
     );
     assert_eq!(block("", None, 10), (String::new(), vec![], false));
     // Every block query is an index search, never a scan of the identities.
-    let conn = repo.lock().unwrap();
+    let conn = repo.sqlite_for_tests();
     for (prefix, bounded, n) in [(false, false, 3), (true, true, 4), (true, false, 3)] {
         let sql = format!("EXPLAIN QUERY PLAN {}", index::block_sql(prefix, bounded));
         let args: Vec<String> = (0..n).map(|i| i.to_string()).collect();
@@ -1203,7 +1202,7 @@ fn decision_records_store_the_header_once_and_old_records_still_read() {
     }];
     let new_id = repo.record_decision(&d).unwrap();
     {
-        let conn = repo.lock().unwrap();
+        let conn = repo.sqlite_for_tests();
         let json: String = conn
             .query_row(
                 "SELECT record FROM decisions WHERE id = ?1",

@@ -172,7 +172,8 @@ impl Repo {
     /// transaction of the decision that plans it.
     pub fn plan_timer(&self, t: &NewTimer<'_>) -> Result<Planned, RepoError> {
         let what = || format!("{} timer of identity {}", t.kind, t.identity);
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let existing: Option<(i64, i64)> = conn
             .prepare_cached("SELECT id, due_at FROM timers WHERE identity = ?1 AND kind = ?2")
             .and_then(|mut st| {
@@ -224,7 +225,8 @@ impl Repo {
         identity: &str,
         kind: TimerKind,
     ) -> Result<Option<Timer>, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let found = select(
             &conn,
             "WHERE identity = ?1 AND kind = ?2",
@@ -239,7 +241,8 @@ impl Repo {
 
     /// Removes every pending timer of the identity (it was deleted) and returns them.
     pub fn cancel_timers_of(&self, identity: &str) -> Result<Vec<Timer>, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let found = select(&conn, "WHERE identity = ?1 ORDER BY id", &[&identity])?;
         conn.prepare_cached("DELETE FROM timers WHERE identity = ?1")
             .and_then(|mut st| st.execute([identity]))
@@ -249,7 +252,8 @@ impl Repo {
 
     /// The pending timers of an identity, by due time.
     pub fn timers_of_identity(&self, identity: &str) -> Result<Vec<Timer>, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         select(
             &conn,
             "WHERE identity = ?1 ORDER BY due_at, id",
@@ -259,7 +263,8 @@ impl Repo {
 
     /// The pending timers an event of account `key` of `resource` planned, by due time.
     pub fn timers_of_account(&self, resource: &str, key: &str) -> Result<Vec<Timer>, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         select(
             &conn,
             "WHERE resource = ?1 AND key = ?2 ORDER BY due_at, id",
@@ -279,7 +284,8 @@ impl Repo {
         let mut args: Vec<&dyn ToSql> = vec![&until];
         let clause = only_clause(only, &mut args);
         args.push(&limit);
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         select(
             &conn,
             &format!("WHERE due_at <= ?{clause} ORDER BY due_at, id LIMIT ?"),
@@ -292,7 +298,8 @@ impl Repo {
     pub fn next_timer_due(&self, only: Option<&[String]>) -> Result<Option<i64>, RepoError> {
         let mut args: Vec<&dyn ToSql> = Vec::new();
         let clause = only_clause(only, &mut args);
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         conn.prepare_cached(&format!(
             "SELECT min(due_at) FROM timers WHERE 1 = 1{clause}"
         ))
@@ -302,7 +309,8 @@ impl Repo {
 
     /// How many timers are pending.
     pub fn timer_count(&self) -> Result<u64, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let n: i64 = conn
             .prepare_cached("SELECT count(*) FROM timers")
             .and_then(|mut st| st.query_row([], |r| r.get(0)))
@@ -313,14 +321,16 @@ impl Repo {
     /// Removes timer `id` (it fired: call in the transaction recording its decision);
     /// false if it was not pending.
     pub fn remove_timer(&self, id: i64) -> Result<bool, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         remove(&conn, id)
     }
 
     /// Moves timer `id` to `due_at`, keeping when it was planned (its firing found that the
     /// current config puts it later).
     pub fn move_timer(&self, id: i64, due_at: i64) -> Result<(), RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         conn.prepare_cached("UPDATE timers SET due_at = ?2 WHERE id = ?1")
             .and_then(|mut st| st.execute(params![id, due_at]))
             .with_ctx(|| format!("moving timer #{id}"))?;
@@ -330,7 +340,8 @@ impl Repo {
     /// Records a failed firing of timer `id`: one more attempt, the error, and the next
     /// attempt at `due_at`.
     pub fn postpone_timer(&self, id: i64, due_at: i64, error: &str) -> Result<(), RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         conn.prepare_cached(
             "UPDATE timers SET due_at = ?2, attempts = attempts + 1, last_error = ?3 WHERE id = ?1",
         )

@@ -227,7 +227,8 @@ impl Repo {
             )
         };
         let candidates = to_json(&item.candidates, what)?;
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let open: Option<i64> = conn
             .prepare_cached(
                 "SELECT id FROM work_items WHERE resource = ?1 AND key = ?2 AND kind = ?3 \
@@ -275,7 +276,8 @@ impl Repo {
     /// Notes the decision record that raised (or raised again) item `id`: the first one
     /// stays its `decision_id`, the newest is its `last_decision_id`.
     pub fn note_work_item_decision(&self, id: i64, decision_id: i64) -> Result<(), RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         conn.prepare_cached(
             "UPDATE work_items SET decision_id = coalesce(decision_id, ?2), \
              last_decision_id = ?2 WHERE id = ?1",
@@ -287,7 +289,8 @@ impl Repo {
 
     /// Closes item `id` if it is open; false if it was not (closed already, or unknown).
     pub fn close_work_item(&self, id: i64, closure: &NewClosure<'_>) -> Result<bool, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let n = conn
             .prepare_cached(
                 "UPDATE work_items SET state = 'closed', closed_at = ?2, resolution = ?3, \
@@ -310,9 +313,10 @@ impl Repo {
 
     /// Work item `id`.
     pub fn work_item(&self, id: i64) -> Result<Option<WorkItem>, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let rows = query(&conn, "WHERE id = ?1", &[&id])?;
-        drop(conn);
+        drop(guard);
         rows.into_iter().next().map(RawItem::decode).transpose()
     }
 
@@ -341,15 +345,17 @@ impl Repo {
             tail.push_str(&wheres.join(" AND "));
         }
         tail.push_str(" ORDER BY id");
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let rows = query(&conn, &tail, &args)?;
-        drop(conn);
+        drop(guard);
         rows.into_iter().map(RawItem::decode).collect()
     }
 
     /// How many work items are open.
     pub fn open_work_item_count(&self) -> Result<u64, RepoError> {
-        let conn = self.lock()?;
+        let guard = self.lock()?;
+        let conn = crate::sqlite_only(&guard, "this")?;
         let n: i64 = conn
             .prepare_cached("SELECT count(*) FROM work_items WHERE state = 'open'")
             .and_then(|mut st| st.query_row([], |r| r.get(0)))

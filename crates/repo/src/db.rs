@@ -1,0 +1,568 @@
+//! The SQL layer every repository module talks to: one connection, to SQLite or to
+//! PostgreSQL, behind one small API ([`Conn`]), so the modules write each statement once.
+//!
+//! - Statements are written in the SQL both databases share (`ON CONFLICT`, `RETURNING`,
+//!   `IS NOT DISTINCT FROM`, `coalesce`), with `?N` (or `?`) parameters; for PostgreSQL
+//!   they are rewritten to `$N` once and kept prepared, like SQLite's statement cache. The
+//!   few statements that cannot be shared ask [`Conn::dialect`].
+//! - Parameters are [`Arg`]s, built by the [`args!`](crate::args) macro from borrowed
+//!   values; the PostgreSQL conversion follows the parameter's type as the server inferred
+//!   it (an integer bound to a `BIGINT` or an `INTEGER` column alike).
+//! - Rows are read through [`Row::get`] with the Rust type wanted ([`Column`]): integers,
+//!   text, bytes, each optionally `Option`. The PostgreSQL schema stores every integer as
+//!   `BIGINT` and every flag as a `BIGINT` 0 or 1, as SQLite does.
+//! - Errors are [`DbError`], which keeps the driver's error for the decisions callers make
+//!   on it (busy, conflict, storage failure: module `error`).
+//!
+//! A PostgreSQL client needs `&mut` for every call while SQLite's connection does not; the
+//! client sits in a `RefCell` (a [`Conn`] is used by one thread at a time, behind the
+//! repository's mutex), and rows are fetched whole before a caller's closure sees them, so
+//! a closure may run statements of its own.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+
+use crate::error::{Context, RepoError};
+
+/// Which database a [`Conn`] talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    /// An SQLite file (or memory).
+    Sqlite,
+    /// A PostgreSQL database.
+    Postgres,
+}
+
+/// An error of either driver, or of a value that does not fit the type asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// From SQLite.
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// From PostgreSQL (the server, or the connection to it).
+    #[error("{}", describe_pg(.0))]
+    Postgres(#[from] postgres::Error),
+    /// A row had fewer or other values than the statement promised.
+    #[error("{0}")]
+    Shape(String),
+}
+
+/// PostgreSQL's own message (its `Display` says only "db error" for server errors).
+fn describe_pg(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+impl DbError {
+    /// The SQLSTATE of a PostgreSQL server error.
+    pub(crate) fn sqlstate(&self) -> Option<&str> {
+        match self {
+            DbError::Postgres(e) => e.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+}
+
+/// One statement parameter, borrowed from the caller.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Arg<'a> {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(&'a str),
+    Blob(&'a [u8]),
+}
+
+/// What can be bound as a parameter.
+pub(crate) trait ToArg {
+    fn to_arg(&self) -> Arg<'_>;
+}
+
+impl ToArg for str {
+    fn to_arg(&self) -> Arg<'_> {
+        Arg::Text(self)
+    }
+}
+impl ToArg for String {
+    fn to_arg(&self) -> Arg<'_> {
+        Arg::Text(self)
+    }
+}
+impl ToArg for [u8] {
+    fn to_arg(&self) -> Arg<'_> {
+        Arg::Blob(self)
+    }
+}
+impl ToArg for Vec<u8> {
+    fn to_arg(&self) -> Arg<'_> {
+        Arg::Blob(self)
+    }
+}
+impl ToArg for i64 {
+    fn to_arg(&self) -> Arg<'_> {
+        Arg::Int(*self)
+    }
+}
+impl ToArg for i32 {
+    fn to_arg(&self) -> Arg<'_> {
+        Arg::Int(i64::from(*self))
+    }
+}
+impl ToArg for u32 {
+    fn to_arg(&self) -> Arg<'_> {
+        Arg::Int(i64::from(*self))
+    }
+}
+impl ToArg for bool {
+    fn to_arg(&self) -> Arg<'_> {
+        Arg::Int(i64::from(*self))
+    }
+}
+impl ToArg for f64 {
+    fn to_arg(&self) -> Arg<'_> {
+        Arg::Real(*self)
+    }
+}
+impl<T: ToArg + ?Sized> ToArg for &T {
+    fn to_arg(&self) -> Arg<'_> {
+        (**self).to_arg()
+    }
+}
+impl<T: ToArg> ToArg for Option<T> {
+    fn to_arg(&self) -> Arg<'_> {
+        match self {
+            Some(v) => v.to_arg(),
+            None => Arg::Null,
+        }
+    }
+}
+impl ToArg for Arg<'_> {
+    fn to_arg(&self) -> Arg<'_> {
+        *self
+    }
+}
+
+/// The parameters of a statement: `args![resource, key, 3]`.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! args {
+    () => { &[][..] as &[$crate::db::Arg<'_>] };
+    ($($a:expr),+ $(,)?) => {
+        &[$($crate::db::ToArg::to_arg(&$a)),+][..]
+    };
+}
+
+impl rusqlite::ToSql for Arg<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, Value, ValueRef};
+        Ok(match *self {
+            Arg::Null => ToSqlOutput::Owned(Value::Null),
+            Arg::Int(v) => ToSqlOutput::Owned(Value::Integer(v)),
+            Arg::Real(v) => ToSqlOutput::Owned(Value::Real(v)),
+            Arg::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            Arg::Blob(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+        })
+    }
+}
+
+impl postgres::types::ToSql for Arg<'_> {
+    fn to_sql(
+        &self,
+        ty: &postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use postgres::types::Type;
+        match *self {
+            Arg::Null => Ok(postgres::types::IsNull::Yes),
+            Arg::Int(v) => match *ty {
+                Type::INT2 => i16::try_from(v)?.to_sql(ty, out),
+                Type::INT4 => i32::try_from(v)?.to_sql(ty, out),
+                Type::BOOL => (v != 0).to_sql(ty, out),
+                #[allow(clippy::cast_precision_loss)]
+                Type::FLOAT8 => (v as f64).to_sql(ty, out),
+                Type::TEXT | Type::VARCHAR | Type::UNKNOWN => v.to_string().to_sql(ty, out),
+                _ => v.to_sql(ty, out),
+            },
+            Arg::Real(v) => v.to_sql(ty, out),
+            Arg::Text(s) => match *ty {
+                Type::BYTEA => s.as_bytes().to_sql(ty, out),
+                _ => s.to_sql(ty, out),
+            },
+            Arg::Blob(b) => b.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &postgres::types::Type) -> bool {
+        true
+    }
+
+    postgres::types::to_sql_checked!();
+}
+
+/// A result row of either database.
+pub(crate) enum Row<'a> {
+    Sqlite(&'a rusqlite::Row<'a>),
+    Postgres(&'a postgres::Row),
+}
+
+impl Row<'_> {
+    /// Column `i` (from 0) as a `T`.
+    pub(crate) fn get<T: Column>(&self, i: usize) -> Result<T, DbError> {
+        match self {
+            Row::Sqlite(r) => T::from_sqlite(r, i).map_err(DbError::from),
+            Row::Postgres(r) => T::from_postgres(r, i),
+        }
+    }
+
+    /// Column `i` as text borrowed from the row (no copy).
+    pub(crate) fn str(&self, i: usize) -> Result<&str, DbError> {
+        match self {
+            Row::Sqlite(r) => r
+                .get_ref(i)?
+                .as_str()
+                .map_err(|e| DbError::Shape(format!("column {i}: {e}"))),
+            Row::Postgres(r) => Ok(r.try_get::<_, &str>(i)?),
+        }
+    }
+}
+
+/// A Rust type a column can be read as.
+pub(crate) trait Column: Sized {
+    fn from_sqlite(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Self>;
+    fn from_postgres(row: &postgres::Row, i: usize) -> Result<Self, DbError>;
+}
+
+macro_rules! native_column {
+    ($($t:ty),*) => {$(
+        impl Column for $t {
+            fn from_sqlite(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Self> {
+                row.get(i)
+            }
+            fn from_postgres(row: &postgres::Row, i: usize) -> Result<Self, DbError> {
+                Ok(row.try_get(i)?)
+            }
+        }
+    )*};
+}
+native_column!(
+    i64,
+    Option<i64>,
+    String,
+    Option<String>,
+    Vec<u8>,
+    Option<Vec<u8>>,
+    f64,
+    Option<f64>
+);
+
+impl Column for bool {
+    fn from_sqlite(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Self> {
+        row.get(i)
+    }
+    fn from_postgres(row: &postgres::Row, i: usize) -> Result<Self, DbError> {
+        // Flags are BIGINT 0/1 in both schemas; a computed boolean (`EXISTS`) is a bool.
+        match row.try_get::<_, i64>(i) {
+            Ok(v) => Ok(v != 0),
+            Err(_) => Ok(row.try_get::<_, bool>(i)?),
+        }
+    }
+}
+
+/// A PostgreSQL connection and what SQLite's connection tracks by itself.
+pub(crate) struct PgConn {
+    client: RefCell<postgres::Client>,
+    /// Prepared statements by their SQLite text.
+    statements: RefCell<HashMap<String, postgres::Statement>>,
+    /// Whether a transaction is open (`BEGIN` sent, no `COMMIT` or `ROLLBACK` since).
+    in_tx: Cell<bool>,
+    /// Rows inserted, updated or deleted through this connection (SQLite's
+    /// `total_changes`).
+    changes: Cell<u64>,
+}
+
+impl PgConn {
+    pub(crate) fn new(client: postgres::Client) -> PgConn {
+        PgConn {
+            client: RefCell::new(client),
+            statements: RefCell::new(HashMap::new()),
+            in_tx: Cell::new(false),
+            changes: Cell::new(0),
+        }
+    }
+
+    fn client(&self) -> Result<std::cell::RefMut<'_, postgres::Client>, DbError> {
+        self.client
+            .try_borrow_mut()
+            .map_err(|_| DbError::Shape("PostgreSQL connection used re-entrantly".to_owned()))
+    }
+
+    fn prepare(&self, sql: &str) -> Result<postgres::Statement, DbError> {
+        if let Some(st) = self.statements.borrow().get(sql) {
+            return Ok(st.clone());
+        }
+        let st = self.client()?.prepare(&to_postgres(sql))?;
+        self.statements
+            .borrow_mut()
+            .insert(sql.to_owned(), st.clone());
+        Ok(st)
+    }
+
+    fn query(&self, sql: &str, args: &[Arg<'_>]) -> Result<Vec<postgres::Row>, DbError> {
+        let st = self.prepare(sql)?;
+        let params = pg_params(args);
+        Ok(self.client()?.query(&st, &params)?)
+    }
+
+    /// Whether the connection to the server is gone (a new one is needed).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.client.try_borrow().map(|c| c.is_closed()).unwrap_or(false)
+    }
+}
+
+fn pg_params<'a>(args: &'a [Arg<'a>]) -> Vec<&'a (dyn postgres::types::ToSql + Sync)> {
+    args.iter()
+        .map(|a| a as &(dyn postgres::types::ToSql + Sync))
+        .collect()
+}
+
+/// SQLite's `?N` and `?` parameters as PostgreSQL's `$N` (outside quoted text).
+pub(crate) fn to_postgres(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut next = 1;
+    let mut chars = sql.chars().peekable();
+    let mut quote: Option<char> = None;
+    while let Some(c) = chars.next() {
+        if let Some(q) = quote {
+            out.push(c);
+            if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '\'' | '"' => {
+                quote = Some(c);
+                out.push(c);
+            }
+            '?' => {
+                let mut digits = String::new();
+                while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
+                    digits.push(d);
+                    chars.next();
+                }
+                out.push('$');
+                if digits.is_empty() {
+                    out.push_str(&next.to_string());
+                    next += 1;
+                } else {
+                    out.push_str(&digits);
+                }
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// One connection to the repository's database.
+pub(crate) enum Conn {
+    Sqlite(rusqlite::Connection),
+    Postgres(PgConn),
+}
+
+impl Conn {
+    pub(crate) fn dialect(&self) -> Dialect {
+        match self {
+            Conn::Sqlite(_) => Dialect::Sqlite,
+            Conn::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// The SQLite connection, for what only SQLite has (pragmas, `VACUUM INTO`, hooks).
+    pub(crate) fn sqlite(&self) -> Option<&rusqlite::Connection> {
+        match self {
+            Conn::Sqlite(c) => Some(c),
+            Conn::Postgres(_) => None,
+        }
+    }
+
+    /// Runs a statement; how many rows it changed.
+    pub(crate) fn execute(&self, sql: &str, args: &[Arg<'_>]) -> Result<u64, DbError> {
+        match self {
+            Conn::Sqlite(c) => {
+                let n = c
+                    .prepare_cached(sql)?
+                    .execute(rusqlite::params_from_iter(args.iter()))?;
+                Ok(n as u64)
+            }
+            Conn::Postgres(p) => {
+                let st = p.prepare(sql)?;
+                let params = pg_params(args);
+                let n = p.client()?.execute(&st, &params)?;
+                p.changes.set(p.changes.get() + n);
+                Ok(n)
+            }
+        }
+    }
+
+    /// Runs statements without parameters, separated by `;` (schema, transaction control).
+    pub(crate) fn batch(&self, sql: &str) -> Result<(), DbError> {
+        match self {
+            Conn::Sqlite(c) => Ok(c.execute_batch(sql)?),
+            Conn::Postgres(p) => Ok(p.client()?.batch_execute(sql)?),
+        }
+    }
+
+    /// The first row of a query through `f`, if there is one.
+    pub(crate) fn query_row<T>(
+        &self,
+        sql: &str,
+        args: &[Arg<'_>],
+        f: impl FnOnce(&Row<'_>) -> Result<T, DbError>,
+    ) -> Result<Option<T>, DbError> {
+        match self {
+            Conn::Sqlite(c) => {
+                let mut st = c.prepare_cached(sql)?;
+                let mut rows = st.query(rusqlite::params_from_iter(args.iter()))?;
+                match rows.next()? {
+                    Some(r) => f(&Row::Sqlite(r)).map(Some),
+                    None => Ok(None),
+                }
+            }
+            Conn::Postgres(p) => {
+                let rows = p.query(sql, args)?;
+                match rows.first() {
+                    Some(r) => f(&Row::Postgres(r)).map(Some),
+                    None => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// The one row a query always returns (`count(*)`, `INSERT … RETURNING`) through `f`.
+    pub(crate) fn query_one<T>(
+        &self,
+        sql: &str,
+        args: &[Arg<'_>],
+        f: impl FnOnce(&Row<'_>) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        self.query_row(sql, args, f)?
+            .ok_or_else(|| DbError::Shape("the statement returned no row".to_owned()))
+    }
+
+    /// Every row of a query through `f`.
+    pub(crate) fn query_map<T>(
+        &self,
+        sql: &str,
+        args: &[Arg<'_>],
+        mut f: impl FnMut(&Row<'_>) -> Result<T, DbError>,
+    ) -> Result<Vec<T>, DbError> {
+        let mut out = Vec::new();
+        match self {
+            Conn::Sqlite(c) => {
+                let mut st = c.prepare_cached(sql)?;
+                let mut rows = st.query(rusqlite::params_from_iter(args.iter()))?;
+                while let Some(r) = rows.next()? {
+                    out.push(f(&Row::Sqlite(r))?);
+                }
+            }
+            Conn::Postgres(p) => {
+                for r in p.query(sql, args)? {
+                    out.push(f(&Row::Postgres(&r))?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Calls `f` with every row of a query, in order (SQLite: as they are read, so a
+    /// million rows are never held at once). `f` may fail with any repository error and
+    /// may use the connection; an error of the query itself is reported with `context`.
+    pub(crate) fn each(
+        &self,
+        sql: &str,
+        args: &[Arg<'_>],
+        context: &dyn Fn() -> String,
+        mut f: impl FnMut(&Row<'_>) -> Result<(), RepoError>,
+    ) -> Result<(), RepoError> {
+        match self {
+            Conn::Sqlite(c) => {
+                let mut st = c.prepare_cached(sql).with_ctx(context)?;
+                let mut rows = st
+                    .query(rusqlite::params_from_iter(args.iter()))
+                    .with_ctx(context)?;
+                while let Some(r) = rows.next().with_ctx(context)? {
+                    f(&Row::Sqlite(r))?;
+                }
+                Ok(())
+            }
+            Conn::Postgres(p) => {
+                for r in p.query(sql, args).with_ctx(context)? {
+                    f(&Row::Postgres(&r))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether a transaction is open.
+    pub(crate) fn in_transaction(&self) -> bool {
+        match self {
+            Conn::Sqlite(c) => !c.is_autocommit(),
+            Conn::Postgres(p) => p.in_tx.get(),
+        }
+    }
+
+    /// Runs transaction control (`BEGIN …`, `COMMIT`, `ROLLBACK`, savepoints) and keeps
+    /// track of whether a transaction is open.
+    pub(crate) fn control(&self, sql: &str) -> Result<(), DbError> {
+        match self {
+            Conn::Sqlite(c) => {
+                c.prepare_cached(sql)?.execute([])?;
+                Ok(())
+            }
+            Conn::Postgres(p) => {
+                let upper = sql.trim_start().to_ascii_uppercase();
+                let result = p.client()?.batch_execute(sql);
+                if upper.starts_with("BEGIN") {
+                    p.in_tx.set(result.is_ok());
+                } else if upper == "COMMIT" || upper == "ROLLBACK" {
+                    // Either way the transaction is over (a failed COMMIT rolls back).
+                    p.in_tx.set(false);
+                }
+                result.map_err(DbError::from)
+            }
+        }
+    }
+
+    /// Rows inserted, updated or deleted through this connection so far.
+    pub(crate) fn total_changes(&self) -> u64 {
+        match self {
+            Conn::Sqlite(c) => c.total_changes(),
+            Conn::Postgres(p) => p.changes.get(),
+        }
+    }
+
+    /// Whether the connection is gone for good (PostgreSQL: the server closed it).
+    pub(crate) fn is_closed(&self) -> bool {
+        match self {
+            Conn::Sqlite(_) => false,
+            Conn::Postgres(p) => p.is_closed(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_are_rewritten_outside_quotes() {
+        assert_eq!(
+            to_postgres("SELECT a FROM t WHERE b = ?1 AND c IN (?, ?) AND d = '?x' AND \"?\" = ?2"),
+            "SELECT a FROM t WHERE b = $1 AND c IN ($1, $2) AND d = '?x' AND \"?\" = $2"
+        );
+    }
+}
