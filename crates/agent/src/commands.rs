@@ -578,7 +578,7 @@ pub fn preview(loaded: Loaded, args: &crate::cli::PreviewArgs) -> anyhow::Result
     }
     // A preview writes nothing: without a repository yet, it decides against an empty one
     // in memory instead of creating the file.
-    let made = if loaded.repository_path().exists() {
+    let made = if loaded.repository_exists() {
         setup(loaded)
     } else {
         Setup::in_memory(loaded).map_err(|e| setup_failed(&e))

@@ -158,18 +158,72 @@ fn default_interval() -> u64 {
     30
 }
 
-/// Where the repository lives.
+/// Where the repository lives: an SQLite file (`path`, the default) or a PostgreSQL
+/// database (`url`).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepositoryConfig {
-    /// The SQLite file, relative to the config file (default `idsync.db`).
+    /// The SQLite file, relative to the config file (default `idsync.db`). With `url`, the
+    /// base name of this agent's own files (lock, status, in-flight marks).
     #[serde(default = "default_db")]
     pub path: PathBuf,
+    /// A PostgreSQL database, `postgres://user@host:port/db`, without the password.
+    pub url: Option<String>,
+    /// The environment variable holding the PostgreSQL password.
+    pub password_env: Option<String>,
+    /// A file holding the PostgreSQL password (its first line), relative to the config.
+    pub password_file: Option<PathBuf>,
+    /// A PEM file of the CA that signed the PostgreSQL server's certificate: TLS, the
+    /// certificate verified.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl RepositoryConfig {
+    /// What is wrong with these settings, each starting with the key concerned.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        match &self.url {
+            None => {
+                for (key, set) in [
+                    ("password_env", self.password_env.is_some()),
+                    ("password_file", self.password_file.is_some()),
+                    ("ca_file", self.ca_file.is_some()),
+                ] {
+                    if set {
+                        out.push(format!("{key}: only for a PostgreSQL repository (url)"));
+                    }
+                }
+            }
+            Some(url) => {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    out.push("url: expected postgres://user@host:port/database".to_owned());
+                } else if idsync_repo::redact_url(url) != *url {
+                    out.push(
+                        "url: holds a password; give it in password_env or password_file \
+                         instead (the URL is shown in status and logs)"
+                            .to_owned(),
+                    );
+                }
+                if self.password_env.is_some() && self.password_file.is_some() {
+                    out.push(
+                        "password_env: give password_env or password_file, not both".to_owned(),
+                    );
+                }
+            }
+        }
+        out
+    }
 }
 
 impl Default for RepositoryConfig {
     fn default() -> Self {
-        RepositoryConfig { path: default_db() }
+        RepositoryConfig {
+            path: default_db(),
+            url: None,
+            password_env: None,
+            password_file: None,
+            ca_file: None,
+        }
     }
 }
 
@@ -569,9 +623,24 @@ impl Loaded {
         }
     }
 
-    /// The repository file.
+    /// The repository file (with `url`: the base name of the agent's own files beside the
+    /// config, see [`RepositoryConfig::path`]).
     pub fn repository_path(&self) -> PathBuf {
         self.resolve(&self.config.repository.path)
+    }
+
+    /// The repository as messages name it: the file, or the URL without its password.
+    pub fn repository_shown(&self) -> String {
+        match &self.config.repository.url {
+            Some(url) => idsync_repo::redact_url(url),
+            None => self.repository_path().display().to_string(),
+        }
+    }
+
+    /// Whether the repository exists yet (a PostgreSQL database is assumed to: it is set
+    /// up when first opened).
+    pub fn repository_exists(&self) -> bool {
+        self.config.repository.url.is_some() || self.repository_path().exists()
     }
 
     /// The repository file and the files beside it that idsync and SQLite write
@@ -598,6 +667,13 @@ impl Loaded {
         if self.config.resources.is_empty() {
             out.push(format!("{f}: resources: no resource is configured"));
         }
+        out.extend(
+            self.config
+                .repository
+                .problems()
+                .into_iter()
+                .map(|p| format!("{f}: repository.{p}")),
+        );
         for (i, r) in self.config.resources.iter().enumerate() {
             let at = format!("{f}: resources[{i}]");
             if r.name.trim().is_empty() {

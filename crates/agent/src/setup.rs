@@ -360,15 +360,46 @@ fn reconcile_problems(loaded: &Loaded) -> Vec<String> {
 
 /// Opens the repository named in the config.
 pub fn open_repo(loaded: &Loaded) -> anyhow::Result<Arc<Repo>> {
-    let path = loaded.repository_path();
-    let repo = Repo::open(&path).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: repository {}: {e}",
-            loaded.file.display(),
-            path.display()
-        )
-    })?;
+    let shown = loaded.repository_shown();
+    let failed = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!("{}: repository {shown}: {e}", loaded.file.display())
+    };
+    let cfg = &loaded.config.repository;
+    let repo = match &cfg.url {
+        None => Repo::open(&loaded.repository_path()).map_err(|e| failed(&e))?,
+        Some(url) => {
+            let options = idsync_repo::PgOptions {
+                password: repository_password(loaded).map_err(|e| failed(&e))?,
+                ca_file: cfg.ca_file.as_ref().map(|p| loaded.resolve(p)),
+                connect_timeout: None,
+            };
+            Repo::open_postgres(url, &options).map_err(|e| failed(&e))?
+        }
+    };
     Ok(Arc::new(repo))
+}
+
+/// The PostgreSQL password from `password_env` or `password_file` (its first line), if
+/// either is set; never part of a message.
+fn repository_password(loaded: &Loaded) -> anyhow::Result<Option<String>> {
+    let cfg = &loaded.config.repository;
+    if let Some(var) = &cfg.password_env {
+        return match std::env::var(var) {
+            Ok(v) => Ok(Some(v)),
+            Err(_) => anyhow::bail!("repository.password_env: the variable {var} is not set"),
+        };
+    }
+    if let Some(file) = &cfg.password_file {
+        let path = loaded.resolve(file);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "repository.password_file: cannot read {}: {e}",
+                path.display()
+            )
+        })?;
+        return Ok(Some(text.lines().next().unwrap_or_default().to_owned()));
+    }
+    Ok(None)
 }
 
 /// Builds a dispatcher once the repository is open.

@@ -264,7 +264,7 @@ pub fn preview(loaded: &Loaded, args: &PreviewArgs, within: &str) -> anyhow::Res
     let json = args.json();
     let mut out = crate::printable::stdout();
     let shown = inline(shown_within).into_owned();
-    if !loaded.repository_path().exists() {
+    if !loaded.repository_exists() {
         let text = "timers: none pending (no repository yet); nothing was written";
         if json {
             eprintln!("{text}");

@@ -11,6 +11,8 @@ use crate::*;
 
 struct World {
     engine: Engine,
+    /// The private PostgreSQL server of the test, stopped after the engine is dropped.
+    _server: Option<idsync_testkit::postgres::Postgres>,
 }
 
 fn attrs(pairs: &[(&str, &str)]) -> AttrMap {
@@ -19,9 +21,18 @@ fn attrs(pairs: &[(&str, &str)]) -> AttrMap {
 
 impl World {
     fn new() -> World {
-        let repo = Arc::new(Repo::open_in_memory().unwrap());
+        // With IDSYNC_TEST_REPOSITORY=postgres, a private PostgreSQL server per test.
+        let (repo, server) = if idsync_testkit::postgres::tests_use_postgres() {
+            let pg = idsync_testkit::postgres::Postgres::start().unwrap();
+            pg.create_database("idsync").unwrap();
+            let repo = Repo::open_postgres(&pg.url("idsync"), &Default::default()).unwrap();
+            (repo, Some(pg))
+        } else {
+            (Repo::open_in_memory().unwrap(), None)
+        };
         World {
-            engine: Engine::new(repo, &Limits::default()),
+            engine: Engine::new(Arc::new(repo), &Limits::default()),
+            _server: server,
         }
     }
 

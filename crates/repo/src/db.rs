@@ -317,7 +317,10 @@ impl PgConn {
 
     /// Whether the connection to the server is gone (a new one is needed).
     pub(crate) fn is_closed(&self) -> bool {
-        self.client.try_borrow().map(|c| c.is_closed()).unwrap_or(false)
+        self.client
+            .try_borrow()
+            .map(|c| c.is_closed())
+            .unwrap_or(false)
     }
 }
 
@@ -369,7 +372,7 @@ pub(crate) fn to_postgres(sql: &str) -> String {
 /// One connection to the repository's database.
 pub(crate) enum Conn {
     Sqlite(rusqlite::Connection),
-    Postgres(PgConn),
+    Postgres(Box<PgConn>),
 }
 
 impl Conn {

@@ -132,7 +132,7 @@ impl Repo {
         self.begin()?;
         let result = (|| {
             let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
+            let conn = crate::sqlite_only(&guard, "this")?;
             if let Some(live) = still_exists(&conn, name)? {
                 return Ok(live);
             }

@@ -1,7 +1,7 @@
 //! Identities and account links (the correlation index of their values: module `index`).
 
-use idsync_core::{AttrMap, Identity, LinkedAccount};
 use crate::db::Conn;
+use idsync_core::{AttrMap, Identity, LinkedAccount};
 
 use crate::error::{Context, RepoError, from_json, to_json};
 use crate::index::reindex_values;
@@ -257,13 +257,7 @@ impl Repo {
 
 /// Links account `key` of `resource` to identity `id` (named `name`); idempotent for the
 /// same identity, refused when another one owns the account.
-fn link_id(
-    conn: &Conn,
-    id: i64,
-    name: &str,
-    resource: &str,
-    key: &str,
-) -> Result<(), RepoError> {
+fn link_id(conn: &Conn, id: i64, name: &str, resource: &str, key: &str) -> Result<(), RepoError> {
     let inserted = conn
         .execute(
             "INSERT INTO links (resource, key, identity_id, linked_at) VALUES (?1, ?2, ?3, ?4) \

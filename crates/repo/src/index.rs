@@ -18,8 +18,8 @@
 
 use std::sync::Arc;
 
-use idsync_core::{AttrMap, Conditions, Identity, Normalisation, Normalisations, Value};
 use crate::db::{Arg, Conn, ToArg};
+use idsync_core::{AttrMap, Conditions, Identity, Normalisation, Normalisations, Value};
 
 use crate::error::{Context, RepoError, from_json};
 use crate::{Repo, args, now};
@@ -320,11 +320,8 @@ fn build_index(
                 normalisation = %normalisation,
                 "re-indexing identity attribute for correlation queries: its normalisation changed (was {before})"
             );
-            conn.execute(
-                "DELETE FROM identity_values WHERE attr = ?1",
-                args![folded],
-            )
-            .with_ctx(|| format!("removing the index rows of attribute {folded}"))?;
+            conn.execute("DELETE FROM identity_values WHERE attr = ?1", args![folded])
+                .with_ctx(|| format!("removing the index rows of attribute {folded}"))?;
         }
     }
     let only = [Indexed {

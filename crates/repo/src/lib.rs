@@ -54,6 +54,7 @@ mod identities;
 mod index;
 mod outbox;
 mod passes;
+mod postgres;
 mod reconciles;
 mod records;
 mod retention;
@@ -83,6 +84,7 @@ pub use outbox::{
     now_ms,
 };
 pub use passes::LastPass;
+pub use postgres::{PgOptions, redact_url};
 pub use reconciles::{ReconcileOutcome, ReconcileRun};
 pub use records::{DecisionFilter, DiscardedFailure, FailedEvent, NewFailure, StoredDecision};
 pub use retention::{KEEP, Keep, PURGE_CHUNK, PurgeReport};
@@ -125,6 +127,8 @@ pub struct Repo {
     /// the process's descriptor of the file, which must close after every connection:
     /// keep this field last (module `file`).
     warmer: Option<warm::Warmer>,
+    /// How to connect again to a PostgreSQL repository whose connection was closed.
+    reconnect: Option<(String, PgOptions)>,
 }
 
 impl std::fmt::Debug for Repo {
@@ -177,6 +181,31 @@ impl Repo {
             }
         }
         Ok(repo)
+    }
+
+    /// Opens the repository in the PostgreSQL database at `url` (module `postgres`),
+    /// setting up an empty database.
+    pub fn open_postgres(url: &str, options: &PgOptions) -> Result<Repo, RepoError> {
+        let conn = postgres::connect(url, options)?;
+        postgres::prepare(&conn)?;
+        Ok(Repo {
+            reconnect: Some((url.to_owned(), options.clone())),
+            conn: Mutex::new(conn),
+            indexed: Mutex::new(None),
+            declared: Mutex::new(Arc::default()),
+            idle: Condvar::new(),
+            batch_wait: DEFAULT_BATCH_WAIT,
+            checkpointer: None,
+            warmer: None,
+        })
+    }
+
+    /// Whether the repository is a PostgreSQL database (else an SQLite file or memory).
+    pub fn is_postgres(&self) -> bool {
+        self.conn
+            .lock()
+            .map(|c| c.dialect() == db::Dialect::Postgres)
+            .unwrap_or(false)
     }
 
     /// A private in-memory repository with the same schema, for tests.
@@ -257,6 +286,7 @@ impl Repo {
             batch_wait: DEFAULT_BATCH_WAIT,
             checkpointer: None,
             warmer: None,
+            reconnect: None,
         })
     }
 
@@ -316,9 +346,30 @@ impl Repo {
         SqliteGuard(self.conn.lock().expect("repository lock"))
     }
 
-    /// Locks the connection; a poisoned lock becomes [`RepoError::Poisoned`].
+    /// Locks the connection; a poisoned lock becomes [`RepoError::Poisoned`]. A PostgreSQL
+    /// connection the server closed (a restart, a fail-over) is replaced by a new one first;
+    /// whatever transaction it had is gone with it (the server rolled it back), so the
+    /// caller's next transaction call fails and its batch is read again.
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, db::Conn>, RepoError> {
-        self.conn.lock().map_err(|_| RepoError::Poisoned)
+        let mut guard = self.conn.lock().map_err(|_| RepoError::Poisoned)?;
+        if guard.is_closed()
+            && let Some((url, options)) = &self.reconnect
+        {
+            match postgres::connect(url, options) {
+                Ok(fresh) => {
+                    tracing::warn!(
+                        "repository {}: the connection was closed; connected again",
+                        redact_url(url)
+                    );
+                    *guard = fresh;
+                    self.forget_indexed();
+                }
+                // The call goes on with the closed connection and fails with the driver's
+                // error, which says why (a storage failure: the caller backs off).
+                Err(e) => tracing::debug!("repository: connecting again failed: {e}"),
+            }
+        }
+        Ok(guard)
     }
 
     /// The attributes `identity_values` indexes. Inside a transaction the list is read
@@ -587,10 +638,7 @@ fn stored_time(t: SystemTime) -> String {
 
 /// The SQLite connection of `conn`, for what only SQLite does; a PostgreSQL repository gets
 /// [`RepoError::Unsupported`] naming `what`.
-pub(crate) fn sqlite_only<'c>(
-    conn: &'c db::Conn,
-    what: &str,
-) -> Result<&'c Connection, RepoError> {
+pub(crate) fn sqlite_only<'c>(conn: &'c db::Conn, what: &str) -> Result<&'c Connection, RepoError> {
     conn.sqlite().ok_or_else(|| RepoError::Unsupported {
         what: what.to_owned(),
         dialect: "PostgreSQL",

@@ -242,7 +242,7 @@ impl Repo {
         let result = (|| {
             let now = now_ms();
             let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
+            let conn = crate::sqlite_only(&guard, "this")?;
             let rows = conn
                 .prepare_cached(&format!(
                     "SELECT {COLUMNS} FROM outbox WHERE status = 'pending' \
@@ -283,7 +283,7 @@ impl Repo {
         let result = (|| {
             let now = now_ms();
             let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
+            let conn = crate::sqlite_only(&guard, "this")?;
             require_tx(&guard, "outbox_record")?;
             for (id, outcome) in outcomes {
                 let (sql, args): (&str, Vec<rusqlite::types::Value>) = match outcome {

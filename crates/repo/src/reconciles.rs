@@ -77,7 +77,7 @@ impl Repo {
         self.begin()?;
         let result = (|| {
             let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
+            let conn = crate::sqlite_only(&guard, "this")?;
             conn.prepare_cached(
                 "INSERT INTO reconciles (resource, started_at, ended_at, started_by, key_count, \
                  events, changed, unchanged, failed, rejected, outcome, error) \

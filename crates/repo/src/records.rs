@@ -441,7 +441,7 @@ impl Repo {
         self.begin()?;
         let result = (|| {
             let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
+            let conn = crate::sqlite_only(&guard, "this")?;
             let mut done = Vec::new();
             for id in ids {
                 let moved = conn

@@ -107,7 +107,7 @@ impl Repo {
             self.begin()?;
             let chunk = (|| {
                 let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
+                let conn = crate::sqlite_only(&guard, "this")?;
                 let rows: Vec<(i64, i64)> = conn
                     .prepare_cached(&select)
                     .and_then(|mut st| {
@@ -205,7 +205,7 @@ impl Repo {
             self.begin()?;
             let chunk = (|| {
                 let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
+                let conn = crate::sqlite_only(&guard, "this")?;
                 let ids: Vec<i64> = conn
                     .prepare_cached(select)
                     .and_then(|mut st| {

@@ -4,8 +4,8 @@
 //! apart through [`KnownAccounts`]; they are written in the batch transaction, so they move
 //! together with the checkpoint.
 
-use idsync_core::{AttrMap, Checkpoint, KnownAccounts};
 use crate::db::{Arg, Conn, Dialect, ToArg};
+use idsync_core::{AttrMap, Checkpoint, KnownAccounts};
 
 use crate::error::{Context, RepoError, from_json, to_json};
 use crate::{Repo, args, now};
@@ -215,8 +215,8 @@ pub(crate) fn read_checkpoint(
         args![resource],
         |r| r.get(0),
     )
-        .with_ctx(|| format!("reading the checkpoint of resource {resource}"))
-        .map(|token| token.map(Checkpoint))
+    .with_ctx(|| format!("reading the checkpoint of resource {resource}"))
+    .map(|token| token.map(Checkpoint))
 }
 
 pub(crate) fn write_checkpoint(

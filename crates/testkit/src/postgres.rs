@@ -187,6 +187,16 @@ impl Postgres {
     }
 }
 
+/// The environment variable that makes the engine's and the repository's unit tests run
+/// against a private PostgreSQL server instead of an in-memory SQLite repository
+/// (`IDSYNC_TEST_REPOSITORY=postgres`; scripts/test.sh runs them both ways).
+pub const REPOSITORY_ENV: &str = "IDSYNC_TEST_REPOSITORY";
+
+/// Whether the unit tests of this run use PostgreSQL ([`REPOSITORY_ENV`]).
+pub fn tests_use_postgres() -> bool {
+    std::env::var(REPOSITORY_ENV).is_ok_and(|v| v == "postgres")
+}
+
 impl Drop for Postgres {
     fn drop(&mut self) {
         let data = self.data().display().to_string();
