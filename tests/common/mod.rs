@@ -11,6 +11,10 @@ use serde_json::Value;
 /// A working folder for one scenario.
 pub struct Sandbox {
     dir: tempfile::TempDir,
+    /// With IDSYNC_TEST_REPOSITORY=postgres: the private PostgreSQL server holding this
+    /// sandbox's repository (every config written without a `repository:` key points
+    /// there).
+    postgres: Option<idsync_testkit::postgres::Postgres>,
 }
 
 /// What one run of the binary printed.
@@ -45,7 +49,17 @@ impl Sandbox {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("rules")).unwrap();
         std::fs::create_dir_all(dir.path().join("feeds")).unwrap();
-        Sandbox { dir }
+        let postgres = idsync_testkit::postgres::tests_use_postgres().then(|| {
+            let pg = idsync_testkit::postgres::Postgres::start().unwrap();
+            pg.create_database("idsync").unwrap();
+            pg
+        });
+        Sandbox { dir, postgres }
+    }
+
+    /// Whether the repository is a private PostgreSQL database (see [`Sandbox::new`]).
+    pub fn on_postgres(&self) -> bool {
+        self.postgres.is_some()
     }
 
     pub fn path(&self) -> &Path {
@@ -61,7 +75,13 @@ impl Sandbox {
     }
 
     pub fn config(&self, yaml: &str) {
-        self.write("idsync.yaml", yaml);
+        match &self.postgres {
+            Some(pg) if !yaml.lines().any(|l| l.starts_with("repository:")) => self.write(
+                "idsync.yaml",
+                &format!("repository: {{ url: \"{}\" }}\n{yaml}", pg.url("idsync")),
+            ),
+            _ => self.write("idsync.yaml", yaml),
+        }
     }
 
     pub fn rule(&self, name: &str, src: &str) {
