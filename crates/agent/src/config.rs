@@ -176,6 +176,17 @@ pub struct RepositoryConfig {
     /// A PEM file of the CA that signed the PostgreSQL server's certificate: TLS, the
     /// certificate verified.
     pub ca_file: Option<PathBuf>,
+    /// PostgreSQL: how long a resource's lease lasts without renewal (default 30 s); an
+    /// agent that dies is replaced for its resources within about this time.
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
+    /// PostgreSQL: this agent's name in the leases table (default the host name); the
+    /// process id is added.
+    pub agent_name: Option<String>,
+}
+
+fn default_lease_secs() -> u64 {
+    30
 }
 
 impl RepositoryConfig {
@@ -204,6 +215,9 @@ impl RepositoryConfig {
                             .to_owned(),
                     );
                 }
+                if self.lease_secs < 2 {
+                    out.push("lease_secs: at least 2 (seconds)".to_owned());
+                }
                 if self.password_env.is_some() && self.password_file.is_some() {
                     out.push(
                         "password_env: give password_env or password_file, not both".to_owned(),
@@ -223,6 +237,8 @@ impl Default for RepositoryConfig {
             password_env: None,
             password_file: None,
             ca_file: None,
+            lease_secs: default_lease_secs(),
+            agent_name: None,
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod exit;
 pub mod explain;
 pub mod fixtures;
 pub mod inflight;
+pub mod leases;
 pub mod lock;
 pub mod observe;
 pub mod outbox;

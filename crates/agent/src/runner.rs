@@ -193,6 +193,9 @@ pub enum Failure {
     /// Anything else (a bad header, a config the server refuses): the next scheduled time
     /// or wake-up.
     Other,
+    /// The batch was fenced off: this agent's lease of the resource passed to another
+    /// agent (PostgreSQL, module `leases`).
+    Fenced,
 }
 
 impl Failure {
@@ -204,10 +207,14 @@ impl Failure {
                 Some(EngineError::Repo(r)) if r.is_storage_failure() => return Failure::Storage,
                 _ => {}
             }
-            if cause
-                .downcast_ref::<RepoError>()
-                .is_some_and(RepoError::is_storage_failure)
-            {
+            let repo_error = match cause.downcast_ref::<EngineError>() {
+                Some(EngineError::Repo(r)) => Some(r),
+                _ => cause.downcast_ref::<RepoError>(),
+            };
+            if let Some(RepoError::LeaseLost { .. }) = repo_error {
+                return Failure::Fenced;
+            }
+            if repo_error.is_some_and(RepoError::is_storage_failure) {
                 return Failure::Storage;
             }
             if let Some(a) = cause.downcast_ref::<AdapterError>() {
@@ -228,7 +235,7 @@ impl Failure {
         let (first, max) = match self {
             Failure::Storage => (Duration::from_secs(2), Duration::from_secs(300)),
             Failure::Transient => (Duration::from_millis(500), Duration::from_secs(30)),
-            Failure::Halted | Failure::Other => return None,
+            Failure::Halted | Failure::Other | Failure::Fenced => return None,
         };
         Some(
             first

@@ -39,6 +39,7 @@ use crate::config::Loaded;
 use crate::exit::Exit;
 use crate::explain::describe;
 use crate::inflight::InFlight;
+use crate::leases::Keeper;
 use crate::observe::{Observer, serve as serve_http};
 use crate::runner::{Failure, Progress, SLICE, Stop};
 use crate::setup::Setup;
@@ -90,6 +91,8 @@ struct Shared {
     timers_poke: Option<Sender<()>>,
     /// The in-flight file every loop's engine notes its event in.
     guard: Arc<InFlight>,
+    /// PostgreSQL: the leases of the resources this agent may run (module `leases`).
+    keeper: Option<Arc<Keeper>>,
 }
 
 /// The loops of one config; a reload stops them and starts the next.
@@ -112,6 +115,7 @@ impl Generation {
         observer: &Arc<Observer>,
         board: &Arc<Board>,
         guard: &Arc<InFlight>,
+        keeper: Option<&Arc<Keeper>>,
     ) -> Generation {
         let stop = Stop::new();
         let repo = setup.engine.repo().clone();
@@ -149,6 +153,7 @@ impl Generation {
             poke,
             timers_poke: timers.is_some().then_some(timers_poke),
             guard: guard.clone(),
+            keeper: keeper.cloned(),
         };
         let mut loops = Vec::new();
         for (index, r) in setup.loaded.config.resources.iter().enumerate() {
@@ -256,7 +261,27 @@ pub fn serve(setup: Setup, args: &RunArgs, guard: &Arc<InFlight>) -> ExitCode {
         names.len(),
         names.join(", "),
     );
-    let mut generation = Generation::start(setup, args, &names, &observer, &board, guard);
+    let keeper = match start_keeper(&setup, &names) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(Exit::Resource);
+        }
+    };
+    let keeper_stop = Stop::new();
+    let keeper_thread = keeper.clone().and_then(|k| {
+        let stop = keeper_stop.clone();
+        spawn("idsync-leases", move || k.run(&stop))
+    });
+    let mut generation = Generation::start(
+        setup,
+        args,
+        &names,
+        &observer,
+        &board,
+        guard,
+        keeper.as_ref(),
+    );
     let mut reload_watch = reload_watcher(&generation.loaded);
     let mut retention = crate::retention::Job::new();
     let mut ages = crate::retention::Ages::of(&generation.loaded.config.retention);
@@ -277,7 +302,15 @@ pub fn serve(setup: Setup, args: &RunArgs, guard: &Arc<InFlight>) -> ExitCode {
                 generation.stop();
                 retention.restart();
                 ages = crate::retention::Ages::of(&new.loaded.config.retention);
-                generation = Generation::start(new, args, &names, &observer, &board, guard);
+                generation = Generation::start(
+                    new,
+                    args,
+                    &names,
+                    &observer,
+                    &board,
+                    guard,
+                    keeper.as_ref(),
+                );
                 tracing::warn!("reloaded {} and the rules", config_file.display());
                 reload_watch = reload_watcher(&generation.loaded);
             }
@@ -286,9 +319,51 @@ pub fn serve(setup: Setup, args: &RunArgs, guard: &Arc<InFlight>) -> ExitCode {
     }
     generation.stop();
     retention.join();
+    keeper_stop.request();
+    if let Some(h) = keeper_thread {
+        let _ = h.join();
+    }
+    if let Some(k) = &keeper {
+        k.release_all();
+    }
     tracing::info!("stopping: the last batch was committed");
     status_file.write_stopped(&board.snapshot());
     ExitCode::SUCCESS
+}
+
+/// With a PostgreSQL repository: the lease keeper of the resources this agent runs, on a
+/// connection of its own (module `leases`); `None` for SQLite.
+fn start_keeper(setup: &Setup, names: &[String]) -> anyhow::Result<Option<Arc<Keeper>>> {
+    let cfg = &setup.loaded.config.repository;
+    let Some(url) = &cfg.url else {
+        return Ok(None);
+    };
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "agent".to_owned());
+    let holder = format!(
+        "{}/{}",
+        cfg.agent_name.as_deref().unwrap_or(&host),
+        std::process::id()
+    );
+    let ttl = Duration::from_secs(cfg.lease_secs);
+    let options = crate::setup::postgres_options(&setup.loaded)?;
+    let leases = idsync_repo::Leases::open(url, &options, &holder, ttl).map_err(|e| {
+        anyhow::anyhow!(
+            "repository {}: leases: {e}",
+            setup.loaded.repository_shown()
+        )
+    })?;
+    tracing::info!(
+        "agent {holder}: resources run under leases of {} s",
+        cfg.lease_secs
+    );
+    Ok(Some(Arc::new(Keeper::new(
+        leases,
+        setup.engine.repo().clone(),
+        names.to_vec(),
+        ttl,
+    ))))
 }
 
 /// SIGTERM and SIGINT request the stop (a second one exits at once with
@@ -431,7 +506,20 @@ fn resource_loop(shared: Shared, index: usize, accept_deletes: bool) {
     };
     let mut next_reconcile = next_time();
     let mut reconcile_due = false;
+    let mut standby = false;
     while !shared.stop.requested() {
+        if let Some(keeper) = &shared.keeper
+            && !keeper.holds(&name)
+        {
+            // A standby: another agent runs the resource; look again at the next round.
+            if !standby {
+                shared.board.update(&name, |st| st.standby());
+                standby = true;
+            }
+            shared.stop.sleep_until(Instant::now() + keeper.round());
+            continue;
+        }
+        standby = false;
         if next_reconcile.is_some_and(|t| Instant::now() >= t) {
             reconcile_due = true;
             next_reconcile = next_time();
@@ -508,6 +596,12 @@ fn resource_loop(shared: Shared, index: usize, accept_deletes: bool) {
                 shared.observer.pass_failed(&name, &msg);
                 shared.board.update(&name, |st| st.pass_failed(&msg));
                 let kind = Failure::of(&e);
+                if kind == Failure::Fenced
+                    && let Some(keeper) = &shared.keeper
+                {
+                    keeper.lost(&name);
+                    continue;
+                }
                 if reconciling {
                     shared.observer.reconcile_failed(&name);
                     // Only a failure that may pass soon is tried again before the next time.

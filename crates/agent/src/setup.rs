@@ -368,15 +368,25 @@ pub fn open_repo(loaded: &Loaded) -> anyhow::Result<Arc<Repo>> {
     let repo = match &cfg.url {
         None => Repo::open(&loaded.repository_path()).map_err(|e| failed(&e))?,
         Some(url) => {
-            let options = idsync_repo::PgOptions {
-                password: repository_password(loaded).map_err(|e| failed(&e))?,
-                ca_file: cfg.ca_file.as_ref().map(|p| loaded.resolve(p)),
-                connect_timeout: None,
-            };
+            let options = postgres_options(loaded).map_err(|e| failed(&e))?;
             Repo::open_postgres(url, &options).map_err(|e| failed(&e))?
         }
     };
     Ok(Arc::new(repo))
+}
+
+/// How to reach a PostgreSQL repository besides its URL: password and CA file.
+pub fn postgres_options(loaded: &Loaded) -> anyhow::Result<idsync_repo::PgOptions> {
+    Ok(idsync_repo::PgOptions {
+        password: repository_password(loaded)?,
+        ca_file: loaded
+            .config
+            .repository
+            .ca_file
+            .as_ref()
+            .map(|p| loaded.resolve(p)),
+        connect_timeout: None,
+    })
 }
 
 /// The PostgreSQL password from `password_env` or `password_file` (its first line), if

@@ -27,7 +27,7 @@ fn now() -> String {
 pub struct ResourceStatus {
     /// Resource name.
     pub resource: String,
-    /// `starting`, `ok` or `failing`.
+    /// `starting`, `ok`, `failing`, or `standby` (another agent holds its lease).
     pub state: String,
     /// When the last pass ended (RFC 3339).
     pub last_pass_at: Option<String>,
@@ -79,6 +79,11 @@ impl ResourceStatus {
     pub fn reconcile_ok(&mut self) {
         self.state = "ok".to_owned();
         self.last_error = None;
+    }
+
+    /// Another agent holds the resource's lease: this agent waits (PostgreSQL).
+    pub fn standby(&mut self) {
+        self.state = "standby".to_owned();
     }
 
     /// A pass that could not synchronize the resource.

@@ -37,6 +37,18 @@ pub enum RepoError {
         /// The checkpoint found in the repository.
         found: Option<Checkpoint>,
     },
+    /// This agent's lease of the resource expired or passed to another agent before the
+    /// batch could commit: the batch was rolled back (its successor reads it again).
+    #[error(
+        "resource {resource}: this agent no longer holds its lease (token {token}); the batch \
+         was rolled back and is left to the agent that holds it"
+    )]
+    LeaseLost {
+        /// Resource name.
+        resource: String,
+        /// The fencing token the batch was read under.
+        token: i64,
+    },
     /// Checkin with a stale version.
     #[error(
         "identity {name} was changed by someone else (expected version {expected}, found {found})"

@@ -52,6 +52,7 @@ mod error;
 mod file;
 mod identities;
 mod index;
+mod leases;
 mod outbox;
 mod passes;
 mod postgres;
@@ -83,6 +84,7 @@ pub use outbox::{
     NewOutboxMessage, OutboxFilter, OutboxMessage, OutboxOutcome, OutboxStatus, RenderedMail,
     now_ms,
 };
+pub use leases::{Fence, LeaseRow, Leases};
 pub use passes::LastPass;
 pub use postgres::{PgOptions, redact_url};
 pub use reconciles::{ReconcileOutcome, ReconcileRun};
@@ -129,6 +131,8 @@ pub struct Repo {
     warmer: Option<warm::Warmer>,
     /// How to connect again to a PostgreSQL repository whose connection was closed.
     reconnect: Option<(String, PgOptions)>,
+    /// The leases this agent's batches commit under, by resource (module `leases`).
+    fences: Mutex<std::collections::HashMap<String, Fence>>,
 }
 
 impl std::fmt::Debug for Repo {
@@ -190,6 +194,7 @@ impl Repo {
         postgres::prepare(&conn)?;
         Ok(Repo {
             reconnect: Some((url.to_owned(), options.clone())),
+            fences: Mutex::default(),
             conn: Mutex::new(conn),
             indexed: Mutex::new(None),
             declared: Mutex::new(Arc::default()),
@@ -287,6 +292,7 @@ impl Repo {
             checkpointer: None,
             warmer: None,
             reconnect: None,
+            fences: Mutex::default(),
         })
     }
 
@@ -487,9 +493,23 @@ impl Repo {
         expected: Option<&idsync_core::Checkpoint>,
         new: Option<&idsync_core::Checkpoint>,
     ) -> Result<(), RepoError> {
+        let fence = self
+            .fences
+            .lock()
+            .map_err(|_| RepoError::Poisoned)?
+            .get(resource)
+            .cloned();
         let conn = self.lock()?;
         require_tx(&conn, "commit_batch")?;
         let result = (|| {
+            if let Some(fence) = &fence
+                && !leases::fence_holds(&conn, resource, fence)?
+            {
+                return Err(RepoError::LeaseLost {
+                    resource: resource.to_owned(),
+                    token: fence.token,
+                });
+            }
             let found = shadows::read_checkpoint(&conn, resource)?;
             if found.as_ref() != expected {
                 return Err(RepoError::CheckpointConflict {

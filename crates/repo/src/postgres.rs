@@ -12,7 +12,8 @@
 //!   `COLLATE "C"` as SQLite does). The version is the one row of `idsync_schema`. An empty
 //!   database is set up (under an advisory lock: several agents may start at once); one
 //!   holding other tables but no `idsync_schema` is refused as not a repository; a newer
-//!   version is refused like a newer SQLite file.
+//!   version is refused like a newer SQLite file. One table exists only here: `leases`
+//!   (module `leases`), for several agents sharing the database.
 
 use std::time::Duration;
 
@@ -275,6 +276,14 @@ CREATE TABLE timers (
 CREATE UNIQUE INDEX timers_one_per_kind ON timers(identity, kind);
 CREATE INDEX timers_due ON timers(due_at);
 CREATE INDEX timers_account ON timers(resource, key);
+CREATE TABLE leases (
+    resource     TEXT COLLATE "C" PRIMARY KEY,
+    holder       TEXT NOT NULL,
+    token        BIGINT NOT NULL,
+    acquired_at  BIGINT NOT NULL,
+    renewed_at   BIGINT NOT NULL,
+    expires_at   BIGINT NOT NULL
+);
 CREATE TABLE attribute_sources (
     identity_id  BIGINT NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
     attr         TEXT COLLATE "C" NOT NULL,
