@@ -48,6 +48,8 @@ pub struct Observer {
     outbox_pending: Gauge,
     outbox_dead: Gauge,
     states: Mutex<BTreeMap<String, ResourceState>>,
+    /// With a PostgreSQL repository: which resources this agent holds the lease of.
+    leases: Mutex<Option<Arc<crate::leases::Keeper>>>,
 }
 
 fn resource(name: &str) -> Labels {
@@ -186,6 +188,7 @@ impl Observer {
             outbox_pending,
             outbox_dead,
             states: Mutex::new(states),
+            leases: Mutex::new(None),
         }
     }
 
@@ -287,6 +290,31 @@ impl Observer {
         out
     }
 
+    /// Reports which resources this agent runs through `keeper` (several agents).
+    pub fn watch_leases(&self, keeper: Arc<crate::leases::Keeper>) {
+        if let Ok(mut l) = self.leases.lock() {
+            *l = Some(keeper);
+        }
+    }
+
+    /// With leases: the resources this agent runs and those it stands by for, as lines.
+    pub fn lease_lines(&self) -> Option<String> {
+        let keeper = self.leases.lock().ok()?.clone()?;
+        let held = keeper.held();
+        let states = self.states.lock().ok()?;
+        let standby: Vec<&str> = states
+            .keys()
+            .map(String::as_str)
+            .filter(|n| !held.iter().any(|h| h == n))
+            .collect();
+        Some(format!(
+            "agent: {}\nruns: {}\nstandby: {}\n",
+            keeper.holder(),
+            held.join(", "),
+            standby.join(", ")
+        ))
+    }
+
     /// Ready unless a resource is failing or halted (with the reasons): a resource in its
     /// first long pass is ready, it is making progress.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
@@ -322,14 +350,17 @@ pub fn serve(
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     ),
                     "/healthz" => (200, "ok\n".to_owned(), "text/plain"),
-                    "/readyz" => match observer.readiness() {
-                        Ok(()) => (200, "ready\n".to_owned(), "text/plain"),
-                        Err(why) => (
-                            503,
-                            format!("not ready\n{}\n", why.join("\n")),
-                            "text/plain",
-                        ),
-                    },
+                    "/readyz" => {
+                        let leases = observer.lease_lines().unwrap_or_default();
+                        match observer.readiness() {
+                            Ok(()) => (200, format!("ready\n{leases}"), "text/plain"),
+                            Err(why) => (
+                                503,
+                                format!("not ready\n{}\n{leases}", why.join("\n")),
+                                "text/plain",
+                            ),
+                        }
+                    }
                     _ => (404, "not found\n".to_owned(), "text/plain"),
                 };
                 let mut response = tiny_http::Response::from_string(body).with_status_code(code);

@@ -268,6 +268,9 @@ pub fn serve(setup: Setup, args: &RunArgs, guard: &Arc<InFlight>) -> ExitCode {
             return ExitCode::from(Exit::Resource);
         }
     };
+    if let Some(k) = &keeper {
+        observer.watch_leases(k.clone());
+    }
     let keeper_stop = Stop::new();
     let keeper_thread = keeper.clone().and_then(|k| {
         let stop = keeper_stop.clone();

@@ -193,6 +193,7 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
     let (pending, sent, dead) = repo.outbox_counts()?;
     let open_items = repo.open_work_item_count()?;
     let (timers, next_timer) = crate::timers::status(&repo)?;
+    let leases = repo.leases()?;
     let mut out = crate::printable::stdout();
     if json {
         let value = serde_json::json!({
@@ -212,6 +213,14 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
             "outbox": { "pending": pending, "sent": sent, "dead": dead },
             "work_items_open": open_items,
             "timers": { "pending": timers, "next_due": next_timer.map(idsync_engine::format_time) },
+            "leases": leases.iter().map(|l| serde_json::json!({
+                "resource": l.resource,
+                "holder": l.holder,
+                "token": l.token,
+                "since": idsync_engine::format_time(l.acquired_at),
+                "expires_at": idsync_engine::format_time(l.expires_at),
+                "expired": l.expired,
+            })).collect::<Vec<_>>(),
         });
         writeln!(out, "{value}")?;
         return Ok(ExitCode::SUCCESS);
@@ -247,6 +256,22 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
         }
         if last.is_some() || cron.is_some() {
             writeln!(out, "  {}", reconcile_line(last.as_ref(), cron.as_deref()))?;
+        }
+    }
+    for l in &leases {
+        let since = idsync_engine::format_time(l.acquired_at);
+        if l.expired {
+            writeln!(
+                out,
+                "lease {}: expired (last held by {} since {since}); the next agent to look takes it",
+                l.resource, l.holder
+            )?;
+        } else {
+            writeln!(
+                out,
+                "lease {}: held by {} since {since} (token {})",
+                l.resource, l.holder, l.token
+            )?;
         }
     }
     writeln!(out, "outbox: {pending} pending, {sent} sent, {dead} dead")?;
