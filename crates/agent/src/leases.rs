@@ -76,11 +76,13 @@ impl Keeper {
         out
     }
 
-    /// A batch of `resource` was fenced off: the lease is no longer ours.
+    /// The lease of `resource` is no longer ours (not renewed in time, or a batch was
+    /// fenced off). The fence stays registered with the repository: a batch still in hand
+    /// commits only if this agent takes the lease back (a new fence) and nobody else
+    /// committed meanwhile (the checkpoint's compare-and-swap).
     pub fn lost(&self, resource: &str) {
         let was = self.held.lock().ok().and_then(|mut h| h.remove(resource));
         if was.is_some() {
-            let _ = self.repo.set_fence(resource, None);
             tracing::warn!(resource, "lease lost: another agent runs this resource now");
         }
     }

@@ -305,15 +305,8 @@ pub fn serve(setup: Setup, args: &RunArgs, guard: &Arc<InFlight>) -> ExitCode {
                 generation.stop();
                 retention.restart();
                 ages = crate::retention::Ages::of(&new.loaded.config.retention);
-                generation = Generation::start(
-                    new,
-                    args,
-                    &names,
-                    &observer,
-                    &board,
-                    guard,
-                    keeper.as_ref(),
-                );
+                generation =
+                    Generation::start(new, args, &names, &observer, &board, guard, keeper.as_ref());
                 tracing::warn!("reloaded {} and the rules", config_file.display());
                 reload_watch = reload_watcher(&generation.loaded);
             }

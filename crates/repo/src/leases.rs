@@ -112,7 +112,9 @@ impl Leases {
         );
         let token: Option<i64> = self
             .lock()?
-            .query_row(&sql, args![resource, self.holder, self.ttl_ms()], |r| r.get(0))
+            .query_row(&sql, args![resource, self.holder, self.ttl_ms()], |r| {
+                r.get(0)
+            })
             .with_ctx(|| format!("taking the lease of resource {resource}"))?;
         Ok(token.map(|token| Fence {
             holder: self.holder.clone(),
@@ -194,7 +196,9 @@ pub(crate) fn fence_holds(conn: &Conn, resource: &str, fence: &Fence) -> Result<
          AND expires_at > {DB_NOW_MS} FOR UPDATE"
     );
     let found: Option<i64> = conn
-        .query_row(&sql, args![resource, fence.holder, fence.token], |r| r.get(0))
+        .query_row(&sql, args![resource, fence.holder, fence.token], |r| {
+            r.get(0)
+        })
         .with_ctx(|| format!("checking the lease of resource {resource}"))?;
     Ok(found.is_some())
 }

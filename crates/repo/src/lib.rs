@@ -80,11 +80,11 @@ pub use checkpointer::WAL_SAFETY_NET_PAGES;
 pub use erasure::{ERASED, Erasure, ErasureRecord, ErasureReport};
 pub use error::RepoError;
 pub use index::{Block, BlockQuery};
+pub use leases::{Fence, LeaseRow, Leases};
 pub use outbox::{
     NewOutboxMessage, OutboxFilter, OutboxMessage, OutboxOutcome, OutboxStatus, RenderedMail,
     now_ms,
 };
-pub use leases::{Fence, LeaseRow, Leases};
 pub use passes::LastPass;
 pub use postgres::{PgOptions, redact_url};
 pub use reconciles::{ReconcileOutcome, ReconcileRun};

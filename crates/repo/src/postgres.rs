@@ -30,6 +30,11 @@ pub struct PgOptions {
     pub ca_file: Option<std::path::PathBuf>,
     /// How long to wait for the connection (default 10 s).
     pub connect_timeout: Option<Duration>,
+    /// The server ends a session that keeps a transaction open this long without a
+    /// statement (`idle_in_transaction_session_timeout`): an agent paused in the middle of a
+    /// batch (SIGSTOP, a frozen machine) must not keep the repository's write lock from
+    /// the agent that takes its resources over. The agent sets its lease time.
+    pub idle_in_transaction_timeout: Option<Duration>,
 }
 
 /// The URL without its password, for messages.
@@ -72,7 +77,15 @@ pub(crate) fn connect(url: &str, options: &PgOptions) -> Result<Conn, RepoError>
             config.connect(tls(ca)?).with_ctx(context)?
         }
     };
-    Ok(Conn::Postgres(Box::new(PgConn::new(client))))
+    let conn = Conn::Postgres(Box::new(PgConn::new(client)));
+    if let Some(idle) = options.idle_in_transaction_timeout {
+        conn.batch(&format!(
+            "SET idle_in_transaction_session_timeout = {}",
+            idle.as_millis().max(1)
+        ))
+        .ctx("setting idle_in_transaction_session_timeout")?;
+    }
+    Ok(conn)
 }
 
 /// A rustls connector trusting only the CA in the PEM file `ca`.
