@@ -100,11 +100,32 @@ pub enum Command {
     /// Remove an account's link (the identity stays as it is); recorded as an operator
     /// decision.
     Unlink(UnlinkArgs),
+    /// Copy the whole repository into an empty one of the other kind (SQLite file to
+    /// PostgreSQL database or back), verified by row counts and checksums per table.
+    Migrate(MigrateArgs),
     /// Run the rule fixtures (YAML) in <rules_dir>/tests or the given files and folders.
     TestRules {
         /// Fixture files or folders.
         paths: Vec<PathBuf>,
     },
+}
+
+/// `migrate` options.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The target: `postgres://user@host:port/database` (an empty database) or the path of
+    /// an SQLite file that does not exist yet.
+    #[arg(long, value_name = "URL_OR_PATH")]
+    pub to: String,
+    /// The environment variable holding the target PostgreSQL's password.
+    #[arg(long, value_name = "VAR")]
+    pub to_password_env: Option<String>,
+    /// A PEM file of the CA of the target PostgreSQL server (TLS, certificate verified).
+    #[arg(long, value_name = "FILE")]
+    pub to_ca_file: Option<PathBuf>,
+    /// One JSON object: every table with its counts and checksums.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `check` options.
@@ -494,6 +515,7 @@ impl Command {
             Command::WorkItems(WorkItemsCommand::Show { .. })
             | Command::WorkItems(WorkItemsCommand::Resolve { .. }) => Vec::new(),
             Command::Failed(FailedCommand::Discarded { .. })
+            | Command::Migrate(_)
             | Command::Check(_)
             | Command::Identities(_)
             | Command::Outbox(_)

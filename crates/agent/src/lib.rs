@@ -19,6 +19,7 @@ pub mod fixtures;
 pub mod inflight;
 pub mod leases;
 pub mod lock;
+pub mod migrate;
 pub mod observe;
 pub mod outbox;
 pub mod preflight;
@@ -82,6 +83,7 @@ pub fn main() -> ExitCode {
         Command::WorkItems(cmd) => work_items::command(loaded, cmd),
         Command::Link(args) => work_items::link(loaded, args),
         Command::Unlink(args) => work_items::unlink(loaded, args),
+        Command::Migrate(args) => migrate::command(&loaded, args),
     };
     match result {
         Ok(code) => code,

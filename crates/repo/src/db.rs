@@ -228,6 +228,74 @@ impl Row<'_> {
     }
 }
 
+/// A value of any column, owned: what a copy between databases carries.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Value {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl ToArg for Value {
+    fn to_arg(&self) -> Arg<'_> {
+        match self {
+            Value::Null => Arg::Null,
+            Value::Int(v) => Arg::Int(*v),
+            Value::Real(v) => Arg::Real(*v),
+            Value::Text(s) => Arg::Text(s),
+            Value::Blob(b) => Arg::Blob(b),
+        }
+    }
+}
+
+impl Row<'_> {
+    /// Column `i` whatever its type (text, integer, real, bytes, NULL).
+    pub(crate) fn value(&self, i: usize) -> Result<Value, DbError> {
+        match self {
+            Row::Sqlite(r) => {
+                use rusqlite::types::ValueRef;
+                Ok(match r.get_ref(i)? {
+                    ValueRef::Null => Value::Null,
+                    ValueRef::Integer(v) => Value::Int(v),
+                    ValueRef::Real(v) => Value::Real(v),
+                    ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+                    ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+                })
+            }
+            Row::Postgres(r) => {
+                use postgres::types::Type;
+                let ty = r
+                    .columns()
+                    .get(i)
+                    .map(|c| c.type_().clone())
+                    .ok_or_else(|| DbError::Shape(format!("no column {i}")))?;
+                Ok(match ty {
+                    Type::INT8 => r
+                        .try_get::<_, Option<i64>>(i)?
+                        .map_or(Value::Null, Value::Int),
+                    Type::INT4 => r
+                        .try_get::<_, Option<i32>>(i)?
+                        .map_or(Value::Null, |v| Value::Int(i64::from(v))),
+                    Type::BOOL => r
+                        .try_get::<_, Option<bool>>(i)?
+                        .map_or(Value::Null, |v| Value::Int(i64::from(v))),
+                    Type::FLOAT8 => r
+                        .try_get::<_, Option<f64>>(i)?
+                        .map_or(Value::Null, Value::Real),
+                    Type::BYTEA => r
+                        .try_get::<_, Option<Vec<u8>>>(i)?
+                        .map_or(Value::Null, Value::Blob),
+                    _ => r
+                        .try_get::<_, Option<String>>(i)?
+                        .map_or(Value::Null, Value::Text),
+                })
+            }
+        }
+    }
+}
+
 /// A Rust type a column can be read as.
 pub(crate) trait Column: Sized {
     fn from_sqlite(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Self>;

@@ -49,6 +49,14 @@ pub enum RepoError {
         /// The fencing token the batch was read under.
         token: i64,
     },
+    /// A migration's target already holds data.
+    #[error("the target repository is not empty: table {table} has {rows} rows")]
+    NotEmpty {
+        /// A table that holds rows.
+        table: String,
+        /// How many.
+        rows: u64,
+    },
     /// Checkin with a stale version.
     #[error(
         "identity {name} was changed by someone else (expected version {expected}, found {found})"

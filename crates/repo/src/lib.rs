@@ -46,6 +46,7 @@
 
 mod busy;
 mod checkpointer;
+mod copy;
 pub(crate) mod db;
 mod erasure;
 mod error;
@@ -77,6 +78,7 @@ use rusqlite::Connection;
 
 pub use busy::wait_for_other_writers;
 pub use checkpointer::WAL_SAFETY_NET_PAGES;
+pub use copy::CopiedTable;
 pub use erasure::{ERASED, Erasure, ErasureRecord, ErasureReport};
 pub use error::RepoError;
 pub use index::{Block, BlockQuery};

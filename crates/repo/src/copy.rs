@@ -1,0 +1,394 @@
+//! Copying a whole repository into an empty one of either kind (`idsync migrate`): SQLite
+//! to PostgreSQL and back.
+//!
+//! Every table is copied with its ids (decision records keep their numbers, links their
+//! identities), in an order that satisfies the foreign keys, in one transaction of the
+//! target; PostgreSQL's id sequences are then moved past the copied ids. The copy is
+//! verified by reading both sides again: per table, the row count and a checksum of every
+//! value in primary-key order (both databases sort text byte-wise), computed the same way
+//! on both. Leases are not copied: they belong to the agents running, and there are none
+//! during a migration.
+
+use std::hash::{Hash, Hasher};
+
+use serde::Serialize;
+
+use crate::db::{Arg, Conn, Dialect, ToArg, Value};
+use crate::error::{Context, RepoError};
+use crate::{Repo, args};
+
+/// A table: its name, its columns, its primary key order, and whether `id` is generated.
+struct Table {
+    name: &'static str,
+    columns: &'static [&'static str],
+    order: &'static str,
+    generated_id: bool,
+}
+
+/// Every table of the repository, parents before children.
+const TABLES: &[Table] = &[
+    Table {
+        name: "identities",
+        columns: &[
+            "id",
+            "name",
+            "version",
+            "disabled",
+            "attrs",
+            "created_at",
+            "updated_at",
+        ],
+        order: "id",
+        generated_id: true,
+    },
+    Table {
+        name: "identity_values",
+        columns: &["attr", "value", "identity_id"],
+        order: "attr, value, identity_id",
+        generated_id: false,
+    },
+    Table {
+        name: "indexed_attributes",
+        columns: &["attr", "built_at"],
+        order: "attr",
+        generated_id: false,
+    },
+    Table {
+        name: "index_normalisations",
+        columns: &["attr", "steps"],
+        order: "attr",
+        generated_id: false,
+    },
+    Table {
+        name: "links",
+        columns: &["resource", "key", "identity_id", "linked_at"],
+        order: "resource, key",
+        generated_id: false,
+    },
+    Table {
+        name: "shadows",
+        columns: &["resource", "key", "hash", "attrs"],
+        order: "resource, key",
+        generated_id: false,
+    },
+    Table {
+        name: "checkpoints",
+        columns: &["resource", "token", "updated_at"],
+        order: "resource",
+        generated_id: false,
+    },
+    Table {
+        name: "decisions",
+        columns: &[
+            "id",
+            "at",
+            "resource",
+            "key",
+            "op",
+            "situation",
+            "action",
+            "identity",
+            "record",
+        ],
+        order: "id",
+        generated_id: true,
+    },
+    Table {
+        name: "failed_events",
+        columns: &[
+            "id",
+            "at",
+            "resource",
+            "key",
+            "origin",
+            "error",
+            "event",
+            "attempts",
+            "last_attempt_at",
+            "decision_id",
+        ],
+        order: "id",
+        generated_id: true,
+    },
+    Table {
+        name: "failed_discarded",
+        columns: &[
+            "id",
+            "at",
+            "resource",
+            "key",
+            "origin",
+            "error",
+            "event",
+            "discarded_at",
+            "reason",
+        ],
+        order: "id",
+        generated_id: false,
+    },
+    Table {
+        name: "outbox",
+        columns: &[
+            "id",
+            "created_at",
+            "policy",
+            "identity",
+            "resource",
+            "key",
+            "status",
+            "attempts",
+            "next_attempt_at",
+            "expires_at",
+            "claimed_until",
+            "last_error",
+            "sent_at",
+            "message",
+        ],
+        order: "id",
+        generated_id: true,
+    },
+    Table {
+        name: "reconciles",
+        columns: &[
+            "id",
+            "resource",
+            "started_at",
+            "ended_at",
+            "started_by",
+            "key_count",
+            "events",
+            "changed",
+            "unchanged",
+            "failed",
+            "rejected",
+            "outcome",
+            "error",
+        ],
+        order: "id",
+        generated_id: true,
+    },
+    Table {
+        name: "erasures",
+        columns: &["id", "at", "reference", "removed"],
+        order: "id",
+        generated_id: true,
+    },
+    Table {
+        name: "last_passes",
+        columns: &["resource", "passed_at", "failed_at", "error"],
+        order: "resource",
+        generated_id: false,
+    },
+    Table {
+        name: "work_items",
+        columns: &[
+            "id",
+            "created_at",
+            "resource",
+            "key",
+            "kind",
+            "reason",
+            "candidates",
+            "decision_id",
+            "seen",
+            "last_seen_at",
+            "last_decision_id",
+            "state",
+            "closed_at",
+            "resolution",
+            "resolved_identity",
+            "closed_by_decision",
+            "closed_reason",
+        ],
+        order: "id",
+        generated_id: true,
+    },
+    Table {
+        name: "timers",
+        columns: &[
+            "id",
+            "identity",
+            "kind",
+            "due_at",
+            "planned_at",
+            "resource",
+            "key",
+            "reason",
+            "attempts",
+            "last_error",
+        ],
+        order: "id",
+        generated_id: true,
+    },
+    Table {
+        name: "attribute_sources",
+        columns: &["identity_id", "attr", "resource", "key", "given_at"],
+        order: "identity_id, attr",
+        generated_id: false,
+    },
+];
+
+/// Rows per `INSERT` of the copy.
+const ROWS_PER_INSERT: usize = 100;
+
+/// One table of a copy, as both sides read after it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct CopiedTable {
+    /// Table name.
+    pub table: String,
+    /// Rows in the source.
+    pub source_rows: u64,
+    /// Rows in the target.
+    pub target_rows: u64,
+    /// Checksum of the source's rows (hex).
+    pub source_checksum: String,
+    /// Checksum of the target's rows (hex).
+    pub target_checksum: String,
+}
+
+impl CopiedTable {
+    /// Whether both sides hold the same rows.
+    pub fn matches(&self) -> bool {
+        self.source_rows == self.target_rows && self.source_checksum == self.target_checksum
+    }
+}
+
+impl Repo {
+    /// Copies every table of this repository into `target`, which must be empty, and
+    /// verifies the copy (module doc). Not while an agent writes to either.
+    pub fn copy_into_repository(&self, target: &Repo) -> Result<Vec<CopiedTable>, RepoError> {
+        {
+            let conn = target.lock()?;
+            for t in TABLES {
+                let n = count(&conn, t)?;
+                if n > 0 {
+                    return Err(RepoError::NotEmpty {
+                        table: t.name.to_owned(),
+                        rows: n,
+                    });
+                }
+            }
+        }
+        target.begin()?;
+        let copied = (|| {
+            let source = self.lock()?;
+            let conn = target.lock()?;
+            for t in TABLES {
+                copy_table(&source, &conn, t)?;
+            }
+            if conn.dialect() == Dialect::Postgres {
+                for t in TABLES.iter().filter(|t| t.generated_id) {
+                    let sql = format!(
+                        "SELECT setval(pg_get_serial_sequence('{0}', 'id'), \
+                         coalesce(max(id), 0) + 1, false) FROM {0}",
+                        t.name
+                    );
+                    conn.query_one(&sql, args![], |r| r.get::<i64>(0))
+                        .with_ctx(|| format!("moving the ids of {} past the copy", t.name))?;
+                }
+            }
+            Ok(())
+        })();
+        target.finish(copied)?;
+        let source = self.lock()?;
+        let conn = target.lock()?;
+        TABLES
+            .iter()
+            .map(|t| {
+                let (source_rows, source_checksum) = checksum(&source, t)?;
+                let (target_rows, target_checksum) = checksum(&conn, t)?;
+                Ok(CopiedTable {
+                    table: t.name.to_owned(),
+                    source_rows,
+                    target_rows,
+                    source_checksum,
+                    target_checksum,
+                })
+            })
+            .collect()
+    }
+}
+
+fn count(conn: &Conn, t: &Table) -> Result<u64, RepoError> {
+    let n: i64 = conn
+        .query_one(&format!("SELECT count(*) FROM {}", t.name), args![], |r| {
+            r.get(0)
+        })
+        .with_ctx(|| format!("counting the rows of {}", t.name))?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+fn select(t: &Table) -> String {
+    format!(
+        "SELECT {} FROM {} ORDER BY {}",
+        t.columns.join(", "),
+        t.name,
+        t.order
+    )
+}
+
+fn insert(t: &Table, rows: usize) -> String {
+    let width = t.columns.len();
+    let tuples: Vec<String> = (0..rows)
+        .map(|r| {
+            let marks: Vec<String> = (1..=width).map(|c| format!("?{}", r * width + c)).collect();
+            format!("({})", marks.join(", "))
+        })
+        .collect();
+    format!(
+        "INSERT INTO {} ({}) VALUES {}",
+        t.name,
+        t.columns.join(", "),
+        tuples.join(", ")
+    )
+}
+
+fn copy_table(source: &Conn, target: &Conn, t: &Table) -> Result<(), RepoError> {
+    let reading = || format!("reading table {}", t.name);
+    let writing = || format!("copying table {}", t.name);
+    let width = t.columns.len();
+    let mut pending: Vec<Value> = Vec::with_capacity(width * ROWS_PER_INSERT);
+    let flush = |pending: &mut Vec<Value>| -> Result<(), RepoError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let rows = pending.len() / width;
+        let values: Vec<Arg<'_>> = pending.iter().map(ToArg::to_arg).collect();
+        target
+            .execute(&insert(t, rows), &values)
+            .with_ctx(writing)?;
+        pending.clear();
+        Ok(())
+    };
+    source.each(&select(t), args![], &reading, |r| {
+        for c in 0..width {
+            pending.push(r.value(c).with_ctx(reading)?);
+        }
+        if pending.len() >= width * ROWS_PER_INSERT {
+            flush(&mut pending)?;
+        }
+        Ok(())
+    })?;
+    flush(&mut pending)
+}
+
+/// Row count and checksum of table `t` (module doc).
+fn checksum(conn: &Conn, t: &Table) -> Result<(u64, String), RepoError> {
+    let reading = || format!("verifying table {}", t.name);
+    let mut hasher = std::hash::DefaultHasher::new();
+    let mut rows = 0u64;
+    conn.each(&select(t), args![], &reading, |r| {
+        rows += 1;
+        for c in 0..t.columns.len() {
+            match r.value(c).with_ctx(reading)? {
+                Value::Null => 0u8.hash(&mut hasher),
+                Value::Int(v) => (1u8, v).hash(&mut hasher),
+                Value::Real(v) => (2u8, v.to_bits()).hash(&mut hasher),
+                Value::Text(s) => (3u8, s).hash(&mut hasher),
+                Value::Blob(b) => (4u8, b).hash(&mut hasher),
+            }
+        }
+        Ok(())
+    })?;
+    Ok((rows, format!("{:016x}", hasher.finish())))
+}
