@@ -13,6 +13,10 @@
 //! 5. last, the **records floor** (`records.rs`): the rows the passes wrote, inserted
 //!    again row by row into a fresh file, no rules — what SQLite alone costs for them.
 //!
+//! With `--repository postgres` (a private server) or a URL, the repository is that
+//! PostgreSQL database and the floor a `COPY` of the same records into it; the records
+//! floor is not run.
+//!
 //! Each pipeline step is split into the adapter's fetch (read, parse, diff) and the engine's
 //! apply (rules, repository writes, commit), so the figures say what dominates.
 
@@ -47,6 +51,11 @@ pub struct FlatfileArgs {
     /// value is folded, for the cost of normalisation against exact comparison.
     #[arg(long)]
     pub normalise: bool,
+    /// Keep the repository in PostgreSQL: `postgres` starts a private server on this
+    /// machine (testkit), or give the URL of an empty database. The floor is then a `COPY`
+    /// of the same records into a table of the same database.
+    #[arg(long, value_name = "postgres|URL")]
+    pub repository: Option<String>,
 }
 
 const COLUMNS: &str = "id,first_name,last_name,email,department,title,manager,location,phone,start_date,status,cost_center";
@@ -169,6 +178,60 @@ fn floor(feed: &Path, db: &Path) -> anyhow::Result<(Duration, Duration)> {
     Ok((parsed, parsed + start.elapsed()))
 }
 
+/// The PostgreSQL floor: csv parse, then `COPY` of the same rows (key and the attributes
+/// as JSON, tab-separated text format) into a new table of the database at `url`, in one
+/// transaction. Returns (parse time, parse + copy time).
+fn postgres_floor(feed: &Path, url: &str) -> anyhow::Result<(Duration, Duration)> {
+    use std::io::Write as _;
+    let reading = || format!("reading {}", feed.display());
+    let start = Instant::now();
+    let mut reader = csv::ReaderBuilder::new()
+        .from_path(feed)
+        .with_context(reading)?;
+    let mut record = csv::ByteRecord::new();
+    while reader.read_byte_record(&mut record).with_context(reading)? {}
+    let parsed = start.elapsed();
+    let mut client = postgres::Client::connect(url, postgres::NoTls)
+        .context("connecting to PostgreSQL for the floor")?;
+    client.batch_execute(
+        "DROP TABLE IF EXISTS bench_floor; \
+         CREATE TABLE bench_floor (key TEXT COLLATE \"C\" PRIMARY KEY, attrs TEXT NOT NULL)",
+    )?;
+    let start = Instant::now();
+    let mut tx = client.transaction()?;
+    {
+        let mut writer = tx.copy_in("COPY bench_floor (key, attrs) FROM STDIN")?;
+        let mut reader = csv::ReaderBuilder::new()
+            .from_path(feed)
+            .with_context(reading)?;
+        let headers = reader.headers().with_context(reading)?.clone();
+        let mut record = csv::StringRecord::new();
+        let mut line = String::with_capacity(512);
+        while reader.read_record(&mut record).with_context(reading)? {
+            line.clear();
+            line.push_str(record.get(0).unwrap_or_default());
+            line.push_str("\t{");
+            for (i, (h, v)) in headers.iter().zip(record.iter()).enumerate() {
+                if i > 0 {
+                    line.push(',');
+                }
+                line.push_str(&serde_json::to_string(h)?);
+                line.push(':');
+                line.push_str(&serde_json::to_string(v)?);
+            }
+            // COPY's text format: a backslash starts an escape.
+            let escaped = line.replace('\\', "\\\\");
+            writer.write_all(escaped.as_bytes())?;
+            writer.write_all(b"}\n")?;
+        }
+        writer.finish()?;
+    }
+    tx.commit()?;
+    let copied = start.elapsed();
+    client.batch_execute("DROP TABLE bench_floor")?;
+    Ok((parsed, parsed + copied))
+}
+
 /// One pipeline pass, as `idsync run --once` does it: (fetch time, apply time, events).
 fn pipeline_pass(setup: &Setup) -> anyhow::Result<(Duration, Duration, u64)> {
     let policy = &setup.policies[0];
@@ -233,6 +296,24 @@ pub fn run(args: &FlatfileArgs) -> anyhow::Result<()> {
     let rule = dir.join("rules/correlation.rhai");
     std::fs::write(&rule, "// by employee number\n#{ empno: account.id }\n")
         .with_context(|| written(&rule))?;
+    // A private PostgreSQL server when asked for by name (kept until the end).
+    let private = match args.repository.as_deref() {
+        Some("postgres") => {
+            let pg = idsync_testkit::postgres::Postgres::start()?;
+            pg.create_database("bench")?;
+            Some(pg)
+        }
+        _ => None,
+    };
+    let url = match (&private, args.repository.as_deref()) {
+        (Some(pg), _) => Some(pg.url("bench")),
+        (None, Some(url)) => Some(url.to_owned()),
+        (None, None) => None,
+    };
+    let repository = match &url {
+        Some(url) => format!("{{ url: \"{url}\" }}"),
+        None => "{ path: idsync.db }".to_owned(),
+    };
     let config = dir.join("idsync.yaml");
     let correlation = if args.normalise {
         "correlation: { normalise: { empno: [case, spaces, diacritics] } }\n"
@@ -242,7 +323,7 @@ pub fn run(args: &FlatfileArgs) -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "repository: {{ path: idsync.db }}
+            "repository: {repository}
 rules_dir: rules
 {correlation}resources:
   - name: hr
@@ -274,14 +355,31 @@ rules_dir: rules
         secs(t.elapsed())
     );
 
-    let (parsed, floor_total) = floor(&feed, &dir.join("floor.db"))?;
-    say!(
-        "floor: {} (csv parse {}, SQLite bulk insert {}); peak RSS {}",
-        secs(floor_total),
-        secs(parsed),
-        secs(floor_total - parsed),
-        rss()
-    );
+    let (parsed, floor_total) = match &url {
+        Some(url) => {
+            let (parsed, total) = postgres_floor(&feed, url)?;
+            say!(
+                "floor: {} (csv parse {}, PostgreSQL COPY {}); peak RSS {}",
+                secs(total),
+                secs(parsed),
+                secs(total - parsed),
+                rss()
+            );
+            (parsed, total)
+        }
+        None => {
+            let (parsed, total) = floor(&feed, &dir.join("floor.db"))?;
+            say!(
+                "floor: {} (csv parse {}, SQLite bulk insert {}); peak RSS {}",
+                secs(total),
+                secs(parsed),
+                secs(total - parsed),
+                rss()
+            );
+            (parsed, total)
+        }
+    };
+    let _ = parsed;
 
     reset_peak_rss();
     let loaded = Loaded::read(&config).map_err(|p| anyhow::anyhow!("{p}"))?;
@@ -337,6 +435,10 @@ rules_dir: rules
     );
     say!("peak RSS of the pipeline: {}", rss());
 
+    if url.is_some() {
+        // The records floor re-inserts the rows of an SQLite file.
+        return Ok(());
+    }
     // Last, so its writes do not compete with the passes: the rows the passes wrote,
     // inserted again without the pipeline (the initial load's, plus the ~1% the
     // incremental pass added).
