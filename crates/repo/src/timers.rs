@@ -137,7 +137,11 @@ fn read_row(r: &Row<'_>) -> Result<(Timer, String), DbError> {
 /// Timers matching `tail` (a `WHERE … ORDER BY …` clause), kinds decoded.
 fn select(conn: &Conn, tail: &str, args: &[Arg<'_>]) -> Result<Vec<Timer>, RepoError> {
     let rows = conn
-        .query_map(&format!("SELECT {COLUMNS} FROM timers {tail}"), args, read_row)
+        .query_map(
+            &format!("SELECT {COLUMNS} FROM timers {tail}"),
+            args,
+            read_row,
+        )
         .ctx("reading timers")?;
     rows.into_iter()
         .map(|(mut t, kind)| {
