@@ -3,11 +3,10 @@
 //! passes in its status file): when the resource last passed, and when and why its last
 //! pass failed, if the last one did.
 
-use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
 use crate::error::{Context, RepoError};
-use crate::{Repo, now};
+use crate::{Repo, args, now};
 
 /// What `run --once` recorded of a resource's passes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -35,37 +34,29 @@ impl Repo {
                  error = excluded.error"
             }
         };
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let args = match error {
-            None => conn
-                .prepare_cached(sql)
-                .and_then(|mut st| st.execute(params![resource, now()])),
-            Some(e) => conn
-                .prepare_cached(sql)
-                .and_then(|mut st| st.execute(params![resource, now(), e])),
+        let conn = self.lock()?;
+        let done = match error {
+            None => conn.execute(sql, args![resource, now()]),
+            Some(e) => conn.execute(sql, args![resource, now(), e]),
         };
-        args.with_ctx(|| format!("recording the pass of resource {resource}"))?;
+        done.with_ctx(|| format!("recording the pass of resource {resource}"))?;
         Ok(())
     }
 
     /// What `run --once` last recorded of `resource`'s passes.
     pub fn last_pass(&self, resource: &str) -> Result<Option<LastPass>, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        conn.prepare_cached(
-            "SELECT passed_at, failed_at, error FROM last_passes WHERE resource = ?1",
-        )
-        .and_then(|mut st| {
-            st.query_row([resource], |r| {
-                Ok(LastPass {
-                    passed_at: r.get(0)?,
-                    failed_at: r.get(1)?,
-                    error: r.get(2)?,
-                })
-            })
-            .optional()
-        })
-        .with_ctx(|| format!("reading the last pass of resource {resource}"))
+        self.lock()?
+            .query_row(
+                "SELECT passed_at, failed_at, error FROM last_passes WHERE resource = ?1",
+                args![resource],
+                |r| {
+                    Ok(LastPass {
+                        passed_at: r.get(0)?,
+                        failed_at: r.get(1)?,
+                        error: r.get(2)?,
+                    })
+                },
+            )
+            .with_ctx(|| format!("reading the last pass of resource {resource}"))
     }
 }

@@ -3,10 +3,8 @@
 //! whichever process ran it. The decisions themselves are ordinary decision records (op
 //! `reconcile`); this is only the run's summary.
 
-use rusqlite::{OptionalExtension, params};
-
 use crate::error::{Context, RepoError};
-use crate::{Repo, now};
+use crate::{Repo, args, now};
 
 /// How a reconcile run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -76,30 +74,27 @@ impl Repo {
     pub fn record_reconcile(&self, run: &ReconcileRun) -> Result<(), RepoError> {
         self.begin()?;
         let result = (|| {
-            let guard = self.lock()?;
-            let conn = crate::sqlite_only(&guard, "this")?;
-            conn.prepare_cached(
-                "INSERT INTO reconciles (resource, started_at, ended_at, started_by, key_count, \
-                 events, changed, unchanged, failed, rejected, outcome, error) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            )
-            .and_then(|mut st| {
-                st.execute(params![
-                    run.resource,
-                    run.started_at,
-                    now(),
-                    run.started_by,
-                    run.keys.map(count),
-                    count(run.events),
-                    count(run.changed),
-                    count(run.unchanged),
-                    count(run.failed),
-                    count(run.rejected),
-                    run.outcome.as_str(),
-                    run.error,
-                ])
-            })
-            .with_ctx(|| format!("recording the reconcile of {}", run.resource))?;
+            self.lock()?
+                .execute(
+                    "INSERT INTO reconciles (resource, started_at, ended_at, started_by, \
+                     key_count, events, changed, unchanged, failed, rejected, outcome, error) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                    args![
+                        run.resource,
+                        run.started_at,
+                        now(),
+                        run.started_by,
+                        run.keys.map(count),
+                        count(run.events),
+                        count(run.changed),
+                        count(run.unchanged),
+                        count(run.failed),
+                        count(run.rejected),
+                        run.outcome.as_str(),
+                        run.error,
+                    ],
+                )
+                .with_ctx(|| format!("recording the reconcile of {}", run.resource))?;
             Ok(())
         })();
         self.finish(result)
@@ -107,36 +102,33 @@ impl Repo {
 
     /// The last reconcile run of `resource`, if any.
     pub fn last_reconcile(&self, resource: &str) -> Result<Option<ReconcileRun>, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let row = conn
-            .prepare_cached(
+        let row = self
+            .lock()?
+            .query_row(
                 "SELECT started_at, ended_at, started_by, key_count, events, changed, unchanged, \
                  failed, rejected, outcome, error FROM reconciles WHERE resource = ?1 \
                  ORDER BY id DESC LIMIT 1",
-            )
-            .and_then(|mut st| {
-                st.query_row(params![resource], |r| {
+                args![resource],
+                |r| {
                     Ok((
                         (
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, Option<i64>>(3)?,
+                            r.get::<String>(0)?,
+                            r.get::<String>(1)?,
+                            r.get::<String>(2)?,
+                            r.get::<Option<i64>>(3)?,
                         ),
                         [
-                            r.get::<_, i64>(4)?,
-                            r.get::<_, i64>(5)?,
-                            r.get::<_, i64>(6)?,
-                            r.get::<_, i64>(7)?,
-                            r.get::<_, i64>(8)?,
+                            r.get::<i64>(4)?,
+                            r.get::<i64>(5)?,
+                            r.get::<i64>(6)?,
+                            r.get::<i64>(7)?,
+                            r.get::<i64>(8)?,
                         ],
-                        r.get::<_, String>(9)?,
-                        r.get::<_, Option<String>>(10)?,
+                        r.get::<String>(9)?,
+                        r.get::<Option<String>>(10)?,
                     ))
-                })
-                .optional()
-            })
+                },
+            )
             .with_ctx(|| format!("reading the last reconcile of {resource}"))?;
         let Some(((started_at, ended_at, started_by, keys), n, outcome, error)) = row else {
             return Ok(None);
@@ -163,7 +155,7 @@ impl Repo {
     }
 }
 
-/// A count as SQLite stores it.
+/// A count as the repository stores it.
 fn count(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }

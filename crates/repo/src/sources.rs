@@ -6,10 +6,8 @@
 //! deleted (docs/rules.md, "Attribute authority"). A row goes with its identity (foreign
 //! key, `ON DELETE CASCADE`); attribute names are stored lowercased.
 
-use rusqlite::params;
-
 use crate::error::{Context, RepoError};
-use crate::{Repo, now};
+use crate::{Repo, args, now};
 
 /// Which account gave one attribute of an identity its current value.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,23 +24,20 @@ impl Repo {
     /// The recorded sources of identity `name`'s attributes, sorted by attribute; empty for
     /// an identity without any (or without such an identity).
     pub fn attribute_sources(&self, name: &str) -> Result<Vec<AttributeSource>, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        conn.prepare_cached(
-            "SELECT s.attr, s.resource, s.key FROM attribute_sources s \
-             JOIN identities i ON i.id = s.identity_id WHERE i.name = ?1 ORDER BY s.attr",
-        )
-        .and_then(|mut st| {
-            st.query_map([name], |r| {
-                Ok(AttributeSource {
-                    attr: r.get(0)?,
-                    resource: r.get(1)?,
-                    key: r.get(2)?,
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()
-        })
-        .with_ctx(|| format!("reading the attribute sources of identity {name}"))
+        self.lock()?
+            .query_map(
+                "SELECT s.attr, s.resource, s.key FROM attribute_sources s \
+                 JOIN identities i ON i.id = s.identity_id WHERE i.name = ?1 ORDER BY s.attr",
+                args![name],
+                |r| {
+                    Ok(AttributeSource {
+                        attr: r.get(0)?,
+                        resource: r.get(1)?,
+                        key: r.get(2)?,
+                    })
+                },
+            )
+            .with_ctx(|| format!("reading the attribute sources of identity {name}"))
     }
 
     /// Records that account `key` of `resource` gave attribute `attr` of identity `name`
@@ -55,30 +50,28 @@ impl Repo {
         resource: &str,
         key: &str,
     ) -> Result<(), RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        conn.prepare_cached(
-            "INSERT INTO attribute_sources (identity_id, attr, resource, key, given_at) \
-             SELECT id, ?2, ?3, ?4, ?5 FROM identities WHERE name = ?1 \
-             ON CONFLICT (identity_id, attr) DO UPDATE SET resource = excluded.resource, \
-             key = excluded.key, given_at = excluded.given_at",
-        )
-        .and_then(|mut st| st.execute(params![name, attr.to_lowercase(), resource, key, now()]))
-        .with_ctx(|| format!("recording the source of attribute {attr} of identity {name}"))?;
+        self.lock()?
+            .execute(
+                "INSERT INTO attribute_sources (identity_id, attr, resource, key, given_at) \
+                 SELECT id, ?2, ?3, ?4, ?5 FROM identities WHERE name = ?1 \
+                 ON CONFLICT (identity_id, attr) DO UPDATE SET resource = excluded.resource, \
+                 key = excluded.key, given_at = excluded.given_at",
+                args![name, attr.to_lowercase(), resource, key, now()],
+            )
+            .with_ctx(|| format!("recording the source of attribute {attr} of identity {name}"))?;
         Ok(())
     }
 
     /// Forgets the source of attribute `attr` of identity `name` (no account gives it a
     /// value any more).
     pub fn clear_attribute_source(&self, name: &str, attr: &str) -> Result<(), RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        conn.prepare_cached(
-            "DELETE FROM attribute_sources WHERE attr = ?2 \
-             AND identity_id = (SELECT id FROM identities WHERE name = ?1)",
-        )
-        .and_then(|mut st| st.execute(params![name, attr.to_lowercase()]))
-        .with_ctx(|| format!("forgetting the source of attribute {attr} of identity {name}"))?;
+        self.lock()?
+            .execute(
+                "DELETE FROM attribute_sources WHERE attr = ?2 \
+                 AND identity_id = (SELECT id FROM identities WHERE name = ?1)",
+                args![name, attr.to_lowercase()],
+            )
+            .with_ctx(|| format!("forgetting the source of attribute {attr} of identity {name}"))?;
         Ok(())
     }
 }

@@ -1,10 +1,8 @@
 //! Per-resource figures for `idsync status`: when the checkpoint last moved, how many events
 //! were decided, how many wait as failed events.
 
-use rusqlite::{OptionalExtension, params};
-
-use crate::Repo;
 use crate::error::{Context, RepoError};
+use crate::{Repo, args};
 
 /// What the repository knows of one resource.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -22,19 +20,17 @@ pub struct ResourceSummary {
 impl Repo {
     /// The summary of `resource`.
     pub fn resource_summary(&self, resource: &str) -> Result<ResourceSummary, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
+        let conn = self.lock()?;
         let ctx = || format!("summarizing resource {resource}");
         let checkpoint_at: Option<String> = conn
             .query_row(
                 "SELECT updated_at FROM checkpoints WHERE resource = ?1",
-                params![resource],
+                args![resource],
                 |r| r.get(0),
             )
-            .optional()
             .with_ctx(ctx)?;
         let count = |sql: &str| -> Result<u64, RepoError> {
-            conn.query_row(sql, params![resource], |r| r.get::<_, i64>(0))
+            conn.query_one(sql, args![resource], |r| r.get::<i64>(0))
                 .map(|n| n.max(0) as u64)
                 .with_ctx(ctx)
         };

@@ -12,11 +12,11 @@
 //! - Times are Unix milliseconds, so the next due timer is one index lookup
 //!   ([`Repo::next_timer_due`]) for the agent's sleep.
 
-use rusqlite::{Connection, OptionalExtension, Row, ToSql, params, params_from_iter};
 use serde::Serialize;
 
+use crate::db::{Arg, Conn, DbError, Row, ToArg};
 use crate::error::{Context, RepoError};
-use crate::{Repo, now_ms};
+use crate::{Repo, args, now_ms};
 
 /// What a timer does when it fires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -115,7 +115,7 @@ pub enum Planned {
 const COLUMNS: &str =
     "id, identity, kind, due_at, planned_at, resource, key, reason, attempts, last_error";
 
-fn read_row(r: &Row<'_>) -> rusqlite::Result<(Timer, String)> {
+fn read_row(r: &Row<'_>) -> Result<(Timer, String), DbError> {
     let kind: String = r.get(2)?;
     Ok((
         Timer {
@@ -135,13 +135,13 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<(Timer, String)> {
 }
 
 /// Timers matching `tail` (a `WHERE … ORDER BY …` clause), kinds decoded.
-fn select(conn: &Connection, tail: &str, args: &[&dyn ToSql]) -> Result<Vec<Timer>, RepoError> {
+fn select(conn: &Conn, tail: &str, args: &[Arg<'_>]) -> Result<Vec<Timer>, RepoError> {
     let rows = conn
-        .prepare_cached(&format!("SELECT {COLUMNS} FROM timers {tail}"))
-        .and_then(|mut st| {
-            st.query_map(params_from_iter(args.iter()), read_row)?
-                .collect::<Result<Vec<_>, _>>()
-        })
+        .query_map(
+            &format!("SELECT {COLUMNS} FROM timers {tail}"),
+            args,
+            read_row,
+        )
         .ctx("reading timers")?;
     rows.into_iter()
         .map(|(mut t, kind)| {
@@ -155,12 +155,12 @@ fn select(conn: &Connection, tail: &str, args: &[&dyn ToSql]) -> Result<Vec<Time
 }
 
 /// `AND resource IN (…)` for `only` (none: every resource), with its arguments appended.
-fn only_clause<'a>(only: Option<&'a [String]>, args: &mut Vec<&'a dyn ToSql>) -> String {
+fn only_clause<'a>(only: Option<&'a [String]>, args: &mut Vec<Arg<'a>>) -> String {
     match only {
         None => String::new(),
         Some(names) => {
             let marks = vec!["?"; names.len()].join(", ");
-            args.extend(names.iter().map(|n| n as &dyn ToSql));
+            args.extend(names.iter().map(|n| n.to_arg()));
             format!(" AND resource IN ({marks})")
         }
     }
@@ -172,48 +172,43 @@ impl Repo {
     /// transaction of the decision that plans it.
     pub fn plan_timer(&self, t: &NewTimer<'_>) -> Result<Planned, RepoError> {
         let what = || format!("{} timer of identity {}", t.kind, t.identity);
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
+        let conn = self.lock()?;
         let existing: Option<(i64, i64)> = conn
-            .prepare_cached("SELECT id, due_at FROM timers WHERE identity = ?1 AND kind = ?2")
-            .and_then(|mut st| {
-                st.query_row(params![t.identity, t.kind.as_str()], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
-                .optional()
-            })
+            .query_row(
+                "SELECT id, due_at FROM timers WHERE identity = ?1 AND kind = ?2",
+                args![t.identity, t.kind.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .with_ctx(|| format!("looking up the {}", what()))?;
         match existing {
             Some((id, due)) if due == t.due_at => Ok(Planned::Unchanged(id)),
             Some((id, due)) => {
-                conn.prepare_cached(
+                conn.execute(
                     "UPDATE timers SET due_at = ?2, planned_at = ?3, resource = ?4, key = ?5, \
                      reason = ?6, attempts = 0, last_error = NULL WHERE id = ?1",
+                    args![id, t.due_at, now_ms(), t.resource, t.key, t.reason],
                 )
-                .and_then(|mut st| {
-                    st.execute(params![id, t.due_at, now_ms(), t.resource, t.key, t.reason])
-                })
                 .with_ctx(|| format!("moving the {}", what()))?;
                 Ok(Planned::Moved { id, from: due })
             }
             None => {
-                conn.prepare_cached(
-                    "INSERT INTO timers (identity, kind, due_at, planned_at, resource, key, reason) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .and_then(|mut st| {
-                    st.execute(params![
-                        t.identity,
-                        t.kind.as_str(),
-                        t.due_at,
-                        now_ms(),
-                        t.resource,
-                        t.key,
-                        t.reason
-                    ])
-                })
-                .with_ctx(|| format!("planning the {}", what()))?;
-                Ok(Planned::New(conn.last_insert_rowid()))
+                let id: i64 = conn
+                    .query_one(
+                        "INSERT INTO timers (identity, kind, due_at, planned_at, resource, key, reason) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+                        args![
+                            t.identity,
+                            t.kind.as_str(),
+                            t.due_at,
+                            now_ms(),
+                            t.resource,
+                            t.key,
+                            t.reason
+                        ],
+                        |r| r.get(0),
+                    )
+                    .with_ctx(|| format!("planning the {}", what()))?;
+                Ok(Planned::New(id))
             }
         }
     }
@@ -225,12 +220,11 @@ impl Repo {
         identity: &str,
         kind: TimerKind,
     ) -> Result<Option<Timer>, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
+        let conn = self.lock()?;
         let found = select(
             &conn,
             "WHERE identity = ?1 AND kind = ?2",
-            &[&identity, &kind.as_str()],
+            args![identity, kind.as_str()],
         )?;
         let Some(t) = found.into_iter().next() else {
             return Ok(None);
@@ -241,34 +235,28 @@ impl Repo {
 
     /// Removes every pending timer of the identity (it was deleted) and returns them.
     pub fn cancel_timers_of(&self, identity: &str) -> Result<Vec<Timer>, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let found = select(&conn, "WHERE identity = ?1 ORDER BY id", &[&identity])?;
-        conn.prepare_cached("DELETE FROM timers WHERE identity = ?1")
-            .and_then(|mut st| st.execute([identity]))
+        let conn = self.lock()?;
+        let found = select(&conn, "WHERE identity = ?1 ORDER BY id", args![identity])?;
+        conn.execute("DELETE FROM timers WHERE identity = ?1", args![identity])
             .with_ctx(|| format!("cancelling the timers of identity {identity}"))?;
         Ok(found)
     }
 
     /// The pending timers of an identity, by due time.
     pub fn timers_of_identity(&self, identity: &str) -> Result<Vec<Timer>, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
         select(
-            &conn,
+            &*self.lock()?,
             "WHERE identity = ?1 ORDER BY due_at, id",
-            &[&identity],
+            args![identity],
         )
     }
 
     /// The pending timers an event of account `key` of `resource` planned, by due time.
     pub fn timers_of_account(&self, resource: &str, key: &str) -> Result<Vec<Timer>, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
         select(
-            &conn,
+            &*self.lock()?,
             "WHERE resource = ?1 AND key = ?2 ORDER BY due_at, id",
-            &[&resource, &key],
+            args![resource, key],
         )
     }
 
@@ -281,13 +269,11 @@ impl Repo {
         only: Option<&[String]>,
     ) -> Result<Vec<Timer>, RepoError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut args: Vec<&dyn ToSql> = vec![&until];
+        let mut args: Vec<Arg<'_>> = vec![until.to_arg()];
         let clause = only_clause(only, &mut args);
-        args.push(&limit);
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
+        args.push(limit.to_arg());
         select(
-            &conn,
+            &*self.lock()?,
             &format!("WHERE due_at <= ?{clause} ORDER BY due_at, id LIMIT ?"),
             &args,
         )
@@ -296,24 +282,22 @@ impl Repo {
     /// When the next pending timer is due (Unix ms), `None` when none is pending; `only`:
     /// of these resources.
     pub fn next_timer_due(&self, only: Option<&[String]>) -> Result<Option<i64>, RepoError> {
-        let mut args: Vec<&dyn ToSql> = Vec::new();
+        let mut args: Vec<Arg<'_>> = Vec::new();
         let clause = only_clause(only, &mut args);
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        conn.prepare_cached(&format!(
-            "SELECT min(due_at) FROM timers WHERE 1 = 1{clause}"
-        ))
-        .and_then(|mut st| st.query_row(params_from_iter(args.iter()), |r| r.get(0)))
-        .ctx("finding the next due timer")
+        self.lock()?
+            .query_one(
+                &format!("SELECT min(due_at) FROM timers WHERE 1 = 1{clause}"),
+                &args,
+                |r| r.get(0),
+            )
+            .ctx("finding the next due timer")
     }
 
     /// How many timers are pending.
     pub fn timer_count(&self) -> Result<u64, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let n: i64 = conn
-            .prepare_cached("SELECT count(*) FROM timers")
-            .and_then(|mut st| st.query_row([], |r| r.get(0)))
+        let n: i64 = self
+            .lock()?
+            .query_one("SELECT count(*) FROM timers", args![], |r| r.get(0))
             .ctx("counting timers")?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
@@ -321,18 +305,17 @@ impl Repo {
     /// Removes timer `id` (it fired: call in the transaction recording its decision);
     /// false if it was not pending.
     pub fn remove_timer(&self, id: i64) -> Result<bool, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        remove(&conn, id)
+        remove(&*self.lock()?, id)
     }
 
     /// Moves timer `id` to `due_at`, keeping when it was planned (its firing found that the
     /// current config puts it later).
     pub fn move_timer(&self, id: i64, due_at: i64) -> Result<(), RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        conn.prepare_cached("UPDATE timers SET due_at = ?2 WHERE id = ?1")
-            .and_then(|mut st| st.execute(params![id, due_at]))
+        self.lock()?
+            .execute(
+                "UPDATE timers SET due_at = ?2 WHERE id = ?1",
+                args![id, due_at],
+            )
             .with_ctx(|| format!("moving timer #{id}"))?;
         Ok(())
     }
@@ -340,21 +323,20 @@ impl Repo {
     /// Records a failed firing of timer `id`: one more attempt, the error, and the next
     /// attempt at `due_at`.
     pub fn postpone_timer(&self, id: i64, due_at: i64, error: &str) -> Result<(), RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        conn.prepare_cached(
-            "UPDATE timers SET due_at = ?2, attempts = attempts + 1, last_error = ?3 WHERE id = ?1",
-        )
-        .and_then(|mut st| st.execute(params![id, due_at, error]))
-        .with_ctx(|| format!("putting off timer #{id}"))?;
+        self.lock()?
+            .execute(
+                "UPDATE timers SET due_at = ?2, attempts = attempts + 1, last_error = ?3 \
+                 WHERE id = ?1",
+                args![id, due_at, error],
+            )
+            .with_ctx(|| format!("putting off timer #{id}"))?;
         Ok(())
     }
 }
 
-fn remove(conn: &Connection, id: i64) -> Result<bool, RepoError> {
+fn remove(conn: &Conn, id: i64) -> Result<bool, RepoError> {
     let n = conn
-        .prepare_cached("DELETE FROM timers WHERE id = ?1")
-        .and_then(|mut st| st.execute([id]))
+        .execute("DELETE FROM timers WHERE id = ?1", args![id])
         .with_ctx(|| format!("removing timer #{id}"))?;
     Ok(n > 0)
 }

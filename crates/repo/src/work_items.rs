@@ -9,11 +9,11 @@
 //! item (`seen`, the latest decision and candidates) instead of opening a second one. The
 //! partial unique index `work_items_one_open` holds that even if two writers raced.
 
-use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 use serde::{Deserialize, Serialize};
 
+use crate::db::{Arg, Conn, ToArg};
 use crate::error::{Context, RepoError, from_json, to_json};
-use crate::{Repo, now};
+use crate::{Repo, args, now};
 
 /// Why a work item was raised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -227,117 +227,98 @@ impl Repo {
             )
         };
         let candidates = to_json(&item.candidates, what)?;
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
+        let conn = self.lock()?;
         let open: Option<i64> = conn
-            .prepare_cached(
+            .query_row(
                 "SELECT id FROM work_items WHERE resource = ?1 AND key = ?2 AND kind = ?3 \
                  AND state = 'open' AND (kind <> 'rule' OR reason = ?4)",
+                args![item.resource, item.key, item.kind.as_str(), item.reason],
+                |r| r.get(0),
             )
-            .and_then(|mut st| {
-                st.query_row(
-                    params![item.resource, item.key, item.kind.as_str(), item.reason],
-                    |r| r.get(0),
-                )
-                .optional()
-            })
             .with_ctx(|| format!("looking up the open {}", what()))?;
         let at = now();
         if let Some(id) = open {
-            conn.prepare_cached(
+            conn.execute(
                 "UPDATE work_items SET seen = seen + 1, last_seen_at = ?2, reason = ?3, \
                  candidates = ?4 WHERE id = ?1",
+                args![id, at, item.reason, candidates],
             )
-            .and_then(|mut st| st.execute(params![id, at, item.reason, candidates]))
             .with_ctx(|| format!("refreshing the {}", what()))?;
             return Ok(Raised { id, new: false });
         }
-        conn.prepare_cached(
-            "INSERT INTO work_items (created_at, resource, key, kind, reason, candidates, \
-             last_seen_at, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?1, 'open')",
-        )
-        .and_then(|mut st| {
-            st.execute(params![
-                at,
-                item.resource,
-                item.key,
-                item.kind.as_str(),
-                item.reason,
-                candidates
-            ])
-        })
-        .with_ctx(|| format!("recording the {}", what()))?;
-        Ok(Raised {
-            id: conn.last_insert_rowid(),
-            new: true,
-        })
+        let id: i64 = conn
+            .query_one(
+                "INSERT INTO work_items (created_at, resource, key, kind, reason, candidates, \
+                 last_seen_at, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?1, 'open') RETURNING id",
+                args![
+                    at,
+                    item.resource,
+                    item.key,
+                    item.kind.as_str(),
+                    item.reason,
+                    candidates
+                ],
+                |r| r.get(0),
+            )
+            .with_ctx(|| format!("recording the {}", what()))?;
+        Ok(Raised { id, new: true })
     }
 
     /// Notes the decision record that raised (or raised again) item `id`: the first one
     /// stays its `decision_id`, the newest is its `last_decision_id`.
     pub fn note_work_item_decision(&self, id: i64, decision_id: i64) -> Result<(), RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        conn.prepare_cached(
-            "UPDATE work_items SET decision_id = coalesce(decision_id, ?2), \
-             last_decision_id = ?2 WHERE id = ?1",
-        )
-        .and_then(|mut st| st.execute(params![id, decision_id]))
-        .with_ctx(|| format!("noting the decision of work item #{id}"))?;
+        self.lock()?
+            .execute(
+                "UPDATE work_items SET decision_id = coalesce(decision_id, ?2), \
+                 last_decision_id = ?2 WHERE id = ?1",
+                args![id, decision_id],
+            )
+            .with_ctx(|| format!("noting the decision of work item #{id}"))?;
         Ok(())
     }
 
     /// Closes item `id` if it is open; false if it was not (closed already, or unknown).
     pub fn close_work_item(&self, id: i64, closure: &NewClosure<'_>) -> Result<bool, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let n = conn
-            .prepare_cached(
+        let n = self
+            .lock()?
+            .execute(
                 "UPDATE work_items SET state = 'closed', closed_at = ?2, resolution = ?3, \
                  resolved_identity = ?4, closed_by_decision = ?5, closed_reason = ?6 \
                  WHERE id = ?1 AND state = 'open'",
-            )
-            .and_then(|mut st| {
-                st.execute(params![
+                args![
                     id,
                     now(),
                     closure.resolution.as_str(),
                     closure.identity,
                     closure.decision_id,
                     closure.reason
-                ])
-            })
+                ],
+            )
             .with_ctx(|| format!("closing work item #{id}"))?;
         Ok(n > 0)
     }
 
     /// Work item `id`.
     pub fn work_item(&self, id: i64) -> Result<Option<WorkItem>, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let rows = query(&conn, "WHERE id = ?1", &[&id])?;
-        drop(guard);
+        let rows = query(&*self.lock()?, "WHERE id = ?1", args![id])?;
         rows.into_iter().next().map(RawItem::decode).transpose()
     }
 
     /// Work items matching `filter`, oldest first.
     pub fn work_items(&self, filter: &WorkItemFilter) -> Result<Vec<WorkItem>, RepoError> {
         let mut wheres: Vec<&str> = Vec::new();
-        let mut args: Vec<&dyn ToSql> = Vec::new();
+        let mut args: Vec<Arg<'_>> = Vec::new();
         if let Some(s) = &filter.state {
             wheres.push("state = ?");
-            args.push(match s {
-                WorkItemState::Open => &"open",
-                WorkItemState::Closed => &"closed",
-            });
+            args.push(s.as_str().to_arg());
         }
         if let Some(r) = &filter.resource {
             wheres.push("resource = ?");
-            args.push(r);
+            args.push(r.to_arg());
         }
         if let Some(k) = &filter.key {
             wheres.push("key = ?");
-            args.push(k);
+            args.push(k.to_arg());
         }
         let mut tail = String::new();
         if !wheres.is_empty() {
@@ -345,20 +326,19 @@ impl Repo {
             tail.push_str(&wheres.join(" AND "));
         }
         tail.push_str(" ORDER BY id");
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let rows = query(&conn, &tail, &args)?;
-        drop(guard);
+        let rows = query(&*self.lock()?, &tail, &args)?;
         rows.into_iter().map(RawItem::decode).collect()
     }
 
     /// How many work items are open.
     pub fn open_work_item_count(&self) -> Result<u64, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let n: i64 = conn
-            .prepare_cached("SELECT count(*) FROM work_items WHERE state = 'open'")
-            .and_then(|mut st| st.query_row([], |r| r.get(0)))
+        let n: i64 = self
+            .lock()?
+            .query_one(
+                "SELECT count(*) FROM work_items WHERE state = 'open'",
+                args![],
+                |r| r.get(0),
+            )
             .ctx("counting open work items")?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
@@ -423,32 +403,28 @@ impl RawItem {
     }
 }
 
-fn query(conn: &Connection, tail: &str, args: &[&dyn ToSql]) -> Result<Vec<RawItem>, RepoError> {
+fn query(conn: &Conn, tail: &str, args: &[Arg<'_>]) -> Result<Vec<RawItem>, RepoError> {
     let sql = format!("SELECT {COLUMNS} FROM work_items {tail}");
-    conn.prepare_cached(&sql)
-        .and_then(|mut st| {
-            st.query_map(params_from_iter(args.iter()), |r| {
-                Ok(RawItem {
-                    id: r.get(0)?,
-                    created_at: r.get(1)?,
-                    resource: r.get(2)?,
-                    key: r.get(3)?,
-                    kind: r.get(4)?,
-                    reason: r.get(5)?,
-                    candidates: r.get(6)?,
-                    decision_id: r.get(7)?,
-                    seen: r.get(8)?,
-                    last_seen_at: r.get(9)?,
-                    last_decision_id: r.get(10)?,
-                    state: r.get(11)?,
-                    closed_at: r.get(12)?,
-                    resolution: r.get(13)?,
-                    resolved_identity: r.get(14)?,
-                    closed_by_decision: r.get(15)?,
-                    closed_reason: r.get(16)?,
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()
+    conn.query_map(&sql, args, |r| {
+        Ok(RawItem {
+            id: r.get(0)?,
+            created_at: r.get(1)?,
+            resource: r.get(2)?,
+            key: r.get(3)?,
+            kind: r.get(4)?,
+            reason: r.get(5)?,
+            candidates: r.get(6)?,
+            decision_id: r.get(7)?,
+            seen: r.get(8)?,
+            last_seen_at: r.get(9)?,
+            last_decision_id: r.get(10)?,
+            state: r.get(11)?,
+            closed_at: r.get(12)?,
+            resolution: r.get(13)?,
+            resolved_identity: r.get(14)?,
+            closed_by_decision: r.get(15)?,
+            closed_reason: r.get(16)?,
         })
-        .ctx("reading work items")
+    })
+    .ctx("reading work items")
 }
