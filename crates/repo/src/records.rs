@@ -511,11 +511,7 @@ impl RawFailure {
     }
 }
 
-fn query_failures(
-    conn: &Conn,
-    tail: &str,
-    args: &[Arg<'_>],
-) -> Result<Vec<RawFailure>, RepoError> {
+fn query_failures(conn: &Conn, tail: &str, args: &[Arg<'_>]) -> Result<Vec<RawFailure>, RepoError> {
     let sql = format!(
         "SELECT id, at, resource, key, origin, error, event, attempts, last_attempt_at, \
          decision_id FROM failed_events {tail}"
