@@ -31,12 +31,12 @@
 //! operator's reference and the counts. A new table that holds personal data of
 //! identities or accounts adds its step here.
 
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde_json::Value as Json;
 
+use crate::db::Conn;
 use crate::error::{Context, RepoError, from_json, to_json};
-use crate::{Repo, now};
+use crate::{Repo, args, now};
 
 /// What replaces an erased name in the records of others.
 pub const ERASED: &str = "(erased)";
@@ -131,8 +131,7 @@ impl Repo {
     ) -> Result<Erasure, RepoError> {
         self.begin()?;
         let result = (|| {
-            let guard = self.lock()?;
-            let conn = crate::sqlite_only(&guard, "this")?;
+            let conn = self.lock()?;
             if let Some(live) = still_exists(&conn, name)? {
                 return Ok(live);
             }
@@ -141,12 +140,14 @@ impl Repo {
                 return Ok(Erasure::NothingHeld);
             }
             let removed = to_json(&report, || "the record of an erasure".to_owned())?;
-            conn.prepare_cached(
-                "INSERT INTO erasures (at, reference, removed) VALUES (?1, ?2, ?3)",
-            )
-            .and_then(|mut st| st.execute(params![now(), reference, removed]))
-            .ctx("recording the erasure")?;
-            report.id = conn.last_insert_rowid();
+            report.id = conn
+                .query_one(
+                    "INSERT INTO erasures (at, reference, removed) VALUES (?1, ?2, ?3) \
+                     RETURNING id",
+                    args![now(), reference, removed],
+                    |r| r.get(0),
+                )
+                .ctx("recording the erasure")?;
             Ok(Erasure::Erased(report))
         })();
         match result {
@@ -161,14 +162,13 @@ impl Repo {
 
     /// The erasures carried out, oldest first.
     pub fn erasures(&self) -> Result<Vec<ErasureRecord>, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let rows: Vec<(i64, String, Option<String>, String)> = conn
-            .prepare_cached("SELECT id, at, reference, removed FROM erasures ORDER BY id")
-            .and_then(|mut st| {
-                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                    .collect::<Result<Vec<_>, _>>()
-            })
+        let rows: Vec<(i64, String, Option<String>, String)> = self
+            .lock()?
+            .query_map(
+                "SELECT id, at, reference, removed FROM erasures ORDER BY id",
+                args![],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
             .ctx("reading the erasures")?;
         rows.into_iter()
             .map(|(id, at, reference, removed)| {
@@ -184,71 +184,69 @@ impl Repo {
 }
 
 /// [`Erasure::StillExists`] when identity `name` exists.
-fn still_exists(conn: &Connection, name: &str) -> Result<Option<Erasure>, RepoError> {
+fn still_exists(conn: &Conn, name: &str) -> Result<Option<Erasure>, RepoError> {
     let row: Option<(i64, bool)> = conn
-        .prepare_cached("SELECT id, disabled FROM identities WHERE name = ?1")
-        .and_then(|mut st| {
-            st.query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()
-        })
+        .query_row(
+            "SELECT id, disabled FROM identities WHERE name = ?1",
+            args![name],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .with_ctx(|| format!("reading identity {name}"))?;
     let Some((id, disabled)) = row else {
         return Ok(None);
     };
     let accounts = conn
-        .prepare_cached(
+        .query_map(
             "SELECT resource, key FROM links WHERE identity_id = ?1 ORDER BY resource, key",
+            args![id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
-        .and_then(|mut st| {
-            st.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<Vec<_>, _>>()
-        })
         .with_ctx(|| format!("reading the accounts of identity {name}"))?;
     Ok(Some(Erasure::StillExists { accounts, disabled }))
 }
 
 /// Every step of the erasure of `name`, inside the caller's transaction.
-fn erase(conn: &Connection, name: &str) -> Result<ErasureReport, RepoError> {
+fn erase(conn: &Conn, name: &str) -> Result<ErasureReport, RepoError> {
     let mut report = ErasureReport::default();
     let ctx = |what: &str| format!("erasing: {what}");
     // Only a name the records know as an identity's is erased: the mentions of any other
     // word in the records of others (`#`, `admin`) are not a person's.
     let known = conn
-        .prepare_cached(
+        .query_one(
             "SELECT EXISTS (SELECT 1 FROM decisions WHERE identity = ?1) \
              OR EXISTS (SELECT 1 FROM outbox WHERE identity = ?1)",
+            args![name],
+            |r| r.get::<bool>(0),
         )
-        .and_then(|mut st| st.query_row([name], |r| r.get::<_, bool>(0)))
         .with_ctx(|| ctx("looking for its records"))?;
     if !known {
         return Ok(report);
     }
     let former: Vec<(String, String)> = conn
-        .prepare_cached(
+        .query_map(
             "SELECT resource, key FROM decisions WHERE identity = ?1 \
              UNION SELECT resource, key FROM outbox WHERE identity = ?1 \
              AND resource IS NOT NULL AND key IS NOT NULL",
+            args![name],
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
-        .and_then(|mut st| {
-            st.query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<Vec<_>, _>>()
-        })
         .with_ctx(|| ctx("finding the former accounts"))?;
     report.accounts = former.len() as u64;
-    let count = |n: usize| n as u64;
     for (resource, key) in &former {
         let linked = conn
-            .prepare_cached("SELECT 1 FROM links WHERE resource = ?1 AND key = ?2")
-            .and_then(|mut st| st.exists([resource, key]))
-            .with_ctx(|| ctx("reading the links"))?;
+            .query_row(
+                "SELECT 1 FROM links WHERE resource = ?1 AND key = ?2",
+                args![resource, key],
+                |_| Ok(()),
+            )
+            .with_ctx(|| ctx("reading the links"))?
+            .is_some();
         if linked {
             report.accounts_relinked += 1;
             continue;
         }
         let run = |sql: &str, what: &str| -> Result<u64, RepoError> {
-            conn.prepare_cached(sql)
-                .and_then(|mut st| st.execute([resource, key]))
-                .map(count)
+            conn.execute(sql, args![resource, key])
                 .with_ctx(|| ctx(what))
         };
         report.decisions += run(
@@ -277,47 +275,60 @@ fn erase(conn: &Connection, name: &str) -> Result<ErasureReport, RepoError> {
         )?;
     }
     report.decisions += conn
-        .prepare_cached("DELETE FROM decisions WHERE identity = ?1")
-        .and_then(|mut st| st.execute([name]))
-        .map(count)
+        .execute("DELETE FROM decisions WHERE identity = ?1", args![name])
         .with_ctx(|| ctx("removing its decision records"))?;
     report.undelivered_notifications = conn
-        .prepare_cached("SELECT count(*) FROM outbox WHERE identity = ?1 AND status != 'sent'")
-        .and_then(|mut st| st.query_row([name], |r| r.get::<_, i64>(0)))
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE identity = ?1 AND status != 'sent'",
+            args![name],
+            |r| r.get::<i64>(0),
+        )
         .map(|n| u64::try_from(n).unwrap_or(0))
         .with_ctx(|| ctx("counting its notifications"))?;
     report.notifications = conn
-        .prepare_cached("DELETE FROM outbox WHERE identity = ?1")
-        .and_then(|mut st| st.execute([name]))
-        .map(count)
+        .execute("DELETE FROM outbox WHERE identity = ?1", args![name])
         .with_ctx(|| ctx("removing its notifications"))?;
     report.timers = conn
-        .prepare_cached("DELETE FROM timers WHERE identity = ?1")
-        .and_then(|mut st| st.execute([name]))
-        .map(count)
+        .execute("DELETE FROM timers WHERE identity = ?1", args![name])
         .with_ctx(|| ctx("removing its timers"))?;
     report.index_rows = conn
-        .prepare_cached(
+        .execute(
             "DELETE FROM identity_values WHERE identity_id NOT IN (SELECT id FROM identities)",
+            args![],
         )
-        .and_then(|mut st| st.execute([]))
-        .map(count)
         .with_ctx(|| ctx("removing index rows of deleted identities"))?;
     report.attribute_sources += conn
-        .prepare_cached(
+        .execute(
             "DELETE FROM attribute_sources WHERE identity_id NOT IN (SELECT id FROM identities)",
+            args![],
         )
-        .and_then(|mut st| st.execute([]))
-        .map(count)
         .with_ctx(|| ctx("removing attribute sources of deleted identities"))?;
     report.redacted = redact_records(conn, name)?;
     Ok(report)
 }
 
+/// The failed-event tables whose error texts are redacted: the name, the statement finding
+/// the rows whose error contains `?1`, and the one replacing an error.
+///
+/// `replace(x, ?1, '') <> x` says "x contains ?1" in both databases (SQLite's `instr` is
+/// PostgreSQL's `strpos`), case-sensitively like the redaction; NULL never matches.
+const ERROR_TABLES: [(&str, &str, &str); 2] = [
+    (
+        "failed_events",
+        "SELECT id, error FROM failed_events WHERE replace(error, ?1, '') <> error",
+        "UPDATE failed_events SET error = ?2 WHERE id = ?1",
+    ),
+    (
+        "failed_discarded",
+        "SELECT id, error FROM failed_discarded WHERE replace(error, ?1, '') <> error",
+        "UPDATE failed_discarded SET error = ?2 WHERE id = ?1",
+    ),
+];
+
 /// Replaces `name` by [`ERASED`] where the records of others mention it: every text of a
 /// decision record's JSON (candidates, rule results, errors) and the error of failed and
 /// discarded failed events. Returns how many rows changed.
-fn redact_records(conn: &Connection, name: &str) -> Result<u64, RepoError> {
+fn redact_records(conn: &Conn, name: &str) -> Result<u64, RepoError> {
     // The name as it appears inside JSON text (quotes and backslashes escaped).
     let json_name = serde_json::to_string(name).map_err(|e| RepoError::Encode {
         what: "an identity name".to_owned(),
@@ -325,12 +336,13 @@ fn redact_records(conn: &Connection, name: &str) -> Result<u64, RepoError> {
     })?;
     let json_name = &json_name[1..json_name.len() - 1];
     let mut changed = 0;
+    // Contains: see ERROR_TABLES.
     let records: Vec<(i64, String)> = conn
-        .prepare_cached("SELECT id, record FROM decisions WHERE instr(record, ?1) > 0")
-        .and_then(|mut st| {
-            st.query_map([json_name], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<Vec<_>, _>>()
-        })
+        .query_map(
+            "SELECT id, record FROM decisions WHERE replace(record, ?1, '') <> record",
+            args![json_name],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .ctx("erasing: finding records that mention the name")?;
     for (id, record) in records {
         let mut value: Json = from_json(&record, || format!("decision {id}"))?;
@@ -338,27 +350,22 @@ fn redact_records(conn: &Connection, name: &str) -> Result<u64, RepoError> {
             continue;
         }
         let text = to_json(&value, || format!("decision {id}"))?;
-        conn.prepare_cached("UPDATE decisions SET record = ?2 WHERE id = ?1")
-            .and_then(|mut st| st.execute(params![id, text]))
-            .with_ctx(|| format!("erasing the name from decision {id}"))?;
+        conn.execute(
+            "UPDATE decisions SET record = ?2 WHERE id = ?1",
+            args![id, text],
+        )
+        .with_ctx(|| format!("erasing the name from decision {id}"))?;
         changed += 1;
     }
-    for table in ["failed_events", "failed_discarded"] {
+    for (table, select, update) in ERROR_TABLES {
         let rows: Vec<(i64, String)> = conn
-            .prepare_cached(&format!(
-                "SELECT id, error FROM {table} WHERE instr(error, ?1) > 0"
-            ))
-            .and_then(|mut st| {
-                st.query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<Vec<_>, _>>()
-            })
+            .query_map(select, args![name], |r| Ok((r.get(0)?, r.get(1)?)))
             .with_ctx(|| format!("erasing: finding {table} that mention the name"))?;
         for (id, error) in rows {
             let Some(redacted) = redact_text(&error, name) else {
                 continue;
             };
-            conn.prepare_cached(&format!("UPDATE {table} SET error = ?2 WHERE id = ?1"))
-                .and_then(|mut st| st.execute(params![id, redacted]))
+            conn.execute(update, args![id, redacted])
                 .with_ctx(|| format!("erasing the name from {table} #{id}"))?;
             changed += 1;
         }
@@ -369,20 +376,18 @@ fn redact_records(conn: &Connection, name: &str) -> Result<u64, RepoError> {
 
 /// Replaces `name` by [`ERASED`] in the work items of others: candidates, the identity an
 /// item was settled with, its reason and the operator's reason. Returns how many changed.
-fn redact_work_items(conn: &Connection, name: &str, json_name: &str) -> Result<u64, RepoError> {
+fn redact_work_items(conn: &Conn, name: &str, json_name: &str) -> Result<u64, RepoError> {
     type Row = (i64, String, String, Option<String>, Option<String>);
+    // Contains: see ERROR_TABLES.
     let rows: Vec<Row> = conn
-        .prepare_cached(
+        .query_map(
             "SELECT id, candidates, reason, resolved_identity, closed_reason FROM work_items \
-             WHERE instr(candidates, ?1) > 0 OR instr(reason, ?2) > 0 \
-             OR resolved_identity = ?2 OR instr(closed_reason, ?2) > 0",
+             WHERE replace(candidates, ?1, '') <> candidates \
+             OR replace(reason, ?2, '') <> reason OR resolved_identity = ?2 \
+             OR replace(closed_reason, ?2, '') <> closed_reason",
+            args![json_name, name],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
         )
-        .and_then(|mut st| {
-            st.query_map([json_name, name], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })?
-            .collect::<Result<Vec<_>, _>>()
-        })
         .ctx("erasing: finding work items that mention the name")?;
     let mut changed = 0;
     for (id, candidates, reason, resolved, closed_reason) in rows {
@@ -413,11 +418,11 @@ fn redact_work_items(conn: &Connection, name: &str, json_name: &str) -> Result<u
             continue;
         }
         let candidates = to_json(&list, || format!("work item {id}"))?;
-        conn.prepare_cached(
+        conn.execute(
             "UPDATE work_items SET candidates = ?2, reason = ?3, resolved_identity = ?4, \
              closed_reason = ?5 WHERE id = ?1",
+            args![id, candidates, reason, resolved, closed_reason],
         )
-        .and_then(|mut st| st.execute(params![id, candidates, reason, resolved, closed_reason]))
         .with_ctx(|| format!("erasing the name from work item #{id}"))?;
         changed += 1;
     }

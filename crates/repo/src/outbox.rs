@@ -5,17 +5,17 @@
 //! or `dead` after a permanent failure) until the transaction that records its delivery
 //! marks it `sent`. That row is the "pending notification" mark of the identity: there is no
 //! separate flag to forget to clear. The dispatcher claims due rows with a lease
-//! (`claimed_until`), so two dispatchers on one file do not send the same row at once, and
-//! a dispatcher that dies mid-send leaves the row to be claimed again when the lease ends.
-//! Times are Unix milliseconds.
+//! (`claimed_until`), so two dispatchers on one repository do not send the same row at
+//! once, and a dispatcher that dies mid-send leaves the row to be claimed again when the
+//! lease ends. Times are Unix milliseconds. Statements serve SQLite and PostgreSQL alike.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{OptionalExtension, Row, params};
 use serde::{Deserialize, Serialize};
 
+use crate::db::{Arg, DbError, Row, ToArg};
 use crate::error::{Context, RepoError, from_json, to_json};
-use crate::{Repo, require_tx};
+use crate::{Repo, args, require_tx};
 
 /// A rendered email, as stored in the outbox row.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,7 +164,7 @@ pub fn now_ms() -> i64 {
 const COLUMNS: &str = "id, created_at, policy, identity, resource, key, status, attempts, \
      next_attempt_at, expires_at, last_error, sent_at, message";
 
-fn read_row(r: &Row<'_>) -> rusqlite::Result<(OutboxMessage, String)> {
+fn read_row(r: &Row<'_>) -> Result<(OutboxMessage, String), DbError> {
     let status: String = r.get(6)?;
     let msg = OutboxMessage {
         id: r.get(0)?,
@@ -211,28 +211,25 @@ impl Repo {
         } else {
             OutboxStatus::Pending
         };
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        conn.prepare_cached(
-            "INSERT INTO outbox (created_at, policy, identity, resource, key, status, \
-             next_attempt_at, expires_at, last_error, message) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?1, ?7, ?8, ?9)",
-        )
-        .and_then(|mut st| {
-            st.execute(params![
-                now,
-                m.policy,
-                m.identity,
-                m.resource,
-                m.key,
-                status.as_str(),
-                now.saturating_add(m.max_age_ms),
-                m.dead,
-                json
-            ])
-        })
-        .with_ctx(|| format!("enqueueing a message of policy {}", m.policy))?;
-        Ok(conn.last_insert_rowid())
+        self.lock()?
+            .query_one(
+                "INSERT INTO outbox (created_at, policy, identity, resource, key, status, \
+                 next_attempt_at, expires_at, last_error, message) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?1, ?7, ?8, ?9) RETURNING id",
+                args![
+                    now,
+                    m.policy,
+                    m.identity,
+                    m.resource,
+                    m.key,
+                    status.as_str(),
+                    now.saturating_add(m.max_age_ms),
+                    m.dead,
+                    json
+                ],
+                |r| r.get(0),
+            )
+            .with_ctx(|| format!("enqueueing a message of policy {}", m.policy))
     }
 
     /// Claims up to `limit` due pending messages for `lease_ms` and returns them, in a
@@ -241,33 +238,28 @@ impl Repo {
         self.begin()?;
         let result = (|| {
             let now = now_ms();
-            let guard = self.lock()?;
-            let conn = crate::sqlite_only(&guard, "this")?;
+            let conn = self.lock()?;
+            // PostgreSQL (several dispatchers): a Dialect branch adding FOR UPDATE SKIP LOCKED here.
             let rows = conn
-                .prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM outbox WHERE status = 'pending' \
-                     AND next_attempt_at <= ?1 AND claimed_until <= ?1 \
-                     ORDER BY next_attempt_at, id LIMIT ?2"
-                ))
-                .and_then(|mut st| {
-                    st.query_map(
-                        params![now, i64::try_from(limit).unwrap_or(i64::MAX)],
-                        read_row,
-                    )?
-                    .collect::<Result<Vec<_>, _>>()
-                })
+                .query_map(
+                    &format!(
+                        "SELECT {COLUMNS} FROM outbox WHERE status = 'pending' \
+                         AND next_attempt_at <= ?1 AND claimed_until <= ?1 \
+                         ORDER BY next_attempt_at, id LIMIT ?2"
+                    ),
+                    args![now, i64::try_from(limit).unwrap_or(i64::MAX)],
+                    read_row,
+                )
                 .ctx("finding due outbox messages")?;
             let until = now.saturating_add(lease_ms);
-            {
-                let mut st = conn
-                    .prepare_cached("UPDATE outbox SET claimed_until = ?1 WHERE id = ?2")
-                    .ctx("claiming outbox messages")?;
-                for (m, _) in &rows {
-                    st.execute(params![until, m.id])
-                        .with_ctx(|| format!("claiming outbox message {}", m.id))?;
-                }
+            for (m, _) in &rows {
+                conn.execute(
+                    "UPDATE outbox SET claimed_until = ?1 WHERE id = ?2",
+                    args![until, m.id],
+                )
+                .with_ctx(|| format!("claiming outbox message {}", m.id))?;
             }
-            drop(guard);
+            drop(conn);
             decode(rows)
         })();
         self.finish(result)
@@ -282,15 +274,14 @@ impl Repo {
         self.begin()?;
         let result = (|| {
             let now = now_ms();
-            let guard = self.lock()?;
-            let conn = crate::sqlite_only(&guard, "this")?;
-            require_tx(&guard, "outbox_record")?;
+            let conn = self.lock()?;
+            require_tx(&conn, "outbox_record")?;
             for (id, outcome) in outcomes {
-                let (sql, args): (&str, Vec<rusqlite::types::Value>) = match outcome {
+                let (sql, args): (&str, Vec<Arg<'_>>) = match outcome {
                     OutboxOutcome::Sent => (
                         "UPDATE outbox SET status = 'sent', sent_at = ?2, attempts = attempts + 1, \
                          claimed_until = 0, last_error = NULL WHERE id = ?1",
-                        vec![(*id).into(), now.into()],
+                        vec![id.to_arg(), now.to_arg()],
                     ),
                     OutboxOutcome::Retry {
                         next_attempt_at,
@@ -298,20 +289,15 @@ impl Repo {
                     } => (
                         "UPDATE outbox SET next_attempt_at = ?2, last_error = ?3, \
                          attempts = attempts + 1, claimed_until = 0 WHERE id = ?1",
-                        vec![
-                            (*id).into(),
-                            (*next_attempt_at).into(),
-                            error.clone().into(),
-                        ],
+                        vec![id.to_arg(), next_attempt_at.to_arg(), error.to_arg()],
                     ),
                     OutboxOutcome::Dead { error } => (
                         "UPDATE outbox SET status = 'dead', last_error = ?2, \
                          attempts = attempts + 1, claimed_until = 0 WHERE id = ?1",
-                        vec![(*id).into(), error.clone().into()],
+                        vec![id.to_arg(), error.to_arg()],
                     ),
                 };
-                conn.prepare_cached(sql)
-                    .and_then(|mut st| st.execute(rusqlite::params_from_iter(args)))
+                conn.execute(sql, &args)
                     .with_ctx(|| format!("recording the delivery of outbox message {id}"))?;
             }
             Ok(())
@@ -322,105 +308,95 @@ impl Repo {
     /// Outbox rows, newest first.
     pub fn outbox_list(&self, f: &OutboxFilter) -> Result<Vec<OutboxMessage>, RepoError> {
         let mut sql = format!("SELECT {COLUMNS} FROM outbox WHERE 1=1");
-        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        let mut args: Vec<Arg<'_>> = Vec::new();
+        // Clauses are fixed text and values bound: one statement per combination of
+        // filters.
         if let Some(s) = f.status {
-            args.push(s.as_str().to_owned().into());
+            args.push(s.as_str().to_arg());
             sql.push_str(&format!(" AND status = ?{}", args.len()));
         }
         if f.undelivered {
             sql.push_str(" AND status != 'sent'");
         }
         if let Some(i) = &f.identity {
-            args.push(i.clone().into());
+            args.push(i.to_arg());
             sql.push_str(&format!(" AND identity = ?{}", args.len()));
         }
         sql.push_str(" ORDER BY id DESC");
         if let Some(l) = f.limit {
-            sql.push_str(&format!(" LIMIT {l}"));
+            args.push(Arg::Int(i64::try_from(l).unwrap_or(i64::MAX)));
+            sql.push_str(&format!(" LIMIT ?{}", args.len()));
         }
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let rows = conn
-            .prepare(&sql)
-            .and_then(|mut st| {
-                st.query_map(rusqlite::params_from_iter(args), read_row)?
-                    .collect::<Result<Vec<_>, _>>()
-            })
+        let rows = self
+            .lock()?
+            .query_map(&sql, &args, read_row)
             .ctx("listing the outbox")?;
-        drop(guard);
         decode(rows)
     }
 
     /// One outbox row.
     pub fn outbox_get(&self, id: i64) -> Result<Option<OutboxMessage>, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let row = conn
-            .prepare_cached(&format!("SELECT {COLUMNS} FROM outbox WHERE id = ?1"))
-            .and_then(|mut st| st.query_row([id], read_row).optional())
+        let row = self
+            .lock()?
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM outbox WHERE id = ?1"),
+                args![id],
+                read_row,
+            )
             .with_ctx(|| format!("reading outbox message {id}"))?;
-        drop(guard);
         Ok(decode(row.into_iter().collect())?.pop())
     }
 
     /// Makes an undelivered message due now again, with a fresh maximum age. Returns false
     /// when there is no such undelivered message.
     pub fn outbox_retry(&self, id: i64) -> Result<bool, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let n = conn
-            .prepare_cached(
+        let n = self
+            .lock()?
+            .execute(
                 "UPDATE outbox SET status = 'pending', next_attempt_at = ?2, \
                  expires_at = ?2 + (expires_at - created_at), claimed_until = 0 \
                  WHERE id = ?1 AND status != 'sent'",
+                args![id, now_ms()],
             )
-            .and_then(|mut st| st.execute(params![id, now_ms()]))
             .with_ctx(|| format!("retrying outbox message {id}"))?;
         Ok(n > 0)
     }
 
     /// Makes every dead-lettered message due again. Returns how many.
     pub fn outbox_retry_dead(&self) -> Result<u64, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let n = conn
-            .prepare_cached(
+        self.lock()?
+            .execute(
                 "UPDATE outbox SET status = 'pending', next_attempt_at = ?1, \
                  expires_at = ?1 + (expires_at - created_at), claimed_until = 0 \
                  WHERE status = 'dead'",
+                args![now_ms()],
             )
-            .and_then(|mut st| st.execute(params![now_ms()]))
-            .ctx("retrying dead-lettered messages")?;
-        Ok(n as u64)
+            .ctx("retrying dead-lettered messages")
     }
 
     /// Deletes sent messages delivered before `before_ms`. Undelivered ones are never
     /// purged. Returns how many.
     pub fn outbox_purge_sent_before(&self, before_ms: i64) -> Result<u64, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let n = conn
-            .prepare_cached("DELETE FROM outbox WHERE status = 'sent' AND sent_at < ?1")
-            .and_then(|mut st| st.execute(params![before_ms]))
-            .ctx("purging sent messages")?;
-        Ok(n as u64)
+        self.lock()?
+            .execute(
+                "DELETE FROM outbox WHERE status = 'sent' AND sent_at < ?1",
+                args![before_ms],
+            )
+            .ctx("purging sent messages")
     }
 
     /// Undelivered (pending or dead) message counts by identity.
     pub fn outbox_undelivered_counts(
         &self,
     ) -> Result<std::collections::HashMap<String, u64>, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let rows = conn
-            .prepare_cached(
+        let rows = self
+            .lock()?
+            .query_map(
                 "SELECT identity, COUNT(*) FROM outbox WHERE status != 'sent' \
                  AND identity IS NOT NULL GROUP BY identity",
+                args![],
+                |r| Ok((r.get::<String>(0)?, r.get::<i64>(1)?)),
             )
-            .and_then(|mut st| {
-                st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
-                    .collect::<Result<Vec<_>, _>>()
-            })
             .ctx("counting undelivered messages")?;
         Ok(rows
             .into_iter()
@@ -431,26 +407,26 @@ impl Repo {
     /// When the next pending message becomes due (Unix milliseconds; its next attempt or
     /// the end of its claim, whichever is later), `None` when nothing is pending.
     pub fn outbox_next_due(&self) -> Result<Option<i64>, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        conn.prepare_cached(
-            "SELECT min(max(next_attempt_at, claimed_until)) FROM outbox WHERE status = 'pending'",
-        )
-        .and_then(|mut st| st.query_row([], |r| r.get::<_, Option<i64>>(0)))
-        .ctx("finding the next due outbox message")
+        self.lock()?
+            .query_one(
+                "SELECT min(CASE WHEN next_attempt_at > claimed_until THEN next_attempt_at \
+                 ELSE claimed_until END) FROM outbox WHERE status = 'pending'",
+                args![],
+                |r| r.get::<Option<i64>>(0),
+            )
+            .ctx("finding the next due outbox message")
     }
 
     /// Counts by status: (pending, sent, dead).
     pub fn outbox_counts(&self) -> Result<(u64, u64, u64), RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
         let mut counts = (0, 0, 0);
-        let rows = conn
-            .prepare_cached("SELECT status, COUNT(*) FROM outbox GROUP BY status")
-            .and_then(|mut st| {
-                st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
-                    .collect::<Result<Vec<_>, _>>()
-            })
+        let rows = self
+            .lock()?
+            .query_map(
+                "SELECT status, COUNT(*) FROM outbox GROUP BY status",
+                args![],
+                |r| Ok((r.get::<String>(0)?, r.get::<i64>(1)?)),
+            )
             .ctx("counting outbox messages")?;
         for (s, n) in rows {
             let n = u64::try_from(n).unwrap_or(0);

@@ -1,11 +1,11 @@
 //! Decision records (one per event) and failed events (re-runnable by the CLI).
 
 use idsync_core::{Action, ChangeEvent, Decision, Op, Situation};
-use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 use serde::{Deserialize, Serialize};
 
+use crate::db::{Arg, Conn, ToArg};
 use crate::error::{Context, RepoError, from_json, to_json};
-use crate::{Repo, now, stored_time};
+use crate::{Repo, args, now, stored_time};
 
 /// A failed event to record. `event` is `None` for input that never became an event
 /// (a rejected CSV row).
@@ -190,58 +190,55 @@ impl Repo {
         let record = to_json(&body, || {
             format!("decision for account {}/{}", d.resource, d.key)
         })?;
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        conn.prepare_cached(
-            "INSERT INTO decisions (at, resource, key, op, situation, action, identity, record) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )
-        .and_then(|mut st| {
-            st.execute(params![
-                d.at.map_or_else(now, stored_time),
-                d.resource,
-                d.key,
-                d.op.as_str(),
-                d.situation.map(Situation::as_str),
-                d.action.as_str(),
-                d.identity,
-                record,
-            ])
-        })
-        .with_ctx(|| {
-            format!(
-                "recording the decision for account {}/{}",
-                d.resource, d.key
+        self.lock()?
+            .query_one(
+                "INSERT INTO decisions (at, resource, key, op, situation, action, identity, record) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
+                args![
+                    d.at.map_or_else(now, stored_time),
+                    d.resource,
+                    d.key,
+                    d.op.as_str(),
+                    d.situation.map(Situation::as_str),
+                    d.action.as_str(),
+                    d.identity,
+                    record,
+                ],
+                |r| r.get(0),
             )
-        })?;
-        Ok(conn.last_insert_rowid())
+            .with_ctx(|| {
+                format!(
+                    "recording the decision for account {}/{}",
+                    d.resource, d.key
+                )
+            })
     }
 
     /// Decisions matching `filter`, oldest first (with a limit: the newest `limit` of
     /// them, still oldest first).
     pub fn decisions(&self, filter: &DecisionFilter) -> Result<Vec<StoredDecision>, RepoError> {
         let mut wheres: Vec<&str> = Vec::new();
-        let mut args: Vec<&str> = Vec::new();
+        let mut args: Vec<Arg<'_>> = Vec::new();
         // Values are bound by position; clauses are fixed text, so the statement cache
         // holds one statement per combination of filters.
         if let Some(r) = &filter.resource {
             wheres.push("resource = ?");
-            args.push(r);
+            args.push(r.to_arg());
         }
         if let Some(k) = &filter.key {
             wheres.push("key = ?");
-            args.push(k);
+            args.push(k.to_arg());
         }
         if let Some(s) = filter.situation {
             wheres.push("situation = ?");
-            args.push(s.as_str());
+            args.push(s.as_str().to_arg());
         }
         if filter.failed_only {
             wheres.push("action = 'failed'");
         }
         if let Some(i) = &filter.identity {
             wheres.push("identity = ?");
-            args.push(i);
+            args.push(i.to_arg());
         }
         let mut sql = String::from(
             "SELECT id, at, resource, key, op, situation, action, identity, record FROM decisions",
@@ -251,31 +248,28 @@ impl Repo {
             sql.push_str(&wheres.join(" AND "));
         }
         match filter.limit {
-            Some(n) => sql.push_str(&format!(" ORDER BY id DESC LIMIT {n}")),
+            Some(n) => {
+                sql.push_str(" ORDER BY id DESC LIMIT ?");
+                args.push(Arg::Int(i64::try_from(n).unwrap_or(i64::MAX)));
+            }
             None => sql.push_str(" ORDER BY id"),
         }
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let rows = conn
-            .prepare_cached(&sql)
-            .and_then(|mut st| {
-                st.query_map(params_from_iter(&args), |r| {
-                    Ok(DecisionRow {
-                        id: r.get(0)?,
-                        at: r.get(1)?,
-                        resource: r.get(2)?,
-                        key: r.get(3)?,
-                        op: r.get(4)?,
-                        situation: r.get(5)?,
-                        action: r.get(6)?,
-                        identity: r.get(7)?,
-                        record: r.get(8)?,
-                    })
-                })?
-                .collect::<Result<Vec<_>, _>>()
+        let rows = self
+            .lock()?
+            .query_map(&sql, &args, |r| {
+                Ok(DecisionRow {
+                    id: r.get(0)?,
+                    at: r.get(1)?,
+                    resource: r.get(2)?,
+                    key: r.get(3)?,
+                    op: r.get(4)?,
+                    situation: r.get(5)?,
+                    action: r.get(6)?,
+                    identity: r.get(7)?,
+                    record: r.get(8)?,
+                })
             })
             .ctx("listing decisions")?;
-        drop(guard);
         let mut out = rows
             .into_iter()
             .map(DecisionRow::into_stored)
@@ -297,31 +291,27 @@ impl Repo {
             )
         };
         let event = f.event.map(|e| to_json(e, what)).transpose()?;
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
+        let conn = self.lock()?;
         if event.is_none() {
             // Rejected input (no event to re-run): the same line rejected again by a later
             // pass is the same failure, seen again, not a new one.
             let seen: Option<i64> = conn
-                .prepare_cached(
-                    "SELECT id FROM failed_events WHERE resource = ?1 AND key IS ?2 \
-                     AND origin IS ?3 AND error = ?4 AND event IS NULL LIMIT 1",
+                .query_row(
+                    "SELECT id FROM failed_events WHERE resource = ?1 \
+                     AND key IS NOT DISTINCT FROM ?2 AND origin IS NOT DISTINCT FROM ?3 \
+                     AND error = ?4 AND event IS NULL LIMIT 1",
+                    args![f.resource, f.key, f.origin, f.error],
+                    |r| r.get(0),
                 )
-                .and_then(|mut st| {
-                    st.query_row(params![f.resource, f.key, f.origin, f.error], |r| r.get(0))
-                        .optional()
-                })
                 .with_ctx(|| format!("looking up the {}", what()))?;
             if let Some(id) = seen {
                 return Ok(id);
             }
         }
-        conn.prepare_cached(
+        conn.query_one(
             "INSERT INTO failed_events (at, resource, key, origin, error, event, decision_id) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .and_then(|mut st| {
-            st.execute(params![
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+            args![
                 now(),
                 f.resource,
                 f.key,
@@ -329,54 +319,53 @@ impl Repo {
                 f.error,
                 event,
                 f.decision_id,
-            ])
-        })
-        .with_ctx(|| format!("recording the {}", what()))?;
-        Ok(conn.last_insert_rowid())
+            ],
+            |r| r.get(0),
+        )
+        .with_ctx(|| format!("recording the {}", what()))
     }
 
     /// Whether `resource` has failed events waiting.
     pub fn has_failures(&self, resource: &str) -> Result<bool, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        conn.prepare_cached("SELECT 1 FROM failed_events WHERE resource = ?1 LIMIT 1")
-            .and_then(|mut st| st.exists([resource]))
+        self.lock()?
+            .query_row(
+                "SELECT 1 FROM failed_events WHERE resource = ?1 LIMIT 1",
+                args![resource],
+                |_| Ok(()),
+            )
+            .map(|found| found.is_some())
             .with_ctx(|| format!("reading failed events of resource {resource}"))
     }
 
     /// Deletes the failed events of account `key` of `resource`: a newer event for it
     /// succeeded, so re-running the old ones would apply stale data. Returns how many.
     pub fn supersede_failures(&self, resource: &str, key: &str) -> Result<u64, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let n = conn
-            .prepare_cached("DELETE FROM failed_events WHERE resource = ?1 AND key = ?2")
-            .and_then(|mut st| st.execute([resource, key]))
-            .with_ctx(|| format!("clearing failed events of account {resource}/{key}"))?;
-        Ok(n as u64)
+        self.lock()?
+            .execute(
+                "DELETE FROM failed_events WHERE resource = ?1 AND key = ?2",
+                args![resource, key],
+            )
+            .with_ctx(|| format!("clearing failed events of account {resource}/{key}"))
     }
 
     /// Deletes failed event `id` (it was re-run successfully); false if it did not exist.
     pub fn remove_failure(&self, id: i64) -> Result<bool, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let n = conn
-            .prepare_cached("DELETE FROM failed_events WHERE id = ?1")
-            .and_then(|mut st| st.execute([id]))
+        let n = self
+            .lock()?
+            .execute("DELETE FROM failed_events WHERE id = ?1", args![id])
             .with_ctx(|| format!("removing failed event {id}"))?;
         Ok(n > 0)
     }
 
     /// Notes that re-running failed event `id` failed again with `error`.
     pub fn note_retry_failure(&self, id: i64, error: &str) -> Result<(), RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let n = conn
-            .prepare_cached(
+        let n = self
+            .lock()?
+            .execute(
                 "UPDATE failed_events SET attempts = attempts + 1, error = ?2, \
                  last_attempt_at = ?3 WHERE id = ?1",
+                args![id, error, now()],
             )
-            .and_then(|mut st| st.execute(params![id, error, now()]))
             .with_ctx(|| format!("updating failed event {id}"))?;
         if n == 0 {
             return Err(RepoError::NoSuchFailure { id });
@@ -386,13 +375,13 @@ impl Repo {
 
     /// Failed events, of one resource or all, oldest first.
     pub fn failures(&self, resource: Option<&str>) -> Result<Vec<FailedEvent>, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let rows = match resource {
-            Some(r) => query_failures(&conn, "WHERE resource = ?1 ORDER BY id", &[&r]),
-            None => query_failures(&conn, "ORDER BY id", &[]),
-        }?;
-        drop(guard);
+        let rows = {
+            let conn = self.lock()?;
+            match resource {
+                Some(r) => query_failures(&conn, "WHERE resource = ?1 ORDER BY id", args![r]),
+                None => query_failures(&conn, "ORDER BY id", args![]),
+            }?
+        };
         rows.into_iter().map(RawFailure::decode).collect()
     }
 
@@ -404,19 +393,14 @@ impl Repo {
         resource: &str,
         current: &[(Option<String>, Option<String>, String)],
     ) -> Result<u64, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
+        let conn = self.lock()?;
         let rows: Vec<(i64, Option<String>, Option<String>, String)> = conn
-            .prepare_cached(
+            .query_map(
                 "SELECT id, key, origin, error FROM failed_events \
                  WHERE resource = ?1 AND event IS NULL",
+                args![resource],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
-            .and_then(|mut st| {
-                st.query_map([resource], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })?
-                .collect::<Result<Vec<_>, _>>()
-            })
             .with_ctx(|| format!("reading the rejected input of resource {resource}"))?;
         let mut cleared = 0;
         for (id, key, origin, error) in rows {
@@ -426,8 +410,7 @@ impl Repo {
             {
                 continue;
             }
-            conn.prepare_cached("DELETE FROM failed_events WHERE id = ?1")
-                .and_then(|mut st| st.execute([id]))
+            conn.execute("DELETE FROM failed_events WHERE id = ?1", args![id])
                 .with_ctx(|| format!("clearing fixed rejected input #{id}"))?;
             cleared += 1;
         }
@@ -440,24 +423,22 @@ impl Repo {
     pub fn discard_failures(&self, ids: &[i64], reason: &str) -> Result<Vec<i64>, RepoError> {
         self.begin()?;
         let result = (|| {
-            let guard = self.lock()?;
-            let conn = crate::sqlite_only(&guard, "this")?;
+            let conn = self.lock()?;
             let mut done = Vec::new();
             for id in ids {
                 let moved = conn
-                    .prepare_cached(
+                    .execute(
                         "INSERT INTO failed_discarded \
                          (id, at, resource, key, origin, error, event, discarded_at, reason) \
-                         SELECT id, at, resource, key, origin, error, event, ?2, ?3 \
-                         FROM failed_events WHERE id = ?1",
+                         SELECT id, at, resource, key, origin, error, event, \
+                         CAST(?2 AS TEXT), CAST(?3 AS TEXT) FROM failed_events WHERE id = ?1",
+                        args![id, now(), reason],
                     )
-                    .and_then(|mut st| st.execute(params![id, now(), reason]))
                     .with_ctx(|| format!("discarding failed event #{id}"))?;
                 if moved == 0 {
                     continue;
                 }
-                conn.prepare_cached("DELETE FROM failed_events WHERE id = ?1")
-                    .and_then(|mut st| st.execute([id]))
+                conn.execute("DELETE FROM failed_events WHERE id = ?1", args![id])
                     .with_ctx(|| format!("discarding failed event #{id}"))?;
                 done.push(*id);
             }
@@ -468,33 +449,28 @@ impl Repo {
 
     /// The discarded failed events, oldest first.
     pub fn discarded_failures(&self) -> Result<Vec<DiscardedFailure>, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        conn.prepare_cached(
-            "SELECT id, resource, key, error, discarded_at, reason FROM failed_discarded ORDER BY id",
-        )
-        .and_then(|mut st| {
-            st.query_map([], |r| {
-                Ok(DiscardedFailure {
-                    id: r.get(0)?,
-                    resource: r.get(1)?,
-                    key: r.get(2)?,
-                    error: r.get(3)?,
-                    discarded_at: r.get(4)?,
-                    reason: r.get(5)?,
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()
-        })
-        .ctx("reading the discarded failed events")
+        self.lock()?
+            .query_map(
+                "SELECT id, resource, key, error, discarded_at, reason FROM failed_discarded \
+                 ORDER BY id",
+                args![],
+                |r| {
+                    Ok(DiscardedFailure {
+                        id: r.get(0)?,
+                        resource: r.get(1)?,
+                        key: r.get(2)?,
+                        error: r.get(3)?,
+                        discarded_at: r.get(4)?,
+                        reason: r.get(5)?,
+                    })
+                },
+            )
+            .ctx("reading the discarded failed events")
     }
 
     /// Failed event `id`.
     pub fn failure(&self, id: i64) -> Result<Option<FailedEvent>, RepoError> {
-        let guard = self.lock()?;
-        let conn = crate::sqlite_only(&guard, "this")?;
-        let rows = query_failures(&conn, "WHERE id = ?1", &[&id])?;
-        drop(guard);
+        let rows = query_failures(&*self.lock()?, "WHERE id = ?1", args![id])?;
         rows.into_iter().next().map(RawFailure::decode).transpose()
     }
 }
@@ -535,32 +511,24 @@ impl RawFailure {
     }
 }
 
-fn query_failures(
-    conn: &Connection,
-    tail: &str,
-    args: &[&dyn ToSql],
-) -> Result<Vec<RawFailure>, RepoError> {
+fn query_failures(conn: &Conn, tail: &str, args: &[Arg<'_>]) -> Result<Vec<RawFailure>, RepoError> {
     let sql = format!(
         "SELECT id, at, resource, key, origin, error, event, attempts, last_attempt_at, \
          decision_id FROM failed_events {tail}"
     );
-    conn.prepare_cached(&sql)
-        .and_then(|mut st| {
-            st.query_map(args, |r| {
-                Ok(RawFailure {
-                    id: r.get(0)?,
-                    at: r.get(1)?,
-                    resource: r.get(2)?,
-                    key: r.get(3)?,
-                    origin: r.get(4)?,
-                    error: r.get(5)?,
-                    event: r.get(6)?,
-                    attempts: r.get(7)?,
-                    last_attempt_at: r.get(8)?,
-                    decision_id: r.get(9)?,
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()
+    conn.query_map(&sql, args, |r| {
+        Ok(RawFailure {
+            id: r.get(0)?,
+            at: r.get(1)?,
+            resource: r.get(2)?,
+            key: r.get(3)?,
+            origin: r.get(4)?,
+            error: r.get(5)?,
+            event: r.get(6)?,
+            attempts: r.get(7)?,
+            last_attempt_at: r.get(8)?,
+            decision_id: r.get(9)?,
         })
-        .ctx("reading failed events")
+    })
+    .ctx("reading failed events")
 }

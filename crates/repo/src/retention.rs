@@ -8,18 +8,20 @@
 //! reports how many each kept: open failed events and open work items keep the records of
 //! their account. A new kind of open item that needs them adds its line there.
 //!
-//! Decision ids grow with time (they are `AUTOINCREMENT` and recorded as they are decided),
-//! so the purge walks them in id order from the oldest and stops after a chunk holding no
-//! record older than the cutoff: it reads the old records and one chunk more, never the
-//! whole table, and needs no index on the time (which every event would pay for).
+//! Decision ids grow with time (`AUTOINCREMENT` on SQLite, a sequence on PostgreSQL, and
+//! recorded as they are decided), so the purge walks them in id order from the oldest and
+//! stops after a chunk holding no record older than the cutoff: it reads the old records
+//! and one chunk more, never the whole table, and needs no index on the time (which every
+//! event would pay for). The condition of [`KEEP`] and every statement serve SQLite and
+//! PostgreSQL alike.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{ToSql, params};
 use serde::Serialize;
 
+use crate::db::{Arg, ToArg};
 use crate::error::{Context, RepoError};
-use crate::{Repo, stored_time};
+use crate::{Repo, args, stored_time};
 
 /// One reason to keep a decision record past its retention: why (said to the operator) and
 /// the SQL condition on the record, which the statement names `d` (a row of `decisions`).
@@ -86,11 +88,12 @@ impl Repo {
     ) -> Result<PurgeReport, RepoError> {
         let cutoff = stored_time(cutoff);
         // -2: newer than the cutoff; -1: to remove; i >= 0: kept for KEEP[i].
-        let mut class = String::from("CASE WHEN d.at >= ?2 THEN -2");
+        // Cast: PostgreSQL's CASE of small constants is an INTEGER, read here as BIGINT.
+        let mut class = String::from("CAST(CASE WHEN d.at >= ?2 THEN -2");
         for (i, k) in KEEP.iter().enumerate() {
             class.push_str(&format!(" WHEN {} THEN {i}", k.condition));
         }
-        class.push_str(" ELSE -1 END");
+        class.push_str(" ELSE -1 END AS BIGINT)");
         let select = format!(
             "SELECT d.id, {class} FROM decisions d WHERE d.id > ?1 ORDER BY d.id LIMIT {PURGE_CHUNK}"
         );
@@ -106,18 +109,12 @@ impl Repo {
             }
             self.begin()?;
             let chunk = (|| {
-                let guard = self.lock()?;
-                let conn = crate::sqlite_only(&guard, "this")?;
+                let conn = self.lock()?;
                 let rows: Vec<(i64, i64)> = conn
-                    .prepare_cached(&select)
-                    .and_then(|mut st| {
-                        st.query_map(params![after, cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?
-                            .collect::<Result<Vec<_>, _>>()
+                    .query_map(&select, args![after, cutoff], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
                     })
                     .ctx("reading decision records to purge")?;
-                let mut delete = conn
-                    .prepare_cached("DELETE FROM decisions WHERE id = ?1")
-                    .ctx("purging decision records")?;
                 let mut removed = 0_u64;
                 let mut kept = vec![0_u64; KEEP.len()];
                 let mut older = false;
@@ -131,8 +128,7 @@ impl Repo {
                         }
                         Err(_) if *class == -1 => {
                             older = true;
-                            delete
-                                .execute([id])
+                            conn.execute("DELETE FROM decisions WHERE id = ?1", args![id])
                                 .with_ctx(|| format!("purging decision record #{id}"))?;
                             removed += 1;
                         }
@@ -165,7 +161,7 @@ impl Repo {
             &format!(
                 "SELECT id FROM outbox WHERE status = 'sent' AND sent_at < ?1 LIMIT {PURGE_CHUNK}"
             ),
-            &unix_ms(cutoff),
+            Arg::Int(unix_ms(cutoff)),
             "DELETE FROM outbox WHERE id = ?1",
             stop,
         )
@@ -178,10 +174,11 @@ impl Repo {
         cutoff: SystemTime,
         stop: &dyn Fn() -> bool,
     ) -> Result<(u64, bool), RepoError> {
+        let cutoff = stored_time(cutoff);
         self.delete_in_chunks(
             "discarded failed events",
             &format!("SELECT id FROM failed_discarded WHERE discarded_at < ?1 LIMIT {PURGE_CHUNK}"),
-            &stored_time(cutoff),
+            cutoff.to_arg(),
             "DELETE FROM failed_discarded WHERE id = ?1",
             stop,
         )
@@ -193,7 +190,7 @@ impl Repo {
         &self,
         what: &str,
         select: &str,
-        param: &dyn ToSql,
+        param: Arg<'_>,
         delete: &str,
         stop: &dyn Fn() -> bool,
     ) -> Result<(u64, bool), RepoError> {
@@ -204,20 +201,13 @@ impl Repo {
             }
             self.begin()?;
             let chunk = (|| {
-                let guard = self.lock()?;
-                let conn = crate::sqlite_only(&guard, "this")?;
+                let conn = self.lock()?;
                 let ids: Vec<i64> = conn
-                    .prepare_cached(select)
-                    .and_then(|mut st| {
-                        st.query_map([param], |r| r.get(0))?
-                            .collect::<Result<Vec<_>, _>>()
-                    })
+                    .query_map(select, &[param], |r| r.get(0))
                     .with_ctx(|| format!("reading {what} to purge"))?;
-                let mut st = conn
-                    .prepare_cached(delete)
-                    .with_ctx(|| format!("purging {what}"))?;
                 for id in &ids {
-                    st.execute([id]).with_ctx(|| format!("purging {what}"))?;
+                    conn.execute(delete, args![id])
+                        .with_ctx(|| format!("purging {what}"))?;
                 }
                 Ok(ids.len())
             })();
@@ -233,6 +223,8 @@ impl Repo {
 #[cfg(test)]
 mod tests {
     use std::cell::Cell;
+
+    use rusqlite::params;
 
     use super::*;
 
