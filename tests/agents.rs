@@ -342,6 +342,14 @@ fn a_paused_holder_commits_nothing_once_its_lease_passed_on() {
     }
     assert_eq!(per_key.len(), titles.len());
     let twice: Vec<_> = per_key.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    if !twice.is_empty() {
+        let k = twice[0].0.clone();
+        for r in results.iter().filter(|r| r["key"] == k.as_str()) {
+            eprintln!("RECORD {r}");
+        }
+        eprintln!("LOG0 {}", cluster.sandboxes[0].agent_log());
+        eprintln!("LOG1 {}", cluster.sandboxes[1].agent_log());
+    }
     assert!(twice.is_empty(), "decided twice: {twice:?}");
     assert_eq!(cluster.holder("hr").map(|h| h.0), Some(1));
     let _ = &cluster.pg;

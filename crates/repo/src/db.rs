@@ -599,6 +599,11 @@ impl Conn {
                 let result = p.client()?.batch_execute(sql);
                 if upper.starts_with("BEGIN") {
                     p.in_tx.set(result.is_ok());
+                    if result.is_err() {
+                        // BEGIN passed but what followed it (the write lock) failed: end the
+                        // aborted transaction; on a closed connection this fails too.
+                        let _ = p.client()?.batch_execute("ROLLBACK");
+                    }
                 } else if upper == "COMMIT" || upper == "ROLLBACK" {
                     // Either way the transaction is over (a failed COMMIT rolls back).
                     p.in_tx.set(false);

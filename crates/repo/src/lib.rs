@@ -355,12 +355,15 @@ impl Repo {
     }
 
     /// Locks the connection; a poisoned lock becomes [`RepoError::Poisoned`]. A PostgreSQL
-    /// connection the server closed (a restart, a fail-over) is replaced by a new one first;
-    /// whatever transaction it had is gone with it (the server rolled it back), so the
-    /// caller's next transaction call fails and its batch is read again.
+    /// connection the server closed (a restart, a fail-over, a session ended for idling in
+    /// a transaction) is replaced by a new one first, but never while a transaction was
+    /// open on it: the server rolled that transaction back, and every call fails until its
+    /// owner has ended it (`rollback`), so nothing of the batch can run on the new
+    /// connection outside a transaction; the batch is read again.
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, db::Conn>, RepoError> {
         let mut guard = self.conn.lock().map_err(|_| RepoError::Poisoned)?;
         if guard.is_closed()
+            && !guard.in_transaction()
             && let Some((url, options)) = &self.reconnect
         {
             match postgres::connect(url, options) {
