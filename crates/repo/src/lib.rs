@@ -413,6 +413,13 @@ impl Repo {
     /// batch cannot fail later for lack of it). Waits for a batch of another thread on this
     /// `Repo` to finish first.
     pub fn begin(&self) -> Result<(), RepoError> {
+        self.begin_as(Serialised::Yes)
+    }
+
+    /// [`Repo::begin`], or on PostgreSQL with `Serialised::No` a transaction that does not
+    /// take the write lock every agent's batches share: for the outbox, whose claims lock
+    /// their own rows (`FOR UPDATE SKIP LOCKED`) and touch nothing a batch decides on.
+    pub(crate) fn begin_as(&self, serialised: Serialised) -> Result<(), RepoError> {
         if let Some(c) = &self.checkpointer {
             c.before_begin();
         }
@@ -430,7 +437,11 @@ impl Repo {
                 .0;
         }
         self.forget_indexed();
-        exec(&conn, begin_sql(conn.dialect()), "starting a transaction")
+        let sql = match (conn.dialect(), serialised) {
+            (db::Dialect::Postgres, Serialised::No) => "BEGIN",
+            (dialect, _) => begin_sql(dialect),
+        };
+        exec(&conn, sql, "starting a transaction")
     }
 
     /// Commits a transaction begun with [`Repo::begin`] when `result` is `Ok`, rolls it back
@@ -578,6 +589,13 @@ impl Repo {
         self.idle.notify_all();
         result
     }
+}
+
+/// Whether a transaction takes the write lock all batches share (module `leases`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Serialised {
+    Yes,
+    No,
 }
 
 /// How a transaction that writes begins.

@@ -13,9 +13,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::db::{Arg, DbError, Row, ToArg};
+use crate::db::{Arg, DbError, Dialect, Row, ToArg};
 use crate::error::{Context, RepoError, from_json, to_json};
-use crate::{Repo, args, require_tx};
+use crate::{Repo, Serialised, args, require_tx};
 
 /// A rendered email, as stored in the outbox row.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,18 +234,25 @@ impl Repo {
 
     /// Claims up to `limit` due pending messages for `lease_ms` and returns them, in a
     /// transaction of its own (committed before anything is sent).
+    ///
+    /// On PostgreSQL every agent's dispatcher claims at once: the due rows are locked with
+    /// `FOR UPDATE SKIP LOCKED`, so two dispatchers never claim one message and neither
+    /// waits for the other (nor for a batch: the transaction skips the batches' lock).
     pub fn outbox_claim(&self, limit: u64, lease_ms: i64) -> Result<Vec<OutboxMessage>, RepoError> {
-        self.begin()?;
+        self.begin_as(Serialised::No)?;
         let result = (|| {
             let now = now_ms();
             let conn = self.lock()?;
-            // PostgreSQL (several dispatchers): a Dialect branch adding FOR UPDATE SKIP LOCKED here.
+            let lock = match conn.dialect() {
+                Dialect::Sqlite => "",
+                Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+            };
             let rows = conn
                 .query_map(
                     &format!(
                         "SELECT {COLUMNS} FROM outbox WHERE status = 'pending' \
                          AND next_attempt_at <= ?1 AND claimed_until <= ?1 \
-                         ORDER BY next_attempt_at, id LIMIT ?2"
+                         ORDER BY next_attempt_at, id LIMIT ?2{lock}"
                     ),
                     args![now, i64::try_from(limit).unwrap_or(i64::MAX)],
                     read_row,
@@ -271,7 +278,7 @@ impl Repo {
         if outcomes.is_empty() {
             return Ok(());
         }
-        self.begin()?;
+        self.begin_as(Serialised::No)?;
         let result = (|| {
             let now = now_ms();
             let conn = self.lock()?;
