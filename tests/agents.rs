@@ -1,48 +1,102 @@
 //! Several agents on one PostgreSQL repository, through the real binary: each in a folder
 //! of its own (its config, lock and status file), all pointing at one private PostgreSQL
-//! database and at the same feed files. Resources are shared out by leases; a killed holder
-//! is replaced within its lease time; a paused one commits nothing once it woke up.
+//! database, the same feed files, a private OpenLDAP server and a real SMTP server (aiosmtpd).
+//! Resources are shared out by leases; a killed holder is replaced within its lease time; a
+//! paused one commits nothing once it woke up.
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "common/slapd.rs"]
+mod slapd;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{Sandbox, eventually};
+use common::{Sandbox, SmtpServer, eventually};
 use idsync_testkit::postgres::Postgres;
 use serde_json::Value;
+use slapd::{PEOPLE, SYNC_DN, SYNC_PW, Slapd};
 
 /// Lease time of the tests (production default 30 s).
 const LEASE_SECS: u64 = 2;
 
+/// What the agents of a cluster are pointed at besides the database and the feeds.
+#[derive(Clone, Copy)]
+struct Extras<'a> {
+    /// Every hr event costs some work (a pass spans seconds).
+    slow: bool,
+    /// An LDAP persist resource `dir` on this server.
+    ldap: Option<&'a Slapd>,
+    /// Notifications over SMTP to this port: a mail for every changed contractor.
+    smtp_port: Option<u16>,
+}
+
 /// The config of agent `name`: two flat-file resources read from `feeds` (shared), parts
-/// of 200 rows, the production poll interval (the feeds wake the holder).
-fn config(url: &str, name: &str, feeds: &Path, slow: bool) -> String {
-    let feeds = feeds.display();
-    let rules = if slow {
+/// of 200 rows, the production poll interval (the feeds wake the holder); optionally a
+/// directory and mail.
+fn config(url: &str, name: &str, feeds: &Path, extras: Extras<'_>) -> String {
+    let feeds_shown = feeds.display();
+    let rules = if extras.slow {
         "\n    rules: { filter: slow.rhai }"
     } else {
         ""
     };
-    format!(
+    let mut yaml = format!(
         "repository: {{ url: \"{url}\", lease_secs: {LEASE_SECS}, agent_name: {name} }}
 status: {{ listen: off }}
 resources:
   - name: hr
-    source: {{ type: flatfile, path: {feeds}/hr.csv, key: id, completion: rename, batch_size: 200 }}
+    source: {{ type: flatfile, path: {feeds_shown}/hr.csv, key: id, completion: rename, batch_size: 200 }}
     naming: '\"h\" + account.id'{rules}
     mappings:
       - {{ to: title, from: title }}
   - name: contractors
-    source: {{ type: flatfile, path: {feeds}/contractors.csv, key: id, completion: rename, batch_size: 200 }}
+    source: {{ type: flatfile, path: {feeds_shown}/contractors.csv, key: id, completion: rename, batch_size: 200 }}
     naming: '\"c\" + account.id'
     mappings:
       - {{ to: title, from: title }}
 "
-    )
+    );
+    if let Some(ldap) = extras.ldap {
+        yaml.push_str(&format!(
+            "  - name: dir
+    source:
+      type: ldap
+      url: {url}
+      base: {PEOPLE}
+      filter: (objectClass=inetOrgPerson)
+      bind_dn: {SYNC_DN}
+      bind_password_file: {feeds_shown}/ldap.pw
+      timeout_secs: 5
+      mode: persist
+      idle_ms: 200
+    naming: '\"d\" + account.uid'
+    mappings:
+      - {{ to: title, from: title }}
+",
+            url = ldap.url()
+        ));
+    }
+    if let Some(port) = extras.smtp_port {
+        yaml.push_str(&format!(
+            r#"notifications:
+  from: 'idsync <idsync@example.com>'
+  transport: {{ type: smtp, host: 127.0.0.1, port: {port}, tls: none, timeout: 5s }}
+  dispatch: {{ claim_lease: 2s }}
+  policies:
+    - name: changed
+      on: [updated]
+      condition: 'identity.name.starts_with("c")'
+      to: ['"ops@example.com"']
+      subject: 'Changed {{{{ identity.name }}}} to {{{{ identity.attrs.title }}}}'
+      text: 'Title {{{{ identity.attrs.title }}}}'
+      retry: {{ every: 200ms, max_interval: 200ms, max_age: 1h }}
+"#
+        ));
+    }
+    yaml
 }
 
 /// Agents sharing one database.
@@ -54,11 +108,12 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// `agents` agents; with `slow`, every hr event costs some work (a pass spans seconds).
-    fn new(agents: usize, slow: bool) -> Cluster {
+    /// `agents` agents pointed at `extras`.
+    fn new(agents: usize, extras: Extras<'_>) -> Cluster {
         let pg = Postgres::start().unwrap();
         pg.create_database("idsync").unwrap();
         let feeds = tempfile::tempdir().unwrap();
+        std::fs::write(feeds.path().join("ldap.pw"), format!("{SYNC_PW}\n")).unwrap();
         let sandboxes: Vec<Sandbox> = (0..agents)
             .map(|i| {
                 let s = Sandbox::new();
@@ -66,7 +121,7 @@ impl Cluster {
                     &pg.url("idsync"),
                     &format!("agent-{i}"),
                     feeds.path(),
-                    slow,
+                    extras,
                 ));
                 s.rule(
                     "slow.rhai",
@@ -162,68 +217,143 @@ fn version(v: usize, n: usize, every: usize) -> (String, BTreeMap<String, String
     (csv, titles)
 }
 
-/// Three agents, two resources: the leases are shared out, each resource has one holder;
-/// the holder of a resource is killed with SIGKILL at a random point of a pass, again and
-/// again, and restarted each time: every kill is followed by a takeover within the lease
-/// time, the identities end as the feeds say, and every change is recorded exactly once
-/// (a part rolled back by a kill is decided again by the successor, never twice).
+/// The title of directory person `uid` at version `v`: people 0 to 7 exist from the start,
+/// one more arrives at each version, and person `v % 8` changes title at version `v`.
+fn person_title(uid: usize, v: usize) -> String {
+    let changed_at: Vec<usize> = (1..=v).filter(|k| k % 8 == uid).collect();
+    match changed_at.last() {
+        Some(k) => format!("D{k}"),
+        None => "Member".to_owned(),
+    }
+}
+
+/// Three agents, two CSV resources and a directory (LDAP persist), mail for every changed
+/// contractor over SMTP: the leases are shared out, each resource has one holder. The
+/// holder of a resource is killed with SIGKILL at a random point (the feeds and the
+/// directory having just changed), twenty times, and restarted each time: every kill is
+/// followed by a takeover within the lease time; the identities end as the sources say;
+/// every change is recorded exactly once (a part rolled back by a kill is decided again by
+/// the successor, never twice); every mail reaches the SMTP server, none is lost.
 #[test]
 fn killed_holders_are_replaced_within_their_lease_and_every_change_is_applied_once() {
-    const KILLS: usize = 12;
-    const ROWS: usize = 1500;
-    let mut cluster = Cluster::new(3, false);
-    let (hr0, _) = version(0, ROWS, 3);
-    let (ct0, _) = version(0, ROWS / 3, 5);
+    const KILLS: usize = 20;
+    const ROWS: usize = 1200;
+    const PEOPLE_AT_START: usize = 8;
+    let ldap = Slapd::start();
+    let smtp_port = common::free_port();
+    let mut cluster = Cluster::new(
+        3,
+        Extras {
+            slow: false,
+            ldap: Some(&ldap),
+            smtp_port: Some(smtp_port),
+        },
+    );
+    let mut smtp = SmtpServer::on_port(&cluster.feeds.path().join("smtp"), smtp_port);
+    smtp.start();
+    let set_person = |uid: usize, v: usize| {
+        let title = person_title(uid, v);
+        if v == 0 || uid == PEOPLE_AT_START + v - 1 {
+            ldap.modify(&format!(
+                "dn: uid=p{uid},{PEOPLE}\nobjectClass: inetOrgPerson\nuid: p{uid}\ncn: P{uid}\n\
+                 sn: P{uid}\ntitle: {title}\n\n"
+            ));
+        } else {
+            ldap.modify(&format!(
+                "dn: uid=p{uid},{PEOPLE}\nchangetype: modify\nreplace: title\ntitle: {title}\n\n"
+            ));
+        }
+    };
+    for uid in 0..PEOPLE_AT_START {
+        set_person(uid, 0);
+    }
+    let people = |v: usize| -> BTreeMap<String, String> {
+        (0..PEOPLE_AT_START + v)
+            .map(|uid| (format!("p{uid}"), person_title(uid, v)))
+            .collect()
+    };
+    let (hr0, hr_titles0) = version(0, ROWS, 3);
+    let (ct0, ct_titles0) = version(0, ROWS / 3, 5);
     cluster.feed("hr.csv", &hr0);
     cluster.feed("contractors.csv", &ct0);
     for i in 0..3 {
         cluster.start(i);
     }
-    eventually(60, "both resources held", || {
-        Some(())
-            .filter(|()| cluster.holder("hr").is_some() && cluster.holder("contractors").is_some())
+    eventually(60, "every resource held", || {
+        ["hr", "contractors", "dir"]
+            .iter()
+            .all(|r| cluster.holder(r).is_some())
+            .then_some(())
     });
-    // Every change the feeds made, per account: how many decision records should change it.
-    let mut expected_changes: BTreeMap<(String, String), usize> = BTreeMap::new();
-    let count_version = |changes: &mut BTreeMap<(String, String), usize>,
-                         resource: &str,
-                         before: Option<&BTreeMap<String, String>>,
-                         after: &BTreeMap<String, String>| {
+    // Every change the sources made, per identity: how many decision records change it.
+    let mut expected_changes: BTreeMap<String, usize> = BTreeMap::new();
+    // The subjects of the mails every contractor update must send.
+    let mut expected_mail: Vec<String> = Vec::new();
+    let mut count = |prefix: &str,
+                     before: Option<&BTreeMap<String, String>>,
+                     after: &BTreeMap<String, String>,
+                     mail: &mut Vec<String>| {
         for (key, title) in after {
-            if before.and_then(|b| b.get(key)) != Some(title) {
-                *changes
-                    .entry((resource.to_owned(), key.clone()))
-                    .or_default() += 1;
+            let old = before.and_then(|b| b.get(key));
+            if old != Some(title) {
+                let name = format!("{prefix}{key}");
+                *expected_changes.entry(name.clone()).or_default() += 1;
+                if prefix == "c" && old.is_some() {
+                    mail.push(format!("Changed {name} to {title}"));
+                }
             }
         }
     };
-    let (_, hr_titles0) = version(0, ROWS, 3);
-    let (_, ct_titles0) = version(0, ROWS / 3, 5);
-    count_version(&mut expected_changes, "hr", None, &hr_titles0);
-    count_version(&mut expected_changes, "contractors", None, &ct_titles0);
-    let wait_applied =
-        |cluster: &Cluster, hr: &BTreeMap<String, String>, ct: &BTreeMap<String, String>| {
-            let want: BTreeMap<String, String> = hr
-                .iter()
-                .map(|(k, t)| (format!("h{k}"), t.clone()))
-                .chain(ct.iter().map(|(k, t)| (format!("c{k}"), t.clone())))
-                .collect();
-            eventually(120, "the feeds applied", || {
-                (cluster.titles() == want).then_some(())
-            });
-        };
-    wait_applied(&cluster, &hr_titles0, &ct_titles0);
+    count("h", None, &hr_titles0, &mut expected_mail);
+    count("c", None, &ct_titles0, &mut expected_mail);
+    count("d", None, &people(0), &mut expected_mail);
+    let wait_applied = |cluster: &Cluster,
+                        v: usize,
+                        hr: &BTreeMap<String, String>,
+                        ct: &BTreeMap<String, String>| {
+        let want: BTreeMap<String, String> = hr
+            .iter()
+            .map(|(k, t)| (format!("h{k}"), t.clone()))
+            .chain(ct.iter().map(|(k, t)| (format!("c{k}"), t.clone())))
+            .chain(people(v).into_iter().map(|(k, t)| (format!("d{k}"), t)))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let got = cluster.titles();
+            if got == want {
+                break;
+            }
+            if Instant::now() > deadline {
+                let wrong: Vec<_> = want
+                    .iter()
+                    .filter(|(k, t)| got.get(*k) != Some(*t))
+                    .take(10)
+                    .map(|(k, t)| (k, t, got.get(k)))
+                    .collect();
+                for (i, sb) in cluster.sandboxes.iter().enumerate() {
+                    eprintln!("--- agent-{i} log:\n{}", sb.agent_log());
+                }
+                panic!("version {v} not applied after 120 s: (identity, wanted, found) {wrong:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_applied(&cluster, 0, &hr_titles0, &ct_titles0);
 
-    let mut previous = (hr_titles0, ct_titles0);
+    let mut previous = (hr_titles0, ct_titles0, people(0));
     let mut takeovers = Vec::new();
     for k in 1..=KILLS {
-        let resource = if k % 3 == 0 { "contractors" } else { "hr" };
+        let resource = ["hr", "contractors", "dir"][k % 3];
         let (hr_csv, hr_titles) = version(k, ROWS, 3);
         let (ct_csv, ct_titles) = version(k, ROWS / 3, 5);
         let (victim, token) = cluster.holder(resource).expect("a holder");
         cluster.feed("hr.csv", &hr_csv);
         cluster.feed("contractors.csv", &ct_csv);
-        // A random point of the pass the new feeds start.
+        set_person(PEOPLE_AT_START + k - 1, k);
+        if k % 8 < PEOPLE_AT_START + k - 1 {
+            set_person(k % 8, k);
+        }
+        // A random point of the passes the changes start.
         std::thread::sleep(Duration::from_millis(fastrand::u64(0..600)));
         cluster.kill(victim);
         let killed = Instant::now();
@@ -236,15 +366,11 @@ fn killed_holders_are_replaced_within_their_lease_and_every_change_is_applied_on
         assert_ne!(successor, victim);
         assert!(new_token > token);
         cluster.start(victim);
-        count_version(&mut expected_changes, "hr", Some(&previous.0), &hr_titles);
-        count_version(
-            &mut expected_changes,
-            "contractors",
-            Some(&previous.1),
-            &ct_titles,
-        );
-        wait_applied(&cluster, &hr_titles, &ct_titles);
-        previous = (hr_titles, ct_titles);
+        count("h", Some(&previous.0), &hr_titles, &mut expected_mail);
+        count("c", Some(&previous.1), &ct_titles, &mut expected_mail);
+        count("d", Some(&previous.2), &people(k), &mut expected_mail);
+        wait_applied(&cluster, k, &hr_titles, &ct_titles);
+        previous = (hr_titles, ct_titles, people(k));
     }
     let slowest = takeovers.iter().max().unwrap();
     println!("takeovers after a kill: {takeovers:?}");
@@ -256,18 +382,13 @@ fn killed_holders_are_replaced_within_their_lease_and_every_change_is_applied_on
         "a takeover took {slowest:?} (bound {bound:?})"
     );
 
-    // Every change recorded exactly once: one decision that changed the account per
+    // Every change recorded exactly once: one decision that changed the identity per
     // version that changed it.
-    let mut recorded: BTreeMap<(String, String), usize> = BTreeMap::new();
+    let mut recorded: BTreeMap<String, usize> = BTreeMap::new();
     for r in cluster.sandboxes[0].results(&[]) {
         let changed = r["changes"].as_array().is_some_and(|c| !c.is_empty());
-        if changed {
-            *recorded
-                .entry((
-                    r["resource"].as_str().unwrap().to_owned(),
-                    r["key"].as_str().unwrap().to_owned(),
-                ))
-                .or_default() += 1;
+        if changed && let Some(name) = r["identity"].as_str() {
+            *recorded.entry(name.to_owned()).or_default() += 1;
         }
     }
     let differing: Vec<_> = expected_changes
@@ -278,9 +399,33 @@ fn killed_holders_are_replaced_within_their_lease_and_every_change_is_applied_on
         .collect();
     assert!(
         differing.is_empty(),
-        "(account, expected, recorded): {differing:?}"
+        "(identity, expected, recorded): {differing:?}"
     );
     assert_eq!(recorded.len(), expected_changes.len());
+
+    // Every mail sent at least once: each expected subject arrived.
+    let subjects = || -> std::collections::BTreeSet<String> {
+        smtp.received()
+            .iter()
+            .filter_map(|m| {
+                m.headers()
+                    .into_iter()
+                    .find(|(h, _)| h.eq_ignore_ascii_case("subject"))
+                    .map(|(_, v)| v)
+            })
+            .collect()
+    };
+    let missing = eventually(60, "every mail delivered", || {
+        let got = subjects();
+        let missing: Vec<&String> = expected_mail.iter().filter(|m| !got.contains(*m)).collect();
+        missing.is_empty().then_some(())
+    });
+    let _ = missing;
+    println!(
+        "mails expected {}, received {} (duplicates allowed: at least once)",
+        expected_mail.len(),
+        smtp.received().len()
+    );
 }
 
 /// An agent stopped with SIGSTOP in the middle of a pass, past its lease: another agent
@@ -289,7 +434,14 @@ fn killed_holders_are_replaced_within_their_lease_and_every_change_is_applied_on
 #[test]
 fn a_paused_holder_commits_nothing_once_its_lease_passed_on() {
     const ROWS: usize = 6000;
-    let mut cluster = Cluster::new(2, true);
+    let mut cluster = Cluster::new(
+        2,
+        Extras {
+            slow: true,
+            ldap: None,
+            smtp_port: None,
+        },
+    );
     cluster.feed("hr.csv", "id,title\n");
     cluster.feed("contractors.csv", "id,title\n");
     cluster.start(0);

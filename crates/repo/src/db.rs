@@ -366,11 +366,32 @@ impl PgConn {
             .map_err(|_| DbError::Shape("PostgreSQL connection used re-entrantly".to_owned()))
     }
 
+    /// Runs `f` with the client. The synchronous client drives its own small runtime, which
+    /// cannot start inside another one: called from async code (the outbox dispatcher's
+    /// round), the call runs on a scoped thread of its own.
+    fn with_client<T: Send>(
+        &self,
+        f: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error> + Send,
+    ) -> Result<T, DbError> {
+        let mut client = self.client()?;
+        let client: &mut postgres::Client = &mut client;
+        let result = if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::scope(|scope| match scope.spawn(move || f(client)).join() {
+                Ok(r) => r,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+        } else {
+            f(client)
+        };
+        Ok(result?)
+    }
+
     fn prepare(&self, sql: &str) -> Result<postgres::Statement, DbError> {
         if let Some(st) = self.statements.borrow().get(sql) {
             return Ok(st.clone());
         }
-        let st = self.client()?.prepare(&to_postgres(sql))?;
+        let text = to_postgres(sql);
+        let st = self.with_client(|c| c.prepare(&text))?;
         self.statements
             .borrow_mut()
             .insert(sql.to_owned(), st.clone());
@@ -380,7 +401,7 @@ impl PgConn {
     fn query(&self, sql: &str, args: &[Arg<'_>]) -> Result<Vec<postgres::Row>, DbError> {
         let st = self.prepare(sql)?;
         let params = pg_params(args);
-        Ok(self.client()?.query(&st, &params)?)
+        self.with_client(|c| c.query(&st, &params))
     }
 
     /// Whether the connection to the server is gone (a new one is needed).
@@ -471,7 +492,7 @@ impl Conn {
             Conn::Postgres(p) => {
                 let st = p.prepare(sql)?;
                 let params = pg_params(args);
-                let n = p.client()?.execute(&st, &params)?;
+                let n = p.with_client(|c| c.execute(&st, &params))?;
                 p.changes.set(p.changes.get() + n);
                 Ok(n)
             }
@@ -482,7 +503,7 @@ impl Conn {
     pub(crate) fn batch(&self, sql: &str) -> Result<(), DbError> {
         match self {
             Conn::Sqlite(c) => Ok(c.execute_batch(sql)?),
-            Conn::Postgres(p) => Ok(p.client()?.batch_execute(sql)?),
+            Conn::Postgres(p) => p.with_client(|c| c.batch_execute(sql)),
         }
     }
 
@@ -596,19 +617,19 @@ impl Conn {
             }
             Conn::Postgres(p) => {
                 let upper = sql.trim_start().to_ascii_uppercase();
-                let result = p.client()?.batch_execute(sql);
+                let result = p.with_client(|c| c.batch_execute(sql));
                 if upper.starts_with("BEGIN") {
                     p.in_tx.set(result.is_ok());
                     if result.is_err() {
                         // BEGIN passed but what followed it (the write lock) failed: end the
                         // aborted transaction; on a closed connection this fails too.
-                        let _ = p.client()?.batch_execute("ROLLBACK");
+                        let _ = p.with_client(|c| c.batch_execute("ROLLBACK"));
                     }
                 } else if upper == "COMMIT" || upper == "ROLLBACK" {
                     // Either way the transaction is over (a failed COMMIT rolls back).
                     p.in_tx.set(false);
                 }
-                result.map_err(DbError::from)
+                result
             }
         }
     }
