@@ -125,7 +125,7 @@ impl Cluster {
                 ));
                 s.rule(
                     "slow.rhai",
-                    "let n = 0;\nfor i in 0..20000 { n += i; }\nn > 0",
+                    "let n = 0;\nfor i in 0..10000 { n += i; }\nn > 0",
                 );
                 s
             })
@@ -433,7 +433,7 @@ fn killed_holders_are_replaced_within_their_lease_and_every_change_is_applied_on
 /// batch is fenced off at its commit (nothing of it is recorded), and it stands by.
 #[test]
 fn a_paused_holder_commits_nothing_once_its_lease_passed_on() {
-    const ROWS: usize = 6000;
+    const ROWS: usize = 2400;
     let mut cluster = Cluster::new(
         2,
         Extras {
