@@ -54,13 +54,13 @@ else
   cargo test --workspace --no-fail-fast
 fi
 
-step "the same engine, situation and sequence tests on PostgreSQL (a private server each)"
+step "the same engine, situation, sequence and crash tests on PostgreSQL (a private server each)"
 # IDSYNC_TEST_REPOSITORY=postgres makes the engine's unit tests and the binary's sandboxes
 # keep their repository in a private PostgreSQL database instead of SQLite.
 runner="cargo test"
 if cargo nextest --version >/dev/null 2>&1; then runner="cargo nextest run"; fi
 IDSYNC_TEST_REPOSITORY=postgres $runner --no-fail-fast -p idsync-engine --lib
-IDSYNC_TEST_REPOSITORY=postgres $runner --no-fail-fast -p idsync --test situations --test sequences
+IDSYNC_TEST_REPOSITORY=postgres $runner --no-fail-fast -p idsync --test situations --test sequences --test crash
 
 step "quickstart (smoke test with the debug binary, in a temporary copy)"
 cargo build -q

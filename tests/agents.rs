@@ -174,8 +174,7 @@ impl Cluster {
             .find(|l| l["resource"] == resource && l["expired"] == false)?
             .clone();
         let holder = lease["holder"].as_str()?;
-        let name = holder.split('/').next()?;
-        let index = name.strip_prefix("agent-")?.parse().ok()?;
+        let index = holder.strip_prefix("agent-")?.parse().ok()?;
         Some((index, lease["token"].as_i64()?))
     }
 
@@ -417,10 +416,7 @@ fn killed_holders_are_replaced_within_their_lease_and_every_change_is_applied_on
     };
     eventually(60, "every mail delivered", || {
         let got = subjects();
-        expected_mail
-            .iter()
-            .all(|m| got.contains(m))
-            .then_some(())
+        expected_mail.iter().all(|m| got.contains(m)).then_some(())
     });
     println!(
         "mails expected {}, received {} (duplicates allowed: at least once)",

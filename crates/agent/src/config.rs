@@ -180,8 +180,9 @@ pub struct RepositoryConfig {
     /// agent that dies is replaced for its resources within about this time.
     #[serde(default = "default_lease_secs")]
     pub lease_secs: u64,
-    /// PostgreSQL: this agent's name in the leases table (default the host name); the
-    /// process id is added.
+    /// PostgreSQL: this agent's name in the leases table (default `host:config folder`);
+    /// the same agent restarted takes its leases back at once under it. Give each agent
+    /// its own.
     pub agent_name: Option<String>,
 }
 

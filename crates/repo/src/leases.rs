@@ -33,7 +33,7 @@ pub(crate) const DB_NOW_MS: &str = "CAST(extract(epoch FROM clock_timestamp()) *
 /// The lease an agent holds on a resource: what its batches are fenced with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fence {
-    /// The holder's name (unique per agent process).
+    /// The holder's name (one per agent: its `agent_name`, or host and config folder).
     pub holder: String,
     /// The fencing token of this tenure.
     pub token: i64,
@@ -94,19 +94,19 @@ impl Leases {
         i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX)
     }
 
-    /// Takes the lease of `resource` if it is free, expired or already ours (then renewed);
-    /// the fence to commit under, `None` while another agent holds it.
+    /// Takes the lease of `resource` if it is free, expired, or held under this agent's
+    /// name (the same agent restarted after a crash takes its resources back at once); the
+    /// fence to commit under, `None` while another agent holds it. Every taking is a new
+    /// tenure with a new token, so nothing of an earlier tenure (a process of the same name
+    /// that is paused, not dead) can commit under it.
     pub fn acquire(&self, resource: &str) -> Result<Option<Fence>, RepoError> {
         let sql = format!(
             "INSERT INTO leases AS l (resource, holder, token, acquired_at, renewed_at, expires_at) \
              VALUES (?1, ?2, 1, {DB_NOW_MS}, {DB_NOW_MS}, {DB_NOW_MS} + ?3) \
              ON CONFLICT (resource) DO UPDATE SET \
-               token = CASE WHEN l.holder = excluded.holder AND l.expires_at > excluded.renewed_at \
-                       THEN l.token ELSE l.token + 1 END, \
-               acquired_at = CASE WHEN l.holder = excluded.holder AND l.expires_at > excluded.renewed_at \
-                       THEN l.acquired_at ELSE excluded.acquired_at END, \
-               holder = excluded.holder, \
-               renewed_at = excluded.renewed_at, expires_at = excluded.expires_at \
+               token = l.token + 1, holder = excluded.holder, \
+               acquired_at = excluded.acquired_at, renewed_at = excluded.renewed_at, \
+               expires_at = excluded.expires_at \
              WHERE l.holder = excluded.holder OR l.expires_at <= excluded.renewed_at \
              RETURNING token"
         );
