@@ -172,3 +172,36 @@ fn an_unreachable_database_is_named_and_fails_the_command() {
     assert!(!out.stderr.contains("hunter2"), "{}", out.stderr);
     assert!(started.elapsed().as_secs() < 15);
 }
+
+/// `ca_file`: the connection is TLS and the server's certificate is verified against the
+/// CA. Against a server that takes only TLS, the agent works with the right CA; without a
+/// CA file (plain) the server refuses it; with another CA it refuses the server, naming the
+/// repository.
+#[test]
+fn tls_to_postgres_verifies_the_server_against_the_ca_file() {
+    let pg = Postgres::start_tls().unwrap();
+    pg.create_database("idm").unwrap();
+    let url = pg.url("idm");
+    let s = world(&format!("{{ url: \"{url}\", ca_file: pg-ca.pem }}"));
+    std::fs::copy(pg.ca(), s.path().join("pg-ca.pem")).unwrap();
+    s.feed("hr.csv", "id,mail,title\n1,ann@example.com,Clerk\n");
+    s.run_once(None, 0);
+    assert!(s.identity("u1").is_some());
+    // Without the CA file the connection is plain, and this server takes only TLS.
+    let plain = world(&format!("{{ url: \"{url}\" }}"));
+    let out = plain.idsync(&["status"]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(out.stderr.contains("no encryption"), "{}", out.stderr);
+    // Another CA: refused.
+    let other = tempfile::tempdir().unwrap();
+    let wrong = idsync_testkit::slapd::Tls::generate(other.path()).unwrap();
+    std::fs::copy(&wrong.ca, s.path().join("pg-ca.pem")).unwrap();
+    let out = s.idsync(&["status"]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(out.stderr.contains(&url), "{}", out.stderr);
+    assert!(
+        out.stderr.to_lowercase().contains("certificate"),
+        "{}",
+        out.stderr
+    );
+}

@@ -51,7 +51,18 @@ pub enum DbError {
 fn describe_pg(e: &postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
+        None => {
+            // The client's own errors say what failed; their sources say why (a
+            // certificate, a refused connection).
+            let mut out = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                out.push_str(": ");
+                out.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            out
+        }
     }
 }
 

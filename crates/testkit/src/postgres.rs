@@ -64,6 +64,22 @@ pub struct Postgres {
 impl Postgres {
     /// Makes a cluster and starts it; returns once it accepts connections.
     pub fn start() -> anyhow::Result<Postgres> {
+        Self::start_with(false)
+    }
+
+    /// Like [`Postgres::start`], with TLS on (`ssl=on`): a throw-away CA and a server
+    /// certificate for 127.0.0.1, in `tls/` of the cluster's folder ([`Postgres::ca`]).
+    /// TCP connections must use TLS (`hostssl` in pg_hba.conf).
+    pub fn start_tls() -> anyhow::Result<Postgres> {
+        Self::start_with(true)
+    }
+
+    /// The CA certificate of a server started with [`Postgres::start_tls`].
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("tls").join("ca.pem")
+    }
+
+    fn start_with(tls: bool) -> anyhow::Result<Postgres> {
         let bin = bin_dir()?;
         let dir = tempfile::Builder::new()
             .prefix("idsync-postgres-")
@@ -75,6 +91,22 @@ impl Postgres {
             bin,
             as_root,
             port: crate::free_port()?,
+        };
+        let tls_options = if tls {
+            let dir = pg.dir.path().join("tls");
+            std::fs::create_dir_all(&dir).context("creating the TLS folder")?;
+            let generated = crate::slapd::Tls::generate(&dir)?;
+            // The server refuses a key others can read.
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&generated.key, std::fs::Permissions::from_mode(0o600))
+                .context("making the server key owner-only")?;
+            format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                generated.cert.display(),
+                generated.key.display()
+            )
+        } else {
+            String::new()
         };
         if as_root {
             let out = Command::new("chown")
@@ -103,8 +135,21 @@ impl Postgres {
                 "--no-sync",
             ],
         )?;
+        if tls {
+            // TCP connections only over TLS (`hostssl`), so a plain one is refused.
+            let hba = pg.data().join("pg_hba.conf");
+            let text = std::fs::read_to_string(&hba).context("reading pg_hba.conf")?;
+            let text: String = text
+                .lines()
+                .map(|l| match l.strip_prefix("host ") {
+                    Some(rest) => format!("hostssl {rest}\n"),
+                    None => format!("{l}\n"),
+                })
+                .collect();
+            std::fs::write(&hba, text).context("writing pg_hba.conf")?;
+        }
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {}",
+            "-c listen_addresses=127.0.0.1 -p {} -k {}{tls_options}",
             pg.port,
             pg.dir.path().display()
         );
