@@ -205,3 +205,54 @@ fn tls_to_postgres_verifies_the_server_against_the_ca_file() {
         out.stderr
     );
 }
+
+/// A preview of a folder of dated files on a PostgreSQL repository: each file decided
+/// against a scratch copy (an SQLite file filled from the database), the second diffed
+/// against what the first leaves; nothing is written to the database, nothing archived.
+#[test]
+fn a_folder_preview_on_postgres_decides_each_file_on_a_scratch_copy() {
+    let pg = Postgres::start().unwrap();
+    pg.create_database("idm").unwrap();
+    let s = Sandbox::new();
+    s.config(&format!(
+        "repository: {{ url: \"{}\" }}
+resources:
+  - name: hr
+    source:
+      type: flatfile
+      path: feeds/in
+      pattern: 'hr-*.csv'
+      after: archive
+      completion: rename
+      key: id
+    populate_global: true
+",
+        pg.url("idm")
+    ));
+    s.write("feeds/in/hr-2026-11-01.csv", "id,cn\n1,Ann\n3,Cy\n");
+    s.run_once(None, 0);
+    s.write(
+        "feeds/in/hr-2026-11-02.csv",
+        "id,cn\n1,Ann Lee\n2,Bob\n3,Cy\n",
+    );
+    s.write(
+        "feeds/in/hr-2026-11-03.csv",
+        "id,cn\n1,Ann Lee\n2,Bob B\n3,Cy\n",
+    );
+    let before = s.export();
+    let records = s.results(&[]).len();
+    let preview = s.idsync(&["preview"]).expect_code(0);
+    assert!(
+        preview.stdout.contains("hr 1 update") && preview.stdout.contains("hr 2 create"),
+        "{}",
+        preview.stdout
+    );
+    assert!(
+        preview.stdout.contains("hr 2 update"),
+        "the third file is diffed against what the second leaves: {}",
+        preview.stdout
+    );
+    assert_eq!(s.export(), before, "a preview writes nothing");
+    assert_eq!(s.results(&[]).len(), records);
+    assert!(s.path().join("feeds/in/hr-2026-11-02.csv").exists());
+}

@@ -318,10 +318,22 @@ impl Repo {
         }
     }
 
-    /// Writes a consistent copy of the repository to a new file at `path` (`VACUUM
-    /// INTO`): a scratch copy a dry run may change (a preview of several files). Not inside
-    /// a batch.
+    /// Writes a consistent copy of the repository to a new SQLite file at `path`: a
+    /// scratch copy a dry run may change (a preview of several files). An SQLite file is
+    /// copied with `VACUUM INTO`; a PostgreSQL repository table by table, as `idsync
+    /// migrate` does (module `copy`). Not inside a batch.
     pub fn copy_into(&self, path: &Path) -> Result<(), RepoError> {
+        if self.is_postgres() {
+            let target = Repo::open(path)?;
+            let tables = self.copy_into_repository(&target)?;
+            if let Some(t) = tables.iter().find(|t| !t.matches()) {
+                return Err(RepoError::Corrupt {
+                    what: format!("scratch copy of table {}", t.table),
+                    message: "the copy differs from the repository".to_owned(),
+                });
+            }
+            return Ok(());
+        }
         let target = path.to_str().ok_or_else(|| RepoError::Corrupt {
             what: "scratch copy".to_owned(),
             message: format!("{} is not valid UTF-8", path.display()),
