@@ -392,3 +392,75 @@ fn checksum(conn: &Conn, t: &Table) -> Result<(u64, String), RepoError> {
     })?;
     Ok((rows, format!("{:016x}", hasher.finish())))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// Table → (column → `integer` or `text`), of an SQLite or a PostgreSQL repository.
+    fn columns(conn: &Conn) -> BTreeMap<String, BTreeMap<String, String>> {
+        let sql = match conn.dialect() {
+            Dialect::Sqlite => {
+                "SELECT m.name, p.name, lower(p.type) FROM sqlite_master m, \
+                 pragma_table_info(m.name) p WHERE m.type = 'table' \
+                 AND m.name NOT LIKE 'sqlite_%'"
+            }
+            Dialect::Postgres => {
+                "SELECT table_name::text, column_name::text, data_type::text \
+                 FROM information_schema.columns WHERE table_schema = current_schema() \
+                 AND table_name NOT IN ('leases', 'idsync_schema')"
+            }
+        };
+        let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for (table, column, kind) in conn
+            .query_map(sql, args![], |r| {
+                Ok((
+                    r.get::<String>(0)?,
+                    r.get::<String>(1)?,
+                    r.get::<String>(2)?,
+                ))
+            })
+            .unwrap()
+        {
+            let kind = match kind.as_str() {
+                "integer" | "bigint" => "integer",
+                "text" => "text",
+                other => panic!("{table}.{column}: unexpected type {other}"),
+            };
+            out.entry(table)
+                .or_default()
+                .insert(column, kind.to_owned());
+        }
+        out
+    }
+
+    /// The PostgreSQL schema is the SQLite one after every migration (same tables, same
+    /// columns, same kinds), and the copy knows every table with every column: a migration
+    /// added for SQLite alone fails here.
+    #[test]
+    fn both_schemas_and_the_copy_list_the_same_tables_and_columns() {
+        let sqlite = Repo::open_in_memory().unwrap();
+        let pg = idsync_testkit::postgres::Postgres::start().unwrap();
+        pg.create_database("idsync").unwrap();
+        let postgres = Repo::open_postgres(&pg.url("idsync"), &Default::default()).unwrap();
+        let on_sqlite = columns(&sqlite.lock().unwrap());
+        let on_postgres = columns(&postgres.lock().unwrap());
+        assert_eq!(on_sqlite, on_postgres);
+        let copied: BTreeMap<String, Vec<String>> = TABLES
+            .iter()
+            .map(|t| {
+                let mut c: Vec<String> = t.columns.iter().map(|c| (*c).to_owned()).collect();
+                c.sort();
+                (t.name.to_owned(), c)
+            })
+            .collect();
+        let schema: BTreeMap<String, Vec<String>> = on_sqlite
+            .iter()
+            .map(|(t, c)| (t.clone(), c.keys().cloned().collect()))
+            .collect();
+        assert_eq!(copied, schema);
+    }
+}

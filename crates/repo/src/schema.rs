@@ -2,7 +2,10 @@
 //!
 //! `MIGRATIONS[i]` takes a file from version `i` to `i + 1`. Each runs in its own
 //! transaction together with the version bump, so a crash mid-upgrade leaves the old
-//! version intact. Never edit a released migration: append a new one.
+//! version intact. Never edit a released migration: append a new one, and bring
+//! PostgreSQL's schema (`postgres::SCHEMA`, with a PostgreSQL migration once databases of
+//! the older version exist) and the copy's table list (`copy::TABLES`) along: a unit test
+//! compares all three.
 //!
 //! A repository also carries `PRAGMA application_id` = [`APPLICATION_ID`] from its first
 //! migration on (files created before that carry 0 and are known by their version). A file
