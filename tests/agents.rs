@@ -503,3 +503,42 @@ fn a_paused_holder_commits_nothing_once_its_lease_passed_on() {
     assert_eq!(cluster.holder("hr").map(|h| h.0), Some(1));
     let _ = &cluster.pg;
 }
+
+/// `idsync run --once` on a shared repository passes only the resources whose lease it can
+/// take: while an agent runs them it leaves them alone (saying so); once that agent stopped
+/// cleanly (giving its leases back) it passes them at once.
+#[test]
+fn run_once_leaves_a_resource_to_the_agent_that_holds_it() {
+    let mut cluster = Cluster::new(
+        2,
+        Extras {
+            slow: false,
+            ldap: None,
+            smtp_port: None,
+        },
+    );
+    cluster.feed("hr.csv", "id,title\n1,Clerk\n");
+    cluster.feed("contractors.csv", "id,title\n1,Temp\n");
+    cluster.start(0);
+    eventually(30, "agent-0 applies both feeds", || {
+        (cluster.titles().len() == 2).then_some(())
+    });
+    let out = cluster.sandboxes[1].run_once(None, 0);
+    assert!(
+        out.stdout
+            .contains("hr: skipped: another agent holds its lease")
+            && out
+                .stdout
+                .contains("contractors: skipped: another agent holds its lease"),
+        "{}",
+        out.stdout
+    );
+    let mut child = cluster.children[0].take().unwrap();
+    let (code, _) = common::terminate(&mut child);
+    assert_eq!(code, Some(0));
+    assert_eq!(cluster.holder("hr"), None, "the leases were given back");
+    cluster.feed("hr.csv", "id,title\n1,Lead\n");
+    let out = cluster.sandboxes[1].run_once(None, 0);
+    assert!(out.stdout.contains("hr: 1 event"), "{}", out.stdout);
+    assert_eq!(cluster.titles().get("h1").map(String::as_str), Some("Lead"));
+}

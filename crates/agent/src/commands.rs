@@ -164,11 +164,49 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
         return crate::service::serve(setup, args, &guard);
     }
     let mut adapters = adapters(&setup, &args.accept_deletes);
+    // On PostgreSQL, only the resources whose lease this run can take (another agent runs
+    // the others); their batches are fenced like the agent's.
+    let selected: Vec<String> = setup
+        .loaded
+        .config
+        .resources
+        .iter()
+        .map(|r| r.name.clone())
+        .filter(|n| args.resources.is_empty() || args.resources.contains(n))
+        .collect();
+    let leases =
+        match crate::leases::OnceLeases::take(&setup.loaded, setup.engine.repo(), &selected) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(Exit::Resource);
+            }
+        };
+    let only: Vec<String> = match &leases {
+        Some((_, elsewhere)) => {
+            for r in elsewhere {
+                line(format_args!(
+                    "{r}: skipped: another agent holds its lease (idsync status)"
+                ));
+            }
+            selected
+                .into_iter()
+                .filter(|r| !elsewhere.contains(r))
+                .collect()
+        }
+        None => args.resources.clone(),
+    };
+    if leases.as_ref().is_some_and(|(_, e)| !e.is_empty()) && only.is_empty() {
+        return ExitCode::SUCCESS;
+    }
     // Lifecycle timers due by now: before the passes (their time came first) and after
     // them; before the mail round, which sends their mail.
     let mut timers = crate::timers::OnceRounds::default();
     timers.fire(&setup, &args.resources);
-    let mut code = pass(&setup, &args.resources, &mut adapters);
+    let mut code = pass(&setup, &only, &mut adapters);
+    if let Some((l, _)) = leases {
+        l.release();
+    }
     timers.fire(&setup, &args.resources);
     if let Some(timers) = timers.finish()
         && (code == ExitCode::SUCCESS || timers == ExitCode::from(Exit::Resource))

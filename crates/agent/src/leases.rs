@@ -18,7 +18,100 @@ use std::time::{Duration, Instant};
 
 use idsync_repo::{Fence, Leases, Repo};
 
+use crate::config::Loaded;
 use crate::runner::Stop;
+
+/// This agent's name in the leases table: `agent_name`, or the host and the config's
+/// folder. One name per agent, the same after a restart (it takes its leases back at
+/// once); two agents of one host differ by their config folder (each holds its own agent
+/// lock).
+pub fn holder_name(loaded: &Loaded) -> String {
+    if let Some(name) = &loaded.config.repository.agent_name {
+        return name.clone();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "agent".to_owned());
+    let folder = loaded
+        .file
+        .parent()
+        .and_then(|d| std::fs::canonicalize(d).ok())
+        .unwrap_or_default();
+    format!("{host}:{}", folder.display())
+}
+
+/// The leases `idsync run --once` (and `reconcile`) takes for the resources it passes, on
+/// a PostgreSQL repository: a resource another agent holds is left to it.
+pub struct OnceLeases {
+    leases: Leases,
+    repo: Arc<Repo>,
+    held: Vec<(String, Fence)>,
+}
+
+impl OnceLeases {
+    /// Takes the lease of each of `resources`; `None` for an SQLite repository. Returns
+    /// the leases and the resources another agent holds.
+    pub fn take(
+        loaded: &Loaded,
+        repo: &Arc<Repo>,
+        resources: &[String],
+    ) -> anyhow::Result<Option<(OnceLeases, Vec<String>)>> {
+        let cfg = &loaded.config.repository;
+        let Some(url) = &cfg.url else {
+            return Ok(None);
+        };
+        let options = crate::setup::postgres_options(loaded)?;
+        let leases = Leases::open(
+            url,
+            &options,
+            &holder_name(loaded),
+            Duration::from_secs(cfg.lease_secs),
+        )
+        .map_err(|e| anyhow::anyhow!("repository {}: leases: {e}", loaded.repository_shown()))?;
+        let mut held = Vec::new();
+        let mut elsewhere = Vec::new();
+        for resource in resources {
+            match leases.acquire(resource)? {
+                Some(fence) => {
+                    repo.set_fence(resource, Some(fence.clone()))?;
+                    held.push((resource.clone(), fence));
+                }
+                None => elsewhere.push(resource.clone()),
+            }
+        }
+        Ok(Some((
+            OnceLeases {
+                leases,
+                repo: repo.clone(),
+                held,
+            },
+            elsewhere,
+        )))
+    }
+
+    /// Renews every lease held (between resources of a long run).
+    pub fn renew(&self) {
+        for (resource, fence) in &self.held {
+            if let Err(e) = self.leases.renew(resource, fence) {
+                tracing::warn!(resource = %resource, "cannot renew the lease: {e}");
+            }
+        }
+    }
+
+    /// Gives every lease back (also done when dropped, on every way out of a command).
+    pub fn release(self) {}
+}
+
+impl Drop for OnceLeases {
+    fn drop(&mut self) {
+        for (resource, fence) in self.held.drain(..) {
+            let _ = self.repo.set_fence(&resource, None);
+            if let Err(e) = self.leases.release(&resource, &fence) {
+                tracing::warn!(resource = %resource, "cannot give back the lease: {e}");
+            }
+        }
+    }
+}
 
 /// Runs the leases of this agent's resources.
 pub struct Keeper {

@@ -198,6 +198,23 @@ pub fn command(loaded: Loaded, args: &ReconcileArgs) -> anyhow::Result<ExitCode>
         return Ok(ExitCode::from(Exit::Config));
     };
     let repo = setup.engine.repo().clone();
+    // On PostgreSQL, the resource's lease: another agent may be running it.
+    let leases = crate::leases::OnceLeases::take(
+        &setup.loaded,
+        &repo,
+        std::slice::from_ref(&args.resource),
+    )?;
+    if leases
+        .as_ref()
+        .is_some_and(|(_, elsewhere)| !elsewhere.is_empty())
+    {
+        eprintln!(
+            "error: {}: another agent holds its lease (idsync status); it reconciles it on its \
+             schedule (`reconcile: {{ cron: ... }}`), or stop that agent first",
+            args.resource
+        );
+        return Ok(ExitCode::from(Exit::Resource));
+    }
     let keys = if args.keys.is_empty() {
         None
     } else {
@@ -230,6 +247,9 @@ pub fn command(loaded: Loaded, args: &ReconcileArgs) -> anyhow::Result<ExitCode>
         &mut progress,
     );
     drop(progress.bar);
+    if let Some((l, _)) = leases {
+        l.release();
+    }
     let mut code = match &result {
         Ok(reconciled) => {
             line(format_args!("{}", describe(&args.resource, reconciled)));

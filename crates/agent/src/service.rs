@@ -334,24 +334,7 @@ fn start_keeper(setup: &Setup, names: &[String]) -> anyhow::Result<Option<Arc<Ke
     let Some(url) = &cfg.url else {
         return Ok(None);
     };
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "agent".to_owned());
-    // One name per agent, the same after a restart (it takes its leases back at once); two
-    // agents of one host differ by their config folder (each holds its own agent lock).
-    let holder = match &cfg.agent_name {
-        Some(name) => name.clone(),
-        None => format!(
-            "{host}:{}",
-            setup
-                .loaded
-                .file
-                .parent()
-                .and_then(|d| std::fs::canonicalize(d).ok())
-                .unwrap_or_default()
-                .display()
-        ),
-    };
+    let holder = crate::leases::holder_name(&setup.loaded);
     let ttl = Duration::from_secs(cfg.lease_secs);
     let options = crate::setup::postgres_options(&setup.loaded)?;
     let leases = idsync_repo::Leases::open(url, &options, &holder, ttl).map_err(|e| {

@@ -39,12 +39,19 @@ pub enum DbError {
     /// From SQLite.
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
-    /// From PostgreSQL (the server, or the connection to it).
+    /// From PostgreSQL (the server, or the connection to it). Its message already holds
+    /// the driver's causes (not a `source`, which would print them twice).
     #[error("{}", describe_pg(.0))]
-    Postgres(#[from] postgres::Error),
+    Postgres(postgres::Error),
     /// A row had fewer or other values than the statement promised.
     #[error("{0}")]
     Shape(String),
+}
+
+impl From<postgres::Error> for DbError {
+    fn from(e: postgres::Error) -> Self {
+        DbError::Postgres(e)
+    }
 }
 
 /// PostgreSQL's own message (its `Display` says only "db error" for server errors).
