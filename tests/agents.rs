@@ -505,8 +505,8 @@ fn a_paused_holder_commits_nothing_once_its_lease_passed_on() {
 }
 
 /// `idsync run --once` on a shared repository passes only the resources whose lease it can
-/// take: while an agent runs them it leaves them alone (saying so); once that agent stopped
-/// cleanly (giving its leases back) it passes them at once.
+/// take: while an agent runs them (its `/readyz` names them) it leaves them alone, saying
+/// so; once that agent stopped cleanly (giving its leases back) it passes them at once.
 #[test]
 fn run_once_leaves_a_resource_to_the_agent_that_holds_it() {
     let mut cluster = Cluster::new(
@@ -519,10 +519,35 @@ fn run_once_leaves_a_resource_to_the_agent_that_holds_it() {
     );
     cluster.feed("hr.csv", "id,title\n1,Clerk\n");
     cluster.feed("contractors.csv", "id,title\n1,Temp\n");
+    // Agent 0 with its status endpoint: /readyz says what it runs.
+    let port = common::free_port();
+    let extras = Extras {
+        slow: false,
+        ldap: None,
+        smtp_port: None,
+    };
+    cluster.sandboxes[0].config(
+        &config(
+            &cluster.pg.url("idsync"),
+            "agent-0",
+            cluster.feeds.path(),
+            extras,
+        )
+        .replace(
+            "status: { listen: off }",
+            &format!("status: {{ listen: \"127.0.0.1:{port}\" }}"),
+        ),
+    );
     cluster.start(0);
     eventually(30, "agent-0 applies both feeds", || {
         (cluster.titles().len() == 2).then_some(())
     });
+    let (code, body) = common::http_get(port, "/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("agent: agent-0") && body.contains("runs: contractors, hr"),
+        "{body}"
+    );
     let out = cluster.sandboxes[1].run_once(None, 0);
     assert!(
         out.stdout
