@@ -166,14 +166,7 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
     let mut adapters = adapters(&setup, &args.accept_deletes);
     // On PostgreSQL, only the resources whose lease this run can take (another agent runs
     // the others); their batches are fenced like the agent's.
-    let selected: Vec<String> = setup
-        .loaded
-        .config
-        .resources
-        .iter()
-        .map(|r| r.name.clone())
-        .filter(|n| args.resources.is_empty() || args.resources.contains(n))
-        .collect();
+    let selected = setup.loaded.selected_resources(&args.resources);
     let leases =
         match crate::leases::OnceLeases::take(&setup.loaded, setup.engine.repo(), &selected) {
             Ok(l) => l,

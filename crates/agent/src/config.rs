@@ -646,6 +646,17 @@ impl Loaded {
         self.resolve(&self.config.repository.path)
     }
 
+    /// The configured resources `only` names (all of them when `only` is empty), in
+    /// config order.
+    pub fn selected_resources(&self, only: &[String]) -> Vec<String> {
+        self.config
+            .resources
+            .iter()
+            .map(|r| r.name.clone())
+            .filter(|n| only.is_empty() || only.contains(n))
+            .collect()
+    }
+
     /// The repository as messages name it: the file, or the URL without its password.
     pub fn repository_shown(&self) -> String {
         match &self.config.repository.url {

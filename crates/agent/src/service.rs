@@ -227,14 +227,7 @@ pub fn serve(setup: Setup, args: &RunArgs, guard: &Arc<InFlight>) -> ExitCode {
         eprintln!("error: cannot install signal handlers: {e}");
         return ExitCode::from(Exit::Resource);
     }
-    let names: Vec<String> = setup
-        .loaded
-        .config
-        .resources
-        .iter()
-        .map(|r| r.name.clone())
-        .filter(|n| args.resources.is_empty() || args.resources.contains(n))
-        .collect();
+    let names = setup.loaded.selected_resources(&args.resources);
     let observer = Arc::new(Observer::new(&names));
     let listen = setup.loaded.config.status.listen.clone();
     let mut endpoint = "off".to_owned();

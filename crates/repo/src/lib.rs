@@ -194,9 +194,14 @@ impl Repo {
     pub fn open_postgres(url: &str, options: &PgOptions) -> Result<Repo, RepoError> {
         let conn = postgres::connect(url, options)?;
         postgres::prepare(&conn)?;
-        Ok(Repo {
-            reconnect: Some((url.to_owned(), options.clone())),
-            fences: Mutex::default(),
+        let mut repo = Repo::over(conn);
+        repo.reconnect = Some((url.to_owned(), options.clone()));
+        Ok(repo)
+    }
+
+    /// A repository over `conn`, its schema ready.
+    fn over(conn: db::Conn) -> Repo {
+        Repo {
             conn: Mutex::new(conn),
             indexed: Mutex::new(None),
             declared: Mutex::new(Arc::default()),
@@ -204,7 +209,9 @@ impl Repo {
             batch_wait: DEFAULT_BATCH_WAIT,
             checkpointer: None,
             warmer: None,
-        })
+            reconnect: None,
+            fences: Mutex::default(),
+        }
     }
 
     /// Whether the repository is a PostgreSQL database (else an SQLite file or memory).
@@ -285,17 +292,7 @@ impl Repo {
         .ctx("enabling the query planner stability guarantee")?;
         schema::migrate(&mut conn)?;
         conn.set_prepared_statement_cache_capacity(64);
-        Ok(Repo {
-            conn: Mutex::new(db::Conn::Sqlite(conn)),
-            indexed: Mutex::new(None),
-            declared: Mutex::new(Arc::default()),
-            idle: Condvar::new(),
-            batch_wait: DEFAULT_BATCH_WAIT,
-            checkpointer: None,
-            warmer: None,
-            reconnect: None,
-            fences: Mutex::default(),
-        })
+        Ok(Repo::over(db::Conn::Sqlite(conn)))
     }
 
     /// A pass is about to visit many accounts (a flat-file diff, a full LDAP refresh):
