@@ -3,7 +3,9 @@
 //!
 //! Every table is copied with its ids (decision records keep their numbers, links their
 //! identities), in an order that satisfies the foreign keys, in one transaction of the
-//! target; PostgreSQL's id sequences are then moved past the copied ids. The copy is
+//! target: into PostgreSQL with `COPY` (the rows streamed a few megabytes at a time), into
+//! SQLite with multi-row inserts; PostgreSQL's id sequences are then moved past the
+//! copied ids. The copy is
 //! verified by reading both sides again: per table, the row count and a checksum of every
 //! value in primary-key order (both databases sort text byte-wise), computed the same way
 //! on both. Leases are not copied: they belong to the agents running, and there are none
@@ -13,7 +15,7 @@ use std::hash::{Hash, Hasher};
 
 use serde::Serialize;
 
-use crate::db::{Arg, Conn, Dialect, ToArg, Value};
+use crate::db::{Arg, Conn, Dialect, ToArg, Value, copy_text};
 use crate::error::{Context, RepoError};
 use crate::{Repo, args};
 
@@ -344,6 +346,9 @@ fn insert(t: &Table, rows: usize) -> String {
 }
 
 fn copy_table(source: &Conn, target: &Conn, t: &Table) -> Result<(), RepoError> {
+    if target.dialect() == Dialect::Postgres {
+        return copy_table_in_bulk(source, target, t);
+    }
     let reading = || format!("reading table {}", t.name);
     let writing = || format!("copying table {}", t.name);
     let width = t.columns.len();
@@ -370,6 +375,38 @@ fn copy_table(source: &Conn, target: &Conn, t: &Table) -> Result<(), RepoError> 
         Ok(())
     })?;
     flush(&mut pending)
+}
+
+/// Bytes of COPY data sent at a time.
+const COPY_CHUNK: usize = 8 << 20;
+
+/// Into PostgreSQL: the rows as `COPY … FROM STDIN` data, a few megabytes at a time.
+fn copy_table_in_bulk(source: &Conn, target: &Conn, t: &Table) -> Result<(), RepoError> {
+    let reading = || format!("reading table {}", t.name);
+    let writing = || format!("copying table {}", t.name);
+    let sql = format!("COPY {} ({}) FROM STDIN", t.name, t.columns.join(", "));
+    let mut data: Vec<u8> = Vec::with_capacity(COPY_CHUNK + 4096);
+    let flush = |data: &mut Vec<u8>| -> Result<(), RepoError> {
+        if !data.is_empty() {
+            target.copy_in(&sql, data).with_ctx(writing)?;
+            data.clear();
+        }
+        Ok(())
+    };
+    source.each(&select(t), args![], &reading, |r| {
+        for c in 0..t.columns.len() {
+            if c > 0 {
+                data.push(b'\t');
+            }
+            copy_text(&r.value(c).with_ctx(reading)?, &mut data);
+        }
+        data.push(b'\n');
+        if data.len() >= COPY_CHUNK {
+            flush(&mut data)?;
+        }
+        Ok(())
+    })?;
+    flush(&mut data)
 }
 
 /// Row count and checksum of table `t` (module doc).
@@ -435,6 +472,35 @@ mod tests {
                 .insert(column, kind.to_owned());
         }
         out
+    }
+
+    /// Text with every character COPY's text format escapes, and others, survives a copy
+    /// into PostgreSQL and back: every table verified, the values equal.
+    #[test]
+    fn awkward_text_survives_a_copy_into_postgres_and_back() {
+        use idsync_core::AttrMap;
+        let source = Repo::open_in_memory().unwrap();
+        let awkward = "tab\there\nnew line\r\\backslash \\N 'quote' \"dq\" é ∑ 😀 \\x41";
+        let mut attrs = AttrMap::new();
+        attrs.set_text("note", awkward);
+        source.begin().unwrap();
+        source
+            .create_identity_with_account("ann\tlee", &attrs, Some(("hr", "k\n1")))
+            .unwrap();
+        source.put_shadow("hr", "k\n1", &attrs).unwrap();
+        source.commit().unwrap();
+        let pg = idsync_testkit::postgres::Postgres::start().unwrap();
+        pg.create_database("idsync").unwrap();
+        let target = Repo::open_postgres(&pg.url("idsync"), &Default::default()).unwrap();
+        let tables = source.copy_into_repository(&target).unwrap();
+        assert!(tables.iter().all(CopiedTable::matches), "{tables:#?}");
+        let copied = target.identity("ann\tlee").unwrap().unwrap();
+        assert_eq!(copied.attrs, attrs);
+        assert_eq!(target.shadow("hr", "k\n1").unwrap(), Some(attrs.clone()));
+        let back = Repo::open_in_memory().unwrap();
+        let tables = target.copy_into_repository(&back).unwrap();
+        assert!(tables.iter().all(CopiedTable::matches), "{tables:#?}");
+        assert_eq!(back.identity("ann\tlee").unwrap().unwrap().attrs, attrs);
     }
 
     /// The PostgreSQL schema is the SQLite one after every migration (same tables, same

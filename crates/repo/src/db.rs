@@ -314,6 +314,38 @@ impl Row<'_> {
     }
 }
 
+/// Appends `v` as a field of COPY's text format: `\N` for NULL, backslash escapes in
+/// text, `\\x…` hex for bytes.
+pub(crate) fn copy_text(v: &Value, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    match v {
+        Value::Null => out.extend_from_slice(b"\\N"),
+        Value::Int(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Value::Real(r) => {
+            let _ = write!(out, "{r:?}");
+        }
+        Value::Text(t) => {
+            for b in t.bytes() {
+                match b {
+                    b'\\' => out.extend_from_slice(b"\\\\"),
+                    b'\t' => out.extend_from_slice(b"\\t"),
+                    b'\n' => out.extend_from_slice(b"\\n"),
+                    b'\r' => out.extend_from_slice(b"\\r"),
+                    other => out.push(other),
+                }
+            }
+        }
+        Value::Blob(bytes) => {
+            out.extend_from_slice(b"\\\\x");
+            for b in bytes {
+                let _ = write!(out, "{b:02x}");
+            }
+        }
+    }
+}
+
 /// A Rust type a column can be read as.
 pub(crate) trait Column: Sized {
     fn from_sqlite(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Self>;
@@ -387,9 +419,9 @@ impl PgConn {
     /// Runs `f` with the client. The synchronous client drives its own small runtime, which
     /// cannot start inside another one: called from async code (the outbox dispatcher's
     /// round), the call runs on a scoped thread of its own.
-    fn with_client<T: Send>(
+    fn with_client<T: Send, E: Into<DbError> + Send>(
         &self,
-        f: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error> + Send,
+        f: impl FnOnce(&mut postgres::Client) -> Result<T, E> + Send,
     ) -> Result<T, DbError> {
         let mut client = self.client()?;
         let client: &mut postgres::Client = &mut client;
@@ -401,7 +433,7 @@ impl PgConn {
         } else {
             f(client)
         };
-        Ok(result?)
+        result.map_err(Into::into)
     }
 
     fn prepare(&self, sql: &str) -> Result<postgres::Statement, DbError> {
@@ -614,6 +646,22 @@ impl Conn {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// PostgreSQL's bulk load: `sql` is a `COPY … FROM STDIN` (text format) and `data` its
+    /// rows, encoded with [`copy_text`]; how many rows it loaded. SQLite has no such path.
+    pub(crate) fn copy_in(&self, sql: &str, data: &[u8]) -> Result<u64, DbError> {
+        match self {
+            Conn::Sqlite(_) => Err(DbError::Shape("COPY is PostgreSQL's".to_owned())),
+            Conn::Postgres(p) => p.with_client(|c| -> Result<u64, DbError> {
+                use std::io::Write as _;
+                let mut writer = c.copy_in(sql)?;
+                writer
+                    .write_all(data)
+                    .map_err(|e| DbError::Shape(format!("sending COPY data: {e}")))?;
+                Ok(writer.finish()?)
+            }),
         }
     }
 
