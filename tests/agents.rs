@@ -567,3 +567,37 @@ fn run_once_leaves_a_resource_to_the_agent_that_holds_it() {
     assert!(out.stdout.contains("hr: 1 event"), "{}", out.stdout);
     assert_eq!(cluster.titles().get("h1").map(String::as_str), Some("Lead"));
 }
+
+/// The database restarts under a running agent (every session ended): the agent connects
+/// again — its repository connection and its leases' — and goes on; nothing is applied twice.
+#[test]
+fn an_agent_goes_on_after_the_database_restarted() {
+    let mut cluster = Cluster::new(
+        1,
+        Extras {
+            slow: false,
+            ldap: None,
+            smtp_port: None,
+        },
+    );
+    cluster.feed("hr.csv", "id,title\n1,Clerk\n2,Clerk\n");
+    cluster.feed("contractors.csv", "id,title\n");
+    cluster.start(0);
+    eventually(30, "the first feed applied", || {
+        (cluster.titles().len() == 2).then_some(())
+    });
+    cluster.pg.restart().unwrap();
+    cluster.feed("hr.csv", "id,title\n1,Lead\n2,Clerk\n3,Clerk\n");
+    eventually(60, "the second feed applied after the restart", || {
+        let t = cluster.titles();
+        (t.len() == 3 && t.get("h1").map(String::as_str) == Some("Lead")).then_some(())
+    });
+    assert_eq!(cluster.holder("hr").map(|h| h.0), Some(0));
+    let results = cluster.sandboxes[0].results(&["--key", "1"]);
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(
+        cluster.sandboxes[0].agent_log().contains("connected again"),
+        "{}",
+        cluster.sandboxes[0].agent_log()
+    );
+}

@@ -61,6 +61,9 @@ pub struct Leases {
     conn: Mutex<Conn>,
     holder: String,
     ttl: Duration,
+    /// How to connect again after the server closed the connection (a restart).
+    url: String,
+    options: PgOptions,
 }
 
 impl Leases {
@@ -78,6 +81,8 @@ impl Leases {
             conn: Mutex::new(conn),
             holder: holder.to_owned(),
             ttl,
+            url: url.to_owned(),
+            options: options.clone(),
         })
     }
 
@@ -86,8 +91,14 @@ impl Leases {
         &self.holder
     }
 
+    /// The connection, connected again first if the server closed it (its statements run
+    /// outside transactions, so nothing is lost with it).
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Conn>, RepoError> {
-        self.conn.lock().map_err(|_| RepoError::Poisoned)
+        let mut conn = self.conn.lock().map_err(|_| RepoError::Poisoned)?;
+        if conn.is_closed() {
+            *conn = crate::postgres::connect(&self.url, &self.options)?;
+        }
+        Ok(conn)
     }
 
     fn ttl_ms(&self) -> i64 {
