@@ -141,11 +141,10 @@ impl Repo {
             }
             let removed = to_json(&report, || "the record of an erasure".to_owned())?;
             report.id = conn
-                .query_one(
+                .insert_one_id(
                     "INSERT INTO erasures (at, reference, removed) VALUES (?1, ?2, ?3) \
                      RETURNING id",
                     args![now(), reference, removed],
-                    |r| r.get(0),
                 )
                 .ctx("recording the erasure")?;
             Ok(Erasure::Erased(report))

@@ -119,11 +119,10 @@ impl Repo {
         let conn = self.lock()?;
         atomic(self, &conn, |c| {
             let inserted: Option<i64> = c
-                .query_row(
+                .insert_id(
                     "INSERT INTO identities (name, version, disabled, attrs, created_at, updated_at) \
                      VALUES (?1, 1, 0, ?2, ?3, ?3) ON CONFLICT (name) DO NOTHING RETURNING id",
                     args![name, json, now()],
-                    |r| r.get(0),
                 )
                 .with_ctx(|| format!("creating identity {name}"))?;
             let Some(id) = inserted else {

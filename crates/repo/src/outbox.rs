@@ -212,7 +212,7 @@ impl Repo {
             OutboxStatus::Pending
         };
         self.lock()?
-            .query_one(
+            .insert_one_id(
                 "INSERT INTO outbox (created_at, policy, identity, resource, key, status, \
                  next_attempt_at, expires_at, last_error, message) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?1, ?7, ?8, ?9) RETURNING id",
@@ -227,7 +227,6 @@ impl Repo {
                     m.dead,
                     json
                 ],
-                |r| r.get(0),
             )
             .with_ctx(|| format!("enqueueing a message of policy {}", m.policy))
     }

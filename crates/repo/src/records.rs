@@ -191,7 +191,7 @@ impl Repo {
             format!("decision for account {}/{}", d.resource, d.key)
         })?;
         self.lock()?
-            .query_one(
+            .insert_one_id(
                 "INSERT INTO decisions (at, resource, key, op, situation, action, identity, record) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
                 args![
@@ -204,7 +204,6 @@ impl Repo {
                     d.identity,
                     record,
                 ],
-                |r| r.get(0),
             )
             .with_ctx(|| {
                 format!(
@@ -308,7 +307,7 @@ impl Repo {
                 return Ok(id);
             }
         }
-        conn.query_one(
+        conn.insert_one_id(
             "INSERT INTO failed_events (at, resource, key, origin, error, event, decision_id) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
             args![
@@ -320,7 +319,6 @@ impl Repo {
                 event,
                 f.decision_id,
             ],
-            |r| r.get(0),
         )
         .with_ctx(|| format!("recording the {}", what()))
     }

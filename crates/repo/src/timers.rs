@@ -193,7 +193,7 @@ impl Repo {
             }
             None => {
                 let id: i64 = conn
-                    .query_one(
+                    .insert_one_id(
                         "INSERT INTO timers (identity, kind, due_at, planned_at, resource, key, reason) \
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
                         args![
@@ -205,7 +205,6 @@ impl Repo {
                             t.key,
                             t.reason
                         ],
-                        |r| r.get(0),
                     )
                     .with_ctx(|| format!("planning the {}", what()))?;
                 Ok(Planned::New(id))

@@ -247,7 +247,7 @@ impl Repo {
             return Ok(Raised { id, new: false });
         }
         let id: i64 = conn
-            .query_one(
+            .insert_one_id(
                 "INSERT INTO work_items (created_at, resource, key, kind, reason, candidates, \
                  last_seen_at, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?1, 'open') RETURNING id",
                 args![
@@ -258,7 +258,6 @@ impl Repo {
                     item.reason,
                     candidates
                 ],
-                |r| r.get(0),
             )
             .with_ctx(|| format!("recording the {}", what()))?;
         Ok(Raised { id, new: true })
