@@ -11,6 +11,9 @@
 //! - Rows are read through [`Row::get`] with the Rust type wanted ([`Column`]): integers,
 //!   text, bytes, each optionally `Option`. The PostgreSQL schema stores every integer as
 //!   `BIGINT` and every flag as a `BIGINT` 0 or 1, as SQLite does.
+//! - An `INSERT … RETURNING id` goes through [`Conn::insert_id`]: PostgreSQL runs it as
+//!   written; SQLite without the `RETURNING` (which buffers its output in a temporary table
+//!   on every execution: a quarter of an initial load) and reads the last row id.
 //! - Errors are [`DbError`], which keeps the driver's error for the decisions callers make
 //!   on it (busy, conflict, storage failure: module `error`).
 //!
