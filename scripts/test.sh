@@ -57,10 +57,16 @@ fi
 step "the same engine, situation, sequence and crash tests on PostgreSQL (a private server each)"
 # IDSYNC_TEST_REPOSITORY=postgres makes the engine's unit tests and the binary's sandboxes
 # keep their repository in a private PostgreSQL database instead of SQLite.
-runner="cargo test"
-if cargo nextest --version >/dev/null 2>&1; then runner="cargo nextest run"; fi
-IDSYNC_TEST_REPOSITORY=postgres $runner --no-fail-fast -p idsync-engine --lib
-IDSYNC_TEST_REPOSITORY=postgres $runner --no-fail-fast -p idsync --test situations --test sequences --test crash
+# (With nextest, one run over the whole workspace and a filter: the same build as above,
+# nothing compiled again for another feature set.)
+if cargo nextest --version >/dev/null 2>&1; then
+  IDSYNC_TEST_REPOSITORY=postgres cargo nextest run --workspace --no-fail-fast \
+    -E '(package(idsync-engine) & kind(lib)) | binary(situations) | binary(sequences) | binary(crash)'
+else
+  IDSYNC_TEST_REPOSITORY=postgres cargo test --no-fail-fast -p idsync-engine --lib
+  IDSYNC_TEST_REPOSITORY=postgres cargo test --no-fail-fast -p idsync \
+    --test situations --test sequences --test crash
+fi
 
 step "quickstart (smoke test with the debug binary, in a temporary copy)"
 cargo build -q
