@@ -506,7 +506,8 @@ fn a_paused_holder_commits_nothing_once_its_lease_passed_on() {
 
 /// `idsync run --once` on a shared repository passes only the resources whose lease it can
 /// take: while an agent runs them (its `/readyz` names them) it leaves them alone, saying
-/// so; once that agent stopped cleanly (giving its leases back) it passes them at once.
+/// so, and `idsync reconcile` refuses; once that agent stopped cleanly (giving its leases
+/// back) `run --once` passes them at once.
 #[test]
 fn run_once_leaves_a_resource_to_the_agent_that_holds_it() {
     let mut cluster = Cluster::new(
@@ -557,6 +558,14 @@ fn run_once_leaves_a_resource_to_the_agent_that_holds_it() {
                 .contains("contractors: skipped: another agent holds its lease"),
         "{}",
         out.stdout
+    );
+    // A reconcile is refused while another agent holds the resource.
+    let out = cluster.sandboxes[1].idsync(&["reconcile", "hr"]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("hr: another agent holds its lease"),
+        "{}",
+        out.stderr
     );
     let mut child = cluster.children[0].take().unwrap();
     let (code, _) = common::terminate(&mut child);
