@@ -77,18 +77,6 @@ fn decisions(s: &Sandbox, key: &str) -> Vec<Value> {
     s.results(&["--resource", "hr", "--key", key])
 }
 
-/// `work-items list --json --state S`, parsed.
-fn items(s: &Sandbox, state: &str) -> Vec<Value> {
-    let run = s
-        .idsync(&["work-items", "list", "--json", "--state", state])
-        .expect_code(0);
-    run.stdout
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn a_mixed_case_accented_value_finds_its_identity_once_normalisation_is_declared() {
     // Without a declaration values compare exactly, as before: both accounts are new people.
@@ -257,7 +245,7 @@ fn a_near_miss_name_opens_a_similar_work_item_with_scores_instead_of_a_duplicate
     assert_eq!(s.owner("hr", "7"), None);
     assert_eq!(s.export().len(), 6, "no duplicate of jonathan.smith");
 
-    let open = items(&s, "open");
+    let open = s.work_items("open");
     assert_eq!(open.len(), 1, "{open:?}");
     let item = &open[0];
     assert_eq!(item["kind"], "similar");
@@ -290,7 +278,7 @@ fn a_near_miss_name_opens_a_similar_work_item_with_scores_instead_of_a_duplicate
         "emp,first,last,email,display,title\n7,Jonathon,SMITH,,,Senior Engineer\n8,Zed,Quux,,,Engineer\n",
     );
     s.run_once(Some("hr"), 0);
-    let open = items(&s, "open");
+    let open = s.work_items("open");
     assert_eq!(open.len(), 1, "{open:?}");
     assert_eq!(open[0]["seen"], 2);
     assert_eq!(s.export().len(), 6);
@@ -302,8 +290,8 @@ fn a_near_miss_name_opens_a_similar_work_item_with_scores_instead_of_a_duplicate
     let js = s.identity("jonathan.smith").unwrap();
     assert_eq!(common::attr(&js, "title"), Some("Senior Engineer"));
     assert_eq!(common::attr(&js, "givenName"), Some("Jonathon"));
-    assert!(items(&s, "open").is_empty());
-    let closed = items(&s, "closed");
+    assert!(s.work_items("open").is_empty());
+    let closed = s.work_items("closed");
     assert_eq!(closed[0]["closed"]["resolution"], "linked");
     assert_eq!(closed[0]["closed"]["identity"], "jonathan.smith");
 }
@@ -319,7 +307,7 @@ fn a_surname_typo_is_compared_only_within_a_block_prefix() {
         "emp,first,last,email,display,title\n9,Jonathan,Smiht,,,x\n",
     );
     s.run_once(Some("hr"), 0);
-    let open = items(&s, "open");
+    let open = s.work_items("open");
     assert_eq!(open.len(), 1, "{open:?}");
     assert_eq!(open[0]["kind"], "similar");
     assert_eq!(open[0]["candidates"][0], "jonathan.smith");
@@ -349,7 +337,7 @@ fn a_surname_typo_is_compared_only_within_a_block_prefix() {
     );
     whole.run_once(Some("hr"), 0);
     assert_eq!(whole.owner("hr", "9").as_deref(), Some("p9"));
-    assert!(items(&whole, "open").is_empty());
+    assert!(whole.work_items("open").is_empty());
 }
 
 #[test]

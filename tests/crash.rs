@@ -188,17 +188,8 @@ impl Drop for Agent {
     }
 }
 
-fn json_lines(s: &Sandbox, args: &[&str]) -> Vec<Value> {
-    let r = s.idsync(args).expect_code(0);
-    r.stdout
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn outbox(s: &Sandbox) -> Vec<Value> {
-    json_lines(s, &["outbox", "list", "--json"])
+    s.json(&["outbox", "list", "--json"])
 }
 
 /// Decision records as `(resource, key) → [op, ...]`, oldest first.

@@ -89,21 +89,9 @@ resources:
 const DISPUTED_BY_MAIL: &str =
     "    rules: { correlation: by_mail.rhai }\n    on_disputed: work_item\n";
 
-/// `work-items list --json [--state S]`, parsed.
-fn items(s: &Sandbox, state: &str) -> Vec<Value> {
-    let run = s
-        .idsync(&["work-items", "list", "--json", "--state", state])
-        .expect_code(0);
-    run.stdout
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// The one open work item.
 fn only_open(s: &Sandbox) -> Value {
-    let open = items(s, "open");
+    let open = s.work_items("open");
     assert_eq!(open.len(), 1, "{open:?}");
     open.into_iter().next().unwrap()
 }
@@ -281,8 +269,8 @@ fn a_disputed_event_raises_a_work_item_that_resolve_link_closes() {
     );
 
     // Closed, with how and by what.
-    assert!(items(&s, "open").is_empty());
-    let closed = items(&s, "closed");
+    assert!(s.work_items("open").is_empty());
+    let closed = s.work_items("closed");
     assert_eq!(closed.len(), 1);
     assert_eq!(closed[0]["state"], "closed");
     assert_eq!(closed[0]["closed"]["resolution"], "linked");
@@ -305,7 +293,7 @@ fn a_disputed_event_raises_a_work_item_that_resolve_link_closes() {
     s.run_once(Some("hr"), 0);
     assert_eq!(s.last_result()["situation"], "linked");
     assert_eq!(attr(&s.identity("bob").unwrap(), "title"), Some("Lead"));
-    assert!(items(&s, "open").is_empty());
+    assert!(s.work_items("open").is_empty());
 }
 
 #[test]
@@ -321,7 +309,7 @@ fn resolve_create_and_ignore_unmatched_accounts() {
     );
     s.run_once(Some("hr"), 0);
     assert_eq!(s.export().len(), 3, "nothing created by the pass");
-    let open = items(&s, "open");
+    let open = s.work_items("open");
     assert_eq!(open.len(), 2);
     assert!(open.iter().all(|i| i["kind"] == "unmatched"));
     assert_eq!(open[0]["reason"], "no identity matches account 42 of hr");
@@ -365,7 +353,7 @@ fn resolve_create_and_ignore_unmatched_accounts() {
     assert_eq!(d["situation"], "unmatched");
     assert_eq!(d["action"], "ignored");
     assert_eq!(d["key"], "43");
-    let closed = items(&s, "closed");
+    let closed = s.work_items("closed");
     assert_eq!(closed.len(), 2);
     assert_eq!(closed[0]["closed"]["resolution"], "created");
     assert_eq!(closed[0]["closed"]["identity"], "p42");
@@ -379,7 +367,7 @@ fn resolve_create_and_ignore_unmatched_accounts() {
         "emp,mail,title\n42,new@example.com,Clerk\n43,other@example.com,Trainee\n",
     );
     s.run_once(Some("hr"), 0);
-    let open = items(&s, "open");
+    let open = s.work_items("open");
     assert_eq!(open.len(), 1);
     assert_eq!(open[0]["key"], "43");
     assert!(open[0]["id"].as_i64().unwrap() > second);
@@ -500,8 +488,8 @@ fn unknown_ids_identities_accounts_and_mistakes_exit_2_and_change_nothing() {
     let second = only_open(&s)["id"].as_i64().unwrap().to_string();
     s.idsync(&["link", "hr", "16", "bob"]).expect_code(0);
     // Linking the account settled its disputed item.
-    assert!(items(&s, "open").is_empty());
-    let closed = items(&s, "closed");
+    assert!(s.work_items("open").is_empty());
+    let closed = s.work_items("closed");
     assert_eq!(
         closed.last().unwrap()["id"].as_i64().unwrap().to_string(),
         second
@@ -531,7 +519,7 @@ fn a_rule_work_item_is_stored_once_per_account_and_message() {
         "emp,mail,title\n15,shared@example.com,Clerk\n42,nobody@example.com,Clerk\n",
     );
     s.run_once(Some("hr"), 0);
-    let open = items(&s, "open");
+    let open = s.work_items("open");
     assert_eq!(open.len(), 2, "{open:?}");
     assert_eq!(open[0]["kind"], "rule");
     assert_eq!(open[0]["key"], "15");
@@ -555,7 +543,7 @@ fn a_rule_work_item_is_stored_once_per_account_and_message() {
         "emp,mail,title\n15,shared@example.com,Lead\n42,nobody@example.com,Lead\n",
     );
     s.run_once(Some("hr"), 0);
-    let again = items(&s, "open");
+    let again = s.work_items("open");
     assert_eq!(again.len(), 2);
     assert!(again.iter().all(|i| i["seen"] == 2), "{again:?}");
 
@@ -566,7 +554,7 @@ fn a_rule_work_item_is_stored_once_per_account_and_message() {
     );
     s.feed("hr.csv", "emp,mail,title\n15,shared@example.com,Head\n");
     s.run_once(Some("hr"), 0);
-    let now = items(&s, "open");
+    let now = s.work_items("open");
     assert_eq!(now.len(), 3);
     assert_eq!(now[2]["reason"], "employee 15 needs a manager");
 
@@ -587,7 +575,7 @@ fn a_rule_work_item_is_stored_once_per_account_and_message() {
     // An operator's link settles the account's disputed and unmatched items, not the
     // rule's questions.
     s.idsync(&["link", "hr", "15", "bob"]).expect_code(0);
-    assert_eq!(items(&s, "open").len(), 3);
+    assert_eq!(s.work_items("open").len(), 3);
     // --create for an account an identity owns is refused, the item stays open.
     let id = now[2]["id"].as_i64().unwrap().to_string();
     let run = s
@@ -599,7 +587,7 @@ fn a_rule_work_item_is_stored_once_per_account_and_message() {
         "{}",
         run.stderr
     );
-    assert_eq!(items(&s, "open").len(), 3);
+    assert_eq!(s.work_items("open").len(), 3);
     // --ignore closes it, recording the owner as the decision's identity.
     s.idsync(&["work-items", "resolve", &id, "--ignore"])
         .expect_code(0);
@@ -608,7 +596,7 @@ fn a_rule_work_item_is_stored_once_per_account_and_message() {
         (d["situation"].as_str(), d["identity"].as_str()),
         (Some("linked"), Some("bob"))
     );
-    assert_eq!(items(&s, "open").len(), 2);
+    assert_eq!(s.work_items("open").len(), 2);
 }
 
 #[test]
@@ -832,7 +820,7 @@ fn a_process_rule_raises_work_items_and_an_operator_link_only_links() {
         .expect_code(0);
     assert_eq!(s.owner("hr", "15").as_deref(), Some("ann"));
     assert_eq!(attr(&s.identity("ann").unwrap(), "title"), None);
-    assert!(items(&s, "open").is_empty());
+    assert!(s.work_items("open").is_empty());
 }
 
 /// An open work item keeps its account's decision records through `results purge`, and

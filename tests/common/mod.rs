@@ -137,6 +137,16 @@ impl Sandbox {
             .collect()
     }
 
+    /// `idsync ARGS` expecting exit 0, its JSON lines parsed.
+    pub fn json(&self, args: &[&str]) -> Vec<Value> {
+        Self::json_lines(self.idsync(args))
+    }
+
+    /// `work-items list --json --state STATE`, parsed.
+    pub fn work_items(&self, state: &str) -> Vec<Value> {
+        self.json(&["work-items", "list", "--json", "--state", state])
+    }
+
     /// `identities export`, parsed.
     pub fn export(&self) -> Vec<Value> {
         Self::json_lines(self.idsync(&["identities", "export"]))

@@ -197,9 +197,8 @@ pub fn run(loaded: Loaded, args: &RunArgs) -> ExitCode {
     let mut timers = crate::timers::OnceRounds::default();
     timers.fire(&setup, &args.resources);
     let mut code = pass(&setup, &only, &mut adapters);
-    if let Some((l, _)) = leases {
-        l.release();
-    }
+    // The leases are given back once the pass is over (before the mail round).
+    drop(leases);
     timers.fire(&setup, &args.resources);
     if let Some(timers) = timers.finish()
         && (code == ExitCode::SUCCESS || timers == ExitCode::from(Exit::Resource))

@@ -97,11 +97,9 @@ impl OnceLeases {
             }
         }
     }
-
-    /// Gives every lease back (also done when dropped, on every way out of a command).
-    pub fn release(self) {}
 }
 
+/// Every lease is given back when the command drops them, on every way out.
 impl Drop for OnceLeases {
     fn drop(&mut self) {
         for (resource, fence) in self.held.drain(..) {

@@ -247,9 +247,7 @@ pub fn command(loaded: Loaded, args: &ReconcileArgs) -> anyhow::Result<ExitCode>
         &mut progress,
     );
     drop(progress.bar);
-    if let Some((l, _)) = leases {
-        l.release();
-    }
+    drop(leases);
     let mut code = match &result {
         Ok(reconciled) => {
             line(format_args!("{}", describe(&args.resource, reconciled)));

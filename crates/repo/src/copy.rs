@@ -8,7 +8,8 @@
 //! copied ids. The copy is
 //! verified by reading both sides again: per table, the row count and a checksum of every
 //! value in primary-key order (both databases sort text byte-wise), computed the same way
-//! on both. Leases are not copied: they belong to the agents running, and there are none
+//! on both. A preview's scratch copy of a PostgreSQL repository uses the copy alone
+//! (`copy_tables_into`): it is thrown away after the preview. Leases are not copied: they belong to the agents running, and there are none
 //! during a migration.
 
 use std::hash::{Hash, Hasher};
@@ -259,6 +260,12 @@ impl Repo {
     /// Copies every table of this repository into `target`, which must be empty, and
     /// verifies the copy (module doc). Not while an agent writes to either.
     pub fn copy_into_repository(&self, target: &Repo) -> Result<Vec<CopiedTable>, RepoError> {
+        self.copy_tables_into(target)?;
+        self.compare_with(target)
+    }
+
+    /// Copies every table into `target`, which must be empty, without verifying.
+    pub(crate) fn copy_tables_into(&self, target: &Repo) -> Result<(), RepoError> {
         {
             let conn = target.lock()?;
             for t in TABLES {
@@ -291,7 +298,11 @@ impl Repo {
             }
             Ok(())
         })();
-        target.finish(copied)?;
+        target.finish(copied)
+    }
+
+    /// Every table's row count and checksum here and in `target`.
+    fn compare_with(&self, target: &Repo) -> Result<Vec<CopiedTable>, RepoError> {
         let source = self.lock()?;
         let conn = target.lock()?;
         TABLES

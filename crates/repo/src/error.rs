@@ -171,15 +171,6 @@ pub enum RepoError {
         #[source]
         source: std::io::Error,
     },
-    /// What was asked for exists only for a repository of the other kind (e.g. a scratch
-    /// copy of a PostgreSQL repository).
-    #[error("{what} is not available for a {dialect} repository")]
-    Unsupported {
-        /// What was asked for.
-        what: String,
-        /// The repository's kind (`SQLite`, `PostgreSQL`).
-        dialect: &'static str,
-    },
     /// A thread panicked while holding the repository lock.
     #[error("repository unusable: a thread panicked while using it; restart idsync")]
     Poisoned,

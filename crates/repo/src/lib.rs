@@ -165,12 +165,12 @@ impl Repo {
             .with_ctx(|| format!("opening repository file {}", path.display()))?;
         let mut repo = Self::setup(conn, true)?;
         repo.warmer = Some(warm::Warmer::new(path, held));
-        let wal = {
-            let guard = repo.lock()?;
-            let mode: String = sqlite_only(&guard, "the journal mode")?
-                .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-                .ctx("reading the journal mode")?;
-            mode.eq_ignore_ascii_case("wal")
+        let wal = match repo.lock()?.sqlite() {
+            Some(conn) => conn
+                .query_row("PRAGMA journal_mode", [], |r| r.get::<_, String>(0))
+                .ctx("reading the journal mode")?
+                .eq_ignore_ascii_case("wal"),
+            None => false,
         };
         if wal {
             match checkpointer::Checkpointer::start(path) {
@@ -212,14 +212,6 @@ impl Repo {
             reconnect: None,
             fences: Mutex::default(),
         }
-    }
-
-    /// Whether the repository is a PostgreSQL database (else an SQLite file or memory).
-    pub fn is_postgres(&self) -> bool {
-        self.conn
-            .lock()
-            .map(|c| c.dialect() == db::Dialect::Postgres)
-            .unwrap_or(false)
     }
 
     /// A private in-memory repository with the same schema, for tests.
@@ -320,26 +312,20 @@ impl Repo {
     /// copied with `VACUUM INTO`; a PostgreSQL repository table by table, as `idsync
     /// migrate` does (module `copy`). Not inside a batch.
     pub fn copy_into(&self, path: &Path) -> Result<(), RepoError> {
-        if self.is_postgres() {
-            let target = Repo::open(path)?;
-            let tables = self.copy_into_repository(&target)?;
-            if let Some(t) = tables.iter().find(|t| !t.matches()) {
-                return Err(RepoError::Corrupt {
-                    what: format!("scratch copy of table {}", t.table),
-                    message: "the copy differs from the repository".to_owned(),
-                });
+        {
+            let guard = self.lock()?;
+            if let Some(conn) = guard.sqlite() {
+                let target = path.to_str().ok_or_else(|| RepoError::Corrupt {
+                    what: "scratch copy".to_owned(),
+                    message: format!("{} is not valid UTF-8", path.display()),
+                })?;
+                conn.execute("VACUUM INTO ?1", [target])
+                    .with_ctx(|| format!("copying the repository to {}", path.display()))?;
+                return Ok(());
             }
-            return Ok(());
         }
-        let target = path.to_str().ok_or_else(|| RepoError::Corrupt {
-            what: "scratch copy".to_owned(),
-            message: format!("{} is not valid UTF-8", path.display()),
-        })?;
-        let guard = self.lock()?;
-        sqlite_only(&guard, "a scratch copy")?
-            .execute("VACUUM INTO ?1", [target])
-            .with_ctx(|| format!("copying the repository to {}", path.display()))?;
-        Ok(())
+        // A scratch copy is not verified: it is thrown away after the preview.
+        self.copy_tables_into(&Repo::open(path)?)
     }
 
     /// Sets the log size from which a transaction waits for the checkpoint (tests).
@@ -686,15 +672,6 @@ fn now() -> String {
 /// in UTC with milliseconds, so that text order is time order.
 fn stored_time(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
-}
-
-/// The SQLite connection of `conn`, for what only SQLite does; a PostgreSQL repository gets
-/// [`RepoError::Unsupported`] naming `what`.
-pub(crate) fn sqlite_only<'c>(conn: &'c db::Conn, what: &str) -> Result<&'c Connection, RepoError> {
-    conn.sqlite().ok_or_else(|| RepoError::Unsupported {
-        what: what.to_owned(),
-        dialect: "PostgreSQL",
-    })
 }
 
 /// A locked SQLite connection, for tests that look at the file's tables directly.
