@@ -604,9 +604,10 @@ fn an_agent_goes_on_after_the_database_restarted() {
     assert_eq!(cluster.holder("hr").map(|h| h.0), Some(0));
     let results = cluster.sandboxes[0].results(&["--key", "1"]);
     assert_eq!(results.len(), 2, "{results:?}");
+    let log = cluster.sandboxes[0].agent_log();
+    assert!(log.contains("connected again"), "{log}");
     assert!(
-        cluster.sandboxes[0].agent_log().contains("connected again"),
-        "{}",
-        cluster.sandboxes[0].agent_log()
+        log.contains(&format!("repository {},", cluster.pg.url("idsync"))),
+        "the start-up line names the database: {log}"
     );
 }

@@ -250,7 +250,7 @@ pub fn serve(setup: Setup, args: &RunArgs, guard: &Arc<InFlight>) -> ExitCode {
     tracing::info!(
         "agent started: config {}, repository {}, {} resource(s) ({}), status endpoint {endpoint}",
         config_file.display(),
-        setup.loaded.repository_path().display(),
+        setup.loaded.repository_shown(),
         names.len(),
         names.join(", "),
     );
