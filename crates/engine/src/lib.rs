@@ -329,7 +329,9 @@ impl Engine {
         result
     }
 
-    /// [`Engine::run_batch`] once the guard is chosen.
+    /// [`Engine::run_batch`] once the guard is chosen. An optimistic run speculates on
+    /// PostgreSQL (the repository's module `speculation`); a wrong guess sends the batch
+    /// back, to be decided again without speculating.
     fn run_batch_guarded(
         &self,
         policy: &Policy,
@@ -338,7 +340,31 @@ impl Engine {
         progress: &mut Progress<'_>,
     ) -> Result<BatchReport, EngineError> {
         self.repo.begin()?;
-        match self.apply_in_tx(policy, batch, guard, progress)? {
+        let mut decided = None;
+        let keys: Vec<&str> = batch.events.iter().map(|e| e.key.as_str()).collect();
+        if guard == Guard::Optimistic && self.repo.speculate(&policy.resource, &keys)? {
+            let speculated = self
+                .read_correlation_ahead(policy, batch)
+                .and_then(|()| self.apply_in_tx(policy, batch, guard, progress))
+                .and_then(|report| {
+                    self.repo.settle_speculation()?;
+                    Ok(report)
+                });
+            match speculated {
+                Err(EngineError::Repo(e)) if e.is_mispredicted() => {
+                    tracing::debug!(resource = %policy.resource, "the batch's speculation guessed wrong ({e}): deciding it again without");
+                    self.repo.rollback()?;
+                    self.repo.begin()?;
+                    progress.redo = true;
+                }
+                other => decided = Some(other?),
+            }
+        }
+        let decided = match decided {
+            Some(d) => d,
+            None => self.apply_in_tx(policy, batch, guard, progress)?,
+        };
+        match decided {
             Some(report) => Ok(report),
             None => {
                 tracing::debug!(resource = %policy.resource, "an event failed after writing: deciding the batch again with a savepoint per event");
@@ -355,6 +381,41 @@ impl Engine {
                     })
             }
         }
+    }
+
+    /// For a speculating batch: runs the correlation rule of each account of `batch` no
+    /// identity owns, and has the repository read what those queries will find in one go
+    /// (instead of one query per account while deciding). The rule runs again when the
+    /// account is decided: this reading is only a hint, and the rule is read-only. The crash
+    /// guard is told of each account first (a rule that kills the process is traced to its
+    /// event here too; an isolated event is passed over).
+    fn read_correlation_ahead(
+        &self,
+        policy: &Policy,
+        batch: &ChangeBatch,
+    ) -> Result<(), EngineError> {
+        let Some(script) = &policy.correlation else {
+            return Ok(());
+        };
+        let needs = ScopeNeeds::of(policy);
+        let mut queries = Vec::new();
+        for event in &batch.events {
+            if event.op == Op::Delete
+                || self.repo.owner_of(&event.resource, &event.key)?.is_some()
+                || self
+                    .guard
+                    .as_ref()
+                    .is_some_and(|g| g.before(event).is_some())
+            {
+                continue;
+            }
+            let mut decider = Decider::new(&self.rules, &self.repo, policy, needs, event);
+            if let Some(q) = decider.correlation_queries(script) {
+                queries.extend(q);
+            }
+        }
+        self.repo.prefetch_find(&queries)?;
+        Ok(())
     }
 
     /// Decides the events of `batch` in the open transaction. `None`: running

@@ -532,6 +532,20 @@ impl<'a> Decider<'a> {
         Ok(())
     }
 
+    /// The queries the correlation rule returns for the account, for reading ahead (a
+    /// speculating batch); `None` when it returns names or nothing, or fails (the decision
+    /// runs it again and reports that).
+    pub(crate) fn correlation_queries(
+        &mut self,
+        script: &Script,
+    ) -> Option<Vec<idsync_core::Conditions>> {
+        let v = self.run(script, Access::ReadOnly).ok()?;
+        match parse_correlation(&v).ok()? {
+            Correlation::Queries(queries) => Some(queries),
+            Correlation::Nothing | Correlation::Names(_) => None,
+        }
+    }
+
     fn correlate(&mut self, script: &Script, d: &mut Decision) -> Result<Vec<String>, EventError> {
         let v = self.run(script, Access::ReadOnly)?;
         d.rules.push(outcome("correlation", script, render(&v)));

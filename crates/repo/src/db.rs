@@ -24,6 +24,9 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use crate::error::{Context, RepoError};
 
@@ -45,20 +48,25 @@ pub enum DbError {
     /// From PostgreSQL (the server, or the connection to it). Its message already holds
     /// the driver's causes (not a `source`, which would print them twice).
     #[error("{}", describe_pg(.0))]
-    Postgres(postgres::Error),
+    Postgres(tokio_postgres::Error),
     /// A row had fewer or other values than the statement promised.
     #[error("{0}")]
     Shape(String),
+    /// A write sent ahead ([`Conn::send_ahead`]) failed, or changed other rows than its
+    /// sender predicted: what the caller did after it rests on a wrong guess, and the
+    /// transaction must be rolled back (module `speculation`).
+    #[error("a write sent ahead did not go as predicted: {0}")]
+    Mispredicted(String),
 }
 
-impl From<postgres::Error> for DbError {
-    fn from(e: postgres::Error) -> Self {
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
         DbError::Postgres(e)
     }
 }
 
 /// PostgreSQL's own message (its `Display` says only "db error" for server errors).
-fn describe_pg(e: &postgres::Error) -> String {
+fn describe_pg(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
         None => {
@@ -94,6 +102,8 @@ pub(crate) enum Arg<'a> {
     Real(f64),
     Text(&'a str),
     Blob(&'a [u8]),
+    /// A PostgreSQL `TEXT[]` (`= ANY(?N)`); SQLite has no arrays.
+    Texts(&'a [&'a str]),
 }
 
 /// What can be bound as a parameter.
@@ -184,19 +194,24 @@ impl rusqlite::ToSql for Arg<'_> {
             Arg::Real(v) => ToSqlOutput::Owned(Value::Real(v)),
             Arg::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
             Arg::Blob(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+            Arg::Texts(_) => {
+                return Err(rusqlite::Error::ToSqlConversionFailure(
+                    "SQLite has no array parameters".into(),
+                ));
+            }
         })
     }
 }
 
-impl postgres::types::ToSql for Arg<'_> {
+impl tokio_postgres::types::ToSql for Arg<'_> {
     fn to_sql(
         &self,
-        ty: &postgres::types::Type,
+        ty: &tokio_postgres::types::Type,
         out: &mut bytes::BytesMut,
-    ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        use postgres::types::Type;
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use tokio_postgres::types::Type;
         match *self {
-            Arg::Null => Ok(postgres::types::IsNull::Yes),
+            Arg::Null => Ok(tokio_postgres::types::IsNull::Yes),
             Arg::Int(v) => match *ty {
                 Type::INT2 => i16::try_from(v)?.to_sql(ty, out),
                 Type::INT4 => i32::try_from(v)?.to_sql(ty, out),
@@ -212,20 +227,21 @@ impl postgres::types::ToSql for Arg<'_> {
                 _ => s.to_sql(ty, out),
             },
             Arg::Blob(b) => b.to_sql(ty, out),
+            Arg::Texts(list) => list.to_sql(ty, out),
         }
     }
 
-    fn accepts(_: &postgres::types::Type) -> bool {
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
         true
     }
 
-    postgres::types::to_sql_checked!();
+    tokio_postgres::types::to_sql_checked!();
 }
 
 /// A result row of either database.
 pub(crate) enum Row<'a> {
     Sqlite(&'a rusqlite::Row<'a>),
-    Postgres(&'a postgres::Row),
+    Postgres(&'a tokio_postgres::Row),
 }
 
 impl Row<'_> {
@@ -259,6 +275,24 @@ pub(crate) enum Value {
     Blob(Vec<u8>),
 }
 
+impl Value {
+    /// The parameter `a`, owned (a write sent ahead outlives its caller's values).
+    fn owned(a: &Arg<'_>) -> Result<Value, DbError> {
+        Ok(match *a {
+            Arg::Null => Value::Null,
+            Arg::Int(v) => Value::Int(v),
+            Arg::Real(v) => Value::Real(v),
+            Arg::Text(s) => Value::Text(s.to_owned()),
+            Arg::Blob(b) => Value::Blob(b.to_vec()),
+            Arg::Texts(_) => {
+                return Err(DbError::Shape(
+                    "an array parameter cannot be sent ahead".to_owned(),
+                ));
+            }
+        })
+    }
+}
+
 impl ToArg for Value {
     fn to_arg(&self) -> Arg<'_> {
         match self {
@@ -286,7 +320,7 @@ impl Row<'_> {
                 })
             }
             Row::Postgres(r) => {
-                use postgres::types::Type;
+                use tokio_postgres::types::Type;
                 let ty = r
                     .columns()
                     .get(i)
@@ -352,7 +386,7 @@ pub(crate) fn copy_text(v: &Value, out: &mut Vec<u8>) {
 /// A Rust type a column can be read as.
 pub(crate) trait Column: Sized {
     fn from_sqlite(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Self>;
-    fn from_postgres(row: &postgres::Row, i: usize) -> Result<Self, DbError>;
+    fn from_postgres(row: &tokio_postgres::Row, i: usize) -> Result<Self, DbError>;
 }
 
 macro_rules! native_column {
@@ -361,7 +395,7 @@ macro_rules! native_column {
             fn from_sqlite(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Self> {
                 row.get(i)
             }
-            fn from_postgres(row: &postgres::Row, i: usize) -> Result<Self, DbError> {
+            fn from_postgres(row: &tokio_postgres::Row, i: usize) -> Result<Self, DbError> {
                 Ok(row.try_get(i)?)
             }
         }
@@ -382,7 +416,7 @@ impl Column for bool {
     fn from_sqlite(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Self> {
         row.get(i)
     }
-    fn from_postgres(row: &postgres::Row, i: usize) -> Result<Self, DbError> {
+    fn from_postgres(row: &tokio_postgres::Row, i: usize) -> Result<Self, DbError> {
         // Flags are BIGINT 0/1 in both schemas; a computed boolean (`EXISTS`) is a bool.
         match row.try_get::<_, i64>(i) {
             Ok(v) => Ok(v != 0),
@@ -391,84 +425,225 @@ impl Column for bool {
     }
 }
 
+/// The reply of a write sent ahead ([`Conn::send_ahead`]): how many rows it changed.
+type Reply = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send>>;
+
+/// A write sent ahead, and what its reply must say.
+struct Ahead {
+    reply: Reply,
+    /// The rows it must change; `None`: any number.
+    expect: Option<u64>,
+    /// What it does, for the message when it did not.
+    what: String,
+}
+
 /// A PostgreSQL connection and what SQLite's connection tracks by itself.
+///
+/// The client is tokio-postgres's, driven by a runtime of the connection's own (one
+/// thread: the caller's), as the synchronous `postgres` crate does; driving it here lets a
+/// write be *sent ahead*: its request leaves at once and its reply is checked with the next
+/// statement that waits ([`Conn::send_ahead`]). The server runs requests in the order they
+/// were sent, so a read after writes sent ahead sees them.
 pub(crate) struct PgConn {
-    client: RefCell<postgres::Client>,
+    runtime: tokio::runtime::Runtime,
+    client: Arc<tokio_postgres::Client>,
     /// Prepared statements by their SQLite text.
-    statements: RefCell<HashMap<String, postgres::Statement>>,
+    statements: RefCell<HashMap<String, tokio_postgres::Statement>>,
     /// Whether a transaction is open (`BEGIN` sent, no `COMMIT` or `ROLLBACK` since).
     in_tx: Cell<bool>,
     /// Rows inserted, updated or deleted through this connection (SQLite's
-    /// `total_changes`).
+    /// `total_changes`); a write sent ahead counts the rows it is expected to change.
     changes: Cell<u64>,
+    /// Writes sent ahead whose replies are not checked yet, in the order sent.
+    ahead: RefCell<Vec<Ahead>>,
+    /// Whether writes may be sent ahead now (the repository speculates).
+    sending_ahead: Cell<bool>,
+    /// The first write sent ahead that did not go as predicted in this transaction: no
+    /// `COMMIT` is sent while it is set, only a `ROLLBACK` clears it.
+    mispredicted: RefCell<Option<String>>,
 }
 
 impl PgConn {
-    pub(crate) fn new(client: postgres::Client) -> PgConn {
-        PgConn {
-            client: RefCell::new(client),
+    /// Connects with `config` (and `tls`).
+    pub(crate) fn connect<T>(config: &tokio_postgres::Config, tls: T) -> Result<PgConn, DbError>
+    where
+        T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Send,
+        T::Stream: Send + 'static,
+        T::TlsConnect: Send,
+        <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
+    {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| DbError::Shape(format!("starting the database client: {e}")))?;
+        let client = block_on_here(&runtime, async {
+            let (client, connection) = config.connect(tls).await?;
+            // Runs whenever the runtime does: while a statement is waited for.
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!("repository connection ended: {e}");
+                }
+            });
+            Ok::<_, tokio_postgres::Error>(client)
+        })?;
+        Ok(PgConn {
+            runtime,
+            client: Arc::new(client),
             statements: RefCell::new(HashMap::new()),
             in_tx: Cell::new(false),
             changes: Cell::new(0),
+            ahead: RefCell::new(Vec::new()),
+            sending_ahead: Cell::new(false),
+            mispredicted: RefCell::new(None),
+        })
+    }
+
+    /// Drives `call` (and the replies of the writes sent ahead) to the end. A write sent
+    /// ahead that failed or changed other rows than expected is the error, whatever `call`
+    /// gave: the transaction is aborted by then, or holds what was not meant.
+    fn wait<T: Send>(
+        &self,
+        call: impl Future<Output = Result<T, tokio_postgres::Error>> + Send,
+    ) -> Result<T, DbError> {
+        let ahead = std::mem::take(&mut *self.ahead.borrow_mut());
+        if ahead.is_empty() {
+            return Ok(block_on_here(&self.runtime, call)?);
+        }
+        let (mispredicted, result) = block_on_here(&self.runtime, async move {
+            let replies = futures_util::future::join_all(ahead.into_iter().map(|a| async move {
+                let reply = a.reply.await;
+                (reply, a.expect, a.what)
+            }));
+            let (replies, result) = futures_util::future::join(replies, call).await;
+            let mispredicted = replies
+                .into_iter()
+                .find_map(|(reply, expect, what)| match reply {
+                    Err(e) => Some(format!("{what}: {}", describe_pg(&e))),
+                    Ok(n) if expect.is_some_and(|x| x != n) => Some(format!(
+                        "{what}: changed {n} row(s), {} expected",
+                        expect.unwrap_or_default()
+                    )),
+                    Ok(_) => None,
+                });
+            (mispredicted, result)
+        });
+        match mispredicted {
+            Some(message) => {
+                self.mispredicted
+                    .borrow_mut()
+                    .get_or_insert_with(|| message.clone());
+                Err(DbError::Mispredicted(message))
+            }
+            None => Ok(result?),
         }
     }
 
-    fn client(&self) -> Result<std::cell::RefMut<'_, postgres::Client>, DbError> {
-        self.client
-            .try_borrow_mut()
-            .map_err(|_| DbError::Shape("PostgreSQL connection used re-entrantly".to_owned()))
+    /// Checks the replies of every write sent ahead.
+    fn settle(&self) -> Result<(), DbError> {
+        self.wait(std::future::ready(Ok(())))?;
+        match &*self.mispredicted.borrow() {
+            Some(message) => Err(DbError::Mispredicted(message.clone())),
+            None => Ok(()),
+        }
     }
 
-    /// Runs `f` with the client. The synchronous client drives its own small runtime, which
-    /// cannot start inside another one: called from async code (the outbox dispatcher's
-    /// round), the call runs on a scoped thread of its own.
-    fn with_client<T: Send, E: Into<DbError> + Send>(
-        &self,
-        f: impl FnOnce(&mut postgres::Client) -> Result<T, E> + Send,
-    ) -> Result<T, DbError> {
-        let mut client = self.client()?;
-        let client: &mut postgres::Client = &mut client;
-        let result = if tokio::runtime::Handle::try_current().is_ok() {
-            std::thread::scope(|scope| match scope.spawn(move || f(client)).join() {
-                Ok(r) => r,
-                Err(panic) => std::panic::resume_unwind(panic),
-            })
-        } else {
-            f(client)
-        };
-        result.map_err(Into::into)
-    }
-
-    fn prepare(&self, sql: &str) -> Result<postgres::Statement, DbError> {
+    fn prepare(&self, sql: &str) -> Result<tokio_postgres::Statement, DbError> {
         if let Some(st) = self.statements.borrow().get(sql) {
             return Ok(st.clone());
         }
         let text = to_postgres(sql);
-        let st = self.with_client(|c| c.prepare(&text))?;
+        let client = &self.client;
+        let st = self.wait(async move { client.prepare(&text).await })?;
         self.statements
             .borrow_mut()
             .insert(sql.to_owned(), st.clone());
         Ok(st)
     }
 
-    fn query(&self, sql: &str, args: &[Arg<'_>]) -> Result<Vec<postgres::Row>, DbError> {
+    fn query(&self, sql: &str, args: &[Arg<'_>]) -> Result<Vec<tokio_postgres::Row>, DbError> {
         let st = self.prepare(sql)?;
         let params = pg_params(args);
-        self.with_client(|c| c.query(&st, &params))
+        let client = &self.client;
+        self.wait(async move { client.query(&st, &params).await })
+    }
+
+    fn execute(&self, sql: &str, args: &[Arg<'_>]) -> Result<u64, DbError> {
+        let st = self.prepare(sql)?;
+        let params = pg_params(args);
+        let client = &self.client;
+        let n = self.wait(async move { client.execute(&st, &params).await })?;
+        self.changes.set(self.changes.get() + n);
+        Ok(n)
+    }
+
+    fn batch_execute(&self, sql: &str) -> Result<(), DbError> {
+        let client = &self.client;
+        self.wait(async move { client.batch_execute(sql).await })
+    }
+
+    /// Sends a write without waiting for its reply (see [`Conn::send_ahead`]).
+    fn send_ahead(
+        &self,
+        sql: &str,
+        args: &[Arg<'_>],
+        expect: Option<u64>,
+        what: String,
+    ) -> Result<(), DbError> {
+        let st = self.prepare(sql)?;
+        let owned = args
+            .iter()
+            .map(Value::owned)
+            .collect::<Result<Vec<_>, _>>()?;
+        let client = Arc::clone(&self.client);
+        let mut reply: Reply = Box::pin(async move {
+            let args: Vec<Arg<'_>> = owned.iter().map(ToArg::to_arg).collect();
+            let params = pg_params(&args);
+            client.execute(&st, &params).await
+        });
+        // The first poll encodes the request and hands it to the connection, which sends
+        // it (in order, before any later statement) the next time the runtime runs; the
+        // reply is awaited with the next statement that waits.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(done) = reply.as_mut().poll(&mut cx) {
+            reply = Box::pin(std::future::ready(done));
+        }
+        self.changes.set(self.changes.get() + expect.unwrap_or(1));
+        self.ahead.borrow_mut().push(Ahead {
+            reply,
+            expect,
+            what,
+        });
+        Ok(())
     }
 
     /// Whether the connection to the server is gone (a new one is needed).
     pub(crate) fn is_closed(&self) -> bool {
-        self.client
-            .try_borrow()
-            .map(|c| c.is_closed())
-            .unwrap_or(false)
+        self.client.is_closed()
     }
 }
 
-fn pg_params<'a>(args: &'a [Arg<'a>]) -> Vec<&'a (dyn postgres::types::ToSql + Sync)> {
+/// Runs `future` on `runtime` to the end. The runtime cannot start inside another one:
+/// called from async code (the outbox dispatcher's round), it runs on a scoped thread.
+fn block_on_here<T: Send>(
+    runtime: &tokio::runtime::Runtime,
+    future: impl Future<Output = T> + Send,
+) -> T {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(
+            |scope| match scope.spawn(|| runtime.block_on(future)).join() {
+                Ok(r) => r,
+                Err(panic) => std::panic::resume_unwind(panic),
+            },
+        )
+    } else {
+        runtime.block_on(future)
+    }
+}
+
+fn pg_params<'a>(args: &'a [Arg<'a>]) -> Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)> {
     args.iter()
-        .map(|a| a as &(dyn postgres::types::ToSql + Sync))
+        .map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync))
         .collect()
 }
 
@@ -542,13 +717,7 @@ impl Conn {
                     .execute(rusqlite::params_from_iter(args.iter()))?;
                 Ok(n as u64)
             }
-            Conn::Postgres(p) => {
-                let st = p.prepare(sql)?;
-                let params = pg_params(args);
-                let n = p.with_client(|c| c.execute(&st, &params))?;
-                p.changes.set(p.changes.get() + n);
-                Ok(n)
-            }
+            Conn::Postgres(p) => p.execute(sql, args),
         }
     }
 
@@ -556,7 +725,7 @@ impl Conn {
     pub(crate) fn batch(&self, sql: &str) -> Result<(), DbError> {
         match self {
             Conn::Sqlite(c) => Ok(c.execute_batch(sql)?),
-            Conn::Postgres(p) => p.with_client(|c| c.batch_execute(sql)),
+            Conn::Postgres(p) => p.batch_execute(sql),
         }
     }
 
@@ -682,14 +851,79 @@ impl Conn {
     pub(crate) fn copy_in(&self, sql: &str, data: &[u8]) -> Result<u64, DbError> {
         match self {
             Conn::Sqlite(_) => Err(DbError::Shape("COPY is PostgreSQL's".to_owned())),
-            Conn::Postgres(p) => p.with_client(|c| -> Result<u64, DbError> {
-                use std::io::Write as _;
-                let mut writer = c.copy_in(sql)?;
-                writer
-                    .write_all(data)
-                    .map_err(|e| DbError::Shape(format!("sending COPY data: {e}")))?;
-                Ok(writer.finish()?)
-            }),
+            Conn::Postgres(p) => {
+                let client = &p.client;
+                let data = bytes::Bytes::copy_from_slice(data);
+                p.wait(async move {
+                    use futures_util::SinkExt as _;
+                    let sink = client.copy_in::<_, bytes::Bytes>(sql).await?;
+                    let mut sink = std::pin::pin!(sink);
+                    sink.send(data).await?;
+                    sink.finish().await
+                })
+            }
+        }
+    }
+
+    /// Whether writes are sent ahead now (PostgreSQL, while the repository speculates:
+    /// module `speculation`).
+    pub(crate) fn sends_ahead(&self) -> bool {
+        match self {
+            Conn::Sqlite(_) => false,
+            Conn::Postgres(p) => p.sending_ahead.get(),
+        }
+    }
+
+    /// Starts or stops sending writes ahead (PostgreSQL only; SQLite runs every statement
+    /// at once). Stopping checks what was sent.
+    pub(crate) fn send_writes_ahead(&self, on: bool) -> Result<(), DbError> {
+        match self {
+            Conn::Sqlite(_) => Ok(()),
+            Conn::Postgres(p) => {
+                p.sending_ahead.set(on);
+                if on { Ok(()) } else { p.settle() }
+            }
+        }
+    }
+
+    /// A write whose outcome the caller predicts: `expect` rows changed (`None`: any
+    /// number). While writes are sent ahead, it is sent without waiting, and its reply
+    /// is checked with the next statement that waits (or at the latest before `COMMIT`);
+    /// otherwise it runs at once. Either way, a failure or another row count is
+    /// [`DbError::Mispredicted`]: the caller went on as if it had gone as predicted.
+    pub(crate) fn send_ahead(
+        &self,
+        sql: &str,
+        args: &[Arg<'_>],
+        expect: Option<u64>,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), DbError> {
+        match self {
+            Conn::Postgres(p) if p.sending_ahead.get() => p.send_ahead(sql, args, expect, what()),
+            _ => match self.execute(sql, args) {
+                Ok(n) if expect.is_none_or(|x| x == n) => Ok(()),
+                Ok(n) => Err(DbError::Mispredicted(format!(
+                    "{}: changed {n} row(s), {} expected",
+                    what(),
+                    expect.unwrap_or_default()
+                ))),
+                Err(e) => Err(DbError::Mispredicted(format!("{}: {e}", what()))),
+            },
+        }
+    }
+
+    /// A write whose reply the caller does not use (any row count will do): sent ahead
+    /// while writes are, run at once otherwise.
+    pub(crate) fn write(
+        &self,
+        sql: &str,
+        args: &[Arg<'_>],
+        what: impl FnOnce() -> String,
+    ) -> Result<(), DbError> {
+        if self.sends_ahead() {
+            self.send_ahead(sql, args, None, what)
+        } else {
+            self.execute(sql, args).map(drop)
         }
     }
 
@@ -711,13 +945,28 @@ impl Conn {
             }
             Conn::Postgres(p) => {
                 let upper = sql.trim_start().to_ascii_uppercase();
-                let result = p.with_client(|c| c.batch_execute(sql));
+                if upper == "ROLLBACK" {
+                    // What was sent ahead is undone with the rest: its replies do not
+                    // matter any more (they are still read, in order).
+                    let _ = p.settle();
+                    p.mispredicted.borrow_mut().take();
+                } else if let Err(e) = p.settle() {
+                    // Nothing is committed or released over a wrong guess: the transaction
+                    // is ended (as PostgreSQL ends an aborted one at COMMIT).
+                    if upper == "COMMIT" {
+                        let _ = p.batch_execute("ROLLBACK");
+                        p.mispredicted.borrow_mut().take();
+                        p.in_tx.set(false);
+                    }
+                    return Err(e);
+                }
+                let result = p.batch_execute(sql);
                 if upper.starts_with("BEGIN") {
                     p.in_tx.set(result.is_ok());
                     if result.is_err() {
                         // BEGIN passed but what followed it (the write lock) failed: end the
                         // aborted transaction; on a closed connection this fails too.
-                        let _ = p.with_client(|c| c.batch_execute("ROLLBACK"));
+                        let _ = p.batch_execute("ROLLBACK");
                     }
                 } else if upper == "COMMIT" || upper == "ROLLBACK" {
                     // Either way the transaction is over (a failed COMMIT rolls back).

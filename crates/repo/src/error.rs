@@ -201,6 +201,19 @@ impl RepoError {
 }
 
 impl RepoError {
+    /// Whether a write sent ahead while the batch speculated did not go as predicted
+    /// (module `speculation`): roll the batch back and decide it again without
+    /// speculating.
+    pub fn is_mispredicted(&self) -> bool {
+        matches!(
+            self,
+            RepoError::Database {
+                source: DbError::Mispredicted(_),
+                ..
+            }
+        )
+    }
+
     /// Whether the repository's storage failed (disk full, an I/O error, a file that turned
     /// read-only or cannot be opened): trying again at once will fail again, so the caller
     /// backs off until the operator has fixed it.

@@ -5,6 +5,7 @@ use idsync_core::{AttrMap, Identity, LinkedAccount};
 
 use crate::error::{Context, RepoError, from_json, to_json};
 use crate::index::reindex_values;
+use crate::speculation::{Known, KnownIdentity};
 use crate::{Repo, args, atomic, now};
 
 /// Identities loaded per lock in [`Repo::for_each_identity`].
@@ -29,20 +30,42 @@ impl Repo {
         with_accounts: bool,
     ) -> Result<Option<Identity>, RepoError> {
         let conn = self.lock()?;
-        let row = conn
-            .query_row(
-                "SELECT id, version, disabled, attrs FROM identities WHERE name = ?1",
-                args![name],
-                |r| {
-                    Ok((
-                        r.get::<i64>(0)?,
-                        r.get::<i64>(1)?,
-                        r.get::<bool>(2)?,
-                        r.get::<String>(3)?,
-                    ))
-                },
-            )
-            .with_ctx(|| format!("reading identity {name}"))?;
+        let mut known = self.known()?;
+        let row = match known.as_ref().and_then(|k| k.identities.get(name)) {
+            Some(entry) => entry
+                .as_ref()
+                .map(|e| (e.id, e.version, e.disabled, e.json.clone())),
+            None => {
+                let row = conn
+                    .query_row(
+                        "SELECT id, version, disabled, attrs FROM identities WHERE name = ?1",
+                        args![name],
+                        |r| {
+                            Ok((
+                                r.get::<i64>(0)?,
+                                r.get::<i64>(1)?,
+                                r.get::<bool>(2)?,
+                                r.get::<String>(3)?,
+                            ))
+                        },
+                    )
+                    .with_ctx(|| format!("reading identity {name}"))?;
+                if let Some(k) = known.as_mut() {
+                    k.identities.insert(
+                        name.to_owned(),
+                        row.as_ref()
+                            .map(|(id, version, disabled, json)| KnownIdentity {
+                                id: *id,
+                                version: *version,
+                                disabled: *disabled,
+                                json: json.clone(),
+                            }),
+                    );
+                }
+                row
+            }
+        };
+        drop(known);
         let Some((id, version, disabled, attrs)) = row else {
             return Ok(None);
         };
@@ -61,7 +84,8 @@ impl Repo {
 
     /// The name of the identity linked to account `key` of `resource`.
     pub fn owner_of(&self, resource: &str, key: &str) -> Result<Option<String>, RepoError> {
-        owner_of(&*self.lock()?, resource, key)
+        let conn = self.lock()?;
+        owner_of(&conn, self.known()?.as_ref(), resource, key)
     }
 
     /// Every identity name, sorted.
@@ -117,23 +141,59 @@ impl Repo {
         }
         let json = to_json(attrs, || format!("attributes of identity {name}"))?;
         let conn = self.lock()?;
+        let mut known = self.known()?;
+        let mut known = known.as_mut();
+        let at = now();
         atomic(self, &conn, |c| {
-            let inserted: Option<i64> = c
-                .insert_id(
-                    "INSERT INTO identities (name, version, disabled, attrs, created_at, updated_at) \
-                     VALUES (?1, 1, 0, ?2, ?3, ?3) ON CONFLICT (name) DO NOTHING RETURNING id",
-                    args![name, json, now()],
-                )
-                .with_ctx(|| format!("creating identity {name}"))?;
-            let Some(id) = inserted else {
-                return Err(RepoError::NameTaken {
-                    name: name.to_owned(),
-                });
+            let id = match known.as_deref_mut() {
+                // Speculating: the name is taken to be free (a taken one fails the insert
+                // sent ahead: the batch is decided again, where it is `NameTaken`).
+                Some(k) if c.sends_ahead() => {
+                    let id = k.identity_ids.take(c)?;
+                    c.send_ahead(
+                        "INSERT INTO identities (id, name, version, disabled, attrs, created_at, updated_at) \
+                         VALUES (?1, ?2, 1, 0, ?3, ?4, ?4) ON CONFLICT (name) DO NOTHING",
+                        args![id, name, json, at],
+                        Some(1),
+                        || format!("creating identity {name}"),
+                    )
+                    .with_ctx(|| format!("creating identity {name}"))?;
+                    id
+                }
+                _ => c
+                    .insert_id(
+                        "INSERT INTO identities (name, version, disabled, attrs, created_at, updated_at) \
+                         VALUES (?1, 1, 0, ?2, ?3, ?3) ON CONFLICT (name) DO NOTHING RETURNING id",
+                        args![name, json, at],
+                    )
+                    .with_ctx(|| format!("creating identity {name}"))?
+                    .ok_or_else(|| RepoError::NameTaken {
+                        name: name.to_owned(),
+                    })?,
             };
+            if let Some(k) = known.as_deref_mut() {
+                k.identities.insert(
+                    name.to_owned(),
+                    Some(KnownIdentity {
+                        id,
+                        version: 1,
+                        disabled: false,
+                        json: json.clone(),
+                    }),
+                );
+            }
             let indexed = self.indexed(c)?;
-            reindex_values(c, id, name, &AttrMap::new(), attrs, &indexed)?;
+            reindex_values(
+                c,
+                known.as_deref_mut(),
+                id,
+                name,
+                &AttrMap::new(),
+                attrs,
+                &indexed,
+            )?;
             if let Some((resource, key)) = account {
-                link_id(c, id, name, resource, key)?;
+                link_id(c, known, id, name, resource, key)?;
             }
             Ok(())
         })?;
@@ -164,14 +224,18 @@ impl Repo {
     ) -> Result<i64, RepoError> {
         let json = to_json(attrs, || format!("attributes of identity {name}"))?;
         let conn = self.lock()?;
+        let mut known = self.known()?;
         atomic(self, &conn, |c| {
-            let row = c
-                .query_row(
-                    "SELECT id, version, attrs FROM identities WHERE name = ?1",
-                    args![name],
-                    |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?, r.get::<String>(2)?)),
-                )
-                .with_ctx(|| format!("reading identity {name}"))?;
+            let row = match known.as_ref().and_then(|k| k.identities.get(name)) {
+                Some(entry) => entry.as_ref().map(|e| (e.id, e.version, e.json.clone())),
+                None => c
+                    .query_row(
+                        "SELECT id, version, attrs FROM identities WHERE name = ?1",
+                        args![name],
+                        |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?, r.get::<String>(2)?)),
+                    )
+                    .with_ctx(|| format!("reading identity {name}"))?,
+            };
             let Some((id, version, old_json)) = row else {
                 return Err(RepoError::NoSuchIdentity {
                     name: name.to_owned(),
@@ -185,12 +249,28 @@ impl Repo {
                 });
             }
             let new_version = version + 1;
-            c.execute(
-                "UPDATE identities SET version = ?2, disabled = ?3, attrs = ?4, updated_at = ?5 \
-                 WHERE id = ?1",
-                args![id, new_version, disabled, json, now()],
-            )
-            .with_ctx(|| format!("checking in identity {name}"))?;
+            let what = || format!("checking in identity {name}");
+            let sql = "UPDATE identities SET version = ?2, disabled = ?3, attrs = ?4, updated_at = ?5 \
+                       WHERE id = ?1 AND version = ?6";
+            let at = now();
+            let values = args![id, new_version, disabled, json, at, version];
+            if c.sends_ahead() {
+                // The version read is the batch's own: the update changes that one row.
+                c.send_ahead(sql, values, Some(1), what).with_ctx(what)?;
+            } else {
+                c.execute(sql, values).with_ctx(what)?;
+            }
+            if let Some(k) = known.as_mut() {
+                k.identities.insert(
+                    name.to_owned(),
+                    Some(KnownIdentity {
+                        id,
+                        version: new_version,
+                        disabled,
+                        json: json.clone(),
+                    }),
+                );
+            }
             // The JSON of an AttrMap is canonical (sorted by folded name), so equal text
             // means the indexed values are already right.
             if old_json != json {
@@ -198,7 +278,7 @@ impl Repo {
                 if !indexed.is_empty() {
                     let old: AttrMap =
                         from_json(&old_json, || format!("attributes of identity {name}"))?;
-                    reindex_values(c, id, name, &old, attrs, &indexed)?;
+                    reindex_values(c, known.as_mut(), id, name, &old, attrs, &indexed)?;
                 }
             }
             Ok(new_version)
@@ -223,10 +303,21 @@ impl Repo {
             let indexed = self.indexed(c)?;
             if !indexed.is_empty() {
                 let old: AttrMap = from_json(&json, || format!("attributes of identity {name}"))?;
-                reindex_values(c, id, name, &old, &AttrMap::new(), &indexed)?;
+                reindex_values(
+                    c,
+                    self.known()?.as_mut(),
+                    id,
+                    name,
+                    &old,
+                    &AttrMap::new(),
+                    &indexed,
+                )?;
             }
             c.execute("DELETE FROM identities WHERE id = ?1", args![id])
                 .with_ctx(|| format!("deleting identity {name}"))?;
+            if let Some(k) = self.known()?.as_mut() {
+                k.deleted(name);
+            }
             Ok(true)
         })
     }
@@ -235,39 +326,78 @@ impl Repo {
     /// identity is fine; linked to another one it is [`RepoError::AlreadyLinked`].
     pub fn link(&self, name: &str, resource: &str, key: &str) -> Result<(), RepoError> {
         let conn = self.lock()?;
-        let id = identity_id(&conn, name)?.ok_or_else(|| RepoError::NoSuchIdentity {
+        let mut known = self.known()?;
+        let known_id = known
+            .as_ref()
+            .and_then(|k| k.identities.get(name))
+            .map(|e| e.as_ref().map(|e| e.id));
+        let id = match known_id {
+            Some(id) => id,
+            None => identity_id(&conn, name)?,
+        }
+        .ok_or_else(|| RepoError::NoSuchIdentity {
             name: name.to_owned(),
         })?;
-        link_id(&conn, id, name, resource, key)
+        link_id(&conn, known.as_mut(), id, name, resource, key)
     }
 
     /// Removes the link of account `key` of `resource`; false if it was not linked.
     pub fn unlink(&self, resource: &str, key: &str) -> Result<bool, RepoError> {
-        let n = self
-            .lock()?
-            .execute(
-                "DELETE FROM links WHERE resource = ?1 AND key = ?2",
-                args![resource, key],
-            )
-            .with_ctx(|| format!("unlinking account {resource}/{key}"))?;
-        Ok(n > 0)
+        let conn = self.lock()?;
+        let mut known = self.known()?;
+        let sql = "DELETE FROM links WHERE resource = ?1 AND key = ?2";
+        let what = || format!("unlinking account {resource}/{key}");
+        let linked = match known.as_ref().and_then(|k| k.owner(resource, key)) {
+            Some(owner) if conn.sends_ahead() => {
+                let linked = owner.is_some();
+                conn.send_ahead(sql, args![resource, key], Some(u64::from(linked)), what)
+                    .with_ctx(what)?;
+                linked
+            }
+            _ => conn.execute(sql, args![resource, key]).with_ctx(what)? > 0,
+        };
+        if let Some(k) = known.as_mut() {
+            k.set_owner(resource, key, None);
+        }
+        Ok(linked)
     }
 }
 
 /// Links account `key` of `resource` to identity `id` (named `name`); idempotent for the
-/// same identity, refused when another one owns the account.
-fn link_id(conn: &Conn, id: i64, name: &str, resource: &str, key: &str) -> Result<(), RepoError> {
-    let inserted = conn
-        .execute(
-            "INSERT INTO links (resource, key, identity_id, linked_at) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (resource, key) DO NOTHING",
-            args![resource, key, id, now()],
-        )
-        .with_ctx(|| format!("linking account {resource}/{key} to identity {name}"))?;
+/// same identity, refused when another one owns the account. A speculating batch
+/// (`known`) sends the link of an account it knows to be unlinked ahead.
+fn link_id(
+    conn: &Conn,
+    mut known: Option<&mut Known>,
+    id: i64,
+    name: &str,
+    resource: &str,
+    key: &str,
+) -> Result<(), RepoError> {
+    let sql = "INSERT INTO links (resource, key, identity_id, linked_at) VALUES (?1, ?2, ?3, ?4) \
+               ON CONFLICT (resource, key) DO NOTHING";
+    let what = || format!("linking account {resource}/{key} to identity {name}");
+    let owner = known
+        .as_deref()
+        .and_then(|k| k.owner(resource, key))
+        .map(|o| o.map(str::to_owned));
+    let inserted = match owner {
+        Some(None) if conn.sends_ahead() => {
+            conn.send_ahead(sql, args![resource, key, id, now()], Some(1), what)
+                .with_ctx(what)?;
+            1
+        }
+        _ => conn
+            .execute(sql, args![resource, key, id, now()])
+            .with_ctx(what)?,
+    };
     if inserted > 0 {
+        if let Some(k) = known.as_deref_mut() {
+            k.set_owner(resource, key, Some(name));
+        }
         return Ok(());
     }
-    match owner_of(conn, resource, key)? {
+    match owner_of(conn, known.as_deref(), resource, key)? {
         Some(owner) if owner == name => Ok(()),
         Some(owner) => Err(RepoError::AlreadyLinked {
             resource: resource.to_owned(),
@@ -291,7 +421,16 @@ fn identity_id(conn: &Conn, name: &str) -> Result<Option<i64>, RepoError> {
     .with_ctx(|| format!("reading identity {name}"))
 }
 
-fn owner_of(conn: &Conn, resource: &str, key: &str) -> Result<Option<String>, RepoError> {
+/// The owner of account `key` of `resource`: known to a speculating batch, or read.
+fn owner_of(
+    conn: &Conn,
+    known: Option<&Known>,
+    resource: &str,
+    key: &str,
+) -> Result<Option<String>, RepoError> {
+    if let Some(owner) = known.and_then(|k| k.owner(resource, key)) {
+        return Ok(owner.map(str::to_owned));
+    }
     conn.query_row(
         "SELECT i.name FROM links l JOIN identities i ON i.id = l.identity_id \
          WHERE l.resource = ?1 AND l.key = ?2",

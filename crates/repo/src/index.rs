@@ -22,6 +22,7 @@ use crate::db::{Arg, Conn, ToArg};
 use idsync_core::{AttrMap, Conditions, Identity, Normalisation, Normalisations, Value};
 
 use crate::error::{Context, RepoError, from_json};
+use crate::speculation::Known;
 use crate::{Repo, args, now};
 
 /// An indexed attribute (lower-cased) and the normalisation its rows hold.
@@ -112,6 +113,11 @@ impl Repo {
                 return scan_find(&conn, &pairs);
             }
         }
+        if let Some(k) = self.known()?.as_ref()
+            && let Some(names) = find_known(k, &pairs)
+        {
+            return Ok(names);
+        }
         let sql = find_sql(pairs.len());
         let args: Vec<Arg<'_>> = pairs
             .iter()
@@ -121,6 +127,74 @@ impl Repo {
             .query_map(&sql, &args, |r| r.get::<String>(0))
             .ctx("searching identities")?;
         Ok(names)
+    }
+
+    /// Reads ahead, for a speculating batch (module `speculation`), what [`Repo::find`]
+    /// will answer for the conditions of `queries`: the identities of every (attribute,
+    /// value) pair, in one query per thousand pairs. Outside speculation it does nothing;
+    /// a value `find` would refuse or answer without the index is left to `find`.
+    pub fn prefetch_find(&self, queries: &[Conditions]) -> Result<(), RepoError> {
+        let conn = self.lock()?;
+        if self.known()?.is_none() {
+            return Ok(());
+        }
+        let declared = self.declared()?;
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (attr, value) in queries.iter().flat_map(|q| q.0.iter()) {
+            let Value::Text(text) = value else { continue };
+            let folded = attr.to_lowercase();
+            let n = declared.of(&folded);
+            let normalised = n.apply(text).into_owned();
+            if normalised.is_empty() && !n.is_exact() {
+                continue;
+            }
+            if !self.usable_index(&conn, &folded, n)? {
+                continue;
+            }
+            let pair = (folded, normalised);
+            if seen.insert(pair.clone()) {
+                pairs.push(pair);
+            }
+        }
+        let mut guard = self.known()?;
+        let Some(known) = guard.as_mut() else {
+            return Ok(());
+        };
+        pairs.retain(|p| !known.postings.contains_key(p));
+        for chunk in pairs.chunks(1000) {
+            let attrs: Vec<&str> = chunk.iter().map(|(a, _)| a.as_str()).collect();
+            let values: Vec<&str> = chunk.iter().map(|(_, v)| v.as_str()).collect();
+            for pair in chunk {
+                known.postings.insert(pair.clone(), Vec::new());
+            }
+            let reading = || "reading ahead the identities correlation will find".to_owned();
+            conn.each(
+                "SELECT v.attr, v.value, v.identity_id, i.name \
+                 FROM identity_values v JOIN identities i ON i.id = v.identity_id \
+                 WHERE (v.attr, v.value) IN (SELECT * FROM unnest(?1::text[], ?2::text[]))",
+                &[Arg::Texts(&attrs), Arg::Texts(&values)],
+                &reading,
+                |r| {
+                    let pair = (
+                        r.get::<String>(0).with_ctx(reading)?,
+                        r.get::<String>(1).with_ctx(reading)?,
+                    );
+                    let entry = (
+                        r.get::<i64>(2).with_ctx(reading)?,
+                        r.get::<String>(3).with_ctx(reading)?,
+                    );
+                    if let Some(list) = known.postings.get_mut(&pair) {
+                        list.push(entry);
+                    }
+                    Ok(())
+                },
+            )?;
+        }
+        for list in known.postings.values_mut() {
+            list.sort_unstable_by_key(|(id, _)| *id);
+        }
+        Ok(())
     }
 
     /// The identities whose attribute `q.attribute`, normalised as declared, equals the
@@ -210,8 +284,33 @@ impl Repo {
         }
         build_index(conn, folded, declared, found)?;
         self.forget_indexed();
+        if let Some(k) = self.known()?.as_mut() {
+            // The conditions read ahead were answered from the index as it was.
+            k.postings.clear();
+        }
         Ok(true)
     }
+}
+
+/// [`Repo::find`]'s answer from what a speculating batch read ahead, when it read every
+/// pair of `pairs` (attribute folded, normalisation, value normalised): in the order
+/// [`find_sql`] gives (one condition: by id; several: by name).
+fn find_known(known: &Known, pairs: &[(String, Normalisation, String)]) -> Option<Vec<String>> {
+    let mut lists = Vec::with_capacity(pairs.len());
+    for (attr, _, value) in pairs {
+        lists.push(known.postings.get(&(attr.clone(), value.clone()))?);
+    }
+    let (first, rest) = lists.split_first()?;
+    let mut names: Vec<String> = first
+        .iter()
+        .filter(|(id, _)| rest.iter().all(|l| l.iter().any(|(i, _)| i == id)))
+        .map(|(_, name)| name.clone())
+        .collect();
+    if !rest.is_empty() {
+        names.sort();
+        names.dedup();
+    }
+    Some(names)
 }
 
 /// `SELECT` for [`Repo::find`] with `n` conditions: the intersection of one index lookup
@@ -338,7 +437,7 @@ fn build_index(
             let name: String = r.get(1).with_ctx(reading)?;
             let json: &str = r.str(2).with_ctx(reading)?;
             let attrs: AttrMap = from_json(json, || format!("attributes of identity {name}"))?;
-            reindex_values(conn, id, &name, &AttrMap::new(), &attrs, &only)
+            reindex_values(conn, None, id, &name, &AttrMap::new(), &attrs, &only)
         },
     )?;
     conn.execute(
@@ -455,6 +554,7 @@ fn scan_block(
 /// row). A new identity goes from an empty map, a deleted one to an empty map.
 pub(crate) fn reindex_values(
     conn: &Conn,
+    mut known: Option<&mut Known>,
     id: i64,
     name: &str,
     old: &AttrMap,
@@ -468,20 +568,28 @@ pub(crate) fn reindex_values(
         if before == after {
             continue;
         }
-        for gone in before.iter().filter(|v| !after.contains(v)) {
-            conn.execute(
+        let what = || format!("re-indexing attribute {folded} of identity {name}");
+        let gone: Vec<&String> = before.iter().filter(|v| !after.contains(v)).collect();
+        let came: Vec<&String> = after.iter().filter(|v| !before.contains(v)).collect();
+        if let Some(k) = known.as_deref_mut() {
+            k.reindexed(folded, &gone, &came, id, name);
+        }
+        for gone in gone {
+            conn.write(
                 "DELETE FROM identity_values WHERE attr = ?1 AND value = ?2 AND identity_id = ?3",
                 args![folded, gone, id],
+                what,
             )
-            .with_ctx(|| format!("re-indexing attribute {folded} of identity {name}"))?;
+            .with_ctx(what)?;
         }
-        for came in after.iter().filter(|v| !before.contains(v)) {
-            conn.execute(
+        for came in came {
+            conn.write(
                 "INSERT INTO identity_values (attr, value, identity_id) VALUES (?1, ?2, ?3) \
                  ON CONFLICT DO NOTHING",
                 args![folded, came, id],
+                what,
             )
-            .with_ctx(|| format!("re-indexing attribute {folded} of identity {name}"))?;
+            .with_ctx(what)?;
         }
     }
     Ok(())

@@ -63,6 +63,7 @@ mod retention;
 mod schema;
 mod shadows;
 mod sources;
+mod speculation;
 mod summary;
 #[cfg(test)]
 mod tests;
@@ -135,6 +136,8 @@ pub struct Repo {
     reconnect: Option<(String, PgOptions)>,
     /// The leases this agent's batches commit under, by resource (module `leases`).
     fences: Mutex<std::collections::HashMap<String, Fence>>,
+    /// What a speculating batch knows (module `speculation`); `None` otherwise.
+    known: Mutex<Option<speculation::Known>>,
 }
 
 impl std::fmt::Debug for Repo {
@@ -211,6 +214,7 @@ impl Repo {
             warmer: None,
             reconnect: None,
             fences: Mutex::default(),
+            known: Mutex::default(),
         }
     }
 
@@ -482,6 +486,7 @@ impl Repo {
         let conn = self.lock()?;
         require_tx(&conn, "rollback_savepoint")?;
         self.forget_indexed();
+        self.forget_known(&conn);
         exec(
             &conn,
             &format!("ROLLBACK TO {EVENT_SAVEPOINT}"),
@@ -576,6 +581,7 @@ impl Repo {
         result: Result<(), RepoError>,
     ) -> Result<(), RepoError> {
         self.forget_indexed();
+        self.forget_known(&conn);
         if result.is_err() && conn.in_transaction() {
             // The first error is the one to report; this one would only hide it.
             let _ = exec(&conn, "ROLLBACK", "rolling back after an error");

@@ -58,9 +58,9 @@ pub fn redact_url(url: &str) -> String {
 /// Opens a connection to the database at `url`.
 pub(crate) fn connect(url: &str, options: &PgOptions) -> Result<Conn, RepoError> {
     let shown = redact_url(url);
-    let mut config: postgres::Config =
+    let mut config: tokio_postgres::Config =
         url.parse()
-            .map_err(|e: postgres::Error| RepoError::Database {
+            .map_err(|e: tokio_postgres::Error| RepoError::Database {
                 context: format!("reading the repository URL {shown}"),
                 source: DbError::Postgres(e),
             })?;
@@ -71,13 +71,13 @@ pub(crate) fn connect(url: &str, options: &PgOptions) -> Result<Conn, RepoError>
     config.application_name("idsync");
     let context = || format!("connecting to the repository {shown}");
     let client = match &options.ca_file {
-        None => config.connect(postgres::NoTls).with_ctx(context)?,
+        None => PgConn::connect(&config, tokio_postgres::NoTls).with_ctx(context)?,
         Some(ca) => {
-            config.ssl_mode(postgres::config::SslMode::Require);
-            config.connect(tls(ca)?).with_ctx(context)?
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            PgConn::connect(&config, tls(ca)?).with_ctx(context)?
         }
     };
-    let conn = Conn::Postgres(Box::new(PgConn::new(client)));
+    let conn = Conn::Postgres(Box::new(client));
     if let Some(idle) = options.idle_in_transaction_timeout {
         conn.batch(&format!(
             "SET idle_in_transaction_session_timeout = {}",

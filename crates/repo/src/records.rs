@@ -190,12 +190,25 @@ impl Repo {
         let record = to_json(&body, || {
             format!("decision for account {}/{}", d.resource, d.key)
         })?;
-        self.lock()?
-            .insert_one_id(
-                "INSERT INTO decisions (at, resource, key, op, situation, action, identity, record) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
+        let conn = self.lock()?;
+        let at = d.at.map_or_else(now, stored_time);
+        let what = || {
+            format!(
+                "recording the decision for account {}/{}",
+                d.resource, d.key
+            )
+        };
+        if conn.sends_ahead()
+            && let Some(k) = self.known()?.as_mut()
+        {
+            // Speculating (module `speculation`): the id is taken beforehand.
+            let id = k.decision_ids.take(&conn)?;
+            conn.send_ahead(
+                "INSERT INTO decisions (id, at, resource, key, op, situation, action, identity, record) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 args![
-                    d.at.map_or_else(now, stored_time),
+                    id,
+                    at,
                     d.resource,
                     d.key,
                     d.op.as_str(),
@@ -204,13 +217,27 @@ impl Repo {
                     d.identity,
                     record,
                 ],
+                Some(1),
+                what,
             )
-            .with_ctx(|| {
-                format!(
-                    "recording the decision for account {}/{}",
-                    d.resource, d.key
-                )
-            })
+            .with_ctx(what)?;
+            return Ok(id);
+        }
+        conn.insert_one_id(
+            "INSERT INTO decisions (at, resource, key, op, situation, action, identity, record) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
+            args![
+                at,
+                d.resource,
+                d.key,
+                d.op.as_str(),
+                d.situation.map(Situation::as_str),
+                d.action.as_str(),
+                d.identity,
+                record,
+            ],
+        )
+        .with_ctx(what)
     }
 
     /// Decisions matching `filter`, oldest first (with a limit: the newest `limit` of

@@ -29,25 +29,27 @@ impl Repo {
         let json = to_json(attrs, || format!("shadow of account {resource}/{key}"))?;
         // Stored as the i64 with the same bits: SQLite integers are signed.
         let hash = attrs.content_hash() as i64;
+        let what = || format!("storing shadow of account {resource}/{key}");
         self.lock()?
-            .execute(
+            .write(
                 "INSERT INTO shadows (resource, key, hash, attrs) VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT (resource, key) DO UPDATE SET hash = excluded.hash, attrs = excluded.attrs",
                 args![resource, key, hash, json],
+                what,
             )
-        .with_ctx(|| format!("storing shadow of account {resource}/{key}"))?;
-        Ok(())
+            .with_ctx(what)
     }
 
     /// Forgets account `key` of `resource` (it was deleted there).
     pub fn delete_shadow(&self, resource: &str, key: &str) -> Result<(), RepoError> {
+        let what = || format!("deleting shadow of account {resource}/{key}");
         self.lock()?
-            .execute(
+            .write(
                 "DELETE FROM shadows WHERE resource = ?1 AND key = ?2",
                 args![resource, key],
+                what,
             )
-            .with_ctx(|| format!("deleting shadow of account {resource}/{key}"))?;
-        Ok(())
+            .with_ctx(what)
     }
 
     /// How many accounts of `resource` have a shadow (for the accidental-delete guard).

@@ -1,0 +1,234 @@
+//! Speculation: a batch on PostgreSQL without a wait per statement.
+//!
+//! On SQLite a statement is a function call; on PostgreSQL it is a round trip to another
+//! process, and a batch that waits for every reply spends most of its time waiting (about
+//! 120 µs a statement against 25 µs of the server's work, measured on two cores). So while
+//! the engine decides a batch *optimistically* (crate `idsync-engine`), the repository
+//! speculates:
+//!
+//! - **What the batch will read is read first, in one query**: the owners of the batch's
+//!   accounts and those identities' rows ([`Repo::speculate`]). They are kept in [`Known`]
+//!   for the transaction, and every write of this module's callers keeps them true
+//!   (create, check-in, delete, link, unlink), so the batch reads them from memory. A name
+//!   or an account not known is read from the database as before.
+//! - **Writes whose outcome is predicted are sent ahead** ([`Conn::send_ahead`]): a
+//!   check-in of a known version, the link of an account known to be unlinked, a new
+//!   identity (its id taken beforehand from the table's sequence, [`IdPool`]), a shadow, a
+//!   decision record. Their replies are checked with the next statement that waits — the
+//!   server runs requests in the order sent, so any read sees the writes before it.
+//! - **A wrong guess sends the batch back**: a write that failed or changed other rows
+//!   than predicted (a name another identity took, an account linked meanwhile) is
+//!   [`DbError::Mispredicted`](crate::db::DbError::Mispredicted) — [`RepoError::is_mispredicted`]
+//!   — and the engine rolls the batch back and decides it again without speculating, one
+//!   statement at a time, where the same situation is the usual refusal (`NameTaken`,
+//!   `AlreadyLinked`) of one event. Nothing is committed over a wrong guess: the
+//!   connection refuses `COMMIT` until it is rolled back.
+//!
+//! The knowledge is valid inside the batch's transaction only: the batch holds the lock
+//! every agent's batches take (module `leases`), so only this transaction writes
+//! identities and links meanwhile. It is dropped whenever the transaction ends.
+
+use std::collections::HashMap;
+
+use crate::db::{Arg, Conn};
+use crate::error::{Context, RepoError};
+use crate::{Repo, args};
+
+/// An identity row as the batch knows it.
+#[derive(Clone, Debug)]
+pub(crate) struct KnownIdentity {
+    pub id: i64,
+    pub version: i64,
+    pub disabled: bool,
+    /// The stored attributes (canonical JSON).
+    pub json: String,
+}
+
+/// Ids taken from a table's sequence ahead of the inserts that use them.
+#[derive(Debug)]
+pub(crate) struct IdPool {
+    table: &'static str,
+    ids: Vec<i64>,
+}
+
+/// Ids taken at a time: one query per this many new rows.
+const IDS_AT_ONCE: i64 = 500;
+
+impl IdPool {
+    fn new(table: &'static str) -> IdPool {
+        IdPool {
+            table,
+            ids: Vec::new(),
+        }
+    }
+
+    /// The next id (new ids are taken from the sequence when none is left).
+    pub(crate) fn take(&mut self, conn: &Conn) -> Result<i64, RepoError> {
+        if self.ids.is_empty() {
+            let table = self.table;
+            let mut ids = conn
+                .query_map(
+                    "SELECT nextval(pg_get_serial_sequence(?1, 'id')) FROM generate_series(1, ?2)",
+                    args![table, IDS_AT_ONCE],
+                    |r| r.get::<i64>(0),
+                )
+                .with_ctx(|| format!("taking new ids of {table}"))?;
+            ids.reverse();
+            self.ids = ids;
+        }
+        self.ids.pop().ok_or_else(|| RepoError::Corrupt {
+            what: format!("the id sequence of {}", self.table),
+            message: "it gave no value".to_owned(),
+        })
+    }
+}
+
+/// What a speculating batch knows of the repository (module doc).
+#[derive(Debug)]
+pub(crate) struct Known {
+    /// The resource of the batch.
+    pub resource: String,
+    /// Owner of each account of the batch's resource known (`None`: not linked).
+    pub owners: HashMap<String, Option<String>>,
+    /// Identities by name (`None`: known not to exist).
+    pub identities: HashMap<String, Option<KnownIdentity>>,
+    /// The identities each correlation condition read ahead finds ([`Repo::prefetch_find`]),
+    /// by (attribute folded, value normalised): id and name, in id order.
+    pub postings: HashMap<(String, String), Vec<(i64, String)>>,
+    /// Ids of new identities.
+    pub identity_ids: IdPool,
+    /// Ids of new decision records.
+    pub decision_ids: IdPool,
+}
+
+impl Known {
+    /// The owner of account `key` of `resource`, if known: `Some(None)` for an account
+    /// known to be unlinked.
+    pub(crate) fn owner(&self, resource: &str, key: &str) -> Option<Option<&str>> {
+        if resource != self.resource {
+            return None;
+        }
+        self.owners.get(key).map(Option::as_deref)
+    }
+
+    /// Notes the owner of account `key` of `resource` (when it is the batch's resource).
+    pub(crate) fn set_owner(&mut self, resource: &str, key: &str, owner: Option<&str>) {
+        if resource == self.resource {
+            self.owners.insert(key.to_owned(), owner.map(str::to_owned));
+        }
+    }
+
+    /// Notes that identity `id` (`name`) no longer has value `gone` of attribute `attr`
+    /// (folded, the value normalised) and now has `came`, for the conditions read ahead.
+    pub(crate) fn reindexed(
+        &mut self,
+        attr: &str,
+        gone: &[&String],
+        came: &[&String],
+        id: i64,
+        name: &str,
+    ) {
+        if self.postings.is_empty() {
+            return;
+        }
+        for value in gone {
+            if let Some(list) = self.postings.get_mut(&(attr.to_owned(), (*value).clone())) {
+                list.retain(|(i, _)| *i != id);
+            }
+        }
+        for value in came {
+            if let Some(list) = self.postings.get_mut(&(attr.to_owned(), (*value).clone()))
+                && let Err(at) = list.binary_search_by_key(&id, |(i, _)| *i)
+            {
+                list.insert(at, (id, name.to_owned()));
+            }
+        }
+    }
+
+    /// Forgets identity `name`: it was deleted, and its links with it.
+    pub(crate) fn deleted(&mut self, name: &str) {
+        self.identities.insert(name.to_owned(), None);
+        for owner in self.owners.values_mut() {
+            if owner.as_deref() == Some(name) {
+                *owner = None;
+            }
+        }
+    }
+}
+
+/// Accounts whose owners are read in one query.
+const KEYS_AT_ONCE: usize = 1000;
+
+impl Repo {
+    /// Starts speculating (module doc) for a batch of `resource` whose accounts are
+    /// `keys`, inside the open batch transaction: reads their owners and those identities
+    /// and sends predicted writes ahead until the transaction ends or
+    /// [`Repo::settle_speculation`]. Returns whether it does: only on PostgreSQL (SQLite
+    /// gains nothing), never outside a transaction.
+    pub fn speculate(&self, resource: &str, keys: &[&str]) -> Result<bool, RepoError> {
+        let conn = self.lock()?;
+        if conn.dialect() != crate::db::Dialect::Postgres || !conn.in_transaction() {
+            return Ok(false);
+        }
+        let mut known = Known {
+            resource: resource.to_owned(),
+            owners: keys.iter().map(|k| ((*k).to_owned(), None)).collect(),
+            identities: HashMap::new(),
+            postings: HashMap::new(),
+            identity_ids: IdPool::new("identities"),
+            decision_ids: IdPool::new("decisions"),
+        };
+        for chunk in keys.chunks(KEYS_AT_ONCE) {
+            conn.each(
+                "SELECT l.key, i.name, i.id, i.version, i.disabled, i.attrs \
+                 FROM links l JOIN identities i ON i.id = l.identity_id \
+                 WHERE l.resource = ?1 AND l.key = ANY(?2)",
+                &[Arg::Text(resource), Arg::Texts(chunk)],
+                &|| format!("reading the owners of a batch of {resource}"),
+                |r| {
+                    let name: String = r.get(1).ctx("reading an owner")?;
+                    known
+                        .owners
+                        .insert(r.get(0).ctx("reading an owner")?, Some(name.clone()));
+                    known.identities.insert(
+                        name,
+                        Some(KnownIdentity {
+                            id: r.get(2).ctx("reading an owner")?,
+                            version: r.get(3).ctx("reading an owner")?,
+                            disabled: r.get(4).ctx("reading an owner")?,
+                            json: r.get(5).ctx("reading an owner")?,
+                        }),
+                    );
+                    Ok(())
+                },
+            )?;
+        }
+        conn.send_writes_ahead(true)
+            .ctx("starting to send writes ahead")?;
+        *self.known.lock().map_err(|_| RepoError::Poisoned)? = Some(known);
+        Ok(true)
+    }
+
+    /// Stops speculating and checks every write sent ahead: a wrong guess is an error
+    /// for which [`RepoError::is_mispredicted`] holds (roll back and decide again).
+    pub fn settle_speculation(&self) -> Result<(), RepoError> {
+        let conn = self.lock()?;
+        self.known.lock().map_err(|_| RepoError::Poisoned)?.take();
+        conn.send_writes_ahead(false)
+            .ctx("checking the writes sent ahead")
+    }
+
+    /// What the speculating batch knows, if it speculates (lock it after the connection).
+    pub(crate) fn known(&self) -> Result<std::sync::MutexGuard<'_, Option<Known>>, RepoError> {
+        self.known.lock().map_err(|_| RepoError::Poisoned)
+    }
+
+    /// Drops what a batch knew (its transaction ended) and stops sending ahead.
+    pub(crate) fn forget_known(&self, conn: &Conn) {
+        if let Ok(mut known) = self.known.lock() {
+            *known = None;
+        }
+        // Only called when the transaction is over: nothing is left to check.
+        let _ = conn.send_writes_ahead(false);
+    }
+}
