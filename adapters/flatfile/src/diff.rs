@@ -563,6 +563,22 @@ pub(crate) fn events(
     let resource = target.resource;
     let end = plan.len().min(from.saturating_add(max));
     let mut out = Vec::with_capacity(end.saturating_sub(from));
+    let read: Vec<Row> = read;
+    // The previous attributes of the part's known accounts, in one lookup.
+    let mut wanted: Vec<&str> = Vec::new();
+    let mut rows = read.iter();
+    for i in from..end {
+        if let Some(p) = plan.changes.get(i) {
+            if let Some(row) = rows.next()
+                && p.known
+            {
+                wanted.push(&row.key);
+            }
+        } else if let Some(key) = plan.deletes.get(i - plan.changes.len()) {
+            wanted.push(key);
+        }
+    }
+    let mut previous = known_attrs_of(target, known, &wanted);
     let mut read = read.into_iter();
     for i in from..end {
         if let Some(p) = plan.changes.get(i) {
@@ -574,7 +590,7 @@ pub(crate) fn events(
                 )));
             };
             let previous = if p.known {
-                known_attrs(target, known, &row.key)
+                previous.remove(&row.key)
             } else {
                 None
             };
@@ -587,7 +603,7 @@ pub(crate) fn events(
                 origin: Some(target.origin(row.line)),
             });
         } else if let Some(key) = plan.deletes.get(i - plan.changes.len()) {
-            let previous = known_attrs(target, known, key);
+            let previous = previous.remove(key);
             out.push(ChangeEvent {
                 resource: resource.to_owned(),
                 key: key.clone(),
@@ -601,15 +617,27 @@ pub(crate) fn events(
     Ok(out)
 }
 
-/// The last seen attributes of `key`. A stored snapshot entry that cannot be read is
-/// reported and treated as unknown (the event then carries no previous attributes) rather
-/// than blocking the resource; the batch still commits only if the repository works.
-fn known_attrs(target: &Target<'_>, known: &dyn KnownAccounts, key: &str) -> Option<AttrMap> {
-    match known.known_attrs(target.resource, key) {
-        Ok(attrs) => attrs,
+/// The last seen attributes of those of `keys` that are known. A stored snapshot that
+/// cannot be read is reported and its accounts treated as unknown (their events then
+/// carry no previous attributes) rather than blocking the resource; the batch still
+/// commits only if the repository works.
+fn known_attrs_of(
+    target: &Target<'_>,
+    known: &dyn KnownAccounts,
+    keys: &[&str],
+) -> HashMap<String, AttrMap> {
+    let mut found = HashMap::with_capacity_and_hasher(keys.len(), Default::default());
+    if keys.is_empty() {
+        return found;
+    }
+    let read = known.known_attrs_of(target.resource, keys, &mut |key, attrs| {
+        found.insert(key.to_owned(), attrs);
+    });
+    match read {
+        Ok(()) => found,
         Err(e) => {
-            tracing::warn!(resource = %target.resource, key, "snapshot of the account is unreadable, treated as unknown: {e}");
-            None
+            tracing::warn!(resource = %target.resource, "snapshots of {} accounts are unreadable, treated as unknown: {e}", keys.len());
+            HashMap::default()
         }
     }
 }

@@ -178,6 +178,22 @@ pub trait KnownAccounts: Sync {
         }
         Ok(())
     }
+    /// Calls `each` with those of `keys` that are known, and their last seen attributes:
+    /// one lookup for a part of a pass (the previous attributes of its changes). The
+    /// default looks the keys up one at a time.
+    fn known_attrs_of(
+        &self,
+        resource: &str,
+        keys: &[&str],
+        each: &mut dyn FnMut(&str, AttrMap),
+    ) -> Result<(), String> {
+        for key in keys {
+            if let Some(attrs) = self.known_attrs(resource, key)? {
+                each(key, attrs);
+            }
+        }
+        Ok(())
+    }
     /// A pass is about to visit many of the known accounts (a full diff, a full refresh):
     /// the store may start reading its data into memory in the background. A hint; the
     /// default does nothing.

@@ -121,6 +121,41 @@ impl Repo {
         keys: &[&str],
         each: &mut dyn FnMut(&str, u64),
     ) -> Result<(), RepoError> {
+        let reading = || format!("reading shadows of resource {resource}");
+        self.each_shadow_of(resource, keys, "hash", &mut |key, r| {
+            each(key, r.get::<i64>(1).with_ctx(reading)? as u64);
+            Ok(())
+        })
+    }
+
+    /// Calls `each` with those of `keys` that have a shadow in `resource`, and their last
+    /// seen attributes: one query per part of a pass instead of one per account.
+    pub fn shadows_of(
+        &self,
+        resource: &str,
+        keys: &[&str],
+        each: &mut dyn FnMut(&str, AttrMap),
+    ) -> Result<(), RepoError> {
+        let reading = || format!("reading shadows of resource {resource}");
+        self.each_shadow_of(resource, keys, "attrs", &mut |key, r| {
+            let json = r.str(1).with_ctx(reading)?;
+            each(
+                key,
+                from_json(json, || format!("shadow of account {resource}/{key}"))?,
+            );
+            Ok(())
+        })
+    }
+
+    /// Calls `each` with the key and the row (key, `column`) of those of `keys` that have a
+    /// shadow in `resource`, [`KEYS_PER_QUERY`] keys a query.
+    fn each_shadow_of(
+        &self,
+        resource: &str,
+        keys: &[&str],
+        column: &str,
+        each: &mut dyn FnMut(&str, &crate::db::Row<'_>) -> Result<(), RepoError>,
+    ) -> Result<(), RepoError> {
         let conn = self.lock()?;
         for chunk in keys.chunks(KEYS_PER_QUERY) {
             // A few statement sizes only, padded with the chunk's last key (an IN list
@@ -131,8 +166,9 @@ impl Repo {
                 .find(|n| *n >= chunk.len())
                 .unwrap_or(KEYS_PER_QUERY);
             let marks = vec!["?"; size].join(",");
-            let sql =
-                format!("SELECT key, hash FROM shadows WHERE resource = ? AND key IN ({marks})");
+            let sql = format!(
+                "SELECT key, {column} FROM shadows WHERE resource = ? AND key IN ({marks})"
+            );
             let mut args: Vec<Arg<'_>> = Vec::with_capacity(size + 1);
             args.push(resource.to_arg());
             for k in chunk {
@@ -145,8 +181,7 @@ impl Repo {
             let reading = || format!("reading shadows of resource {resource}");
             conn.each(&sql, &args, &reading, |r| {
                 let key = r.str(0).with_ctx(reading)?;
-                each(key, r.get::<i64>(1).with_ctx(reading)? as u64);
-                Ok(())
+                each(key, r)
             })?;
         }
         Ok(())
@@ -194,6 +229,16 @@ impl KnownAccounts for Repo {
         each: &mut dyn FnMut(&str, u64),
     ) -> Result<(), String> {
         self.shadow_hashes_of(resource, keys, each)
+            .map_err(|e| e.to_string())
+    }
+
+    fn known_attrs_of(
+        &self,
+        resource: &str,
+        keys: &[&str],
+        each: &mut dyn FnMut(&str, AttrMap),
+    ) -> Result<(), String> {
+        self.shadows_of(resource, keys, each)
             .map_err(|e| e.to_string())
     }
 
