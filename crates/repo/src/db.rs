@@ -29,6 +29,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::error::{Context, RepoError};
+use crate::merge::{Merger, SetWise};
 
 /// Which database a [`Conn`] talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -275,24 +276,6 @@ pub(crate) enum Value {
     Blob(Vec<u8>),
 }
 
-impl Value {
-    /// The parameter `a`, owned (a write sent ahead outlives its caller's values).
-    fn owned(a: &Arg<'_>) -> Result<Value, DbError> {
-        Ok(match *a {
-            Arg::Null => Value::Null,
-            Arg::Int(v) => Value::Int(v),
-            Arg::Real(v) => Value::Real(v),
-            Arg::Text(s) => Value::Text(s.to_owned()),
-            Arg::Blob(b) => Value::Blob(b.to_vec()),
-            Arg::Texts(_) => {
-                return Err(DbError::Shape(
-                    "an array parameter cannot be sent ahead".to_owned(),
-                ));
-            }
-        })
-    }
-}
-
 impl ToArg for Value {
     fn to_arg(&self) -> Arg<'_> {
         match self {
@@ -425,6 +408,23 @@ impl Column for bool {
     }
 }
 
+/// A write whose outcome its caller predicts ([`Conn::send_ahead`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Predicted<'a> {
+    /// The single-row statement (run as it is when writes are not sent ahead).
+    pub sql: &'a str,
+    /// Its set-wise form.
+    pub set: &'static SetWise,
+    /// The single-row statement's parameters.
+    pub args: &'a [Arg<'a>],
+    /// The rows it must change (`None`: any number).
+    pub expect: Option<u64>,
+    /// The rows it writes ([`merge::entity`](crate::merge::entity)).
+    pub entities: &'a [u64],
+    /// The rows it needs written before it (the identity a link refers to).
+    pub after: &'a [u64],
+}
+
 /// The reply of a write sent ahead ([`Conn::send_ahead`]): how many rows it changed.
 type Reply = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send>>;
 
@@ -454,6 +454,8 @@ pub(crate) struct PgConn {
     /// Rows inserted, updated or deleted through this connection (SQLite's
     /// `total_changes`); a write sent ahead counts the rows it is expected to change.
     changes: Cell<u64>,
+    /// Writes held to be sent ahead, merged (module `merge`).
+    merger: RefCell<Merger>,
     /// Writes sent ahead whose replies are not checked yet, in the order sent.
     ahead: RefCell<Vec<Ahead>>,
     /// Whether writes may be sent ahead now (the repository speculates).
@@ -493,6 +495,7 @@ impl PgConn {
             statements: RefCell::new(HashMap::new()),
             in_tx: Cell::new(false),
             changes: Cell::new(0),
+            merger: RefCell::new(Merger::default()),
             ahead: RefCell::new(Vec::new()),
             sending_ahead: Cell::new(false),
             mispredicted: RefCell::new(None),
@@ -506,6 +509,9 @@ impl PgConn {
         &self,
         call: impl Future<Output = Result<T, tokio_postgres::Error>> + Send,
     ) -> Result<T, DbError> {
+        if !self.merger.borrow().is_empty() {
+            self.flush();
+        }
         let ahead = std::mem::take(&mut *self.ahead.borrow_mut());
         if ahead.is_empty() {
             return Ok(block_on_here(&self.runtime, call)?);
@@ -582,39 +588,51 @@ impl PgConn {
         self.wait(async move { client.batch_execute(sql).await })
     }
 
-    /// Sends a write without waiting for its reply (see [`Conn::send_ahead`]).
-    fn send_ahead(
-        &self,
-        sql: &str,
-        args: &[Arg<'_>],
-        expect: Option<u64>,
-        what: String,
-    ) -> Result<(), DbError> {
-        let st = self.prepare(sql)?;
-        let owned = args
-            .iter()
-            .map(Value::owned)
-            .collect::<Result<Vec<_>, _>>()?;
-        let client = Arc::clone(&self.client);
-        let mut reply: Reply = Box::pin(async move {
-            let args: Vec<Arg<'_>> = owned.iter().map(ToArg::to_arg).collect();
-            let params = pg_params(&args);
-            client.execute(&st, &params).await
-        });
-        // The first poll encodes the request and hands it to the connection, which sends
-        // it (in order, before any later statement) the next time the runtime runs; the
-        // reply is awaited with the next statement that waits.
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if let std::task::Poll::Ready(done) = reply.as_mut().poll(&mut cx) {
-            reply = Box::pin(std::future::ready(done));
+    /// Holds a write to send ahead (see [`Conn::send_ahead`]), merged with others of its
+    /// kind (module `merge`).
+    fn send_ahead(&self, w: &Predicted<'_>, what: impl FnOnce() -> String) -> Result<(), DbError> {
+        let st = self.prepare(w.set.sql)?;
+        let full = {
+            let mut merger = self.merger.borrow_mut();
+            merger.add(w.set, &st, w.args, w.expect, (w.entities, w.after), what)?;
+            merger.is_full()
+        };
+        self.changes.set(self.changes.get() + w.expect.unwrap_or(1));
+        if full {
+            self.flush();
         }
-        self.changes.set(self.changes.get() + expect.unwrap_or(1));
-        self.ahead.borrow_mut().push(Ahead {
-            reply,
-            expect,
-            what,
-        });
         Ok(())
+    }
+
+    /// Sends the writes held, as set-wise statements, without waiting for their replies.
+    fn flush(&self) {
+        let groups = self.merger.borrow_mut().take();
+        for group in groups {
+            let expect = group.expect;
+            let what = group.what();
+            let st = group.statement.clone();
+            let params = group.params();
+            let client = Arc::clone(&self.client);
+            let mut reply: Reply = Box::pin(async move {
+                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                    .iter()
+                    .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect();
+                client.execute(&st, &refs).await
+            });
+            // The first poll encodes the request and hands it to the connection, which
+            // sends it (in order, before any later statement) the next time the runtime
+            // runs; the reply is awaited with the next statement that waits.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            if let std::task::Poll::Ready(done) = reply.as_mut().poll(&mut cx) {
+                reply = Box::pin(std::future::ready(done));
+            }
+            self.ahead.borrow_mut().push(Ahead {
+                reply,
+                expect,
+                what,
+            });
+        }
     }
 
     /// Whether the connection to the server is gone (a new one is needed).
@@ -886,26 +904,25 @@ impl Conn {
         }
     }
 
-    /// A write whose outcome the caller predicts: `expect` rows changed (`None`: any
-    /// number). While writes are sent ahead, it is sent without waiting, and its reply
-    /// is checked with the next statement that waits (or at the latest before `COMMIT`);
+    /// A write whose outcome the caller predicts (`w.expect` rows changed; `None`: any
+    /// number). While writes are sent ahead, it is held, merged with others of its kind
+    /// into one set-wise statement (module `merge`), sent before the next statement that
+    /// waits, and its reply checked with that statement (at the latest before `COMMIT`);
     /// otherwise it runs at once. Either way, a failure or another row count is
     /// [`DbError::Mispredicted`]: the caller went on as if it had gone as predicted.
     pub(crate) fn send_ahead(
         &self,
-        sql: &str,
-        args: &[Arg<'_>],
-        expect: Option<u64>,
+        w: &Predicted<'_>,
         what: impl FnOnce() -> String,
     ) -> Result<(), DbError> {
         match self {
-            Conn::Postgres(p) if p.sending_ahead.get() => p.send_ahead(sql, args, expect, what()),
-            _ => match self.execute(sql, args) {
-                Ok(n) if expect.is_none_or(|x| x == n) => Ok(()),
+            Conn::Postgres(p) if p.sending_ahead.get() => p.send_ahead(w, what),
+            _ => match self.execute(w.sql, w.args) {
+                Ok(n) if w.expect.is_none_or(|x| x == n) => Ok(()),
                 Ok(n) => Err(DbError::Mispredicted(format!(
                     "{}: changed {n} row(s), {} expected",
                     what(),
-                    expect.unwrap_or_default()
+                    w.expect.unwrap_or_default()
                 ))),
                 Err(e) => Err(DbError::Mispredicted(format!("{}: {e}", what()))),
             },
@@ -913,17 +930,16 @@ impl Conn {
     }
 
     /// A write whose reply the caller does not use (any row count will do): sent ahead
-    /// while writes are, run at once otherwise.
+    /// (merged) while writes are, run at once otherwise. `w.expect` is ignored.
     pub(crate) fn write(
         &self,
-        sql: &str,
-        args: &[Arg<'_>],
+        w: &Predicted<'_>,
         what: impl FnOnce() -> String,
     ) -> Result<(), DbError> {
         if self.sends_ahead() {
-            self.send_ahead(sql, args, None, what)
+            self.send_ahead(&Predicted { expect: None, ..*w }, what)
         } else {
-            self.execute(sql, args).map(drop)
+            self.execute(w.sql, w.args).map(drop)
         }
     }
 

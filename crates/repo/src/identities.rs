@@ -3,10 +3,53 @@
 use crate::db::Conn;
 use idsync_core::{AttrMap, Identity, LinkedAccount};
 
+use crate::db::Predicted;
 use crate::error::{Context, RepoError, from_json, to_json};
 use crate::index::reindex_values;
+use crate::merge::{Kind, SetWise, entity};
 use crate::speculation::{Known, KnownIdentity};
 use crate::{Repo, args, atomic, now};
+
+/// New identities sent ahead, set-wise (module `merge`).
+static NEW_IDENTITIES: SetWise = SetWise {
+    sql: "INSERT INTO identities (id, name, version, disabled, attrs, created_at, updated_at) \
+          SELECT u.id, u.name, 1, 0, u.attrs, u.at, u.at \
+          FROM unnest(?1::bigint[], ?2::text[], ?3::text[], ?4::text[]) AS u(id, name, attrs, at) \
+          ON CONFLICT (name) DO NOTHING",
+    kinds: &[Kind::Int, Kind::Text, Kind::Text, Kind::Text],
+};
+
+/// Check-ins sent ahead, set-wise: each row by id and the version it had.
+static CHECKINS: SetWise = SetWise {
+    sql: "UPDATE identities AS i \
+          SET version = u.version, disabled = u.disabled, attrs = u.attrs, updated_at = u.at \
+          FROM unnest(?1::bigint[], ?2::bigint[], ?3::bigint[], ?4::text[], ?5::text[], ?6::bigint[]) \
+          AS u(id, version, disabled, attrs, at, old) \
+          WHERE i.id = u.id AND i.version = u.old",
+    kinds: &[
+        Kind::Int,
+        Kind::Int,
+        Kind::Int,
+        Kind::Text,
+        Kind::Text,
+        Kind::Int,
+    ],
+};
+
+/// Links sent ahead, set-wise.
+static LINKS: SetWise = SetWise {
+    sql: "INSERT INTO links (resource, key, identity_id, linked_at) \
+          SELECT * FROM unnest(?1::text[], ?2::text[], ?3::bigint[], ?4::text[]) \
+          ON CONFLICT (resource, key) DO NOTHING",
+    kinds: &[Kind::Text, Kind::Text, Kind::Int, Kind::Text],
+};
+
+/// Unlinks sent ahead, set-wise.
+static UNLINKS: SetWise = SetWise {
+    sql: "DELETE FROM links AS l USING unnest(?1::text[], ?2::text[]) AS d(resource, key) \
+          WHERE l.resource = d.resource AND l.key = d.key",
+    kinds: &[Kind::Text, Kind::Text],
+};
 
 /// Identities loaded per lock in [`Repo::for_each_identity`].
 pub(crate) const PAGE: usize = 256;
@@ -151,10 +194,15 @@ impl Repo {
                 Some(k) if c.sends_ahead() => {
                     let id = k.identity_ids.take(c)?;
                     c.send_ahead(
-                        "INSERT INTO identities (id, name, version, disabled, attrs, created_at, updated_at) \
-                         VALUES (?1, ?2, 1, 0, ?3, ?4, ?4) ON CONFLICT (name) DO NOTHING",
-                        args![id, name, json, at],
-                        Some(1),
+                        &Predicted {
+                            sql: "INSERT INTO identities (id, name, version, disabled, attrs, created_at, updated_at) \
+                                  VALUES (?1, ?2, 1, 0, ?3, ?4, ?4) ON CONFLICT (name) DO NOTHING",
+                            set: &NEW_IDENTITIES,
+                            args: args![id, name, json, at],
+                            expect: Some(1),
+                            entities: &[entity(("identity", id))],
+                            after: &[],
+                        },
                         || format!("creating identity {name}"),
                     )
                     .with_ctx(|| format!("creating identity {name}"))?;
@@ -256,7 +304,15 @@ impl Repo {
             let values = args![id, new_version, disabled, json, at, version];
             if c.sends_ahead() {
                 // The version read is the batch's own: the update changes that one row.
-                c.send_ahead(sql, values, Some(1), what).with_ctx(what)?;
+                let w = Predicted {
+                    sql,
+                    set: &CHECKINS,
+                    args: values,
+                    expect: Some(1),
+                    entities: &[entity(("identity", id))],
+                    after: &[],
+                };
+                c.send_ahead(&w, what).with_ctx(what)?;
             } else {
                 c.execute(sql, values).with_ctx(what)?;
             }
@@ -350,8 +406,15 @@ impl Repo {
         let linked = match known.as_ref().and_then(|k| k.owner(resource, key)) {
             Some(owner) if conn.sends_ahead() => {
                 let linked = owner.is_some();
-                conn.send_ahead(sql, args![resource, key], Some(u64::from(linked)), what)
-                    .with_ctx(what)?;
+                let w = Predicted {
+                    sql,
+                    set: &UNLINKS,
+                    args: args![resource, key],
+                    expect: Some(u64::from(linked)),
+                    entities: &[entity(("account", resource, key))],
+                    after: &[],
+                };
+                conn.send_ahead(&w, what).with_ctx(what)?;
                 linked
             }
             _ => conn.execute(sql, args![resource, key]).with_ctx(what)? > 0,
@@ -383,8 +446,16 @@ fn link_id(
         .map(|o| o.map(str::to_owned));
     let inserted = match owner {
         Some(None) if conn.sends_ahead() => {
-            conn.send_ahead(sql, args![resource, key, id, now()], Some(1), what)
-                .with_ctx(what)?;
+            let at = now();
+            let w = Predicted {
+                sql,
+                set: &LINKS,
+                args: args![resource, key, id, at],
+                expect: Some(1),
+                entities: &[entity(("account", resource, key))],
+                after: &[entity(("identity", id))],
+            };
+            conn.send_ahead(&w, what).with_ctx(what)?;
             1
         }
         _ => conn

@@ -21,7 +21,9 @@ use std::sync::Arc;
 use crate::db::{Arg, Conn, ToArg};
 use idsync_core::{AttrMap, Conditions, Identity, Normalisation, Normalisations, Value};
 
+use crate::db::Predicted;
 use crate::error::{Context, RepoError, from_json};
+use crate::merge::{Kind, SetWise, entity};
 use crate::speculation::Known;
 use crate::{Repo, args, now};
 
@@ -552,6 +554,21 @@ fn scan_block(
 /// values that went, inserts the ones that came, for the `indexed` attributes only, each
 /// in the normalised form its index holds (two values with one normalised form are one
 /// row). A new identity goes from an empty map, a deleted one to an empty map.
+/// Index rows removed, set-wise (module `merge`).
+static INDEX_DELETES: SetWise = SetWise {
+    sql: "DELETE FROM identity_values AS v \
+          USING unnest(?1::text[], ?2::text[], ?3::bigint[]) AS d(attr, value, identity_id) \
+          WHERE v.attr = d.attr AND v.value = d.value AND v.identity_id = d.identity_id",
+    kinds: &[Kind::Text, Kind::Text, Kind::Int],
+};
+
+/// Index rows added, set-wise.
+static INDEX_INSERTS: SetWise = SetWise {
+    sql: "INSERT INTO identity_values (attr, value, identity_id) \
+          SELECT * FROM unnest(?1::text[], ?2::text[], ?3::bigint[]) ON CONFLICT DO NOTHING",
+    kinds: &[Kind::Text, Kind::Text, Kind::Int],
+};
+
 pub(crate) fn reindex_values(
     conn: &Conn,
     mut known: Option<&mut Known>,
@@ -574,22 +591,29 @@ pub(crate) fn reindex_values(
         if let Some(k) = known.as_deref_mut() {
             k.reindexed(folded, &gone, &came, id, name);
         }
+        let identity = [entity(("identity", id))];
         for gone in gone {
-            conn.write(
-                "DELETE FROM identity_values WHERE attr = ?1 AND value = ?2 AND identity_id = ?3",
-                args![folded, gone, id],
-                what,
-            )
-            .with_ctx(what)?;
+            let w = Predicted {
+                sql: "DELETE FROM identity_values WHERE attr = ?1 AND value = ?2 AND identity_id = ?3",
+                set: &INDEX_DELETES,
+                args: args![folded, gone, id],
+                expect: None,
+                entities: &[entity(("index", folded, gone, id))],
+                after: &identity,
+            };
+            conn.write(&w, what).with_ctx(what)?;
         }
         for came in came {
-            conn.write(
-                "INSERT INTO identity_values (attr, value, identity_id) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT DO NOTHING",
-                args![folded, came, id],
-                what,
-            )
-            .with_ctx(what)?;
+            let w = Predicted {
+                sql: "INSERT INTO identity_values (attr, value, identity_id) VALUES (?1, ?2, ?3) \
+                      ON CONFLICT DO NOTHING",
+                set: &INDEX_INSERTS,
+                args: args![folded, came, id],
+                expect: None,
+                entities: &[entity(("index", folded, came, id))],
+                after: &identity,
+            };
+            conn.write(&w, what).with_ctx(what)?;
         }
     }
     Ok(())

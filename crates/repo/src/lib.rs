@@ -54,6 +54,7 @@ mod file;
 mod identities;
 mod index;
 mod leases;
+mod merge;
 mod outbox;
 mod passes;
 mod postgres;

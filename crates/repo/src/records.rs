@@ -3,8 +3,10 @@
 use idsync_core::{Action, ChangeEvent, Decision, Op, Situation};
 use serde::{Deserialize, Serialize};
 
+use crate::db::Predicted;
 use crate::db::{Arg, Conn, ToArg};
 use crate::error::{Context, RepoError, from_json, to_json};
+use crate::merge::{Kind, SetWise};
 use crate::{Repo, args, now, stored_time};
 
 /// A failed event to record. `event` is `None` for input that never became an event
@@ -177,6 +179,24 @@ impl DecisionRow {
     }
 }
 
+/// Decision records sent ahead, set-wise (module `merge`).
+static DECISIONS: SetWise = SetWise {
+    sql: "INSERT INTO decisions (id, at, resource, key, op, situation, action, identity, record) \
+          SELECT * FROM unnest(?1::bigint[], ?2::text[], ?3::text[], ?4::text[], ?5::text[], \
+          ?6::text[], ?7::text[], ?8::text[], ?9::text[])",
+    kinds: &[
+        Kind::Int,
+        Kind::Text,
+        Kind::Text,
+        Kind::Text,
+        Kind::Text,
+        Kind::Text,
+        Kind::Text,
+        Kind::Text,
+        Kind::Text,
+    ],
+};
+
 impl Repo {
     /// Stores the decision record of one event; returns its id.
     pub fn record_decision(&self, d: &Decision) -> Result<i64, RepoError> {
@@ -204,9 +224,11 @@ impl Repo {
             // Speculating (module `speculation`): the id is taken beforehand.
             let id = k.decision_ids.take(&conn)?;
             conn.send_ahead(
-                "INSERT INTO decisions (id, at, resource, key, op, situation, action, identity, record) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                args![
+                &Predicted {
+                sql: "INSERT INTO decisions (id, at, resource, key, op, situation, action, identity, record) \
+                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                set: &DECISIONS,
+                args: args![
                     id,
                     at,
                     d.resource,
@@ -217,7 +239,10 @@ impl Repo {
                     d.identity,
                     record,
                 ],
-                Some(1),
+                expect: Some(1),
+                entities: &[],
+                after: &[],
+                },
                 what,
             )
             .with_ctx(what)?;

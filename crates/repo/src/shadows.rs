@@ -4,7 +4,8 @@
 //! apart through [`KnownAccounts`]; they are written in the batch transaction, so they move
 //! together with the checkpoint.
 
-use crate::db::{Arg, Conn, Dialect, ToArg};
+use crate::db::{Arg, Conn, Dialect, Predicted, ToArg};
+use crate::merge::{Kind, SetWise, entity};
 use idsync_core::{AttrMap, Checkpoint, KnownAccounts};
 
 use crate::error::{Context, RepoError, from_json, to_json};
@@ -16,6 +17,21 @@ const KEYS_PER_QUERY: usize = 250;
 
 /// The statement sizes [`Repo::shadow_hashes_of`] uses, the last being [`KEYS_PER_QUERY`].
 const QUERY_SIZES: [usize; 3] = [10, 50, KEYS_PER_QUERY];
+
+/// Shadows stored ahead, set-wise (module `merge`).
+static SHADOWS: SetWise = SetWise {
+    sql: "INSERT INTO shadows (resource, key, hash, attrs) \
+          SELECT * FROM unnest(?1::text[], ?2::text[], ?3::bigint[], ?4::text[]) \
+          ON CONFLICT (resource, key) DO UPDATE SET hash = excluded.hash, attrs = excluded.attrs",
+    kinds: &[Kind::Text, Kind::Text, Kind::Int, Kind::Text],
+};
+
+/// Shadows removed ahead, set-wise.
+static SHADOW_DELETES: SetWise = SetWise {
+    sql: "DELETE FROM shadows AS s USING unnest(?1::text[], ?2::text[]) AS d(resource, key) \
+          WHERE s.resource = d.resource AND s.key = d.key",
+    kinds: &[Kind::Text, Kind::Text],
+};
 
 impl Repo {
     /// The last committed checkpoint of `resource` (`None`: never synced).
@@ -32,9 +48,15 @@ impl Repo {
         let what = || format!("storing shadow of account {resource}/{key}");
         self.lock()?
             .write(
-                "INSERT INTO shadows (resource, key, hash, attrs) VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT (resource, key) DO UPDATE SET hash = excluded.hash, attrs = excluded.attrs",
-                args![resource, key, hash, json],
+                &Predicted {
+                    sql: "INSERT INTO shadows (resource, key, hash, attrs) VALUES (?1, ?2, ?3, ?4) \
+                          ON CONFLICT (resource, key) DO UPDATE SET hash = excluded.hash, attrs = excluded.attrs",
+                    set: &SHADOWS,
+                    args: args![resource, key, hash, json],
+                    expect: None,
+                    entities: &[entity(("shadow", resource, key))],
+                    after: &[],
+                },
                 what,
             )
             .with_ctx(what)
@@ -45,8 +67,14 @@ impl Repo {
         let what = || format!("deleting shadow of account {resource}/{key}");
         self.lock()?
             .write(
-                "DELETE FROM shadows WHERE resource = ?1 AND key = ?2",
-                args![resource, key],
+                &Predicted {
+                    sql: "DELETE FROM shadows WHERE resource = ?1 AND key = ?2",
+                    set: &SHADOW_DELETES,
+                    args: args![resource, key],
+                    expect: None,
+                    entities: &[entity(("shadow", resource, key))],
+                    after: &[],
+                },
                 what,
             )
             .with_ctx(what)
