@@ -455,7 +455,7 @@ pub(crate) struct PgConn {
     /// `total_changes`); a write sent ahead counts the rows it is expected to change.
     changes: Cell<u64>,
     /// Writes held to be sent ahead, merged (module `merge`).
-    merger: RefCell<Merger>,
+    merger: RefCell<Merger<tokio_postgres::Statement>>,
     /// Writes sent ahead whose replies are not checked yet, in the order sent.
     ahead: RefCell<Vec<Ahead>>,
     /// Whether writes may be sent ahead now (the repository speculates).

@@ -49,10 +49,10 @@ pub(crate) fn entity(what: impl Hash) -> u64 {
 /// Rows held before they are sent anyway.
 pub(crate) const MAX_ROWS: usize = 20_000;
 
-/// One set-wise statement being filled.
-pub(crate) struct Group {
+/// One set-wise statement being filled (`S`: its prepared statement).
+pub(crate) struct Group<S> {
     pub set: &'static SetWise,
-    pub statement: tokio_postgres::Statement,
+    pub statement: S,
     /// Column-wise values.
     ints: Vec<Vec<Option<i64>>>,
     texts: Vec<Vec<Option<String>>>,
@@ -63,7 +63,7 @@ pub(crate) struct Group {
     first: String,
 }
 
-impl Group {
+impl<S> Group<S> {
     /// What the statement does, for a message.
     pub(crate) fn what(&self) -> String {
         match self.rows {
@@ -88,26 +88,15 @@ impl Group {
             .collect()
     }
 
-    fn push(&mut self, args: &[Arg<'_>]) -> Result<(), DbError> {
-        if args.len() != self.set.kinds.len() {
-            return Err(DbError::Shape(format!(
-                "{} values for a set-wise statement of {}",
-                args.len(),
-                self.set.kinds.len()
-            )));
-        }
+    /// Appends a row ([`check`]ed).
+    fn push(&mut self, args: &[Arg<'_>]) {
         let (mut i, mut t) = (0, 0);
         for (kind, arg) in self.set.kinds.iter().zip(args) {
             match (kind, *arg) {
                 (Kind::Int, Arg::Int(v)) => self.ints[i].push(Some(v)),
-                (Kind::Int, Arg::Null) => self.ints[i].push(None),
                 (Kind::Text, Arg::Text(s)) => self.texts[t].push(Some(s.to_owned())),
-                (Kind::Text, Arg::Null) => self.texts[t].push(None),
-                (kind, other) => {
-                    return Err(DbError::Shape(format!(
-                        "a {other:?} where a set-wise statement takes {kind:?}"
-                    )));
-                }
+                (Kind::Int, _) => self.ints[i].push(None),
+                (Kind::Text, _) => self.texts[t].push(None),
             }
             match kind {
                 Kind::Int => i += 1,
@@ -115,14 +104,34 @@ impl Group {
             }
         }
         self.rows += 1;
-        Ok(())
     }
 }
 
+/// Whether `args` fit the columns of `set` (NULL fits any).
+fn check(set: &SetWise, args: &[Arg<'_>]) -> Result<(), DbError> {
+    if args.len() != set.kinds.len() {
+        return Err(DbError::Shape(format!(
+            "{} values for a set-wise statement of {}",
+            args.len(),
+            set.kinds.len()
+        )));
+    }
+    for (kind, arg) in set.kinds.iter().zip(args) {
+        match (kind, arg) {
+            (Kind::Int, Arg::Int(_)) | (Kind::Text, Arg::Text(_)) | (_, Arg::Null) => {}
+            (kind, other) => {
+                return Err(DbError::Shape(format!(
+                    "a {other:?} where a set-wise statement takes {kind:?}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The writes held, as statements in the order they will be sent.
-#[derive(Default)]
-pub(crate) struct Merger {
-    groups: Vec<Group>,
+pub(crate) struct Merger<S> {
+    groups: Vec<Group<S>>,
     /// The latest group of each set-wise statement.
     latest: HashMap<&'static str, usize>,
     /// The latest group that writes each entity, or needs it written.
@@ -132,17 +141,30 @@ pub(crate) struct Merger {
     rows: usize,
 }
 
-impl Merger {
+impl<S> Default for Merger<S> {
+    fn default() -> Self {
+        Merger {
+            groups: Vec::new(),
+            latest: HashMap::new(),
+            last: HashMap::new(),
+            last_written: HashMap::new(),
+            rows: 0,
+        }
+    }
+}
+
+impl<S: Clone> Merger<S> {
     /// Adds a write (`args` of the single-row statement) under the order rule.
     pub(crate) fn add(
         &mut self,
         set: &'static SetWise,
-        statement: &tokio_postgres::Statement,
+        statement: &S,
         args: &[Arg<'_>],
         expect: Option<u64>,
         (entities, after): (&[u64], &[u64]),
         what: impl FnOnce() -> String,
     ) -> Result<(), DbError> {
+        check(set, args)?;
         let joinable = self.latest.get(set.sql).copied().filter(|g| {
             entities
                 .iter()
@@ -171,7 +193,7 @@ impl Merger {
             }
         };
         let group = &mut self.groups[index];
-        group.push(args)?;
+        group.push(args);
         group.expect = match (group.expect, expect) {
             (Some(a), Some(b)) => Some(a + b),
             _ => None,
@@ -199,11 +221,116 @@ impl Merger {
     }
 
     /// The statements, in order; it holds nothing after.
-    pub(crate) fn take(&mut self) -> Vec<Group> {
+    pub(crate) fn take(&mut self) -> Vec<Group<S>> {
         self.latest.clear();
         self.last.clear();
         self.last_written.clear();
         self.rows = 0;
         std::mem::take(&mut self.groups)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static A: SetWise = SetWise {
+        sql: "a",
+        kinds: &[Kind::Int],
+    };
+    static B: SetWise = SetWise {
+        sql: "b",
+        kinds: &[Kind::Int, Kind::Text],
+    };
+
+    /// The statements held: which kind, and the first column of their rows.
+    fn order(m: &mut Merger<()>) -> Vec<(&'static str, Vec<Option<i64>>)> {
+        m.take()
+            .into_iter()
+            .map(|g| (g.set.sql, g.ints[0].clone()))
+            .collect()
+    }
+
+    fn add(m: &mut Merger<()>, set: &'static SetWise, v: i64, writes: &[u64], after: &[u64]) {
+        let text;
+        let args: Vec<Arg<'_>> = if set.kinds.len() == 2 {
+            text = v.to_string();
+            vec![Arg::Int(v), Arg::Text(&text)]
+        } else {
+            vec![Arg::Int(v)]
+        };
+        m.add(set, &(), &args, Some(1), (writes, after), || {
+            format!("write {v}")
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn writes_of_other_rows_merge_by_kind() {
+        let mut m = Merger::default();
+        for i in 0..3 {
+            add(&mut m, &A, i, &[entity(("a", i))], &[]);
+            add(&mut m, &B, i, &[entity(("b", i))], &[entity(("a", i))]);
+        }
+        assert_eq!(
+            order(&mut m),
+            [
+                ("a", vec![Some(0), Some(1), Some(2)]),
+                ("b", vec![Some(0), Some(1), Some(2)])
+            ]
+        );
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn two_writes_of_one_row_keep_their_order_in_two_statements() {
+        let mut m = Merger::default();
+        add(&mut m, &A, 1, &[entity("x")], &[]);
+        add(&mut m, &B, 2, &[entity("y")], &[entity("x")]);
+        add(&mut m, &A, 3, &[entity("x")], &[]);
+        add(&mut m, &A, 4, &[entity("z")], &[]);
+        assert_eq!(
+            order(&mut m),
+            [
+                ("a", vec![Some(1)]),
+                ("b", vec![Some(2)]),
+                ("a", vec![Some(3), Some(4)])
+            ]
+        );
+    }
+
+    #[test]
+    fn a_write_comes_after_the_row_it_needs() {
+        let mut m = Merger::default();
+        // b(1) starts the b statements; a(2) writes x after it; b(3) needs x: it may
+        // not join b(1), which is sent before a(2).
+        add(&mut m, &B, 1, &[entity("p")], &[]);
+        add(&mut m, &A, 2, &[entity("x")], &[]);
+        add(&mut m, &B, 3, &[entity("q")], &[entity("x")]);
+        assert_eq!(
+            order(&mut m),
+            [
+                ("b", vec![Some(1)]),
+                ("a", vec![Some(2)]),
+                ("b", vec![Some(3)])
+            ]
+        );
+    }
+
+    #[test]
+    fn expectations_add_up_and_a_value_of_the_wrong_kind_is_refused() {
+        let mut m: Merger<()> = Merger::default();
+        add(&mut m, &A, 1, &[], &[]);
+        add(&mut m, &A, 2, &[], &[]);
+        m.add(&A, &(), &[Arg::Int(3)], None, (&[], &[]), String::new)
+            .unwrap();
+        let groups = m.take();
+        assert_eq!(groups[0].expect, None);
+        assert_eq!(groups[0].what(), "write 1 (and 2 more of its kind)");
+        assert!(
+            m.add(&A, &(), &[Arg::Text("x")], Some(1), (&[], &[]), String::new)
+                .is_err()
+        );
+        assert!(m.is_empty(), "nothing held for a refused write");
     }
 }
