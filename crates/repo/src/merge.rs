@@ -47,7 +47,7 @@ pub(crate) fn entity(what: impl Hash) -> u64 {
 }
 
 /// Rows held before they are sent anyway.
-pub(crate) const MAX_ROWS: usize = 20_000;
+pub(crate) const MAX_ROWS: usize = 2_500;
 
 /// One set-wise statement being filled (`S`: its prepared statement).
 pub(crate) struct Group<S> {

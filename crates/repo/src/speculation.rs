@@ -51,9 +51,6 @@ pub(crate) struct IdPool {
     ids: Vec<i64>,
 }
 
-/// Ids taken at a time: one query per this many new rows.
-const IDS_AT_ONCE: i64 = 500;
-
 impl IdPool {
     fn new(table: &'static str) -> IdPool {
         IdPool {
@@ -62,19 +59,26 @@ impl IdPool {
         }
     }
 
-    /// The next id (new ids are taken from the sequence when none is left).
+    /// Takes `n` new ids from the table's sequence at once.
+    fn fill(&mut self, conn: &Conn, n: usize) -> Result<(), RepoError> {
+        let table = self.table;
+        let n = i64::try_from(n.max(1)).unwrap_or(i64::MAX);
+        let mut ids = conn
+            .query_map(
+                "SELECT nextval(pg_get_serial_sequence(?1, 'id')) FROM generate_series(1, ?2)",
+                args![table, n],
+                |r| r.get::<i64>(0),
+            )
+            .with_ctx(|| format!("taking new ids of {table}"))?;
+        ids.reverse();
+        self.ids = ids;
+        Ok(())
+    }
+
+    /// The next id (more are taken when none is left).
     pub(crate) fn take(&mut self, conn: &Conn) -> Result<i64, RepoError> {
         if self.ids.is_empty() {
-            let table = self.table;
-            let mut ids = conn
-                .query_map(
-                    "SELECT nextval(pg_get_serial_sequence(?1, 'id')) FROM generate_series(1, ?2)",
-                    args![table, IDS_AT_ONCE],
-                    |r| r.get::<i64>(0),
-                )
-                .with_ctx(|| format!("taking new ids of {table}"))?;
-            ids.reverse();
-            self.ids = ids;
+            self.fill(conn, MORE_IDS)?;
         }
         self.ids.pop().ok_or_else(|| RepoError::Corrupt {
             what: format!("the id sequence of {}", self.table),
@@ -82,6 +86,10 @@ impl IdPool {
         })
     }
 }
+
+/// Ids taken when a batch has used those it took first (more decision records or new
+/// identities than events: a rule's `ctx` writes).
+const MORE_IDS: usize = 500;
 
 /// What a speculating batch knows of the repository (module doc).
 #[derive(Debug)]
@@ -178,6 +186,22 @@ impl Repo {
             identity_ids: IdPool::new("identities"),
             decision_ids: IdPool::new("decisions"),
         };
+        // One decision record per event, and at most a new identity per event as a rule:
+        // their ids are taken now, in one query, before anything is sent ahead (a query
+        // that waits in the middle of the batch would hold its writes up).
+        let n = i64::try_from(keys.len().max(1)).unwrap_or(i64::MAX);
+        let pairs = conn
+            .query_map(
+                "SELECT nextval(pg_get_serial_sequence('decisions', 'id')), \
+                 nextval(pg_get_serial_sequence('identities', 'id')) FROM generate_series(1, ?1)",
+                args![n],
+                |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?)),
+            )
+            .ctx("taking new ids of decisions and identities")?;
+        for (decision, identity) in pairs.into_iter().rev() {
+            known.decision_ids.ids.push(decision);
+            known.identity_ids.ids.push(identity);
+        }
         for chunk in keys.chunks(KEYS_AT_ONCE) {
             conn.each(
                 "SELECT l.key, i.name, i.id, i.version, i.disabled, i.attrs \
