@@ -181,6 +181,42 @@ fn floor(feed: &Path, db: &Path) -> anyhow::Result<(Duration, Duration)> {
 /// The PostgreSQL floor: csv parse, then `COPY` of the same rows (key and the attributes
 /// as JSON, tab-separated text format) into a new table of the database at `url`, in one
 /// transaction. Returns (parse time, parse + copy time).
+/// PostgreSQL's records floor: the rows the passes wrote to the record tables, inserted
+/// again in one transaction into copies of those tables with the same indexes (`LIKE …
+/// INCLUDING ALL`), by the server itself (`INSERT … SELECT`): what keeping those records
+/// costs the server, without the pipeline, the rules or the client.
+fn postgres_records_floor(url: &str) -> anyhow::Result<crate::records::RecordsFloor> {
+    let mut client = postgres::Client::connect(url, postgres::NoTls)
+        .context("connecting to PostgreSQL for the records floor")?;
+    let mut setup =
+        String::from("DROP SCHEMA IF EXISTS bench_records CASCADE; CREATE SCHEMA bench_records;");
+    for table in crate::records::RECORD_TABLES {
+        setup.push_str(&format!(
+            " CREATE TABLE bench_records.{table} (LIKE public.{table} INCLUDING ALL);"
+        ));
+    }
+    client
+        .batch_execute(&setup)
+        .context("creating the records floor's tables")?;
+    let start = Instant::now();
+    let mut tx = client.transaction()?;
+    let mut rows = 0;
+    for table in crate::records::RECORD_TABLES {
+        rows += tx
+            .execute(
+                &format!("INSERT INTO bench_records.{table} SELECT * FROM public.{table}"),
+                &[],
+            )
+            .with_context(|| format!("copying the rows of {table}"))?;
+    }
+    tx.commit()?;
+    let elapsed = start.elapsed();
+    client
+        .batch_execute("DROP SCHEMA bench_records CASCADE")
+        .context("dropping the records floor's tables")?;
+    Ok(crate::records::RecordsFloor { elapsed, rows })
+}
+
 fn postgres_floor(feed: &Path, url: &str) -> anyhow::Result<(Duration, Duration)> {
     use std::io::Write as _;
     let reading = || format!("reading {}", feed.display());
@@ -435,8 +471,15 @@ rules_dir: rules
     );
     say!("peak RSS of the pipeline: {}", rss());
 
-    if url.is_some() {
-        // The records floor re-inserts the rows of an SQLite file.
+    if let Some(url) = &url {
+        let records = postgres_records_floor(url)?;
+        say!(
+            "records floor: {} to insert the {} rows the passes wrote (identities, correlation index, links, shadows, decision records) again, server-side, into tables with the same indexes = {:.1}x the floor; the initial load took {:.1}x the records floor",
+            secs(records.elapsed),
+            records.rows,
+            records.elapsed.as_secs_f64() / floor_total.as_secs_f64(),
+            initial.as_secs_f64() / records.elapsed.as_secs_f64()
+        );
         return Ok(());
     }
     // Last, so its writes do not compete with the passes: the rows the passes wrote,

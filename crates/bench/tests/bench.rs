@@ -75,6 +75,38 @@ fn flatfile_reports_every_step_on_a_small_feed() {
     assert!(rows >= 10_000, "{rows} rows in {text}");
 }
 
+/// The same on a private PostgreSQL server the bench starts (the floor is a `COPY`, the
+/// records floor the rows inserted again by the server).
+#[test]
+fn flatfile_on_postgres_reports_every_step() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("bench");
+    let text = &bench(&[
+        "flatfile",
+        "--rows",
+        "2000",
+        "--passes",
+        "2",
+        "--repository",
+        "postgres",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+    for step in [
+        "PostgreSQL COPY",
+        "initial load:",
+        "incremental passes: median",
+        "unchanged file:",
+        "records floor:",
+    ] {
+        assert!(text.contains(step), "no {step:?} in {text}");
+    }
+    assert!(text.contains("for 2000 events"), "{text}");
+    assert_eq!(text.matches("for 24 events").count(), 2, "{text}");
+    let rows = number_after(text, "to insert the");
+    assert!(rows >= 10_000, "{rows} rows in {text}");
+}
+
 #[test]
 fn ldap_reports_every_step_against_its_own_slapd() {
     let text = &bench(&[
