@@ -18,6 +18,15 @@
 //! transaction is rolled back and the batch run again with a savepoint around every
 //! event. Policies with a process rule (it writes on every event) start with savepoints.
 //!
+//! On PostgreSQL an optimistic batch also *speculates* (the repository's module
+//! `speculation`): the owners and identities of its accounts are read first, the
+//! correlation rules run ahead so that what their queries find is read in one query
+//! (`Engine::read_correlation_ahead`; the rules run again when each account is decided),
+//! and the writes whose outcome the repository predicts are sent without waiting. A wrong
+//! guess is an error of its own (`RepoError::is_mispredicted`): the batch is rolled back
+//! and decided again without speculating, where the same situation is the usual refusal of
+//! one event.
+//!
 //! A batch marked `reconcile` (a part of a reconcile) is decided exactly like any other;
 //! its decision records say op `reconcile`, while the rules saw the event's own op.
 //!
