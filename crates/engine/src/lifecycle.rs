@@ -375,6 +375,7 @@ impl Decider<'_> {
             resource: &self.event.resource,
             key: &self.event.key,
             reason: &reason,
+            planned_at: None,
         })?;
         match planned {
             Planned::New(_) => note(
@@ -430,6 +431,9 @@ impl Decider<'_> {
             resource: &self.event.resource,
             key: &self.event.key,
             reason: &reason,
+            // The grace period counts from the decision, as its due time does: firing
+            // recomputes the due time from this (`timers::fire_delete`).
+            planned_at: Some(decided),
         })?;
         let verb = match planned {
             Planned::New(_) => "planned",
@@ -601,6 +605,37 @@ mod tests {
         apply(&engine, &p, Op::Update, "1", "2999-01-01");
         assert!(!disabled(&engine, "1"));
         assert_eq!(kinds(&engine, "1"), [TimerKind::Disable]);
+    }
+
+    /// Firing recomputes a grace-period delete's due time from when it was planned; that
+    /// must give the due time it was planned for, to the millisecond (it was 1 ms later,
+    /// and a delete fired on time was moved by 1 ms instead: a flaky agent test).
+    #[test]
+    fn a_grace_period_counts_from_the_time_its_due_time_counts_from() {
+        let (engine, mut p) = engine("start", Bound::From);
+        p.delete_action = DeleteAction::Disable;
+        p.delete_after = Some(Duration::from_secs(2));
+        // A filter that takes a few milliseconds: deciding starts well before planning.
+        p.filter = Some(
+            engine
+                .rules()
+                .compile(
+                    "filter.rhai",
+                    "let x = 0; for i in 0..20000 { x += i; } true",
+                )
+                .expect("a filter"),
+        );
+        apply(&engine, &p, Op::Create, "1", "2000-01-01");
+        for _ in 0..5 {
+            apply(&engine, &p, Op::Delete, "1", "2000-01-01");
+            let timers = engine.repo().timers_of_identity("1").expect("timers");
+            let delete = timers
+                .iter()
+                .find(|t| t.kind == TimerKind::Delete)
+                .expect("a delete timer");
+            assert_eq!(delete.planned_at + 2000, delete.due_at, "{delete:?}");
+            apply(&engine, &p, Op::Create, "1", "2000-01-01");
+        }
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct NewTimer<'a> {
     pub key: &'a str,
     /// Why, in words (shown by `explain` and `preview --timers`).
     pub reason: &'a str,
+    /// When it was planned (Unix ms): the time of the decision that plans it, from which
+    /// a grace period counts (`None`: now).
+    pub planned_at: Option<i64>,
 }
 
 /// A pending timer.
@@ -186,7 +189,14 @@ impl Repo {
                 conn.execute(
                     "UPDATE timers SET due_at = ?2, planned_at = ?3, resource = ?4, key = ?5, \
                      reason = ?6, attempts = 0, last_error = NULL WHERE id = ?1",
-                    args![id, t.due_at, now_ms(), t.resource, t.key, t.reason],
+                    args![
+                        id,
+                        t.due_at,
+                        t.planned_at.unwrap_or_else(now_ms),
+                        t.resource,
+                        t.key,
+                        t.reason
+                    ],
                 )
                 .with_ctx(|| format!("moving the {}", what()))?;
                 Ok(Planned::Moved { id, from: due })
@@ -200,7 +210,7 @@ impl Repo {
                             t.identity,
                             t.kind.as_str(),
                             t.due_at,
-                            now_ms(),
+                            t.planned_at.unwrap_or_else(now_ms),
                             t.resource,
                             t.key,
                             t.reason
@@ -357,6 +367,7 @@ mod tests {
             resource,
             key: "k",
             reason: "why",
+            planned_at: None,
         }
     }
 
