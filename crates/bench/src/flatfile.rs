@@ -471,23 +471,21 @@ rules_dir: rules
     );
     say!("peak RSS of the pipeline: {}", rss());
 
-    if let Some(url) = &url {
-        let records = postgres_records_floor(url)?;
-        say!(
-            "records floor: {} to insert the {} rows the passes wrote (identities, correlation index, links, shadows, decision records) again, server-side, into tables with the same indexes = {:.1}x the floor; the initial load took {:.1}x the records floor",
-            secs(records.elapsed),
-            records.rows,
-            records.elapsed.as_secs_f64() / floor_total.as_secs_f64(),
-            initial.as_secs_f64() / records.elapsed.as_secs_f64()
-        );
-        return Ok(());
-    }
-    // Last, so its writes do not compete with the passes: the rows the passes wrote,
-    // inserted again without the pipeline (the initial load's, plus the ~1% the
-    // incremental pass added).
-    let records = records_floor(&dir.join("idsync.db"), &dir.join("records.db"))?;
+    // Last, so its writes do not compete with the passes: the rows the passes wrote (the
+    // initial load's, plus the ~1% the incremental passes added), inserted again without
+    // the pipeline.
+    let (records, how) = match &url {
+        Some(url) => (
+            postgres_records_floor(url)?,
+            " again, server-side, into tables with the same indexes",
+        ),
+        None => (
+            records_floor(&dir.join("idsync.db"), &dir.join("records.db"))?,
+            "",
+        ),
+    };
     say!(
-        "records floor: {} to insert the {} rows the passes wrote (identities, correlation index, links, shadows, decision records) = {:.1}x the floor; the initial load took {:.1}x the records floor",
+        "records floor: {} to insert the {} rows the passes wrote (identities, correlation index, links, shadows, decision records){how} = {:.1}x the floor; the initial load took {:.1}x the records floor",
         secs(records.elapsed),
         records.rows,
         records.elapsed.as_secs_f64() / floor_total.as_secs_f64(),

@@ -3,8 +3,7 @@
 use idsync_core::{Action, ChangeEvent, Decision, Op, Situation};
 use serde::{Deserialize, Serialize};
 
-use crate::db::Predicted;
-use crate::db::{Arg, Conn, ToArg};
+use crate::db::{Arg, Conn, Predicted, ToArg};
 use crate::error::{Context, RepoError, from_json, to_json};
 use crate::merge::{Kind, SetWise};
 use crate::{Repo, args, now, stored_time};
@@ -218,49 +217,38 @@ impl Repo {
                 d.resource, d.key
             )
         };
+        let (op, situation, action) = (
+            d.op.as_str(),
+            d.situation.map(Situation::as_str),
+            d.action.as_str(),
+        );
+        let fields = args![
+            at, d.resource, d.key, op, situation, action, d.identity, record,
+        ];
         if conn.sends_ahead()
             && let Some(k) = self.known()?.as_mut()
         {
             // Speculating (module `speculation`): the id is taken beforehand.
             let id = k.decision_ids.take(&conn)?;
-            conn.send_ahead(
-                &Predicted {
+            let with_id: Vec<Arg<'_>> = std::iter::once(Arg::Int(id))
+                .chain(fields.iter().copied())
+                .collect();
+            let w = Predicted {
                 sql: "INSERT INTO decisions (id, at, resource, key, op, situation, action, identity, record) \
                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 set: &DECISIONS,
-                args: args![
-                    id,
-                    at,
-                    d.resource,
-                    d.key,
-                    d.op.as_str(),
-                    d.situation.map(Situation::as_str),
-                    d.action.as_str(),
-                    d.identity,
-                    record,
-                ],
+                args: &with_id,
                 expect: Some(1),
                 entities: &[],
                 after: &[],
-                },
-                what,
-            )
-            .with_ctx(what)?;
+            };
+            conn.send_ahead(&w, what).with_ctx(what)?;
             return Ok(id);
         }
         conn.insert_one_id(
             "INSERT INTO decisions (at, resource, key, op, situation, action, identity, record) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
-            args![
-                at,
-                d.resource,
-                d.key,
-                d.op.as_str(),
-                d.situation.map(Situation::as_str),
-                d.action.as_str(),
-                d.identity,
-                record,
-            ],
+            fields,
         )
         .with_ctx(what)
     }
