@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::db::{Arg, DbError, Dialect, Row, ToArg};
 use crate::error::{Context, RepoError, from_json, to_json};
+use crate::leases::DB_NOW_MS;
 use crate::{Repo, Serialised, args, require_tx};
 
 /// A rendered email, as stored in the outbox row.
@@ -240,11 +241,17 @@ impl Repo {
     pub fn outbox_claim(&self, limit: u64, lease_ms: i64) -> Result<Vec<OutboxMessage>, RepoError> {
         self.begin_as(Serialised::No)?;
         let result = (|| {
-            let now = now_ms();
             let conn = self.lock()?;
-            let lock = match conn.dialect() {
-                Dialect::Sqlite => "",
-                Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+            let (now, lock) = match conn.dialect() {
+                Dialect::Sqlite => (now_ms(), ""),
+                // The claims of every agent's dispatcher on the database's clock: an agent
+                // whose clock runs ahead by more than the claim lease would otherwise take
+                // a message another agent is still sending as free.
+                Dialect::Postgres => (
+                    conn.query_one(&format!("SELECT {DB_NOW_MS}"), args![], |r| r.get(0))
+                        .ctx("reading the database's clock")?,
+                    " FOR UPDATE SKIP LOCKED",
+                ),
             };
             let rows = conn
                 .query_map(

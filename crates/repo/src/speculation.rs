@@ -164,8 +164,13 @@ impl Known {
     }
 }
 
-/// Accounts whose owners are read in one query.
-const KEYS_AT_ONCE: usize = 1000;
+/// Accounts whose owners (with their identities' attributes) are read in one query. Kept
+/// small, so that a reply fits in the sockets' buffers: a server that cannot hand a reply
+/// over (its agent paused, SIGSTOP, while it was being sent) waits for that agent with
+/// the batches' lock held, and the idle-in-transaction timeout does not end a session that
+/// is sending (PostgreSQL 15, tried: still `active`, `ClientWrite`, 5 s past a 1 s timeout;
+/// a session waiting for a message, even a half-sent one, is ended).
+const KEYS_AT_ONCE: usize = 100;
 
 impl Repo {
     /// Starts speculating (module doc) for a batch of `resource` whose accounts are
