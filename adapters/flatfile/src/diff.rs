@@ -563,7 +563,6 @@ pub(crate) fn events(
     let resource = target.resource;
     let end = plan.len().min(from.saturating_add(max));
     let mut out = Vec::with_capacity(end.saturating_sub(from));
-    let read: Vec<Row> = read;
     // The previous attributes of the part's known accounts, in one lookup.
     let mut wanted: Vec<&str> = Vec::new();
     let mut rows = read.iter();

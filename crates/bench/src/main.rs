@@ -5,7 +5,9 @@
 //!   passes, peak RSS and records floor of the flat-file pipeline;
 //! - `idsync-bench ldap --entries N` (`ldap.rs`): raw paged search, full sync and its records
 //!   floor, modify → committed latency in persist mode;
-//! - `idsync-bench outbox --messages N` (`outbox.rs`): the outbox drained over SMTP.
+//! - `idsync-bench outbox --messages N` (`outbox.rs`): the outbox drained over SMTP;
+//! - `idsync-bench statements --rows N` (`statements.rs`): what a statement costs on
+//!   PostgreSQL, one at a time, pipelined and set-wise.
 //!
 //! `records.rs` is the records floor both pipeline benchmarks report. The figures and how to
 //! read them are in docs/benchmarks.md; `tests/bench.rs` runs each benchmark on small inputs.
@@ -25,6 +27,7 @@ mod ldap;
 mod memory;
 mod outbox;
 mod records;
+mod statements;
 
 use std::process::ExitCode;
 
@@ -59,6 +62,8 @@ enum Bench {
     Ldap(ldap::LdapArgs),
     /// Enqueue N messages into a scratch repository and drain them through SMTP.
     Outbox(outbox::OutboxArgs),
+    /// What a statement costs on a private PostgreSQL: one at a time, pipelined, set-wise.
+    Statements(statements::StatementsArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +80,7 @@ fn main() -> ExitCode {
         Bench::Flatfile(args) => flatfile::run(args),
         Bench::Ldap(args) => ldap::run(args),
         Bench::Outbox(args) => outbox::run(args),
+        Bench::Statements(args) => statements::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

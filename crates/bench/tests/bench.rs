@@ -100,6 +100,22 @@ fn flatfile_on_postgres_reports_every_step() {
     assert_flatfile_report(text, "PostgreSQL COPY");
 }
 
+/// `statements` measures each way on a private PostgreSQL and reads back what it wrote.
+#[test]
+fn statements_reports_every_way_against_its_own_postgres() {
+    let text = &bench(&["statements", "--rows", "2000"]);
+    for way in [
+        "one statement at a time: 2000 rows",
+        "pipelined, 1,000 at a time: 2000 rows",
+        "set-wise, 1,000 rows a statement: 2000 rows",
+        "point reads, one at a time: 2000 rows",
+        "reads of 1,000 keys a query: 2000 rows",
+    ] {
+        assert!(text.contains(way), "no {way:?} in {text}");
+    }
+    assert_eq!(text.matches("server CPU").count(), 5, "{text}");
+}
+
 #[test]
 fn ldap_reports_every_step_against_its_own_slapd() {
     let text = &bench(&[

@@ -217,6 +217,15 @@ pub(crate) fn dates_of(lc: &Lifecycle, attrs: &AttrMap, name: &str) -> Result<Da
     })
 }
 
+/// The time deciding `d` began (Unix ms), which its record carries: timers it plans count
+/// from it.
+fn decided_ms(d: &Decision) -> i64 {
+    d.at.map_or_else(idsync_repo::now_ms, |t| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    })
+}
+
 fn note(d: &mut Decision, rule: &str, result: String) {
     d.rules.push(RuleOutcome {
         rule: rule.to_owned(),
@@ -375,7 +384,7 @@ impl Decider<'_> {
             resource: &self.event.resource,
             key: &self.event.key,
             reason: &reason,
-            planned_at: None,
+            planned_at: decided_ms(d),
         })?;
         match planned {
             Planned::New(_) => note(
@@ -414,10 +423,7 @@ impl Decider<'_> {
         };
         let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
         // From the decision's own time, which its record carries.
-        let decided = d.at.map_or_else(idsync_repo::now_ms, |t| {
-            t.duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        });
+        let decided = decided_ms(d);
         let due = decided.saturating_add(after_ms);
         let reason = format!(
             "delete_action of {}: disable, then delete after {}",
@@ -431,9 +437,8 @@ impl Decider<'_> {
             resource: &self.event.resource,
             key: &self.event.key,
             reason: &reason,
-            // The grace period counts from the decision, as its due time does: firing
-            // recomputes the due time from this (`timers::fire_delete`).
-            planned_at: Some(decided),
+            // Firing recomputes the due time from this (`timers::fire_delete`).
+            planned_at: decided,
         })?;
         let verb = match planned {
             Planned::New(_) => "planned",

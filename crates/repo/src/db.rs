@@ -409,7 +409,6 @@ impl Column for bool {
 }
 
 /// A write whose outcome its caller predicts ([`Conn::send_ahead`]).
-#[derive(Clone, Copy)]
 pub(crate) struct Predicted<'a> {
     /// The single-row statement (run as it is when writes are not sent ahead).
     pub sql: &'a str,
@@ -905,10 +904,10 @@ impl Conn {
     }
 
     /// A write whose outcome the caller predicts (`w.expect` rows changed; `None`: any
-    /// number). While writes are sent ahead, it is held, merged with others of its kind
-    /// into one set-wise statement (module `merge`), sent before the next statement that
-    /// waits, and its reply checked with that statement (at the latest before `COMMIT`);
-    /// otherwise it runs at once. Either way, a failure or another row count is
+    /// number), while writes are sent ahead ([`Conn::sends_ahead`]): it is held, merged
+    /// with others of its kind into one set-wise statement (module `merge`), sent before
+    /// the next statement that waits, and its reply checked with that statement (at the
+    /// latest before `COMMIT`). A failure or another row count is
     /// [`DbError::Mispredicted`]: the caller went on as if it had gone as predicted.
     pub(crate) fn send_ahead(
         &self,
@@ -917,27 +916,21 @@ impl Conn {
     ) -> Result<(), DbError> {
         match self {
             Conn::Postgres(p) if p.sending_ahead.get() => p.send_ahead(w, what),
-            _ => match self.execute(w.sql, w.args) {
-                Ok(n) if w.expect.is_none_or(|x| x == n) => Ok(()),
-                Ok(n) => Err(DbError::Mispredicted(format!(
-                    "{}: changed {n} row(s), {} expected",
-                    what(),
-                    w.expect.unwrap_or_default()
-                ))),
-                Err(e) => Err(DbError::Mispredicted(format!("{}: {e}", what()))),
-            },
+            _ => Err(DbError::Shape(
+                "a write is sent ahead only while the repository speculates".to_owned(),
+            )),
         }
     }
 
-    /// A write whose reply the caller does not use (any row count will do): sent ahead
-    /// (merged) while writes are, run at once otherwise. `w.expect` is ignored.
+    /// A write whose reply the caller does not use (`w.expect` is `None`): sent ahead
+    /// while writes are, run at once otherwise.
     pub(crate) fn write(
         &self,
         w: &Predicted<'_>,
         what: impl FnOnce() -> String,
     ) -> Result<(), DbError> {
         if self.sends_ahead() {
-            self.send_ahead(&Predicted { expect: None, ..*w }, what)
+            self.send_ahead(w, what)
         } else {
             self.execute(w.sql, w.args).map(drop)
         }

@@ -7,7 +7,7 @@ use crate::db::Predicted;
 use crate::error::{Context, RepoError, from_json, to_json};
 use crate::index::reindex_values;
 use crate::merge::{Kind, SetWise, entity};
-use crate::speculation::{Known, KnownIdentity};
+use crate::speculation::{IdentityRow, Known};
 use crate::{Repo, args, atomic, now};
 
 /// New identities sent ahead, set-wise (module `merge`).
@@ -73,52 +73,17 @@ impl Repo {
         with_accounts: bool,
     ) -> Result<Option<Identity>, RepoError> {
         let conn = self.lock()?;
-        let mut known = self.known()?;
-        let row = match known.as_ref().and_then(|k| k.identities.get(name)) {
-            Some(entry) => entry
-                .as_ref()
-                .map(|e| (e.id, e.version, e.disabled, e.json.clone())),
-            None => {
-                let row = conn
-                    .query_row(
-                        "SELECT id, version, disabled, attrs FROM identities WHERE name = ?1",
-                        args![name],
-                        |r| {
-                            Ok((
-                                r.get::<i64>(0)?,
-                                r.get::<i64>(1)?,
-                                r.get::<bool>(2)?,
-                                r.get::<String>(3)?,
-                            ))
-                        },
-                    )
-                    .with_ctx(|| format!("reading identity {name}"))?;
-                if let Some(k) = known.as_mut() {
-                    k.identities.insert(
-                        name.to_owned(),
-                        row.as_ref()
-                            .map(|(id, version, disabled, json)| KnownIdentity {
-                                id: *id,
-                                version: *version,
-                                disabled: *disabled,
-                                json: json.clone(),
-                            }),
-                    );
-                }
-                row
-            }
-        };
-        drop(known);
-        let Some((id, version, disabled, attrs)) = row else {
+        let row = identity_row(&conn, self.known()?.as_mut(), name)?;
+        let Some(row) = row else {
             return Ok(None);
         };
         Ok(Some(Identity {
             name: name.to_owned(),
-            version,
-            disabled,
-            attrs: from_json(&attrs, || format!("attributes of identity {name}"))?,
+            version: row.version,
+            disabled: row.disabled,
+            attrs: from_json(&row.json, || format!("attributes of identity {name}"))?,
             accounts: if with_accounts {
-                accounts(&conn, id, name)?
+                accounts(&conn, row.id, name)?
             } else {
                 Vec::new()
             },
@@ -222,7 +187,7 @@ impl Repo {
             if let Some(k) = known.as_deref_mut() {
                 k.identities.insert(
                     name.to_owned(),
-                    Some(KnownIdentity {
+                    Some(IdentityRow {
                         id,
                         version: 1,
                         disabled: false,
@@ -274,17 +239,14 @@ impl Repo {
         let conn = self.lock()?;
         let mut known = self.known()?;
         atomic(self, &conn, |c| {
-            let row = match known.as_ref().and_then(|k| k.identities.get(name)) {
-                Some(entry) => entry.as_ref().map(|e| (e.id, e.version, e.json.clone())),
-                None => c
-                    .query_row(
-                        "SELECT id, version, attrs FROM identities WHERE name = ?1",
-                        args![name],
-                        |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?, r.get::<String>(2)?)),
-                    )
-                    .with_ctx(|| format!("reading identity {name}"))?,
-            };
-            let Some((id, version, old_json)) = row else {
+            let row = identity_row(c, known.as_mut(), name)?;
+            let Some(IdentityRow {
+                id,
+                version,
+                json: old_json,
+                ..
+            }) = row
+            else {
                 return Err(RepoError::NoSuchIdentity {
                     name: name.to_owned(),
                 });
@@ -319,7 +281,7 @@ impl Repo {
             if let Some(k) = known.as_mut() {
                 k.identities.insert(
                     name.to_owned(),
-                    Some(KnownIdentity {
+                    Some(IdentityRow {
                         id,
                         version: new_version,
                         disabled,
@@ -481,6 +443,36 @@ fn link_id(
             message: "it points to no identity".to_owned(),
         }),
     }
+}
+
+/// The stored row of identity `name`: what a speculating batch (`known`) knows of it, else
+/// read (and then known to the batch).
+fn identity_row(
+    conn: &Conn,
+    known: Option<&mut Known>,
+    name: &str,
+) -> Result<Option<IdentityRow>, RepoError> {
+    if let Some(entry) = known.as_deref().and_then(|k| k.identities.get(name)) {
+        return Ok(entry.clone());
+    }
+    let row = conn
+        .query_row(
+            "SELECT id, version, disabled, attrs FROM identities WHERE name = ?1",
+            args![name],
+            |r| {
+                Ok(IdentityRow {
+                    id: r.get(0)?,
+                    version: r.get(1)?,
+                    disabled: r.get(2)?,
+                    json: r.get(3)?,
+                })
+            },
+        )
+        .with_ctx(|| format!("reading identity {name}"))?;
+    if let Some(k) = known {
+        k.identities.insert(name.to_owned(), row.clone());
+    }
+    Ok(row)
 }
 
 fn identity_id(conn: &Conn, name: &str) -> Result<Option<i64>, RepoError> {

@@ -27,6 +27,10 @@ use crate::merge::{Kind, SetWise, entity};
 use crate::speculation::Known;
 use crate::{Repo, args, now};
 
+/// A condition as [`Repo::find`] compares it: attribute folded, its declared
+/// normalisation, value normalised.
+type Compared = (String, Normalisation, String);
+
 /// An indexed attribute (lower-cased) and the normalisation its rows hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Indexed {
@@ -89,24 +93,9 @@ impl Repo {
     /// multi-valued attribute matches if any of its values does. Sorted by name. Answered
     /// from the `identity_values` index. No condition, or a binary value, is an error.
     pub fn find(&self, conds: &Conditions) -> Result<Vec<String>, RepoError> {
-        if conds.0.is_empty() {
-            return Err(RepoError::EmptyQuery);
-        }
-        let declared = self.declared()?;
-        let mut pairs = Vec::with_capacity(conds.0.len());
-        for (attr, value) in &conds.0 {
-            let Value::Text(text) = value else {
-                return Err(RepoError::BinaryCondition { attr: attr.clone() });
-            };
-            let folded = attr.to_lowercase();
-            let n = declared.of(&folded);
-            let normalised = n.apply(text).into_owned();
-            if normalised.is_empty() && !n.is_exact() {
-                // Nothing but spaces: a missing value, which matches nothing.
-                return Ok(Vec::new());
-            }
-            pairs.push((folded, n, normalised));
-        }
+        let Some(pairs) = self.compared(conds)? else {
+            return Ok(Vec::new());
+        };
         let conn = self.lock()?;
         for (folded, n, _) in &pairs {
             if !self.usable_index(&conn, folded, *n)? {
@@ -131,6 +120,29 @@ impl Repo {
         Ok(names)
     }
 
+    /// The conditions of `conds` as [`Repo::find`] compares them. `None`: a value
+    /// normalises to nothing (a missing value, which matches nothing). No condition, or a binary value, is an error.
+    fn compared(&self, conds: &Conditions) -> Result<Option<Vec<Compared>>, RepoError> {
+        if conds.0.is_empty() {
+            return Err(RepoError::EmptyQuery);
+        }
+        let declared = self.declared()?;
+        let mut pairs = Vec::with_capacity(conds.0.len());
+        for (attr, value) in &conds.0 {
+            let Value::Text(text) = value else {
+                return Err(RepoError::BinaryCondition { attr: attr.clone() });
+            };
+            let folded = attr.to_lowercase();
+            let n = declared.of(&folded);
+            let normalised = n.apply(text).into_owned();
+            if normalised.is_empty() && !n.is_exact() {
+                return Ok(None);
+            }
+            pairs.push((folded, n, normalised));
+        }
+        Ok(Some(pairs))
+    }
+
     /// Reads ahead, for a speculating batch (module `speculation`), what [`Repo::find`]
     /// will answer for the conditions of `queries`: the identities of every (attribute,
     /// value) pair, in one query per thousand pairs. Outside speculation it does nothing;
@@ -140,23 +152,20 @@ impl Repo {
         if self.known()?.is_none() {
             return Ok(());
         }
-        let declared = self.declared()?;
         let mut pairs: Vec<(String, String)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for (attr, value) in queries.iter().flat_map(|q| q.0.iter()) {
-            let Value::Text(text) = value else { continue };
-            let folded = attr.to_lowercase();
-            let n = declared.of(&folded);
-            let normalised = n.apply(text).into_owned();
-            if normalised.is_empty() && !n.is_exact() {
+        for q in queries {
+            // What `find` refuses or answers as nothing is left to it.
+            let Ok(Some(compared)) = self.compared(q) else {
                 continue;
-            }
-            if !self.usable_index(&conn, &folded, n)? {
-                continue;
-            }
-            let pair = (folded, normalised);
-            if seen.insert(pair.clone()) {
-                pairs.push(pair);
+            };
+            for (folded, n, normalised) in compared {
+                if self.usable_index(&conn, &folded, n)? {
+                    let pair = (folded, normalised);
+                    if seen.insert(pair.clone()) {
+                        pairs.push(pair);
+                    }
+                }
             }
         }
         let mut guard = self.known()?;
@@ -297,7 +306,7 @@ impl Repo {
 /// [`Repo::find`]'s answer from what a speculating batch read ahead, when it read every
 /// pair of `pairs` (attribute folded, normalisation, value normalised): in the order
 /// [`find_sql`] gives (one condition: by id; several: by name).
-fn find_known(known: &Known, pairs: &[(String, Normalisation, String)]) -> Option<Vec<String>> {
+fn find_known(known: &Known, pairs: &[Compared]) -> Option<Vec<String>> {
     let mut lists = Vec::with_capacity(pairs.len());
     for (attr, _, value) in pairs {
         lists.push(known.postings.get(&(attr.clone(), value.clone()))?);
@@ -484,10 +493,7 @@ fn normalised_texts(attrs: &AttrMap, folded: &str, n: Normalisation) -> Vec<Stri
 
 /// [`Repo::find`] without the index: every identity whose attributes hold each
 /// (attribute, normalisation, normalised value) of `pairs`, by name.
-fn scan_find(
-    conn: &Conn,
-    pairs: &[(String, Normalisation, String)],
-) -> Result<Vec<String>, RepoError> {
+fn scan_find(conn: &Conn, pairs: &[Compared]) -> Result<Vec<String>, RepoError> {
     let searching = || "searching identities".to_owned();
     let mut names = Vec::new();
     conn.each(
@@ -550,10 +556,6 @@ fn scan_block(
     Ok(out)
 }
 
-/// Brings the index rows of identity `id` from `old` to `new` attributes: deletes the
-/// values that went, inserts the ones that came, for the `indexed` attributes only, each
-/// in the normalised form its index holds (two values with one normalised form are one
-/// row). A new identity goes from an empty map, a deleted one to an empty map.
 /// Index rows removed, set-wise (module `merge`).
 static INDEX_DELETES: SetWise = SetWise {
     sql: "DELETE FROM identity_values AS v \
@@ -569,6 +571,10 @@ static INDEX_INSERTS: SetWise = SetWise {
     kinds: &[Kind::Text, Kind::Text, Kind::Int],
 };
 
+/// Brings the index rows of identity `id` from `old` to `new` attributes: deletes the
+/// values that went, inserts the ones that came, for the `indexed` attributes only, each
+/// in the normalised form its index holds (two values with one normalised form are one
+/// row). A new identity goes from an empty map, a deleted one to an empty map.
 pub(crate) fn reindex_values(
     conn: &Conn,
     mut known: Option<&mut Known>,

@@ -34,9 +34,9 @@ use crate::db::{Arg, Conn};
 use crate::error::{Context, RepoError};
 use crate::{Repo, args};
 
-/// An identity row as the batch knows it.
+/// An identity's stored row (as a speculating batch knows it).
 #[derive(Clone, Debug)]
-pub(crate) struct KnownIdentity {
+pub(crate) struct IdentityRow {
     pub id: i64,
     pub version: i64,
     pub disabled: bool,
@@ -59,32 +59,46 @@ impl IdPool {
         }
     }
 
-    /// Takes `n` new ids from the table's sequence at once.
-    fn fill(&mut self, conn: &Conn, n: usize) -> Result<(), RepoError> {
-        let table = self.table;
-        let n = i64::try_from(n.max(1)).unwrap_or(i64::MAX);
-        let mut ids = conn
-            .query_map(
-                "SELECT nextval(pg_get_serial_sequence(?1, 'id')) FROM generate_series(1, ?2)",
-                args![table, n],
-                |r| r.get::<i64>(0),
-            )
-            .with_ctx(|| format!("taking new ids of {table}"))?;
-        ids.reverse();
-        self.ids = ids;
-        Ok(())
-    }
-
     /// The next id (more are taken when none is left).
     pub(crate) fn take(&mut self, conn: &Conn) -> Result<i64, RepoError> {
         if self.ids.is_empty() {
-            self.fill(conn, MORE_IDS)?;
+            let [ids] = next_ids(conn, [self.table], MORE_IDS)?;
+            self.ids = ids;
         }
         self.ids.pop().ok_or_else(|| RepoError::Corrupt {
             what: format!("the id sequence of {}", self.table),
             message: "it gave no value".to_owned(),
         })
     }
+}
+
+/// `n` new ids (at least one) from the id sequence of each of `tables`, in one query; each
+/// list in reverse order, to be taken from its end.
+fn next_ids<const N: usize>(
+    conn: &Conn,
+    tables: [&'static str; N],
+    n: usize,
+) -> Result<[Vec<i64>; N], RepoError> {
+    let columns: Vec<String> = tables
+        .iter()
+        .map(|t| format!("nextval(pg_get_serial_sequence('{t}', 'id'))"))
+        .collect();
+    let sql = format!("SELECT {} FROM generate_series(1, ?1)", columns.join(", "));
+    let n = i64::try_from(n.max(1)).unwrap_or(i64::MAX);
+    let rows = conn
+        .query_map(&sql, args![n], |r| {
+            (0..N)
+                .map(|i| r.get::<i64>(i))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .with_ctx(|| format!("taking new ids of {}", tables.join(" and ")))?;
+    let mut lists: [Vec<i64>; N] = std::array::from_fn(|_| Vec::with_capacity(rows.len()));
+    for row in rows.into_iter().rev() {
+        for (list, id) in lists.iter_mut().zip(row) {
+            list.push(id);
+        }
+    }
+    Ok(lists)
 }
 
 /// Ids taken when a batch has used those it took first (more decision records or new
@@ -99,7 +113,7 @@ pub(crate) struct Known {
     /// Owner of each account of the batch's resource known (`None`: not linked).
     pub owners: HashMap<String, Option<String>>,
     /// Identities by name (`None`: known not to exist).
-    pub identities: HashMap<String, Option<KnownIdentity>>,
+    pub identities: HashMap<String, Option<IdentityRow>>,
     /// The identities each correlation condition read ahead finds ([`Repo::prefetch_find`]),
     /// by (attribute folded, value normalised): id and name, in id order.
     pub postings: HashMap<(String, String), Vec<(i64, String)>>,
@@ -194,19 +208,9 @@ impl Repo {
         // One decision record per event, and at most a new identity per event as a rule:
         // their ids are taken now, in one query, before anything is sent ahead (a query
         // that waits in the middle of the batch would hold its writes up).
-        let n = i64::try_from(keys.len().max(1)).unwrap_or(i64::MAX);
-        let pairs = conn
-            .query_map(
-                "SELECT nextval(pg_get_serial_sequence('decisions', 'id')), \
-                 nextval(pg_get_serial_sequence('identities', 'id')) FROM generate_series(1, ?1)",
-                args![n],
-                |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?)),
-            )
-            .ctx("taking new ids of decisions and identities")?;
-        for (decision, identity) in pairs.into_iter().rev() {
-            known.decision_ids.ids.push(decision);
-            known.identity_ids.ids.push(identity);
-        }
+        let [decisions, identities] = next_ids(&conn, ["decisions", "identities"], keys.len())?;
+        known.decision_ids.ids = decisions;
+        known.identity_ids.ids = identities;
         for chunk in keys.chunks(KEYS_AT_ONCE) {
             conn.each(
                 "SELECT l.key, i.name, i.id, i.version, i.disabled, i.attrs \
@@ -221,7 +225,7 @@ impl Repo {
                         .insert(r.get(0).ctx("reading an owner")?, Some(name.clone()));
                     known.identities.insert(
                         name,
-                        Some(KnownIdentity {
+                        Some(IdentityRow {
                             id: r.get(2).ctx("reading an owner")?,
                             version: r.get(3).ctx("reading an owner")?,
                             disabled: r.get(4).ctx("reading an owner")?,

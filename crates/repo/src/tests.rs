@@ -359,6 +359,20 @@ fn shadows_feed_known_accounts() {
     assert_eq!(known["2"], big.content_hash());
     assert_eq!(repo.known_attrs("hr", "2").unwrap(), Some(big.clone()));
     assert_eq!(repo.known_attrs("hr", "3").unwrap(), None);
+    // Several at once: the known ones only, each with its own attributes.
+    let mut found = std::collections::BTreeMap::new();
+    repo.known_attrs_of("hr", &["1", "2", "3"], &mut |k, a| {
+        found.insert(k.to_owned(), a);
+    })
+    .unwrap();
+    assert_eq!(
+        found,
+        [
+            ("1".to_owned(), small.clone()),
+            ("2".to_owned(), big.clone())
+        ]
+        .into()
+    );
 
     // Overwrite, then delete.
     repo.put_shadow("hr", "1", &big).unwrap();

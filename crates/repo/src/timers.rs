@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::db::{Arg, Conn, DbError, Row, ToArg};
 use crate::error::{Context, RepoError};
-use crate::{Repo, args, now_ms};
+use crate::{Repo, args};
 
 /// What a timer does when it fires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -70,8 +70,8 @@ pub struct NewTimer<'a> {
     /// Why, in words (shown by `explain` and `preview --timers`).
     pub reason: &'a str,
     /// When it was planned (Unix ms): the time of the decision that plans it, from which
-    /// a grace period counts (`None`: now).
-    pub planned_at: Option<i64>,
+    /// a grace period counts.
+    pub planned_at: i64,
 }
 
 /// A pending timer.
@@ -189,14 +189,7 @@ impl Repo {
                 conn.execute(
                     "UPDATE timers SET due_at = ?2, planned_at = ?3, resource = ?4, key = ?5, \
                      reason = ?6, attempts = 0, last_error = NULL WHERE id = ?1",
-                    args![
-                        id,
-                        t.due_at,
-                        t.planned_at.unwrap_or_else(now_ms),
-                        t.resource,
-                        t.key,
-                        t.reason
-                    ],
+                    args![id, t.due_at, t.planned_at, t.resource, t.key, t.reason],
                 )
                 .with_ctx(|| format!("moving the {}", what()))?;
                 Ok(Planned::Moved { id, from: due })
@@ -210,7 +203,7 @@ impl Repo {
                             t.identity,
                             t.kind.as_str(),
                             t.due_at,
-                            t.planned_at.unwrap_or_else(now_ms),
+                            t.planned_at,
                             t.resource,
                             t.key,
                             t.reason
@@ -367,7 +360,7 @@ mod tests {
             resource,
             key: "k",
             reason: "why",
-            planned_at: None,
+            planned_at: crate::now_ms(),
         }
     }
 
