@@ -314,9 +314,14 @@ const SCHEMA_LOCK: i64 = 0x6964_7379_6E63_2D73;
 /// use (module doc).
 pub(crate) fn prepare(conn: &Conn) -> Result<(), RepoError> {
     let version = |conn: &Conn| -> Result<Option<i64>, RepoError> {
+        // Read from the catalog's rows under the statement's snapshot, not by name lookup
+        // (`to_regclass`): a session that looked the name up before another agent's set-up
+        // committed keeps a cached "no such table" until it next locks a relation, and the
+        // advisory lock below is not one (seen in CI: the table counted, its name unknown).
         let exists: bool = conn
             .query_one(
-                "SELECT to_regclass('idsync_schema') IS NOT NULL",
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables \
+                 WHERE schemaname = current_schema() AND tablename = 'idsync_schema')",
                 crate::args![],
                 |r| r.get(0),
             )
@@ -354,15 +359,7 @@ pub(crate) fn prepare(conn: &Conn) -> Result<(), RepoError> {
                 reason: format!("the database holds {tables} tables of another application"),
             });
         }
-        conn.batch(SCHEMA).ctx("creating the repository's tables")?;
-        conn.batch("CREATE TABLE idsync_schema (version BIGINT NOT NULL)")
-            .ctx("creating the schema version")?;
-        conn.execute(
-            "INSERT INTO idsync_schema (version) VALUES (?1)",
-            crate::args![SCHEMA_VERSION],
-        )
-        .ctx("storing the schema version")?;
-        Ok(())
+        create(conn)
     })();
     match result {
         Ok(()) => conn.control("COMMIT").ctx("committing the schema set-up"),
@@ -371,6 +368,19 @@ pub(crate) fn prepare(conn: &Conn) -> Result<(), RepoError> {
             Err(e)
         }
     }
+}
+
+/// Creates the tables and stores the version, in the caller's transaction.
+fn create(conn: &Conn) -> Result<(), RepoError> {
+    conn.batch(SCHEMA).ctx("creating the repository's tables")?;
+    conn.batch("CREATE TABLE idsync_schema (version BIGINT NOT NULL)")
+        .ctx("creating the schema version")?;
+    conn.execute(
+        "INSERT INTO idsync_schema (version) VALUES (?1)",
+        crate::args![SCHEMA_VERSION],
+    )
+    .ctx("storing the schema version")?;
+    Ok(())
 }
 
 fn check_version(found: i64) -> Result<(), RepoError> {
@@ -396,6 +406,43 @@ fn check_version(found: i64) -> Result<(), RepoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Agents open the database while another sets it up: each waits for the set-up and
+    /// finds a repository. One that had looked for the version table just before the set-up
+    /// committed kept a cached "no such table" and counted the new tables as another
+    /// application's (CI; 20 times in 150 such races here before the fix). The other agent
+    /// commits at varied moments, as the race needs.
+    #[test]
+    fn agents_opening_during_another_ones_set_up_find_the_repository() {
+        let pg = idsync_testkit::postgres::Postgres::start().unwrap();
+        pg.create_database("idsync").unwrap();
+        let url = pg.url("idsync");
+        let mut refused = Vec::new();
+        for round in 0..60u64 {
+            let first = connect(&url, &PgOptions::default()).unwrap();
+            first
+                .batch("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+                .unwrap();
+            first.control("BEGIN").unwrap();
+            first
+                .execute(
+                    "SELECT pg_advisory_xact_lock(?1)",
+                    crate::args![SCHEMA_LOCK],
+                )
+                .unwrap();
+            create(&first).unwrap();
+            let second = {
+                let url = url.clone();
+                std::thread::spawn(move || crate::Repo::open_postgres(&url, &PgOptions::default()))
+            };
+            std::thread::sleep(Duration::from_millis(round % 12));
+            first.control("COMMIT").unwrap();
+            if let Err(e) = second.join().unwrap() {
+                refused.push(format!("round {round}: {e}"));
+            }
+        }
+        assert!(refused.is_empty(), "{refused:#?}");
+    }
 
     #[test]
     fn the_password_is_not_shown() {
