@@ -431,6 +431,53 @@ fn link_and_unlink_any_account() {
     );
 }
 
+/// An operator unlinks an account correlation linked to the wrong person: its next change
+/// is not correlated back to that identity (the rule still finds it), the account is then
+/// unmatched and gets an identity of its own; an operator's link undoes the exclusion.
+#[test]
+fn an_account_an_operator_unlinked_is_not_correlated_back_to_that_identity() {
+    let s = world("    rules: { correlation: by_mail.rhai }\n", None, &[]);
+    s.feed("hr.csv", "emp,mail,title\n9,ann@example.com,Clerk\n");
+    s.run_once(Some("hr"), 0);
+    assert_eq!(s.owner("hr", "9").as_deref(), Some("ann"));
+    s.idsync(&["unlink", "hr", "9", "--reason", "not ann"])
+        .expect_code(0);
+    let explain = s.idsync(&["explain", "hr", "9"]).expect_code(0);
+    assert!(
+        explain
+            .stdout
+            .contains("not correlated: account 9 of hr is not linked to ann by correlation"),
+        "{}",
+        explain.stdout
+    );
+
+    s.feed("hr.csv", "emp,mail,title\n9,ann@example.com,Lead\n");
+    s.run_once(Some("hr"), 0);
+    assert_eq!(s.owner("hr", "9").as_deref(), Some("p9"), "not ann again");
+    assert_eq!(attr(&s.identity("ann").unwrap(), "title"), Some("Clerk"));
+    let d = s.last_result();
+    assert_eq!(d["situation"], "unmatched");
+    assert_eq!(d["action"], "created");
+    let said = d["rules"].to_string();
+    assert!(said.contains("not a candidate: ann"), "{said}");
+
+    // The operator links it to ann after all: from now on p9 is the one it is not.
+    s.idsync(&["link", "hr", "9", "ann"]).expect_code(0);
+    let explain = s.idsync(&["explain", "hr", "9"]).expect_code(0);
+    assert!(
+        explain
+            .stdout
+            .contains("is not linked to p9 by correlation")
+            && !explain.stdout.contains("is not linked to ann"),
+        "{}",
+        explain.stdout
+    );
+    s.feed("hr.csv", "emp,mail,title\n9,ann@example.com,Chief\n");
+    s.run_once(Some("hr"), 0);
+    assert_eq!(s.owner("hr", "9").as_deref(), Some("ann"));
+    assert_eq!(attr(&s.identity("ann").unwrap(), "title"), Some("Chief"));
+}
+
 #[test]
 fn unknown_ids_identities_accounts_and_mistakes_exit_2_and_change_nothing() {
     let s = world(DISPUTED_BY_MAIL, None, &[]);

@@ -343,6 +343,7 @@ pub fn explain(loaded: &Loaded, args: &ExplainArgs) -> anyhow::Result<ExitCode> 
     let account = filter.resource.as_deref().zip(filter.key.as_deref());
     crate::work_items::explain(&repo, account, args.identity.as_deref(), &records, &mut out)?;
     crate::timers::explain(&repo, account, args.identity.as_deref(), &mut out)?;
+    crate::work_items::explain_exclusions(&repo, account, args.identity.as_deref(), &mut out)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -88,6 +88,12 @@ fn describe(r: &ErasureReport) -> String {
     if r.attribute_sources > 0 {
         s.push_str(&format!(", {} attribute source(s)", r.attribute_sources));
     }
+    if r.correlation_exclusions > 0 {
+        s.push_str(&format!(
+            ", {} correlation exclusion(s)",
+            r.correlation_exclusions
+        ));
+    }
     if r.redacted > 0 {
         s.push_str(&format!(
             "; the name replaced by {ERASED} in {} other record(s)",

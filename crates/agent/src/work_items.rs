@@ -1,5 +1,5 @@
 //! The operator's commands: `work-items list|show|resolve`, `link` and `unlink`, and the
-//! work items `explain` shows.
+//! work items and correlation exclusions `explain` shows.
 //!
 //! Every decision an operator makes goes through the engine
 //! ([`idsync_engine::Engine::apply_operator`]): the resource's mappings, naming and
@@ -476,6 +476,31 @@ pub fn explain(
             i.resource,
             inline(&i.key),
             inline(&i.reason),
+        )?;
+    }
+    Ok(())
+}
+
+/// `explain`: the identities account (`resource`, `key`) is not correlated to any more, or
+/// the accounts not correlated to identity `name`, because an operator unlinked them.
+pub fn explain_exclusions(
+    repo: &Repo,
+    account: Option<(&str, &str)>,
+    identity: Option<&str>,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let exclusions = match (account, identity) {
+        (Some((resource, key)), _) => repo.exclusions_of_account(resource, key)?,
+        (None, Some(name)) => repo.exclusions_of_identity(name)?,
+        (None, None) => Vec::new(),
+    };
+    for e in &exclusions {
+        let key = inline(&e.key);
+        writeln!(
+            out,
+            "not correlated: account {key} of {} is not linked to {} by correlation (an \
+             operator unlinked it at {}; `idsync link {} {key} {}` links it again)",
+            e.resource, e.identity, e.at, e.resource, e.identity
         )?;
     }
     Ok(())

@@ -500,6 +500,10 @@ impl Decider<'_> {
         for t in timers {
             if t.kind == TimerKind::Delete
                 && self.repo.identity_without_accounts(&t.identity)?.is_some()
+                && !self
+                    .repo
+                    .excluded_for(&self.event.resource, &self.event.key)?
+                    .contains(&t.identity)
             {
                 return Ok(Some(t));
             }

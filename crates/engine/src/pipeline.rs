@@ -61,15 +61,17 @@ pub enum EventError {
 /// What an operator decides about one account.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OperatorAction {
-    /// Link the account to this identity (moving it from another owner, if any) and apply
-    /// the resource's mappings from the account's last seen attributes.
+    /// Link the account to this identity (moving it from another owner, if any, which
+    /// correlation will then not link it to again) and apply the resource's mappings from
+    /// the account's last seen attributes.
     Link(String),
     /// Create an identity for the account through the resource's naming and mappings, as
     /// an unmatched account with `create_unmatched` would.
     Create,
     /// Change nothing (closes a work item).
     Ignore,
-    /// Remove the account's link; the identity stays as it is.
+    /// Remove the account's link; the identity stays as it is, and correlation will not link
+    /// the account to it again (an operator can).
     Unlink,
 }
 
@@ -346,11 +348,12 @@ impl<'a> Decider<'a> {
             d.action = Action::Linked;
             return Ok(());
         }
-        // 5. Correlation.
+        // 5. Correlation, without the identities an operator unlinked the account from.
         let candidates = match &policy.correlation {
             Some(c) => self.correlate(c, d)?,
             None => Vec::new(),
         };
+        let candidates = self.without_exclusions(candidates, d)?;
         d.candidates = candidates.clone();
         // 6. Confirmation.
         let confirmed = match &policy.confirmation {
@@ -421,6 +424,38 @@ impl<'a> Decider<'a> {
         Ok(())
     }
 
+    /// `candidates` without the identities an operator unlinked the account from
+    /// (repository module `exclusions`), each left out noted in the decision record.
+    fn without_exclusions(
+        &self,
+        candidates: Vec<String>,
+        d: &mut Decision,
+    ) -> Result<Vec<String>, EventError> {
+        if candidates.is_empty() {
+            return Ok(candidates);
+        }
+        let excluded = self
+            .repo
+            .excluded_for(&self.event.resource, &self.event.key)?;
+        if excluded.is_empty() {
+            return Ok(candidates);
+        }
+        let (out, kept): (Vec<String>, Vec<String>) =
+            candidates.into_iter().partition(|c| excluded.contains(c));
+        for name in out {
+            d.rules.push(RuleOutcome {
+                rule: OPERATOR_RULE.into(),
+                script: String::new(),
+                result: format!(
+                    "not a candidate: {name} (an operator unlinked this account from it; \
+                     idsync link {} {} {name} links it again)",
+                    self.event.resource, self.event.key
+                ),
+            });
+        }
+        Ok(kept)
+    }
+
     fn finish_scripted(&mut self, d: &mut Decision, action: Action) {
         d.action = action;
         if let Some(name) = self.host.touched.borrow().clone() {
@@ -475,6 +510,7 @@ impl<'a> Decider<'a> {
                         d.situation = Some(Situation::Linked);
                         self.host.pre_image(&o)?;
                         self.repo.unlink(resource, key)?;
+                        self.repo.exclude(resource, key, &o)?;
                         d.rules.push(RuleOutcome {
                             rule: OPERATOR_RULE.into(),
                             script: String::new(),
@@ -491,6 +527,7 @@ impl<'a> Decider<'a> {
                 }
                 self.host.pre_image(name)?;
                 self.repo.link(name, resource, key)?;
+                self.repo.clear_exclusion(resource, key, name)?;
                 self.cancel_grace(name, d)?;
                 self.update(name, true, d)?;
                 d.action = Action::Linked;
@@ -527,6 +564,7 @@ impl<'a> Decider<'a> {
                 d.situation = Some(Situation::Linked);
                 d.identity = Some(owner.clone());
                 self.withdraw(&owner, DeleteAction::Unlink, d)?;
+                self.repo.exclude(resource, key, &owner)?;
             }
         }
         Ok(())

@@ -229,6 +229,12 @@ const TABLES: &[Table] = &[
         order: "identity_id, attr",
         generated_id: false,
     },
+    Table {
+        name: "correlation_exclusions",
+        columns: &["resource", "key", "identity_id", "excluded_at"],
+        order: "resource, key, identity_id",
+        generated_id: false,
+    },
 ];
 
 /// Rows per `INSERT` of the copy.

@@ -72,6 +72,9 @@ pub struct ErasureReport {
     /// Attribute-source rows removed: of deleted identities (the foreign key normally
     /// removes them with the identity), or naming a former account.
     pub attribute_sources: u64,
+    /// Correlation exclusions removed: of the deleted identity (the foreign key normally
+    /// removes them with it), or of a former account.
+    pub correlation_exclusions: u64,
     /// Other records (decisions, failed events) where the name was replaced by [`ERASED`].
     pub redacted: u64,
 }
@@ -272,6 +275,10 @@ fn erase(conn: &Conn, name: &str) -> Result<ErasureReport, RepoError> {
             "DELETE FROM attribute_sources WHERE resource = ?1 AND key = ?2",
             "removing the attribute sources naming a former account",
         )?;
+        report.correlation_exclusions += run(
+            "DELETE FROM correlation_exclusions WHERE resource = ?1 AND key = ?2",
+            "removing the correlation exclusions of a former account",
+        )?;
     }
     report.decisions += conn
         .execute("DELETE FROM decisions WHERE identity = ?1", args![name])
@@ -302,6 +309,13 @@ fn erase(conn: &Conn, name: &str) -> Result<ErasureReport, RepoError> {
             args![],
         )
         .with_ctx(|| ctx("removing attribute sources of deleted identities"))?;
+    report.correlation_exclusions += conn
+        .execute(
+            "DELETE FROM correlation_exclusions \
+             WHERE identity_id NOT IN (SELECT id FROM identities)",
+            args![],
+        )
+        .with_ctx(|| ctx("removing correlation exclusions of deleted identities"))?;
     report.redacted = redact_records(conn, name)?;
     Ok(report)
 }

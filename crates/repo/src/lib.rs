@@ -50,6 +50,7 @@ mod copy;
 pub(crate) mod db;
 mod erasure;
 mod error;
+mod exclusions;
 mod file;
 mod identities;
 mod index;
@@ -83,6 +84,7 @@ pub use checkpointer::WAL_SAFETY_NET_PAGES;
 pub use copy::CopiedTable;
 pub use erasure::{ERASED, Erasure, ErasureRecord, ErasureReport};
 pub use error::RepoError;
+pub use exclusions::Exclusion;
 pub use index::{Block, BlockQuery};
 pub use leases::{Fence, LeaseRow, Leases};
 pub use outbox::{
@@ -139,6 +141,9 @@ pub struct Repo {
     fences: Mutex<std::collections::HashMap<String, Fence>>,
     /// What a speculating batch knows (module `speculation`); `None` otherwise.
     known: Mutex<Option<speculation::Known>>,
+    /// Whether any correlation exclusion exists, as read inside the open transaction
+    /// (module `exclusions`); forgotten whenever a transaction or savepoint ends.
+    any_exclusion: Mutex<Option<bool>>,
 }
 
 impl std::fmt::Debug for Repo {
@@ -216,6 +221,7 @@ impl Repo {
             reconnect: None,
             fences: Mutex::default(),
             known: Mutex::default(),
+            any_exclusion: Mutex::default(),
         }
     }
 
@@ -403,6 +409,9 @@ impl Repo {
     /// Drops the cached list of indexed attributes.
     pub(crate) fn forget_indexed(&self) {
         if let Ok(mut cache) = self.indexed.lock() {
+            *cache = None;
+        }
+        if let Ok(mut cache) = self.any_exclusion.lock() {
             *cache = None;
         }
     }

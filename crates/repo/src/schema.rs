@@ -284,6 +284,20 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (identity_id, attr)
     ) WITHOUT ROWID;
     "#,
+    // 13: correlation exclusions: accounts an operator unlinked from an identity, which
+    // correlation must not link to it again (module `exclusions`). Removed with the
+    // identity (foreign key).
+    r#"
+    CREATE TABLE IF NOT EXISTS correlation_exclusions (
+        resource     TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        identity_id  INTEGER NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
+        excluded_at  TEXT NOT NULL,
+        PRIMARY KEY (resource, key, identity_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS correlation_exclusions_identity
+        ON correlation_exclusions(identity_id);
+    "#,
 ];
 
 /// The schema version this build writes.
