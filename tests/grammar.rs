@@ -159,6 +159,34 @@ fn an_unknown_resource_is_refused_by_every_command_that_takes_one() {
     s.run_once(Some("badges"), 0);
     s.idsync(&["results", "-r", "badges"]).expect_code(0);
     s.idsync(&["explain", "badges", "b1"]).expect_code(0);
+
+    // A resource removed from the config: its records can still be read and its failed
+    // events discarded by name; what needs its rules refuses it.
+    s.run_once(Some("hr"), 1);
+    assert_eq!(s.failed().len(), 2);
+    let config = std::fs::read_to_string(s.path().join("idsync.yaml")).unwrap();
+    let start = config.find("  - name: hr").unwrap();
+    let end = config.find("  - name: badges").unwrap();
+    s.config(&format!("{}{}", &config[..start], &config[end..]));
+    s.idsync(&["results", "-r", "hr"]).expect_code(0);
+    s.idsync(&["explain", "hr", "1"]).expect_code(0);
+    s.idsync(&["failed", "list", "-r", "hr"]).expect_code(0);
+    s.idsync(&["work-items", "list", "-r", "hr"]).expect_code(0);
+    s.idsync(&["failed", "discard", "-r", "hr", "--reason", "gone"])
+        .expect_code(0);
+    assert!(s.failed().is_empty());
+    for args in [
+        &["failed", "retry", "--all", "-r", "hr"][..],
+        &["run", "--once", "--resource", "hr"][..],
+        &["results", "-r", "hrr"][..],
+    ] {
+        let out = s.idsync(args).expect_code(2);
+        assert!(
+            out.stderr.contains("no resource named"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
 }
 
 #[test]

@@ -477,9 +477,25 @@ pub struct UnlinkArgs {
 }
 
 impl Command {
+    /// Whether the command only reads or discards what the repository recorded (`results`,
+    /// `explain`, `failed list|discard`, `work-items list`): it may name a resource the
+    /// config no longer has, as long as the repository holds records of it.
+    pub fn reads_records_only(&self) -> bool {
+        matches!(
+            self,
+            Command::Results(_)
+                | Command::Explain(_)
+                | Command::Failed(FailedCommand::List { .. })
+                | Command::Failed(FailedCommand::Discard { .. })
+                | Command::WorkItems(WorkItemsCommand::List { .. })
+        )
+    }
+
     /// Every resource named on the command line, with the option or argument that named
-    /// it (`--resource`, `--accept-deletes`, `RESOURCE`): each must be configured
-    /// (`commands::check_resources`). A command that takes a resource lists it here.
+    /// it (`--resource`, `--accept-deletes`, `RESOURCE`): each must be configured, or for a
+    /// command that [reads records only](Command::reads_records_only) known to the
+    /// repository (`commands::check_resources`). A command that takes a resource lists it
+    /// here.
     pub fn named_resources(&self) -> Vec<(&'static str, &str)> {
         match self {
             Command::Run(a) => a

@@ -48,7 +48,9 @@ fn setup_failed(e: &anyhow::Error) -> ExitCode {
 
 /// Refuses a resource named on the command line (`--resource`, `--accept-deletes`, the
 /// `RESOURCE` of `explain`) that the config does not have: exit status 2, naming it and the
-/// configured ones. The one place every command's resources are checked.
+/// configured ones. A command that reads records only may name a removed resource whose
+/// records the repository still holds (to read them, or discard its failed events). The
+/// one place every command's resources are checked.
 pub fn check_resources(loaded: &Loaded, command: &Command) -> Result<(), ExitCode> {
     let configured: Vec<&str> = loaded
         .config
@@ -56,13 +58,28 @@ pub fn check_resources(loaded: &Loaded, command: &Command) -> Result<(), ExitCod
         .iter()
         .map(|r| r.name.as_str())
         .collect();
-    let unknown: Vec<String> = command
+    let mut unknown: Vec<(&str, &str)> = command
         .named_resources()
         .into_iter()
         .filter(|(_, name)| !configured.contains(name))
+        .collect();
+    let no_file = loaded.config.repository.url.is_none() && !loaded.repository_path().exists();
+    if !unknown.is_empty() && command.reads_records_only() && !no_file {
+        // A repository that cannot be opened is reported by the command itself.
+        if let Ok(repo) = crate::setup::open_repo(loaded) {
+            unknown.retain(|(_, name)| !repo.holds_records_of(name).unwrap_or(false));
+        }
+    }
+    let nor_recorded = if command.reads_records_only() {
+        "; the repository holds no records of it either"
+    } else {
+        ""
+    };
+    let unknown: Vec<String> = unknown
+        .into_iter()
         .map(|(flag, name)| {
             format!(
-                "error: {flag}: no resource named '{}' in {} (configured: {})",
+                "error: {flag}: no resource named '{}' in {} (configured: {}){nor_recorded}",
                 inline(name),
                 loaded.file.display(),
                 if configured.is_empty() {

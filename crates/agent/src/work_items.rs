@@ -36,9 +36,6 @@ pub fn command(loaded: Loaded, cmd: &WorkItemsCommand) -> anyhow::Result<ExitCod
             resource,
             json,
         } => {
-            if let Some(code) = unknown_resource(&loaded, resource.as_deref()) {
-                return Ok(code);
-            }
             let repo = open_repo(&loaded)?;
             list(&repo, *state, resource.as_deref(), *json)
         }
@@ -66,20 +63,6 @@ pub fn command(loaded: Loaded, cmd: &WorkItemsCommand) -> anyhow::Result<ExitCod
             resolve(loaded, *id, &action, reason.as_deref())
         }
     }
-}
-
-/// `--resource R` that the config does not name: the error and exit 2.
-fn unknown_resource(loaded: &Loaded, resource: Option<&str>) -> Option<ExitCode> {
-    let r = resource?;
-    if loaded.config.resources.iter().any(|c| c.name == r) {
-        return None;
-    }
-    eprintln!(
-        "error: no resource named '{}' in {}",
-        inline(r),
-        loaded.file.display()
-    );
-    Some(ExitCode::from(Exit::Config))
 }
 
 /// `work-items list`.
@@ -358,9 +341,6 @@ fn account_command(
     action: &OperatorAction,
     reason: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
-    if let Some(code) = unknown_resource(&loaded, Some(resource)) {
-        return Ok(code);
-    }
     let setup = match crate::commands::setup(loaded) {
         Ok(s) => s,
         Err(code) => return Ok(code),

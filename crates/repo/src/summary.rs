@@ -1,5 +1,7 @@
 //! Per-resource figures for `idsync status`: when the checkpoint last moved, how many events
-//! were decided, how many wait as failed events.
+//! were decided, how many wait as failed events; and whether the repository holds records
+//! of a resource at all (one the config no longer has can still be named to read or
+//! discard them).
 
 use crate::error::{Context, RepoError};
 use crate::{Repo, args};
@@ -18,6 +20,22 @@ pub struct ResourceSummary {
 }
 
 impl Repo {
+    /// Whether the repository holds records of `resource`: accounts, decisions, failed
+    /// events (pending or discarded) or work items.
+    pub fn holds_records_of(&self, resource: &str) -> Result<bool, RepoError> {
+        self.lock()?
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM shadows WHERE resource = ?1) \
+                 OR EXISTS (SELECT 1 FROM decisions WHERE resource = ?1) \
+                 OR EXISTS (SELECT 1 FROM failed_events WHERE resource = ?1) \
+                 OR EXISTS (SELECT 1 FROM failed_discarded WHERE resource = ?1) \
+                 OR EXISTS (SELECT 1 FROM work_items WHERE resource = ?1)",
+                args![resource],
+                |r| r.get(0),
+            )
+            .with_ctx(|| format!("looking for records of resource {resource}"))
+    }
+
     /// The summary of `resource`.
     pub fn resource_summary(&self, resource: &str) -> Result<ResourceSummary, RepoError> {
         let conn = self.lock()?;
