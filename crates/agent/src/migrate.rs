@@ -54,7 +54,7 @@ pub fn command(loaded: &Loaded, args: &MigrateArgs) -> anyhow::Result<ExitCode> 
             password,
             ca_file: args.to_ca_file.clone(),
             connect_timeout: None,
-            idle_in_transaction_timeout: None,
+            unresponsive_timeout: None,
         };
         let shown = idsync_repo::redact_url(&args.to);
         let repo = Repo::open_postgres(&args.to, &options)

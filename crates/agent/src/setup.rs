@@ -386,9 +386,9 @@ pub fn postgres_options(loaded: &Loaded) -> anyhow::Result<idsync_repo::PgOption
             .as_ref()
             .map(|p| loaded.resolve(p)),
         connect_timeout: None,
-        // A batch open this long without a statement belongs to a paused agent whose
-        // leases have expired meanwhile (module `leases`).
-        idle_in_transaction_timeout: Some(std::time::Duration::from_secs(
+        // A batch open this long without a statement, or a reply unread this long, belongs
+        // to a paused agent whose leases have expired meanwhile (module `leases`).
+        unresponsive_timeout: Some(std::time::Duration::from_secs(
             loaded.config.repository.lease_secs,
         )),
     })

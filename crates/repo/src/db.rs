@@ -1005,6 +1005,8 @@ impl Conn {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -1013,5 +1015,68 @@ mod tests {
             to_postgres("SELECT a FROM t WHERE b = ?1 AND c IN (?, ?) AND d = '?x' AND \"?\" = ?2"),
             "SELECT a FROM t WHERE b = $1 AND c IN ($1, $2) AND d = '?x' AND \"?\" = $2"
         );
+    }
+
+    /// An agent paused while the server sends it a reply larger than the sockets' buffers:
+    /// its session stays *active* (writing), which the idle-in-transaction timeout does not
+    /// end. The session must still end after the agent's timeout, and with it the write
+    /// lock every agent's batches share (without `tcp_user_timeout` it never did).
+    #[test]
+    fn a_paused_client_that_leaves_a_large_reply_unread_loses_its_session() {
+        let pg = idsync_testkit::postgres::Postgres::start().unwrap();
+        pg.create_database("idsync").unwrap();
+        let url = pg.url("idsync");
+        let options = crate::PgOptions {
+            unresponsive_timeout: Some(Duration::from_secs(2)),
+            ..crate::PgOptions::default()
+        };
+        let paused = crate::postgres::connect(&url, &options).unwrap();
+        paused.control("BEGIN").unwrap();
+        paused
+            .execute("SELECT pg_advisory_xact_lock(?1)", crate::args![42i64])
+            .unwrap();
+        let Conn::Postgres(p) = &paused else {
+            panic!("a PostgreSQL connection")
+        };
+        let client = Arc::clone(&p.client);
+        let mut large = Box::pin(async move {
+            client
+                .simple_query(
+                    "SELECT pg_sleep(0.5); \
+                     SELECT repeat('x', 1000) FROM generate_series(1, 100000)",
+                )
+                .await
+        });
+        // The request leaves; then nothing reads the connection any more, as in a paused
+        // process.
+        block_on_here(&p.runtime, async {
+            let _ = tokio::time::timeout(Duration::from_millis(100), &mut large).await;
+        });
+        let watcher = crate::postgres::connect(&url, &crate::PgOptions::default()).unwrap();
+        let seen = |sql: &str| -> bool {
+            watcher
+                .query_one(sql, crate::args![], |r| r.get(0))
+                .unwrap()
+        };
+        let start = std::time::Instant::now();
+        while !seen(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+             WHERE application_name = 'idsync' AND wait_event = 'ClientWrite')",
+        ) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "never blocked writing"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let blocked = std::time::Instant::now();
+        while !seen("SELECT pg_try_advisory_lock(42)") {
+            assert!(
+                blocked.elapsed() < Duration::from_secs(30),
+                "the paused session kept the lock"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        drop(large);
     }
 }

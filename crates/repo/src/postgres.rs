@@ -31,11 +31,14 @@ pub struct PgOptions {
     pub ca_file: Option<std::path::PathBuf>,
     /// How long to wait for the connection (default 10 s).
     pub connect_timeout: Option<Duration>,
-    /// The server ends a session that keeps a transaction open this long without a
-    /// statement (`idle_in_transaction_session_timeout`): an agent paused in the middle of a
-    /// batch (SIGSTOP, a frozen machine) must not keep the repository's write lock from
-    /// the agent that takes its resources over. The agent sets its lease time.
-    pub idle_in_transaction_timeout: Option<Duration>,
+    /// The server ends a session whose client stops answering for this long: one that keeps
+    /// a transaction open without a statement (`idle_in_transaction_session_timeout`), or
+    /// that does not read the reply the server is sending it (`tcp_user_timeout`: a reply
+    /// larger than the sockets' buffers leaves the session *active*, and only the TCP
+    /// timeout ends it). An agent paused in the middle of a batch (SIGSTOP, a frozen
+    /// machine) must not keep the repository's write lock from the agent that takes its
+    /// resources over. The agent sets its lease time.
+    pub unresponsive_timeout: Option<Duration>,
 }
 
 /// The URL without its password, for messages.
@@ -79,12 +82,12 @@ pub(crate) fn connect(url: &str, options: &PgOptions) -> Result<Conn, RepoError>
         }
     };
     let conn = Conn::Postgres(Box::new(client));
-    if let Some(idle) = options.idle_in_transaction_timeout {
+    if let Some(limit) = options.unresponsive_timeout {
+        let ms = limit.as_millis().clamp(1, i32::MAX as u128);
         conn.batch(&format!(
-            "SET idle_in_transaction_session_timeout = {}",
-            idle.as_millis().max(1)
+            "SET idle_in_transaction_session_timeout = {ms}; SET tcp_user_timeout = {ms}"
         ))
-        .ctx("setting idle_in_transaction_session_timeout")?;
+        .ctx("setting the timeouts of an unresponsive session")?;
     }
     Ok(conn)
 }
