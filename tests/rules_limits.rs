@@ -166,6 +166,81 @@ fn an_event_that_crashes_the_agent_twice_is_isolated() {
     assert!(s.failed().is_empty());
 }
 
+/// A notification condition that exhausts memory only when a lifecycle timer fires (the
+/// identity's `valid_to` disables it: an update): the firing, not an event, kills the
+/// agent. After two such crashes the firing is isolated: recorded as failed without running
+/// a rule, the timer put off like any failed firing, and the run completes.
+#[test]
+fn a_timer_firing_that_crashes_the_agent_twice_is_isolated() {
+    let s = Sandbox::new();
+    s.config(
+        r#"limits: { max_memory_mb: 100000 }
+resources:
+  - name: hr
+    source: { type: flatfile, path: feeds/hr.csv, key: id }
+    naming: '"u" + account.id'
+    mappings:
+      - { to: end, from: end }
+    lifecycle: { valid_to: end }
+notifications:
+  from: 'idsync <idsync@example.com>'
+  transport: { type: file, dir: mail }
+  policies:
+    - name: hog
+      on: [updated]
+      condition: 'let m = #{}; let s = "x"; s.pad(524288, "x"); for i in 0..10000 { m[`k${i}`] = s + i; } true'
+      to: ['"iam@example.com"']
+      subject: 'Changed'
+      text: 'Changed'
+"#,
+    );
+    // The identity is created before its end date (a later date if the machine is slow).
+    let mut margin = 3;
+    let end = loop {
+        let end = common::now_secs() + margin;
+        s.feed("hr.csv", &format!("id,end\n1,{}\n", common::rfc3339(end)));
+        s.run_once(None, 0);
+        if s.identity("u1").is_some_and(|i| i["disabled"] == false) {
+            break end;
+        }
+        assert!(margin < 48, "run --once never came before the end date");
+        margin *= 2;
+    };
+    while common::now_secs() <= end {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for crash in 1..=2 {
+        let (run, signal) = run_limited(&s);
+        assert_eq!(
+            signal,
+            Some(libc_sigabrt()),
+            "crash {crash}: {}",
+            run.stderr
+        );
+        assert_eq!(s.identity("u1").unwrap()["disabled"], false, "rolled back");
+    }
+    let (run, signal) = run_limited(&s);
+    assert_eq!(signal, None, "{}", run.stderr);
+    let run = run.expect_code(1);
+    assert!(
+        run.stdout.contains("timers: 1 fired") && run.stdout.contains("failed 1"),
+        "{}",
+        run.stdout
+    );
+    let record = s.results(&["--failed"]).pop().unwrap();
+    assert_eq!(record["op"], "timer");
+    let error = record["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("crashed the agent (2 times) while timer #1 (disable of u1) fired"),
+        "{error}"
+    );
+    let pending = s.json(&["preview", "--timers", "30d", "--json"]);
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(pending[0]["attempts"], 1);
+    assert!(pending[0]["due"] == false, "put off: {pending:?}");
+    assert_eq!(s.identity("u1").unwrap()["disabled"], false);
+}
+
 #[test]
 fn print_in_a_loop_gives_a_bounded_log_and_the_run_completes() {
     let s = Sandbox::new();

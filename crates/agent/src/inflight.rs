@@ -1,6 +1,9 @@
-//! Poison-event protection: `<repository>.inflight` names the event being applied, so
-//! that an event that kills the agent (an abort, an out-of-memory kill, a SIGKILL) can be
-//! traced to it on the next start, and isolated once it did so twice.
+//! Poison-event protection: `<repository>.inflight` names the event being applied (or the
+//! lifecycle timer being fired, which the engine presents to the guard as an event of op
+//! `timer`), so that an event that kills the agent (an abort, an out-of-memory kill, a
+//! SIGKILL) can be traced to it on the next start, and isolated once it did so twice.
+//! Batches and timer rounds take turns on the repository's write lock, so one slot serves
+//! every thread of the process.
 //!
 //! The file (owner-only) holds a 32-byte *slot* and then, as JSON, the *suspects*: events
 //! (by hashes of resource, account key and content) that crashed the agent, with a

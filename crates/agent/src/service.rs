@@ -130,6 +130,7 @@ impl Generation {
         let (timers_poke, timers_poked) = channel();
         let timers = {
             let (loaded, repo, stop) = (setup.loaded.clone(), repo.clone(), stop.clone());
+            let guard = guard.clone();
             let dispatcher = poke.clone();
             // Timers of every resource, unless the agent runs only some (`--resource`).
             let only = (!args.resources.is_empty()).then(|| names.to_vec());
@@ -141,6 +142,7 @@ impl Generation {
                     &timers_poked,
                     &stop,
                     dispatcher.as_ref(),
+                    &guard,
                 )
             })
         };
@@ -695,7 +697,8 @@ fn dispatcher_loop(
 }
 
 /// The timer thread of one generation: its own engine over the shared repository (a rule
-/// engine stays on the thread that built it), then [`crate::timers::timer_loop`].
+/// engine stays on the thread that built it), under the process's crash guard (a firing
+/// that kills the agent is traced to its timer), then [`crate::timers::timer_loop`].
 fn timer_thread(
     loaded: Loaded,
     repo: Arc<Repo>,
@@ -703,9 +706,13 @@ fn timer_thread(
     woken: &Receiver<()>,
     stop: &Stop,
     dispatcher: Option<&Sender<()>>,
+    guard: &Arc<InFlight>,
 ) {
     match Setup::with_repo(loaded, repo) {
-        Ok(setup) => crate::timers::timer_loop(&setup, only.as_deref(), woken, stop, dispatcher),
+        Ok(mut setup) => {
+            crate::inflight::attach(&mut setup, guard);
+            crate::timers::timer_loop(&setup, only.as_deref(), woken, stop, dispatcher)
+        }
         Err(e) => tracing::error!("timers: {e:#}"),
     }
 }

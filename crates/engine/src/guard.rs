@@ -1,6 +1,7 @@
 //! The crash guard: what the engine tells about the event in hand, so that an event that
 //! kills the process can be traced to it on the next start and isolated (the agent keeps
-//! the trace in a file beside the repository; the engine does no IO of its own).
+//! the trace in a file beside the repository; the engine does no IO of its own). A
+//! lifecycle timer's firing is told as an event of op `timer` (module `timers`).
 
 use idsync_core::ChangeEvent;
 

@@ -7,11 +7,13 @@
 //! with the others of its round, so a crash leaves a timer pending (fired again after the
 //! restart) or fired with its decision, never fired twice. A firing that fails (a delete
 //! rule's error, a notification policy's) undoes its own effects only; its decision is
-//! recorded as failed and the timer is put off (a minute, doubling up to an hour).
+//! recorded as failed and the timer is put off (a minute, doubling up to an hour). Each
+//! firing is under the crash guard: one that killed the process twice is recorded as failed
+//! without running a rule, and put off the same way.
 
 use std::time::Duration;
 
-use idsync_core::{Action, ChangeEvent, Decision, Op, RuleOutcome, Situation};
+use idsync_core::{Action, AttrMap, ChangeEvent, Decision, Op, RuleOutcome, Situation};
 use idsync_repo::{Timer, TimerKind, now_ms};
 
 use crate::lifecycle::{TIMER_RULE, Was, dates_of, format_delay, format_time};
@@ -47,7 +49,12 @@ impl Engine {
         max: usize,
     ) -> Result<Vec<FiredTimer>, EngineError> {
         self.repo.begin()?;
-        match self.fire_in_tx(policies, only, max) {
+        let result = self.fire_in_tx(policies, only, max);
+        // Past the last firing: a crash from here on (the commit) is no timer's doing.
+        if let Some(g) = &self.guard {
+            g.idle();
+        }
+        match result {
             Ok(fired) => {
                 self.repo.commit()?;
                 Ok(fired)
@@ -72,7 +79,17 @@ impl Engine {
         let mut fired = Vec::with_capacity(due.len());
         for t in due {
             let policy = policies.iter().find(|p| p.resource == t.resource);
-            let d = self.fire_one(policy, &t, now)?;
+            let traced = traced_as(&t);
+            let d = match self.guard.as_ref().and_then(|g| g.before(&traced)) {
+                Some(times) => isolated(&t, times),
+                None => {
+                    let d = self.fire_one(policy, &t, now)?;
+                    if let Some(g) = &self.guard {
+                        g.after(&traced, d.error.is_none());
+                    }
+                    d
+                }
+            };
             let decision_id = self.repo.record_decision(&d)?;
             let _span =
                 tracing::info_span!("event", resource = %t.resource, key = %t.key).entered();
@@ -181,6 +198,39 @@ impl Engine {
         }
         Ok(d)
     }
+}
+
+/// The firing of `t` as the crash guard knows it: the timer and its attempts so far (a
+/// firing that crashed the agent twice is isolated and put off; once put off, the attempts
+/// differ and the next try is a new firing to the guard).
+fn traced_as(t: &Timer) -> ChangeEvent {
+    let mut attrs = AttrMap::new();
+    attrs.set_text("timer", t.id.to_string());
+    attrs.set_text("kind", t.kind.as_str());
+    attrs.set_text("identity", &t.identity);
+    attrs.set_text("attempts", t.attempts.to_string());
+    ChangeEvent {
+        resource: t.resource.clone(),
+        key: t.key.clone(),
+        op: Op::Timer,
+        attrs,
+        previous: None,
+        origin: None,
+    }
+}
+
+/// The failed decision of a firing the crash guard isolated: no rule runs; the timer is put
+/// off like any failed firing.
+fn isolated(t: &Timer, times: u32) -> Decision {
+    let mut d = blank_decision(&traced_as(t));
+    d.identity = Some(t.identity.clone());
+    d.action = Action::Failed;
+    d.error = Some(format!(
+        "crashed the agent ({times} times) while timer #{} ({} of {}) fired: isolated, its \
+         rules were not run; it is tried again after its delay",
+        t.id, t.kind, t.identity
+    ));
+    d
 }
 
 fn note(d: &mut Decision, result: String) {
