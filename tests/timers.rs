@@ -11,7 +11,10 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Sandbox, attr, days_from_civil, eventually, now_secs, rfc3339, terminate};
+use common::{
+    Sandbox, attr, days_from_civil, eventually, free_port, http_get, metric, now_secs, rfc3339,
+    terminate,
+};
 use serde_json::Value;
 
 /// `secs` (Unix) as the date `2026-07-01`.
@@ -316,6 +319,12 @@ fn a_valid_from_that_passed_while_the_agent_was_stopped_fires_at_start_up() {
     while now_secs() <= start {
         std::thread::sleep(Duration::from_millis(100));
     }
+    let port = free_port();
+    let config = std::fs::read_to_string(s.path().join("idsync.yaml")).unwrap();
+    s.config(&config.replace(
+        "status: { listen: off }",
+        &format!("status: {{ listen: \"127.0.0.1:{port}\" }}"),
+    ));
     let started = Instant::now();
     let mut agent = s.start_logged(&[]);
     eventually(10, "u1 enabled at start-up", || {
@@ -323,6 +332,17 @@ fn a_valid_from_that_passed_while_the_agent_was_stopped_fires_at_start_up() {
     });
     println!("enabled {:?} after the start", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(5));
+    // The metrics count the firing; nothing is left pending or overdue.
+    eventually(10, "the timer metrics", || {
+        let text = http_get(port, "/metrics").1;
+        let fired = metric(
+            &text,
+            "idsync_timers_fired_total{resource=\"hr\",action=\"updated\"}",
+        );
+        let shown = |line: &str| text.lines().any(|l| l == line);
+        (fired == 1.0 && shown("idsync_timers_pending 0") && shown("idsync_timers_overdue 0"))
+            .then_some(())
+    });
     let (code, _) = terminate(&mut agent);
     assert_eq!(code, Some(0));
     let log = s.agent_log();

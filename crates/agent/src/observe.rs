@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use idsync_core::Action;
 use idsync_engine::BatchReport;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -47,6 +48,9 @@ pub struct Observer {
     last_reconcile: Family<Labels, Gauge<f64, AtomicU64>>,
     outbox_pending: Gauge,
     outbox_dead: Gauge,
+    timers_fired: Family<Labels, Counter>,
+    timers_pending: Gauge,
+    timers_overdue: Gauge,
     states: Mutex<BTreeMap<String, ResourceState>>,
     /// With a PostgreSQL repository: which resources this agent holds the lease of.
     leases: Mutex<Option<Arc<crate::leases::Keeper>>>,
@@ -161,6 +165,24 @@ impl Observer {
             "Notifications dead-lettered",
             outbox_dead.clone(),
         );
+        let timers_fired = Family::<Labels, Counter>::default();
+        registry.register(
+            "timers_fired",
+            "Lifecycle timers fired, by resource and action (failed: the firing failed and was put off)",
+            timers_fired.clone(),
+        );
+        let timers_pending = Gauge::default();
+        registry.register(
+            "timers_pending",
+            "Lifecycle timers waiting for their time",
+            timers_pending.clone(),
+        );
+        let timers_overdue = Gauge::default();
+        registry.register(
+            "timers_overdue",
+            "Lifecycle timers due for more than a minute and not fired yet (the timer thread is behind, or cannot reach the repository)",
+            timers_overdue.clone(),
+        );
         let states = resources
             .iter()
             .map(|r| (r.clone(), ResourceState::default()))
@@ -187,6 +209,9 @@ impl Observer {
             last_reconcile,
             outbox_pending,
             outbox_dead,
+            timers_fired,
+            timers_pending,
+            timers_overdue,
             states: Mutex::new(states),
             leases: Mutex::new(None),
         }
@@ -279,6 +304,25 @@ impl Observer {
     pub fn outbox(&self, pending: i64, dead: i64) {
         self.outbox_pending.set(pending);
         self.outbox_dead.set(dead);
+    }
+
+    /// Timers fired in a round: `(resource, action)` and how many.
+    pub fn timers_fired<'a>(&self, fired: impl IntoIterator<Item = (&'a str, Action, u64)>) {
+        for (name, action, n) in fired {
+            let l = vec![
+                ("resource".to_owned(), name.to_owned()),
+                ("action".to_owned(), action.as_str().to_owned()),
+            ];
+            self.timers_fired.get_or_create(&l).inc_by(n);
+        }
+    }
+
+    /// The timer counts.
+    pub fn timers(&self, pending: u64, overdue: u64) {
+        self.timers_pending
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        self.timers_overdue
+            .set(i64::try_from(overdue).unwrap_or(i64::MAX));
     }
 
     /// Prometheus text format.

@@ -130,20 +130,28 @@ impl Generation {
         let (timers_poke, timers_poked) = channel();
         let timers = {
             let (loaded, repo, stop) = (setup.loaded.clone(), repo.clone(), stop.clone());
-            let guard = guard.clone();
+            let (guard, observer) = (guard.clone(), observer.clone());
             let dispatcher = poke.clone();
             // Timers of every resource, unless the agent runs only some (`--resource`).
             let only = (!args.resources.is_empty()).then(|| names.to_vec());
+            // Its own engine over the shared repository (a rule engine stays on the thread
+            // that built it), under the process's crash guard (a firing that kills the
+            // agent is traced to its timer).
             spawn("idsync-timers", move || {
-                timer_thread(
-                    loaded,
-                    repo,
-                    only,
-                    &timers_poked,
-                    &stop,
-                    dispatcher.as_ref(),
-                    &guard,
-                )
+                match Setup::with_repo(loaded, repo) {
+                    Ok(mut setup) => {
+                        crate::inflight::attach(&mut setup, &guard);
+                        crate::timers::timer_loop(
+                            &setup,
+                            only.as_deref(),
+                            &timers_poked,
+                            &stop,
+                            dispatcher.as_ref(),
+                            &observer,
+                        )
+                    }
+                    Err(e) => tracing::error!("timers: {e:#}"),
+                }
             })
         };
         let shared = Shared {
@@ -693,27 +701,6 @@ fn dispatcher_loop(
         };
         let deadline = Instant::now() + sleep.min(DISPATCHER_MAX_SLEEP);
         stop.wait_poked(poked, deadline);
-    }
-}
-
-/// The timer thread of one generation: its own engine over the shared repository (a rule
-/// engine stays on the thread that built it), under the process's crash guard (a firing
-/// that kills the agent is traced to its timer), then [`crate::timers::timer_loop`].
-fn timer_thread(
-    loaded: Loaded,
-    repo: Arc<Repo>,
-    only: Option<Vec<String>>,
-    woken: &Receiver<()>,
-    stop: &Stop,
-    dispatcher: Option<&Sender<()>>,
-    guard: &Arc<InFlight>,
-) {
-    match Setup::with_repo(loaded, repo) {
-        Ok(mut setup) => {
-            crate::inflight::attach(&mut setup, guard);
-            crate::timers::timer_loop(&setup, only.as_deref(), woken, stop, dispatcher)
-        }
-        Err(e) => tracing::error!("timers: {e:#}"),
     }
 }
 

@@ -22,6 +22,7 @@ use idsync_repo::{Repo, Timer, now_ms};
 use crate::cli::PreviewArgs;
 use crate::config::Loaded;
 use crate::exit::Exit;
+use crate::observe::Observer;
 use crate::printable::inline;
 use crate::runner::Stop;
 use crate::setup::{Setup, open_repo};
@@ -31,6 +32,11 @@ const ROUND: usize = 64;
 
 /// The longest the timer thread sleeps without looking at the repository.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
+
+/// A timer due this long ago and still pending counts as overdue (metric
+/// `idsync_timers_overdue`): a firing that failed is put off, so only a timer thread that
+/// is behind or cannot reach the repository leaves timers overdue.
+const OVERDUE_AFTER_MS: i64 = 60_000;
 
 /// After a round that could not be applied (the repository's storage failed), the next
 /// attempt waits this long, doubled after each failure up to [`MAX_BACKOFF`]: a timer that
@@ -47,6 +53,8 @@ pub struct Fired {
     pub failed: u64,
     /// Whether a firing queued a notification.
     pub notified: bool,
+    /// Timers fired by resource and action.
+    pub by_resource: BTreeMap<(String, Action), u64>,
 }
 
 impl Fired {
@@ -57,6 +65,10 @@ impl Fired {
 
     fn add(&mut self, f: &FiredTimer) {
         *self.actions.entry(f.decision.action).or_default() += 1;
+        *self
+            .by_resource
+            .entry((f.timer.resource.clone(), f.decision.action))
+            .or_default() += 1;
         if f.decision.error.is_some() {
             self.failed += 1;
         }
@@ -155,6 +167,7 @@ pub fn timer_loop(
     woken: &Receiver<()>,
     stop: &Stop,
     dispatcher: Option<&Sender<()>>,
+    observer: &Observer,
 ) {
     let repo = setup.engine.repo().clone();
     let mut backoff: Option<Duration> = None;
@@ -165,6 +178,12 @@ pub fn timer_loop(
                 if fired.count() > 0 {
                     tracing::info!("timers: {}", fired.describe());
                 }
+                observer.timers_fired(
+                    fired
+                        .by_resource
+                        .iter()
+                        .map(|((r, a), n)| (r.as_str(), *a, *n)),
+                );
                 if fired.notified
                     && let Some(d) = dispatcher
                 {
@@ -179,6 +198,10 @@ pub fn timer_loop(
                     humantime::format_duration(wait)
                 );
             }
+        }
+        let overdue_before = now_ms().saturating_sub(OVERDUE_AFTER_MS);
+        if let Ok((pending, overdue)) = repo.timer_counts(overdue_before, only) {
+            observer.timers(pending, overdue);
         }
         let sleep = match (backoff, repo.next_timer_due(only)) {
             (Some(wait), _) => wait,

@@ -295,6 +295,32 @@ impl Repo {
             .ctx("finding the next due timer")
     }
 
+    /// How many timers of the resources in `only` (none: of every resource) are pending,
+    /// and how many of them were due before `overdue_before` (Unix ms).
+    pub fn timer_counts(
+        &self,
+        overdue_before: i64,
+        only: Option<&[String]>,
+    ) -> Result<(u64, u64), RepoError> {
+        let mut args: Vec<Arg<'_>> = vec![overdue_before.to_arg()];
+        let clause = only_clause(only, &mut args);
+        let (pending, overdue): (i64, i64) = self
+            .lock()?
+            .query_one(
+                &format!(
+                    "SELECT count(*), COALESCE(SUM(CASE WHEN due_at < ? THEN 1 ELSE 0 END), 0) \
+                     FROM timers WHERE 1 = 1{clause}"
+                ),
+                &args,
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .ctx("counting timers")?;
+        Ok((
+            u64::try_from(pending).unwrap_or(0),
+            u64::try_from(overdue).unwrap_or(0),
+        ))
+    }
+
     /// How many timers are pending.
     pub fn timer_count(&self) -> Result<u64, RepoError> {
         let n: i64 = self
@@ -361,6 +387,34 @@ mod tests {
             key: "k",
             reason: "why",
             planned_at: crate::now_ms(),
+        }
+    }
+
+    /// Pending and overdue counts, of every resource or of some, on both databases (the
+    /// statement mixes a bound time with the resources' list).
+    #[test]
+    fn timer_counts_tell_pending_and_overdue_timers_apart() {
+        let pg = idsync_testkit::postgres::Postgres::start().expect("PostgreSQL");
+        pg.create_database("idsync").expect("a database");
+        let repos = [
+            Repo::open_in_memory().expect("SQLite"),
+            Repo::open_postgres(&pg.url("idsync"), &Default::default()).expect("PostgreSQL"),
+        ];
+        for repo in repos {
+            repo.begin().expect("begin");
+            for (who, due, resource) in [
+                ("ann", 1_000, "hr"),
+                ("bob", 9_000, "hr"),
+                ("cy", 2_000, "dir"),
+            ] {
+                repo.plan_timer(&timer(who, TimerKind::Delete, due, resource))
+                    .expect("planned");
+            }
+            repo.commit().expect("commit");
+            assert_eq!(repo.timer_counts(5_000, None).expect("counts"), (3, 2));
+            let hr = ["hr".to_owned()];
+            assert_eq!(repo.timer_counts(5_000, Some(&hr)).expect("counts"), (2, 1));
+            assert_eq!(repo.timer_counts(0, Some(&hr)).expect("counts"), (2, 0));
         }
     }
 
