@@ -478,6 +478,49 @@ fn an_account_an_operator_unlinked_is_not_correlated_back_to_that_identity() {
     assert_eq!(attr(&s.identity("ann").unwrap(), "title"), Some("Chief"));
 }
 
+/// An operator's request that fails while applied (here the name its naming gives is
+/// taken) changes nothing but is recorded, as a failed decision of op `operator` with
+/// what was asked: the audit trail keeps the attempt, and the work item stays open.
+#[test]
+fn a_failed_operator_request_is_recorded_and_changes_nothing() {
+    let s = world(DISPUTED_BY_MAIL, None, &[]);
+    s.feed("seed.csv", &format!("{SEED}p15,15,p15@example.com\n"));
+    s.run_once(Some("seed"), 0);
+    s.feed("hr.csv", "emp,mail,title\n15,shared@example.com,Clerk\n");
+    s.run_once(Some("hr"), 0);
+    let id = only_open(&s)["id"].as_i64().unwrap().to_string();
+    let run = s
+        .idsync(&[
+            "work-items",
+            "resolve",
+            &id,
+            "--create",
+            "--reason",
+            "new hire",
+        ])
+        .expect_code(1);
+    assert!(
+        run.stderr
+            .contains("nothing was changed (recorded as failed decision #"),
+        "{}",
+        run.stderr
+    );
+    let d = s.last_result();
+    assert_eq!(d["op"], "operator");
+    assert_eq!(d["action"], "failed");
+    assert_eq!(d["key"], "15");
+    assert!(d["error"].as_str().unwrap().contains("p15"), "{d}");
+    assert!(
+        d["rules"]
+            .to_string()
+            .contains("create an identity (reason: new hire)"),
+        "{d}"
+    );
+    assert_eq!(only_open(&s)["id"].as_i64().unwrap().to_string(), id);
+    assert_eq!(s.owner("hr", "15"), None);
+    assert_eq!(attr(&s.identity("p15").unwrap(), "title"), None);
+}
+
 #[test]
 fn unknown_ids_identities_accounts_and_mistakes_exit_2_and_change_nothing() {
     let s = world(DISPUTED_BY_MAIL, None, &[]);

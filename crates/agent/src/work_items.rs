@@ -398,8 +398,11 @@ fn apply(setup: &Setup, req: &OperatorRequest<'_>) -> anyhow::Result<ExitCode> {
             eprintln!("error: {}", inline(&r.to_string()));
             Ok(ExitCode::from(Exit::Config))
         }
-        Err(e @ EngineError::OperatorFailed { .. }) => {
-            eprintln!("error: {}; nothing was changed", inline(&e.to_string()));
+        Err(e @ EngineError::OperatorFailed { decision_id, .. }) => {
+            eprintln!(
+                "error: {}; nothing was changed (recorded as failed decision #{decision_id})",
+                inline(&e.to_string())
+            );
             Ok(ExitCode::from(Exit::Failed))
         }
         Err(e) => Err(e.into()),

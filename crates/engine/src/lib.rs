@@ -116,7 +116,8 @@ pub enum EngineError {
     #[error("{0}")]
     Refused(Refusal),
     /// An operator's request failed while it was applied (a mapping or naming rule failed,
-    /// the name is taken, a notification policy failed): nothing of it was kept.
+    /// the name is taken, a notification policy failed): nothing of it was kept but its
+    /// failed decision record.
     #[error("account {key} of {resource}: {error}")]
     OperatorFailed {
         /// Resource.
@@ -125,6 +126,8 @@ pub enum EngineError {
         key: String,
         /// Why.
         error: String,
+        /// The failed decision's record.
+        decision_id: i64,
     },
     /// A failed event that cannot be re-run (its input was unreadable).
     #[error("failed event {id} cannot be re-run: {reason}")]
@@ -809,6 +812,11 @@ impl Engine {
                 self.repo.commit()?;
                 Ok(outcome)
             }
+            Err(e @ EngineError::OperatorFailed { .. }) => {
+                // Its effects were undone; its failed decision record is kept.
+                self.repo.commit()?;
+                Err(e)
+            }
             Err(e) => {
                 if let Err(rb) = self.repo.rollback() {
                     tracing::error!("rollback failed: {rb}");
@@ -882,18 +890,27 @@ impl Engine {
         let mut decider = Decider::new(&self.rules, &self.repo, policy, needs, &event);
         decider.host.capture.set(self.notifier.is_some());
         decider.authority = self.authority.as_ref();
+        self.repo.savepoint()?;
         let outcome = decider
             .operate(req.action, fallback, &mut d)
             .and_then(|()| self.notify(&decider.host.pre_images.borrow(), &mut d));
         match outcome {
-            Ok(()) => {}
+            Ok(()) => self.repo.release()?,
             Err(EventError::Refused(r)) => return Err(EngineError::Refused(r)),
             Err(EventError::Repo(e)) if is_infrastructure(&e) => return Err(e.into()),
             Err(e) => {
+                // Undone, and recorded as a failed decision of the operator's.
+                self.repo.rollback_savepoint()?;
+                let error = e.to_string();
+                d.action = Action::Failed;
+                d.error = Some(error.clone());
+                d.changes.clear();
+                let decision_id = self.repo.record_decision(&d)?;
                 return Err(EngineError::OperatorFailed {
                     resource: req.resource.to_owned(),
                     key: req.key.to_owned(),
-                    error: e.to_string(),
+                    error,
+                    decision_id,
                 });
             }
         }
