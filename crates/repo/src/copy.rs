@@ -382,7 +382,7 @@ fn copy_table(source: &Conn, target: &Conn, t: &Table) -> Result<(), RepoError> 
         pending.clear();
         Ok(())
     };
-    source.each(&select(t), args![], &reading, |r| {
+    source.each_paged(&select(t), args![], &reading, |r| {
         for c in 0..width {
             pending.push(r.value(c).with_ctx(reading)?);
         }
@@ -410,7 +410,7 @@ fn copy_table_in_bulk(source: &Conn, target: &Conn, t: &Table) -> Result<(), Rep
         }
         Ok(())
     };
-    source.each(&select(t), args![], &reading, |r| {
+    source.each_paged(&select(t), args![], &reading, |r| {
         for c in 0..t.columns.len() {
             if c > 0 {
                 data.push(b'\t');
@@ -431,7 +431,7 @@ fn checksum(conn: &Conn, t: &Table) -> Result<(u64, String), RepoError> {
     let reading = || format!("verifying table {}", t.name);
     let mut hasher = std::hash::DefaultHasher::new();
     let mut rows = 0u64;
-    conn.each(&select(t), args![], &reading, |r| {
+    conn.each_paged(&select(t), args![], &reading, |r| {
         rows += 1;
         for c in 0..t.columns.len() {
             match r.value(c).with_ctx(reading)? {

@@ -462,7 +462,13 @@ pub(crate) struct PgConn {
     /// The first write sent ahead that did not go as predicted in this transaction: no
     /// `COMMIT` is sent while it is set, only a `ROLLBACK` clears it.
     mispredicted: RefCell<Option<String>>,
+    /// Cursors of [`Conn::each_paged`] open now (one inside another's callback gets the
+    /// next name).
+    cursors: Cell<u32>,
 }
+
+/// Rows a [`Conn::each_paged`] cursor fetches at a time.
+const PAGE_ROWS: usize = 10_000;
 
 impl PgConn {
     /// Connects with `config` (and `tls`).
@@ -498,6 +504,7 @@ impl PgConn {
             ahead: RefCell::new(Vec::new()),
             sending_ahead: Cell::new(false),
             mispredicted: RefCell::new(None),
+            cursors: Cell::new(0),
         })
     }
 
@@ -585,6 +592,55 @@ impl PgConn {
     fn batch_execute(&self, sql: &str) -> Result<(), DbError> {
         let client = &self.client;
         self.wait(async move { client.batch_execute(sql).await })
+    }
+
+    /// A statement prepared for this call only (a `FETCH`, whose rows are those of the
+    /// cursor it names: a cached statement would keep the first cursor's columns).
+    fn query_once(&self, sql: &str) -> Result<Vec<tokio_postgres::Row>, DbError> {
+        let client = &self.client;
+        self.wait(async move { client.query(sql, &[]).await })
+    }
+
+    /// [`Conn::each_paged`] on PostgreSQL: the query through a cursor, [`PAGE_ROWS`] rows
+    /// a fetch, in the caller's transaction or in one of its own (a cursor needs one).
+    fn each_paged(
+        &self,
+        sql: &str,
+        args: &[Arg<'_>],
+        context: &dyn Fn() -> String,
+        f: &mut dyn FnMut(&Row<'_>) -> Result<(), RepoError>,
+    ) -> Result<(), RepoError> {
+        let depth = self.cursors.get();
+        let name = format!("idsync_each_{depth}");
+        let own_tx = !self.in_tx.get();
+        if own_tx {
+            self.batch_execute("BEGIN").with_ctx(context)?;
+        }
+        self.cursors.set(depth + 1);
+        let read = (|| {
+            self.execute(&format!("DECLARE {name} NO SCROLL CURSOR FOR {sql}"), args)
+                .with_ctx(context)?;
+            let fetch = format!("FETCH {PAGE_ROWS} FROM {name}");
+            loop {
+                let rows = self.query_once(&fetch).with_ctx(context)?;
+                for r in &rows {
+                    f(&Row::Postgres(r))?;
+                }
+                if rows.len() < PAGE_ROWS {
+                    return Ok(());
+                }
+            }
+        })();
+        self.cursors.set(depth);
+        let end = match (own_tx, read.is_ok()) {
+            (true, true) => "COMMIT",
+            (true, false) => "ROLLBACK",
+            // The caller's transaction goes on: the name is free for the next cursor.
+            (false, _) => &format!("CLOSE {name}"),
+        };
+        let ended = self.batch_execute(end);
+        read?;
+        ended.with_ctx(context)
     }
 
     /// Holds a write to send ahead (see [`Conn::send_ahead`]), merged with others of its
@@ -863,6 +919,23 @@ impl Conn {
         }
     }
 
+    /// [`Conn::each`] for a query whose result may be large (every shadow of a resource,
+    /// every identity, a whole table): PostgreSQL reads it through a cursor, a page at a
+    /// time, instead of holding every row at once. A small query is faster with `each`
+    /// (one round trip instead of three).
+    pub(crate) fn each_paged(
+        &self,
+        sql: &str,
+        args: &[Arg<'_>],
+        context: &dyn Fn() -> String,
+        mut f: impl FnMut(&Row<'_>) -> Result<(), RepoError>,
+    ) -> Result<(), RepoError> {
+        match self {
+            Conn::Sqlite(_) => self.each(sql, args, context, f),
+            Conn::Postgres(p) => p.each_paged(sql, args, context, &mut f),
+        }
+    }
+
     /// PostgreSQL's bulk load: `sql` is a `COPY … FROM STDIN` (text format) and `data` its
     /// rows, encoded with [`copy_text`]; how many rows it loaded. SQLite has no such path.
     pub(crate) fn copy_in(&self, sql: &str, data: &[u8]) -> Result<u64, DbError> {
@@ -1015,6 +1088,60 @@ mod tests {
             to_postgres("SELECT a FROM t WHERE b = ?1 AND c IN (?, ?) AND d = '?x' AND \"?\" = ?2"),
             "SELECT a FROM t WHERE b = $1 AND c IN ($1, $2) AND d = '?x' AND \"?\" = $2"
         );
+    }
+
+    /// A large result read a page at a time: every row once, in order, outside a
+    /// transaction and inside one, with another paged read inside the callback, and a
+    /// callback's error leaving the connection and the transaction usable.
+    #[test]
+    fn a_paged_read_sees_every_row_once_in_order() {
+        let pg = idsync_testkit::postgres::Postgres::start().unwrap();
+        pg.create_database("idsync").unwrap();
+        let conn =
+            crate::postgres::connect(&pg.url("idsync"), &crate::PgOptions::default()).unwrap();
+        conn.batch("CREATE TABLE t AS SELECT g::bigint AS n FROM generate_series(1, 25000) g")
+            .unwrap();
+        let context = || "reading t".to_owned();
+        let read = |from: i64| -> Vec<i64> {
+            let mut seen = Vec::new();
+            conn.each_paged(
+                "SELECT n FROM t WHERE n >= ?1 ORDER BY n",
+                crate::args![from],
+                &context,
+                |r| {
+                    seen.push(r.get::<i64>(0).ctx("n")?);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            seen
+        };
+        assert_eq!(read(1), (1..=25_000).collect::<Vec<i64>>());
+        assert!(!conn.in_transaction(), "its own transaction ended");
+        conn.control("BEGIN").unwrap();
+        assert_eq!(read(24_990).len(), 11);
+        let mut inner = 0;
+        conn.each_paged(
+            "SELECT n FROM t WHERE n <= 3",
+            crate::args![],
+            &context,
+            |_| {
+                inner += read(24_999).len();
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(inner, 6);
+        let failed = conn.each_paged("SELECT n FROM t", crate::args![], &context, |_| {
+            Err(RepoError::EmptyName)
+        });
+        assert!(failed.is_err());
+        assert_eq!(
+            read(25_000),
+            vec![25_000],
+            "the cursor's name is free again"
+        );
+        conn.control("COMMIT").unwrap();
     }
 
     /// An agent paused while the server sends it a reply larger than the sockets' buffers:

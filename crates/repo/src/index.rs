@@ -439,7 +439,7 @@ fn build_index(
         normalisation,
     }];
     let reading = || "reading identities to index".to_owned();
-    conn.each(
+    conn.each_paged(
         "SELECT id, name, attrs FROM identities",
         args![],
         &reading,
@@ -496,7 +496,7 @@ fn normalised_texts(attrs: &AttrMap, folded: &str, n: Normalisation) -> Vec<Stri
 fn scan_find(conn: &Conn, pairs: &[Compared]) -> Result<Vec<String>, RepoError> {
     let searching = || "searching identities".to_owned();
     let mut names = Vec::new();
-    conn.each(
+    conn.each_paged(
         "SELECT name, attrs FROM identities ORDER BY name",
         args![],
         &searching,
@@ -528,7 +528,7 @@ fn scan_block(
 ) -> Result<Vec<(String, i64, bool, String)>, RepoError> {
     let searching = || "searching identities".to_owned();
     let mut out = Vec::new();
-    conn.each(
+    conn.each_paged(
         "SELECT name, version, disabled, attrs FROM identities ORDER BY name",
         args![],
         &searching,

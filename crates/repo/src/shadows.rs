@@ -223,7 +223,7 @@ impl Repo {
         each: &mut dyn FnMut(&str, u64),
     ) -> Result<(), RepoError> {
         let reading = || format!("reading shadows of resource {resource}");
-        self.lock()?.each(
+        self.lock()?.each_paged(
             "SELECT key, hash FROM shadows WHERE resource = ?1",
             args![resource],
             &reading,
