@@ -68,6 +68,21 @@ fn run_limited(s: &Sandbox) -> (Run, Option<i32>) {
     )
 }
 
+/// `idsync run --once` under the limit, twice, each run aborted (SIGABRT) with its
+/// transaction rolled back (`rolled_back` holds after it).
+fn crash_twice(s: &Sandbox, rolled_back: impl Fn(&Sandbox) -> bool) {
+    for crash in 1..=2 {
+        let (run, signal) = run_limited(s);
+        assert_eq!(
+            signal,
+            Some(libc_sigabrt()),
+            "crash {crash}: {}",
+            run.stderr
+        );
+        assert!(rolled_back(s), "crash {crash}: rolled back");
+    }
+}
+
 fn names(s: &Sandbox) -> Vec<String> {
     let mut v: Vec<String> = s
         .export()
@@ -114,17 +129,7 @@ fn a_memory_hungry_rule_fails_its_event_and_the_agent_goes_on() {
 fn an_event_that_crashes_the_agent_twice_is_isolated() {
     // The budget is raised so that the rule really aborts the process.
     let s = world("limits: { max_memory_mb: 100000 }");
-    for crash in 1..=2 {
-        let (run, signal) = run_limited(&s);
-        assert_eq!(
-            signal,
-            Some(libc_sigabrt()),
-            "crash {crash}: {}",
-            run.stderr
-        );
-        assert!(names(&s).is_empty(), "the batch was rolled back");
-        assert!(s.failed().is_empty());
-    }
+    crash_twice(&s, |s| names(s).is_empty() && s.failed().is_empty());
     let inflight = s.path().join("idsync.db.inflight");
     let mode = std::fs::metadata(&inflight).unwrap().permissions();
     assert_eq!(
@@ -209,16 +214,7 @@ notifications:
     while common::now_secs() <= end {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    for crash in 1..=2 {
-        let (run, signal) = run_limited(&s);
-        assert_eq!(
-            signal,
-            Some(libc_sigabrt()),
-            "crash {crash}: {}",
-            run.stderr
-        );
-        assert_eq!(s.identity("u1").unwrap()["disabled"], false, "rolled back");
-    }
+    crash_twice(&s, |s| s.identity("u1").unwrap()["disabled"] == false);
     let (run, signal) = run_limited(&s);
     assert_eq!(signal, None, "{}", run.stderr);
     let run = run.expect_code(1);
