@@ -304,6 +304,23 @@ pub fn open(setup: &crate::setup::Setup) -> anyhow::Result<Arc<InFlight>> {
     Ok(Arc::new(InFlight::open(&repository, &failed)?))
 }
 
+/// Makes a panic in any thread of `idsync run` end the process (abort) after it is
+/// reported. Without this a panicking resource loop or timer thread would stop alone,
+/// leaving its transaction open and every other loop waiting on it, in an agent that looks
+/// alive. Aborting makes a panic a crash like any other: the service manager restarts the
+/// agent, nothing uncommitted is kept, and the event or timer in hand (the slot still names
+/// it) is counted, and isolated if it does so twice.
+pub fn crash_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        tracing::error!(
+            "a thread of the agent panicked (a bug in idsync): the process ends now, nothing uncommitted is kept; restart it (the service manager does)"
+        );
+        std::process::abort();
+    }));
+}
+
 /// Makes `guard` the crash guard of the engine of `setup`.
 pub fn attach(setup: &mut crate::setup::Setup, guard: &Arc<InFlight>) {
     setup
@@ -441,6 +458,36 @@ mod tests {
         drop(g);
         let g = InFlight::open(&db, &[]).unwrap();
         assert_eq!(g.before(&k), None, "failed event gone (retried, discarded)");
+    }
+
+    /// A panic in a thread other than the main one ends the whole process: run in a child
+    /// copy of this test binary, which must die of SIGABRT instead of going on.
+    #[test]
+    fn a_panic_in_any_thread_ends_the_process() {
+        const CHILD: &str = "IDSYNC_TEST_PANIC_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            crash_on_panic();
+            let _ = std::thread::spawn(|| panic!("a bug")).join();
+            std::process::exit(0);
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "inflight::tests::a_panic_in_any_thread_ends_the_process",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(
+            out.status.signal(),
+            Some(6),
+            "{:?}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("a bug"));
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub fn main() -> ExitCode {
             );
         });
     }
+    if matches!(cli.command, Command::Run(_)) {
+        inflight::crash_on_panic();
+    }
     let result = match &cli.command {
         Command::Check(args) => Ok(commands::check(loaded, args)),
         Command::Run(args) => Ok(commands::run(loaded, args)),
