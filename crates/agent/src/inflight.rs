@@ -250,6 +250,24 @@ impl CrashGuard for InFlight {
             self.set_slot(&mut st, &[0u8; SLOT], None);
         }
     }
+
+    fn forget(&self, event: &ChangeEvent) {
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        let id = EventId::of(event);
+        let before = st.suspects.len();
+        st.suspects.retain(|s| s.id != id);
+        if st.suspects.len() != before {
+            // Rewriting clears the slot, which names no event now (`before` returned a
+            // count, so it was not set for this one).
+            let armed = st.armed;
+            self.save(&mut st);
+            if let Some(armed) = armed {
+                self.set_slot(&mut st, &armed.slot(), Some(armed));
+            }
+        }
+    }
 }
 
 /// The slot's event (if set) and the suspects; `None` if the file is damaged.
@@ -342,6 +360,10 @@ impl CrashGuard for Shared {
 
     fn idle(&self) {
         self.0.idle();
+    }
+
+    fn forget(&self, event: &ChangeEvent) {
+        self.0.forget(event);
     }
 }
 
@@ -488,6 +510,32 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(String::from_utf8_lossy(&out.stderr).contains("a bug"));
+    }
+
+    /// An isolated firing that will not come again as it is (a timer put off) is forgotten,
+    /// in the file too; the slot of the event in hand is kept.
+    #[test]
+    fn a_forgotten_suspect_is_gone_and_the_slot_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("idsync.db");
+        let k = event("2", "b");
+        drop(crash_during(&db, &k, &[]));
+        let g = crash_during(&db, &k, &[]);
+        let other = event("3", "c");
+        assert_eq!(g.before(&other), None);
+        assert_eq!(g.before(&k), Some(2));
+        g.forget(&k);
+        assert!(g.state.lock().unwrap().suspects.is_empty());
+        assert_eq!(g.state.lock().unwrap().armed, Some(EventId::of(&other)));
+        drop(g);
+        let g = InFlight::open(&db, &[]).unwrap();
+        let st = g.state.lock().unwrap();
+        assert_eq!(
+            st.suspects.len(),
+            1,
+            "the slot named the other event: one crash of it"
+        );
+        assert_eq!(st.suspects[0].id, EventId::of(&other));
     }
 
     #[test]

@@ -17,4 +17,8 @@ pub trait CrashGuard {
     fn after(&self, event: &ChangeEvent, ok: bool);
     /// No event is being decided any more.
     fn idle(&self);
+    /// `event` was isolated and will not come again as it is (a timer's firing, put off
+    /// with one more attempt, is another event to the guard): nothing needs to be kept of
+    /// it.
+    fn forget(&self, _event: &ChangeEvent) {}
 }

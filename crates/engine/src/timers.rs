@@ -81,7 +81,12 @@ impl Engine {
             let policy = policies.iter().find(|p| p.resource == t.resource);
             let traced = traced_as(&t);
             let d = match self.guard.as_ref().and_then(|g| g.before(&traced)) {
-                Some(times) => isolated(&t, times),
+                Some(times) => {
+                    if let Some(g) = &self.guard {
+                        g.forget(&traced);
+                    }
+                    isolated(&t, times)
+                }
                 None => {
                     let d = self.fire_one(policy, &t, now)?;
                     if let Some(g) = &self.guard {
