@@ -189,18 +189,12 @@ impl Generation {
     }
 
     /// Stops every loop after the part in hand and waits for them (the dispatcher only
-    /// briefly).
+    /// briefly). No thread ends by a panic: a panic ends the process
+    /// (`inflight::crash_on_panic`).
     fn stop(self) {
         self.stop.request();
-        for h in self.loops {
-            if h.join().is_err() {
-                tracing::error!("a resource loop panicked");
-            }
-        }
-        if let Some(h) = self.timers
-            && h.join().is_err()
-        {
-            tracing::error!("the timer thread panicked");
+        for h in self.loops.into_iter().chain(self.timers) {
+            let _ = h.join();
         }
         if let Some(d) = self.dispatcher {
             let until = Instant::now() + DISPATCHER_STOP_WAIT;
