@@ -64,13 +64,15 @@ pub fn check_resources(loaded: &Loaded, command: &Command) -> Result<(), ExitCod
         .filter(|(_, name)| !configured.contains(name))
         .collect();
     let no_file = loaded.config.repository.url.is_none() && !loaded.repository_path().exists();
+    let mut looked_in_repository = false;
     if !unknown.is_empty() && command.reads_records_only() && !no_file {
         // A repository that cannot be opened is reported by the command itself.
         if let Ok(repo) = crate::setup::open_repo(loaded) {
+            looked_in_repository = true;
             unknown.retain(|(_, name)| !repo.holds_records_of(name).unwrap_or(false));
         }
     }
-    let nor_recorded = if command.reads_records_only() {
+    let nor_recorded = if looked_in_repository || (no_file && command.reads_records_only()) {
         "; the repository holds no records of it either"
     } else {
         ""

@@ -62,7 +62,7 @@ impl Repo {
             return Ok(Vec::new());
         }
         Ok(self
-            .exclusions_where("e.resource = ?1 AND e.key = ?2", args![resource, key])?
+            .exclusions_of_account(resource, key)?
             .into_iter()
             .map(|e| e.identity)
             .collect())
