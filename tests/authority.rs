@@ -505,6 +505,22 @@ fn a_reconcile_converges_to_the_precedence_result() {
     );
 }
 
+/// Governing the attribute correlation finds people by is allowed but warned about: when
+/// its last giver goes it is removed, and a rehire cannot be found by it.
+#[test]
+fn check_warns_when_authority_governs_a_correlation_key() {
+    let s = world(&format!("{AUTHORITY}  mail: [hr, contractors]\n"), "");
+    let run = s.idsync(&["check"]).expect_code(0);
+    for resource in ["hr", "contractors"] {
+        let line = format!(
+            "warning: idsync.yaml: authority.mail: the correlation rule of {resource} (rules/by_mail.rhai) mentions mail"
+        );
+        assert!(run.stdout.contains(&line), "{line}\n{}", run.stdout);
+    }
+    let quiet = world(AUTHORITY, "").idsync(&["check"]).expect_code(0);
+    assert!(!quiet.stdout.contains("warning"), "{}", quiet.stdout);
+}
+
 #[test]
 fn check_refuses_a_broken_authority() {
     let s = Sandbox::new();

@@ -9,6 +9,30 @@ use idsync_engine::{Authority, Policy};
 
 use crate::config::{Loaded, StrengthConfig};
 
+/// What `idsync check` warns about `authority:` (nothing refused): a governed attribute a
+/// correlation rule mentions. When the last account that gives such an attribute goes,
+/// the attribute is removed, and a person rehired later cannot be found by it (docs/rules.md,
+/// "A governed correlation key can go").
+pub fn warnings(loaded: &Loaded, policies: &[Policy]) -> Vec<String> {
+    let mut out = Vec::new();
+    for attr in loaded.config.authority.keys() {
+        for p in policies {
+            let Some(rule) = p.correlation.as_ref().filter(|c| c.mentions(attr)) else {
+                continue;
+            };
+            out.push(format!(
+                "authority.{attr}: the correlation rule of {} ({}) mentions {attr}; a governed \
+                 attribute is removed when the last account that gives it goes, and a person \
+                 rehired later cannot then be found by it (keep correlation keys out of \
+                 authority, or let an account that stays give them)",
+                p.resource,
+                rule.label()
+            ));
+        }
+    }
+    out
+}
+
 /// Every problem of `authority:` and of the mappings it concerns, each naming the file
 /// and the key (`idsync.yaml: authority.title: no resource named 'hrr' …`).
 pub fn problems(loaded: &Loaded) -> Vec<String> {

@@ -117,6 +117,9 @@ pub fn check(loaded: Loaded, args: &crate::cli::CheckArgs) -> ExitCode {
             line(format_args!("warning: {}: {w}", loaded.file.display()));
         }
     }
+    for w in crate::authority::warnings(&loaded, &policies) {
+        line(format_args!("warning: {}: {w}", loaded.file.display()));
+    }
     for r in &loaded.config.resources {
         let Some(rc) = &r.reconcile else {
             continue;
