@@ -486,6 +486,21 @@ fn valid_to_disables_and_a_changed_date_replans_its_timer() {
     s.run_once(None, 0);
     assert_eq!(disabled(&s, "u1"), Some(false));
     assert_eq!(pending_timers(&s), 2);
+
+    // No agent runs while u1's end passes (the time is moved back instead of waited for):
+    // status says a timer is overdue, and a run fires it.
+    s.sql("UPDATE timers SET due_at = due_at - 3720000 WHERE identity = 'u1'");
+    let status = s.idsync(&["status"]).expect_code(0).stdout;
+    assert!(
+        status.contains("1 overdue by more than a minute: is an agent running?"),
+        "{status}"
+    );
+    let json: Value =
+        serde_json::from_str(s.idsync(&["status", "--json"]).expect_code(0).stdout.trim()).unwrap();
+    assert_eq!(json["timers"]["overdue"], 1, "{json}");
+    s.run_once(None, 0);
+    let status = s.idsync(&["status"]).expect_code(0).stdout;
+    assert!(!status.contains("overdue"), "{status}");
 }
 
 /// The config's grace period and dates are checked like everything else.

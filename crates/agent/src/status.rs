@@ -192,7 +192,7 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
     }
     let (pending, sent, dead) = repo.outbox_counts()?;
     let open_items = repo.open_work_item_count()?;
-    let (timers, next_timer) = crate::timers::status(&repo)?;
+    let timers = crate::timers::status(&repo)?;
     let leases = repo.leases()?;
     let mut out = crate::printable::stdout();
     if json {
@@ -212,7 +212,7 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
             })).collect::<Vec<_>>(),
             "outbox": { "pending": pending, "sent": sent, "dead": dead },
             "work_items_open": open_items,
-            "timers": { "pending": timers, "next_due": next_timer.map(idsync_engine::format_time) },
+            "timers": { "pending": timers.pending, "overdue": timers.overdue, "next_due": timers.next_due.map(idsync_engine::format_time) },
             "leases": leases.iter().map(|l| serde_json::json!({
                 "resource": l.resource,
                 "holder": l.holder,
@@ -281,8 +281,8 @@ pub fn command(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
             "work items: {open_items} open (idsync work-items list)"
         )?;
     }
-    if timers > 0 {
-        writeln!(out, "{}", crate::timers::status_line(timers, next_timer))?;
+    if timers.pending > 0 {
+        writeln!(out, "{}", crate::timers::status_line(&timers))?;
     }
     Ok(ExitCode::SUCCESS)
 }

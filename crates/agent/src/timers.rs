@@ -354,18 +354,43 @@ pub fn explain(
 }
 
 /// `status`: how many timers are pending and when the next is due.
-pub fn status(repo: &Repo) -> anyhow::Result<(u64, Option<i64>)> {
-    Ok((repo.timer_count()?, repo.next_timer_due(None)?))
+pub fn status(repo: &Repo) -> anyhow::Result<TimerStatus> {
+    let (pending, overdue) = repo.timer_counts(now_ms().saturating_sub(OVERDUE_AFTER_MS), None)?;
+    Ok(TimerStatus {
+        pending,
+        overdue,
+        next_due: repo.next_timer_due(None)?,
+    })
 }
 
-/// The `status` line: `timers: 3 pending, next in 2d 3h (2026-05-03T10:00:00Z)`.
-pub fn status_line(pending: u64, next: Option<i64>) -> String {
-    match next {
+/// The timers as `idsync status` shows them.
+#[derive(Clone, Copy, Debug)]
+pub struct TimerStatus {
+    /// Pending timers.
+    pub pending: u64,
+    /// Of them, due for more than a minute (no agent fires them, or it cannot).
+    pub overdue: u64,
+    /// When the next is due (Unix ms).
+    pub next_due: Option<i64>,
+}
+
+/// The `status` line: `timers: 3 pending, next in 2d 3h (2026-05-03T10:00:00Z)`, with the
+/// overdue ones when there are some.
+pub fn status_line(t: &TimerStatus) -> String {
+    let pending = t.pending;
+    let mut out = match t.next_due {
         Some(due) => format!(
             "timers: {pending} pending, next {} ({}) (idsync preview --timers 7d)",
             due_in(due),
             format_time(due)
         ),
         None => format!("timers: {pending} pending"),
+    };
+    if t.overdue > 0 {
+        out.push_str(&format!(
+            "; {} overdue by more than a minute: is an agent running? (`idsync run --once` fires them)",
+            t.overdue
+        ));
     }
+    out
 }
