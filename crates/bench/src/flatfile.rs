@@ -51,6 +51,11 @@ pub struct FlatfileArgs {
     /// value is folded, for the cost of normalisation against exact comparison.
     #[arg(long)]
     pub normalise: bool,
+    /// Give the resource a grace period (`delete_action: { action: disable, then: delete,
+    /// after: 30d }`): every account without an owner is looked up as a possible rehire
+    /// (its pending delete timers).
+    #[arg(long)]
+    pub grace: bool,
     /// Keep the repository in PostgreSQL: `postgres` starts a private server on this
     /// machine (testkit), or give the URL of an empty database. The floor is then a `COPY`
     /// of the same records into a table of the same database.
@@ -356,6 +361,11 @@ pub fn run(args: &FlatfileArgs) -> anyhow::Result<()> {
     } else {
         ""
     };
+    let grace = if args.grace {
+        "    delete_action: { action: disable, then: delete, after: 30d }\n"
+    } else {
+        ""
+    };
     std::fs::write(
         &config,
         format!(
@@ -369,7 +379,7 @@ rules_dir: rules
       key: id
       completion: rename
       delete_guard: {{ max_deletes: 100000 }}
-    rules: {{ correlation: correlation.rhai }}
+{grace}    rules: {{ correlation: correlation.rhai }}
     mappings:
       - {{ to: empno, from: id }}
       - {{ to: mail, expr: 'account.email.to_lower()' }}
@@ -381,6 +391,9 @@ rules_dir: rules
     .with_context(|| written(&config))?;
     if args.normalise {
         say!("correlation: empno compared in normalised form (case, spaces, diacritics)");
+    }
+    if args.grace {
+        say!("delete_action: disable, then delete after 30d (a grace period)");
     }
 
     let t = Instant::now();

@@ -678,6 +678,35 @@ fn rehire_relinks_and_reenables() {
     assert_eq!(w.last().situation, Some(Situation::Unlinked));
 }
 
+/// A leaver who comes back in the same batch, within the grace period its leaving planned
+/// (no correlation rule: only the pending delete can link the account back). On
+/// PostgreSQL the batch speculates and knows which accounts have timers: one planned in the
+/// batch counts.
+#[test]
+fn a_leaver_who_comes_back_in_the_same_batch_is_a_rehire() {
+    let w = people_linked();
+    let mut p = w.policy(&[("delete_action", "disable")]);
+    p.delete_after = Some(std::time::Duration::from_secs(30 * 86_400));
+    w.apply(
+        &p,
+        vec![
+            ev(Op::Delete, "E1", &[("empno", "1")]),
+            ev(Op::Create, "E1", &[("empno", "1")]),
+        ],
+    )
+    .unwrap();
+    assert_eq!(w.owner("E1").as_deref(), Some("ann"), "linked back");
+    assert!(!w.engine.repo().identity("ann").unwrap().unwrap().disabled);
+    assert!(
+        w.engine
+            .repo()
+            .timers_of_identity("ann")
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(w.last().situation, Some(Situation::Unlinked));
+}
+
 #[test]
 fn retry_reruns_a_failed_event_and_removes_it() {
     let w = people();

@@ -28,7 +28,7 @@
 //! every agent's batches take (module `leases`), so only this transaction writes
 //! identities and links meanwhile. It is dropped whenever the transaction ends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::db::{Arg, Conn};
 use crate::error::{Context, RepoError};
@@ -117,6 +117,10 @@ pub(crate) struct Known {
     /// The identities each correlation condition read ahead finds ([`Repo::prefetch_find`]),
     /// by (attribute folded, value normalised): id and name, in id order.
     pub postings: HashMap<(String, String), Vec<(i64, String)>>,
+    /// The accounts of the batch that have a pending timer (read ahead, and each account a
+    /// timer is planned for since): the others have none, and a rehire check of theirs
+    /// reads nothing ([`Repo::timers_of_account`]).
+    pub timed: HashSet<String>,
     /// Ids of new identities.
     pub identity_ids: IdPool,
     /// Ids of new decision records.
@@ -131,6 +135,18 @@ impl Known {
             return None;
         }
         self.owners.get(key).map(Option::as_deref)
+    }
+
+    /// Whether account `key` of `resource` is known to have no pending timer.
+    pub(crate) fn without_timers(&self, resource: &str, key: &str) -> bool {
+        resource == self.resource && self.owners.contains_key(key) && !self.timed.contains(key)
+    }
+
+    /// Notes that account `key` of `resource` has a pending timer now.
+    pub(crate) fn timer_planned(&mut self, resource: &str, key: &str) {
+        if resource == self.resource {
+            self.timed.insert(key.to_owned());
+        }
     }
 
     /// Notes the owner of account `key` of `resource` (when it is the batch's resource).
@@ -202,6 +218,7 @@ impl Repo {
             owners: keys.iter().map(|k| ((*k).to_owned(), None)).collect(),
             identities: HashMap::new(),
             postings: HashMap::new(),
+            timed: HashSet::new(),
             identity_ids: IdPool::new("identities"),
             decision_ids: IdPool::new("decisions"),
         };
@@ -236,6 +253,17 @@ impl Repo {
                 },
             )?;
         }
+        // The few accounts with a pending timer, in one query: a rehire check of every
+        // other account (a resource with a grace period) then reads nothing.
+        conn.each(
+            "SELECT DISTINCT key FROM timers WHERE resource = ?1 AND key = ANY(?2)",
+            &[Arg::Text(resource), Arg::Texts(keys)],
+            &|| format!("reading the timers of a batch of {resource}"),
+            |r| {
+                known.timed.insert(r.get(0).ctx("reading a timer")?);
+                Ok(())
+            },
+        )?;
         conn.send_writes_ahead(true)
             .ctx("starting to send writes ahead")?;
         *self.known.lock().map_err(|_| RepoError::Poisoned)? = Some(known);

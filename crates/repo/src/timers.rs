@@ -176,6 +176,9 @@ impl Repo {
     pub fn plan_timer(&self, t: &NewTimer<'_>) -> Result<Planned, RepoError> {
         let what = || format!("{} timer of identity {}", t.kind, t.identity);
         let conn = self.lock()?;
+        if let Some(k) = self.known()?.as_mut() {
+            k.timer_planned(t.resource, t.key);
+        }
         let existing: Option<(i64, i64)> = conn
             .query_row(
                 "SELECT id, due_at FROM timers WHERE identity = ?1 AND kind = ?2",
@@ -255,8 +258,18 @@ impl Repo {
 
     /// The pending timers an event of account `key` of `resource` planned, by due time.
     pub fn timers_of_account(&self, resource: &str, key: &str) -> Result<Vec<Timer>, RepoError> {
+        let conn = self.lock()?;
+        if self
+            .known()?
+            .as_ref()
+            .is_some_and(|k| k.without_timers(resource, key))
+        {
+            // A speculating batch read which of its accounts have timers (module
+            // `speculation`): no query, which would wait for the writes sent ahead.
+            return Ok(Vec::new());
+        }
         select(
-            &*self.lock()?,
+            &conn,
             "WHERE resource = ?1 AND key = ?2 ORDER BY due_at, id",
             args![resource, key],
         )
