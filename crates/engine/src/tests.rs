@@ -707,6 +707,36 @@ fn a_leaver_who_comes_back_in_the_same_batch_is_a_rehire() {
     assert_eq!(w.last().situation, Some(Situation::Unlinked));
 }
 
+/// A leaver's identity found again by correlation (another account, within the grace
+/// period) gets its pending delete cancelled: whether the delete was planned by an earlier
+/// batch or earlier in the same one. On PostgreSQL the batch reads ahead which identities
+/// correlation finds have timers.
+#[test]
+fn a_correlated_link_cancels_the_grace_delete_of_its_identity() {
+    let w = people().linked("ann", "E1").linked("bob", "E2");
+    let mut p = w.policy(&[("delete_action", "disable"), ("correlation", CORR_EMPNO)]);
+    p.delete_after = Some(std::time::Duration::from_secs(30 * 86_400));
+    let pending = |name: &str| w.engine.repo().timers_of_identity(name).unwrap().len();
+    w.apply(&p, vec![ev(Op::Delete, "E1", &[("empno", "1")])])
+        .unwrap();
+    assert_eq!(pending("ann"), 1);
+    w.apply(&p, vec![ev(Op::Create, "E9", &[("empno", "1")])])
+        .unwrap();
+    assert_eq!(w.owner("E9").as_deref(), Some("ann"));
+    assert_eq!(pending("ann"), 0, "cancelled by the link");
+    w.apply(
+        &p,
+        vec![
+            ev(Op::Delete, "E2", &[("empno", "2")]),
+            ev(Op::Create, "E8", &[("empno", "2")]),
+        ],
+    )
+    .unwrap();
+    assert_eq!(w.owner("E8").as_deref(), Some("bob"));
+    assert_eq!(pending("bob"), 0, "planned and cancelled in one batch");
+    assert!(!w.engine.repo().identity("bob").unwrap().unwrap().disabled);
+}
+
 #[test]
 fn retry_reruns_a_failed_event_and_removes_it() {
     let w = people();

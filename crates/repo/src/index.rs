@@ -205,6 +205,35 @@ impl Repo {
         for list in known.postings.values_mut() {
             list.sort_unstable_by_key(|(id, _)| *id);
         }
+        // Which of the identities found have pending timers, in one query: a link to one
+        // of the others then cancels nothing without asking (`Repo::cancel_timer`).
+        let found: Vec<String> = known
+            .postings
+            .values()
+            .flatten()
+            .map(|(_, name)| name)
+            .filter(|name| !known.timers_read.contains(*name))
+            .cloned()
+            .collect::<std::collections::BTreeSet<String>>()
+            .into_iter()
+            .collect();
+        if !found.is_empty() {
+            let names: Vec<&str> = found.iter().map(String::as_str).collect();
+            let reading =
+                || "reading ahead the timers of the identities correlation will find".to_owned();
+            conn.each(
+                "SELECT DISTINCT identity FROM timers WHERE identity = ANY(?1)",
+                &[Arg::Texts(&names)],
+                &reading,
+                |r| {
+                    known
+                        .identities_timed
+                        .insert(r.get::<String>(0).with_ctx(reading)?);
+                    Ok(())
+                },
+            )?;
+            known.timers_read.extend(found);
+        }
         Ok(())
     }
 

@@ -121,6 +121,12 @@ pub(crate) struct Known {
     /// timer is planned for since): the others have none, and a rehire check of theirs
     /// reads nothing ([`Repo::timers_of_account`]).
     pub timed: HashSet<String>,
+    /// The identities correlation's read-ahead found whose pending timers were read too
+    /// ([`Repo::prefetch_find`]), and of them those that have one (or had one planned
+    /// since): a link to one of the others cancels no grace-period delete and reads nothing.
+    pub timers_read: HashSet<String>,
+    /// See `timers_read`.
+    pub identities_timed: HashSet<String>,
     /// Ids of new identities.
     pub identity_ids: IdPool,
     /// Ids of new decision records.
@@ -142,11 +148,18 @@ impl Known {
         resource == self.resource && self.owners.contains_key(key) && !self.timed.contains(key)
     }
 
-    /// Notes that account `key` of `resource` has a pending timer now.
-    pub(crate) fn timer_planned(&mut self, resource: &str, key: &str) {
+    /// Notes that account `key` of `resource` and identity `identity` have a pending timer
+    /// now.
+    pub(crate) fn timer_planned(&mut self, resource: &str, key: &str, identity: &str) {
         if resource == self.resource {
             self.timed.insert(key.to_owned());
         }
+        self.identities_timed.insert(identity.to_owned());
+    }
+
+    /// Whether identity `name` is known to have no pending timer.
+    pub(crate) fn identity_without_timers(&self, name: &str) -> bool {
+        self.timers_read.contains(name) && !self.identities_timed.contains(name)
     }
 
     /// Notes the owner of account `key` of `resource` (when it is the batch's resource).
@@ -219,6 +232,8 @@ impl Repo {
             identities: HashMap::new(),
             postings: HashMap::new(),
             timed: HashSet::new(),
+            timers_read: HashSet::new(),
+            identities_timed: HashSet::new(),
             identity_ids: IdPool::new("identities"),
             decision_ids: IdPool::new("decisions"),
         };

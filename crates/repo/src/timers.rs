@@ -177,7 +177,7 @@ impl Repo {
         let what = || format!("{} timer of identity {}", t.kind, t.identity);
         let conn = self.lock()?;
         if let Some(k) = self.known()?.as_mut() {
-            k.timer_planned(t.resource, t.key);
+            k.timer_planned(t.resource, t.key, t.identity);
         }
         let existing: Option<(i64, i64)> = conn
             .query_row(
@@ -226,6 +226,15 @@ impl Repo {
         kind: TimerKind,
     ) -> Result<Option<Timer>, RepoError> {
         let conn = self.lock()?;
+        if self
+            .known()?
+            .as_ref()
+            .is_some_and(|k| k.identity_without_timers(identity))
+        {
+            // Read ahead by a speculating batch (module `speculation`): nothing to cancel,
+            // and no query that would wait for the writes sent ahead.
+            return Ok(None);
+        }
         let found = select(
             &conn,
             "WHERE identity = ?1 AND kind = ?2",
