@@ -54,18 +54,18 @@ else
   cargo test --workspace --no-fail-fast
 fi
 
-step "the same engine, situation, sequence and crash tests on PostgreSQL (a private server each)"
+step "the same engine, situation, sequence, crash and timer tests on PostgreSQL (a private server each)"
 # IDSYNC_TEST_REPOSITORY=postgres makes the engine's unit tests and the binary's sandboxes
 # keep their repository in a private PostgreSQL database instead of SQLite.
 # (With nextest, one run over the whole workspace and a filter: the same build as above,
 # nothing compiled again for another feature set.)
 if cargo nextest --version >/dev/null 2>&1; then
   IDSYNC_TEST_REPOSITORY=postgres cargo nextest run --workspace --no-fail-fast \
-    -E '(package(idsync-engine) & kind(lib)) | binary(situations) | binary(sequences) | binary(crash)'
+    -E '(package(idsync-engine) & kind(lib)) | binary(situations) | binary(sequences) | binary(crash) | binary(timers)'
 else
   IDSYNC_TEST_REPOSITORY=postgres cargo test --no-fail-fast -p idsync-engine --lib
   IDSYNC_TEST_REPOSITORY=postgres cargo test --no-fail-fast -p idsync \
-    --test situations --test sequences --test crash
+    --test situations --test sequences --test crash --test timers
 fi
 
 step "quickstart (smoke test with the debug binary, in a temporary copy)"

@@ -398,9 +398,13 @@ impl Sandbox {
         std::fs::read_to_string(self.path().join("agent.log")).unwrap_or_default()
     }
 
-    /// `sqlite3 idsync.db QUERY` (5 s busy timeout), as an operator reads the repository:
-    /// the output, trimmed; panics if the shell fails.
+    /// `sqlite3 idsync.db QUERY` (5 s busy timeout), as an operator reads the repository,
+    /// or `psql` on a PostgreSQL repository: the output, trimmed; panics if the shell fails.
     pub fn sql(&self, query: &str) -> String {
+        if let Some(pg) = &self.postgres {
+            // psql -A -t prints rows as sqlite3 does: fields joined by `|`.
+            return pg.psql("idsync", query).unwrap();
+        }
         let out = Command::new("sqlite3")
             .args(["-cmd", ".timeout 5000"])
             .arg(self.db())

@@ -47,31 +47,38 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// What firing the due timers came to.
 #[derive(Clone, Debug, Default)]
 pub struct Fired {
-    /// Timers fired, by action (`failed` included).
-    pub actions: BTreeMap<Action, u64>,
-    /// Firings that failed (each timer put off).
-    pub failed: u64,
+    /// Timers fired, by resource and action (`failed`: the firing failed and the timer was
+    /// put off).
+    pub by_resource: BTreeMap<(String, Action), u64>,
     /// Whether a firing queued a notification.
     pub notified: bool,
-    /// Timers fired by resource and action.
-    pub by_resource: BTreeMap<(String, Action), u64>,
 }
 
 impl Fired {
     /// How many timers fired.
     pub fn count(&self) -> u64 {
-        self.actions.values().sum()
+        self.by_resource.values().sum()
+    }
+
+    /// How many firings failed (each timer put off).
+    pub fn failed(&self) -> u64 {
+        self.actions().get(&Action::Failed).copied().unwrap_or(0)
+    }
+
+    /// Timers fired, by action.
+    fn actions(&self) -> BTreeMap<Action, u64> {
+        let mut actions = BTreeMap::new();
+        for ((_, action), n) in &self.by_resource {
+            *actions.entry(*action).or_default() += n;
+        }
+        actions
     }
 
     fn add(&mut self, f: &FiredTimer) {
-        *self.actions.entry(f.decision.action).or_default() += 1;
         *self
             .by_resource
             .entry((f.timer.resource.clone(), f.decision.action))
             .or_default() += 1;
-        if f.decision.error.is_some() {
-            self.failed += 1;
-        }
         if f.decision
             .rules
             .iter()
@@ -81,10 +88,18 @@ impl Fired {
         }
     }
 
+    /// Adds what `other` fired.
+    fn merge(&mut self, other: Fired) {
+        for (k, n) in other.by_resource {
+            *self.by_resource.entry(k).or_default() += n;
+        }
+        self.notified |= other.notified;
+    }
+
     /// `2 fired; actions: deleted_identity 1, disabled 1; failed 0`.
     pub fn describe(&self) -> String {
         let actions: Vec<String> = self
-            .actions
+            .actions()
             .iter()
             .filter(|(a, _)| **a != Action::Failed)
             .map(|(a, n)| format!("{a} {n}"))
@@ -94,7 +109,7 @@ impl Fired {
             out.push_str("; actions: ");
             out.push_str(&actions.join(", "));
         }
-        out.push_str(&format!("; failed {}", self.failed));
+        out.push_str(&format!("; failed {}", self.failed()));
         out
     }
 }
@@ -132,12 +147,7 @@ impl OnceRounds {
     pub fn fire(&mut self, setup: &Setup, only: &[String]) {
         let only = (!only.is_empty()).then_some(only);
         match fire_due(setup, only, &|| false) {
-            Ok(fired) => {
-                for (action, n) in fired.actions {
-                    *self.fired.actions.entry(action).or_default() += n;
-                }
-                self.fired.failed += fired.failed;
-            }
+            Ok(fired) => self.fired.merge(fired),
             Err(e) => {
                 eprintln!("error: timers: {e}");
                 self.failed = true;
@@ -154,7 +164,7 @@ impl OnceRounds {
         if self.failed {
             Some(ExitCode::from(Exit::Resource))
         } else {
-            (self.fired.failed > 0).then(|| ExitCode::from(Exit::Failed))
+            (self.fired.failed() > 0).then(|| ExitCode::from(Exit::Failed))
         }
     }
 }
@@ -308,7 +318,7 @@ pub fn preview(loaded: &Loaded, args: &PreviewArgs, within: &str) -> anyhow::Res
             writeln!(out, "{}", describe_timer(t))?;
         }
     }
-    let pending = repo.timer_count()?;
+    let (pending, _) = repo.timer_counts(0, None)?;
     let mut summary = format!(
         "timers: {} due within {shown}, {pending} pending in all; nothing was written",
         due.len()

@@ -39,9 +39,15 @@ fn number_after(text: &str, label: &str) -> u64 {
 
 #[test]
 fn flatfile_reports_every_step_on_a_small_feed() {
+    let text = &flatfile(&[]);
+    assert_flatfile_report(text, "SQLite bulk insert");
+}
+
+/// `flatfile --rows 2000 --passes 2` with `extra` options, in a scratch folder: its report.
+fn flatfile(extra: &[&str]) -> String {
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path().join("bench");
-    let text = &bench(&[
+    let mut args = vec![
         "flatfile",
         "--rows",
         "2000",
@@ -49,8 +55,9 @@ fn flatfile_reports_every_step_on_a_small_feed() {
         "2",
         "--dir",
         dir.to_str().unwrap(),
-    ]);
-    assert_flatfile_report(text, "SQLite bulk insert");
+    ];
+    args.extend_from_slice(extra);
+    bench(&args)
 }
 
 /// What `flatfile --rows 2000 --passes 2` must report, `floor` naming its floor.
@@ -81,22 +88,15 @@ fn assert_flatfile_report(text: &str, floor: &str) {
 }
 
 /// The same on a private PostgreSQL server the bench starts (the floor is a `COPY`, the
-/// records floor the rows inserted again by the server).
+/// records floor the rows inserted again by the server), for a resource with a grace
+/// period (`--grace`).
 #[test]
 fn flatfile_on_postgres_reports_every_step() {
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("bench");
-    let text = &bench(&[
-        "flatfile",
-        "--rows",
-        "2000",
-        "--passes",
-        "2",
-        "--repository",
-        "postgres",
-        "--dir",
-        dir.to_str().unwrap(),
-    ]);
+    let text = &flatfile(&["--repository", "postgres", "--grace"]);
+    assert!(
+        text.contains("delete_action: disable, then delete after 30d (a grace period)"),
+        "{text}"
+    );
     assert_flatfile_report(text, "PostgreSQL COPY");
 }
 

@@ -74,6 +74,10 @@ impl World {
                         _ => DeleteAction::Unlink,
                     }
                 }
+                "delete_after_days" => {
+                    let days: u64 = src.parse().unwrap();
+                    p.delete_after = Some(std::time::Duration::from_secs(days * 86_400));
+                }
                 "halt" => p.on_error = OnError::Halt,
                 m if m.starts_with("map:") => p.mappings.push(Mapping {
                     attribute: m[4..].to_owned(),
@@ -685,8 +689,7 @@ fn rehire_relinks_and_reenables() {
 #[test]
 fn a_leaver_who_comes_back_in_the_same_batch_is_a_rehire() {
     let w = people_linked();
-    let mut p = w.policy(&[("delete_action", "disable")]);
-    p.delete_after = Some(std::time::Duration::from_secs(30 * 86_400));
+    let p = w.policy(&[("delete_action", "disable"), ("delete_after_days", "30")]);
     w.apply(
         &p,
         vec![
@@ -714,8 +717,11 @@ fn a_leaver_who_comes_back_in_the_same_batch_is_a_rehire() {
 #[test]
 fn a_correlated_link_cancels_the_grace_delete_of_its_identity() {
     let w = people().linked("ann", "E1").linked("bob", "E2");
-    let mut p = w.policy(&[("delete_action", "disable"), ("correlation", CORR_EMPNO)]);
-    p.delete_after = Some(std::time::Duration::from_secs(30 * 86_400));
+    let p = w.policy(&[
+        ("delete_action", "disable"),
+        ("delete_after_days", "30"),
+        ("correlation", CORR_EMPNO),
+    ]);
     let pending = |name: &str| w.engine.repo().timers_of_identity(name).unwrap().len();
     w.apply(&p, vec![ev(Op::Delete, "E1", &[("empno", "1")])])
         .unwrap();

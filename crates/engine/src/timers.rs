@@ -80,20 +80,19 @@ impl Engine {
         for t in due {
             let policy = policies.iter().find(|p| p.resource == t.resource);
             let traced = traced_as(&t);
-            let d = match self.guard.as_ref().and_then(|g| g.before(&traced)) {
-                Some(times) => {
-                    if let Some(g) = &self.guard {
+            let d = match &self.guard {
+                None => self.fire_one(policy, &t, now)?,
+                Some(g) => match g.before(&traced) {
+                    Some(times) => {
                         g.forget(&traced);
+                        isolated(&t, times)
                     }
-                    isolated(&t, times)
-                }
-                None => {
-                    let d = self.fire_one(policy, &t, now)?;
-                    if let Some(g) = &self.guard {
+                    None => {
+                        let d = self.fire_one(policy, &t, now)?;
                         g.after(&traced, d.error.is_none());
+                        d
                     }
-                    d
-                }
+                },
             };
             let decision_id = self.repo.record_decision(&d)?;
             let _span =

@@ -323,7 +323,7 @@ impl Repo {
             return Ok(false);
         }
         build_index(conn, folded, declared, found)?;
-        self.forget_indexed();
+        self.forget_transaction_caches();
         if let Some(k) = self.known()?.as_mut() {
             // The conditions read ahead were answered from the index as it was.
             k.postings.clear();

@@ -379,7 +379,7 @@ impl Repo {
                         redact_url(url)
                     );
                     *guard = fresh;
-                    self.forget_indexed();
+                    self.forget_transaction_caches();
                 }
                 // The call goes on with the closed connection and fails with the driver's
                 // error, which says why (a storage failure: the caller backs off).
@@ -391,7 +391,7 @@ impl Repo {
 
     /// The attributes `identity_values` indexes. Inside a transaction the list is read
     /// once and kept: only this connection can change it then (it holds the write lock),
-    /// by building an index ([`Repo::forget_indexed`] after) or by rolling back (every end
+    /// by building an index ([`Repo::forget_transaction_caches`] after) or by rolling back (every end
     /// of a transaction or savepoint forgets it). Outside one it is read every time.
     pub(crate) fn indexed(&self, conn: &db::Conn) -> Result<Arc<Vec<index::Indexed>>, RepoError> {
         if !conn.in_transaction() {
@@ -406,8 +406,9 @@ impl Repo {
         Ok(list)
     }
 
-    /// Drops the cached list of indexed attributes.
-    pub(crate) fn forget_indexed(&self) {
+    /// Drops what is cached for the open transaction: the indexed attributes, and whether
+    /// correlation exclusions exist.
+    pub(crate) fn forget_transaction_caches(&self) {
         if let Ok(mut cache) = self.indexed.lock() {
             *cache = None;
         }
@@ -445,7 +446,7 @@ impl Repo {
                 .map_err(|_| RepoError::Poisoned)?
                 .0;
         }
-        self.forget_indexed();
+        self.forget_transaction_caches();
         let sql = match (conn.dialect(), serialised) {
             (db::Dialect::Postgres, Serialised::No) => "BEGIN",
             (dialect, _) => begin_sql(dialect),
@@ -495,7 +496,7 @@ impl Repo {
     pub fn rollback_savepoint(&self) -> Result<(), RepoError> {
         let conn = self.lock()?;
         require_tx(&conn, "rollback_savepoint")?;
-        self.forget_indexed();
+        self.forget_transaction_caches();
         self.forget_known(&conn);
         exec(
             &conn,
@@ -590,7 +591,7 @@ impl Repo {
         conn: MutexGuard<'_, db::Conn>,
         result: Result<(), RepoError>,
     ) -> Result<(), RepoError> {
-        self.forget_indexed();
+        self.forget_transaction_caches();
         self.forget_known(&conn);
         if result.is_err() && conn.in_transaction() {
             // The first error is the one to report; this one would only hide it.
@@ -651,7 +652,7 @@ fn atomic<T>(
         // A savepoint needs a transaction there: a transaction of its own.
         exec(conn, begin_sql(conn.dialect()), "starting a transaction")?;
         let result = f(conn);
-        repo.forget_indexed();
+        repo.forget_transaction_caches();
         return match result {
             Ok(v) => exec(conn, "COMMIT", "committing").map(|()| v),
             Err(e) => {
@@ -663,7 +664,7 @@ fn atomic<T>(
     exec(conn, "SAVEPOINT idsync_op", "starting a savepoint")?;
     let result = f(conn);
     // The savepoint acted as a transaction: what it cached is not valid after it.
-    repo.forget_indexed();
+    repo.forget_transaction_caches();
     match result {
         Ok(v) => {
             exec(conn, "RELEASE idsync_op", "releasing a savepoint")?;

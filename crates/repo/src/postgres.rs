@@ -314,6 +314,9 @@ CREATE TABLE attribute_sources (
 /// The version [`SCHEMA`] is at: the first one a PostgreSQL repository had.
 const FIRST_VERSION: i64 = 12;
 
+// A SQLite migration comes with its PostgreSQL one.
+const _: () = assert!(FIRST_VERSION + MIGRATIONS.len() as i64 == SCHEMA_VERSION);
+
 /// `MIGRATIONS[i]` takes a database from version `FIRST_VERSION + i` to the next, as
 /// `schema::MIGRATIONS` does a SQLite file (a new database runs [`SCHEMA`] and then all of
 /// them).
@@ -410,7 +413,12 @@ fn create(conn: &Conn) -> Result<(), RepoError> {
 /// Brings a database at version `found` up to this build's, in the caller's transaction;
 /// refuses a newer one.
 fn upgrade(conn: &Conn, found: i64) -> Result<(), RepoError> {
-    check_version(found)?;
+    if found > SCHEMA_VERSION {
+        return Err(RepoError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
     for version in found..SCHEMA_VERSION {
         let sql = usize::try_from(version - FIRST_VERSION)
             .ok()
@@ -431,16 +439,6 @@ fn upgrade(conn: &Conn, found: i64) -> Result<(), RepoError> {
             crate::args![SCHEMA_VERSION],
         )
         .ctx("storing the schema version")?;
-    }
-    Ok(())
-}
-
-fn check_version(found: i64) -> Result<(), RepoError> {
-    if found > SCHEMA_VERSION {
-        return Err(RepoError::SchemaTooNew {
-            found,
-            supported: SCHEMA_VERSION,
-        });
     }
     Ok(())
 }

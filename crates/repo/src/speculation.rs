@@ -207,14 +207,6 @@ impl Known {
     }
 }
 
-/// Accounts whose owners (with their identities' attributes) are read in one query. Kept
-/// small, so that a reply fits in the sockets' buffers: a server that cannot hand a reply
-/// over (its agent paused, SIGSTOP, while it was being sent) waits for that agent with
-/// the batches' lock held, and the idle-in-transaction timeout does not end a session that
-/// is sending (PostgreSQL 15, tried: still `active`, `ClientWrite`, 5 s past a 1 s timeout;
-/// a session waiting for a message, even a half-sent one, is ended).
-const KEYS_AT_ONCE: usize = 100;
-
 impl Repo {
     /// Starts speculating (module doc) for a batch of `resource` whose accounts are
     /// `keys`, inside the open batch transaction: reads their owners and those identities
@@ -243,31 +235,32 @@ impl Repo {
         let [decisions, identities] = next_ids(&conn, ["decisions", "identities"], keys.len())?;
         known.decision_ids.ids = decisions;
         known.identity_ids.ids = identities;
-        for chunk in keys.chunks(KEYS_AT_ONCE) {
-            conn.each(
-                "SELECT l.key, i.name, i.id, i.version, i.disabled, i.attrs \
-                 FROM links l JOIN identities i ON i.id = l.identity_id \
-                 WHERE l.resource = ?1 AND l.key = ANY(?2)",
-                &[Arg::Text(resource), Arg::Texts(chunk)],
-                &|| format!("reading the owners of a batch of {resource}"),
-                |r| {
-                    let name: String = r.get(1).ctx("reading an owner")?;
-                    known
-                        .owners
-                        .insert(r.get(0).ctx("reading an owner")?, Some(name.clone()));
-                    known.identities.insert(
-                        name,
-                        Some(IdentityRow {
-                            id: r.get(2).ctx("reading an owner")?,
-                            version: r.get(3).ctx("reading an owner")?,
-                            disabled: r.get(4).ctx("reading an owner")?,
-                            json: r.get(5).ctx("reading an owner")?,
-                        }),
-                    );
-                    Ok(())
-                },
-            )?;
-        }
+        // The owners and their identities in one query. A paused agent cannot hold the
+        // batches' lock by leaving this reply unread: its session is ended after the lease
+        // time (`PgOptions::unresponsive_timeout`).
+        conn.each(
+            "SELECT l.key, i.name, i.id, i.version, i.disabled, i.attrs \
+             FROM links l JOIN identities i ON i.id = l.identity_id \
+             WHERE l.resource = ?1 AND l.key = ANY(?2)",
+            &[Arg::Text(resource), Arg::Texts(keys)],
+            &|| format!("reading the owners of a batch of {resource}"),
+            |r| {
+                let name: String = r.get(1).ctx("reading an owner")?;
+                known
+                    .owners
+                    .insert(r.get(0).ctx("reading an owner")?, Some(name.clone()));
+                known.identities.insert(
+                    name,
+                    Some(IdentityRow {
+                        id: r.get(2).ctx("reading an owner")?,
+                        version: r.get(3).ctx("reading an owner")?,
+                        disabled: r.get(4).ctx("reading an owner")?,
+                        json: r.get(5).ctx("reading an owner")?,
+                    }),
+                );
+                Ok(())
+            },
+        )?;
         // The few accounts with a pending timer, in one query: a rehire check of every
         // other account (a resource with a grace period) then reads nothing.
         conn.each(

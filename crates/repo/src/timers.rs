@@ -343,15 +343,6 @@ impl Repo {
         ))
     }
 
-    /// How many timers are pending.
-    pub fn timer_count(&self) -> Result<u64, RepoError> {
-        let n: i64 = self
-            .lock()?
-            .query_one("SELECT count(*) FROM timers", args![], |r| r.get(0))
-            .ctx("counting timers")?;
-        Ok(u64::try_from(n).unwrap_or(0))
-    }
-
     /// Removes timer `id` (it fired: call in the transaction recording its decision);
     /// false if it was not pending.
     pub fn remove_timer(&self, id: i64) -> Result<bool, RepoError> {
@@ -465,7 +456,7 @@ mod tests {
         repo.plan_timer(&timer("bob", TimerKind::Disable, 1_000, "dir"))
             .expect("planned");
         repo.commit().expect("commit");
-        assert_eq!(repo.timer_count().expect("count"), 3);
+        assert_eq!(repo.timer_counts(0, None).expect("counts").0, 3);
         let ann = repo.timers_of_identity("ann").expect("ann's");
         assert_eq!(ann.len(), 2);
         assert_eq!(
@@ -506,7 +497,7 @@ mod tests {
         let bob = repo.timers_of_account("dir", "k").expect("bob's");
         assert!(repo.remove_timer(bob[0].id).expect("removed"));
         assert_eq!(repo.cancel_timers_of("ann").expect("ann's").len(), 1);
-        assert_eq!(repo.timer_count().expect("count"), 0);
+        assert_eq!(repo.timer_counts(0, None).expect("counts").0, 0);
         assert_eq!(repo.next_timer_due(None).expect("next"), None);
     }
 }
